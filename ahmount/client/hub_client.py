@@ -1,0 +1,514 @@
+"""``HubClient``: the one async client of the hub, used by the Python API, the CLI and the mount.
+
+It speaks the HTTP API of ``ahmount.server.app`` through httpx: to a remote ``ah-server``, or
+in-process to the embedded hub (the same service code behind a streaming ASGI transport). It
+returns the hub's model records, retries transient failures with backoff, and maps every
+error response to the domain exception tree in one place (:func:`raise_for_response`).
+
+Resource handling: use it as ``async with HubClient(...) as hub``; streams it returns must be
+consumed or closed inside that block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import hashlib
+import json
+import logging
+import os
+import random
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import httpx
+
+from ahmount import errors
+from ahmount.config import ClientConfig, dirs, load_config
+from ahmount.hub.models import (
+    AssetAddr,
+    AssetInfo,
+    Change,
+    CommitInfo,
+    FolderAddr,
+    FolderInfo,
+    ListingPage,
+    ObjectEntry,
+    RefInfo,
+)
+
+log = logging.getLogger("ahmount.client")
+
+CHUNK = 1 << 20
+#: Blobs above this size go through a resumable upload in segments of this size.
+SEGMENT = 64 << 20
+RETRYABLE_STATUS = {502, 503, 504}
+Progress = Callable[[int], None]
+
+
+def raise_for_response(response: httpx.Response, body: bytes | None = None) -> None:
+    """The one mapping from an HTTP error response to a domain exception."""
+    if response.status_code < 400:
+        return
+    raw = body if body is not None else response.content
+    code, message, path = "internal", "", None
+    try:
+        error = json.loads(raw)["error"]
+        code, message, path = error["code"], error["message"], error.get("path")
+    except (ValueError, KeyError, TypeError):
+        message = f"hub answered {response.status_code} to {response.request.method} " \
+                  f"{response.request.url.path}"
+        if response.status_code in RETRYABLE_STATUS:
+            code = "unavailable"
+    cls = errors.ERRORS_BY_CODE.get(code, errors.InternalError)
+    raise cls(message, path=path)
+
+
+def hash_file(path: Path) -> tuple[str, int]:
+    """``(sha256, size)`` of a local file, read in chunks."""
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def _folder(raw: dict[str, Any]) -> FolderInfo:
+    return FolderInfo(**{k: v for k, v in raw.items() if k != "path"})
+
+
+def _asset(raw: dict[str, Any]) -> AssetInfo:
+    return AssetInfo(**{k: v for k, v in raw.items() if k != "path"})
+
+
+def _commit(raw: dict[str, Any]) -> CommitInfo:
+    return CommitInfo(**raw)
+
+
+def _entry(raw: dict[str, Any]) -> ObjectEntry:
+    return ObjectEntry(**raw)
+
+
+def _ref(raw: dict[str, Any]) -> RefInfo:
+    return RefInfo(raw["type"], raw["name"], _commit(raw["commit"]))
+
+
+_EMBEDDED_LOCK = threading.Lock()
+_EMBEDDED_APPS: dict[Path, Any] = {}
+
+
+def embedded_app(data_dir: Path) -> Any:
+    """The process-wide ASGI app of the embedded hub under ``data_dir`` (opened once; its
+    SQLite store is safe to share with other processes)."""
+    from ahmount.hub.open import open_hub
+    from ahmount.server.app import create_app
+
+    with _EMBEDDED_LOCK:
+        if data_dir not in _EMBEDDED_APPS:
+            service = open_hub(data_dir).__enter__()  # lives as long as the process
+            _EMBEDDED_APPS[data_dir] = create_app(service, trusted_user=getpass.getuser())
+        return _EMBEDDED_APPS[data_dir]
+
+
+class HubClient:
+    """An async client of one hub.
+
+    ``base_url`` is the hub's URL (``http://host:port`` or ``unix:/path/to/socket``);
+    ``transport`` overrides how requests travel (the embedded hub passes its in-process
+    transport). Requests that fail on the way (connection refused, reset, timeouts, 502/503/504)
+    are retried ``retries`` times with exponential backoff; then :class:`HubUnavailable`.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        data_url: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        timeout: float = 60.0,
+        retries: int = 5,
+        backoff: float = 0.2,
+    ) -> None:
+        headers = {"user-agent": "ahmount"}
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
+        if base_url.startswith("unix:"):
+            transport = transport or httpx.AsyncHTTPTransport(uds=base_url[len("unix:"):])
+            base_url = "http://hub"
+        self.base_url = base_url
+        self.data_url = data_url or base_url
+        self.retries = retries
+        self.backoff = backoff
+        self._http = httpx.AsyncClient(
+            base_url=base_url, headers=headers, transport=transport,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+        )
+        self._me: str | None = None
+
+    @classmethod
+    def embedded(cls, data_dir: Path | None = None) -> HubClient:
+        """A client of the embedded hub under ``data_dir`` (default: the data directory)."""
+        from ahmount.client.asgi_transport import StreamingASGITransport
+
+        app = embedded_app(data_dir or dirs().data / "hub")
+        return cls("http://embedded", transport=StreamingASGITransport(app))
+
+    @classmethod
+    def from_config(cls, config: ClientConfig | None = None) -> HubClient:
+        """The hub ``ah login`` configured, or the embedded hub when none is."""
+        config = config or load_config()
+        if not config.ah_host:
+            return cls.embedded()
+        return cls(config.ah_host, api_key=config.api_key, data_url=config.ais_host,
+                   timeout=config.timeout or 60.0)
+
+    async def __aenter__(self) -> HubClient:
+        await self._http.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self._http.__aexit__(*exc_info)
+
+    # -- transport ---------------------------------------------------------------------------
+
+    async def _send(self, method: str, url: str, *, stream: bool = False,
+                    **kwargs: Any) -> httpx.Response:
+        """Send with retries; returns a successful response (streamed if ``stream``)."""
+        idempotent = method in ("GET", "HEAD", "PUT", "DELETE")
+        attempt = 0
+        while True:
+            try:
+                request = self._http.build_request(method, url, **kwargs)
+                response = await self._http.send(request, stream=stream)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                failure: Exception = exc
+            except (httpx.ReadError, httpx.ReadTimeout, httpx.WriteError,
+                    httpx.RemoteProtocolError) as exc:
+                if not idempotent:
+                    raise errors.HubUnavailable(
+                        f"{method} {url} failed on the way and is not safe to repeat: {exc}",
+                        path=url,
+                    ) from exc
+                failure = exc
+            else:
+                if response.status_code in RETRYABLE_STATUS and attempt < self.retries:
+                    await response.aclose()
+                    failure = errors.HubUnavailable(f"hub answered {response.status_code}")
+                else:
+                    if response.status_code >= 400:
+                        body = await response.aread()
+                        await response.aclose()
+                        raise_for_response(response, body)
+                    return response
+            attempt += 1
+            if attempt > self.retries or "content" in kwargs and not isinstance(
+                kwargs["content"], bytes | str
+            ):
+                raise errors.HubUnavailable(
+                    f"hub at {self.base_url} is unreachable ({method} {url}): {failure}",
+                    path=url,
+                ) from failure
+            delay = self.backoff * (2 ** (attempt - 1)) * (0.5 + random.random())
+            log.warning("%s %s failed (%s); retry %d in %.1fs", method, url, failure,
+                        attempt, delay)
+            await anyio.sleep(delay)
+
+    async def _json(self, method: str, url: str, **kwargs: Any) -> Any:
+        response = await self._send(method, url, **kwargs)
+        if response.status_code == 204 or not response.content:
+            return None
+        return response.json()
+
+    # -- addressing --------------------------------------------------------------------------
+
+    @staticmethod
+    def _f(addr: FolderAddr) -> str:
+        return f"/api/v1/folders/{addr.owner}/{addr.kind}/{addr.name}"
+
+    @staticmethod
+    def _a(addr: AssetAddr) -> str:
+        f = addr.folder
+        return f"/api/v1/assets/{f.owner}/{f.kind}/{f.name}/{addr.name}"
+
+    async def whoami(self) -> str:
+        if self._me is None:
+            self._me = str((await self._json("GET", "/api/v1/whoami"))["name"])
+        return self._me
+
+    async def healthz(self) -> bool:
+        await self._json("GET", "/healthz")
+        return True
+
+    # -- folders -----------------------------------------------------------------------------
+
+    async def list_folders(self, owner: str, kind: str) -> list[FolderInfo]:
+        body = await self._json("GET", f"/api/v1/folders/{owner}/{kind}")
+        return [_folder(f) for f in body["folders"]]
+
+    async def create_folder(self, addr: FolderAddr, labels: Sequence[str] = (),
+                            description: str = "") -> FolderInfo:
+        body = await self._json("POST", f"/api/v1/folders/{addr.owner}/{addr.kind}", json={
+            "name": addr.name, "labels": list(labels), "description": description})
+        return _folder(body)
+
+    async def get_folder(self, addr: FolderAddr) -> FolderInfo:
+        return _folder(await self._json("GET", self._f(addr)))
+
+    async def update_folder(self, addr: FolderAddr, name: str | None = None,
+                            labels: Sequence[str] | None = None,
+                            description: str | None = None) -> FolderInfo:
+        body = {"name": name, "labels": None if labels is None else list(labels),
+                "description": description}
+        return _folder(await self._json("PATCH", self._f(addr), json=body))
+
+    async def delete_folder(self, addr: FolderAddr) -> None:
+        await self._json("DELETE", self._f(addr))
+
+    async def share_folder(self, addr: FolderAddr, user: str, permission: str | None) -> None:
+        url = f"{self._f(addr)}/shares/{user}"
+        if permission is None:
+            await self._json("DELETE", url)
+        else:
+            await self._json("PUT", url, json={"permission": permission})
+
+    async def set_public(self, addr: FolderAddr, public: bool) -> None:
+        await self._json("PUT", f"{self._f(addr)}/public", json={"public": public})
+
+    async def folder_shares(self, addr: FolderAddr) -> list[dict[str, Any]]:
+        return list((await self._json("GET", f"{self._f(addr)}/shares"))["shares"])
+
+    # -- assets ------------------------------------------------------------------------------
+
+    async def list_assets(self, addr: FolderAddr) -> list[AssetInfo]:
+        body = await self._json("GET", f"{self._f(addr)}/assets")
+        return [_asset(a) for a in body["assets"]]
+
+    async def create_asset(self, addr: AssetAddr, labels: Sequence[str] = (),
+                           description: str = "") -> AssetInfo:
+        body = await self._json("POST", f"{self._f(addr.folder)}/assets", json={
+            "name": addr.name, "labels": list(labels), "description": description})
+        return _asset(body)
+
+    async def get_asset(self, addr: AssetAddr) -> AssetInfo:
+        return _asset(await self._json("GET", self._a(addr)))
+
+    async def update_asset(self, addr: AssetAddr, name: str | None = None,
+                           labels: Sequence[str] | None = None,
+                           description: str | None = None) -> AssetInfo:
+        body = {"name": name, "labels": None if labels is None else list(labels),
+                "description": description}
+        return _asset(await self._json("PATCH", self._a(addr), json=body))
+
+    async def delete_asset(self, addr: AssetAddr) -> None:
+        await self._json("DELETE", self._a(addr))
+
+    # -- references --------------------------------------------------------------------------
+
+    async def list_refs(self, addr: AssetAddr, ref_type: str) -> list[tuple[str, str]]:
+        key = {"branch": "branches", "tag": "tags"}.get(ref_type)
+        if key is None:
+            raise errors.InvalidArgument(f"reference type {ref_type!r} is not branch or tag")
+        body = await self._json("GET", f"{self._a(addr)}/{key}")
+        return [(r["name"], r["commit_id"]) for r in body[key]]
+
+    async def create_branch(self, addr: AssetAddr, name: str) -> RefInfo:
+        return _ref(await self._json("POST", f"{self._a(addr)}/branches", json={"name": name}))
+
+    async def create_tag(self, addr: AssetAddr, name: str, source: str) -> RefInfo:
+        body = await self._json("POST", f"{self._a(addr)}/tags",
+                                json={"name": name, "source": source})
+        return _ref(body)
+
+    async def resolve(self, addr: AssetAddr, ref: str) -> RefInfo:
+        return _ref(await self._json("GET", f"{self._a(addr)}/refs/{ref}"))
+
+    async def delete_ref(self, addr: AssetAddr, ref: str) -> None:
+        await self._json("DELETE", f"{self._a(addr)}/refs/{ref}")
+
+    async def get_commit(self, addr: AssetAddr, prefix: str) -> CommitInfo:
+        return _commit(await self._json("GET", f"{self._a(addr)}/commits/{prefix}"))
+
+    async def log(self, addr: AssetAddr, ref: str, limit: int = 1000) -> list[CommitInfo]:
+        body = await self._json("GET", f"{self._a(addr)}/refs/{ref}/log",
+                                params={"limit": limit})
+        return [_commit(c) for c in body["commits"]]
+
+    # -- objects -----------------------------------------------------------------------------
+
+    async def list_page(self, addr: AssetAddr, ref: str, prefix: str = "", after: str = "",
+                        limit: int = 1000, delimiter: bool = False) -> ListingPage:
+        params: dict[str, Any] = {"prefix": prefix, "after": after, "limit": limit}
+        if delimiter:
+            params["delimiter"] = "/"
+        body = await self._json("GET", f"{self._a(addr)}/refs/{ref}/objects", params=params)
+        return ListingPage(body["commit"], [_entry(o) for o in body["objects"]], body["dirs"],
+                           body["next_after"])
+
+    async def list_objects(self, addr: AssetAddr, ref: str,
+                           prefix: str = "") -> tuple[str, list[ObjectEntry]]:
+        """Every object under ``prefix`` of one commit: ``(commit_id, entries)``. Pages after
+        the first are read from the commit the first page resolved, so a branch that moves
+        meanwhile cannot mix two trees."""
+        page = await self.list_page(addr, ref, prefix, limit=10_000)
+        commit, out = page.commit, list(page.objects)
+        while page.next_after is not None:
+            page = await self.list_page(addr, commit, prefix, page.next_after, limit=10_000)
+            out.extend(page.objects)
+        return commit, out
+
+    @contextlib.asynccontextmanager
+    async def open_object(
+        self, addr: AssetAddr, ref: str, path: str, start: int = 0, end: int | None = None
+    ) -> AsyncIterator[httpx.Response]:
+        """A streamed response with bytes ``[start, end)`` of an object."""
+        headers = {}
+        if start or end is not None:
+            headers["range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        url = f"{self._a(addr)}/refs/{ref}/files/{path}"
+        response = await self._send("GET", url, stream=True, headers=headers)
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
+    async def read_range(self, addr: AssetAddr, ref: str, path: str, start: int,
+                         end: int) -> bytes:
+        async with self.open_object(addr, ref, path, start, end) as response:
+            return await response.aread()
+
+    async def download(self, addr: AssetAddr, ref: str, entry: ObjectEntry, dest: Path,
+                       progress: Progress | None = None) -> None:
+        """Write an object to ``dest`` atomically (temp file, fsync, rename) after checking
+        its sha256; on any failure nothing is left under ``dest``."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}.ah-partial-{os.getpid()}-{random.getrandbits(32):x}"
+        digest = hashlib.sha256()
+        try:
+            with tmp.open("wb") as handle:
+                if entry.size:
+                    async with self.open_object(addr, ref, entry.path) as response:
+                        async for chunk in response.aiter_bytes(CHUNK):
+                            digest.update(chunk)
+                            await anyio.to_thread.run_sync(handle.write, chunk)
+                            if progress:
+                                progress(len(chunk))
+                await anyio.to_thread.run_sync(os.fsync, handle.fileno())
+            if digest.hexdigest() != entry.sha256:
+                raise errors.ChecksumMismatch(
+                    f"download of {entry.path!r} hashed to {digest.hexdigest()}, "
+                    f"expected {entry.sha256}", path=entry.path,
+                )
+            os.utime(tmp, (entry.mtime, entry.mtime))
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    # -- staging and commits -----------------------------------------------------------------
+
+    async def stage(self, addr: AssetAddr, branch: str, session: str,
+                    deletes: Sequence[str] = (), adds: Sequence[ObjectEntry] = ()) -> int:
+        body = {"session": session, "deletes": list(deletes),
+                "adds": [e.__dict__ for e in adds]}
+        result = await self._json("POST", f"{self._a(addr)}/branches/{branch}/changes", json=body)
+        return int(result["staged"])
+
+    async def changes(self, addr: AssetAddr, branch: str) -> list[Change]:
+        body = await self._json("GET", f"{self._a(addr)}/branches/{branch}/changes")
+        return [
+            Change(c["id"], c["op"], c["path"], c["session"],
+                   None if c["entry"] is None else _entry(c["entry"]), c["created"])
+            for c in body["changes"]
+        ]
+
+    async def reset(self, addr: AssetAddr, branch: str) -> int:
+        body = await self._json("DELETE", f"{self._a(addr)}/branches/{branch}/changes")
+        return int(body["dropped"])
+
+    async def commit(self, addr: AssetAddr, branch: str, message: str, *, session: str = "",
+                     deletes: Sequence[str] = (), adds: Sequence[ObjectEntry] = (),
+                     force: bool = False,
+                     metadata: dict[str, Any] | None = None) -> CommitInfo | None:
+        body = {"message": message, "session": session, "deletes": list(deletes),
+                "adds": [e.__dict__ for e in adds], "force": force, "metadata": metadata or {}}
+        result = await self._json("POST", f"{self._a(addr)}/branches/{branch}/commits",
+                                  json=body)
+        return None if result["commit"] is None else _commit(result["commit"])
+
+    async def merge(self, addr: AssetAddr, branch: str) -> CommitInfo | None:
+        result = await self._json("POST", f"{self._a(addr)}/branches/{branch}/merge")
+        return None if result["commit"] is None else _commit(result["commit"])
+
+    # -- blobs -------------------------------------------------------------------------------
+
+    async def missing_blobs(self, hashes: Sequence[str]) -> set[str]:
+        missing: set[str] = set()
+        unique = sorted(set(hashes))
+        for start in range(0, len(unique), 50_000):
+            body = await self._json("POST", "/api/v1/blobs/missing",
+                                    json={"hashes": unique[start:start + 50_000]})
+            missing.update(body["missing"])
+        return missing
+
+    async def upload_file(self, path: Path, sha256: str, size: int,
+                          progress: Progress | None = None) -> None:
+        """Upload a local file as blob ``sha256``: one streamed PUT for small files, a
+        resumable upload in segments for large ones (resumed where the hub says it stopped)."""
+        if size <= SEGMENT:
+            content = _file_chunks(path, 0, size, progress)
+            await self._send("PUT", f"/api/v1/blobs/{sha256}", content=content,
+                             headers={"x-ah-size": str(size), "content-length": str(size)})
+            return
+        started = await self._json("POST", "/api/v1/uploads",
+                                   json={"sha256": sha256, "size": size})
+        upload_id = started["id"]
+        if upload_id is None:
+            if progress:
+                progress(size)
+            return
+        received = 0
+        failures = 0
+        while received < size:
+            end = min(received + SEGMENT, size)
+            try:
+                result = await self._json(
+                    "PATCH", f"/api/v1/uploads/{upload_id}",
+                    content=_file_chunks(path, received, end, progress),
+                    headers={"upload-offset": str(received),
+                             "content-length": str(end - received)},
+                )
+                received = int(result["received"])
+                failures = 0
+            except errors.HubUnavailable:
+                failures += 1
+                if failures > self.retries:
+                    raise
+                status = await self._json("GET", f"/api/v1/uploads/{upload_id}")
+                log.warning("upload of %s interrupted at %d bytes; resuming", path, received)
+                received = int(status["received"])
+        await self._json("POST", f"/api/v1/uploads/{upload_id}/finish")
+
+
+async def _file_chunks(path: Path, start: int, end: int,
+                       progress: Progress | None) -> AsyncIterator[bytes]:
+    handle = await anyio.to_thread.run_sync(path.open, "rb")
+    try:
+        await anyio.to_thread.run_sync(handle.seek, start)
+        remaining = end - start
+        while remaining > 0:
+            chunk = await anyio.to_thread.run_sync(handle.read, min(CHUNK, remaining))
+            if not chunk:
+                raise errors.InvalidArgument(f"{path} shrank while it was being uploaded")
+            remaining -= len(chunk)
+            if progress:
+                progress(len(chunk))
+            yield chunk
+    finally:
+        handle.close()

@@ -1,0 +1,178 @@
+"""Content-addressed blob stores: the bytes of every object, stored once per sha256.
+
+A blob becomes visible under its hash only after all its bytes arrived, hashed to that value,
+and were made durable: a local store writes a temp file, fsyncs it and renames it into place;
+an S3 store completes a multipart upload only after the hash checked out. An upload in
+progress lives under its own id, so it can be resumed at the offset the store reports and a
+killed upload leaves nothing half-visible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+from ahmount.errors import ChecksumMismatch, InvalidArgument, NotFound, RangeNotSatisfiable
+
+READ_CHUNK = 1 << 20
+
+
+class BlobStore(Protocol):
+    """What the hub needs from a blob store. Every method is blocking; callers in async code
+    run them in a worker thread."""
+
+    def size(self, sha256: str) -> int | None:
+        """The blob's size, or ``None`` if it is not stored."""
+
+    def read(self, sha256: str, start: int, end: int) -> Iterator[bytes]:
+        """Yield bytes ``[start, end)`` of the blob in chunks. Raises NotFound."""
+
+    def start_upload(self, upload_id: str) -> None:
+        """Prepare an empty upload under ``upload_id``."""
+
+    def upload_received(self, upload_id: str) -> int:
+        """How many bytes of the upload are durably stored (where to resume)."""
+
+    def append(self, upload_id: str, offset: int, data: bytes) -> int:
+        """Write ``data`` at ``offset`` (which must equal the bytes received so far); returns
+        the new count. Raises InvalidArgument on a wrong offset."""
+
+    def finish_upload(self, upload_id: str, sha256: str, size: int) -> None:
+        """Verify size and hash and make the blob visible. On a mismatch the upload is
+        discarded and ChecksumMismatch / InvalidArgument raised."""
+
+    def abort_upload(self, upload_id: str) -> None:
+        """Discard an upload; no error if it is gone."""
+
+    def delete(self, sha256: str) -> None:
+        """Remove a blob; no error if it is gone."""
+
+    def hashes(self) -> Iterator[str]:
+        """Every stored blob's hash."""
+
+
+def check_range(sha256: str, size: int, start: int, end: int) -> None:
+    if start < 0 or end < start or (size > 0 and start >= size) or end > size:
+        if not (size == 0 and start == 0 and end == 0):
+            raise RangeNotSatisfiable(
+                f"byte range {start}-{end - 1} is outside blob {sha256} of {size} bytes"
+            )
+
+
+class LocalBlobStore:
+    """Blobs as files ``ROOT/ab/cd/<sha256>``; uploads as ``ROOT/uploads/<id>``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._uploads = root / "uploads"
+        self._uploads.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, sha256: str) -> Path:
+        return self.root / sha256[:2] / sha256[2:4] / sha256
+
+    def _upload_path(self, upload_id: str) -> Path:
+        if not upload_id.replace("-", "").isalnum():
+            raise InvalidArgument(f"upload id {upload_id!r} is malformed")
+        return self._uploads / upload_id
+
+    def size(self, sha256: str) -> int | None:
+        try:
+            return self._path(sha256).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def read(self, sha256: str, start: int, end: int) -> Iterator[bytes]:
+        try:
+            handle = self._path(sha256).open("rb")
+        except FileNotFoundError:
+            raise NotFound(f"blob {sha256} is not stored") from None
+        with handle:
+            check_range(sha256, os.fstat(handle.fileno()).st_size, start, end)
+            handle.seek(start)
+            remaining = end - start
+            while remaining > 0:
+                chunk = handle.read(min(READ_CHUNK, remaining))
+                if not chunk:
+                    raise NotFound(f"blob {sha256} is shorter than its record")
+                remaining -= len(chunk)
+                yield chunk
+
+    def start_upload(self, upload_id: str) -> None:
+        self._upload_path(upload_id).touch()
+
+    def upload_received(self, upload_id: str) -> int:
+        try:
+            return self._upload_path(upload_id).stat().st_size
+        except FileNotFoundError:
+            raise NotFound(f"upload {upload_id} does not exist") from None
+
+    def append(self, upload_id: str, offset: int, data: bytes) -> int:
+        path = self._upload_path(upload_id)
+        try:
+            handle = path.open("r+b")
+        except FileNotFoundError:
+            raise NotFound(f"upload {upload_id} does not exist") from None
+        with handle:
+            received = os.fstat(handle.fileno()).st_size
+            if offset != received:
+                raise InvalidArgument(
+                    f"upload {upload_id} has {received} bytes; a write at offset {offset} "
+                    "would leave a gap or overwrite"
+                )
+            handle.seek(offset)
+            handle.write(data)
+            # No fsync per chunk: finish_upload hashes and fsyncs once, and a chunk torn by a
+            # crash is caught there by the hash.
+            return offset + len(data)
+
+    def finish_upload(self, upload_id: str, sha256: str, size: int) -> None:
+        path = self._upload_path(upload_id)
+        try:
+            actual_size = path.stat().st_size
+        except FileNotFoundError:
+            raise NotFound(f"upload {upload_id} does not exist") from None
+        if actual_size != size:
+            self.abort_upload(upload_id)
+            raise InvalidArgument(
+                f"upload of blob {sha256} is truncated: {actual_size} of {size} bytes arrived"
+            )
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            while chunk := handle.read(READ_CHUNK):
+                digest.update(chunk)
+            os.fsync(handle.fileno())
+        if digest.hexdigest() != sha256:
+            self.abort_upload(upload_id)
+            raise ChecksumMismatch(
+                f"uploaded bytes hash to {digest.hexdigest()}, not to blob {sha256}"
+            )
+        final = self._path(sha256)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, final)
+        _fsync_dir(final.parent)
+
+    def abort_upload(self, upload_id: str) -> None:
+        self._upload_path(upload_id).unlink(missing_ok=True)
+
+    def delete(self, sha256: str) -> None:
+        self._path(sha256).unlink(missing_ok=True)
+
+    def hashes(self) -> Iterator[str]:
+        for first in self.root.iterdir():
+            if len(first.name) != 2 or not first.is_dir():
+                continue
+            for second in first.iterdir():
+                for blob in second.iterdir():
+                    if len(blob.name) == 64:
+                        yield blob.name
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,519 @@
+"""The hub's metadata store: every table, every query, one SQLAlchemy Core code path.
+
+SQLite (embedded, WAL, several processes at once) and PostgreSQL (at scale) run the same
+statements. The service layer never sees SQL: it opens a transaction with
+:meth:`MetadataStore.read` or :meth:`MetadataStore.write` and calls the methods of
+:class:`MetaTx`, which return plain dicts with JSON columns already decoded.
+
+Concurrency: a branch head only ever moves by compare-and-swap (:meth:`MetaTx.move_ref`), so two
+writers that both read the same head cannot both win; the loser re-reads and retries. On SQLite
+a write transaction starts with ``BEGIN IMMEDIATE`` so that two processes never deadlock while
+upgrading a read lock.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+
+SCHEMA_VERSION = 1
+
+meta = sa.MetaData()
+
+schema_info = sa.Table(
+    "schema_info", meta, sa.Column("version", sa.Integer, nullable=False)
+)
+users = sa.Table(
+    "users",
+    meta,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("name", sa.String(128), nullable=False, unique=True),
+    sa.Column("created", sa.Float, nullable=False),
+)
+api_keys = sa.Table(
+    "api_keys",
+    meta,
+    sa.Column("key_hash", sa.String(64), primary_key=True),
+    sa.Column("user_id", sa.String(36), nullable=False, index=True),
+    sa.Column("created", sa.Float, nullable=False),
+)
+folders = sa.Table(
+    "folders",
+    meta,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("owner_id", sa.String(36), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("name", sa.String(128), nullable=False),
+    sa.Column("labels", sa.Text, nullable=False),
+    sa.Column("description", sa.Text, nullable=False),
+    sa.Column("public", sa.Boolean, nullable=False),
+    sa.Column("editor", sa.String(128), nullable=False),
+    sa.Column("created", sa.Float, nullable=False),
+    sa.Column("modified", sa.Float, nullable=False),
+    sa.UniqueConstraint("owner_id", "kind", "name"),
+)
+shares = sa.Table(
+    "shares",
+    meta,
+    sa.Column("folder_id", sa.String(36), primary_key=True),
+    sa.Column("user_id", sa.String(36), primary_key=True, index=True),
+    sa.Column("permission", sa.String(8), nullable=False),
+)
+assets = sa.Table(
+    "assets",
+    meta,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("folder_id", sa.String(36), nullable=False),
+    sa.Column("name", sa.String(128), nullable=False),
+    sa.Column("labels", sa.Text, nullable=False),
+    sa.Column("description", sa.Text, nullable=False),
+    sa.Column("root_commit", sa.String(64), nullable=False),
+    sa.Column("editor", sa.String(128), nullable=False),
+    sa.Column("created", sa.Float, nullable=False),
+    sa.Column("modified", sa.Float, nullable=False),
+    sa.UniqueConstraint("folder_id", "name"),
+)
+refs = sa.Table(
+    "refs",
+    meta,
+    sa.Column("asset_id", sa.String(36), primary_key=True),
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("type", sa.String(8), nullable=False),
+    sa.Column("commit_id", sa.String(64), nullable=False),
+    sa.Column("created", sa.Float, nullable=False),
+)
+commits = sa.Table(
+    "commits",
+    meta,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("asset_id", sa.String(36), nullable=False, index=True),
+    sa.Column("tree", sa.String(64), nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("committer", sa.String(128), nullable=False),
+    sa.Column("created", sa.Float, nullable=False),
+    sa.Column("parents", sa.Text, nullable=False),
+    sa.Column("metadata", sa.Text, nullable=False),
+)
+nodes = sa.Table(
+    "tree_nodes",
+    meta,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+staging = sa.Table(
+    "staging",
+    meta,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("asset_id", sa.String(36), nullable=False),
+    sa.Column("branch", sa.String(128), nullable=False),
+    sa.Column("session", sa.String(64), nullable=False),
+    sa.Column("op", sa.String(8), nullable=False),
+    sa.Column("path", sa.Text, nullable=False),
+    sa.Column("sha256", sa.String(64)),
+    sa.Column("size", sa.BigInteger),
+    sa.Column("mtime", sa.Float),
+    sa.Column("content_type", sa.String(255)),
+    sa.Column("created", sa.Float, nullable=False),
+    sa.Index("ix_staging_branch", "asset_id", "branch"),
+)
+blobs = sa.Table(
+    "blobs",
+    meta,
+    sa.Column("sha256", sa.String(64), primary_key=True),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("created", sa.Float, nullable=False),
+)
+uploads = sa.Table(
+    "uploads",
+    meta,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("user_id", sa.String(36), nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("received", sa.BigInteger, nullable=False),
+    sa.Column("created", sa.Float, nullable=False),
+    sa.Column("touched", sa.Float, nullable=False),
+)
+
+_JSON_COLUMNS = ("labels", "parents", "metadata")
+
+
+def _row(row: sa.Row[Any] | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    out = dict(row._mapping)
+    for column in _JSON_COLUMNS:
+        if column in out and isinstance(out[column], str):
+            out[column] = json.loads(out[column])
+    return out
+
+
+def _rows(result: sa.Result[Any]) -> list[dict[str, Any]]:
+    return [r for r in (_row(row) for row in result) if r is not None]
+
+
+class MetaTx:
+    """The queries of one transaction. Obtained from :meth:`MetadataStore.read`/``write``."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._c = conn
+
+    def _insert_ignore(self, table: sa.Table, rows: list[dict[str, Any]], key: str) -> None:
+        if not rows:
+            return
+        dialect = self._c.dialect.name
+        if dialect == "postgresql":
+            stmt: Any = postgresql.insert(table).on_conflict_do_nothing(index_elements=[key])
+        else:
+            stmt = sqlite.insert(table).on_conflict_do_nothing(index_elements=[key])
+        self._c.execute(stmt, rows)
+
+    # -- users and keys ----------------------------------------------------------------------
+
+    def insert_user(self, user_id: str, name: str) -> None:
+        self._c.execute(users.insert().values(id=user_id, name=name, created=time.time()))
+
+    def user_by_name(self, name: str) -> dict[str, Any] | None:
+        return _row(self._c.execute(sa.select(users).where(users.c.name == name)).first())
+
+    def user_by_id(self, user_id: str) -> dict[str, Any] | None:
+        return _row(self._c.execute(sa.select(users).where(users.c.id == user_id)).first())
+
+    def user_by_key_hash(self, key_hash: str) -> dict[str, Any] | None:
+        query = sa.select(users).join(api_keys, api_keys.c.user_id == users.c.id)
+        return _row(self._c.execute(query.where(api_keys.c.key_hash == key_hash)).first())
+
+    def insert_key(self, user_id: str, key_hash: str) -> None:
+        self._c.execute(
+            api_keys.insert().values(key_hash=key_hash, user_id=user_id, created=time.time())
+        )
+
+    def list_users(self) -> list[dict[str, Any]]:
+        keys = (
+            sa.select(sa.func.count())
+            .where(api_keys.c.user_id == users.c.id)
+            .scalar_subquery()
+            .label("keys")
+        )
+        return _rows(self._c.execute(sa.select(users, keys).order_by(users.c.name)))
+
+    # -- folders and shares ------------------------------------------------------------------
+
+    def insert_folder(self, row: dict[str, Any]) -> None:
+        self._c.execute(folders.insert().values(**_encode_json(row)))
+
+    def folder(self, owner_id: str, kind: str, name: str) -> dict[str, Any] | None:
+        query = sa.select(folders).where(
+            folders.c.owner_id == owner_id, folders.c.kind == kind, folders.c.name == name
+        )
+        return _row(self._c.execute(query).first())
+
+    def folder_by_id(self, folder_id: str) -> dict[str, Any] | None:
+        return _row(self._c.execute(sa.select(folders).where(folders.c.id == folder_id)).first())
+
+    def folders_owned(self, owner_id: str, kind: str) -> list[dict[str, Any]]:
+        query = sa.select(folders).where(folders.c.owner_id == owner_id, folders.c.kind == kind)
+        return _rows(self._c.execute(query.order_by(folders.c.name)))
+
+    def folders_shared_with(self, user_id: str, kind: str) -> list[dict[str, Any]]:
+        query = (
+            sa.select(folders, shares.c.permission.label("share"))
+            .join(shares, shares.c.folder_id == folders.c.id)
+            .where(shares.c.user_id == user_id, folders.c.kind == kind)
+            .order_by(folders.c.owner_id, folders.c.name)
+        )
+        return _rows(self._c.execute(query))
+
+    def folders_public(self, kind: str) -> list[dict[str, Any]]:
+        query = sa.select(folders).where(folders.c.public.is_(True), folders.c.kind == kind)
+        return _rows(self._c.execute(query.order_by(folders.c.owner_id, folders.c.name)))
+
+    def update_folder(self, folder_id: str, fields: dict[str, Any]) -> None:
+        self._c.execute(
+            folders.update().where(folders.c.id == folder_id).values(**_encode_json(fields))
+        )
+
+    def delete_folder(self, folder_id: str) -> None:
+        for asset in self.assets_in(folder_id):
+            self.delete_asset(asset["id"])
+        self._c.execute(shares.delete().where(shares.c.folder_id == folder_id))
+        self._c.execute(folders.delete().where(folders.c.id == folder_id))
+
+    def share(self, folder_id: str, user_id: str) -> str | None:
+        query = sa.select(shares.c.permission).where(
+            shares.c.folder_id == folder_id, shares.c.user_id == user_id
+        )
+        value = self._c.execute(query).scalar()
+        return None if value is None else str(value)
+
+    def set_share(self, folder_id: str, user_id: str, permission: str | None) -> None:
+        self._c.execute(
+            shares.delete().where(shares.c.folder_id == folder_id, shares.c.user_id == user_id)
+        )
+        if permission is not None:
+            self._c.execute(
+                shares.insert().values(folder_id=folder_id, user_id=user_id, permission=permission)
+            )
+
+    def shares_of(self, folder_id: str) -> list[dict[str, Any]]:
+        query = (
+            sa.select(users.c.name, shares.c.permission)
+            .join(users, users.c.id == shares.c.user_id)
+            .where(shares.c.folder_id == folder_id)
+            .order_by(users.c.name)
+        )
+        return _rows(self._c.execute(query))
+
+    # -- assets ------------------------------------------------------------------------------
+
+    def insert_asset(self, row: dict[str, Any]) -> None:
+        self._c.execute(assets.insert().values(**_encode_json(row)))
+
+    def asset(self, folder_id: str, name: str) -> dict[str, Any] | None:
+        query = sa.select(assets).where(assets.c.folder_id == folder_id, assets.c.name == name)
+        return _row(self._c.execute(query).first())
+
+    def assets_in(self, folder_id: str) -> list[dict[str, Any]]:
+        query = sa.select(assets).where(assets.c.folder_id == folder_id).order_by(assets.c.name)
+        return _rows(self._c.execute(query))
+
+    def update_asset(self, asset_id: str, fields: dict[str, Any]) -> None:
+        self._c.execute(
+            assets.update().where(assets.c.id == asset_id).values(**_encode_json(fields))
+        )
+
+    def delete_asset(self, asset_id: str) -> None:
+        # Tree nodes and blobs are shared by content; garbage collection reclaims them.
+        for table in (staging, refs, commits):
+            self._c.execute(table.delete().where(table.c.asset_id == asset_id))
+        self._c.execute(assets.delete().where(assets.c.id == asset_id))
+
+    # -- refs and commits --------------------------------------------------------------------
+
+    def ref(self, asset_id: str, name: str) -> dict[str, Any] | None:
+        query = sa.select(refs).where(refs.c.asset_id == asset_id, refs.c.name == name)
+        return _row(self._c.execute(query).first())
+
+    def refs_of(self, asset_id: str, ref_type: str) -> list[dict[str, Any]]:
+        query = sa.select(refs).where(refs.c.asset_id == asset_id, refs.c.type == ref_type)
+        return _rows(self._c.execute(query.order_by(refs.c.name)))
+
+    def insert_ref(self, asset_id: str, name: str, ref_type: str, commit_id: str) -> None:
+        self._c.execute(
+            refs.insert().values(
+                asset_id=asset_id, name=name, type=ref_type, commit_id=commit_id,
+                created=time.time(),
+            )
+        )
+
+    def move_ref(self, asset_id: str, name: str, old: str, new: str) -> bool:
+        """Compare-and-swap a branch head; False if it no longer points at ``old``."""
+        result = self._c.execute(
+            refs.update()
+            .where(refs.c.asset_id == asset_id, refs.c.name == name, refs.c.commit_id == old)
+            .values(commit_id=new)
+        )
+        return result.rowcount == 1
+
+    def delete_ref(self, asset_id: str, name: str) -> None:
+        self._c.execute(refs.delete().where(refs.c.asset_id == asset_id, refs.c.name == name))
+        self._c.execute(
+            staging.delete().where(staging.c.asset_id == asset_id, staging.c.branch == name)
+        )
+
+    def insert_commit(self, row: dict[str, Any]) -> None:
+        self._c.execute(commits.insert().values(**_encode_json(row)))
+
+    def commit(self, commit_id: str) -> dict[str, Any] | None:
+        return _row(self._c.execute(sa.select(commits).where(commits.c.id == commit_id)).first())
+
+    def commits_by_prefix(self, asset_id: str, prefix: str, limit: int) -> list[dict[str, Any]]:
+        query = sa.select(commits).where(
+            commits.c.asset_id == asset_id, commits.c.id.startswith(prefix, autoescape=True)
+        )
+        return _rows(self._c.execute(query.limit(limit)))
+
+    def all_trees(self) -> list[str]:
+        return [str(t) for t in self._c.execute(sa.select(commits.c.tree).distinct()).scalars()]
+
+    # -- staging -----------------------------------------------------------------------------
+
+    def insert_changes(self, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            self._c.execute(staging.insert(), rows)
+
+    def changes(self, asset_id: str, branch: str) -> list[dict[str, Any]]:
+        query = sa.select(staging).where(staging.c.asset_id == asset_id, staging.c.branch == branch)
+        return _rows(self._c.execute(query.order_by(staging.c.id)))
+
+    def delete_changes(self, ids: Sequence[int]) -> int:
+        deleted = 0
+        for start in range(0, len(ids), 500):
+            chunk = list(ids[start : start + 500])
+            deleted += self._c.execute(staging.delete().where(staging.c.id.in_(chunk))).rowcount
+        return deleted
+
+    def clear_changes(self, asset_id: str, branch: str) -> int:
+        result = self._c.execute(
+            staging.delete().where(staging.c.asset_id == asset_id, staging.c.branch == branch)
+        )
+        return int(result.rowcount)
+
+    def staged_hashes(self) -> set[str]:
+        query = sa.select(staging.c.sha256).where(staging.c.sha256.is_not(None)).distinct()
+        return {str(h) for h in self._c.execute(query).scalars()}
+
+    # -- blobs and uploads -------------------------------------------------------------------
+
+    def blob_sizes(self, hashes: Sequence[str]) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for start in range(0, len(hashes), 500):
+            chunk = list(hashes[start : start + 500])
+            query = sa.select(blobs.c.sha256, blobs.c.size).where(blobs.c.sha256.in_(chunk))
+            found.update({str(h): int(s) for h, s in self._c.execute(query)})
+        return found
+
+    def known_blobs(self, hashes: Sequence[str]) -> set[str]:
+        return set(self.blob_sizes(hashes))
+
+    def touch_blobs(self, hashes: Sequence[str]) -> None:
+        for start in range(0, len(hashes), 500):
+            chunk = list(hashes[start : start + 500])
+            self._c.execute(
+                blobs.update().where(blobs.c.sha256.in_(chunk)).values(created=time.time())
+            )
+
+    def insert_blob(self, sha256: str, size: int) -> None:
+        self._insert_ignore(blobs, [{"sha256": sha256, "size": size, "created": time.time()}],
+                            "sha256")
+
+    def blobs_older_than(self, cutoff: float) -> list[dict[str, Any]]:
+        return _rows(self._c.execute(sa.select(blobs).where(blobs.c.created < cutoff)))
+
+    def delete_blob(self, sha256: str) -> None:
+        self._c.execute(blobs.delete().where(blobs.c.sha256 == sha256))
+
+    def insert_upload(self, row: dict[str, Any]) -> None:
+        self._c.execute(uploads.insert().values(**row))
+
+    def upload(self, upload_id: str) -> dict[str, Any] | None:
+        return _row(self._c.execute(sa.select(uploads).where(uploads.c.id == upload_id)).first())
+
+    def set_upload_received(self, upload_id: str, received: int) -> None:
+        self._c.execute(
+            uploads.update()
+            .where(uploads.c.id == upload_id)
+            .values(received=received, touched=time.time())
+        )
+
+    def delete_upload(self, upload_id: str) -> None:
+        self._c.execute(uploads.delete().where(uploads.c.id == upload_id))
+
+    def uploads_all(self) -> list[dict[str, Any]]:
+        return _rows(self._c.execute(sa.select(uploads)))
+
+    # -- tree nodes --------------------------------------------------------------------------
+
+    def nodes(self, ids: Sequence[str]) -> dict[str, bytes]:
+        found: dict[str, bytes] = {}
+        for start in range(0, len(ids), 500):
+            chunk = list(ids[start : start + 500])
+            query = sa.select(nodes.c.id, nodes.c.data).where(nodes.c.id.in_(chunk))
+            found.update({str(i): bytes(d) for i, d in self._c.execute(query)})
+        return found
+
+    def insert_nodes(self, items: dict[str, bytes]) -> None:
+        self._insert_ignore(nodes, [{"id": k, "data": v} for k, v in items.items()], "id")
+
+    def node_ids(self) -> set[str]:
+        return {str(i) for i in self._c.execute(sa.select(nodes.c.id)).scalars()}
+
+    def delete_nodes(self, ids: Sequence[str]) -> None:
+        for start in range(0, len(ids), 500):
+            self._c.execute(nodes.delete().where(nodes.c.id.in_(list(ids[start : start + 500]))))
+
+
+def _encode_json(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: json.dumps(v) if k in _JSON_COLUMNS and not isinstance(v, str) else v
+        for k, v in row.items()
+    }
+
+
+class MetadataStore:
+    """Owns the engine. ``url`` is a SQLAlchemy URL (``sqlite:///path`` or ``postgresql+…``).
+
+    Creates the schema on first use. Close with :meth:`close`.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._sqlite = url.startswith("sqlite")
+        if self._sqlite:
+            self.engine: Engine = sa.create_engine(
+                url, connect_args={"timeout": 60, "check_same_thread": False}
+            )
+            _configure_sqlite(self.engine)
+        else:
+            self.engine = sa.create_engine(url, pool_pre_ping=True, pool_size=10)
+        self._create_schema()
+
+    def _create_schema(self) -> None:
+        with self.write() as tx:
+            meta.create_all(tx._c)
+            version = tx._c.execute(sa.select(schema_info.c.version)).scalar()
+            if version is None:
+                tx._c.execute(schema_info.insert().values(version=SCHEMA_VERSION))
+
+    @contextmanager
+    def read(self) -> Iterator[MetaTx]:
+        """A transaction for reading (no lock taken on SQLite until something is written)."""
+        with self.engine.connect() as conn, conn.begin():
+            yield MetaTx(conn)
+
+    @contextmanager
+    def write(self) -> Iterator[MetaTx]:
+        """A transaction that writes: committed on exit, rolled back if the block raises."""
+        with self.engine.connect() as conn:
+            if self._sqlite:
+                conn.execution_options(sqlite_begin="IMMEDIATE")
+            with conn.begin():
+                yield MetaTx(conn)
+
+    # NodeStore, for the tree store.
+    def get_nodes(self, ids: Sequence[str]) -> dict[str, bytes]:
+        with self.read() as tx:
+            return tx.nodes(ids)
+
+    def put_nodes(self, items: dict[str, bytes]) -> None:
+        with self.write() as tx:
+            tx.insert_nodes(items)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    # pysqlite's own transaction handling is turned off so that we choose BEGIN vs BEGIN
+    # IMMEDIATE ourselves (the recipe from SQLAlchemy's SQLite dialect documentation).
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA busy_timeout=60000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get("sqlite_begin", "")
+        conn.exec_driver_sql(f"BEGIN {mode}".strip())

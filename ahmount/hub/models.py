@@ -1,0 +1,138 @@
+"""Plain records the hub's service layer returns. They know nothing of HTTP or SQL."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ahmount.names import Kind
+
+Permission = Literal["own", "edit", "view"]
+RefType = Literal["branch", "tag", "commit"]
+
+EMPTY_COMMIT_MESSAGE = "Repository created"
+PUBLIC_OWNER = "public"
+HUB_SEGMENT = "t9k-assethub"
+
+
+def folder_path(owner: str, kind: str, folder: str) -> str:
+    return f"/{owner}/{HUB_SEGMENT}/{kind}/{folder}"
+
+
+@dataclass(frozen=True)
+class FolderAddr:
+    owner: str
+    kind: Kind
+    name: str
+
+    def __str__(self) -> str:
+        return folder_path(self.owner, self.kind, self.name)
+
+
+@dataclass(frozen=True)
+class AssetAddr:
+    folder: FolderAddr
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.folder}/{self.name}"
+
+    def at(self, ref: str) -> str:
+        return f"{self}:{ref}"
+
+
+@dataclass(frozen=True)
+class FolderInfo:
+    id: str
+    owner: str
+    kind: Kind
+    name: str
+    labels: list[str]
+    description: str
+    permission: Permission
+    public: bool
+    editor: str
+    modified: float
+    created: float
+
+    @property
+    def path(self) -> str:
+        return folder_path(self.owner, self.kind, self.name)
+
+
+@dataclass(frozen=True)
+class AssetInfo:
+    id: str
+    owner: str
+    kind: Kind
+    folder: str
+    name: str
+    labels: list[str]
+    description: str
+    permission: Permission
+    editor: str
+    modified: float
+    created: float
+
+    @property
+    def path(self) -> str:
+        return f"{folder_path(self.owner, self.kind, self.folder)}/{self.name}"
+
+
+@dataclass(frozen=True)
+class CommitInfo:
+    id: str
+    message: str
+    committer: str
+    created: float
+    parents: list[str]
+    tree: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RefInfo:
+    """A resolved reference: what the caller named and the commit it points at."""
+
+    type: RefType
+    name: str
+    commit: CommitInfo
+
+
+@dataclass(frozen=True)
+class ObjectEntry:
+    """One object of a commit: its path and the blob that holds its bytes."""
+
+    path: str
+    sha256: str
+    size: int
+    mtime: float
+    content_type: str = "application/octet-stream"
+
+
+@dataclass(frozen=True)
+class Change:
+    """One staged (uncommitted) change of a branch.
+
+    ``op`` is ``add`` (with ``entry``) or ``delete`` (``path`` is an object, or a directory when
+    it ends with ``/``). ``session`` names the client call that staged it: a commit only takes
+    changes staged under its own session unless forced.
+    """
+
+    id: int
+    op: Literal["add", "delete"]
+    path: str
+    session: str
+    entry: ObjectEntry | None
+    created: float
+
+
+@dataclass(frozen=True)
+class ListingPage:
+    """A page of a commit's objects. ``dirs`` holds common prefixes when a delimiter was given;
+    ``next_after`` is the cursor for the following page, ``None`` on the last one."""
+
+    commit: str
+    objects: list[ObjectEntry]
+    dirs: list[str]
+    next_after: str | None

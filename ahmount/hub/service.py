@@ -1,0 +1,968 @@
+"""The hub's service layer: every operation of the Asset Hub, with its permission checks.
+
+It knows nothing of HTTP and writes no SQL: it works on a :class:`MetadataStore` (through
+:class:`MetaTx`), a :class:`TreeStore` and a :class:`BlobStore`. Every method is blocking and
+thread-safe; the HTTP layer calls them from worker threads. Every failure is an
+:class:`~ahmount.errors.AhError` whose message names the path involved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ahmount.errors import (
+    AlreadyExists,
+    Conflict,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    UnknownChanges,
+)
+from ahmount.hub.blobs import BlobStore, check_range
+from ahmount.hub.metadata import MetadataStore, MetaTx
+from ahmount.hub.models import (
+    EMPTY_COMMIT_MESSAGE,
+    PUBLIC_OWNER,
+    AssetAddr,
+    AssetInfo,
+    Change,
+    CommitInfo,
+    FolderAddr,
+    FolderInfo,
+    ListingPage,
+    ObjectEntry,
+    Permission,
+    RefInfo,
+)
+from ahmount.hub.trees import TreeStore
+from ahmount.names import (
+    Kind,
+    check_delete_path,
+    check_kind,
+    check_name,
+    check_object_path,
+    check_prefix,
+    check_ref,
+    check_sha256,
+    check_user_name,
+    is_commit_prefix,
+)
+
+log = logging.getLogger("ahmount.hub")
+
+MAX_LIST_LIMIT = 10_000
+MAX_CHANGES_PER_CALL = 100_000
+MAX_LABELS = 64
+MAX_DESCRIPTION = 10_000
+COMMIT_RETRIES = 50
+SHARED_OWNER = "shared"
+_RANK: dict[str, int] = {"view": 1, "edit": 2, "own": 3}
+
+
+@dataclass(frozen=True)
+class Actor:
+    """The authenticated caller."""
+
+    id: str
+    name: str
+
+
+def hash_key(api_key: str) -> str:
+    """API keys are 256-bit random tokens, so one sha256 is a safe way to store them."""
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def _labels(value: object, what: str) -> list[str]:
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise InvalidArgument(f"labels of {what} must be a list of strings")
+    if len(value) > MAX_LABELS:
+        raise InvalidArgument(f"{what} has {len(value)} labels; at most {MAX_LABELS} allowed")
+    for label in value:
+        if not label or len(label) > 128 or "\x00" in label:
+            raise InvalidArgument(f"label {label!r} of {what} is empty, too long or has NUL")
+    return list(dict.fromkeys(value))
+
+
+def _description(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidArgument(f"description of {what} must be a string")
+    if len(value) > MAX_DESCRIPTION or "\x00" in value:
+        raise InvalidArgument(f"description of {what} is too long or contains NUL")
+    return value
+
+
+def _commit(row: dict[str, Any]) -> CommitInfo:
+    return CommitInfo(
+        id=row["id"],
+        message=row["message"],
+        committer=row["committer"],
+        created=row["created"],
+        parents=list(row["parents"]),
+        tree=row["tree"],
+        metadata=dict(row["metadata"]),
+    )
+
+
+def _change(row: dict[str, Any]) -> Change:
+    entry = None
+    if row["op"] == "add":
+        entry = ObjectEntry(
+            row["path"], row["sha256"], row["size"], row["mtime"], row["content_type"]
+        )
+    return Change(row["id"], row["op"], row["path"], row["session"], entry, row["created"])
+
+
+def parse_entry(raw: Any) -> ObjectEntry:
+    """Validate one object to add, as it arrives from a client."""
+    if not isinstance(raw, dict):
+        raise InvalidArgument("each object to add must be a mapping")
+    path = check_object_path(raw.get("path"))
+    sha256 = check_sha256(raw.get("sha256"))
+    size = raw.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise InvalidArgument(f"size of object {path!r} must be a non-negative integer")
+    mtime = raw.get("mtime", time.time())
+    if not isinstance(mtime, int | float) or isinstance(mtime, bool):
+        raise InvalidArgument(f"mtime of object {path!r} must be a number")
+    content_type = raw.get("content_type") or "application/octet-stream"
+    if not isinstance(content_type, str) or len(content_type) > 255:
+        raise InvalidArgument(f"content_type of object {path!r} must be a short string")
+    return ObjectEntry(path, sha256, size, float(mtime), content_type)
+
+
+class HubService:
+    """All hub operations. ``metadata`` and ``blobs`` are owned by the caller."""
+
+    def __init__(self, metadata: MetadataStore, blobs: BlobStore) -> None:
+        self.metadata = metadata
+        self.blobs = blobs
+        self.trees = TreeStore(metadata)
+
+    # == users ================================================================================
+
+    def ensure_user(self, name: str) -> Actor:
+        """The user called ``name``, created without a key if new (the embedded hub's OS user)."""
+        check_user_name(name)
+        with self.metadata.read() as tx:
+            row = tx.user_by_name(name)
+        if row is None:
+            with self.metadata.write() as tx:
+                row = tx.user_by_name(name)
+                if row is None:
+                    tx.insert_user(str(uuid.uuid4()), name)
+                    row = tx.user_by_name(name)
+        assert row is not None
+        return Actor(row["id"], row["name"])
+
+    def add_user(self, name: str) -> tuple[Actor, str]:
+        """Create a user with a fresh API key; returns the key (shown once, stored hashed)."""
+        check_user_name(name)
+        with self.metadata.write() as tx:
+            if tx.user_by_name(name) is not None:
+                raise AlreadyExists(f"user {name!r} already exists", path=name)
+            user_id = str(uuid.uuid4())
+            tx.insert_user(user_id, name)
+            key = "ah_" + secrets.token_urlsafe(32)
+            tx.insert_key(user_id, hash_key(key))
+        return Actor(user_id, name), key
+
+    def add_key(self, name: str) -> str:
+        with self.metadata.write() as tx:
+            row = tx.user_by_name(name)
+            if row is None:
+                raise NotFound(f"user {name!r} does not exist", path=name)
+            key = "ah_" + secrets.token_urlsafe(32)
+            tx.insert_key(row["id"], hash_key(key))
+        return key
+
+    def authenticate(self, api_key: str) -> Actor:
+        with self.metadata.read() as tx:
+            row = tx.user_by_key_hash(hash_key(api_key))
+        if row is None:
+            raise Unauthenticated("the API key is not valid; run 'ah login' with a valid key")
+        return Actor(row["id"], row["name"])
+
+    def list_users(self) -> list[dict[str, Any]]:
+        with self.metadata.read() as tx:
+            return [
+                {"name": r["name"], "created": r["created"], "keys": r["keys"]}
+                for r in tx.list_users()
+            ]
+
+    # == access ===============================================================================
+
+    def _permission(self, tx: MetaTx, actor: Actor, folder: dict[str, Any]) -> Permission | None:
+        if folder["owner_id"] == actor.id:
+            return "own"
+        share = tx.share(folder["id"], actor.id)
+        if share == "edit":
+            return "edit"
+        if share == "view" or folder["public"]:
+            return "view"
+        return None
+
+    def _folder(
+        self, tx: MetaTx, actor: Actor, addr: FolderAddr, need: Permission
+    ) -> tuple[dict[str, Any], Permission, dict[str, Any]]:
+        """The folder row, the caller's permission on it and the owner row.
+
+        A folder the caller may not see is reported as missing, so that private names do not
+        leak; one they may see but not change answers PermissionDenied.
+        """
+        owner = tx.user_by_name(addr.owner)
+        row = tx.folder(owner["id"], addr.kind, addr.name) if owner else None
+        permission = self._permission(tx, actor, row) if row else None
+        if row is None or owner is None or permission is None:
+            raise NotFound(f"folder {addr} does not exist", path=str(addr))
+        if _RANK[permission] < _RANK[need]:
+            verb = {"edit": "change", "own": "administer"}.get(need, "read")
+            raise PermissionDenied(
+                f"user {actor.name!r} may not {verb} folder {addr} (permission: {permission})",
+                path=str(addr),
+            )
+        return row, permission, owner
+
+    def _asset(
+        self, tx: MetaTx, actor: Actor, addr: AssetAddr, need: Permission
+    ) -> tuple[dict[str, Any], Permission]:
+        folder, permission, _ = self._folder(tx, actor, addr.folder, need)
+        row = tx.asset(folder["id"], addr.name)
+        if row is None:
+            raise NotFound(f"asset {addr} does not exist", path=str(addr))
+        return row, permission
+
+    def _folder_info(
+        self, folder: dict[str, Any], owner: str, permission: Permission
+    ) -> FolderInfo:
+        return FolderInfo(
+            id=folder["id"], owner=owner, kind=check_kind(folder["kind"]), name=folder["name"],
+            labels=folder["labels"], description=folder["description"], permission=permission,
+            public=bool(folder["public"]), editor=folder["editor"], modified=folder["modified"],
+            created=folder["created"],
+        )
+
+    def _asset_info(
+        self, addr: FolderAddr, asset: dict[str, Any], permission: Permission
+    ) -> AssetInfo:
+        return AssetInfo(
+            id=asset["id"], owner=addr.owner, kind=addr.kind, folder=addr.name,
+            name=asset["name"], labels=asset["labels"], description=asset["description"],
+            permission=permission, editor=asset["editor"], modified=asset["modified"],
+            created=asset["created"],
+        )
+
+    # == folders ==============================================================================
+
+    def list_folders(self, actor: Actor, owner: str, kind: Kind) -> list[FolderInfo]:
+        """Folders of ``owner`` the caller can see; ``owner`` may be ``shared`` (shared with the
+        caller) or ``public``."""
+        check_kind(kind)
+        with self.metadata.read() as tx:
+            if owner == SHARED_OWNER:
+                rows = tx.folders_shared_with(actor.id, kind)
+            elif owner == PUBLIC_OWNER:
+                rows = tx.folders_public(kind)
+            else:
+                check_user_name(owner)
+                user = tx.user_by_name(owner)
+                if user is None:
+                    raise NotFound(f"user {owner!r} does not exist", path=f"/{owner}")
+                rows = tx.folders_owned(user["id"], kind)
+            out: list[FolderInfo] = []
+            names: dict[str, str] = {}
+            for row in rows:
+                permission = self._permission(tx, actor, row)
+                if permission is None:
+                    continue
+                if row["owner_id"] not in names:
+                    user_row = tx.user_by_id(row["owner_id"])
+                    names[row["owner_id"]] = user_row["name"] if user_row else "?"
+                out.append(self._folder_info(row, names[row["owner_id"]], permission))
+            return out
+
+    def create_folder(
+        self, actor: Actor, addr: FolderAddr, labels: Sequence[str] = (), description: str = ""
+    ) -> FolderInfo:
+        check_name(addr.name, "folder")
+        check_kind(addr.kind)
+        if addr.owner != actor.name:
+            raise PermissionDenied(
+                f"user {actor.name!r} cannot create folder {addr} for another user",
+                path=str(addr),
+            )
+        clean_labels = _labels(list(labels), str(addr))
+        clean_description = _description(description, str(addr))
+        now = time.time()
+        with self.metadata.write() as tx:
+            if tx.folder(actor.id, addr.kind, addr.name) is not None:
+                raise AlreadyExists(f"folder {addr} already exists", path=str(addr))
+            row = {
+                "id": str(uuid.uuid4()), "owner_id": actor.id, "kind": addr.kind,
+                "name": addr.name, "labels": clean_labels, "description": clean_description,
+                "public": False, "editor": actor.name, "created": now, "modified": now,
+            }
+            tx.insert_folder(row)
+        log.info("folder %s created by %s", addr, actor.name)
+        return self._folder_info(row, actor.name, "own")
+
+    def get_folder(self, actor: Actor, addr: FolderAddr) -> FolderInfo:
+        with self.metadata.read() as tx:
+            row, permission, owner = self._folder(tx, actor, addr, "view")
+            return self._folder_info(row, owner["name"], permission)
+
+    def update_folder(
+        self,
+        actor: Actor,
+        addr: FolderAddr,
+        name: str | None = None,
+        labels: Sequence[str] | None = None,
+        description: str | None = None,
+    ) -> FolderInfo:
+        fields: dict[str, Any] = {}
+        if name is not None:
+            fields["name"] = check_name(name, "folder")
+        if labels is not None:
+            fields["labels"] = _labels(list(labels), str(addr))
+        if description is not None:
+            fields["description"] = _description(description, str(addr))
+        with self.metadata.write() as tx:
+            row, permission, owner = self._folder(tx, actor, addr, "edit")
+            if name is not None and name != addr.name:
+                if tx.folder(owner["id"], addr.kind, name) is not None:
+                    target = FolderAddr(addr.owner, addr.kind, name)
+                    raise AlreadyExists(
+                        f"cannot rename folder {addr}: folder {target} already exists",
+                        path=str(target),
+                    )
+            if fields:
+                fields.update(editor=actor.name, modified=time.time())
+                tx.update_folder(row["id"], fields)
+                row = {**row, **fields}
+            return self._folder_info(row, owner["name"], permission)
+
+    def delete_folder(self, actor: Actor, addr: FolderAddr) -> None:
+        with self.metadata.write() as tx:
+            row, _, _ = self._folder(tx, actor, addr, "edit")
+            tx.delete_folder(row["id"])
+        log.info("folder %s deleted by %s", addr, actor.name)
+
+    def share_folder(
+        self, actor: Actor, addr: FolderAddr, user: str, permission: str | None
+    ) -> None:
+        """Share with ``user`` (``view`` or ``edit``), or stop sharing (``None``)."""
+        if permission not in ("view", "edit", None):
+            raise InvalidArgument(f"permission {permission!r} is not one of 'view', 'edit'")
+        check_user_name(user)
+        with self.metadata.write() as tx:
+            row, _, _ = self._folder(tx, actor, addr, "own")
+            target = tx.user_by_name(user)
+            if target is None:
+                raise NotFound(f"user {user!r} does not exist", path=str(addr))
+            if target["id"] == actor.id:
+                raise InvalidArgument(f"folder {addr} is already owned by {user!r}")
+            tx.set_share(row["id"], target["id"], permission)
+
+    def set_public(self, actor: Actor, addr: FolderAddr, public: bool) -> None:
+        with self.metadata.write() as tx:
+            row, _, _ = self._folder(tx, actor, addr, "own")
+            tx.update_folder(row["id"], {"public": bool(public)})
+
+    def folder_shares(self, actor: Actor, addr: FolderAddr) -> list[dict[str, Any]]:
+        with self.metadata.read() as tx:
+            row, _, _ = self._folder(tx, actor, addr, "own")
+            return tx.shares_of(row["id"])
+
+    # == assets ===============================================================================
+
+    def list_assets(self, actor: Actor, addr: FolderAddr) -> list[AssetInfo]:
+        with self.metadata.read() as tx:
+            folder, permission, _ = self._folder(tx, actor, addr, "view")
+            return [self._asset_info(addr, a, permission) for a in tx.assets_in(folder["id"])]
+
+    def create_asset(
+        self, actor: Actor, addr: AssetAddr, labels: Sequence[str] = (), description: str = ""
+    ) -> AssetInfo:
+        check_name(addr.name, "asset")
+        clean_labels = _labels(list(labels), str(addr))
+        clean_description = _description(description, str(addr))
+        tree = self.trees.empty_tree()
+        now = time.time()
+        with self.metadata.write() as tx:
+            folder, permission, _ = self._folder(tx, actor, addr.folder, "edit")
+            if tx.asset(folder["id"], addr.name) is not None:
+                raise AlreadyExists(f"asset {addr} already exists", path=str(addr))
+            asset_id = str(uuid.uuid4())
+            root = self._new_commit(tx, asset_id, tree, EMPTY_COMMIT_MESSAGE, actor, [], now)
+            row = {
+                "id": asset_id, "folder_id": folder["id"], "name": addr.name,
+                "labels": clean_labels, "description": clean_description,
+                "root_commit": root.id, "editor": actor.name, "created": now, "modified": now,
+            }
+            tx.insert_asset(row)
+            tx.insert_ref(asset_id, "main", "branch", root.id)
+        log.info("asset %s created by %s", addr, actor.name)
+        return self._asset_info(addr.folder, row, permission)
+
+    def get_asset(self, actor: Actor, addr: AssetAddr) -> AssetInfo:
+        with self.metadata.read() as tx:
+            row, permission = self._asset(tx, actor, addr, "view")
+            return self._asset_info(addr.folder, row, permission)
+
+    def update_asset(
+        self,
+        actor: Actor,
+        addr: AssetAddr,
+        name: str | None = None,
+        labels: Sequence[str] | None = None,
+        description: str | None = None,
+    ) -> AssetInfo:
+        fields: dict[str, Any] = {}
+        if name is not None:
+            fields["name"] = check_name(name, "asset")
+        if labels is not None:
+            fields["labels"] = _labels(list(labels), str(addr))
+        if description is not None:
+            fields["description"] = _description(description, str(addr))
+        with self.metadata.write() as tx:
+            row, permission = self._asset(tx, actor, addr, "edit")
+            if name is not None and name != addr.name:
+                if tx.asset(row["folder_id"], name) is not None:
+                    target = AssetAddr(addr.folder, name)
+                    raise AlreadyExists(
+                        f"cannot rename asset {addr}: asset {target} already exists",
+                        path=str(target),
+                    )
+            if fields:
+                fields.update(editor=actor.name, modified=time.time())
+                tx.update_asset(row["id"], fields)
+                row = {**row, **fields}
+            return self._asset_info(addr.folder, row, permission)
+
+    def delete_asset(self, actor: Actor, addr: AssetAddr) -> None:
+        with self.metadata.write() as tx:
+            row, _ = self._asset(tx, actor, addr, "edit")
+            tx.delete_asset(row["id"])
+        log.info("asset %s deleted by %s", addr, actor.name)
+
+    # == references ===========================================================================
+
+    def _resolve(self, tx: MetaTx, asset: dict[str, Any], addr: AssetAddr, ref: str) -> RefInfo:
+        """Branch first, then tag, then a commit id prefix of at least 4 hex characters."""
+        check_ref(ref)
+        row = tx.ref(asset["id"], ref)
+        if row is not None:
+            commit = tx.commit(row["commit_id"])
+            assert commit is not None
+            return RefInfo(row["type"], ref, _commit(commit))
+        if is_commit_prefix(ref):
+            found = tx.commits_by_prefix(asset["id"], ref, 2)
+            if len(found) > 1:
+                raise InvalidArgument(
+                    f"commit prefix {ref!r} of {addr} is ambiguous; give more characters",
+                    path=addr.at(ref),
+                )
+            if found:
+                return RefInfo("commit", found[0]["id"], _commit(found[0]))
+            raise NotFound(f"no branch, tag or commit {ref!r} in {addr}", path=addr.at(ref))
+        if len(ref) < 4 and all(c in "0123456789abcdef" for c in ref):
+            raise NotFound(
+                f"no branch or tag {ref!r} in {addr} (a commit prefix needs at least 4 "
+                "hex characters)",
+                path=addr.at(ref),
+            )
+        raise NotFound(f"no branch, tag or commit {ref!r} in {addr}", path=addr.at(ref))
+
+    def resolve(self, actor: Actor, addr: AssetAddr, ref: str) -> RefInfo:
+        with self.metadata.read() as tx:
+            asset, _ = self._asset(tx, actor, addr, "view")
+            return self._resolve(tx, asset, addr, ref)
+
+    def list_refs(self, actor: Actor, addr: AssetAddr, ref_type: str) -> list[tuple[str, str]]:
+        """``(name, commit_id)`` of every branch or tag."""
+        if ref_type not in ("branch", "tag"):
+            raise InvalidArgument(f"reference type {ref_type!r} is not 'branch' or 'tag'")
+        with self.metadata.read() as tx:
+            asset, _ = self._asset(tx, actor, addr, "view")
+            return [(r["name"], r["commit_id"]) for r in tx.refs_of(asset["id"], ref_type)]
+
+    def create_branch(self, actor: Actor, addr: AssetAddr, name: str) -> RefInfo:
+        check_name(name, "branch")
+        if addr.folder.kind != "model":
+            raise InvalidArgument(
+                f"cannot create branch {name!r}: dataset {addr} has only the main branch",
+                path=addr.at(name),
+            )
+        with self.metadata.write() as tx:
+            asset, _ = self._asset(tx, actor, addr, "edit")
+            self._check_ref_free(tx, asset, addr, name)
+            tx.insert_ref(asset["id"], name, "branch", asset["root_commit"])
+            commit = tx.commit(asset["root_commit"])
+            assert commit is not None
+        log.info("branch %s created by %s", addr.at(name), actor.name)
+        return RefInfo("branch", name, _commit(commit))
+
+    def create_tag(self, actor: Actor, addr: AssetAddr, name: str, source: str) -> RefInfo:
+        check_name(name, "tag")
+        with self.metadata.write() as tx:
+            asset, _ = self._asset(tx, actor, addr, "edit")
+            self._check_ref_free(tx, asset, addr, name)
+            target = self._resolve(tx, asset, addr, source)
+            tx.insert_ref(asset["id"], name, "tag", target.commit.id)
+        log.info("tag %s created at %s by %s", addr.at(name), target.commit.id[:8], actor.name)
+        return RefInfo("tag", name, target.commit)
+
+    def _check_ref_free(self, tx: MetaTx, asset: dict[str, Any], addr: AssetAddr, name: str) -> None:
+        existing = tx.ref(asset["id"], name)
+        if existing is not None:
+            raise AlreadyExists(
+                f"{existing['type']} {addr.at(name)} already exists", path=addr.at(name)
+            )
+
+    def delete_ref(self, actor: Actor, addr: AssetAddr, name: str) -> None:
+        with self.metadata.write() as tx:
+            asset, _ = self._asset(tx, actor, addr, "edit")
+            row = tx.ref(asset["id"], check_ref(name))
+            if row is None:
+                raise NotFound(f"no branch or tag {addr.at(name)}", path=addr.at(name))
+            if row["type"] == "branch" and name == "main":
+                raise InvalidArgument(f"branch {addr.at(name)} cannot be deleted",
+                                      path=addr.at(name))
+            tx.delete_ref(asset["id"], name)
+        log.info("%s %s deleted by %s", row["type"], addr.at(name), actor.name)
+
+    def get_commit(self, actor: Actor, addr: AssetAddr, prefix: str) -> CommitInfo:
+        if not is_commit_prefix(prefix):
+            raise InvalidArgument(
+                f"{prefix!r} is not a commit id prefix (4 to 64 lowercase hex characters)",
+                path=addr.at(prefix),
+            )
+        with self.metadata.read() as tx:
+            asset, _ = self._asset(tx, actor, addr, "view")
+            found = tx.commits_by_prefix(asset["id"], prefix, 2)
+        if not found:
+            raise NotFound(f"no commit {prefix!r} in {addr}", path=addr.at(prefix))
+        if len(found) > 1:
+            raise InvalidArgument(f"commit prefix {prefix!r} of {addr} is ambiguous",
+                                  path=addr.at(prefix))
+        return _commit(found[0])
+
+    def log(
+        self, actor: Actor, addr: AssetAddr, ref: str, limit: int = 1000
+    ) -> list[CommitInfo]:
+        """History from ``ref``, newest first (a merge's parents interleaved by date)."""
+        limit = _limit(limit)
+        with self.metadata.read() as tx:
+            asset, _ = self._asset(tx, actor, addr, "view")
+            head = self._resolve(tx, asset, addr, ref).commit
+            out: list[CommitInfo] = []
+            seen = {head.id}
+            heap: list[tuple[float, str, CommitInfo]] = [(-head.created, head.id, head)]
+            while heap and len(out) < limit:
+                _, _, commit = heapq.heappop(heap)
+                out.append(commit)
+                for parent_id in commit.parents:
+                    if parent_id in seen:
+                        continue
+                    seen.add(parent_id)
+                    row = tx.commit(parent_id)
+                    if row is not None:
+                        parent = _commit(row)
+                        heapq.heappush(heap, (-parent.created, parent.id, parent))
+            return out
+
+    # == objects ==============================================================================
+
+    def list_objects(
+        self,
+        actor: Actor,
+        addr: AssetAddr,
+        ref: str,
+        prefix: str = "",
+        after: str = "",
+        limit: int = 1000,
+        delimiter: bool = False,
+    ) -> ListingPage:
+        prefix = check_prefix(prefix)
+        limit = _limit(limit)
+        if not isinstance(after, str) or "\x00" in after:
+            raise InvalidArgument("listing cursor 'after' must be a string without NUL")
+        with self.metadata.read() as tx:
+            asset, _ = self._asset(tx, actor, addr, "view")
+            commit = self._resolve(tx, asset, addr, ref).commit
+        objects, dirs, cursor = self.trees.list_page(commit.tree, prefix, after, limit, delimiter)
+        return ListingPage(commit.id, objects, dirs, cursor)
+
+    def stat_object(
+        self, actor: Actor, addr: AssetAddr, ref: str, path: str
+    ) -> tuple[CommitInfo, ObjectEntry]:
+        check_object_path(path)
+        commit = self.resolve(actor, addr, ref).commit
+        entry = self.trees.get(commit.tree, path)
+        if entry is None:
+            raise NotFound(f"no object {path!r} in {addr.at(ref)}", path=f"{addr.at(ref)}/{path}")
+        return commit, entry
+
+    def read_object(
+        self, actor: Actor, addr: AssetAddr, ref: str, path: str, start: int, end: int | None
+    ) -> tuple[CommitInfo, ObjectEntry, int, int, Iterator[bytes]]:
+        """Bytes ``[start, end)`` of an object (``end=None``: to its end). Returns the commit,
+        the entry, the effective range and a chunk iterator."""
+        commit, entry = self.stat_object(actor, addr, ref, path)
+        stop = entry.size if end is None else end
+        check_range(entry.sha256, entry.size, start, stop)
+        return commit, entry, start, stop, self.blobs.read(entry.sha256, start, stop)
+
+    # == staging and commits ==================================================================
+
+    def _branch(
+        self, tx: MetaTx, actor: Actor, addr: AssetAddr, branch: str
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        asset, _ = self._asset(tx, actor, addr, "edit")
+        row = tx.ref(asset["id"], check_ref(branch))
+        if row is None or row["type"] != "branch":
+            what = "a tag, which is read-only" if row else "not a branch"
+            raise NotFound(f"{addr.at(branch)} is {what}", path=addr.at(branch))
+        return asset, row
+
+    def _parse_changes(
+        self, deletes: Sequence[Any], adds: Sequence[Any]
+    ) -> tuple[list[str], list[ObjectEntry]]:
+        if not isinstance(deletes, list | tuple) or not isinstance(adds, list | tuple):
+            raise InvalidArgument("deletes and adds must be lists")
+        if len(deletes) + len(adds) > MAX_CHANGES_PER_CALL:
+            raise InvalidArgument(
+                f"{len(deletes) + len(adds)} changes in one call; at most "
+                f"{MAX_CHANGES_PER_CALL} are allowed"
+            )
+        clean_deletes = [check_delete_path(p) for p in deletes]
+        clean_adds = [parse_entry(a) for a in adds]
+        self._check_blobs(clean_adds)
+        return clean_deletes, clean_adds
+
+    def _check_blobs(self, adds: Sequence[ObjectEntry]) -> None:
+        if adds:
+            with self.metadata.read() as tx:
+                self._check_blobs_in(tx, adds)
+
+    def _check_blobs_in(self, tx: MetaTx, adds: Sequence[ObjectEntry]) -> None:
+        sizes = tx.blob_sizes(sorted({a.sha256 for a in adds}))
+        for entry in adds:
+            if entry.sha256 not in sizes:
+                raise InvalidArgument(
+                    f"object {entry.path!r} names blob {entry.sha256}, which was never "
+                    "uploaded", path=entry.path,
+                )
+            if sizes[entry.sha256] != entry.size:
+                raise InvalidArgument(
+                    f"object {entry.path!r} says {entry.size} bytes but blob "
+                    f"{entry.sha256} has {sizes[entry.sha256]}", path=entry.path,
+                )
+
+    def stage(
+        self,
+        actor: Actor,
+        addr: AssetAddr,
+        branch: str,
+        session: str,
+        deletes: Sequence[Any] = (),
+        adds: Sequence[Any] = (),
+    ) -> int:
+        """Record uncommitted changes of a branch under ``session``; returns how many."""
+        _check_session(session)
+        clean_deletes, clean_adds = self._parse_changes(deletes, adds)
+        now = time.time()
+        rows = [
+            {"op": "delete", "path": p, "sha256": None, "size": None, "mtime": None,
+             "content_type": None}
+            for p in clean_deletes
+        ] + [
+            {"op": "add", "path": e.path, "sha256": e.sha256, "size": e.size, "mtime": e.mtime,
+             "content_type": e.content_type}
+            for e in clean_adds
+        ]
+        with self.metadata.write() as tx:
+            asset, ref = self._branch(tx, actor, addr, branch)
+            for row in rows:
+                row.update(asset_id=asset["id"], branch=ref["name"], session=session, created=now)
+            tx.insert_changes(rows)
+        return len(rows)
+
+    def list_changes(self, actor: Actor, addr: AssetAddr, branch: str) -> list[Change]:
+        with self.metadata.read() as tx:
+            asset, ref = self._branch(tx, actor, addr, branch)
+            return [_change(r) for r in tx.changes(asset["id"], ref["name"])]
+
+    def reset(self, actor: Actor, addr: AssetAddr, branch: str) -> int:
+        """Drop every uncommitted change of the branch; returns how many were dropped."""
+        with self.metadata.write() as tx:
+            asset, ref = self._branch(tx, actor, addr, branch)
+            return tx.clear_changes(asset["id"], ref["name"])
+
+    def commit(
+        self,
+        actor: Actor,
+        addr: AssetAddr,
+        branch: str,
+        message: str,
+        session: str = "",
+        deletes: Sequence[Any] = (),
+        adds: Sequence[Any] = (),
+        force: bool = False,
+        metadata: dict[str, Any] | None = None,
+    ) -> CommitInfo | None:
+        """Commit the changes staged under ``session`` plus ``deletes``/``adds``: first every
+        delete, then every add, atomically.
+
+        Staged changes of other sessions are *unknown changes*: they make the commit fail with
+        :class:`UnknownChanges` unless ``force``, which takes them too. Returns the new commit,
+        or ``None`` when the tree would not change (the consumed changes are cleared anyway).
+        If the branch moves meanwhile (another writer), the changes are applied again on the
+        new head: path-level changes, so nothing either writer did is lost.
+        """
+        if not isinstance(message, str) or not message.strip() or "\x00" in message:
+            raise InvalidArgument(f"commit message for {addr.at(branch)} is empty or has NUL")
+        if session:
+            _check_session(session)
+        extra_deletes, extra_adds = self._parse_changes(deletes, adds)
+        for _attempt in range(COMMIT_RETRIES):
+            with self.metadata.read() as tx:
+                asset, ref = self._branch(tx, actor, addr, branch)
+                staged = [_change(r) for r in tx.changes(asset["id"], ref["name"])]
+                head_row = tx.commit(ref["commit_id"])
+            assert head_row is not None
+            head = _commit(head_row)
+            unknown = [c for c in staged if c.session != session or not session]
+            if unknown and not force:
+                raise UnknownChanges(
+                    f"branch {addr.at(branch)} has {len(unknown)} uncommitted change(s) this "
+                    f"commit did not make (first: {unknown[0].op} {unknown[0].path!r}); "
+                    "commit with force=True to include them, or reset the branch",
+                    path=addr.at(branch),
+                )
+            taken = staged
+            all_deletes = [c.path for c in taken if c.op == "delete"] + extra_deletes
+            all_adds = [c.entry for c in taken if c.entry is not None] + extra_adds
+            tree = self.trees.apply(head.tree, all_deletes, all_adds)
+            try:
+                with self.metadata.write() as tx:
+                    if tx.delete_changes([c.id for c in taken]) != len(taken):
+                        raise _Retry()  # a reset or another commit took some of them
+                    if tree == head.tree:
+                        return None
+                    self._check_blobs_in(tx, all_adds)
+                    commit = self._new_commit(
+                        tx, asset["id"], tree, message, actor, [head.id], time.time(), metadata
+                    )
+                    if not tx.move_ref(asset["id"], ref["name"], head.id, commit.id):
+                        raise _Retry()  # the branch moved: roll back and apply on the new head
+                    tx.update_asset(asset["id"], {"modified": time.time(), "editor": actor.name})
+            except _Retry:
+                continue
+            log.info("commit %s on %s by %s", commit.id[:8], addr.at(branch), actor.name)
+            return commit
+        raise Conflict(
+            f"branch {addr.at(branch)} kept moving; gave up after {COMMIT_RETRIES} attempts",
+            path=addr.at(branch),
+        )
+
+    def merge(self, actor: Actor, addr: AssetAddr, branch: str) -> CommitInfo | None:
+        """Make main's tree equal to ``branch``'s in one commit whose parents are both heads."""
+        if addr.folder.kind != "model":
+            raise InvalidArgument(f"only models can be merged; {addr} is a dataset", path=str(addr))
+        if branch == "main":
+            raise InvalidArgument(f"cannot merge {addr.at('main')} into itself",
+                                  path=addr.at(branch))
+        for _attempt in range(COMMIT_RETRIES):
+            with self.metadata.read() as tx:
+                asset, source = self._branch(tx, actor, addr, branch)
+                _, main = self._branch(tx, actor, addr, "main")
+                source_row = tx.commit(source["commit_id"])
+                main_row = tx.commit(main["commit_id"])
+            assert source_row is not None and main_row is not None
+            if source_row["tree"] == main_row["tree"]:
+                return None
+            try:
+                with self.metadata.write() as tx:
+                    commit = self._new_commit(
+                        tx, asset["id"], source_row["tree"],
+                        f"Merge branch {branch!r} into main", actor,
+                        [main_row["id"], source_row["id"]], time.time(),
+                    )
+                    if not tx.move_ref(asset["id"], "main", main_row["id"], commit.id):
+                        raise _Retry()
+            except _Retry:
+                continue
+            log.info("merged %s into main as %s", addr.at(branch), commit.id[:8])
+            return commit
+        raise Conflict(f"main of {addr} kept moving; merge gave up", path=addr.at("main"))
+
+    def _new_commit(
+        self,
+        tx: MetaTx,
+        asset_id: str,
+        tree: str,
+        message: str,
+        actor: Actor,
+        parents: list[str],
+        created: float,
+        metadata: dict[str, Any] | None = None,
+    ) -> CommitInfo:
+        body = {
+            "asset": asset_id, "tree": tree, "parents": parents, "message": message,
+            "committer": actor.name, "created": created, "nonce": secrets.token_hex(8),
+        }
+        commit_id = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        row = {
+            "id": commit_id, "asset_id": asset_id, "tree": tree, "message": message,
+            "committer": actor.name, "created": created, "parents": parents,
+            "metadata": metadata or {},
+        }
+        tx.insert_commit(row)
+        return _commit(row)
+
+    # == blobs ================================================================================
+
+    def missing_blobs(self, actor: Actor, hashes: Sequence[Any]) -> list[str]:
+        if not isinstance(hashes, list | tuple) or len(hashes) > MAX_CHANGES_PER_CALL:
+            raise InvalidArgument(f"hashes must be a list of at most {MAX_CHANGES_PER_CALL}")
+        wanted = sorted({check_sha256(h) for h in hashes})
+        with self.metadata.write() as tx:
+            known = tx.known_blobs(wanted)
+            # A blob reported present gets a fresh grace period, so gc cannot remove it
+            # between this answer and the commit that uses it.
+            tx.touch_blobs(sorted(known))
+        return [h for h in wanted if h not in known]
+
+    def start_upload(self, actor: Actor, sha256: str, size: int) -> tuple[str | None, int]:
+        """Begin (or skip) an upload. Returns ``(upload_id, received)``; ``upload_id`` is
+        ``None`` when the hub already has the blob."""
+        check_sha256(sha256)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise InvalidArgument(f"size of blob {sha256} must be a non-negative integer")
+        with self.metadata.write() as tx:
+            if tx.known_blobs([sha256]):
+                tx.touch_blobs([sha256])
+                return None, size
+        upload_id = str(uuid.uuid4())
+        self.blobs.start_upload(upload_id)
+        now = time.time()
+        with self.metadata.write() as tx:
+            tx.insert_upload({
+                "id": upload_id, "user_id": actor.id, "sha256": sha256, "size": size,
+                "received": 0, "created": now, "touched": now,
+            })
+        return upload_id, 0
+
+    def _upload(self, tx: MetaTx, actor: Actor, upload_id: str) -> dict[str, Any]:
+        row = tx.upload(upload_id)
+        if row is None or row["user_id"] != actor.id:
+            raise NotFound(f"upload {upload_id} does not exist", path=upload_id)
+        return row
+
+    def upload_status(self, actor: Actor, upload_id: str) -> tuple[str, int, int]:
+        """``(sha256, size, received)`` of an upload in progress."""
+        with self.metadata.read() as tx:
+            row = self._upload(tx, actor, upload_id)
+        return row["sha256"], row["size"], self.blobs.upload_received(upload_id)
+
+    def append_upload(self, actor: Actor, upload_id: str, offset: int, data: bytes) -> int:
+        with self.metadata.read() as tx:
+            row = self._upload(tx, actor, upload_id)
+        if offset + len(data) > row["size"]:
+            raise InvalidArgument(
+                f"upload {upload_id} of blob {row['sha256']} would exceed its {row['size']} bytes"
+            )
+        return self.blobs.append(upload_id, offset, data)
+
+    def finish_upload(self, actor: Actor, upload_id: str) -> str:
+        """Verify and publish the blob; the upload is gone afterwards either way."""
+        with self.metadata.read() as tx:
+            row = self._upload(tx, actor, upload_id)
+        try:
+            self.blobs.finish_upload(upload_id, row["sha256"], row["size"])
+        finally:
+            with self.metadata.write() as tx:
+                tx.delete_upload(upload_id)
+        with self.metadata.write() as tx:
+            tx.insert_blob(row["sha256"], row["size"])
+        return str(row["sha256"])
+
+    def abort_upload(self, actor: Actor, upload_id: str) -> None:
+        with self.metadata.write() as tx:
+            self._upload(tx, actor, upload_id)
+            tx.delete_upload(upload_id)
+        self.blobs.abort_upload(upload_id)
+
+    def put_blob(self, actor: Actor, sha256: str, chunks: Iterator[bytes], size: int) -> str:
+        """Store a whole blob from ``chunks`` in one go (used by a single-request upload)."""
+        upload_id, _ = self.start_upload(actor, sha256, size)
+        if upload_id is None:
+            for _ in chunks:
+                pass
+            return sha256
+        offset = 0
+        try:
+            for chunk in chunks:
+                offset = self.append_upload(actor, upload_id, offset, chunk)
+        except BaseException:
+            self.abort_upload(actor, upload_id)
+            raise
+        return self.finish_upload(actor, upload_id)
+
+    # == garbage collection ===================================================================
+
+    def gc(self, grace_seconds: float = 3600.0) -> dict[str, int]:
+        """Delete blobs and tree nodes that no commit, staging area or upload needs.
+
+        Blobs younger than ``grace_seconds`` are kept: a client may have uploaded them and not
+        yet staged or committed them. Returns counts of what was removed.
+        """
+        cutoff = time.time() - grace_seconds
+        with self.metadata.read() as tx:
+            trees = tx.all_trees()
+            live_hashes = tx.staged_hashes()
+            live_hashes.update(u["sha256"] for u in tx.uploads_all())
+            candidates = tx.blobs_older_than(cutoff)
+            all_nodes = tx.node_ids()
+        live_nodes: set[str] = set()
+        for tree in trees:
+            live_nodes.update(self.trees.node_ids(tree))
+            live_hashes.update(self.trees.blob_hashes(tree))
+        dead_blobs = [b["sha256"] for b in candidates if b["sha256"] not in live_hashes]
+        for sha256 in dead_blobs:
+            with self.metadata.write() as tx:
+                # Re-checked inside the transaction: a commit may have just started using it.
+                if sha256 in tx.staged_hashes():
+                    continue
+                tx.delete_blob(sha256)
+            self.blobs.delete(sha256)
+        dead_nodes = sorted(all_nodes - live_nodes - {self.trees.empty_tree()})
+        with self.metadata.write() as tx:
+            tx.delete_nodes(dead_nodes)
+        return {"blobs": len(dead_blobs), "nodes": len(dead_nodes), "trees": len(trees)}
+
+
+class _Retry(Exception):
+    """Raised inside a write transaction to roll it back; caught by the retry loop."""
+
+
+def _limit(limit: Any) -> int:
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_LIST_LIMIT:
+        raise InvalidArgument(f"limit {limit!r} must be an integer from 1 to {MAX_LIST_LIMIT}")
+    return limit
+
+
+def _check_session(session: Any) -> str:
+    if not isinstance(session, str) or not 1 <= len(session) <= 64 or not session.isprintable():
+        raise InvalidArgument("session must be a printable string of 1 to 64 characters")
+    return session

@@ -1,0 +1,612 @@
+"""The hub's HTTP API: a Starlette app over :class:`HubService`, versioned under ``/api/v1``.
+
+It knows nothing of SQL: each endpoint parses the request, runs one service call in a worker
+thread (the service blocks on its stores) and renders the result as JSON. Errors become JSON
+``{"error": {"code", "message", "path"}}`` in ``http_errors``, the one place that picks
+statuses. Object bytes stream both ways in chunks; nothing holds a whole blob in memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import asdict
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ahmount import errors
+from ahmount.hub.models import (
+    AssetAddr,
+    AssetInfo,
+    CommitInfo,
+    FolderAddr,
+    FolderInfo,
+    ObjectEntry,
+    RefInfo,
+)
+from ahmount.hub.service import Actor, HubService
+from ahmount.names import check_kind, check_name, check_sha256
+from ahmount.server.http_errors import handle_domain_error, handle_unexpected
+
+API = "/api/v1"
+MAX_JSON_BODY = 256 << 20
+UPLOAD_BUFFER = 8 << 20
+T = TypeVar("T")
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+async def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+
+
+def _svc(request: Request) -> HubService:
+    service: HubService = request.app.state.service
+    return service
+
+
+async def _actor(request: Request) -> Actor:
+    header = request.headers.get("authorization", "")
+    if header:
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise errors.Unauthenticated("the Authorization header must be 'Bearer <api key>'")
+        return await _call(_svc(request).authenticate, key.strip())
+    trusted: Actor | None = request.app.state.trusted_actor
+    if trusted is None:
+        raise errors.Unauthenticated(
+            f"{request.url.path} needs an API key: run 'ah login --host URL --api-key KEY'"
+        )
+    return trusted
+
+
+async def _json(request: Request) -> dict[str, Any]:
+    body = await request.body()
+    if len(body) > MAX_JSON_BODY:
+        raise errors.InvalidArgument(f"request body of {len(body)} bytes is too large")
+    if not body:
+        return {}
+    try:
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise errors.InvalidArgument(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise errors.InvalidArgument("request body must be a JSON object")
+    return value
+
+
+def _folder_addr(request: Request) -> FolderAddr:
+    p = request.path_params
+    return FolderAddr(check_name(p["owner"], "owner"), check_kind(p["kind"]),
+                      check_name(p["folder"], "folder"))
+
+
+def _asset_addr(request: Request) -> AssetAddr:
+    return AssetAddr(_folder_addr(request), check_name(request.path_params["asset"], "asset"))
+
+
+def _query_int(request: Request, name: str, default: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise errors.InvalidArgument(f"query parameter {name}={raw!r} is not an integer") from None
+
+
+def _opt_list(body: dict[str, Any], key: str) -> list[str] | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise errors.InvalidArgument(f"{key!r} must be a list")
+    return value
+
+
+def _opt_str(body: dict[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value is not None and not isinstance(value, str):
+        raise errors.InvalidArgument(f"{key!r} must be a string")
+    return value
+
+
+# -- renderers -------------------------------------------------------------------------------
+
+def folder_json(info: FolderInfo) -> dict[str, Any]:
+    return {**asdict(info), "path": info.path}
+
+
+def asset_json(info: AssetInfo) -> dict[str, Any]:
+    return {**asdict(info), "path": info.path}
+
+
+def commit_json(info: CommitInfo | None) -> dict[str, Any] | None:
+    return None if info is None else asdict(info)
+
+
+def ref_json(info: RefInfo) -> dict[str, Any]:
+    return {"type": info.type, "name": info.name, "commit": commit_json(info.commit)}
+
+
+def object_json(entry: ObjectEntry) -> dict[str, Any]:
+    return asdict(entry)
+
+
+# -- endpoints -------------------------------------------------------------------------------
+
+async def healthz(request: Request) -> Response:
+    """Liveness and readiness: the metadata store answers."""
+    await _call(_svc(request).metadata.get_nodes, [])
+    return JSONResponse({"status": "ok"})
+
+
+async def whoami(request: Request) -> Response:
+    """The caller's user name."""
+    actor = await _actor(request)
+    return JSONResponse({"name": actor.name})
+
+
+async def folders(request: Request) -> Response:
+    """GET: list folders of an owner (or `shared`, `public`). POST: create a folder."""
+    actor = await _actor(request)
+    owner = request.path_params["owner"]
+    kind = check_kind(request.path_params["kind"])
+    if request.method == "GET":
+        found = await _call(_svc(request).list_folders, actor, owner, kind)
+        return JSONResponse({"folders": [folder_json(f) for f in found]})
+    body = await _json(request)
+    addr = FolderAddr(owner, kind, check_name(body.get("name"), "folder"))
+    info = await _call(
+        _svc(request).create_folder, actor, addr, body.get("labels") or [],
+        body.get("description") or "",
+    )
+    return JSONResponse(folder_json(info), status_code=201)
+
+
+async def folder(request: Request) -> Response:
+    """GET, PATCH (name, labels, description) or DELETE a folder."""
+    actor = await _actor(request)
+    addr = _folder_addr(request)
+    svc = _svc(request)
+    if request.method == "GET":
+        return JSONResponse(folder_json(await _call(svc.get_folder, actor, addr)))
+    if request.method == "DELETE":
+        await _call(svc.delete_folder, actor, addr)
+        return Response(status_code=204)
+    body = await _json(request)
+    info = await _call(
+        svc.update_folder, actor, addr, _opt_str(body, "name"), _opt_list(body, "labels"),
+        _opt_str(body, "description"),
+    )
+    return JSONResponse(folder_json(info))
+
+
+async def folder_shares(request: Request) -> Response:
+    """List who a folder is shared with (owner only)."""
+    actor = await _actor(request)
+    found = await _call(_svc(request).folder_shares, actor, _folder_addr(request))
+    return JSONResponse({"shares": found})
+
+
+async def folder_share(request: Request) -> Response:
+    """PUT {permission: view|edit} shares a folder with a user; DELETE stops sharing."""
+    actor = await _actor(request)
+    permission = None
+    if request.method == "PUT":
+        permission = (await _json(request)).get("permission")
+        if permission is None:
+            raise errors.InvalidArgument("'permission' is required: 'view' or 'edit'")
+    await _call(_svc(request).share_folder, actor, _folder_addr(request),
+                request.path_params["user"], permission)
+    return Response(status_code=204)
+
+
+async def folder_public(request: Request) -> Response:
+    """PUT {public: bool} makes a folder public or private (owner only)."""
+    actor = await _actor(request)
+    public = (await _json(request)).get("public")
+    if not isinstance(public, bool):
+        raise errors.InvalidArgument("'public' must be true or false")
+    await _call(_svc(request).set_public, actor, _folder_addr(request), public)
+    return Response(status_code=204)
+
+
+async def assets(request: Request) -> Response:
+    """GET: list a folder's assets. POST {name, labels, description}: create an asset."""
+    actor = await _actor(request)
+    addr = _folder_addr(request)
+    if request.method == "GET":
+        found = await _call(_svc(request).list_assets, actor, addr)
+        return JSONResponse({"assets": [asset_json(a) for a in found]})
+    body = await _json(request)
+    target = AssetAddr(addr, check_name(body.get("name"), "asset"))
+    info = await _call(_svc(request).create_asset, actor, target, body.get("labels") or [],
+                       body.get("description") or "")
+    return JSONResponse(asset_json(info), status_code=201)
+
+
+async def asset(request: Request) -> Response:
+    """GET, PATCH (name, labels, description) or DELETE an asset."""
+    actor = await _actor(request)
+    addr = _asset_addr(request)
+    svc = _svc(request)
+    if request.method == "GET":
+        return JSONResponse(asset_json(await _call(svc.get_asset, actor, addr)))
+    if request.method == "DELETE":
+        await _call(svc.delete_asset, actor, addr)
+        return Response(status_code=204)
+    body = await _json(request)
+    info = await _call(
+        svc.update_asset, actor, addr, _opt_str(body, "name"), _opt_list(body, "labels"),
+        _opt_str(body, "description"),
+    )
+    return JSONResponse(asset_json(info))
+
+
+async def branches(request: Request) -> Response:
+    """GET: list branches. POST {name}: create a branch at the "Repository created" commit."""
+    actor = await _actor(request)
+    addr = _asset_addr(request)
+    if request.method == "GET":
+        found = await _call(_svc(request).list_refs, actor, addr, "branch")
+        return JSONResponse({"branches": [{"name": n, "commit_id": c} for n, c in found]})
+    name = (await _json(request)).get("name")
+    info = await _call(_svc(request).create_branch, actor, addr, name)
+    return JSONResponse(ref_json(info), status_code=201)
+
+
+async def tags(request: Request) -> Response:
+    """GET: list tags. POST {name, source}: tag the commit a branch, tag or commit names."""
+    actor = await _actor(request)
+    addr = _asset_addr(request)
+    if request.method == "GET":
+        found = await _call(_svc(request).list_refs, actor, addr, "tag")
+        return JSONResponse({"tags": [{"name": n, "commit_id": c} for n, c in found]})
+    body = await _json(request)
+    source = body.get("source") or "main"
+    info = await _call(_svc(request).create_tag, actor, addr, body.get("name"), source)
+    return JSONResponse(ref_json(info), status_code=201)
+
+
+async def ref(request: Request) -> Response:
+    """GET resolves a branch, tag or commit prefix; DELETE removes a branch or tag."""
+    actor = await _actor(request)
+    addr = _asset_addr(request)
+    name = request.path_params["ref"]
+    if request.method == "DELETE":
+        await _call(_svc(request).delete_ref, actor, addr, name)
+        return Response(status_code=204)
+    return JSONResponse(ref_json(await _call(_svc(request).resolve, actor, addr, name)))
+
+
+async def ref_log(request: Request) -> Response:
+    """Commits reachable from a reference, newest first."""
+    actor = await _actor(request)
+    found = await _call(_svc(request).log, actor, _asset_addr(request),
+                        request.path_params["ref"], _query_int(request, "limit", 1000))
+    return JSONResponse({"commits": [commit_json(c) for c in found]})
+
+
+async def commit_by_prefix(request: Request) -> Response:
+    """A commit of the asset by id prefix (at least 4 hex characters)."""
+    actor = await _actor(request)
+    info = await _call(_svc(request).get_commit, actor, _asset_addr(request),
+                       request.path_params["prefix"])
+    return JSONResponse(commit_json(info))
+
+
+async def objects(request: Request) -> Response:
+    """A page of a reference's objects: `prefix`, `after` (cursor), `limit`, `delimiter=/`."""
+    actor = await _actor(request)
+    q = request.query_params
+    delimiter = q.get("delimiter", "")
+    if delimiter not in ("", "/"):
+        raise errors.InvalidArgument(f"delimiter {delimiter!r} must be '/' or empty")
+    page = await _call(
+        _svc(request).list_objects, actor, _asset_addr(request), request.path_params["ref"],
+        q.get("prefix", ""), q.get("after", ""), _query_int(request, "limit", 1000),
+        bool(delimiter),
+    )
+    etag = '"' + hashlib.sha256(f"{page.commit}?{q}".encode()).hexdigest()[:32] + '"'
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers={"etag": etag})
+    body = {
+        "commit": page.commit,
+        "objects": [object_json(o) for o in page.objects],
+        "dirs": page.dirs,
+        "next_after": page.next_after,
+    }
+    return JSONResponse(body, headers={"etag": etag})
+
+
+def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    if not header:
+        return None
+    unit, _, spec = header.partition("=")
+    if unit.strip() != "bytes" or "," in spec:
+        raise errors.RangeNotSatisfiable(f"Range {header!r} is not a single byte range")
+    first, _, last = spec.strip().partition("-")
+    try:
+        if first == "":
+            suffix = int(last)
+            return max(size - suffix, 0), size
+        start = int(first)
+        end = size if last == "" else min(int(last) + 1, size)
+    except ValueError:
+        raise errors.RangeNotSatisfiable(f"Range {header!r} is malformed") from None
+    if start >= size or end <= start:
+        raise errors.RangeNotSatisfiable(f"Range {header!r} is outside the {size}-byte object")
+    return start, end
+
+
+async def _iterate(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+    sentinel = b""
+    while True:
+        chunk = await anyio.to_thread.run_sync(next, chunks, sentinel)
+        if chunk is sentinel or not chunk:
+            return
+        yield chunk
+
+
+async def file(request: Request) -> Response:
+    """GET/HEAD an object's bytes; honours Range and If-None-Match (the ETag is the sha256)."""
+    actor = await _actor(request)
+    addr = _asset_addr(request)
+    name, path = request.path_params["ref"], request.path_params["path"]
+    commit, entry = await _call(_svc(request).stat_object, actor, addr, name, path)
+    etag = f'"{entry.sha256}"'
+    headers = {
+        "etag": etag,
+        "accept-ranges": "bytes",
+        "x-ah-sha256": entry.sha256,
+        "x-ah-commit": commit.id,
+        "x-ah-mtime": repr(entry.mtime),
+        "content-type": entry.content_type,
+    }
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers=headers)
+    byte_range = _parse_range(request.headers.get("range"), entry.size)
+    start, end = byte_range or (0, entry.size)
+    headers["content-length"] = str(end - start)
+    status = 200
+    if byte_range is not None:
+        status = 206
+        headers["content-range"] = f"bytes {start}-{end - 1}/{entry.size}"
+    if request.method == "HEAD" or end == start:
+        return Response(status_code=status, headers=headers)
+    chunks = await _call(_svc(request).blobs.read, entry.sha256, start, end)
+    return StreamingResponse(_iterate(chunks), status_code=status, headers=headers)
+
+
+async def changes(request: Request) -> Response:
+    """GET: the branch's uncommitted changes. POST {session, deletes, adds}: stage changes.
+    DELETE: reset (drop every uncommitted change)."""
+    actor = await _actor(request)
+    addr = _asset_addr(request)
+    branch = request.path_params["branch"]
+    svc = _svc(request)
+    if request.method == "GET":
+        found = await _call(svc.list_changes, actor, addr, branch)
+        return JSONResponse({"changes": [
+            {"id": c.id, "op": c.op, "path": c.path, "session": c.session, "created": c.created,
+             "entry": None if c.entry is None else object_json(c.entry)}
+            for c in found
+        ]})
+    if request.method == "DELETE":
+        dropped = await _call(svc.reset, actor, addr, branch)
+        return JSONResponse({"dropped": dropped})
+    body = await _json(request)
+    staged = await _call(svc.stage, actor, addr, branch, body.get("session"),
+                         body.get("deletes") or [], body.get("adds") or [])
+    return JSONResponse({"staged": staged}, status_code=201)
+
+
+async def commits(request: Request) -> Response:
+    """POST {message, session, deletes, adds, force, metadata}: commit; null when nothing
+    changed."""
+    actor = await _actor(request)
+    body = await _json(request)
+    force = body.get("force", False)
+    if not isinstance(force, bool):
+        raise errors.InvalidArgument("'force' must be true or false")
+    metadata = body.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise errors.InvalidArgument("'metadata' must be an object")
+    info = await _call(
+        _svc(request).commit, actor, _asset_addr(request), request.path_params["branch"],
+        body.get("message"), body.get("session") or "", body.get("deletes") or [],
+        body.get("adds") or [], force, metadata,
+    )
+    return JSONResponse({"commit": commit_json(info)}, status_code=201 if info else 200)
+
+
+async def merge(request: Request) -> Response:
+    """POST: make main equal to the branch, as one commit with both heads as parents."""
+    actor = await _actor(request)
+    info = await _call(_svc(request).merge, actor, _asset_addr(request),
+                       request.path_params["branch"])
+    return JSONResponse({"commit": commit_json(info)})
+
+
+async def blobs_missing(request: Request) -> Response:
+    """POST {hashes: [...]}: which of these blobs the hub does not have."""
+    actor = await _actor(request)
+    hashes = (await _json(request)).get("hashes")
+    missing = await _call(_svc(request).missing_blobs, actor, hashes)
+    return JSONResponse({"missing": missing})
+
+
+async def _receive_into(request: Request, actor: Actor, upload_id: str, offset: int) -> int:
+    """Stream the request body into an upload, in large buffered writes."""
+    svc = _svc(request)
+    buffer = bytearray()
+    try:
+        async for chunk in request.stream():
+            buffer += chunk
+            if len(buffer) >= UPLOAD_BUFFER:
+                offset = await _call(svc.append_upload, actor, upload_id, offset, bytes(buffer))
+                buffer.clear()
+    except ClientDisconnect:
+        pass  # keep what arrived; the client resumes from the offset it asks for
+    if buffer:
+        offset = await _call(svc.append_upload, actor, upload_id, offset, bytes(buffer))
+    return offset
+
+
+async def blob(request: Request) -> Response:
+    """PUT the whole blob in one request (the body's sha256 must equal the path's).
+    The size comes from `X-Ah-Size` or Content-Length; a short body is rejected."""
+    actor = await _actor(request)
+    sha256 = check_sha256(request.path_params["sha256"])
+    raw_size = request.headers.get("x-ah-size") or request.headers.get("content-length")
+    if raw_size is None or not raw_size.isdigit():
+        raise errors.InvalidArgument(f"upload of blob {sha256} needs X-Ah-Size or Content-Length")
+    svc = _svc(request)
+    upload_id, _ = await _call(svc.start_upload, actor, sha256, int(raw_size))
+    if upload_id is None:
+        return JSONResponse({"sha256": sha256, "existed": True})
+    try:
+        await _receive_into(request, actor, upload_id, 0)
+        await _call(svc.finish_upload, actor, upload_id)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await _call(_abort_quietly, svc, actor, upload_id)
+        raise
+    return JSONResponse({"sha256": sha256, "existed": False}, status_code=201)
+
+
+def _abort_quietly(svc: HubService, actor: Actor, upload_id: str) -> None:
+    try:
+        svc.abort_upload(actor, upload_id)
+    except errors.NotFound:
+        pass  # finish_upload already removed it
+
+
+async def uploads(request: Request) -> Response:
+    """POST {sha256, size}: start a resumable upload (`id` is null if the blob exists)."""
+    actor = await _actor(request)
+    body = await _json(request)
+    upload_id, received = await _call(_svc(request).start_upload, actor,
+                                      body.get("sha256"), body.get("size"))
+    return JSONResponse({"id": upload_id, "received": received}, status_code=201)
+
+
+async def upload(request: Request) -> Response:
+    """GET: bytes received so far. PATCH with `Upload-Offset`: append the body there.
+    DELETE: abort."""
+    actor = await _actor(request)
+    upload_id = request.path_params["upload_id"]
+    svc = _svc(request)
+    if request.method == "GET":
+        sha256, size, received = await _call(svc.upload_status, actor, upload_id)
+        return JSONResponse({"id": upload_id, "sha256": sha256, "size": size,
+                             "received": received})
+    if request.method == "DELETE":
+        await _call(svc.abort_upload, actor, upload_id)
+        return Response(status_code=204)
+    raw_offset = request.headers.get("upload-offset", "")
+    if not raw_offset.isdigit():
+        raise errors.InvalidArgument("PATCH of an upload needs an Upload-Offset header")
+    received = await _receive_into(request, actor, upload_id, int(raw_offset))
+    return JSONResponse({"id": upload_id, "received": received})
+
+
+async def upload_finish(request: Request) -> Response:
+    """POST: verify the upload's size and sha256 and publish the blob."""
+    actor = await _actor(request)
+    sha256 = await _call(_svc(request).finish_upload, actor, request.path_params["upload_id"])
+    return JSONResponse({"sha256": sha256}, status_code=201)
+
+
+async def openapi(request: Request) -> Response:
+    """This API's OpenAPI document, generated from the route table."""
+    return JSONResponse(request.app.state.openapi)
+
+
+_A = API + "/assets/{owner}/{kind}/{folder}/{asset}"
+_F = API + "/folders/{owner}/{kind}/{folder}"
+ROUTES: list[tuple[str, Endpoint, list[str]]] = [
+    ("/healthz", healthz, ["GET"]),
+    (API + "/openapi.json", openapi, ["GET"]),
+    (API + "/whoami", whoami, ["GET"]),
+    (API + "/folders/{owner}/{kind}", folders, ["GET", "POST"]),
+    (_F, folder, ["GET", "PATCH", "DELETE"]),
+    (_F + "/shares", folder_shares, ["GET"]),
+    (_F + "/shares/{user}", folder_share, ["PUT", "DELETE"]),
+    (_F + "/public", folder_public, ["PUT"]),
+    (_F + "/assets", assets, ["GET", "POST"]),
+    (_A, asset, ["GET", "PATCH", "DELETE"]),
+    (_A + "/branches", branches, ["GET", "POST"]),
+    (_A + "/tags", tags, ["GET", "POST"]),
+    (_A + "/refs/{ref}", ref, ["GET", "DELETE"]),
+    (_A + "/refs/{ref}/log", ref_log, ["GET"]),
+    (_A + "/refs/{ref}/objects", objects, ["GET"]),
+    (_A + "/refs/{ref}/files/{path:path}", file, ["GET", "HEAD"]),
+    (_A + "/commits/{prefix}", commit_by_prefix, ["GET"]),
+    (_A + "/branches/{branch}/changes", changes, ["GET", "POST", "DELETE"]),
+    (_A + "/branches/{branch}/commits", commits, ["POST"]),
+    (_A + "/branches/{branch}/merge", merge, ["POST"]),
+    (API + "/blobs/missing", blobs_missing, ["POST"]),
+    (API + "/blobs/{sha256}", blob, ["PUT"]),
+    (API + "/uploads", uploads, ["POST"]),
+    (API + "/uploads/{upload_id}", upload, ["GET", "PATCH", "DELETE"]),
+    (API + "/uploads/{upload_id}/finish", upload_finish, ["POST"]),
+]
+
+
+def _openapi_document() -> dict[str, Any]:
+    paths: dict[str, Any] = {}
+    for path, endpoint, methods in ROUTES:
+        doc = (endpoint.__doc__ or "").strip()
+        summary = doc.splitlines()[0] if doc else endpoint.__name__
+        params = [
+            {"name": seg.strip("{}").split(":")[0], "in": "path", "required": True,
+             "schema": {"type": "string"}}
+            for seg in path.split("/") if seg.startswith("{")
+        ]
+        paths[path.replace(":path}", "}")] = {
+            m.lower(): {
+                "summary": summary,
+                "description": doc,
+                "operationId": f"{endpoint.__name__}_{m.lower()}",
+                "parameters": params,
+                "responses": {
+                    "200": {"description": "success"},
+                    "default": {"description": "error: {error: {code, message, path}}"},
+                },
+            }
+            for m in methods
+        }
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "ahmount hub", "version": "1"},
+        "components": {"securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}}},
+        "security": [{"apiKey": []}],
+        "paths": paths,
+    }
+
+
+def create_app(service: HubService, trusted_user: str | None = None) -> Starlette:
+    """The ASGI app serving ``service``.
+
+    ``trusted_user`` (the embedded hub's OS user) is the caller of every request that carries
+    no API key; without it such requests are refused. The service is owned by the caller.
+    """
+    app = Starlette(
+        routes=[Route(p, e, methods=m) for p, e, m in ROUTES],
+        exception_handlers={errors.AhError: handle_domain_error, Exception: handle_unexpected},
+    )
+    app.state.service = service
+    app.state.trusted_actor = service.ensure_user(trusted_user) if trusted_user else None
+    app.state.openapi = _openapi_document()
+    app.state.started = time.time()
+    return app

@@ -1,0 +1,113 @@
+"""``ah-server``: serve a hub over HTTP, manage its users, collect its garbage.
+
+    ah-server [serve] [--data DIR] [--listen HOST:PORT|unix:PATH|fd://N] [--db URL] [--blobs DIR]
+    ah-server user add NAME       create a user and print their API key (shown once)
+    ah-server user key NAME       print a further API key for NAME
+    ah-server user list
+    ah-server gc [--grace SECONDS]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from ahmount.config import dirs
+from ahmount.errors import AhError
+from ahmount.hub.open import open_hub
+from ahmount.hub.service import HubService
+from ahmount.server.app import create_app
+
+log = logging.getLogger("ahmount.server")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ah-server",
+        description="Serve an ahmount hub over HTTP.",
+        epilog="example: ah-server --data /srv/ah --listen 127.0.0.1:8080",
+    )
+    parser.add_argument("--data", type=Path, default=None,
+                        help="data directory (SQLite + blobs); default: the embedded hub's")
+    parser.add_argument("--db", default="", help="metadata URL (default: SQLite under --data)")
+    parser.add_argument("--blobs", default="", help="blob store (default: DATA/blobs)")
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command")
+    serve_p = sub.add_parser("serve", help="serve HTTP (the default command)")
+    serve_p.add_argument("--listen", dest="serve_listen", default=None)
+    parser.add_argument("--listen", default="127.0.0.1:8080",
+                        help="HOST:PORT, unix:PATH or fd://N (default 127.0.0.1:8080)")
+    user = sub.add_parser("user", help="manage users").add_subparsers(dest="user_command",
+                                                                       required=True)
+    user.add_parser("add", help="create a user; prints the API key once").add_argument("name")
+    user.add_parser("key", help="issue another API key").add_argument("name")
+    user.add_parser("list", help="list users")
+    gc = sub.add_parser("gc", help="delete blobs and tree nodes nothing references")
+    gc.add_argument("--grace", type=float, default=3600.0,
+                    help="keep blobs younger than this many seconds (default 3600)")
+    return parser
+
+
+async def _serve(service: HubService, listen: str) -> None:
+    config = Config()
+    config.bind = [listen]
+    config.graceful_timeout = 10.0
+    config.keep_alive_timeout = 75.0
+    config.accesslog = None
+    app = create_app(service)
+
+    async def shutdown_trigger() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("received %s; finishing requests in flight",
+                         signal.Signals(signum).name)
+                return
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            lambda task_status=trio.TASK_STATUS_IGNORED: serve(
+                app, config, shutdown_trigger=shutdown_trigger, task_status=task_status
+            )
+        )
+        print(f"ah-server listening on {listen}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    data_dir: Path = args.data or dirs().data / "hub"
+    try:
+        with open_hub(data_dir, args.db, args.blobs) as service:
+            if args.command == "user":
+                if args.user_command == "add":
+                    _, key = service.add_user(args.name)
+                    print(key)
+                elif args.user_command == "key":
+                    print(service.add_key(args.name))
+                else:
+                    print(f"{'NAME':<24} {'KEYS':>4}")
+                    for row in service.list_users():
+                        print(f"{row['name']:<24} {row['keys']:>4}")
+                return 0
+            if args.command == "gc":
+                stats = service.gc(args.grace)
+                print(f"removed {stats['blobs']} blobs and {stats['nodes']} tree nodes "
+                      f"({stats['trees']} trees live)")
+                return 0
+            trio.run(_serve, service, getattr(args, "serve_listen", None) or args.listen)
+            return 0
+    except AhError as exc:
+        print(f"ah-server: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
