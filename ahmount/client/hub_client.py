@@ -208,9 +208,9 @@ class HubClient:
                         raise_for_response(response, body)
                     return response
             attempt += 1
-            if attempt > self.retries or "content" in kwargs and not isinstance(
+            if attempt > self.retries or ("content" in kwargs and not isinstance(
                 kwargs["content"], bytes | str
-            ):
+            )):
                 raise errors.HubUnavailable(
                     f"hub at {self.base_url} is unreachable ({method} {url}): {failure}",
                     path=url,

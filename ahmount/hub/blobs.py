@@ -55,11 +55,13 @@ class BlobStore(Protocol):
 
 
 def check_range(sha256: str, size: int, start: int, end: int) -> None:
-    if start < 0 or end < start or (size > 0 and start >= size) or end > size:
-        if not (size == 0 and start == 0 and end == 0):
-            raise RangeNotSatisfiable(
-                f"byte range {start}-{end - 1} is outside blob {sha256} of {size} bytes"
-            )
+    empty_read_of_empty_blob = size == 0 and start == 0 and end == 0
+    if (start < 0 or end < start or (size > 0 and start >= size) or end > size) and not (
+        empty_read_of_empty_blob
+    ):
+        raise RangeNotSatisfiable(
+            f"byte range {start}-{end - 1} is outside blob {sha256} of {size} bytes"
+        )
 
 
 class LocalBlobStore:

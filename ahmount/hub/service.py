@@ -337,13 +337,13 @@ class HubService:
             fields["description"] = _description(description, str(addr))
         with self.metadata.write() as tx:
             row, permission, owner = self._folder(tx, actor, addr, "edit")
-            if name is not None and name != addr.name:
-                if tx.folder(owner["id"], addr.kind, name) is not None:
-                    target = FolderAddr(addr.owner, addr.kind, name)
-                    raise AlreadyExists(
-                        f"cannot rename folder {addr}: folder {target} already exists",
-                        path=str(target),
-                    )
+            renamed = name is not None and name != addr.name
+            if renamed and tx.folder(owner["id"], addr.kind, str(name)) is not None:
+                target = FolderAddr(addr.owner, addr.kind, str(name))
+                raise AlreadyExists(
+                    f"cannot rename folder {addr}: folder {target} already exists",
+                    path=str(target),
+                )
             if fields:
                 fields.update(editor=actor.name, modified=time.time())
                 tx.update_folder(row["id"], fields)
@@ -435,13 +435,13 @@ class HubService:
             fields["description"] = _description(description, str(addr))
         with self.metadata.write() as tx:
             row, permission = self._asset(tx, actor, addr, "edit")
-            if name is not None and name != addr.name:
-                if tx.asset(row["folder_id"], name) is not None:
-                    target = AssetAddr(addr.folder, name)
-                    raise AlreadyExists(
-                        f"cannot rename asset {addr}: asset {target} already exists",
-                        path=str(target),
-                    )
+            renamed = name is not None and name != addr.name
+            if renamed and tx.asset(row["folder_id"], str(name)) is not None:
+                target = AssetAddr(addr.folder, str(name))
+                raise AlreadyExists(
+                    f"cannot rename asset {addr}: asset {target} already exists",
+                    path=str(target),
+                )
             if fields:
                 fields.update(editor=actor.name, modified=time.time())
                 tx.update_asset(row["id"], fields)
@@ -521,7 +521,9 @@ class HubService:
         log.info("tag %s created at %s by %s", addr.at(name), target.commit.id[:8], actor.name)
         return RefInfo("tag", name, target.commit)
 
-    def _check_ref_free(self, tx: MetaTx, asset: dict[str, Any], addr: AssetAddr, name: str) -> None:
+    def _check_ref_free(
+        self, tx: MetaTx, asset: dict[str, Any], addr: AssetAddr, name: str
+    ) -> None:
         existing = tx.ref(asset["id"], name)
         if existing is not None:
             raise AlreadyExists(
@@ -681,7 +683,7 @@ class HubService:
         _check_session(session)
         clean_deletes, clean_adds = self._parse_changes(deletes, adds)
         now = time.time()
-        rows = [
+        rows: list[dict[str, Any]] = [
             {"op": "delete", "path": p, "sha256": None, "size": None, "mtime": None,
              "content_type": None}
             for p in clean_deletes

@@ -8,6 +8,7 @@ statuses. Object bytes stream both ways in chunks; nothing holds a whole blob in
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -19,6 +20,7 @@ from typing import Any, TypeVar
 import anyio
 import anyio.to_thread
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -35,7 +37,11 @@ from ahmount.hub.models import (
 )
 from ahmount.hub.service import Actor, HubService
 from ahmount.names import check_kind, check_name, check_sha256
-from ahmount.server.http_errors import handle_domain_error, handle_unexpected
+from ahmount.server.http_errors import (
+    handle_domain_error,
+    handle_routing_error,
+    handle_unexpected,
+)
 
 API = "/api/v1"
 MAX_JSON_BODY = 256 << 20
@@ -485,10 +491,8 @@ async def blob(request: Request) -> Response:
 
 
 def _abort_quietly(svc: HubService, actor: Actor, upload_id: str) -> None:
-    try:
+    with contextlib.suppress(errors.NotFound):  # finish_upload may have removed it already
         svc.abort_upload(actor, upload_id)
-    except errors.NotFound:
-        pass  # finish_upload already removed it
 
 
 async def uploads(request: Request) -> Response:
@@ -603,7 +607,11 @@ def create_app(service: HubService, trusted_user: str | None = None) -> Starlett
     """
     app = Starlette(
         routes=[Route(p, e, methods=m) for p, e, m in ROUTES],
-        exception_handlers={errors.AhError: handle_domain_error, Exception: handle_unexpected},
+        exception_handlers={
+            errors.AhError: handle_domain_error,
+            HTTPException: handle_routing_error,
+            Exception: handle_unexpected,
+        },
     )
     app.state.service = service
     app.state.trusted_actor = service.ensure_user(trusted_user) if trusted_user else None

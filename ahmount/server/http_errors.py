@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -49,3 +50,12 @@ async def handle_unexpected(request: Request, exc: Exception) -> Response:
     log.exception("%s %s crashed", request.method, request.url.path, exc_info=exc)
     body = error_body("internal", f"internal error while serving {request.url.path}", None)
     return JSONResponse(body, status_code=500)
+
+
+async def handle_routing_error(request: Request, exc: Exception) -> Response:
+    """Unknown paths and wrong methods, in the same JSON shape as every other error."""
+    assert isinstance(exc, HTTPException)
+    code = "not_found" if exc.status_code == 404 else "invalid_argument"
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return JSONResponse(error_body(code, message, request.url.path), status_code=exc.status_code,
+                        headers=exc.headers)

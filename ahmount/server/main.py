@@ -14,6 +14,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import trio
 from hypercorn.config import Config
@@ -61,7 +62,7 @@ async def _serve(service: HubService, listen: str) -> None:
     config.graceful_timeout = 10.0
     config.keep_alive_timeout = 75.0
     config.accesslog = None
-    app = create_app(service)
+    app: Any = create_app(service)  # hypercorn's ASGI type is narrower than Starlette's
 
     async def shutdown_trigger() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

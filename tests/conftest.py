@@ -1,0 +1,143 @@
+"""Shared fixtures: hermetic AHMOUNT_HOME, a service on temp stores, real ah-server processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ahmount.hub.open import open_hub
+from ahmount.hub.service import Actor, HubService
+
+BIN = Path(sys.executable).parent
+
+
+def command(name: str) -> str:
+    """The installed console script ``name`` (next to this interpreter, else on PATH)."""
+    local = BIN / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed; run ./install.sh --dev")
+    return found
+
+
+def wait_until(predicate: object, timeout: float = 20.0, what: str = "condition") -> None:
+    """Poll ``predicate`` until it returns truthy or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class HubProcess:
+    """A real ``ah-server`` on a free loopback port, listening on a socket this test bound
+    (passed as ``fd://N``, so there is no race for the port)."""
+
+    def __init__(self, data_dir: Path, extra: list[str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.extra = extra or []
+        self.keys: dict[str, str] = {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
+
+    def add_user(self, name: str) -> str:
+        out = subprocess.run(
+            [command("ah-server"), "--data", str(self.data_dir), *self.extra, "user", "add", name],
+            check=True, capture_output=True, text=True,
+        )
+        self.keys[name] = out.stdout.strip()
+        return self.keys[name]
+
+    def start(self) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [command("ah-server"), "--data", str(self.data_dir), *self.extra,
+                 "--listen", f"fd://{sock.fileno()}"],
+                pass_fds=[sock.fileno()], stdout=log, stderr=log,
+            )
+        sock.close()
+
+        def healthy() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"ah-server exited: {self.log_path.read_text()[-2000:]}")
+            try:
+                return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(healthy, what="ah-server to answer /healthz")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture(autouse=True)
+def ahmount_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "ahmount-home"
+    monkeypatch.setenv("AHMOUNT_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[HubService]:
+    with open_hub(tmp_path / "hub") as svc:
+        yield svc
+
+
+@pytest.fixture
+def alice(service: HubService) -> Actor:
+    return service.ensure_user("alice")
+
+
+@pytest.fixture
+def bob(service: HubService) -> Actor:
+    return service.ensure_user("bob")
+
+
+@pytest.fixture(scope="session")
+def hub_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
+    """One ah-server for the session, with users alice, bob and carol."""
+    root = tmp_path_factory.mktemp("server")
+    server = HubProcess(root / "data")
+    for name in ("alice", "bob", "carol"):
+        server.add_user(name)
+    server.start()
+    yield server
+    server.stop()
+
+
+_counter = iter(range(1_000_000))
+
+
+@pytest.fixture
+def unique() -> str:
+    """A name no other test in this session uses (tests share the session's server)."""
+    return f"t{os.getpid()}x{next(_counter)}"

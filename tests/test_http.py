@@ -1,0 +1,326 @@
+"""The hub over real HTTP: a real ah-server process on 127.0.0.1, driven through HubClient."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from ahmount.client import hub_client
+from ahmount.client.hub_client import HubClient, hash_file
+from ahmount.errors import (
+    AlreadyExists,
+    ChecksumMismatch,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    RangeNotSatisfiable,
+    Unauthenticated,
+    UnknownChanges,
+)
+from ahmount.hub.models import AssetAddr, FolderAddr, ObjectEntry
+from tests.conftest import HubProcess
+
+
+def client(server: HubProcess, user: str) -> HubClient:
+    return HubClient(server.url, api_key=server.keys[user], retries=1)
+
+
+async def upload(hub: HubClient, data: bytes, tmp: Path) -> tuple[str, int]:
+    path = tmp / hashlib.sha256(data).hexdigest()
+    path.write_bytes(data)
+    sha, size = hash_file(path)
+    await hub.upload_file(path, sha, size)
+    return sha, size
+
+
+async def entry(hub: HubClient, path: str, data: bytes, tmp: Path) -> ObjectEntry:
+    sha, size = await upload(hub, data, tmp)
+    return ObjectEntry(path, sha, size, 1000.0)
+
+
+@pytest.fixture
+async def alice(hub_server: HubProcess) -> AsyncIterator[HubClient]:
+    async with client(hub_server, "alice") as hub:
+        yield hub
+
+
+@pytest.fixture
+async def bob(hub_server: HubProcess) -> AsyncIterator[HubClient]:
+    async with client(hub_server, "bob") as hub:
+        yield hub
+
+
+@pytest.fixture
+async def model(alice: HubClient, unique: str) -> AssetAddr:
+    folder = FolderAddr("alice", "model", unique)
+    await alice.create_folder(folder, ["nlp"], "test folder")
+    addr = AssetAddr(folder, "gpt2")
+    await alice.create_asset(addr, ["PyTorch"], "a model")
+    return addr
+
+
+async def test_health_openapi_and_auth(hub_server: HubProcess) -> None:
+    async with httpx.AsyncClient(base_url=hub_server.url) as raw:
+        assert (await raw.get("/healthz")).json() == {"status": "ok"}
+        doc = (await raw.get("/api/v1/openapi.json")).json()
+        assert doc["openapi"].startswith("3.")
+        assert "/api/v1/assets/{owner}/{kind}/{folder}/{asset}/branches/{branch}/commits" in \
+            doc["paths"]
+        response = await raw.get("/api/v1/whoami")
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "unauthenticated"
+        response = await raw.get("/api/v1/folders/alice/model",
+                                 headers={"authorization": "Bearer wrong"})
+        assert response.status_code == 401
+        response = await raw.post("/api/v1/folders/alice/model", content=b"{not json",
+                                  headers={"authorization": f"Bearer {hub_server.keys['alice']}"})
+        assert response.status_code == 400
+        assert "not valid JSON" in response.json()["error"]["message"]
+    async with HubClient(hub_server.url, api_key="nope", retries=0) as hub:
+        with pytest.raises(Unauthenticated):
+            await hub.whoami()
+    async with client(hub_server, "alice") as hub:
+        assert await hub.whoami() == "alice"
+
+
+async def test_folders_and_assets_over_http(alice: HubClient, unique: str) -> None:
+    folder = FolderAddr("alice", "dataset", unique)
+    created = await alice.create_folder(folder, ["a"], "d")
+    assert created.path == f"/alice/t9k-assethub/dataset/{unique}"
+    with pytest.raises(AlreadyExists, match=created.path):
+        await alice.create_folder(folder)
+    assert unique in [f.name for f in await alice.list_folders("alice", "dataset")]
+    updated = await alice.update_folder(folder, labels=["b", "c"], description="new")
+    assert (updated.labels, updated.description) == (["b", "c"], "new")
+    asset = AssetAddr(folder, "cifar10")
+    await alice.create_asset(asset, description="images")
+    assert [a.name for a in await alice.list_assets(folder)] == ["cifar10"]
+    renamed = await alice.update_asset(asset, name="cifar100")
+    assert renamed.path.endswith("/cifar100")
+    with pytest.raises(NotFound, match="cifar10 does not exist"):
+        await alice.get_asset(asset)
+    await alice.delete_asset(AssetAddr(folder, "cifar100"))
+    assert await alice.list_assets(folder) == []
+    await alice.delete_folder(folder)
+    with pytest.raises(NotFound, match=unique):
+        await alice.get_folder(folder)
+
+
+async def test_commit_flow_over_http(alice: HubClient, model: AssetAddr, tmp_path: Path) -> None:
+    a = await entry(alice, "weights/a.bin", b"A" * 5000, tmp_path)
+    b = await entry(alice, "config.json", b"{}", tmp_path)
+    first = await alice.commit(model, "main", "first", adds=[a, b])
+    assert first is not None
+    assert await alice.missing_blobs([a.sha256, b.sha256]) == set()
+    commit_id, objects = await alice.list_objects(model, "main")
+    assert commit_id == first.id
+    assert [o.path for o in objects] == ["config.json", "weights/a.bin"]
+    page = await alice.list_page(model, "main", delimiter=True)
+    assert ([o.path for o in page.objects], page.dirs) == (["config.json"], ["weights/"])
+    assert await alice.read_range(model, "main", "weights/a.bin", 10, 20) == b"A" * 10
+    # Staging under a session, refused with someone else's session, committed with its own.
+    await alice.stage(model, "main", "mine", deletes=["config.json"])
+    assert [c.path for c in await alice.changes(model, "main")] == ["config.json"]
+    with pytest.raises(UnknownChanges, match="uncommitted"):
+        await alice.commit(model, "main", "other", session="theirs")
+    second = await alice.commit(model, "main", "second", session="mine")
+    assert second is not None and second.parents == [first.id]
+    assert await alice.commit(model, "main", "nothing") is None
+    await alice.stage(model, "main", "x", deletes=["weights/"])
+    assert await alice.reset(model, "main") == 1
+    # Branch, tag, commit prefix, log, merge.
+    branch = await alice.create_branch(model, "v1")
+    assert branch.commit.message == "Repository created"
+    await alice.commit(model, "v1", "on v1", adds=[b])
+    tag = await alice.create_tag(model, "20220101", "v1")
+    assert (await alice.resolve(model, "20220101")).commit.id == tag.commit.id
+    assert (await alice.get_commit(model, tag.commit.id[:4])).id == tag.commit.id
+    assert [n for n, _ in await alice.list_refs(model, "branch")] == ["main", "v1"]
+    assert [n for n, _ in await alice.list_refs(model, "tag")] == ["20220101"]
+    merged = await alice.merge(model, "v1")
+    assert merged is not None and merged.parents == [second.id, tag.commit.id]
+    assert [o.path for o in (await alice.list_objects(model, "main"))[1]] == ["config.json"]
+    log = await alice.log(model, "main")
+    assert log[0].id == merged.id and log[-1].message == "Repository created"
+    await alice.delete_ref(model, "v1")
+    with pytest.raises(InvalidArgument, match="cannot be deleted"):
+        await alice.delete_ref(model, "main")
+
+
+async def test_download_verifies_and_is_atomic(alice: HubClient, model: AssetAddr,
+                                               tmp_path: Path) -> None:
+    data = bytes(range(256)) * 4096
+    e = await entry(alice, "x/data.bin", data, tmp_path)
+    await alice.commit(model, "main", "x", adds=[e])
+    dest = tmp_path / "out" / "data.bin"
+    await alice.download(model, "main", e, dest)
+    assert dest.read_bytes() == data
+    assert dest.stat().st_mtime == 1000.0
+    # A wrong expected hash: ChecksumMismatch and no file under the final name.
+    wrong = ObjectEntry(e.path, "f" * 64, e.size, e.mtime)
+    bad = tmp_path / "out" / "bad.bin"
+    with pytest.raises(ChecksumMismatch, match="x/data.bin"):
+        await alice.download(model, "main", wrong, bad)
+    assert sorted(p.name for p in bad.parent.iterdir()) == ["data.bin"]
+
+
+async def test_range_etag_and_head(hub_server: HubProcess, alice: HubClient, model: AssetAddr,
+                                   tmp_path: Path) -> None:
+    e = await entry(alice, "r.bin", b"0123456789", tmp_path)
+    c = await alice.commit(model, "main", "r", adds=[e])
+    assert c is not None
+    f = model.folder
+    url = f"/api/v1/assets/alice/model/{f.name}/gpt2/refs/{c.id[:8]}/files/r.bin"
+    headers = {"authorization": f"Bearer {hub_server.keys['alice']}"}
+    async with httpx.AsyncClient(base_url=hub_server.url, headers=headers) as raw:
+        r = await raw.get(url, headers={"range": "bytes=2-4"})
+        assert (r.status_code, r.content, r.headers["content-range"]) == \
+            (206, b"234", "bytes 2-4/10")
+        assert (await raw.get(url, headers={"range": "bytes=-3"})).content == b"789"
+        assert (await raw.get(url, headers={"range": "bytes=50-"})).status_code == 416
+        etag = r.headers["etag"]
+        assert etag == f'"{e.sha256}"'
+        assert (await raw.get(url, headers={"if-none-match": etag})).status_code == 304
+        head = await raw.head(url)
+        assert (head.status_code, head.headers["content-length"]) == (200, "10")
+        listing = f"/api/v1/assets/alice/model/{f.name}/gpt2/refs/main/objects"
+        first = await raw.get(listing)
+        again = await raw.get(listing, headers={"if-none-match": first.headers["etag"]})
+        assert again.status_code == 304
+    with pytest.raises(RangeNotSatisfiable):
+        await alice.read_range(model, "main", "r.bin", 20, 30)
+
+
+async def test_permissions_over_http(alice: HubClient, bob: HubClient, model: AssetAddr,
+                                     tmp_path: Path) -> None:
+    with pytest.raises(NotFound):
+        await bob.get_folder(model.folder)
+    with pytest.raises(NotFound):
+        await bob.list_objects(model, "main")
+    assert model.folder.name not in [f.name for f in await bob.list_folders("alice", "model")]
+    e = await entry(bob, "bob.bin", b"bob", tmp_path)
+    with pytest.raises(NotFound):
+        await bob.commit(model, "main", "intrusion", adds=[e])
+    await alice.share_folder(model.folder, "bob", "view")
+    assert (await bob.get_folder(model.folder)).permission == "view"
+    with pytest.raises(PermissionDenied, match="may not change"):
+        await bob.commit(model, "main", "viewer", adds=[e])
+    with pytest.raises(PermissionDenied):
+        await bob.create_folder(FolderAddr("alice", "model", "bobs"))
+    await alice.share_folder(model.folder, "bob", "edit")
+    assert await bob.commit(model, "main", "editor", adds=[e]) is not None
+    await alice.share_folder(model.folder, "bob", None)
+    with pytest.raises(NotFound):
+        await bob.get_asset(model)
+
+
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        ("/api/v1/folders/alice/model/%2E%2E", "not allowed"),
+        ("/api/v1/folders/alice/weights/x", "kind 'weights'"),
+        ("/api/v1/folders/alice/model/" + "x" * 200, "at most 128"),
+        ("/api/v1/folders/alice/model/a%00b", "NUL"),
+    ],
+)
+async def test_bad_urls_name_what_is_wrong(hub_server: HubProcess, url: str,
+                                           fragment: str) -> None:
+    headers = {"authorization": f"Bearer {hub_server.keys['alice']}"}
+    async with httpx.AsyncClient(base_url=hub_server.url, headers=headers) as raw:
+        response = await raw.get(url)
+    assert response.status_code == 400, response.text
+    assert fragment in response.json()["error"]["message"]
+
+
+async def test_unknown_routes_answer_json(hub_server: HubProcess) -> None:
+    async with httpx.AsyncClient(base_url=hub_server.url) as raw:
+        missing = await raw.get("/api/v1/nothing/here")
+        wrong_method = await raw.delete("/api/v1/whoami")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "not_found"
+    assert wrong_method.status_code == 405
+    assert "DELETE" in wrong_method.json()["error"]["message"]
+
+
+async def test_bad_refs_and_prefixes(alice: HubClient, model: AssetAddr) -> None:
+    with pytest.raises(NotFound, match="'nope'"):
+        await alice.resolve(model, "nope")
+    with pytest.raises(InvalidArgument, match="4 to 64"):
+        await alice.get_commit(model, "abc")
+    with pytest.raises(NotFound, match="at least 4"):
+        await alice.list_objects(model, "abc")
+
+
+async def test_blob_upload_rejections(hub_server: HubProcess, alice: HubClient,
+                                      tmp_path: Path) -> None:
+    data = b"z" * 10_000
+    sha = hashlib.sha256(data).hexdigest()
+    headers = {"authorization": f"Bearer {hub_server.keys['alice']}"}
+    async with httpx.AsyncClient(base_url=hub_server.url, headers=headers) as raw:
+        wrong = await raw.put(f"/api/v1/blobs/{sha}", content=data[:-1] + b"y")
+        assert wrong.status_code == 422
+        assert sha in wrong.json()["error"]["message"]
+        bad = await raw.put("/api/v1/blobs/xyz", content=b"1")
+        assert bad.status_code == 400
+    assert await alice.missing_blobs([sha]) == {sha}
+    # A body cut short by a client that goes away: nothing becomes visible.
+    host, port = "127.0.0.1", hub_server.port
+    with socket.create_connection((host, port)) as sock:
+        sock.sendall(
+            f"PUT /api/v1/blobs/{sha} HTTP/1.1\r\nHost: {host}\r\n"
+            f"Authorization: Bearer {hub_server.keys['alice']}\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n".encode() + data[:1000]
+        )
+        sock.shutdown(socket.SHUT_WR)
+        sock.recv(65536)
+    assert await alice.missing_blobs([sha]) == {sha}
+
+
+async def test_resumable_upload_of_a_large_blob(alice: HubClient, model: AssetAddr,
+                                                tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hub_client, "SEGMENT", 1 << 20)
+    data = bytes(range(256)) * (5 * 4096 + 7)
+    sha, size = await upload(alice, data, tmp_path)
+    assert size > 5 * (1 << 20)
+    assert await alice.missing_blobs([sha]) == set()
+    c = await alice.commit(model, "main", "big", adds=[ObjectEntry("big.bin", sha, size, 1.0)])
+    assert c is not None
+    assert await alice.read_range(model, "main", "big.bin", size - 5, size) == data[-5:]
+
+
+async def test_two_clients_commit_to_one_branch_at_once(hub_server: HubProcess,
+                                                        model: AssetAddr,
+                                                        tmp_path: Path) -> None:
+    async def writer(user: str, n: int) -> None:
+        async with client(hub_server, user) as hub:
+            for i in range(6):
+                e = await entry(hub, f"{user}/{i}", f"{user}{n}{i}".encode(), tmp_path)
+                assert await hub.commit(model, "main", f"{user} {i}", adds=[e]) is not None
+
+    async with client(hub_server, "alice") as hub:
+        await hub.share_folder(model.folder, "bob", "edit")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer, "alice", 1)
+        nursery.start_soon(writer, "bob", 2)
+    async with client(hub_server, "alice") as hub:
+        _, objects = await hub.list_objects(model, "main")
+        assert len(objects) == 12
+        assert len(await hub.log(model, "main")) == 13
+
+
+async def test_transport_failure_is_an_httpx_error(tmp_path: Path) -> None:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    async with HubClient(f"http://127.0.0.1:{port}", api_key="k", retries=1,
+                         backoff=0.01) as hub:
+        with pytest.raises(httpx.HTTPError, match="unreachable"):
+            await hub.whoami()

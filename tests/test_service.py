@@ -1,0 +1,420 @@
+"""The hub's service layer, called directly on real SQLite and blob-directory stores."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+
+import pytest
+
+from ahmount.errors import (
+    AlreadyExists,
+    ChecksumMismatch,
+    Conflict,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    UnknownChanges,
+)
+from ahmount.hub.models import AssetAddr, FolderAddr, ObjectEntry
+from ahmount.hub.service import Actor, HubService
+
+
+def put(service: HubService, actor: Actor, data: bytes) -> dict[str, object]:
+    sha = hashlib.sha256(data).hexdigest()
+    service.put_blob(actor, sha, iter([data]), len(data))
+    return {"sha256": sha, "size": len(data)}
+
+
+def obj(service: HubService, actor: Actor, path: str, data: bytes) -> dict[str, object]:
+    return {"path": path, **put(service, actor, data)}
+
+
+def paths(service: HubService, actor: Actor, addr: AssetAddr, ref: str) -> list[str]:
+    return [o.path for o in service.list_objects(actor, addr, ref, limit=10_000).objects]
+
+
+@pytest.fixture
+def model(service: HubService, alice: Actor) -> AssetAddr:
+    folder = FolderAddr("alice", "model", "llm")
+    service.create_folder(alice, folder, ["nlp"], "language models")
+    addr = AssetAddr(folder, "gpt2")
+    service.create_asset(alice, addr, ["PyTorch"])
+    return addr
+
+
+@pytest.fixture
+def dataset(service: HubService, alice: Actor) -> AssetAddr:
+    folder = FolderAddr("alice", "dataset", "images")
+    service.create_folder(alice, folder)
+    addr = AssetAddr(folder, "cifar10")
+    service.create_asset(alice, addr)
+    return addr
+
+
+def test_folder_lifecycle(service: HubService, alice: Actor) -> None:
+    addr = FolderAddr("alice", "model", "llm")
+    info = service.create_folder(alice, addr, ["a", "b"], "d")
+    assert info.path == "/alice/t9k-assethub/model/llm"
+    assert info.permission == "own"
+    with pytest.raises(AlreadyExists, match="/alice/t9k-assethub/model/llm"):
+        service.create_folder(alice, addr)
+    # Labels are replaced as a whole, not merged.
+    service.update_folder(alice, addr, labels=["c"])
+    assert service.get_folder(alice, addr).labels == ["c"]
+    renamed = service.update_folder(alice, addr, name="generative")
+    assert renamed.name == "generative"
+    with pytest.raises(NotFound):
+        service.get_folder(alice, addr)
+    assert [f.name for f in service.list_folders(alice, "alice", "model")] == ["generative"]
+    assert service.list_folders(alice, "alice", "dataset") == []
+    service.delete_folder(alice, FolderAddr("alice", "model", "generative"))
+    assert service.list_folders(alice, "alice", "model") == []
+
+
+def test_nobody_creates_a_folder_for_another_user(service: HubService, alice: Actor,
+                                                  bob: Actor) -> None:
+    with pytest.raises(PermissionDenied, match="another user"):
+        service.create_folder(alice, FolderAddr("bob", "model", "x"))
+    assert service.list_folders(bob, "bob", "model") == []
+
+
+def test_asset_starts_with_repository_created(service: HubService, alice: Actor,
+                                              model: AssetAddr) -> None:
+    history = service.log(alice, model, "main")
+    assert [c.message for c in history] == ["Repository created"]
+    assert history[0].parents == []
+    assert len(history[0].id) == 64
+    assert paths(service, alice, model, "main") == []
+    assert service.list_refs(alice, model, "branch") == [("main", history[0].id)]
+
+
+def test_commit_deletes_then_adds(service: HubService, alice: Actor, model: AssetAddr) -> None:
+    first = service.commit(alice, model, "main", "add", adds=[
+        obj(service, alice, "a/1.bin", b"1"), obj(service, alice, "a/2.bin", b"2"),
+        obj(service, alice, "b.txt", b"b"),
+    ])
+    assert first is not None and first.message == "add"
+    # Deleting a/ and adding a/1.bin in one commit keeps the new a/1.bin: deletes go first.
+    second = service.commit(alice, model, "main", "replace", deletes=["a/", "missing.bin"],
+                            adds=[obj(service, alice, "a/1.bin", b"new")])
+    assert second is not None and second.parents == [first.id]
+    assert paths(service, alice, model, "main") == ["a/1.bin", "b.txt"]
+    assert paths(service, alice, model, first.id[:6]) == ["a/1.bin", "a/2.bin", "b.txt"]
+    # Nothing to change: no commit, None.
+    assert service.commit(alice, model, "main", "noop", deletes=["nothing/"]) is None
+    assert len(service.log(alice, model, "main")) == 3
+
+
+def test_staging_unknown_changes_force_and_reset(service: HubService, alice: Actor,
+                                                 model: AssetAddr) -> None:
+    service.stage(alice, model, "main", "session-a", adds=[obj(service, alice, "x", b"x")])
+    assert [c.path for c in service.list_changes(alice, model, "main")] == ["x"]
+    with pytest.raises(UnknownChanges, match="gpt2:main.*'x'"):
+        service.commit(alice, model, "main", "mine", session="session-b",
+                       adds=[obj(service, alice, "y", b"y")])
+    # The refused commit changed nothing.
+    assert paths(service, alice, model, "main") == []
+    assert len(service.list_changes(alice, model, "main")) == 1
+    done = service.commit(alice, model, "main", "forced", session="session-b", force=True,
+                          adds=[obj(service, alice, "y", b"y")])
+    assert done is not None
+    assert paths(service, alice, model, "main") == ["x", "y"]
+    assert service.list_changes(alice, model, "main") == []
+    service.stage(alice, model, "main", "s", deletes=["x"])
+    assert service.reset(alice, model, "main") == 1
+    assert service.list_changes(alice, model, "main") == []
+    assert paths(service, alice, model, "main") == ["x", "y"]
+    own = service.stage(alice, model, "main", "s", deletes=["x"])
+    assert own == 1
+    assert service.commit(alice, model, "main", "own session", session="s") is not None
+    assert paths(service, alice, model, "main") == ["y"]
+
+
+def test_branches_tags_and_commit_prefixes(service: HubService, alice: Actor,
+                                           model: AssetAddr) -> None:
+    service.commit(alice, model, "main", "m", adds=[obj(service, alice, "main.bin", b"m")])
+    branch = service.create_branch(alice, model, "v1")
+    # A new branch starts at the empty "Repository created" commit, not at main.
+    assert branch.commit.message == "Repository created"
+    assert paths(service, alice, model, "v1") == []
+    c1 = service.commit(alice, model, "v1", "v1 work", adds=[obj(service, alice, "w", b"w")])
+    assert c1 is not None
+    tag = service.create_tag(alice, model, "20220101", "v1")
+    assert tag.commit.id == c1.id
+    # A tag whose name looks like hex still resolves as the tag (branch > tag > commit).
+    assert service.resolve(alice, model, "20220101").type == "tag"
+    assert service.create_tag(alice, model, "from-tag", "20220101").commit.id == c1.id
+    assert service.create_tag(alice, model, "from-commit", c1.id[:8]).commit.id == c1.id
+    assert service.get_commit(alice, model, c1.id[:4]).id == c1.id
+    with pytest.raises(InvalidArgument, match="at least 4|4 to 64"):
+        service.get_commit(alice, model, c1.id[:3])
+    with pytest.raises(NotFound, match="at least 4 hex"):
+        service.resolve(alice, model, c1.id[:3])
+    with pytest.raises(NotFound, match="no branch, tag or commit 'nope'"):
+        service.resolve(alice, model, "nope")
+    with pytest.raises(AlreadyExists, match="tag .*:20220101"):
+        service.create_branch(alice, model, "20220101")
+    with pytest.raises(AlreadyExists, match="branch .*:v1"):
+        service.create_tag(alice, model, "v1", "main")
+    with pytest.raises(InvalidArgument, match="cannot be deleted"):
+        service.delete_ref(alice, model, "main")
+    with pytest.raises(NotFound, match="read-only"):
+        service.commit(alice, model, "20220101", "to a tag", adds=[])
+    service.delete_ref(alice, model, "from-tag")
+    service.delete_ref(alice, model, "v1")
+    assert [n for n, _ in service.list_refs(alice, model, "branch")] == ["main"]
+    assert [n for n, _ in service.list_refs(alice, model, "tag")] == ["20220101", "from-commit"]
+
+
+def test_ambiguous_commit_prefix(service: HubService, alice: Actor, model: AssetAddr) -> None:
+    root = service.log(alice, model, "main")[0]
+    asset_id = service.get_asset(alice, model).id
+    # Two commits whose ids share 5 characters, written straight into the store: waiting for
+    # random ids to collide would make the test slow and nondeterministic.
+    with service.metadata.write() as tx:
+        for commit_id in ("abcde" + "1" * 59, "abcde" + "2" * 59):
+            tx.insert_commit({
+                "id": commit_id, "asset_id": asset_id, "tree": root.tree, "message": "m",
+                "committer": "alice", "created": 1.0, "parents": [root.id], "metadata": {},
+            })
+    for prefix in ("abcd", "abcde"):
+        with pytest.raises(InvalidArgument, match=f"prefix '{prefix}' .* ambiguous"):
+            service.get_commit(alice, model, prefix)
+        with pytest.raises(InvalidArgument, match="ambiguous"):
+            service.resolve(alice, model, prefix)
+    assert service.get_commit(alice, model, "abcde1").id == "abcde" + "1" * 59
+    assert service.resolve(alice, model, "abcde2").type == "commit"
+
+
+def test_datasets_have_only_main(service: HubService, alice: Actor, dataset: AssetAddr) -> None:
+    with pytest.raises(InvalidArgument, match="only the main branch"):
+        service.create_branch(alice, dataset, "v1")
+    with pytest.raises(InvalidArgument, match="dataset"):
+        service.merge(alice, dataset, "main")
+    c = service.commit(alice, dataset, "main", "data", adds=[obj(service, alice, "0.png", b"p")])
+    assert c is not None
+    assert service.create_tag(alice, dataset, "v1.0", "main").commit.id == c.id
+
+
+def test_merge_replaces_main_with_both_parents(service: HubService, alice: Actor,
+                                              model: AssetAddr) -> None:
+    main_head = service.commit(alice, model, "main", "m",
+                               adds=[obj(service, alice, "old.bin", b"o")])
+    service.create_branch(alice, model, "v1")
+    branch_head = service.commit(alice, model, "v1", "b",
+                                 adds=[obj(service, alice, "new.bin", b"n")])
+    assert main_head is not None and branch_head is not None
+    with pytest.raises(InvalidArgument, match="into itself"):
+        service.merge(alice, model, "main")
+    merged = service.merge(alice, model, "v1")
+    assert merged is not None
+    assert merged.parents == [main_head.id, branch_head.id]
+    assert paths(service, alice, model, "main") == ["new.bin"]
+    assert service.merge(alice, model, "v1") is None
+
+
+def test_permissions(service: HubService, alice: Actor, bob: Actor, model: AssetAddr) -> None:
+    folder = model.folder
+    carol = service.ensure_user("carol")
+    # Private: invisible to bob, with the same answer as a folder that does not exist.
+    with pytest.raises(NotFound, match="does not exist"):
+        service.get_folder(bob, folder)
+    with pytest.raises(NotFound):
+        service.list_objects(bob, model, "main")
+    assert service.list_folders(bob, "alice", "model") == []
+    with pytest.raises(NotFound):
+        service.commit(bob, model, "main", "x", adds=[obj(service, bob, "x", b"x")])
+    # Only the owner shares.
+    service.share_folder(alice, folder, "bob", "view")
+    with pytest.raises(PermissionDenied):
+        service.share_folder(bob, folder, "carol", "view")
+    assert service.get_folder(bob, folder).permission == "view"
+    assert [f.name for f in service.list_folders(bob, "shared", "model")] == ["llm"]
+    assert service.list_objects(bob, model, "main").objects == []
+    with pytest.raises(PermissionDenied, match="may not change"):
+        service.commit(bob, model, "main", "x", adds=[obj(service, bob, "x", b"x")])
+    with pytest.raises(PermissionDenied):
+        service.create_asset(bob, AssetAddr(folder, "bobs"))
+    with pytest.raises(PermissionDenied):
+        service.delete_folder(bob, folder)
+    # Edit includes creating assets and committing, not sharing.
+    service.share_folder(alice, folder, "bob", "edit")
+    service.create_asset(bob, AssetAddr(folder, "bobs"))
+    assert service.commit(bob, model, "main", "bob was here",
+                          adds=[obj(service, bob, "x", b"x")]) is not None
+    # Public: visible (view) to everyone, listed under public.
+    with pytest.raises(NotFound):
+        service.get_folder(carol, folder)
+    service.set_public(alice, folder, True)
+    assert service.get_folder(carol, folder).permission == "view"
+    assert [f.path for f in service.list_folders(carol, "public", "model")] == [str(folder)]
+    with pytest.raises(PermissionDenied):
+        service.update_folder(carol, folder, description="vandal")
+    service.share_folder(alice, folder, "bob", None)
+    assert service.list_folders(bob, "shared", "model") == []
+
+
+def test_api_keys_are_hashed(service: HubService) -> None:
+    actor, key = service.add_user("dave")
+    assert service.authenticate(key) == actor
+    with pytest.raises(Unauthenticated):
+        service.authenticate(key + "x")
+    db = service.metadata.url.removeprefix("sqlite:///")
+    with open(db, "rb") as handle:
+        assert key.encode() not in handle.read()
+    with pytest.raises(AlreadyExists):
+        service.add_user("dave")
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("..", "not allowed"),
+        ("a\x00b", "NUL"),
+        ("", "empty"),
+        ("x" * 200, "at most 128"),
+        ("a/b", "not allowed"),
+    ],
+)
+def test_bad_names_change_nothing(service: HubService, alice: Actor, name: str,
+                                  message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        service.create_folder(alice, FolderAddr("alice", "model", name))
+    assert service.list_folders(alice, "alice", "model") == []
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("../x", "'..' segment"),
+        ("a//b", "empty segment"),
+        ("/abs", "relative"),
+        ("a\x00", "NUL"),
+        ("d/", "directory"),
+        ("a/" + "x" * 300, "longer than 255"),
+    ],
+)
+def test_bad_object_paths_change_nothing(service: HubService, alice: Actor, model: AssetAddr,
+                                         path: str, message: str) -> None:
+    blob = put(service, alice, b"data")
+    with pytest.raises(InvalidArgument, match=message):
+        service.commit(alice, model, "main", "bad", adds=[{"path": path, **blob}])
+    assert len(service.log(alice, model, "main")) == 1
+
+
+def test_adds_must_name_uploaded_blobs(service: HubService, alice: Actor,
+                                      model: AssetAddr) -> None:
+    with pytest.raises(InvalidArgument, match="never uploaded"):
+        service.commit(alice, model, "main", "x",
+                       adds=[{"path": "a", "sha256": "0" * 64, "size": 1}])
+    blob = put(service, alice, b"four")
+    with pytest.raises(InvalidArgument, match="says 5 bytes"):
+        service.commit(alice, model, "main", "x", adds=[{"path": "a", **blob, "size": 5}])
+    with pytest.raises(Conflict, match="directory of that name|is a file"):
+        service.commit(alice, model, "main", "x", adds=[{"path": "a", **blob},
+                                                        {"path": "a/b", **blob}])
+    assert len(service.log(alice, model, "main")) == 1
+
+
+def test_blob_hash_mismatch_and_truncation_leave_nothing(service: HubService,
+                                                        alice: Actor) -> None:
+    data = b"payload" * 1000
+    sha = hashlib.sha256(data).hexdigest()
+    with pytest.raises(ChecksumMismatch, match=sha):
+        service.put_blob(alice, sha, iter([data[:-1] + b"X"]), len(data))
+    assert service.missing_blobs(alice, [sha]) == [sha]
+    with pytest.raises(InvalidArgument, match="truncated"):
+        service.put_blob(alice, sha, iter([data[:100]]), len(data))
+    assert service.missing_blobs(alice, [sha]) == [sha]
+    assert list(service.blobs.hashes()) == []
+    # A resumable upload in pieces, resumed at the offset the store reports.
+    upload_id, received = service.start_upload(alice, sha, len(data))
+    assert upload_id is not None and received == 0
+    service.append_upload(alice, upload_id, 0, data[:3000])
+    with pytest.raises(InvalidArgument, match="gap or overwrite"):
+        service.append_upload(alice, upload_id, 100, data[100:200])
+    _, _, received = service.upload_status(alice, upload_id)
+    service.append_upload(alice, upload_id, received, data[received:])
+    assert service.finish_upload(alice, upload_id) == sha
+    assert service.missing_blobs(alice, [sha]) == []
+    assert b"".join(service.blobs.read(sha, 10, 20)) == data[10:20]
+
+
+def test_concurrent_commits_to_one_branch_all_land(service: HubService, alice: Actor,
+                                                   model: AssetAddr) -> None:
+    blobs = [obj(service, alice, f"w{i}/file", str(i).encode()) for i in range(8)]
+    errors: list[BaseException] = []
+
+    def writer(i: int) -> None:
+        try:
+            for round_ in range(5):
+                entry = dict(blobs[i], path=f"w{i}/r{round_}")
+                assert service.commit(alice, model, "main", f"{i}.{round_}",
+                                      adds=[entry]) is not None
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(paths(service, alice, model, "main")) == 40
+    assert len(service.log(alice, model, "main")) == 41
+
+
+def test_gc_removes_only_unreferenced(service: HubService, alice: Actor,
+                                      model: AssetAddr) -> None:
+    keep = obj(service, alice, "keep", b"keep")
+    staged = obj(service, alice, "staged", b"staged")
+    drop = put(service, alice, b"drop")
+    service.commit(alice, model, "main", "k", adds=[keep])
+    service.stage(alice, model, "main", "s", adds=[staged])
+    assert service.gc(grace_seconds=3600)["blobs"] == 0  # all too young
+    stats = service.gc(grace_seconds=0)
+    assert stats["blobs"] == 1
+    assert service.missing_blobs(alice, [keep["sha256"], staged["sha256"],  # type: ignore[list-item]
+                                         drop["sha256"]]) == [drop["sha256"]]
+    # Deleting the asset frees its blobs too (after the grace period).
+    service.reset(alice, model, "main")
+    service.delete_asset(alice, model)
+    time.sleep(0.01)
+    assert service.gc(grace_seconds=0)["blobs"] == 2
+
+
+def test_listing_pages_with_delimiter(service: HubService, alice: Actor,
+                                      dataset: AssetAddr) -> None:
+    blob = put(service, alice, b"")
+    adds = [{"path": f"train/{i:05d}.png", **blob} for i in range(2500)]
+    adds += [{"path": "README.md", **blob}, {"path": "test/0.png", **blob}]
+    service.commit(alice, dataset, "main", "data", adds=adds)
+    top = service.list_objects(alice, dataset, "main", delimiter=True)
+    assert [o.path for o in top.objects] == ["README.md"]
+    assert top.dirs == ["test/", "train/"]
+    seen: list[str] = []
+    after = ""
+    while True:
+        page = service.list_objects(alice, dataset, "main", prefix="train/", after=after,
+                                    limit=1000)
+        seen += [o.path for o in page.objects]
+        if page.next_after is None:
+            break
+        after = page.next_after
+    assert seen == [f"train/{i:05d}.png" for i in range(2500)]
+    with pytest.raises(InvalidArgument, match="limit"):
+        service.list_objects(alice, dataset, "main", limit=0)
+
+
+def test_object_entry_fields(service: HubService, alice: Actor, model: AssetAddr) -> None:
+    blob = put(service, alice, b"abc")
+    service.commit(alice, model, "main", "x", adds=[
+        {"path": "m.json", **blob, "mtime": 1234.5, "content_type": "application/json"}])
+    commit, entry = service.stat_object(alice, model, "main", "m.json")
+    assert entry == ObjectEntry("m.json", str(blob["sha256"]), 3, 1234.5, "application/json")
+    assert commit.message == "x"
+    _, _, start, end, chunks = service.read_object(alice, model, "main", "m.json", 1, None)
+    assert (start, end, b"".join(chunks)) == (1, 3, b"bc")
