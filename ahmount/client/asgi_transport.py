@@ -53,8 +53,10 @@ class StreamingASGITransport(httpx.AsyncBaseTransport):
     async def __aexit__(self, *exc_info: Any) -> None:
         assert self._group is not None
         self._group.cancel_scope.cancel()
-        await self._group.__aexit__(*exc_info)
-        self._group = None
+        # The caller's own exception is not handed to the group: it must propagate as it is,
+        # not wrapped in an ExceptionGroup. The app tasks catch their own errors.
+        group, self._group = self._group, None
+        await group.__aexit__(None, None, None)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self._group is None:

@@ -150,7 +150,8 @@ class HubClient:
             base_url=base_url, headers=headers, transport=transport,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
         )
-        self._me: str | None = None
+        #: The caller's user name once known (``whoami`` fills it; callers may preset it).
+        self.known_user: str | None = None
 
     @classmethod
     def embedded(cls, data_dir: Path | None = None) -> HubClient:
@@ -238,9 +239,9 @@ class HubClient:
         return f"/api/v1/assets/{f.owner}/{f.kind}/{f.name}/{addr.name}"
 
     async def whoami(self) -> str:
-        if self._me is None:
-            self._me = str((await self._json("GET", "/api/v1/whoami"))["name"])
-        return self._me
+        if self.known_user is None:
+            self.known_user = str((await self._json("GET", "/api/v1/whoami"))["name"])
+        return self.known_user
 
     async def healthz(self) -> bool:
         await self._json("GET", "/healthz")

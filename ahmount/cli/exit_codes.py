@@ -1,0 +1,33 @@
+"""The one place that turns errors into ``ah`` exit codes."""
+
+from __future__ import annotations
+
+import httpx
+
+from ahmount import errors
+
+OK = 0
+FAILURE = 1
+USAGE = 2  # argparse's own code for bad command lines, reused for bad arguments
+
+_CODES: list[tuple[type[BaseException], int]] = [
+    (errors.InvalidArgument, USAGE),
+    (errors.NotFound, 3),
+    (errors.AlreadyExists, 4),
+    (errors.Unauthenticated, 5),
+    (errors.PermissionDenied, 5),
+    (errors.Conflict, 6),
+    (errors.HubUnavailable, 7),
+    (httpx.HTTPError, 7),
+    (ValueError, USAGE),
+    (OSError, 8),
+]
+
+
+def exit_code(exc: BaseException) -> int:
+    """Exit code for an error: 2 bad input, 3 not found, 4 already exists, 5 not allowed,
+    6 conflict, 7 hub unreachable, 8 local I/O, 1 anything else."""
+    for cls, code in _CODES:
+        if isinstance(exc, cls):
+            return code
+    return FAILURE

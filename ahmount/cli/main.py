@@ -1,0 +1,329 @@
+"""``ah``: every Asset Hub operation as a command.
+
+Each command is a thin layer over :mod:`ahmount.ah` (or, for what the documented API lacks —
+``status``, ``share`` — over :class:`HubClient`). Results go to stdout (tables, or the API's
+dicts with ``--json``); errors print one line to stderr and exit with the code
+:mod:`ahmount.cli.exit_codes` assigns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+from ahmount import ah
+from ahmount.cli.exit_codes import USAGE, exit_code
+from ahmount.cli.tables import render, table_for
+from ahmount.client.hub_client import HubClient
+from ahmount.config import load_config, make_config, remove_config, save_config
+from ahmount.errors import InvalidArgument
+from ahmount.paths import parse
+from ahmount.sync_runner import run_sync
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+def _resource_dict(obj: Any) -> dict[str, Any]:
+    keys = ("kind", "path", "name", "id", "labels", "description", "permission", "commit_id",
+            "message", "committer", "creation_date", "parents")
+    return {k: getattr(obj, k) for k in keys if hasattr(obj, k)}
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+def cmd_login(args: argparse.Namespace) -> int:
+    config = make_config(args.host, args.ais_host, args.api_key, args.timeout)
+    if config.ah_host is None:
+        raise InvalidArgument("ah login needs --host URL")
+    ah.login(config.ah_host, config.ais_host, config.api_key, args.timeout)
+    path = save_config(config)
+    print(f"Logged in to {config.ah_host}; settings saved in {path}")
+    return 0
+
+
+def cmd_logout(args: argparse.Namespace) -> int:
+    removed = remove_config()
+    print("Logged out; the embedded hub is used again" if removed else "Not logged in")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    resource = args.resource
+    for flag in ("branch", "tag", "commit"):
+        if getattr(args, flag):
+            resource = flag
+    items = ah.list(args.path, resource=resource)
+    if args.json:
+        _print_json(items)
+    else:
+        print(table_for(resource, parse(args.path).level, items))
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    obj = ah.get(args.path)
+    info = _resource_dict(obj)
+    if args.json:
+        _print_json(info)
+    else:
+        for key, value in info.items():
+            shown = ",".join(value) if isinstance(value, list) else value
+            print(f"{key}: {shown}")
+    return 0
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    obj = ah.create(args.path, labels=args.label, description=args.description or "",
+                    exist_ok=args.exist_ok, create_tag=args.tag, source=args.source)
+    if args.json:
+        _print_json(_resource_dict(obj))
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    ah.delete(args.path, force=args.force)
+    return 0
+
+
+def _adds(values: Sequence[str]) -> list[str] | dict[str, str | None] | None:
+    if not values:
+        return None
+    pairs: list[tuple[str, str | None]] = []
+    for value in values:
+        local, colon, target = value.partition(":")
+        pairs.append((local, target if colon else None))
+    if all(t is None for _, t in pairs):
+        return [local for local, _ in pairs]
+    return dict(pairs)
+
+
+def cmd_commit(args: argparse.Namespace) -> int:
+    if args.path is None:
+        raise InvalidArgument("ah commit needs the path of a branch (model/<folder>/<asset>:"
+                              "<branch>) when not run inside a mounted branch")
+    adds = cast("list[str] | dict[str, str] | None", _adds(args.add))
+    result = ah.commit(args.path, args.message, delete=args.delete or None, add=adds,
+                       force=args.force)
+    if args.json:
+        _print_json(None if result is None else _resource_dict(result))
+    elif result is not None:
+        print(result.id)  # the log line names it too; stdout carries it for scripts
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    ah.download(args.path, objects=args.object or None, save_dir=args.save_dir)
+    return 0
+
+
+def cmd_update(args: argparse.Namespace) -> int:
+    if args.name is None and args.label is None and args.description is None:
+        raise InvalidArgument("ah update needs -n NAME, --label or --description")
+    ah.update(args.path, name=args.name, labels=args.label, description=args.description)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    ah.merge(args.path)
+    return 0
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    ah.reset(args.path)
+    return 0
+
+
+def _hub_call(fn: Callable[[HubClient], Any]) -> Any:
+    config = load_config()
+
+    async def main() -> Any:
+        async with HubClient.from_config(config) as hub:
+            return await fn(hub)
+
+    return run_sync(main)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    parsed = parse(args.path)
+    if parsed.level not in ("asset", "ref"):
+        raise InvalidArgument(f"ah status needs the path of a branch, not {args.path!r}")
+
+    async def run(hub: HubClient) -> list[dict[str, Any]]:
+        p = parsed.with_owner(await hub.whoami()) if parsed.owner is None else parsed
+        changes = await hub.changes(p.asset_addr(), p.ref or "main")
+        return [{"op": c.op, "path": c.path, "session": c.session,
+                 "size": c.entry.size if c.entry else None} for c in changes]
+
+    changes = _hub_call(run)
+    if args.json:
+        _print_json(changes)
+    elif not changes:
+        print(f"On {args.path}: nothing to commit")
+    else:
+        print(f"On {args.path}: {len(changes)} uncommitted change(s)")
+        print(render(["CHANGE", "PATH", "BYTES"],
+                     [["added" if c["op"] == "add" else "deleted", c["path"],
+                       "" if c["size"] is None else str(c["size"])] for c in changes]))
+    return 0
+
+
+def cmd_share(args: argparse.Namespace) -> int:
+    parsed = parse(args.folder)
+    if parsed.level != "folder":
+        raise InvalidArgument(f"ah share needs a folder path, not {args.folder!r}")
+    if not (args.public or args.private or args.user):
+        raise InvalidArgument("ah share needs USER PERMISSION, --revoke USER, --public or "
+                              "--private")
+
+    async def run(hub: HubClient) -> None:
+        p = parsed.with_owner(await hub.whoami()) if parsed.owner is None else parsed
+        addr = p.folder_addr()
+        if args.public or args.private:
+            await hub.set_public(addr, bool(args.public))
+        if args.user:
+            permission = None if args.revoke else args.permission
+            if not args.revoke and permission not in ("view", "edit"):
+                raise InvalidArgument(f"permission {permission!r} must be 'view' or 'edit'")
+            await hub.share_folder(addr, args.user, permission)
+
+    _hub_call(run)
+    print(f"{args.folder}: sharing updated")
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------------
+
+def _sub(subs: Any, name: str, handler: Handler, help_: str, example: str,
+         aliases: Sequence[str] = ()) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = subs.add_parser(
+        name, aliases=list(aliases), help=help_, description=help_,
+        epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ah", description="Asset Hub: versioned models and datasets.",
+        epilog="example:\n  ah create model/llm && ah create model/llm/gpt2\n"
+               "  ah commit model/llm/gpt2 -m 'first weights' -a model.pt",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    subs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = _sub(subs, "login", cmd_login, "store the hub address and API key (file mode 0600)",
+             "ah login --host http://hub:8080 --api-key ah_xxx")
+    p.add_argument("--host", required=True)
+    p.add_argument("--api-key", required=True)
+    p.add_argument("--ais-host", default=None, help="data-plane URL (default: --host)")
+    p.add_argument("--timeout", type=float, default=None)
+
+    _sub(subs, "logout", cmd_logout, "forget the stored hub; use the embedded hub", "ah logout")
+
+    p = _sub(subs, "ls", cmd_list, "list folders, assets, objects, branches, tags or commits",
+             "ah ls model/llm/gpt2:v1    ah ls model/llm/gpt2 --branch", aliases=["list"])
+    p.add_argument("path")
+    p.add_argument("--resource", default="default",
+                   choices=["default", "branch", "tag", "commit"])
+    p.add_argument("--branch", action="store_true", help="list branches of an asset")
+    p.add_argument("--tag", action="store_true", help="list tags of an asset")
+    p.add_argument("--commit", action="store_true", help="list commits of a reference")
+    p.add_argument("--json", action="store_true")
+
+    p = _sub(subs, "get", cmd_get, "show a folder, asset, branch, tag or commit",
+             "ah get model/llm/gpt2:a41ac4ec")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+
+    p = _sub(subs, "create", cmd_create, "create a folder, asset, branch or tag",
+             "ah create model/llm/gpt2:20220101 --tag --source v1")
+    p.add_argument("path")
+    p.add_argument("--tag", action="store_true", help="create a tag instead of a branch")
+    p.add_argument("--source", default="main", help="what a tag points at (branch/tag/commit)")
+    p.add_argument("--label", action="append", default=None)
+    p.add_argument("--description", default=None)
+    p.add_argument("--exist-ok", action="store_true")
+    p.add_argument("--json", action="store_true")
+
+    p = _sub(subs, "delete", cmd_delete, "delete a folder, asset, branch or tag",
+             "ah delete model/llm/gpt2:v1")
+    p.add_argument("path")
+    p.add_argument("--force", action="store_true", help="no error if it does not exist")
+
+    p = _sub(subs, "commit", cmd_commit, "commit local files and deletions to a branch",
+             "ah commit model/llm/gpt2:v1 -m 'new weights' -a model.pt -a ./cfg:config/")
+    p.add_argument("path", nargs="?")
+    p.add_argument("-m", "--message", required=True)
+    p.add_argument("-a", "--add", action="append", default=[], metavar="LOCAL[:PATH]")
+    p.add_argument("-d", "--delete", action="append", default=[], metavar="PATH")
+    p.add_argument("--force", action="store_true", help="include unknown staged changes")
+    p.add_argument("--json", action="store_true")
+
+    p = _sub(subs, "download", cmd_download, "download objects of a branch, tag or commit",
+             "ah download dataset/images/cifar10:20220101 --save-dir ./data")
+    p.add_argument("path")
+    p.add_argument("--object", action="append", default=[], metavar="PATH")
+    p.add_argument("--save-dir", default=".")
+
+    p = _sub(subs, "update", cmd_update, "rename, relabel or describe a folder or asset",
+             "ah update model/llm -n generative-language-model")
+    p.add_argument("path")
+    p.add_argument("-n", "--name", default=None)
+    p.add_argument("--label", action="append", default=None)
+    p.add_argument("--description", default=None)
+
+    p = _sub(subs, "merge", cmd_merge, "make main of a model equal to a branch",
+             "ah merge model/llm/gpt2:v1")
+    p.add_argument("path")
+
+    p = _sub(subs, "reset", cmd_reset, "drop the uncommitted changes of a branch",
+             "ah reset model/llm/gpt2:main")
+    p.add_argument("path")
+
+    p = _sub(subs, "status", cmd_status, "show the uncommitted changes of a branch",
+             "ah status model/llm/gpt2:v1")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+
+    p = _sub(subs, "share", cmd_share, "share a folder with a user, or make it public",
+             "ah share model/llm bob view")
+    p.add_argument("folder")
+    p.add_argument("user", nargs="?")
+    p.add_argument("permission", nargs="?", default="view")
+    p.add_argument("--revoke", action="store_true", help="stop sharing with USER")
+    p.add_argument("--public", action="store_true")
+    p.add_argument("--private", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.quiet:
+        logging.getLogger("ahmount.ah").setLevel(logging.WARNING)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print("ah: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the one place errors become a line and an exit code
+        code = exit_code(exc)
+        if code == 1 and not isinstance(exc, RuntimeError):
+            logging.getLogger("ahmount.cli").debug("unexpected error", exc_info=exc)
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"ah: error: {message}", file=sys.stderr)
+        return code if code != 0 else USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

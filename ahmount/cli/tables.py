@@ -1,0 +1,45 @@
+"""Plain-text tables for ``ah`` listings, with the headers SPEC §4 fixes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+
+def render(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+    lines = [headers, *rows]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )
+
+
+def _date(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def table_for(resource: str, level: str, items: list[dict[str, Any]]) -> str:
+    """The table of an ``ah.list`` result: ``resource`` as passed to it, ``level`` of the path
+    (kind / folder / asset / ref)."""
+    if resource in ("branch", "tag"):
+        return render(["NAME", "COMMIT_ID"], [[i["id"], i["commit_id"]] for i in items])
+    if resource == "commit":
+        return render(
+            ["COMMIT_ID", "MESSAGE", "CREATED"],
+            [[i["id"][:8], i["message"].splitlines()[0] if i["message"] else "",
+              _date(i["creation_date"])] for i in items],
+        )
+    if level in ("kind", "folder"):
+        return render(
+            ["NAME", "PATH", "LABELS", "PERMISSION"],
+            [[i["name"], i["path"], ",".join(i["labels"]), i["permission"]] for i in items],
+        )
+    return render(
+        ["PATH", "BYTES", "CHECKSUM", "MODIFIED"],
+        [[i["path"], str(i["size_bytes"]), i["checksum"][:16], _date(i["mtime"])]
+         for i in items],
+    )

@@ -1,0 +1,286 @@
+"""Moving files between local disk and the hub: the ``add`` grammar, hashing, parallel
+uploads and downloads, progress. Shared by the Python API and the CLI.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import mimetypes
+import os
+import sys
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ahmount.client.hub_client import HubClient, hash_file
+from ahmount.config import dirs
+from ahmount.errors import InvalidArgument, NotFound
+from ahmount.hub.models import AssetAddr, CommitInfo, ObjectEntry
+from ahmount.names import check_delete_path, check_object_path
+from ahmount.nurseries import open_nursery
+
+log = logging.getLogger("ahmount.ah")
+
+PARALLEL_TRANSFERS = 4
+PARALLEL_HASHES = 4
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    """A local file and the object path it becomes."""
+
+    local: Path
+    target: str
+
+
+def _walk(directory: Path, target_dir: str) -> list[LocalFile]:
+    out: list[LocalFile] = []
+    for root, subdirs, files in os.walk(directory):
+        subdirs.sort()
+        rel = Path(root).relative_to(directory)
+        for name in sorted(files):
+            parts = [p for p in (target_dir, *rel.parts, name) if p and p != "."]
+            out.append(LocalFile(Path(root) / name, "/".join(parts)))
+    return out
+
+
+def _place(local: Path, target: str | None) -> list[LocalFile]:
+    """Where one local file or directory goes. ``target`` None: under its own name at the root.
+    A target ending in ``/`` is a directory to put it in; ``[name]`` keeps the name."""
+    if not local.exists():
+        raise InvalidArgument(f"local path {str(local)!r} does not exist", path=str(local))
+    if target is None:
+        target = local.name if local.is_file() else local.resolve().name
+    else:
+        target = target.replace("[", "").replace("]", "")
+        if target.endswith("/"):
+            target = target + (local.name if local.name not in ("", ".") else
+                               local.resolve().name)
+    target = target.strip("/")
+    if local.is_dir():
+        return _walk(local, target)
+    if not local.is_file():
+        raise InvalidArgument(f"local path {str(local)!r} is not a regular file or directory",
+                              path=str(local))
+    return [LocalFile(local, target)]
+
+
+def plan_adds(add: Sequence[str] | Mapping[str, str | None] | None) -> list[LocalFile]:
+    """Expand the documented ``add`` forms into ``(local file, object path)`` pairs.
+
+    ``['model.pt']`` → ``model.pt``; ``{'model.pt': 'saved_model/'}`` →
+    ``saved_model/model.pt``; ``['./saved_model']`` → ``saved_model/…``;
+    ``['./saved_model/*']`` → the directory's contents at the root;
+    ``{'./saved_model': 'path/to/[saved_model]'}`` → ``path/to/saved_model/…``;
+    ``{'./saved_model': 'path/to/renamed_dir'}`` → ``path/to/renamed_dir/…``.
+    A mapping value of ``None`` places that entry as in the list form.
+    Raises :class:`InvalidArgument` for a missing local path, a bad object path or two files
+    that would land on one object path.
+    """
+    if add is None:
+        return []
+    if isinstance(add, str | bytes):
+        raise InvalidArgument("add must be a list of local paths or a mapping, not a string")
+    pairs: list[tuple[str, str | None]]
+    if isinstance(add, Mapping):
+        pairs = [(k, v) for k, v in add.items()]
+    else:
+        pairs = [(p, None) for p in add]
+    files: list[LocalFile] = []
+    for local, target in pairs:
+        if not isinstance(local, str) or (target is not None and not isinstance(target, str)):
+            raise InvalidArgument(f"add entry {local!r}: {target!r} must be strings")
+        if glob.has_magic(local):
+            matches = sorted(glob.glob(local))
+            if not matches:
+                raise InvalidArgument(f"local pattern {local!r} matches nothing", path=local)
+            for match in matches:
+                inner = None if target is None else target.rstrip("/") + "/"
+                files.extend(_place(Path(match), inner))
+        else:
+            files.extend(_place(Path(local), target))
+    seen: dict[str, Path] = {}
+    for f in files:
+        try:
+            check_object_path(f.target)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"{f.local} cannot be added: {exc}", path=str(f.local)) from None
+        if f.target in seen and seen[f.target] != f.local:
+            raise InvalidArgument(
+                f"{seen[f.target]} and {f.local} would both become object {f.target!r}",
+                path=f.target,
+            )
+        seen[f.target] = f.local
+    return files
+
+
+def plan_deletes(delete: Sequence[str] | None) -> list[str]:
+    if delete is None:
+        return []
+    if isinstance(delete, str | bytes):
+        raise InvalidArgument("delete must be a list of paths, not a string")
+    return [check_delete_path(p) for p in delete]
+
+
+class HashCache:
+    """sha256 of local files, remembered by (path, size, mtime, inode) in a diskcache, so that
+    re-committing an unchanged 5 GiB file neither uploads nor re-reads it."""
+
+    def __init__(self) -> None:
+        import diskcache
+
+        self._cache = diskcache.Cache(str(dirs().cache / "file-hashes"), size_limit=64 << 20)
+
+    def sha256(self, path: Path) -> tuple[str, int]:
+        st = path.stat()
+        key = f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{st.st_dev}"
+        cached = self._cache.get(key)
+        if isinstance(cached, str):
+            return cached, st.st_size
+        sha, size = hash_file(path)
+        if path.stat().st_mtime_ns == st.st_mtime_ns:
+            self._cache.set(key, sha)
+        return sha, size
+
+    def close(self) -> None:
+        self._cache.close()
+
+
+class Progress:
+    """Progress bars (files and bytes, with rate) on a terminal; silent when piped."""
+
+    def __init__(self, what: str, files: int, total_bytes: int) -> None:
+        self._bar: Any = None
+        if sys.stderr.isatty() and total_bytes > 0:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+                             desc=f"{what} 0/{files} files", file=sys.stderr, leave=True)
+        self._files = files
+        self._done = 0
+        self._what = what
+
+    def add_bytes(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def file_done(self) -> None:
+        self._done += 1
+        if self._bar is not None:
+            self._bar.set_description(f"{self._what} {self._done}/{self._files} files")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+async def commit_files(
+    hub: HubClient,
+    addr: AssetAddr,
+    branch: str,
+    message: str,
+    deletes: list[str],
+    files: list[LocalFile],
+    force: bool,
+) -> CommitInfo | None:
+    """Hash ``files``, upload the blobs the hub lacks, and commit deletes-then-adds as one
+    atomic commit. Returns the commit, or None when nothing changed."""
+    hashes = HashCache()
+    limiter = trio.CapacityLimiter(PARALLEL_HASHES)
+    entries: list[ObjectEntry | None] = [None] * len(files)
+
+    async def hash_one(i: int, f: LocalFile) -> None:
+        sha, size = await trio.to_thread.run_sync(hashes.sha256, f.local, limiter=limiter)
+        content_type = mimetypes.guess_type(f.target)[0] or "application/octet-stream"
+        entries[i] = ObjectEntry(f.target, sha, size, f.local.stat().st_mtime, content_type)
+
+    try:
+        async with open_nursery() as nursery:
+            for i, f in enumerate(files):
+                nursery.start_soon(hash_one, i, f)
+    finally:
+        hashes.close()
+    adds = [e for e in entries if e is not None]
+    missing = await hub.missing_blobs([e.sha256 for e in adds]) if adds else set()
+    to_upload: dict[str, tuple[LocalFile, ObjectEntry]] = {}
+    for f, e in zip(files, adds, strict=True):
+        if e.sha256 in missing and e.sha256 not in to_upload:
+            to_upload[e.sha256] = (f, e)
+    total = len(to_upload)
+    progress = Progress("Uploading", total, sum(e.size for _, e in to_upload.values()))
+    upload_limiter = trio.CapacityLimiter(PARALLEL_TRANSFERS)
+    counter = iter(range(1, total + 1))
+
+    async def upload_one(f: LocalFile, e: ObjectEntry) -> None:
+        async with upload_limiter:
+            log.info("Uploading object %d/%d %s", next(counter), total, e.path)
+            await hub.upload_file(f.local, e.sha256, e.size, progress.add_bytes)
+            progress.file_done()
+
+    try:
+        async with open_nursery() as nursery:
+            for f, e in to_upload.values():
+                nursery.start_soon(upload_one, f, e)
+    finally:
+        progress.close()
+    return await hub.commit(addr, branch, message, session=uuid.uuid4().hex, deletes=deletes,
+                            adds=adds, force=force)
+
+
+def select_objects(entries: list[ObjectEntry], wanted: Sequence[str] | None,
+                   where: str) -> list[ObjectEntry]:
+    """The entries named by ``wanted`` (``a/b`` one object, ``a/b/`` all under it)."""
+    if wanted is None:
+        return entries
+    if isinstance(wanted, str | bytes):
+        raise InvalidArgument("objects must be a list of paths, not a string")
+    by_path = {e.path: e for e in entries}
+    chosen: dict[str, ObjectEntry] = {}
+    for item in wanted:
+        check_delete_path(item)
+        if item.endswith("/"):
+            found = [e for e in entries if e.path.startswith(item)]
+        else:
+            found = [by_path[item]] if item in by_path else []
+        if not found:
+            raise NotFound(f"no object {item!r} in {where}", path=f"{where}/{item}")
+        chosen.update((e.path, e) for e in found)
+    return [chosen[p] for p in sorted(chosen)]
+
+
+async def download_objects(
+    hub: HubClient, addr: AssetAddr, ref: str, wanted: Sequence[str] | None, save_dir: Path
+) -> list[Path]:
+    """Download objects of one commit into ``save_dir`` (keeping their paths), in parallel,
+    each verified and written atomically. Returns the written paths."""
+    commit, entries = await hub.list_objects(addr, ref)
+    chosen = select_objects(entries, wanted, addr.at(ref))
+    save_dir.mkdir(parents=True, exist_ok=True)
+    root = save_dir.resolve()
+    progress = Progress("Downloading", len(chosen), sum(e.size for e in chosen))
+    limiter = trio.CapacityLimiter(PARALLEL_TRANSFERS)
+    written: list[Path] = []
+    counter = iter(range(1, len(chosen) + 1))
+
+    async def fetch(e: ObjectEntry) -> None:
+        dest = (root / e.path).resolve()
+        if root not in dest.parents:
+            raise InvalidArgument(f"object {e.path!r} would be written outside {root}")
+        async with limiter:
+            log.info("Downloading object %d/%d %s", next(counter), len(chosen), e.path)
+            await hub.download(addr, commit, e, dest, progress.add_bytes)
+            progress.file_done()
+            written.append(dest)
+
+    try:
+        async with open_nursery() as nursery:
+            for e in chosen:
+                nursery.start_soon(fetch, e)
+    finally:
+        progress.close()
+    return sorted(written)
