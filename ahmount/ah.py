@@ -35,12 +35,13 @@ __all__ = [
 ]
 
 log = logging.getLogger("ahmount.ah")
+# The original SDK prints its progress lines ("Commit 29d6f29e created") by default; an
+# application that configures logging itself still receives them through the root logger.
+log.setLevel(logging.INFO)
 if not log.handlers and not logging.getLogger().handlers:
-    # The original SDK prints its progress lines ("Commit 29d6f29e created") by default.
     _handler = logging.StreamHandler(sys.stderr)
     _handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(_handler)
-    log.setLevel(logging.INFO)
     log.propagate = False
 
 T = TypeVar("T")
@@ -394,12 +395,10 @@ def login(ah_host: str | None = None, ais_host: str | None = None, api_key: str 
         config = ClientConfig(saved.ah_host, ais_host or saved.ais_host,
                               api_key or saved.api_key, config.timeout or saved.timeout)
 
-    async def check(hub: HubClient) -> str:
-        return await hub.whoami()
-
     async def main() -> str:
-        async with HubClient.from_config(config) as hub:
-            return await check(hub)
+        # One quick retry only: a mistyped host should fail now, not after the backoff.
+        async with HubClient.from_config(config, retries=1) as hub:
+            return await hub.whoami()
 
     me = run_sync(main)
     with _lock:

@@ -102,6 +102,9 @@ def parse(path: object) -> ApiPath:
         owner, rest = SHARED, parts[1:]
     else:
         owner, rest = None, stripped.split("/")
+    for segment in rest:
+        if segment in (".", ".."):
+            raise InvalidArgument(f"path {path!r} contains a {segment!r} segment", path=path)
     if len(rest) > 3:
         raise InvalidArgument(
             f"path {path!r} has too many segments: <kind>/<folder>/<asset>[:<ref>] at most",

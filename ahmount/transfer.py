@@ -8,6 +8,7 @@ import glob
 import logging
 import mimetypes
 import os
+import shutil
 import sys
 import uuid
 from collections.abc import Mapping, Sequence
@@ -159,8 +160,11 @@ class Progress:
         if sys.stderr.isatty() and total_bytes > 0:
             from tqdm import tqdm
 
+            # A terminal that reports no size (a fresh pty) would make tqdm draw nothing.
+            size = shutil.get_terminal_size((100, 24))
             self._bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
-                             desc=f"{what} 0/{files} files", file=sys.stderr, leave=True)
+                             desc=f"{what} 0/{files} files", file=sys.stderr, leave=True,
+                             ncols=size.columns, nrows=size.lines)
         self._files = files
         self._done = 0
         self._what = what

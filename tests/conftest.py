@@ -51,16 +51,31 @@ class HubProcess:
         self.data_dir = data_dir
         self.extra = extra or []
         self.keys: dict[str, str] = {}
+        self._pool: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
 
     def add_user(self, name: str) -> str:
+        return self.add_users([name])[0]
+
+    def add_users(self, names: list[str]) -> list[str]:
         out = subprocess.run(
-            [command("ah-server"), "--data", str(self.data_dir), *self.extra, "user", "add", name],
+            [command("ah-server"), "--data", str(self.data_dir), *self.extra, "user", "add",
+             *names],
             check=True, capture_output=True, text=True,
         )
-        self.keys[name] = out.stdout.strip()
-        return self.keys[name]
+        keys = out.stdout.split()
+        self.keys.update(zip(names, keys, strict=True))
+        return keys
+
+    def fresh_user(self) -> tuple[str, str]:
+        """A user no other test has used, from a pool created in one call."""
+        if not self._pool:
+            names = [f"u{len(self.keys)}x{i}" for i in range(64)]
+            self.add_users(names)
+            self._pool = names
+        name = self._pool.pop()
+        return name, self.keys[name]
 
     def start(self) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -162,13 +162,13 @@ class HubClient:
         return cls("http://embedded", transport=StreamingASGITransport(app))
 
     @classmethod
-    def from_config(cls, config: ClientConfig | None = None) -> HubClient:
+    def from_config(cls, config: ClientConfig | None = None, retries: int = 5) -> HubClient:
         """The hub ``ah login`` configured, or the embedded hub when none is."""
         config = config or load_config()
         if not config.ah_host:
             return cls.embedded()
         return cls(config.ah_host, api_key=config.api_key, data_url=config.ais_host,
-                   timeout=config.timeout or 60.0)
+                   timeout=config.timeout or 60.0, retries=retries)
 
     async def __aenter__(self) -> HubClient:
         await self._http.__aenter__()

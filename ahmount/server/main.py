@@ -47,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="HOST:PORT, unix:PATH or fd://N (default 127.0.0.1:8080)")
     user = sub.add_parser("user", help="manage users").add_subparsers(dest="user_command",
                                                                        required=True)
-    user.add_parser("add", help="create a user; prints the API key once").add_argument("name")
+    user.add_parser("add", help="create users; prints each API key once, one per line"
+                    ).add_argument("name", nargs="+")
     user.add_parser("key", help="issue another API key").add_argument("name")
     user.add_parser("list", help="list users")
     gc = sub.add_parser("gc", help="delete blobs and tree nodes nothing references")
@@ -89,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         with open_hub(data_dir, args.db, args.blobs) as service:
             if args.command == "user":
                 if args.user_command == "add":
-                    _, key = service.add_user(args.name)
-                    print(key)
+                    for name in args.name:
+                        _, key = service.add_user(name)
+                        print(key)
                 elif args.user_command == "key":
                     print(service.add_key(args.name))
                 else:

@@ -1,0 +1,193 @@
+"""The installed ``ah`` command, run as a subprocess: output, exit codes, config, progress."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import HubProcess, command
+
+
+def ah(*args: str, cwd: Path | None = None, stderr_tty: bool = False,
+       check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, COLUMNS="120")
+    if not stderr_tty:
+        result = subprocess.run([command("ah"), *args], capture_output=True, text=True,
+                                cwd=cwd, env=env, timeout=120)
+    else:
+        leader, follower = os.openpty()
+        proc = subprocess.run([command("ah"), *args], stdout=subprocess.PIPE, stderr=follower,
+                              text=True, cwd=cwd, env=env, timeout=120)
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+        os.close(leader)
+        result = subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout,
+                                             b"".join(chunks).decode(errors="replace"))
+    if check and result.returncode != 0:
+        raise AssertionError(f"ah {' '.join(args)} exited {result.returncode}: {result.stderr}")
+    return result
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Path:
+    root = tmp_path / "files"
+    (root / "saved_model").mkdir(parents=True)
+    (root / "model.pt").write_bytes(b"w" * 4096)
+    (root / "saved_model" / "config.json").write_text("{}")
+    return root
+
+
+def test_help_has_an_example_for_every_command() -> None:
+    top = ah("--help").stdout
+    assert "example:" in top
+    for name in ("login", "logout", "ls", "list", "get", "create", "delete", "commit",
+                 "download", "update", "merge", "reset", "status", "share"):
+        out = ah(name, "--help").stdout
+        assert "example:" in out, name
+        assert f"ah {name if name != 'list' else 'ls'}" in out or name == "list"
+
+
+def test_listings_print_the_spec_tables(files: Path) -> None:
+    ah("create", "model/llm", "--label", "nlp", "--description", "language models")
+    ah("create", "model/llm/gpt2")
+    out = ah("commit", "model/llm/gpt2", "-m", "first", "-a", "model.pt",
+             "-a", "saved_model:cfg/", cwd=files)
+    commit_id = out.stdout.strip()
+    assert len(commit_id) == 64
+    assert f"Commit {commit_id[:8]} created" in out.stderr
+    folders = ah("ls", "model").stdout.splitlines()
+    assert folders[0].split() == ["NAME", "PATH", "LABELS", "PERMISSION"]
+    assert folders[1].split()[0] == "llm" and folders[1].split()[2:] == ["nlp", "own"]
+    assert ah("list", "model/llm").stdout.splitlines()[0].split() == \
+        ["NAME", "PATH", "LABELS", "PERMISSION"]
+    objects = ah("ls", "model/llm/gpt2").stdout.splitlines()
+    assert objects[0].split() == ["PATH", "BYTES", "CHECKSUM", "MODIFIED"]
+    assert [line.split()[0] for line in objects[1:]] == ["cfg/saved_model/config.json",
+                                                         "model.pt"]
+    branches = ah("ls", "model/llm/gpt2", "--branch").stdout.splitlines()
+    assert branches[0].split() == ["NAME", "COMMIT_ID"]
+    assert branches[1].split() == ["main", commit_id]
+    commits = ah("ls", "model/llm/gpt2", "--commit").stdout.splitlines()
+    assert commits[0].split() == ["COMMIT_ID", "MESSAGE", "CREATED"]
+    assert commits[1].startswith(commit_id[:8]) and "first" in commits[1]
+    assert "Repository created" in commits[2]
+    data = json.loads(ah("ls", "model/llm/gpt2", "--json").stdout)
+    assert {d["path"] for d in data} == {"cfg/saved_model/config.json", "model.pt"}
+    assert set(data[0]) == {"path", "size_bytes", "checksum", "mtime", "content_type",
+                            "path_type"}
+    got = json.loads(ah("get", f"model/llm/gpt2:{commit_id[:6]}", "--json").stdout)
+    assert (got["kind"], got["id"], got["name"]) == ("Commit", commit_id, commit_id[:8])
+
+
+def test_full_cli_workflow(files: Path, tmp_path: Path) -> None:
+    ah("create", "model/llm")
+    ah("create", "model/llm/gpt2")
+    ah("create", "model/llm/gpt2:v1")
+    ah("commit", "model/llm/gpt2:v1", "-m", "w", "-a", "model.pt", cwd=files)
+    ah("create", "model/llm/gpt2:20220101", "--tag", "--source", "v1")
+    assert "20220101" in ah("ls", "model/llm/gpt2", "--tag").stdout
+    ah("merge", "model/llm/gpt2:v1")
+    assert "model.pt" in ah("ls", "model/llm/gpt2").stdout
+    ah("commit", "model/llm/gpt2:v1", "-m", "rm", "-d", "model.pt")
+    assert ah("ls", "model/llm/gpt2:v1").stdout.splitlines()[1:] == []
+    ah("download", "model/llm/gpt2:20220101", "--save-dir", str(tmp_path / "dl"))
+    assert (tmp_path / "dl" / "model.pt").read_bytes() == b"w" * 4096
+    ah("download", "model/llm/gpt2", "--object", "model.pt", "--save-dir",
+       str(tmp_path / "one"))
+    assert (tmp_path / "one" / "model.pt").exists()
+    ah("update", "model/llm/gpt2", "--label", "JAX", "--description", "d")
+    assert json.loads(ah("ls", "model/llm", "--json").stdout)[0]["labels"] == ["JAX"]
+    ah("update", "model/llm", "-n", "renamed")
+    status = ah("status", "model/renamed/gpt2:v1").stdout
+    assert "nothing to commit" in status
+    ah("reset", "model/renamed/gpt2:v1")
+    ah("delete", "model/renamed/gpt2:v1")
+    ah("delete", "model/renamed")
+    ah("delete", "model/renamed", "--force")
+    assert ah("ls", "model").stdout.splitlines()[1:] == []
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "fragment"),
+    [
+        (["get", "model/nope"], 3, "does not exist"),
+        (["create", "model/a..b/../x"], 2, "'..'"),
+        (["get", "model/llm/gpt2:abc"], 3, "at least 4"),
+        (["commit", "model/llm/gpt2", "-m", "x", "-a", "/no/such/file"], 2, "/no/such/file"),
+        (["ls", "model", "--resource", "nope"], 2, "invalid choice"),
+        (["create", "model/llm"], 4, "already exists"),
+        (["delete", "model/llm/gpt2:main"], 2, "cannot be deleted"),
+        (["share", "model/llm", "ghost", "view"], 3, "ghost"),
+    ],
+)
+def test_errors_are_one_line_with_an_exit_code(args: list[str], code: int,
+                                               fragment: str) -> None:
+    ah("create", "model/llm")
+    ah("create", "model/llm/gpt2")
+    result = ah(*args, check=False)
+    assert result.returncode == code, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    if "choice" not in fragment:  # argparse prints its usage line before its error
+        assert len(lines) == 1 and lines[0].startswith("ah: error: "), lines
+    assert fragment in result.stderr
+
+
+def test_login_stores_config_0600_and_logout_removes_it(hub_server: HubProcess,
+                                                        ahmount_home: Path) -> None:
+    name, key = hub_server.fresh_user()
+    ah("login", "--host", hub_server.url, "--api-key", key)
+    config = ahmount_home / "config" / "config.json"
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
+    assert json.loads(config.read_text())["api_key"] == key
+    ah("create", "model/remote")
+    listed = json.loads(ah("ls", "model", "--json").stdout)
+    assert [f["path"] for f in listed] == [f"/{name}/t9k-assethub/model/remote"]
+    ah("logout")
+    assert not config.exists()
+    assert ah("ls", "model").stdout.splitlines()[1:] == []  # the embedded hub again
+    bad = ah("login", "--host", hub_server.url, "--api-key", "wrong", check=False)
+    assert bad.returncode == 5 and "not valid" in bad.stderr
+    assert not config.exists()
+
+
+def test_progress_bars_on_a_terminal_only(files: Path) -> None:
+    ah("create", "dataset/d")
+    ah("create", "dataset/d/x")
+    piped = ah("commit", "dataset/d/x", "-m", "piped", "-a", "model.pt", cwd=files)
+    assert "%|" not in piped.stderr and "B/s" not in piped.stderr
+    (files / "other.bin").write_bytes(os.urandom(300_000))
+    tty = ah("commit", "dataset/d/x", "-m", "tty", "-a", "other.bin", cwd=files,
+             stderr_tty=True)
+    assert "Uploading 1/1 files" in tty.stderr and "/s" in tty.stderr
+
+
+def test_several_processes_share_the_embedded_hub(files: Path) -> None:
+    ah("create", "dataset/shared")
+    ah("create", "dataset/shared/many")
+    for i in range(6):
+        (files / f"f{i}.bin").write_bytes(os.urandom(1000))
+    procs = [
+        subprocess.Popen([command("ah"), "-q", "commit", "dataset/shared/many", "-m", f"p{i}",
+                          "-a", f"f{i}.bin"], cwd=files, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+        for i in range(6)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    objects = json.loads(ah("ls", "dataset/shared/many", "--json").stdout)
+    assert sorted(o["path"] for o in objects) == [f"f{i}.bin" for i in range(6)]
+    assert len(json.loads(ah("ls", "dataset/shared/many", "--commit", "--json").stdout)) == 7
