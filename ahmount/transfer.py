@@ -29,6 +29,10 @@ log = logging.getLogger("ahmount.ah")
 
 PARALLEL_TRANSFERS = 4
 PARALLEL_HASHES = 4
+#: Files up to this size travel in batches, many per request.
+SMALL_FILE = 1 << 20
+BATCH_BYTES = 32 << 20
+BATCH_FILES = 1000
 
 
 @dataclass(frozen=True)
@@ -226,14 +230,41 @@ async def commit_files(
             await hub.upload_file(f.local, e.sha256, e.size, progress.add_bytes)
             progress.file_done()
 
+    async def upload_batch(batch: list[tuple[LocalFile, ObjectEntry]]) -> None:
+        async with upload_limiter:
+            for _, e in batch:
+                log.info("Uploading object %d/%d %s", next(counter), total, e.path)
+            await hub.upload_batch([(f.local, e.sha256, e.size) for f, e in batch],
+                                   progress.add_bytes)
+            for _ in batch:
+                progress.file_done()
+
+    small = [(f, e) for f, e in to_upload.values() if e.size <= SMALL_FILE]
     try:
         async with open_nursery() as nursery:
             for f, e in to_upload.values():
-                nursery.start_soon(upload_one, f, e)
+                if e.size > SMALL_FILE:
+                    nursery.start_soon(upload_one, f, e)
+            for batch in batches(small):
+                nursery.start_soon(upload_batch, batch)
     finally:
         progress.close()
     return await hub.commit(addr, branch, message, session=uuid.uuid4().hex, deletes=deletes,
                             adds=adds, force=force)
+
+
+def batches(items: list[tuple[LocalFile, ObjectEntry]]
+            ) -> list[list[tuple[LocalFile, ObjectEntry]]]:
+    """Group small files into requests of at most BATCH_FILES files and BATCH_BYTES bytes."""
+    out: list[list[tuple[LocalFile, ObjectEntry]]] = []
+    size = 0
+    for item in items:
+        if not out or len(out[-1]) >= BATCH_FILES or size + item[1].size > BATCH_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(item)
+        size += item[1].size
+    return out
 
 
 def select_objects(entries: list[ObjectEntry], wanted: Sequence[str] | None,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -280,6 +282,32 @@ async def test_blob_upload_rejections(hub_server: HubProcess, alice: HubClient,
         sock.shutdown(socket.SHUT_WR)
         sock.recv(65536)
     assert await alice.missing_blobs([sha]) == {sha}
+
+
+async def test_batch_upload_keeps_the_intact_blobs(hub_server: HubProcess,
+                                                   alice: HubClient, tmp_path: Path) -> None:
+    good = [os.urandom(100 + i) for i in range(3)]
+    bad = b"corrupt me"
+    manifest = {"blobs": [{"sha256": hashlib.sha256(d).hexdigest(), "size": len(d)}
+                          for d in [*good, bad]]}
+    body = json.dumps(manifest).encode() + b"\n" + b"".join(good) + b"corrupt it"
+    headers = {"authorization": f"Bearer {hub_server.keys['alice']}"}
+    async with httpx.AsyncClient(base_url=hub_server.url, headers=headers) as raw:
+        response = await raw.post("/api/v1/blobs/batch", content=body)
+        assert response.status_code == 422
+        assert manifest["blobs"][3]["sha256"] in response.json()["error"]["message"]
+        bad_manifest = await raw.post("/api/v1/blobs/batch", content=b"{nope\n")
+        assert bad_manifest.status_code == 400
+    hashes = [b["sha256"] for b in manifest["blobs"]]
+    assert await alice.missing_blobs(hashes) == {hashes[3]}
+    # Through the client: files travel in one request.
+    paths = []
+    for i in range(5):
+        p = tmp_path / f"small{i}"
+        p.write_bytes(os.urandom(50))
+        paths.append((p, *hash_file(p)))
+    await alice.upload_batch(paths)
+    assert await alice.missing_blobs([sha for _, sha, _ in paths]) == set()
 
 
 async def test_resumable_upload_of_a_large_blob(alice: HubClient, model: AssetAddr,

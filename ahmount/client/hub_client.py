@@ -400,7 +400,8 @@ class HubClient:
                             await anyio.to_thread.run_sync(handle.write, chunk)
                             if progress:
                                 progress(len(chunk))
-                await anyio.to_thread.run_sync(os.fsync, handle.fileno())
+            # No fsync: like cp, a download is made visible atomically (rename), and its
+            # durability is left to the file system; fsync per file made many small files slow.
             if digest.hexdigest() != entry.sha256:
                 raise errors.ChecksumMismatch(
                     f"download of {entry.path!r} hashed to {digest.hexdigest()}, "
@@ -458,6 +459,14 @@ class HubClient:
             missing.update(body["missing"])
         return missing
 
+    async def upload_batch(self, files: Sequence[tuple[Path, str, int]],
+                           progress: Progress | None = None) -> None:
+        """Upload many small files as blobs in one request: ``(path, sha256, size)`` each."""
+        total = sum(size for _, _, size in files)
+        body = _batch_body(files, progress)
+        await self._send("POST", "/api/v1/blobs/batch", content=body,
+                         headers={"x-ah-batch-bytes": str(total)})
+
     async def upload_file(self, path: Path, sha256: str, size: int,
                           progress: Progress | None = None) -> None:
         """Upload a local file as blob ``sha256``: one streamed PUT for small files, a
@@ -495,6 +504,16 @@ class HubClient:
                 log.warning("upload of %s interrupted at %d bytes; resuming", path, received)
                 received = int(status["received"])
         await self._json("POST", f"/api/v1/uploads/{upload_id}/finish")
+
+
+async def _batch_body(files: Sequence[tuple[Path, str, int]],
+                      progress: Progress | None) -> AsyncIterator[bytes]:
+    manifest = {"blobs": [{"sha256": sha, "size": size} for _, sha, size in files]}
+    yield json.dumps(manifest).encode() + b"\n"
+    for path, _, size in files:
+        async with contextlib.aclosing(_file_chunks(path, 0, size, progress)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
 
 async def _file_chunks(path: Path, start: int, end: int,

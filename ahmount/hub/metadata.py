@@ -392,8 +392,12 @@ class MetaTx:
             )
 
     def insert_blob(self, sha256: str, size: int) -> None:
-        self._insert_ignore(blobs, [{"sha256": sha256, "size": size, "created": time.time()}],
-                            "sha256")
+        self.insert_blobs([(sha256, size)])
+
+    def insert_blobs(self, items: Sequence[tuple[str, int]]) -> None:
+        now = time.time()
+        rows = [{"sha256": s, "size": n, "created": now} for s, n in dict(items).items()]
+        self._insert_ignore(blobs, rows, "sha256")
 
     def blobs_older_than(self, cutoff: float) -> list[dict[str, Any]]:
         return _rows(self._c.execute(sa.select(blobs).where(blobs.c.created < cutoff)))

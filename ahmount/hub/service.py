@@ -905,21 +905,46 @@ class HubService:
             tx.delete_upload(upload_id)
         self.blobs.abort_upload(upload_id)
 
+    # Single-request uploads (one blob per PUT, or many small ones in a batch) keep no upload
+    # row: the bytes go to a private temp object and become a blob only once verified.
+
+    def begin_blob(self, sha256: str, size: int) -> str:
+        """Start writing a blob in one go; returns a token for write_blob / end_blob."""
+        check_sha256(sha256)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise InvalidArgument(f"size of blob {sha256} must be a non-negative integer")
+        token = str(uuid.uuid4())
+        self.blobs.start_upload(token)
+        return token
+
+    def write_blob(self, token: str, offset: int, data: bytes) -> int:
+        return self.blobs.append(token, offset, data)
+
+    def end_blob(self, token: str, sha256: str, size: int) -> None:
+        """Verify and publish in the blob store (not yet known to the metadata store)."""
+        self.blobs.finish_upload(token, sha256, size)
+
+    def drop_blob_write(self, token: str) -> None:
+        self.blobs.abort_upload(token)
+
+    def register_blobs(self, blobs: Sequence[tuple[str, int]]) -> None:
+        """Record verified blobs in the metadata store, in one transaction."""
+        with self.metadata.write() as tx:
+            tx.insert_blobs(blobs)
+
     def put_blob(self, actor: Actor, sha256: str, chunks: Iterator[bytes], size: int) -> str:
-        """Store a whole blob from ``chunks`` in one go (used by a single-request upload)."""
-        upload_id, _ = self.start_upload(actor, sha256, size)
-        if upload_id is None:
-            for _ in chunks:
-                pass
-            return sha256
+        """Store a whole blob from ``chunks`` in one go."""
+        token = self.begin_blob(sha256, size)
         offset = 0
         try:
             for chunk in chunks:
-                offset = self.append_upload(actor, upload_id, offset, chunk)
+                offset = self.write_blob(token, offset, chunk)
+            self.end_blob(token, sha256, size)
         except BaseException:
-            self.abort_upload(actor, upload_id)
+            self.drop_blob_write(token)
             raise
-        return self.finish_upload(actor, upload_id)
+        self.register_blobs([(sha256, size)])
+        return sha256
 
     # == garbage collection ===================================================================
 

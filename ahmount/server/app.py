@@ -8,7 +8,6 @@ statuses. Object bytes stream both ways in chunks; nothing holds a whole blob in
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -477,22 +476,102 @@ async def blob(request: Request) -> Response:
     if raw_size is None or not raw_size.isdigit():
         raise errors.InvalidArgument(f"upload of blob {sha256} needs X-Ah-Size or Content-Length")
     svc = _svc(request)
-    upload_id, _ = await _call(svc.start_upload, actor, sha256, int(raw_size))
-    if upload_id is None:
+    stream = _BodyReader(request.stream())
+    if not await _call(svc.missing_blobs, actor, [sha256]):
+        await stream.drain()
         return JSONResponse({"sha256": sha256, "existed": True})
-    try:
-        await _receive_into(request, actor, upload_id, 0)
-        await _call(svc.finish_upload, actor, upload_id)
-    except BaseException:
-        with anyio.CancelScope(shield=True):
-            await _call(_abort_quietly, svc, actor, upload_id)
-        raise
+    size = int(raw_size)
+    await _write_one_blob(svc, stream, sha256, size)
+    await stream.drain()
+    await _call(svc.register_blobs, [(sha256, size)])
     return JSONResponse({"sha256": sha256, "existed": False}, status_code=201)
 
 
-def _abort_quietly(svc: HubService, actor: Actor, upload_id: str) -> None:
-    with contextlib.suppress(errors.NotFound):  # finish_upload may have removed it already
-        svc.abort_upload(actor, upload_id)
+class _BodyReader:
+    """Reads a request body in exact amounts (for batches of blobs in one body)."""
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buffer = bytearray()
+        self._done = False
+
+    async def read(self, size: int) -> bytes:
+        """Up to ``size`` bytes; fewer only at the end of the body."""
+        while len(self._buffer) < size and not self._done:
+            try:
+                self._buffer += await self._chunks.__anext__()
+            except (StopAsyncIteration, ClientDisconnect):
+                self._done = True
+        out = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return out
+
+    async def drain(self) -> None:
+        """Consume the rest of the body (a client's stream ends cleanly, keep-alive works)."""
+        while await self.read(UPLOAD_BUFFER):
+            pass
+
+    async def readline(self, limit: int) -> bytes:
+        while b"\n" not in self._buffer and not self._done and len(self._buffer) <= limit:
+            try:
+                self._buffer += await self._chunks.__anext__()
+            except (StopAsyncIteration, ClientDisconnect):
+                self._done = True
+        line, sep, _ = bytes(self._buffer).partition(b"\n")
+        if not sep:
+            raise errors.InvalidArgument("batch upload has no manifest line")
+        del self._buffer[: len(line) + 1]
+        return line
+
+
+async def _write_one_blob(svc: HubService, body: _BodyReader, sha256: str, size: int) -> None:
+    """Copy exactly ``size`` bytes of the body into a new blob; verified, or nothing stays."""
+    token = await _call(svc.begin_blob, sha256, size)
+    try:
+        offset = 0
+        while offset < size:
+            data = await body.read(min(UPLOAD_BUFFER, size - offset))
+            if not data:
+                break  # truncated: end_blob reports it
+            offset = await _call(svc.write_blob, token, offset, data)
+        await _call(svc.end_blob, token, sha256, size)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await _call(svc.drop_blob_write, token)
+        raise
+
+
+async def blob_batch(request: Request) -> Response:
+    """POST many small blobs in one body: a JSON line `{"blobs": [{sha256, size}, ...]}`, then
+    their bytes back to back. Each is verified; those that arrive intact are kept even when a
+    later one fails."""
+    actor = await _actor(request)
+    svc = _svc(request)
+    body = _BodyReader(request.stream())
+    try:
+        manifest = json.loads(await body.readline(16 << 20))
+        items = [(check_sha256(b["sha256"]), b["size"]) for b in manifest["blobs"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise errors.InvalidArgument(f"batch manifest is malformed: {exc}") from None
+    for sha256, size in items:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise errors.InvalidArgument(f"size of blob {sha256} must be a non-negative integer")
+    missing = set(await _call(svc.missing_blobs, actor, [s for s, _ in items]))
+    stored: list[tuple[str, int]] = []
+    try:
+        for sha256, size in items:
+            if sha256 in missing:
+                await _write_one_blob(svc, body, sha256, size)
+                stored.append((sha256, size))
+                missing.discard(sha256)
+            else:
+                await body.read(size)  # already stored: skip its bytes
+        await body.drain()
+    finally:
+        with anyio.CancelScope(shield=True):
+            if stored:
+                await _call(svc.register_blobs, stored)
+    return JSONResponse({"stored": len(stored)}, status_code=201)
 
 
 async def uploads(request: Request) -> Response:
@@ -560,6 +639,7 @@ ROUTES: list[tuple[str, Endpoint, list[str]]] = [
     (_A + "/branches/{branch}/commits", commits, ["POST"]),
     (_A + "/branches/{branch}/merge", merge, ["POST"]),
     (API + "/blobs/missing", blobs_missing, ["POST"]),
+    (API + "/blobs/batch", blob_batch, ["POST"]),
     (API + "/blobs/{sha256}", blob, ["PUT"]),
     (API + "/uploads", uploads, ["POST"]),
     (API + "/uploads/{upload_id}", upload, ["GET", "PATCH", "DELETE"]),

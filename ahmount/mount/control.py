@@ -1,0 +1,173 @@
+"""The mount's control socket: a small typed request/response protocol over a unix socket.
+
+One JSON object per line each way. A request is ``{"op": NAME, "args": {...}}``; a response is
+``{"ok": true, "result": ...}`` or ``{"ok": false, "error": {"code", "message"}}``. The socket
+is mode 0600 inside a 0700 directory, and every connection's peer credentials are checked: only
+the user who mounted may talk to it. Operations are looked up in a dispatch table
+(:class:`ControlServer.ops`); each takes the args mapping and returns a JSON-able value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ahmount import errors
+from ahmount.config import dirs
+
+log = logging.getLogger("ahmount.control")
+
+Op = Callable[[dict[str, Any]], Awaitable[Any]]
+MAX_REQUEST = 1 << 20
+
+
+def socket_path(mountpoint: Path) -> Path:
+    """Where the control socket of the mount at ``mountpoint`` lives."""
+    digest = hashlib.sha256(str(mountpoint).encode()).hexdigest()[:16]
+    return dirs().runtime / "mounts" / f"{digest}.sock"
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+class ControlServer:
+    """Serves ``ops`` on the control socket of one mount."""
+
+    def __init__(self, path: Path, ops: dict[str, Op], owner_uid: int) -> None:
+        self.path = path
+        self.ops = ops
+        self.owner_uid = owner_uid
+
+    async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.path.parent, 0o700)
+        self.path.unlink(missing_ok=True)
+        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            await listener.bind(str(self.path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, 0o600)
+        listener.listen(16)
+        task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                while True:
+                    conn, _ = await listener.accept()
+                    nursery.start_soon(self._serve_one, trio.SocketStream(conn))
+        finally:
+            listener.close()
+            self.path.unlink(missing_ok=True)
+
+    async def _serve_one(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            uid = _peer_uid(stream.socket)  # type: ignore[arg-type]
+            if uid != self.owner_uid and uid != 0:
+                log.warning("control connection from uid %d refused", uid)
+                await self._send(stream, _error("permission_denied",
+                                                "only the mounting user may control it"))
+                return
+            buffer = b""
+            while True:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                buffer += data
+                if len(buffer) > MAX_REQUEST:
+                    await self._send(stream, _error("invalid_argument", "request too large"))
+                    return
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    await self._send(stream, await self.handle(line))
+
+    async def handle(self, line: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(line)
+        except ValueError:
+            return _error("invalid_argument", "request is not JSON")
+        if not isinstance(request, dict) or not isinstance(request.get("op"), str):
+            return _error("invalid_argument", "request must be {\"op\": NAME, \"args\": {...}}")
+        op = self.ops.get(request["op"])
+        if op is None:
+            return _error("invalid_argument",
+                          f"unknown operation {request['op']!r}; known: {sorted(self.ops)}")
+        args = request.get("args") or {}
+        if not isinstance(args, dict):
+            return _error("invalid_argument", "args must be an object")
+        try:
+            return {"ok": True, "result": await op(args)}
+        except errors.AhError as exc:
+            return _error(exc.code, exc.message)
+        except Exception as exc:
+            log.exception("control operation %s failed", request["op"])
+            return _error("internal", f"{request['op']} failed: {exc}")
+
+    async def _send(self, stream: trio.SocketStream, response: dict[str, Any]) -> None:
+        await stream.send_all(json.dumps(response).encode() + b"\n")
+
+
+def _error(code: str, message: str) -> dict[str, Any]:
+    return {"ok": False, "error": {"code": code, "message": message}}
+
+
+def call(mountpoint: Path, op: str, args: dict[str, Any] | None = None,
+         timeout: float = 600.0) -> Any:
+    """Send one request to the mount at ``mountpoint`` (blocking); returns its result or raises
+    the domain error it answered with."""
+    path = socket_path(mountpoint)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+        except OSError as exc:
+            raise errors.NotFound(f"no ah-mount answers for {mountpoint} ({exc.strerror})",
+                                  path=str(mountpoint)) from None
+        sock.sendall(json.dumps({"op": op, "args": args or {}}).encode() + b"\n")
+        buffer = b""
+        while b"\n" not in buffer:
+            data = sock.recv(65536)
+            if not data:
+                raise errors.HubUnavailable(f"ah-mount at {mountpoint} closed the connection")
+            buffer += data
+    response = json.loads(buffer.split(b"\n", 1)[0])
+    if response.get("ok"):
+        return response.get("result")
+    error = response.get("error") or {}
+    cls = errors.ERRORS_BY_CODE.get(error.get("code", ""), errors.InternalError)
+    raise cls(error.get("message", "control request failed"), path=str(mountpoint))
+
+
+def find_mount(path: Path) -> tuple[Path, tuple[str, ...]] | None:
+    """The ahmount mountpoint containing ``path`` and the path's segments below it."""
+    target = Path(os.path.abspath(path))
+    best: Path | None = None
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fstype = right.split(" ", 1)[0]
+        if fstype not in ("fuse.ahmount", "fuse"):
+            continue
+        point = Path(left.split(" ")[4].encode().decode("unicode_escape"))
+        if (target == point or point in target.parents) and (
+            best is None or len(str(point)) > len(str(best))
+        ) and socket_path(point).exists():
+            best = point
+    if best is None:
+        return None
+    return best, target.relative_to(best).parts

@@ -1,0 +1,294 @@
+"""``ah-mount MOUNTPOINT``: the asset tree as files.
+
+    ah-mount MOUNTPOINT [--hub URL] [--api-key KEY] [--cache-size SIZE] [--refresh SECONDS]
+                        [--foreground] [--log-level LEVEL]
+
+Runs in the background by default and returns once the mount answers (or fails with the
+reason). ``--foreground`` stays attached (systemd, debugging). SIGTERM, SIGINT,
+``ah unmount MOUNTPOINT`` and ``fusermount3 -u MOUNTPOINT`` all unmount cleanly. A mountpoint
+left behind by a crashed daemon ("Transport endpoint is not connected") is recovered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import logging
+import logging.handlers
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import diskcache
+import pyfuse3
+import trio
+
+from ahmount.client.hub_client import HubClient
+from ahmount.config import ClientConfig, dirs, load_config, make_config
+from ahmount.errors import AhError, InvalidArgument
+from ahmount.mount.control import ControlServer, socket_path
+from ahmount.mount.fs import AssetFS
+from ahmount.mount.hub_view import HubView
+from ahmount.mount.object_cache import ObjectCache
+
+log = logging.getLogger("ahmount.mount")
+
+DEFAULT_CACHE = "10G"
+DEFAULT_REFRESH = 3.0
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``512M``, ``10G``, ``1.5T``, ``4096``: bytes."""
+    match = _SIZE_RE.fullmatch(text.strip())
+    if not match:
+        raise InvalidArgument(f"size {text!r} is not a number with an optional K/M/G/T unit")
+    number, unit = float(match.group(1)), match.group(2).upper()
+    value = int(number * (1 << (10 * "_KMGT".index(unit or "_"))))
+    if value < (16 << 20):
+        raise InvalidArgument(f"cache size {text!r} is below the 16M minimum")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ah-mount", description="Mount the asset tree at MOUNTPOINT.",
+        epilog="example:\n  ah-mount ~/assets && ls ~/assets/model",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("mountpoint", type=Path)
+    parser.add_argument("--hub", default=None, help="hub URL (default: ah login's, else the "
+                        "embedded hub)")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--cache-size", default=DEFAULT_CACHE,
+                        help=f"local disk cache bound (default {DEFAULT_CACHE})")
+    parser.add_argument("--refresh", type=float, default=DEFAULT_REFRESH,
+                        help="seconds after which changes made elsewhere show "
+                        f"(default {DEFAULT_REFRESH})")
+    parser.add_argument("--foreground", "-f", action="store_true")
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--allow-other", action="store_true",
+                        help="let other users see the mount (needs user_allow_other)")
+    return parser
+
+
+def _setup_logging(level: str, foreground: bool) -> Path:
+    log_dir = dirs().cache / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = log_dir / "ah-mount.log"
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(level.upper())
+    file_handler = logging.handlers.RotatingFileHandler(path, maxBytes=10 << 20, backupCount=3)
+    file_handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s [%(process)d]: %(message)s"))
+    root.addHandler(file_handler)
+    # httpx logs every request at INFO: far too much for a file system's log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    if foreground or os.environ.get("JOURNAL_STREAM"):
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(stream)
+    return path
+
+
+def recover_stale(mountpoint: Path) -> None:
+    """Unmount what a crashed daemon left (``ENOTCONN``), then make sure the path exists."""
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            log.warning("%s was left mounted by a dead daemon; unmounting it", mountpoint)
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False,
+                           capture_output=True)
+        elif exc.errno != errno.ENOENT:
+            raise
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    if os.path.ismount(mountpoint):
+        raise InvalidArgument(f"{mountpoint} is already a mount point")
+
+
+def _notify_systemd(message: str) -> None:
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.connect(address)
+        sock.sendall(message.encode())
+
+
+class Mount:
+    """One mounted tree: the hub client, view, cache, FUSE ops and control socket."""
+
+    def __init__(self, mountpoint: Path, config: ClientConfig, cache_size: int,
+                 refresh: float, allow_other: bool) -> None:
+        self.mountpoint = mountpoint
+        self.config = config
+        self.cache_size = cache_size
+        self.refresh = refresh
+        self.allow_other = allow_other
+        self.ops: AssetFS | None = None
+
+    async def run(self, ready: Callable[[], None]) -> None:
+        cache_dir = dirs().cache
+        async with HubClient.from_config(self.config) as hub:
+            me = await hub.whoami()
+            listings = diskcache.Cache(str(cache_dir / "listings"), size_limit=4 << 30)
+            cache = ObjectCache(cache_dir / "objects", self.cache_size)
+            view = HubView(hub, me, self.refresh, listings)
+            self.ops = ops = AssetFS(view, cache, os.getuid(), os.getgid())
+            options = {"fsname=ahmount", "subtype=ahmount", "default_permissions", "noatime"}
+            if self.allow_other:
+                options.add("allow_other")
+            pyfuse3.init(ops, str(self.mountpoint), options)
+            log.info("mounted %s for %s (hub %s, cache %.1f GiB, refresh %.1fs)",
+                     self.mountpoint, me, self.config.ah_host or "embedded",
+                     self.cache_size / (1 << 30), self.refresh)
+            try:
+                async with trio.open_nursery() as nursery:
+                    cache.set_spawner(lambda fn: nursery.start_soon(fn))
+                    nursery.start_soon(cache.run_flusher)
+                    nursery.start_soon(self._watch_signals)
+                    control = ControlServer(socket_path(self.mountpoint), self._control_ops(),
+                                            os.getuid())
+                    await nursery.start(control.serve)
+                    nursery.start_soon(self._report_ready, ready)
+                    await pyfuse3.main()
+                    nursery.cancel_scope.cancel()
+            finally:
+                with contextlib.suppress(Exception):
+                    pyfuse3.close(unmount=True)
+                cache.close()
+                listings.close()
+                log.info("unmounted %s", self.mountpoint)
+
+    async def _report_ready(self, ready: Callable[[], None]) -> None:
+        # Ready means the mount answers: stat it from a thread while our loop serves it.
+        await trio.to_thread.run_sync(os.stat, self.mountpoint)
+        ready()
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                log.info("received %s: unmounting", signal.Signals(signum).name)
+                pyfuse3.terminate()
+                return
+
+    def _control_ops(self) -> dict[str, Callable[[dict[str, Any]], Awaitable[Any]]]:
+        assert self.ops is not None
+        ops = self.ops
+
+        async def status(args: dict[str, Any]) -> dict[str, Any]:
+            return {"mountpoint": str(self.mountpoint), "user": ops.view.me,
+                    "hub": self.config.ah_host or "embedded", "pid": os.getpid(),
+                    "uptime": time.time() - ops.started}
+
+        async def refresh(args: dict[str, Any]) -> dict[str, Any]:
+            ops.view.invalidate()
+            return {"refreshed": True}
+
+        async def cache(args: dict[str, Any]) -> dict[str, Any]:
+            action = args.get("action", "stats")
+            dropped = 0
+            if action == "drop":
+                dropped = ops.cache.drop_all()
+                ops.cache.flush_index()
+            elif action != "stats":
+                raise InvalidArgument(f"cache action {action!r} is not 'stats' or 'drop'")
+            s = ops.cache.stats
+            return {"used_bytes": ops.cache.used_bytes(), "max_bytes": ops.cache.max_bytes,
+                    "objects": ops.cache.object_count(), "hits": s.hits, "misses": s.misses,
+                    "evictions": s.evictions, "bytes_fetched": s.bytes_fetched,
+                    "uncached_reads": s.uncached_reads, "dropped": dropped}
+
+        async def stats(args: dict[str, Any]) -> dict[str, Any]:
+            return {"fuse_ops": dict(ops.op_counts), "cache": await cache({})}
+
+        async def unmount(args: dict[str, Any]) -> dict[str, Any]:
+            pyfuse3.terminate()
+            return {"unmounting": str(self.mountpoint)}
+
+        return {"status": status, "refresh": refresh, "cache": cache, "stats": stats,
+                "unmount": unmount}
+
+
+def _config_from(args: argparse.Namespace) -> ClientConfig:
+    if args.hub:
+        return make_config(args.hub, None, args.api_key or load_config().api_key)
+    return load_config()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        mountpoint = Path(os.path.abspath(os.path.expanduser(args.mountpoint)))
+        cache_size = parse_size(args.cache_size)
+        if args.refresh <= 0:
+            raise InvalidArgument(f"--refresh {args.refresh} must be positive")
+        config = _config_from(args)
+        recover_stale(mountpoint)
+    except (AhError, OSError) as exc:
+        print(f"ah-mount: {exc}", file=sys.stderr)
+        return 2
+    if args.foreground:
+        log_path = _setup_logging(args.log_level, True)
+        return _run(mountpoint, config, cache_size, args, lambda: _notify_systemd("READY=1"))
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid > 0:
+        os.close(write_end)
+        return _wait_for_child(read_end, mountpoint)
+    os.close(read_end)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    log_path = _setup_logging(args.log_level, False)
+
+    def ready() -> None:
+        os.write(write_end, b"ok\n")
+        os.close(write_end)
+
+    try:
+        code = _run(mountpoint, config, cache_size, args, ready)
+    except BaseException as exc:  # report to the waiting parent, then die
+        with contextlib.suppress(OSError):
+            os.write(write_end, f"error: {exc} (log: {log_path})\n".encode())
+        os._exit(1)
+    os._exit(code)
+
+
+def _run(mountpoint: Path, config: ClientConfig, cache_size: int, args: argparse.Namespace,
+         ready: Callable[[], None]) -> int:
+    mount = Mount(mountpoint, config, cache_size, args.refresh, args.allow_other)
+    try:
+        trio.run(mount.run, ready)
+    except AhError as exc:
+        log.error("ah-mount failed: %s", exc)
+        raise
+    return 0
+
+
+def _wait_for_child(read_end: int, mountpoint: Path) -> int:
+    with os.fdopen(read_end, "rb") as pipe:
+        message = pipe.readline().decode().strip()
+    if message == "ok":
+        print(f"ah-mount: {mountpoint} is mounted", file=sys.stderr)
+        return 0
+    print(f"ah-mount: mounting {mountpoint} failed: {message or 'daemon died'}",
+          file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The one place where errors of any layer become an errno for the kernel.
+
+Every FUSE handler runs inside :func:`fuse_errors`: a ``FUSEError`` passes through, a domain
+error becomes its errno (and a log line), anything else is a bug — logged with its traceback
+and answered with ``EIO`` — so no exception ever escapes into ``pyfuse3.main()``, where it would
+end the mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
+
+import httpx
+import pyfuse3
+
+from ahmount import errors
+
+log = logging.getLogger("ahmount.mount")
+
+_ERRNO: list[tuple[type[BaseException], int]] = [
+    (errors.NotFound, errno.ENOENT),
+    (errors.AlreadyExists, errno.EEXIST),
+    (errors.PermissionDenied, errno.EACCES),
+    (errors.Unauthenticated, errno.EACCES),
+    (errors.UnknownChanges, errno.EBUSY),
+    (errors.Conflict, errno.EBUSY),
+    (errors.RangeNotSatisfiable, errno.EINVAL),
+    (errors.ChecksumMismatch, errno.EIO),
+    (errors.InvalidArgument, errno.EINVAL),
+    (errors.HubUnavailable, errno.EIO),
+    (httpx.HTTPError, errno.EIO),
+    (OSError, errno.EIO),
+]
+
+
+def errno_for(exc: BaseException) -> int:
+    for cls, number in _ERRNO:
+        if isinstance(exc, cls):
+            if cls is OSError and isinstance(exc, OSError) and exc.errno:
+                return exc.errno
+            return number
+    return errno.EIO
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def fuse_errors(handler: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Wrap a handler so that it fails only with ``FUSEError``."""
+
+    @functools.wraps(handler)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await handler(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except errors.NotFound:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        except (errors.AhError, httpx.HTTPError, OSError) as exc:
+            number = errno_for(exc)
+            log.warning("%s: %s (%s)", handler.__name__, exc, errno.errorcode.get(number, number))
+            raise pyfuse3.FUSEError(number) from None
+        except Exception:
+            log.exception("bug in %s; answering EIO", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def refuse(number: int, why: str, *args: Any) -> pyfuse3.FUSEError:
+    """An errno the model chose on purpose (read-only place, unsupported file type), logged
+    once so that a user who sees it in a tool can find out why."""
+    log.info(why, *args)
+    return pyfuse3.FUSEError(number)

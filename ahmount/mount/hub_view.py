@@ -1,0 +1,245 @@
+"""What the mount knows of the hub: cached listings of folders, assets, refs and commits.
+
+Metadata that can change (folders, assets, branch heads) is cached for ``refresh`` seconds:
+that is the documented delay after which a change made elsewhere shows in the mount. Tags are
+re-checked every minute; commits are immutable, so a commit's object listing is fetched once,
+kept in memory (a few recent ones) and on disk (diskcache), and never asked for again.
+
+When the hub cannot be reached, the last value of an entry is served (and a line logged), so
+a mount keeps working on what it has seen; what it never saw answers ``EIO``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, TypeVar
+
+import diskcache
+import trio
+
+from ahmount.client.hub_client import HubClient
+from ahmount.errors import HubUnavailable, NotFound
+from ahmount.hub.models import AssetAddr, AssetInfo, FolderAddr, FolderInfo, ObjectEntry
+from ahmount.names import Kind
+
+log = logging.getLogger("ahmount.mount")
+
+TAG_TTL = 60.0
+MEMORY_INDEXES = 8
+K = TypeVar("K")
+V = TypeVar("V")
+Scope = Literal["own", "shared", "public"]
+
+
+class TtlCache(Generic[K, V]):
+    """Values with an expiry; one load per key at a time; stale values served on outage."""
+
+    def __init__(self) -> None:
+        self._values: dict[K, tuple[float, V]] = {}
+        self._loading: dict[K, trio.Event] = {}
+
+    def invalidate(self, key: K | None = None) -> None:
+        if key is None:
+            self._values.clear()
+        else:
+            self._values.pop(key, None)
+
+    def peek(self, key: K) -> V | None:
+        found = self._values.get(key)
+        return None if found is None else found[1]
+
+    async def get(self, key: K, ttl: float, load: Callable[[], Awaitable[V]]) -> V:
+        while True:
+            found = self._values.get(key)
+            if found is not None and found[0] > time.monotonic():
+                return found[1]
+            event = self._loading.get(key)
+            if event is None:
+                break
+            await event.wait()
+            if key in self._values and self._values[key][0] > time.monotonic():
+                return self._values[key][1]
+            if key not in self._loading:
+                break
+        event = trio.Event()
+        self._loading[key] = event
+        try:
+            value = await load()
+        except HubUnavailable as exc:
+            if found is not None:
+                log.warning("hub unreachable (%s); serving the last known listing", exc)
+                return found[1]
+            raise
+        finally:
+            del self._loading[key]
+            event.set()
+        self._values[key] = (time.monotonic() + ttl, value)
+        return value
+
+
+class CommitIndex:
+    """A commit's objects arranged as directories: ``dirs['a/b']`` maps each child name to its
+    entry (``None`` for a subdirectory). The root directory is ``''``."""
+
+    def __init__(self, commit_id: str, created: float, entries: list[ObjectEntry]) -> None:
+        self.commit_id = commit_id
+        self.created = created
+        self.dirs: dict[str, dict[str, ObjectEntry | None]] = {"": {}}
+        self._sorted: dict[str, list[str]] = {}
+        for entry in entries:
+            parent, _, name = entry.path.rpartition("/")
+            self._add_dir(parent)
+            self.dirs[parent][name] = entry
+
+    def _add_dir(self, path: str) -> None:
+        while path not in self.dirs:
+            self.dirs[path] = {}
+            parent, _, name = path.rpartition("/")
+            self.dirs.setdefault(parent, {})
+            self.dirs[parent][name] = None
+            path = parent
+
+    def lookup(self, path: str) -> ObjectEntry | Literal["dir"] | None:
+        if path in self.dirs:
+            return "dir"
+        parent, _, name = path.rpartition("/")
+        children = self.dirs.get(parent)
+        if children is None:
+            return None
+        return children.get(name)
+
+    def names(self, path: str) -> list[str]:
+        if path not in self._sorted:
+            self._sorted[path] = sorted(self.dirs.get(path, {}))
+        return self._sorted[path]
+
+    def total_size(self) -> int:
+        return sum(e.size for d in self.dirs.values() for e in d.values() if e is not None)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    type: Literal["branch", "tag", "commit"]
+    commit_id: str
+    created: float
+
+
+class HubView:
+    """Cached reads of the hub for the mount. ``me`` is the mounting user."""
+
+    def __init__(self, hub: HubClient, me: str, refresh: float,
+                 listings: diskcache.Cache) -> None:
+        self.hub = hub
+        self.me = me
+        self.refresh = refresh
+        self._listings = listings
+        self._folders: TtlCache[tuple[str, str, str], dict[str, FolderInfo]] = TtlCache()
+        self._assets: TtlCache[FolderAddr, dict[str, AssetInfo]] = TtlCache()
+        self._refs: TtlCache[AssetAddr, dict[str, tuple[str, str]]] = TtlCache()
+        self._resolved: TtlCache[tuple[AssetAddr, str], Resolved] = TtlCache()
+        self._indexes: OrderedDict[str, CommitIndex] = OrderedDict()
+        self._index_loading: dict[str, trio.Event] = {}
+
+    def invalidate(self) -> None:
+        """Forget every cached listing that can change (``ah refresh``)."""
+        for cache in (self._folders, self._assets, self._refs, self._resolved):
+            cache.invalidate()
+
+    def invalidate_asset(self, addr: AssetAddr) -> None:
+        self._refs.invalidate(addr)
+        for key in [k for k in self._resolved._values if k[0] == addr]:
+            self._resolved.invalidate(key)
+
+    # -- folders and assets ------------------------------------------------------------------
+
+    async def folders(self, scope: Scope, owner: str, kind: Kind) -> dict[str, FolderInfo]:
+        """Folders of ``owner`` seen through ``scope`` (own, shared with me, public)."""
+        async def load() -> dict[str, FolderInfo]:
+            listed = await self.hub.list_folders(
+                owner if scope == "own" else scope, kind)
+            return {f.name: f for f in listed if scope == "own" or f.owner == owner}
+
+        return await self._folders.get((scope, owner, kind), self.refresh, load)
+
+    async def owners(self, scope: Scope, kind: Kind) -> list[str]:
+        """Owners with folders shared with me (or public), for ``shared/<kind>/``."""
+        async def load() -> dict[str, FolderInfo]:
+            listed = await self.hub.list_folders(scope, kind)
+            return {f"{f.owner}/{f.name}": f for f in listed}
+
+        folders = await self._folders.get((scope, "*", kind), self.refresh, load)
+        return sorted({f.owner for f in folders.values()})
+
+    async def folder(self, scope: Scope, owner: str, kind: Kind, name: str) -> FolderInfo:
+        found = (await self.folders(scope, owner, kind)).get(name)
+        if found is None:
+            raise NotFound(f"folder /{owner}/t9k-assethub/{kind}/{name} does not exist")
+        return found
+
+    async def assets(self, folder: FolderAddr) -> dict[str, AssetInfo]:
+        async def load() -> dict[str, AssetInfo]:
+            return {a.name: a for a in await self.hub.list_assets(folder)}
+
+        return await self._assets.get(folder, self.refresh, load)
+
+    async def asset(self, addr: AssetAddr) -> AssetInfo:
+        found = (await self.assets(addr.folder)).get(addr.name)
+        if found is None:
+            raise NotFound(f"asset {addr} does not exist")
+        return found
+
+    # -- references --------------------------------------------------------------------------
+
+    async def refs(self, addr: AssetAddr) -> dict[str, tuple[str, str]]:
+        """Branches and tags: name → (type, commit id)."""
+        async def load() -> dict[str, tuple[str, str]]:
+            out: dict[str, tuple[str, str]] = {}
+            for ref_type in ("branch", "tag"):
+                for name, commit_id in await self.hub.list_refs(addr, ref_type):
+                    out[name] = (ref_type, commit_id)
+            return out
+
+        return await self._refs.get(addr, self.refresh, load)
+
+    async def resolve(self, addr: AssetAddr, ref: str) -> Resolved:
+        async def load() -> Resolved:
+            info = await self.hub.resolve(addr, ref)
+            return Resolved(info.type, info.commit.id, info.commit.created)
+
+        known = self._resolved.peek((addr, ref))
+        if known is not None and known.type == "commit":
+            return known  # commits never change
+        ttl = self.refresh if known is None or known.type == "branch" else TAG_TTL
+        return await self._resolved.get((addr, ref), ttl, load)
+
+    # -- commit listings ---------------------------------------------------------------------
+
+    async def index(self, addr: AssetAddr, commit_id: str, created: float) -> CommitIndex:
+        """The commit's objects as directories: memory, then disk, then the hub (once)."""
+        while commit_id in self._index_loading:
+            await self._index_loading[commit_id].wait()
+        found = self._indexes.get(commit_id)
+        if found is not None:
+            self._indexes.move_to_end(commit_id)
+            return found
+        event = trio.Event()
+        self._index_loading[commit_id] = event
+        try:
+            raw: Any = await trio.to_thread.run_sync(self._listings.get, commit_id)
+            if raw is None:
+                _, entries = await self.hub.list_objects(addr, commit_id)
+                raw = [(e.path, e.sha256, e.size, e.mtime, e.content_type) for e in entries]
+                await trio.to_thread.run_sync(self._listings.set, commit_id, raw)
+            index = await trio.to_thread.run_sync(
+                lambda: CommitIndex(commit_id, created, [ObjectEntry(*r) for r in raw]))
+        finally:
+            del self._index_loading[commit_id]
+            event.set()
+        self._indexes[commit_id] = index
+        while len(self._indexes) > MEMORY_INDEXES:
+            self._indexes.popitem(last=False)
+        return index
