@@ -19,7 +19,7 @@ import logging
 import os
 import random
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -517,7 +517,7 @@ async def _batch_body(files: Sequence[tuple[Path, str, int]],
 
 
 async def _file_chunks(path: Path, start: int, end: int,
-                       progress: Progress | None) -> AsyncIterator[bytes]:
+                       progress: Progress | None) -> AsyncGenerator[bytes, None]:
     handle = await anyio.to_thread.run_sync(path.open, "rb")
     try:
         await anyio.to_thread.run_sync(handle.seek, start)
