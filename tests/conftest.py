@@ -149,6 +149,72 @@ def hub_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]
     server.stop()
 
 
+class MountProcess:
+    """A real ``ah-mount`` daemon (background mode, as users run it) on a temp mountpoint."""
+
+    def __init__(self, mountpoint: Path, *args: str) -> None:
+        self.mountpoint = mountpoint
+        self.args = list(args)
+        self.pid: int | None = None
+
+    def start(self) -> MountProcess:
+        result = subprocess.run([command("ah-mount"), str(self.mountpoint), *self.args],
+                                capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:
+            raise AssertionError(f"ah-mount failed: {result.stderr}")
+        self.pid = self.control("status")["pid"]
+        return self
+
+    def control(self, op: str, **args: object) -> dict:  # type: ignore[type-arg]
+        from ahmount.mount.control import call
+
+        result = call(self.mountpoint, op, dict(args))
+        assert isinstance(result, dict)
+        return result
+
+    def alive(self) -> bool:
+        return self.pid is not None and Path(f"/proc/{self.pid}").exists() and \
+            "zombie" not in _proc_state(self.pid)
+
+    def stop(self) -> None:
+        if os.path.ismount(self.mountpoint):
+            subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True)
+        if self.pid is not None:
+            wait_until(lambda: not self.alive(), timeout=30, what="ah-mount to exit")
+        if os.path.ismount(self.mountpoint):  # a daemon that died left it behind
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)],
+                           capture_output=True)
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return "zombie"
+    for line in status.splitlines():
+        if line.startswith("State:"):
+            return line
+    return ""
+
+
+@pytest.fixture
+def mount_factory(tmp_path: Path) -> Iterator[object]:
+    """Start mounts with ``mount_factory(*args)``; all are stopped after the test."""
+    if not Path("/dev/fuse").exists():
+        pytest.skip("no /dev/fuse on this machine")
+    started: list[MountProcess] = []
+
+    def start(*args: str, mountpoint: Path | None = None) -> MountProcess:
+        point = mountpoint or tmp_path / f"mnt{len(started)}"
+        m = MountProcess(point, *args)
+        started.append(m)
+        return m.start()
+
+    yield start
+    for m in started:
+        m.stop()
+
+
 _counter = iter(range(1_000_000))
 
 

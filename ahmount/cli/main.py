@@ -11,8 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, cast
 
 from ahmount import ah
@@ -20,7 +23,7 @@ from ahmount.cli.exit_codes import USAGE, exit_code
 from ahmount.cli.tables import render, table_for
 from ahmount.client.hub_client import HubClient
 from ahmount.config import load_config, make_config, remove_config, save_config
-from ahmount.errors import InvalidArgument
+from ahmount.errors import Conflict, InvalidArgument, NotFound
 from ahmount.paths import parse
 from ahmount.sync_runner import run_sync
 
@@ -199,6 +202,56 @@ def cmd_share(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mount_of(path: str | None) -> Path:
+    """The mountpoint that contains ``path`` (default: the current directory)."""
+    from ahmount.mount.control import find_mount
+
+    target = Path(path or os.getcwd())
+    found = find_mount(target)
+    if found is None:
+        raise NotFound(f"{target} is not inside an ah-mount", path=str(target))
+    return found[0]
+
+
+def cmd_unmount(args: argparse.Namespace) -> int:
+    from ahmount.mount.control import call
+
+    mountpoint = _mount_of(args.path)
+    call(mountpoint, "unmount")
+    deadline = time.monotonic() + args.timeout
+    while os.path.ismount(mountpoint):
+        if time.monotonic() > deadline:
+            raise Conflict(f"{mountpoint} is still mounted after {args.timeout}s (busy?)")
+        time.sleep(0.05)
+    print(f"{mountpoint} unmounted")
+    return 0
+
+
+def cmd_mount_op(args: argparse.Namespace) -> int:
+    from ahmount.mount.control import call
+
+    mountpoint = _mount_of(args.path)
+    op_args = {"action": "drop" if args.drop else "stats"} if args.op == "cache" else {}
+    result = call(mountpoint, args.op, op_args)
+    if args.json or not isinstance(result, dict):
+        _print_json(result)
+    else:
+        for key, value in _flatten(result):
+            print(f"{key}: {value}")
+    return 0
+
+
+def _flatten(value: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for key in sorted(value):
+        item = value[key]
+        if isinstance(item, dict):
+            out.extend(_flatten(item, f"{prefix}{key}."))
+        else:
+            out.append((f"{prefix}{key}", item))
+    return out
+
+
 # -- parser -----------------------------------------------------------------------------------
 
 def _sub(subs: Any, name: str, handler: Handler, help_: str, example: str,
@@ -303,6 +356,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revoke", action="store_true", help="stop sharing with USER")
     p.add_argument("--public", action="store_true")
     p.add_argument("--private", action="store_true")
+
+    p = _sub(subs, "unmount", cmd_unmount, "unmount an ah-mount (queued edits are kept)",
+             "ah unmount ~/assets")
+    p.add_argument("path", nargs="?")
+    p.add_argument("--timeout", type=float, default=30.0)
+
+    for op, help_ in (("refresh", "forget cached listings: show changes made elsewhere now"),
+                      ("stats", "counters of a mount: FUSE ops, cache hits, bytes fetched"),
+                      ("cache", "cache usage of a mount; --drop empties it")):
+        p = _sub(subs, op, cmd_mount_op, help_, f"ah {op} ~/assets")
+        if op == "cache":
+            p.add_argument("--drop", action="store_true", help="empty the cache")
+        p.add_argument("path", nargs="?", help="a path inside the mount (default: .)")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(op=op)
     return parser
 
 

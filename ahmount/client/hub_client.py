@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import threading
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,7 @@ class HubClient:
         timeout: float = 60.0,
         retries: int = 5,
         backoff: float = 0.2,
+        down_for: float = 0.0,
     ) -> None:
         headers = {"user-agent": "ahmount"}
         if api_key:
@@ -146,6 +148,10 @@ class HubClient:
         self.data_url = data_url or base_url
         self.retries = retries
         self.backoff = backoff
+        #: After retries are exhausted, fail at once for this many seconds instead of retrying
+        #: every request again (a mount would otherwise stall each syscall on a dead hub).
+        self.down_for = down_for
+        self._down_until = 0.0
         self._http = httpx.AsyncClient(
             base_url=base_url, headers=headers, transport=transport,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
@@ -162,13 +168,14 @@ class HubClient:
         return cls("http://embedded", transport=StreamingASGITransport(app))
 
     @classmethod
-    def from_config(cls, config: ClientConfig | None = None, retries: int = 5) -> HubClient:
+    def from_config(cls, config: ClientConfig | None = None, retries: int = 5,
+                    down_for: float = 0.0) -> HubClient:
         """The hub ``ah login`` configured, or the embedded hub when none is."""
         config = config or load_config()
         if not config.ah_host:
             return cls.embedded()
         return cls(config.ah_host, api_key=config.api_key, data_url=config.ais_host,
-                   timeout=config.timeout or 60.0, retries=retries)
+                   timeout=config.timeout or 60.0, retries=retries, down_for=down_for)
 
     async def __aenter__(self) -> HubClient:
         await self._http.__aenter__()
@@ -183,6 +190,9 @@ class HubClient:
                     **kwargs: Any) -> httpx.Response:
         """Send with retries; returns a successful response (streamed if ``stream``)."""
         idempotent = method in ("GET", "HEAD", "PUT", "DELETE")
+        if self._down_until > time.monotonic():
+            raise errors.HubUnavailable(
+                f"hub at {self.base_url} is unreachable (failing fast for a moment)", path=url)
         attempt = 0
         while True:
             try:
@@ -212,6 +222,7 @@ class HubClient:
             if attempt > self.retries or ("content" in kwargs and not isinstance(
                 kwargs["content"], bytes | str
             )):
+                self._down_until = time.monotonic() + self.down_for
                 raise errors.HubUnavailable(
                     f"hub at {self.base_url} is unreachable ({method} {url}): {failure}",
                     path=url,

@@ -101,11 +101,15 @@ def _setup_logging(level: str, foreground: bool) -> Path:
 
 
 def recover_stale(mountpoint: Path) -> None:
-    """Unmount what a crashed daemon left (``ENOTCONN``), then make sure the path exists."""
+    """Unmount what a crashed daemon left ("Transport endpoint is not connected" or
+    "Software caused connection abort"), then make sure the path exists."""
     try:
-        os.stat(mountpoint)
+        # stat() of a dead FUSE mount may still succeed from cached attributes; reading the
+        # directory reaches the (missing) daemon.
+        with os.scandir(mountpoint) as entries:
+            next(entries, None)
     except OSError as exc:
-        if exc.errno == errno.ENOTCONN:
+        if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED):  # the latter on newer kernels
             log.warning("%s was left mounted by a dead daemon; unmounting it", mountpoint)
             subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False,
                            capture_output=True)
@@ -141,7 +145,8 @@ class Mount:
 
     async def run(self, ready: Callable[[], None]) -> None:
         cache_dir = dirs().cache
-        async with HubClient.from_config(self.config) as hub:
+        # Few retries and a short fail-fast window: a syscall should not hang on a dead hub.
+        async with HubClient.from_config(self.config, retries=2, down_for=2.0) as hub:
             me = await hub.whoami()
             listings = diskcache.Cache(str(cache_dir / "listings"), size_limit=4 << 30)
             cache = ObjectCache(cache_dir / "objects", self.cache_size)
@@ -212,7 +217,8 @@ class Mount:
                     "uncached_reads": s.uncached_reads, "dropped": dropped}
 
         async def stats(args: dict[str, Any]) -> dict[str, Any]:
-            return {"fuse_ops": dict(ops.op_counts), "cache": await cache({})}
+            return {"fuse_ops": dict(ops.op_counts), "cache": await cache({}),
+                    "listing_fetches": ops.view.listing_fetches}
 
         async def unmount(args: dict[str, Any]) -> dict[str, Any]:
             pyfuse3.terminate()

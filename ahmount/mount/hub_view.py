@@ -143,6 +143,8 @@ class HubView:
         self._resolved: TtlCache[tuple[AssetAddr, str], Resolved] = TtlCache()
         self._indexes: OrderedDict[str, CommitIndex] = OrderedDict()
         self._index_loading: dict[str, trio.Event] = {}
+        #: Commit listings fetched from the hub (each commit at most once per cache).
+        self.listing_fetches = 0
 
     def invalidate(self) -> None:
         """Forget every cached listing that can change (``ah refresh``)."""
@@ -231,6 +233,7 @@ class HubView:
         try:
             raw: Any = await trio.to_thread.run_sync(self._listings.get, commit_id)
             if raw is None:
+                self.listing_fetches += 1
                 _, entries = await self.hub.list_objects(addr, commit_id)
                 raw = [(e.path, e.sha256, e.size, e.mtime, e.content_type) for e in entries]
                 await trio.to_thread.run_sync(self._listings.set, commit_id, raw)

@@ -1,0 +1,336 @@
+"""The mount's read path: real ``ah-mount`` daemons, driven with plain os calls and tools."""
+
+from __future__ import annotations
+
+import errno
+import getpass
+import hashlib
+import os
+import signal
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from ahmount import ah
+from ahmount.client.hub_client import HubClient
+from ahmount.hub.models import AssetAddr, FolderAddr, ObjectEntry
+from ahmount.sync_runner import run_sync
+from tests.conftest import HubProcess, MountProcess, command, wait_until
+
+Mounter = Callable[..., MountProcess]
+ME = getpass.getuser()
+
+
+@pytest.fixture(autouse=True)
+def fresh_api_state() -> None:
+    ah._session = None
+    ah._logged_out = False
+    ah._me.clear()
+
+
+@pytest.fixture
+def populated(tmp_path: Path) -> Path:
+    """model/llm/gpt2 with main (2 files), branch v1 (1 file) and tag t1; a dataset too."""
+    src = tmp_path / "src"
+    (src / "weights").mkdir(parents=True)
+    (src / "weights" / "model.bin").write_bytes(os.urandom(3 << 20))
+    (src / "config.json").write_text('{"layers": 12}')
+    ah.create("model/llm", labels=["nlp"], description="language models")
+    ah.create("model/llm/gpt2", labels=["PyTorch"])
+    ah.commit("model/llm/gpt2", msg="weights", add=[str(src / "weights"),
+                                                     str(src / "config.json")])
+    ah.create("model/llm/gpt2:v1")
+    ah.commit("model/llm/gpt2:v1", msg="v1", add={str(src / "config.json"): "v1.json"})
+    ah.create("model/llm/gpt2:t1", create_tag=True, source="main")
+    ah.create("dataset/images")
+    ah.create("dataset/images/cifar10")
+    return src
+
+
+def test_tree_and_attributes(mount_factory: Mounter, populated: Path) -> None:
+    m = mount_factory()
+    root = m.mountpoint
+    assert sorted(os.listdir(root)) == ["dataset", "model", "public", "shared"]
+    assert os.listdir(root / "model") == ["llm"]
+    assert os.listdir(root / "model" / "llm") == ["gpt2"]
+    assert sorted(os.listdir(root / "model/llm/gpt2")) == ["main", "t1", "v1"]
+    main = root / "model/llm/gpt2/main"
+    assert sorted(os.listdir(main)) == ["config.json", "weights"]
+    data = (main / "weights/model.bin").read_bytes()
+    assert data == (populated / "weights/model.bin").read_bytes()
+    assert (main / "config.json").read_text() == '{"layers": 12}'
+    st = os.stat(main / "weights/model.bin")
+    assert st.st_size == 3 << 20
+    assert int(st.st_mtime) == int((populated / "weights/model.bin").stat().st_mtime)
+    assert stat.S_IMODE(st.st_mode) == 0o644 and stat.S_IMODE(os.stat(main).st_mode) == 0o755
+    tag_file = root / "model/llm/gpt2/t1/config.json"
+    assert stat.S_IMODE(os.stat(tag_file).st_mode) == 0o444
+    assert stat.S_IMODE(os.stat(tag_file.parent).st_mode) == 0o555
+    assert os.listdir(root / "model/llm/gpt2/v1") == ["v1.json"]
+    # Commits are found by prefix lookup but not listed.
+    head = ah.list("model/llm/gpt2", resource="commit")[0]["id"]
+    by_commit = root / f"model/llm/gpt2/{head[:6]}"
+    assert sorted(os.listdir(by_commit)) == ["config.json", "weights"]
+    assert head[:6] not in os.listdir(root / "model/llm/gpt2")
+    with pytest.raises(FileNotFoundError):
+        os.stat(root / "model/llm/gpt2/abc")  # 3 hex characters: no commit lookup
+    with pytest.raises(FileNotFoundError):
+        os.stat(root / "model/nothing")
+    # xattrs
+    sha = hashlib.sha256(data).hexdigest()
+    assert os.getxattr(main / "weights/model.bin", "user.ah.sha256").decode() == sha
+    assert os.getxattr(root / "model/llm", "user.ah.labels") == b"nlp"
+    assert os.getxattr(root / "model/llm/gpt2/main", "user.ah.path").decode() == \
+        f"/{ME}/t9k-assethub/model/llm/gpt2:main"
+    assert "user.ah.sha256" in os.listxattr(main / "config.json")
+
+
+def test_inodes_are_stable(mount_factory: Mounter, populated: Path) -> None:
+    m = mount_factory("--refresh", "0.2")
+    path = m.mountpoint / "model/llm/gpt2/main/config.json"
+    first = os.stat(path).st_ino
+    os.listdir(m.mountpoint / "model/llm/gpt2/main")
+    time.sleep(0.3)  # past the refresh delay: attributes are asked for again
+    assert os.stat(path).st_ino == first
+    assert os.stat(m.mountpoint / "model/llm/gpt2/main").st_ino != first
+
+
+def test_read_only_places_and_unsupported_types(mount_factory: Mounter,
+                                                populated: Path) -> None:
+    m = mount_factory()
+    tag = m.mountpoint / "model/llm/gpt2/t1"
+    for action in (
+        lambda: open(tag / "config.json", "w"),  # noqa: SIM115
+        lambda: os.mkdir(tag / "new"),
+        lambda: os.unlink(tag / "config.json"),
+        lambda: os.rename(tag / "config.json", tag / "x.json"),
+    ):
+        with pytest.raises(OSError) as info:
+            action()
+        assert info.value.errno == errno.EROFS
+    with pytest.raises(OSError) as info:
+        os.symlink("config.json", m.mountpoint / "model/llm/gpt2/main/link")
+    assert info.value.errno in (errno.EPERM, errno.EROFS)
+
+
+def test_reading_the_end_of_a_huge_object_fetches_a_bounded_range(
+        mount_factory: Mounter, tmp_path: Path) -> None:
+    big = tmp_path / "huge.bin"
+    size = (2 << 30) + 12345
+    with big.open("wb") as handle:  # sparse: fast to make, real bytes to the hub
+        handle.truncate(size)
+        handle.seek(size - 4096)
+        handle.write(os.urandom(4096))
+    tail = big.read_bytes()[-4096:] if False else _tail(big, 4096)
+    ah.create("dataset/big")
+    ah.create("dataset/big/one")
+    ah.commit("dataset/big/one", msg="huge", add=[str(big)])
+    m = mount_factory()
+    before = m.control("cache")["bytes_fetched"]
+    with open(m.mountpoint / "dataset/big/one/main/huge.bin", "rb") as handle:
+        handle.seek(size - 4096)
+        assert handle.read(4096) == tail
+    fetched = m.control("cache")["bytes_fetched"] - before
+    assert 0 < fetched <= 4 << 20, fetched
+
+
+def _tail(path: Path, n: int) -> bytes:
+    with path.open("rb") as handle:
+        handle.seek(-n, os.SEEK_END)
+        return handle.read()
+
+
+def test_concurrent_readers_cause_one_download(mount_factory: Mounter,
+                                               populated: Path) -> None:
+    m = mount_factory()
+    path = m.mountpoint / "model/llm/gpt2/main/weights/model.bin"
+    results: list[bytes] = []
+
+    def reader() -> None:
+        with open(path, "rb", buffering=0) as handle:
+            results.append(handle.read())
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(results)) == 1 and len(results[0]) == 3 << 20
+    assert m.control("cache")["bytes_fetched"] == 3 << 20
+
+
+def test_cache_is_bounded_lru_and_survives_restart(mount_factory: Mounter,
+                                                   tmp_path: Path) -> None:
+    src = tmp_path / "blobs"
+    src.mkdir()
+    for i in range(4):
+        (src / f"f{i}.bin").write_bytes(os.urandom(6 << 20))
+    ah.create("dataset/c")
+    ah.create("dataset/c/files")
+    ah.commit("dataset/c/files", msg="files", add=[f"{src}/*"])
+    m = mount_factory("--cache-size", "16M")
+    base = m.mountpoint / "dataset/c/files/main"
+    for i in range(4):
+        assert (base / f"f{i}.bin").read_bytes() == (src / f"f{i}.bin").read_bytes()
+        assert m.control("cache")["used_bytes"] <= 16 << 20
+    stats = m.control("cache")
+    assert stats["evictions"] >= 2 and stats["used_bytes"] <= 16 << 20
+    # The most recent file is still cached after a remount: no bytes fetched for it.
+    m.stop()
+    m2 = mount_factory("--cache-size", "16M", mountpoint=m.mountpoint)
+    assert (m2.mountpoint / "dataset/c/files/main/f3.bin").read_bytes() == \
+        (src / "f3.bin").read_bytes()
+    assert m2.control("cache")["bytes_fetched"] == 0
+    assert m2.control("cache", action="drop")["dropped"] >= 1
+    assert m2.control("cache")["used_bytes"] == 0
+
+
+def test_listing_100k_objects_asks_the_hub_once(mount_factory: Mounter) -> None:
+    async def populate() -> None:
+        async with HubClient.embedded() as hub:
+            folder = FolderAddr(ME, "dataset", "huge")
+            await hub.create_folder(folder)
+            addr = AssetAddr(folder, "many")
+            await hub.create_asset(addr)
+            empty = hashlib.sha256(b"").hexdigest()
+            await hub.upload_batch([])
+            path = Path(os.environ["AHMOUNT_HOME"]) / "empty"
+            path.touch()
+            await hub.upload_file(path, empty, 0)
+            entries = [ObjectEntry(f"d{i // 1000:03d}/{i:06d}.txt", empty, 0, 1.0)
+                       for i in range(100_000)]
+            await hub.commit(addr, "main", "100k", adds=entries)
+
+    run_sync(populate)
+    m = mount_factory()
+    found = subprocess.run(["find", str(m.mountpoint / "dataset/huge/many/main"), "-type", "f"],
+                           capture_output=True, text=True, check=True, timeout=300)
+    assert len(found.stdout.splitlines()) == 100_000
+    du = subprocess.run(["du", "-s", "--apparent-size", str(m.mountpoint / "dataset/huge")],
+                        capture_output=True, text=True, check=True, timeout=300)
+    assert du.stdout.split()[0] == "0"
+    assert m.control("stats")["listing_fetches"] == 1
+
+
+def test_branch_moved_elsewhere_shows_within_the_refresh_delay(
+        mount_factory: Mounter, populated: Path) -> None:
+    m = mount_factory("--refresh", "0.5")
+    branch = m.mountpoint / "model/llm/gpt2/v1"
+    assert os.listdir(branch) == ["v1.json"]
+    with open(branch / "v1.json", "rb") as pinned:
+        ah.commit("model/llm/gpt2:v1", msg="elsewhere", delete=["v1.json"],
+                  add={str(populated / "weights"): "w"})
+        wait_until(lambda: sorted(os.listdir(branch)) == ["w"], timeout=10,
+                   what="the new commit to show")
+        # A handle opened before the move still reads the bytes it opened.
+        assert pinned.read() == b'{"layers": 12}'
+    assert (branch / "w/model.bin").read_bytes() == \
+        (populated / "weights/model.bin").read_bytes()
+
+
+def test_shared_and_public_folders(mount_factory: Mounter, populated: Path) -> None:
+    from ahmount.client.hub_client import embedded_app
+    from ahmount.config import dirs
+
+    service = embedded_app(dirs().data / "hub").state.service
+    bob = service.ensure_user("bob")
+    service.create_folder(bob, FolderAddr("bob", "model", "shared-llm"))
+    service.create_asset(bob, AssetAddr(FolderAddr("bob", "model", "shared-llm"), "m"))
+    service.share_folder(bob, FolderAddr("bob", "model", "shared-llm"), ME, "view")
+    service.create_folder(bob, FolderAddr("bob", "dataset", "open"))
+    service.set_public(bob, FolderAddr("bob", "dataset", "open"), True)
+    service.create_folder(bob, FolderAddr("bob", "model", "private"))
+    m = mount_factory()
+    assert os.listdir(m.mountpoint / "shared/model") == ["bob"]
+    assert os.listdir(m.mountpoint / "shared/model/bob") == ["shared-llm"]
+    assert os.listdir(m.mountpoint / "shared/model/bob/shared-llm/m") == ["main"]
+    assert stat.S_IMODE(os.stat(m.mountpoint / "shared/model/bob/shared-llm").st_mode) == 0o555
+    assert os.listdir(m.mountpoint / "public/dataset/bob") == ["open"]
+    with pytest.raises(FileNotFoundError):
+        os.stat(m.mountpoint / "shared/model/bob/private")
+
+
+def test_hub_down_serves_cached_data_and_eio_for_the_rest(
+        mount_factory: Mounter, tmp_path: Path) -> None:
+    server = HubProcess(tmp_path / "hubdata")
+    key = server.add_user("dora")
+    server.start()
+    try:
+        async def populate() -> None:
+            async with HubClient(server.url, api_key=key) as hub:
+                folder = FolderAddr("dora", "dataset", "d")
+                await hub.create_folder(folder)
+                addr = AssetAddr(folder, "x")
+                await hub.create_asset(addr)
+                entries = []
+                for name in ("cached.bin", "uncached.bin"):
+                    p = tmp_path / name
+                    p.write_bytes(os.urandom(100_000))
+                    sha = hashlib.sha256(p.read_bytes()).hexdigest()
+                    await hub.upload_file(p, sha, 100_000)
+                    entries.append(ObjectEntry(name, sha, 100_000, 1.0))
+                await hub.commit(addr, "main", "two", adds=entries)
+
+        trio.run(populate)
+        m = mount_factory("--hub", server.url, "--api-key", key, "--refresh", "0.2")
+        main = m.mountpoint / "dataset/d/x/main"
+        assert (main / "cached.bin").read_bytes() == (tmp_path / "cached.bin").read_bytes()
+        os.stat(main / "uncached.bin")
+    finally:
+        server.stop()
+    time.sleep(0.3)  # let the listings expire: they must be served stale, not fail
+    assert (main / "cached.bin").read_bytes() == (tmp_path / "cached.bin").read_bytes()
+    assert sorted(os.listdir(main)) == ["cached.bin", "uncached.bin"]
+    with pytest.raises(OSError) as info:
+        (main / "uncached.bin").read_bytes()
+    assert info.value.errno == errno.EIO
+    assert m.alive()
+    log = (Path(os.environ["AHMOUNT_HOME"]) / "cache/logs/ah-mount.log").read_text()
+    assert "unreachable" in log
+
+
+def test_unmount_by_command_signal_and_fusermount(mount_factory: Mounter,
+                                                  populated: Path) -> None:
+    m = mount_factory()
+    result = subprocess.run([command("ah"), "unmount", str(m.mountpoint)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert not os.path.ismount(m.mountpoint)
+    wait_until(lambda: not m.alive(), what="daemon exit after ah unmount")
+    m2 = mount_factory(mountpoint=m.mountpoint)
+    assert m2.pid is not None
+    os.kill(m2.pid, signal.SIGTERM)
+    wait_until(lambda: not m2.alive(), what="daemon exit after SIGTERM")
+    assert not os.path.ismount(m.mountpoint)
+    m3 = mount_factory(mountpoint=m.mountpoint)
+    subprocess.run(["fusermount3", "-u", str(m.mountpoint)], check=True)
+    wait_until(lambda: not m3.alive(), what="daemon exit after fusermount3 -u")
+
+
+def test_a_crashed_daemon_leaves_no_trap(mount_factory: Mounter, populated: Path) -> None:
+    m = mount_factory()
+    assert m.pid is not None
+    os.kill(m.pid, signal.SIGKILL)
+    wait_until(lambda: not m.alive(), what="daemon death")
+    with pytest.raises(OSError) as info:
+        os.listdir(m.mountpoint)
+    assert info.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    m2 = mount_factory(mountpoint=m.mountpoint)
+    assert os.listdir(m2.mountpoint / "model") == ["llm"]
+
+
+def test_bad_mount_arguments_are_refused(tmp_path: Path) -> None:
+    for args, fragment in ((["--cache-size", "lots"], "size 'lots'"),
+                           (["--cache-size", "1M"], "below the 16M"),
+                           (["--refresh", "0"], "must be positive"),
+                           (["--hub", "ftp://x"], "ah_host")):
+        result = subprocess.run([command("ah-mount"), str(tmp_path / "m"), *args],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and fragment in result.stderr, result.stderr
+        assert not os.path.ismount(tmp_path / "m")
