@@ -17,7 +17,7 @@ from typing import Protocol
 
 from ahmount.errors import ChecksumMismatch, InvalidArgument, NotFound, RangeNotSatisfiable
 
-READ_CHUNK = 1 << 20
+READ_CHUNK = 4 << 20
 
 
 class BlobStore(Protocol):

@@ -15,7 +15,7 @@ import stat
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pyfuse3
@@ -51,7 +51,7 @@ class HubSource:
     async def fetch(self, start: int, end: int) -> AsyncIterator[AsyncIterator[bytes]]:
         async with self.view.hub.open_object(self.asset, self.commit_id, self.path,
                                              start, end) as response:
-            yield response.aiter_bytes(BLOCK)
+            yield response.aiter_bytes()
 
 
 @dataclass
@@ -66,6 +66,7 @@ class FileHandle:
 @dataclass
 class DirHandle:
     inode: int
+    node: Node
     entries: list[tuple[str, Key]] = field(default_factory=list)
 
 
@@ -169,7 +170,7 @@ class AssetFS(pyfuse3.Operations):
         resolved = await self._resolve(loc)
         writable = can_edit and resolved.type == "branch"
         immutable = resolved.type != "branch"
-        if place is Place.REF:
+        if place is Place.REF:  # its listing is loaded when it is opened, not when stat'ed
             return Node(loc, True, writable, immutable, resolved.created, resolved=resolved)
         index = await self.view.index(loc.asset_addr, resolved.commit_id, resolved.created)
         found = index.lookup(loc.subpath)
@@ -180,6 +181,22 @@ class AssetFS(pyfuse3.Operations):
                         index=index)
         return Node(loc, False, writable, immutable, found.mtime, entry=found,
                     resolved=resolved, index=index)
+
+    def _child_in_commit(self, parent: Node, name: str, key: Key) -> Node | None:
+        """A child of a directory inside a commit, straight from the parent's index (listing
+        a 100,000-object tree must not resolve every entry from the top again)."""
+        index = parent.index
+        if index is None:
+            return None
+        subpath = f"{parent.loc.subpath}/{name}" if parent.loc.subpath else name
+        found = index.dirs.get(parent.loc.subpath, {}).get(name, "missing")
+        if found == "missing":
+            return None
+        loc = replace(parent.loc, place=Place.OBJECT, key=key, subpath=subpath)
+        if found is None:
+            return replace(parent, loc=loc, is_dir=True, entry=None)
+        assert isinstance(found, ObjectEntry)
+        return replace(parent, loc=loc, is_dir=False, entry=found, mtime=found.mtime)
 
     async def _resolve(self, loc: Location) -> Resolved:
         assert loc.ref is not None
@@ -292,8 +309,11 @@ class AssetFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         # The listing is a snapshot: entries added or removed later neither shift nor repeat
         # what a reader already got.
+        if node.loc.place is Place.REF and node.resolved is not None:
+            node = replace(node, index=await self.view.index(
+                node.loc.asset_addr, node.resolved.commit_id, node.resolved.created))
         names = await self.children(node)
-        return self._fh(DirHandle(inode, [(n, (*key, n)) for n in names]))
+        return self._fh(DirHandle(inode, node, [(n, (*key, n)) for n in names]))
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -303,8 +323,10 @@ class AssetFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         for position in range(start_id, len(handle.entries)):
             name, key = handle.entries[position]
+            child = self._child_in_commit(handle.node, name, key)
             try:
-                attrs = await self._entry(key)
+                attrs = self.attrs(child, self.inodes.ino(key)) if child else \
+                    await self._entry(key)
             except NotFound:
                 continue  # vanished since opendir: skip it, the snapshot keeps positions
             if not pyfuse3.readdir_reply(token, name.encode(), attrs, position + 1):
@@ -346,18 +368,26 @@ class AssetFS(pyfuse3.Operations):
         if not isinstance(handle, FileHandle):
             raise pyfuse3.FUSEError(errno.EBADF)
         source = handle.source
-        if off == handle.next_offset and off > 0:
-            handle.window = min(handle.window * 2, READAHEAD_MAX)
-        elif off != handle.next_offset:
+        # The kernel sends several reads of one stream at once, slightly out of order: a read
+        # near the stream's front counts as sequential.
+        sequential = abs(off - handle.next_offset) <= 2 * BLOCK
+        if not sequential:
             handle.window = READAHEAD_START
-            handle.prefetched_to = 0
+            handle.prefetched_to = off
+        elif off > 0:
+            handle.window = min(handle.window * 2, READAHEAD_MAX)
         data = await self.cache.read(source, off, size)
-        handle.next_offset = off + len(data)
-        ahead_end = min(handle.next_offset + handle.window, source.size)
-        if off > 0 and handle.next_offset < source.size and ahead_end > handle.prefetched_to:
-            first = max(handle.next_offset, handle.prefetched_to) // BLOCK
-            self.cache.prefetch(source, first, (ahead_end - 1) // BLOCK)
-            handle.prefetched_to = ahead_end
+        end = off + len(data)
+        handle.next_offset = max(handle.next_offset, end) if sequential else end
+        if sequential and handle.next_offset < source.size:
+            # Read ahead in large runs (one ranged request each), refilled whenever less than
+            # half a window lies ahead: few requests, many bytes in flight, bounded memory
+            # (blocks stream to the cache file as they arrive).
+            target = min(handle.next_offset + handle.window, source.size)
+            start = max(handle.prefetched_to, handle.next_offset)
+            if target - start >= handle.window // 2 or target == source.size > start:
+                self.cache.prefetch(source, start // BLOCK, (target - 1) // BLOCK)
+                handle.prefetched_to = target
         return data
 
     @fuse_errors

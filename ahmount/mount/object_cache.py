@@ -39,6 +39,8 @@ BLOCK = 1 << 20
 #: the background once complete (a corrupt one is then dropped and logged).
 VERIFY_INLINE = 64 << 20
 INDEX_FLUSH_SECONDS = 1.0
+#: Bytes gathered before one write to the cache file (fewer thread hand-offs).
+WRITE_BATCH = 4 * BLOCK
 
 
 class Source(Protocol):
@@ -107,6 +109,7 @@ class ObjectCache:
         self._removed: set[str] = set()
         self._inflight: dict[tuple[str, int], trio.Event] = {}
         self._pins: Counter[str] = Counter()
+        self._verifying: set[str] = set()
         self._used = 0
         self._fetch_limit = trio.CapacityLimiter(8)
         self._load()
@@ -291,25 +294,34 @@ class ObjectCache:
         raise OSError(5, f"could not fetch blocks {first}-{last} of blob {sha}")
 
     async def _fetch_run(self, source: Source, record: Record, first: int, last: int) -> None:
+        """Fetch blocks ``first..last`` with one ranged request, writing them as they arrive
+        (a few blocks per write, so that thread hand-offs stay few)."""
         sha = source.sha256
         start, end = first * BLOCK, min((last + 1) * BLOCK, source.size)
         index = first
         try:
             async with self._fetch_limit:
                 path = self._path(sha)
-                await trio.to_thread.run_sync(_ensure_file, path)
-                buffer = bytearray()
-                async with source.fetch(start, end) as chunks:
-                    async for chunk in chunks:
-                        self.stats.bytes_fetched += len(chunk)
-                        buffer += chunk
-                        while len(buffer) >= BLOCK or (
-                            buffer and index * BLOCK + len(buffer) >= end
-                        ):
-                            piece = bytes(buffer[:BLOCK])
-                            del buffer[:BLOCK]
-                            await self._store_block(sha, record, path, index, piece)
-                            index += 1
+                fd = await trio.to_thread.run_sync(_open_for_write, path)
+                try:
+                    pending: list[bytes] = []
+                    pending_bytes = 0
+                    async with source.fetch(start, end) as chunks:
+                        async for chunk in chunks:
+                            self.stats.bytes_fetched += len(chunk)
+                            pending.append(chunk)
+                            pending_bytes += len(chunk)
+                            arrived_end = index * BLOCK + pending_bytes
+                            if pending_bytes >= WRITE_BATCH or arrived_end >= end:
+                                data = b"".join(pending)
+                                whole = len(data) if arrived_end >= end else \
+                                    len(data) // BLOCK * BLOCK
+                                await self._store_blocks(sha, record, fd, index, data[:whole])
+                                index += -(-whole // BLOCK)
+                                pending = [data[whole:]] if whole < len(data) else []
+                                pending_bytes = len(data) - whole
+                finally:
+                    os.close(fd)
                 if index <= last:
                     raise OSError(5, f"hub sent a short range for blob {sha}")
         finally:
@@ -318,25 +330,36 @@ class ObjectCache:
                 if event is not None:
                     event.set()
 
-    async def _store_block(self, sha: str, record: Record, path: Path, index: int,
-                           data: bytes) -> None:
+    async def _store_blocks(self, sha: str, record: Record, fd: int, first: int,
+                            data: bytes) -> None:
+        """Write whole blocks starting at block ``first`` (the object's last block may be
+        short) and mark them present."""
         self._reserve(sha, len(data))
         self._used += len(data)  # reserved now, before the thread yields control
         try:
-            await trio.to_thread.run_sync(_pwrite, path, index * BLOCK, data)
+            await trio.to_thread.run_sync(os.pwrite, fd, data, first * BLOCK)
         except BaseException:
             self._used -= len(data)
             raise
         if self._records.get(sha) is not record:
             self._used -= len(data)  # evicted while we wrote: the file is gone already
             return
-        record.blocks |= 1 << index
+        count = -(-len(data) // BLOCK)
+        record.blocks |= ((1 << count) - 1) << first
         self._dirty.add(sha)
-        self._inflight.pop((sha, index), trio.Event()).set()
+        for index in range(first, first + count):
+            self._inflight.pop((sha, index), trio.Event()).set()
 
     async def _verify(self, sha: str, record: Record, inline: bool) -> None:
+        if sha in self._verifying:
+            return  # one hash of an object at a time; readers do not wait for a background one
+
         async def check() -> None:
-            actual = await trio.to_thread.run_sync(_hash_file, self._path(sha))
+            self._verifying.add(sha)
+            try:
+                actual = await trio.to_thread.run_sync(_hash_file, self._path(sha))
+            finally:
+                self._verifying.discard(sha)
             if actual == sha:
                 record.verified = True
                 self._dirty.add(sha)
@@ -372,18 +395,9 @@ class ObjectCache:
         self._spawn(run)
 
 
-def _ensure_file(path: Path) -> None:
+def _open_for_write(path: Path) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        path.touch()
-
-
-def _pwrite(path: Path, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-    finally:
-        os.close(fd)
+    return os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
 
 
 def _pread(path: Path, offset: int, size: int) -> bytes:
