@@ -334,3 +334,32 @@ def test_bad_mount_arguments_are_refused(tmp_path: Path) -> None:
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 2 and fragment in result.stderr, result.stderr
         assert not os.path.ismount(tmp_path / "m")
+
+
+def test_readdir_is_a_snapshot_while_the_branch_changes(mount_factory: Mounter,
+                                                        tmp_path: Path) -> None:
+    src = tmp_path / "many"
+    src.mkdir()
+    for i in range(3000):
+        (src / f"file-{i:05d}.txt").write_text(str(i))
+    ah.create("dataset/snap")
+    ah.create("dataset/snap/d")
+    ah.commit("dataset/snap/d", msg="3000", add=[f"{src}/*"])
+    m = mount_factory("--refresh", "0.1")
+    directory = m.mountpoint / "dataset/snap/d/main"
+    seen: list[str] = []
+    with os.scandir(directory) as entries:
+        for _ in range(50):
+            seen.append(next(entries).name)
+        # The branch changes under the open directory: half the files go, others come.
+        (tmp_path / "new.txt").write_text("new")
+        ah.commit("dataset/snap/d", msg="churn",
+                  delete=[f"file-{i:05d}.txt" for i in range(0, 3000, 2)],
+                  add={str(tmp_path / "new.txt"): "aaa-new.txt"})
+        m.control("refresh")
+        seen.extend(e.name for e in entries)
+    assert len(seen) == len(set(seen)), "an entry was repeated"
+    assert set(seen) == {f"file-{i:05d}.txt" for i in range(3000)}, "an entry was skipped"
+    wait_until(lambda: "aaa-new.txt" in os.listdir(directory), timeout=10,
+               what="the new listing")
+    assert len(os.listdir(directory)) == 1501

@@ -189,14 +189,19 @@ class AssetFS(pyfuse3.Operations):
         if index is None:
             return None
         subpath = f"{parent.loc.subpath}/{name}" if parent.loc.subpath else name
-        found = index.dirs.get(parent.loc.subpath, {}).get(name, "missing")
-        if found == "missing":
+        children = index.dirs.get(parent.loc.subpath, {})
+        if name not in children:
             return None
-        loc = replace(parent.loc, place=Place.OBJECT, key=key, subpath=subpath)
+        found = children[name]
+        p = parent.loc
+        # Plain constructors, not dataclasses.replace: this runs once per listed entry.
+        loc = Location(Place.OBJECT, key, p.scope, p.kind, p.owner, p.folder, p.asset, p.ref,
+                       subpath)
         if found is None:
-            return replace(parent, loc=loc, is_dir=True, entry=None)
-        assert isinstance(found, ObjectEntry)
-        return replace(parent, loc=loc, is_dir=False, entry=found, mtime=found.mtime)
+            return Node(loc, True, parent.writable, parent.immutable, parent.mtime, None,
+                        parent.resolved, index)
+        return Node(loc, False, parent.writable, parent.immutable, found.mtime, found,
+                    parent.resolved, index)
 
     async def _resolve(self, loc: Location) -> Resolved:
         assert loc.ref is not None

@@ -110,6 +110,7 @@ class ObjectCache:
         self._inflight: dict[tuple[str, int], trio.Event] = {}
         self._pins: Counter[str] = Counter()
         self._verifying: set[str] = set()
+        self._fds: dict[str, int] = {}  # read descriptors of pinned objects
         self._used = 0
         self._fetch_limit = trio.CapacityLimiter(8)
         self._load()
@@ -156,6 +157,8 @@ class ObjectCache:
                 self.flush_index()
 
     def close(self) -> None:
+        for sha in list(self._fds):
+            self._close_fd(sha)
         self.flush_index()
         self._index.close()
 
@@ -177,6 +180,12 @@ class ObjectCache:
         self._pins[sha] -= 1
         if self._pins[sha] <= 0:
             del self._pins[sha]
+            self._close_fd(sha)
+
+    def _close_fd(self, sha: str) -> None:
+        fd = self._fds.pop(sha, None)
+        if fd is not None:
+            os.close(fd)
 
     def _record(self, sha: str, size: int) -> Record:
         record = self._records.get(sha)
@@ -206,6 +215,7 @@ class ObjectCache:
         record = self._records.pop(sha, None)
         if record is not None:
             self._used -= record.bytes_present()
+        self._close_fd(sha)
         self._path(sha).unlink(missing_ok=True)
         self._dirty.discard(sha)
         self._removed.add(sha)
@@ -242,8 +252,19 @@ class ObjectCache:
         record.last_used = time.time()
         if record.complete() and not record.verified:
             await self._verify(source.sha256, record, inline=source.size <= VERIFY_INLINE)
-        path = self._path(source.sha256)
-        return await trio.to_thread.run_sync(_pread, path, offset, end - offset)
+        # Read in the event loop, without a thread hand-off: the block was just written or is
+        # on local disk, and a pread of a FUSE-sized piece costs less than the hand-off.
+        fd = self._fds.get(source.sha256)
+        if fd is None:
+            fd = os.open(self._path(source.sha256), os.O_RDONLY)
+            if source.sha256 in self._pins:
+                self._fds[source.sha256] = fd
+            else:
+                try:
+                    return os.pread(fd, end - offset, offset)
+                finally:
+                    os.close(fd)
+        return os.pread(fd, end - offset, offset)
 
     async def _read_uncached(self, source: Source, offset: int, end: int) -> bytes:
         parts: list[bytes] = []
@@ -398,14 +419,6 @@ class ObjectCache:
 def _open_for_write(path: Path) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     return os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-
-
-def _pread(path: Path, offset: int, size: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.pread(fd, size, offset)
-    finally:
-        os.close(fd)
 
 
 def _hash_file(path: Path) -> str:

@@ -1,0 +1,62 @@
+"""The errno boundary: every error a FUSE handler meets becomes one errno, and bugs never
+escape into pyfuse3.main()."""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+import httpx
+import pyfuse3
+import pytest
+
+from ahmount import errors
+from ahmount.mount.errno_map import errno_for, fuse_errors
+
+
+@pytest.mark.parametrize(
+    ("exc", "number"),
+    [
+        (errors.NotFound("x"), errno.ENOENT),
+        (errors.AlreadyExists("x"), errno.EEXIST),
+        (errors.PermissionDenied("x"), errno.EACCES),
+        (errors.UnknownChanges("x"), errno.EBUSY),
+        (errors.InvalidArgument("x"), errno.EINVAL),
+        (errors.ChecksumMismatch("x"), errno.EIO),
+        (errors.HubUnavailable("x"), errno.EIO),
+        (httpx.ReadTimeout("x"), errno.EIO),
+        (OSError(errno.ENOSPC, "full"), errno.ENOSPC),
+        (RuntimeError("bug"), errno.EIO),
+    ],
+)
+def test_errno_for(exc: BaseException, number: int) -> None:
+    assert errno_for(exc) == number
+
+
+async def test_a_bug_becomes_eio_and_a_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    @fuse_errors
+    async def lookup() -> None:
+        raise KeyError("oops")
+
+    with caplog.at_level(logging.ERROR, "ahmount.mount"), pytest.raises(pyfuse3.FUSEError) as info:
+        await lookup()
+    assert info.value.errno == errno.EIO
+    assert "bug in lookup" in caplog.text and "KeyError" in caplog.text
+
+
+async def test_domain_errors_keep_their_errno() -> None:
+    @fuse_errors
+    async def read() -> None:
+        raise errors.HubUnavailable("hub is down")
+
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await read()
+    assert info.value.errno == errno.EIO
+
+    @fuse_errors
+    async def passthrough() -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await passthrough()
+    assert info.value.errno == errno.EROFS
