@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,6 +115,116 @@ class HubProcess:
         self.proc = None
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class PostgresCluster:
+    """A private PostgreSQL server for the test session, on 127.0.0.1 and a free port,
+    started from Debian's binaries as the postgres user (the server refuses root)."""
+
+    def __init__(self) -> None:
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+        if not found:
+            pytest.fail("PostgreSQL is not installed; run ./install.sh --dev")
+        self.bin = found[-1].parent
+        self.dir = Path(tempfile.mkdtemp(prefix="ah-pg-"))
+        shutil.chown(self.dir, "postgres", "postgres")
+        self.port = free_port()
+        self._counter = 0
+
+    def _as_postgres(self, *args: str) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", *args], check=True,
+                       capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        data = self.dir / "data"
+        self._as_postgres(str(self.bin / "initdb"), "-D", str(data), "-A", "trust",
+                          "-U", "postgres", "--no-sync")
+        options = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
+                   "-c fsync=off -c synchronous_commit=off -c max_connections=300")
+        self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(data), "-o", options, "-w",
+                          "-l", str(self.dir / "log"), "start")
+
+    def stop(self) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", str(self.bin / "pg_ctl"), "-D",
+                        str(self.dir / "data"), "-m", "fast", "-w", "stop"],
+                       capture_output=True, timeout=120)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def new_database(self) -> str:
+        """A fresh, empty database; returns its postgresql:// URL."""
+        import psycopg
+
+        self._counter += 1
+        name = f"ah_test_{os.getpid()}_{self._counter}"
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres",
+                             autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
+
+
+class S3Server:
+    """An S3-protocol server on 127.0.0.1 for the session: moto's server mode (PyPI), the S3
+    implementation boto3's own test suites are checked against; MinIO is not packaged for PyPI
+    or Debian."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log_dir / "moto.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen([command("moto_server"), "-H", "127.0.0.1", "-p",
+                                          str(self.port)], stdout=log, stderr=log)
+
+        def up() -> bool:
+            try:
+                return httpx.get(self.url, timeout=1).status_code < 500
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, what="the S3 server")
+        self.client().create_bucket(Bucket="ahmount-test")
+
+    def client(self) -> object:
+        from ahmount.hub.s3_blobs import make_s3_client
+
+        return make_s3_client(self.url, "us-east-1", "test", "test")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    cluster = PostgresCluster()
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    server.start()
+    yield server
+    server.stop()
+
+
+def scale_args(postgres: PostgresCluster, s3: S3Server, prefix: str) -> list[str]:
+    """ah-server flags for PostgreSQL metadata and S3 blobs (a fresh database and prefix)."""
+    return ["--db", postgres.new_database(), "--blobs", f"s3://ahmount-test/{prefix}",
+            "--s3-endpoint", s3.url, "--s3-region", "us-east-1",
+            "--s3-access-key", "test", "--s3-secret-key", "test"]
+
+
 @pytest.fixture(autouse=True)
 def ahmount_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "ahmount-home"
@@ -121,9 +232,21 @@ def ahmount_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
-@pytest.fixture
-def service(tmp_path: Path) -> Iterator[HubService]:
-    with open_hub(tmp_path / "hub") as svc:
+@pytest.fixture(params=["sqlite-local", "postgres-s3"])
+def service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[HubService]:
+    """The hub's service on each pair of stores: SQLite + a blob directory (embedded), and
+    PostgreSQL + S3 (at scale)."""
+    if request.param == "sqlite-local":
+        with open_hub(tmp_path / "hub") as svc:
+            yield svc
+        return
+    from ahmount.hub.open import S3Options
+
+    cluster: PostgresCluster = request.getfixturevalue("postgres")
+    s3server: S3Server = request.getfixturevalue("s3")
+    options = S3Options(s3server.url, "us-east-1", "test", "test")
+    with open_hub(tmp_path / "hub", cluster.new_database(),
+                  f"s3://ahmount-test/{tmp_path.name}", options) as svc:
         yield svc
 
 
@@ -137,16 +260,34 @@ def bob(service: HubService) -> Actor:
     return service.ensure_user("bob")
 
 
-@pytest.fixture(scope="session")
-def hub_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
-    """One ah-server for the session, with users alice, bob and carol."""
-    root = tmp_path_factory.mktemp("server")
-    server = HubProcess(root / "data")
-    for name in ("alice", "bob", "carol"):
-        server.add_user(name)
+def _session_server(root: Path, extra: list[str]) -> Iterator[HubProcess]:
+    server = HubProcess(root / "data", extra)
+    server.add_users(["alice", "bob", "carol"])
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def sqlite_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
+    """An ah-server on SQLite + a blob directory, users alice, bob and carol."""
+    yield from _session_server(tmp_path_factory.mktemp("server"), [])
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory, postgres: PostgresCluster,
+              s3: S3Server) -> Iterator[HubProcess]:
+    """An ah-server on PostgreSQL + S3, users alice, bob and carol."""
+    root = tmp_path_factory.mktemp("server")
+    yield from _session_server(root, scale_args(postgres, s3, root.name))
+
+
+@pytest.fixture(scope="session", params=["sqlite-local", "postgres-s3"])
+def hub_server(request: pytest.FixtureRequest) -> HubProcess:
+    """Each session server in turn."""
+    name = "sqlite_server" if request.param == "sqlite-local" else "pg_server"
+    server: HubProcess = request.getfixturevalue(name)
+    return server
 
 
 class MountProcess:

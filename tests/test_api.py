@@ -53,7 +53,7 @@ def _reset_api_state() -> None:
     ah._me.clear()
 
 
-@pytest.fixture(params=["embedded", "server"])
+@pytest.fixture(params=["embedded", "server-sqlite", "server-postgres-s3"])
 def backend(request: pytest.FixtureRequest, unique: str) -> Iterator[Backend]:
     _reset_api_state()
     if request.param == "embedded":
@@ -74,7 +74,8 @@ def backend(request: pytest.FixtureRequest, unique: str) -> Iterator[Backend]:
 
         yield Backend("embedded", getpass.getuser(), other, other_client)
     else:
-        server: HubProcess = request.getfixturevalue("hub_server")
+        server: HubProcess = request.getfixturevalue(
+            "sqlite_server" if request.param == "server-sqlite" else "pg_server")
         me, key = server.fresh_user()
         other, other_key = server.fresh_user()
         ah.login(server.url, api_key=key)
@@ -423,7 +424,8 @@ def test_seed_delete(backend: Backend) -> None:
 
 # == login, logout, threads, Jupyter, errors =====================================================
 
-def test_login_logout_for_the_process(backend: Backend, hub_server: HubProcess) -> None:
+def test_login_logout_for_the_process(backend: Backend, sqlite_server: HubProcess) -> None:
+    hub_server = sqlite_server
     ah.logout()
     with pytest.raises(RuntimeError, match="not logged in"):
         ah.list("model")

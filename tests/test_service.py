@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+import sqlalchemy as sa
 
 from ahmount.errors import (
     AlreadyExists,
@@ -19,7 +20,7 @@ from ahmount.errors import (
     UnknownChanges,
 )
 from ahmount.hub.models import AssetAddr, FolderAddr, ObjectEntry
-from ahmount.hub.service import Actor, HubService
+from ahmount.hub.service import Actor, HubService, hash_key
 
 
 def put(service: HubService, actor: Actor, data: bytes) -> dict[str, object]:
@@ -262,9 +263,9 @@ def test_api_keys_are_hashed(service: HubService) -> None:
     assert service.authenticate(key) == actor
     with pytest.raises(Unauthenticated):
         service.authenticate(key + "x")
-    db = service.metadata.url.removeprefix("sqlite:///")
-    with open(db, "rb") as handle:
-        assert key.encode() not in handle.read()
+    with service.metadata.engine.connect() as conn:
+        stored = [row[0] for row in conn.execute(sa.text("SELECT key_hash FROM api_keys"))]
+    assert key not in stored and hash_key(key) in stored
     with pytest.raises(AlreadyExists):
         service.add_user("dave")
 

@@ -196,8 +196,11 @@ class HubClient:
         attempt = 0
         while True:
             try:
+                follow = kwargs.pop("follow_redirects", False)
                 request = self._http.build_request(method, url, **kwargs)
-                response = await self._http.send(request, stream=stream)
+                response = await self._http.send(request, stream=stream,
+                                                 follow_redirects=follow)
+                kwargs["follow_redirects"] = follow
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 failure: Exception = exc
             except (httpx.ReadError, httpx.ReadTimeout, httpx.WriteError,
@@ -384,7 +387,10 @@ class HubClient:
         if start or end is not None:
             headers["range"] = f"bytes={start}-{'' if end is None else end - 1}"
         url = f"{self._a(addr)}/refs/{ref}/files/{path}"
-        response = await self._send("GET", url, stream=True, headers=headers)
+        # redirect=1: a hub that lets clients read blobs from its store answers 307 with a
+        # presigned URL (httpx drops our API key on the way to another host).
+        response = await self._send("GET", url, stream=True, headers=headers,
+                                    params={"redirect": "1"}, follow_redirects=True)
         try:
             yield response
         finally:

@@ -9,6 +9,8 @@ killed upload leaves nothing half-visible.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import os
 from collections.abc import Iterator
@@ -30,8 +32,9 @@ class BlobStore(Protocol):
     def read(self, sha256: str, start: int, end: int) -> Iterator[bytes]:
         """Yield bytes ``[start, end)`` of the blob in chunks. Raises NotFound."""
 
-    def start_upload(self, upload_id: str) -> None:
-        """Prepare an empty upload under ``upload_id``."""
+    def start_upload(self, upload_id: str, local: bool = False) -> None:
+        """Prepare an empty upload under ``upload_id``. ``local``: it will be written and
+        finished within this process (one request), so the store may keep it here."""
 
     def upload_received(self, upload_id: str) -> int:
         """How many bytes of the upload are durably stored (where to resume)."""
@@ -40,9 +43,13 @@ class BlobStore(Protocol):
         """Write ``data`` at ``offset`` (which must equal the bytes received so far); returns
         the new count. Raises InvalidArgument on a wrong offset."""
 
-    def finish_upload(self, upload_id: str, sha256: str, size: int) -> None:
+    def finish_upload(self, upload_id: str, sha256: str, size: int, durable: bool = True) -> None:
         """Verify size and hash and make the blob visible. On a mismatch the upload is
-        discarded and ChecksumMismatch / InvalidArgument raised."""
+        discarded and ChecksumMismatch / InvalidArgument raised. With ``durable=False`` the
+        caller makes it durable later with :meth:`sync` (many small blobs, one flush)."""
+
+    def sync(self) -> None:
+        """Make every blob finished so far durable."""
 
     def abort_upload(self, upload_id: str) -> None:
         """Discard an upload; no error if it is gone."""
@@ -102,7 +109,7 @@ class LocalBlobStore:
                 remaining -= len(chunk)
                 yield chunk
 
-    def start_upload(self, upload_id: str) -> None:
+    def start_upload(self, upload_id: str, local: bool = False) -> None:
         self._upload_path(upload_id).touch()
 
     def upload_received(self, upload_id: str) -> int:
@@ -130,7 +137,7 @@ class LocalBlobStore:
             # crash is caught there by the hash.
             return offset + len(data)
 
-    def finish_upload(self, upload_id: str, sha256: str, size: int) -> None:
+    def finish_upload(self, upload_id: str, sha256: str, size: int, durable: bool = True) -> None:
         path = self._upload_path(upload_id)
         try:
             actual_size = path.stat().st_size
@@ -145,7 +152,8 @@ class LocalBlobStore:
         with path.open("rb") as handle:
             while chunk := handle.read(READ_CHUNK):
                 digest.update(chunk)
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         if digest.hexdigest() != sha256:
             self.abort_upload(upload_id)
             raise ChecksumMismatch(
@@ -154,7 +162,17 @@ class LocalBlobStore:
         final = self._path(sha256)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(path, final)
-        _fsync_dir(final.parent)
+        if durable:
+            _fsync_dir(final.parent)
+
+    def sync(self) -> None:
+        """One syncfs of the store's file system (cheaper than an fsync per small blob)."""
+        fd = os.open(self.root, os.O_RDONLY)
+        try:
+            if _libc is None or _libc.syncfs(fd) != 0:
+                os.sync()
+        finally:
+            os.close(fd)
 
     def abort_upload(self, upload_id: str) -> None:
         self._upload_path(upload_id).unlink(missing_ok=True)
@@ -170,6 +188,16 @@ class LocalBlobStore:
                 for blob in second.iterdir():
                     if len(blob.name) == 64:
                         yield blob.name
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+_libc = _load_libc()
 
 
 def _fsync_dir(path: Path) -> None:

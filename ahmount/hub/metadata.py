@@ -14,6 +14,7 @@ upgrading a read lock.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-SCHEMA_VERSION = 1
+log = logging.getLogger("ahmount.hub")
 
 meta = sa.MetaData()
 
@@ -130,6 +131,7 @@ blobs = sa.Table(
     sa.Column("sha256", sa.String(64), primary_key=True),
     sa.Column("size", sa.BigInteger, nullable=False),
     sa.Column("created", sa.Float, nullable=False),
+    sa.Index("ix_blobs_created", "created"),  # schema v2: gc scans by age
 )
 uploads = sa.Table(
     "uploads",
@@ -471,11 +473,13 @@ class MetadataStore:
         self._create_schema()
 
     def _create_schema(self) -> None:
+        from ahmount.hub.migrations import migrate
+
         with self.write() as tx:
-            meta.create_all(tx._c)
-            version = tx._c.execute(sa.select(schema_info.c.version)).scalar()
-            if version is None:
-                tx._c.execute(schema_info.insert().values(version=SCHEMA_VERSION))
+            if not self._sqlite:
+                # Replicas starting together: one creates or upgrades, the others wait.
+                tx._c.execute(sa.text("SELECT pg_advisory_xact_lock(4242)"))
+            migrate(tx._c, meta, schema_info, self.url)
 
     @contextmanager
     def read(self) -> Iterator[MetaTx]:

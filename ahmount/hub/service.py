@@ -614,6 +614,15 @@ class HubService:
             raise NotFound(f"no object {path!r} in {addr.at(ref)}", path=f"{addr.at(ref)}/{path}")
         return commit, entry
 
+    def presigned_url(self, entry: ObjectEntry) -> str | None:
+        """A URL that reads the object's blob straight from the blob store, when the store can
+        make one and the operator allowed it (``--s3-presign``); the caller has already
+        checked access with :meth:`stat_object`."""
+        if not getattr(self.blobs, "presign_enabled", False):
+            return None
+        presign = getattr(self.blobs, "presign", None)
+        return None if presign is None else str(presign(entry.sha256))
+
     def read_object(
         self, actor: Actor, addr: AssetAddr, ref: str, path: str, start: int, end: int | None
     ) -> tuple[CommitInfo, ObjectEntry, int, int, Iterator[bytes]]:
@@ -914,21 +923,25 @@ class HubService:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise InvalidArgument(f"size of blob {sha256} must be a non-negative integer")
         token = str(uuid.uuid4())
-        self.blobs.start_upload(token)
+        self.blobs.start_upload(token, local=True)
         return token
 
     def write_blob(self, token: str, offset: int, data: bytes) -> int:
         return self.blobs.append(token, offset, data)
 
-    def end_blob(self, token: str, sha256: str, size: int) -> None:
-        """Verify and publish in the blob store (not yet known to the metadata store)."""
-        self.blobs.finish_upload(token, sha256, size)
+    def end_blob(self, token: str, sha256: str, size: int, durable: bool = True) -> None:
+        """Verify and publish in the blob store (not yet known to the metadata store).
+        With ``durable=False``, :meth:`register_blobs` makes it durable (batches)."""
+        self.blobs.finish_upload(token, sha256, size, durable)
 
     def drop_blob_write(self, token: str) -> None:
         self.blobs.abort_upload(token)
 
-    def register_blobs(self, blobs: Sequence[tuple[str, int]]) -> None:
-        """Record verified blobs in the metadata store, in one transaction."""
+    def register_blobs(self, blobs: Sequence[tuple[str, int]], durable: bool = False) -> None:
+        """Make verified blobs durable (unless they are already), then record them in the
+        metadata store in one transaction: a blob is never known before its bytes are safe."""
+        if not durable:
+            self.blobs.sync()
         with self.metadata.write() as tx:
             tx.insert_blobs(blobs)
 
@@ -943,7 +956,7 @@ class HubService:
         except BaseException:
             self.drop_blob_write(token)
             raise
-        self.register_blobs([(sha256, size)])
+        self.register_blobs([(sha256, size)], durable=True)
         return sha256
 
     # == garbage collection ===================================================================

@@ -379,6 +379,10 @@ async def file(request: Request) -> Response:
     }
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers=headers)
+    if request.query_params.get("redirect") == "1" and request.method == "GET" and entry.size:
+        url = _svc(request).presigned_url(entry)
+        if url is not None:  # the client reads from the blob store directly (data plane)
+            return Response(status_code=307, headers={**headers, "location": url})
     byte_range = _parse_range(request.headers.get("range"), entry.size)
     start, end = byte_range or (0, entry.size)
     headers["content-length"] = str(end - start)
@@ -483,7 +487,7 @@ async def blob(request: Request) -> Response:
     size = int(raw_size)
     await _write_one_blob(svc, stream, sha256, size)
     await stream.drain()
-    await _call(svc.register_blobs, [(sha256, size)])
+    await _call(svc.register_blobs, [(sha256, size)], True)
     return JSONResponse({"sha256": sha256, "existed": False}, status_code=201)
 
 
@@ -524,7 +528,8 @@ class _BodyReader:
         return line
 
 
-async def _write_one_blob(svc: HubService, body: _BodyReader, sha256: str, size: int) -> None:
+async def _write_one_blob(svc: HubService, body: _BodyReader, sha256: str, size: int,
+                          durable: bool = True) -> None:
     """Copy exactly ``size`` bytes of the body into a new blob; verified, or nothing stays."""
     token = await _call(svc.begin_blob, sha256, size)
     try:
@@ -534,7 +539,7 @@ async def _write_one_blob(svc: HubService, body: _BodyReader, sha256: str, size:
             if not data:
                 break  # truncated: end_blob reports it
             offset = await _call(svc.write_blob, token, offset, data)
-        await _call(svc.end_blob, token, sha256, size)
+        await _call(svc.end_blob, token, sha256, size, durable)
     except BaseException:
         with anyio.CancelScope(shield=True):
             await _call(svc.drop_blob_write, token)
@@ -561,7 +566,7 @@ async def blob_batch(request: Request) -> Response:
     try:
         for sha256, size in items:
             if sha256 in missing:
-                await _write_one_blob(svc, body, sha256, size)
+                await _write_one_blob(svc, body, sha256, size, durable=False)
                 stored.append((sha256, size))
                 missing.discard(sha256)
             else:

@@ -22,7 +22,7 @@ from hypercorn.trio import serve
 
 from ahmount.config import dirs
 from ahmount.errors import AhError
-from ahmount.hub.open import open_hub
+from ahmount.hub.open import S3Options, open_hub
 from ahmount.hub.service import HubService
 from ahmount.server.app import create_app
 
@@ -38,7 +38,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path, default=None,
                         help="data directory (SQLite + blobs); default: the embedded hub's")
     parser.add_argument("--db", default="", help="metadata URL (default: SQLite under --data)")
-    parser.add_argument("--blobs", default="", help="blob store (default: DATA/blobs)")
+    parser.add_argument("--blobs", default="",
+                        help="blob store: a directory or s3://bucket/prefix (default: DATA/blobs)")
+    parser.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (AH_S3_ENDPOINT)")
+    parser.add_argument("--s3-region", default=None, help="S3 region (AH_S3_REGION)")
+    parser.add_argument("--s3-access-key", default=None, help="or AH_S3_ACCESS_KEY / AWS_*")
+    parser.add_argument("--s3-secret-key", default=None, help="or AH_S3_SECRET_KEY / AWS_*")
+    parser.add_argument("--s3-presign", action="store_true",
+                        help="let clients read blobs straight from S3 via presigned URLs")
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command")
     serve_p = sub.add_parser("serve", help="serve HTTP (the default command)")
@@ -87,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     data_dir: Path = args.data or dirs().data / "hub"
     try:
-        with open_hub(data_dir, args.db, args.blobs) as service:
+        s3 = S3Options(args.s3_endpoint, args.s3_region, args.s3_access_key,
+                       args.s3_secret_key, args.s3_presign)
+        with open_hub(data_dir, args.db, args.blobs, s3) as service:
             if args.command == "user":
                 if args.user_command == "add":
                     for name in args.name:

@@ -1,0 +1,275 @@
+"""Blobs in any S3-compatible store (AIStore, MinIO, Ceph RGW, AWS S3), through boto3.
+
+Keys under the configured prefix:
+
+    blobs/ab/<sha256>                 a blob, written only after its bytes hashed to its name
+    uploads/<id>/start                a resumable upload exists
+    uploads/<id>/p<offset:020d>       a piece of it, appended by any replica
+
+Replicas keep no upload state of their own: a resumable upload's pieces are objects, so the
+next PATCH may reach another replica, and ``received`` is the sum of the pieces. Finishing
+streams the pieces through sha256 into the final key, with a multipart upload for large blobs
+that is completed only when the hash matched — a blob is never visible half-written.
+
+Single-request writes (one PUT, or a batch of small blobs) spool in the serving process
+instead, so they cost one PUT per blob.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+from ahmount.errors import ChecksumMismatch, InvalidArgument, NotFound
+from ahmount.hub.blobs import check_range
+
+log = logging.getLogger("ahmount.hub")
+
+PART = 16 << 20  # multipart part size (S3 needs >= 5 MiB for all but the last)
+READ_CHUNK = 4 << 20
+SPOOL_IN_MEMORY = 8 << 20
+
+
+@dataclass(frozen=True)
+class S3Location:
+    bucket: str
+    prefix: str
+
+    @classmethod
+    def parse(cls, url: str) -> S3Location:
+        if not url.startswith("s3://"):
+            raise InvalidArgument(f"blob store {url!r} must look like s3://bucket/prefix")
+        bucket, _, prefix = url[len("s3://"):].partition("/")
+        if not bucket:
+            raise InvalidArgument(f"blob store {url!r} names no bucket")
+        return cls(bucket, prefix.strip("/"))
+
+
+class S3BlobStore:
+    """A :class:`~ahmount.hub.blobs.BlobStore` on S3. ``client`` is a boto3 S3 client."""
+
+    def __init__(self, client: Any, location: S3Location, presign: bool = False) -> None:
+        self.client = client
+        self.bucket = location.bucket
+        self.prefix = location.prefix + "/" if location.prefix else ""
+        self.presign_enabled = presign
+        self._spools: dict[str, IO[bytes]] = {}
+
+    def check(self) -> None:
+        """Fail early, with the bucket's name, if the store cannot be reached."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except Exception as exc:
+            raise InvalidArgument(f"S3 bucket {self.bucket!r} is not reachable: {exc}") from None
+
+    # -- keys --------------------------------------------------------------------------------
+
+    def _blob_key(self, sha256: str) -> str:
+        return f"{self.prefix}blobs/{sha256[:2]}/{sha256}"
+
+    def _upload_prefix(self, upload_id: str) -> str:
+        if not upload_id.replace("-", "").isalnum():
+            raise InvalidArgument(f"upload id {upload_id!r} is malformed")
+        return f"{self.prefix}uploads/{upload_id}/"
+
+    def _is_missing(self, exc: Exception) -> bool:
+        code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+        return code in ("404", "NoSuchKey", "NotFound")
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def size(self, sha256: str) -> int | None:
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._blob_key(sha256))
+        except Exception as exc:
+            if self._is_missing(exc):
+                return None
+            raise
+        return int(head["ContentLength"])
+
+    def read(self, sha256: str, start: int, end: int) -> Iterator[bytes]:
+        size = self.size(sha256)
+        if size is None:
+            raise NotFound(f"blob {sha256} is not stored")
+        check_range(sha256, size, start, end)
+        if end == start:
+            return
+        response = self.client.get_object(Bucket=self.bucket, Key=self._blob_key(sha256),
+                                          Range=f"bytes={start}-{end - 1}")
+        body = response["Body"]
+        try:
+            yield from body.iter_chunks(READ_CHUNK)
+        finally:
+            body.close()
+
+    def presign(self, sha256: str, expires: int = 900) -> str:
+        """A URL that reads the blob straight from the store (clients send Range there)."""
+        return str(self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self._blob_key(sha256)},
+            ExpiresIn=expires))
+
+    # -- uploads -----------------------------------------------------------------------------
+
+    def start_upload(self, upload_id: str, local: bool = False) -> None:
+        if local:
+            # Closed by finish_upload or abort_upload, whichever ends the upload.
+            self._spools[upload_id] = tempfile.SpooledTemporaryFile(SPOOL_IN_MEMORY)  # noqa: SIM115
+            return
+        self.client.put_object(Bucket=self.bucket, Key=self._upload_prefix(upload_id) + "start",
+                               Body=b"")
+
+    def _pieces(self, upload_id: str) -> list[tuple[int, str, int]]:
+        prefix = self._upload_prefix(upload_id)
+        pieces: list[tuple[int, str, int]] = []
+        started = False
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                name = item["Key"][len(prefix):]
+                if name == "start":
+                    started = True
+                elif name.startswith("p"):
+                    pieces.append((int(name[1:]), item["Key"], int(item["Size"])))
+        if not started:
+            raise NotFound(f"upload {upload_id} does not exist")
+        return sorted(pieces)
+
+    def upload_received(self, upload_id: str) -> int:
+        spool = self._spools.get(upload_id)
+        if spool is not None:
+            return spool.seek(0, 2)
+        received = 0
+        for offset, _, size in self._pieces(upload_id):
+            if offset != received:
+                break
+            received += size
+        return received
+
+    def append(self, upload_id: str, offset: int, data: bytes) -> int:
+        received = self.upload_received(upload_id)
+        if offset != received:
+            raise InvalidArgument(
+                f"upload {upload_id} has {received} bytes; a write at offset {offset} "
+                "would leave a gap or overwrite"
+            )
+        spool = self._spools.get(upload_id)
+        if spool is not None:
+            spool.seek(offset)
+            spool.write(data)
+        else:
+            key = f"{self._upload_prefix(upload_id)}p{offset:020d}"
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
+        return offset + len(data)
+
+    def _stream(self, upload_id: str) -> Iterator[bytes]:
+        spool = self._spools.get(upload_id)
+        if spool is not None:
+            spool.seek(0)
+            while chunk := spool.read(READ_CHUNK):
+                yield chunk
+            return
+        expected = 0
+        for offset, key, size in self._pieces(upload_id):
+            if offset != expected:
+                raise InvalidArgument(f"upload {upload_id} has a gap at byte {expected}")
+            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            try:
+                yield from body.iter_chunks(READ_CHUNK)
+            finally:
+                body.close()
+            expected += size
+
+    def finish_upload(self, upload_id: str, sha256: str, size: int, durable: bool = True) -> None:
+        received = self.upload_received(upload_id)
+        if received != size:
+            self.abort_upload(upload_id)
+            raise InvalidArgument(
+                f"upload of blob {sha256} is truncated: {received} of {size} bytes arrived")
+        digest = hashlib.sha256()
+        key = self._blob_key(sha256)
+        try:
+            if size <= PART:
+                data = b"".join(self._stream(upload_id))
+                digest.update(data)
+                if digest.hexdigest() != sha256:
+                    raise ChecksumMismatch(
+                        f"uploaded bytes hash to {digest.hexdigest()}, not to blob {sha256}")
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
+            else:
+                self._multipart(upload_id, sha256, key, digest)
+        finally:
+            self.abort_upload(upload_id)
+
+    def _multipart(self, upload_id: str, sha256: str, key: str, digest: Any) -> None:
+        mpu = self.client.create_multipart_upload(Bucket=self.bucket, Key=key)
+        parts: list[dict[str, Any]] = []
+        try:
+            buffer = bytearray()
+            for chunk in self._stream(upload_id):
+                digest.update(chunk)
+                buffer += chunk
+                while len(buffer) >= PART:
+                    parts.append(self._put_part(key, mpu["UploadId"], len(parts) + 1,
+                                                bytes(buffer[:PART])))
+                    del buffer[:PART]
+            if buffer:
+                parts.append(self._put_part(key, mpu["UploadId"], len(parts) + 1, bytes(buffer)))
+            if digest.hexdigest() != sha256:
+                raise ChecksumMismatch(
+                    f"uploaded bytes hash to {digest.hexdigest()}, not to blob {sha256}")
+            self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=mpu["UploadId"],
+                MultipartUpload={"Parts": parts})
+        except BaseException:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key,
+                                               UploadId=mpu["UploadId"])
+            raise
+
+    def _put_part(self, key: str, mpu_id: str, number: int, data: bytes) -> dict[str, Any]:
+        result = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=mpu_id,
+                                         PartNumber=number, Body=data)
+        return {"PartNumber": number, "ETag": result["ETag"]}
+
+    def abort_upload(self, upload_id: str) -> None:
+        spool = self._spools.pop(upload_id, None)
+        if spool is not None:
+            spool.close()
+            return
+        prefix = self._upload_prefix(upload_id)
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+            if keys:
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys})
+
+    def sync(self) -> None:
+        """Nothing to do: S3 acknowledges a PUT once it is durable."""
+
+    def delete(self, sha256: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._blob_key(sha256))
+
+    def hashes(self) -> Iterator[str]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=f"{self.prefix}blobs/"):
+            for item in page.get("Contents", []):
+                name = item["Key"].rsplit("/", 1)[-1]
+                if len(name) == 64:
+                    yield name
+
+
+def make_s3_client(endpoint: str | None, region: str | None, access_key: str | None,
+                   secret_key: str | None) -> Any:
+    """A boto3 S3 client; credentials default to boto3's own chain (environment, files)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3", endpoint_url=endpoint, region_name=region or "us-east-1",
+        aws_access_key_id=access_key, aws_secret_access_key=secret_key,
+        config=Config(retries={"max_attempts": 5, "mode": "standard"},
+                      max_pool_connections=32, s3={"addressing_style": "path"}),
+    )
