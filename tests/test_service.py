@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -419,3 +422,55 @@ def test_object_entry_fields(service: HubService, alice: Actor, model: AssetAddr
     assert commit.message == "x"
     _, _, start, end, chunks = service.read_object(alice, model, "main", "m.json", 1, None)
     assert (start, end, b"".join(chunks)) == (1, 3, b"bc")
+
+
+def test_large_blob_through_a_resumable_upload(service: HubService, alice: Actor,
+                                               model: AssetAddr) -> None:
+    # Larger than one S3 multipart part (16 MiB), sent in uneven pieces.
+    data = os.urandom(21 << 20)
+    sha = hashlib.sha256(data).hexdigest()
+    upload_id, _ = service.start_upload(alice, sha, len(data))
+    assert upload_id is not None
+    offset = 0
+    for size in (3 << 20, 7 << 20, 11 << 20):
+        offset = service.append_upload(alice, upload_id, offset, data[offset:offset + size])
+    assert service.upload_status(alice, upload_id)[2] == len(data)
+    service.finish_upload(alice, upload_id)
+    service.commit(alice, model, "main", "big", adds=[{"path": "big.bin", "sha256": sha,
+                                                        "size": len(data)}])
+    _, _, _, _, chunks = service.read_object(alice, model, "main", "big.bin",
+                                             (16 << 20) - 10, (16 << 20) + 10)
+    assert b"".join(chunks) == data[(16 << 20) - 10:(16 << 20) + 10]
+    # A corrupted large upload never becomes a blob.
+    bad_id, _ = service.start_upload(alice, "e" * 64, len(data))
+    assert bad_id is not None
+    service.append_upload(alice, bad_id, 0, data)
+    with pytest.raises(ChecksumMismatch):
+        service.finish_upload(alice, bad_id)
+    assert service.missing_blobs(alice, ["e" * 64]) == ["e" * 64]
+    assert sorted(service.blobs.hashes()) == [sha]
+
+
+def test_schema_upgrade_is_logged_and_applied(tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    from ahmount.hub.metadata import MetadataStore
+    from ahmount.hub.migrations import SCHEMA_VERSION
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    store = MetadataStore(url)
+    with store.write() as tx:  # make it look like a v1 database
+        tx._c.execute(sa.text("DROP INDEX ix_blobs_created"))
+        tx._c.execute(sa.text("UPDATE schema_info SET version = 1"))
+    store.close()
+    with caplog.at_level(logging.WARNING, "ahmount.hub"):
+        store = MetadataStore(url)
+    assert f"from schema v1 to v{SCHEMA_VERSION}" in caplog.text
+    with store.engine.connect() as conn:
+        assert "ix_blobs_created" in {i["name"] for i in sa.inspect(conn).get_indexes("blobs")}
+        assert conn.execute(sa.text("SELECT version FROM schema_info")).scalar() == \
+            SCHEMA_VERSION
+        conn.execute(sa.text("UPDATE schema_info SET version = 99"))
+        conn.commit()
+    store.close()
+    with pytest.raises(RuntimeError, match="v99, newer than this ahmount"):
+        MetadataStore(url)
