@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -37,9 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--data", type=Path, default=None,
                         help="data directory (SQLite + blobs); default: the embedded hub's")
-    parser.add_argument("--db", default="", help="metadata URL (default: SQLite under --data)")
-    parser.add_argument("--blobs", default="",
-                        help="blob store: a directory or s3://bucket/prefix (default: DATA/blobs)")
+    parser.add_argument("--db", default=os.environ.get("AH_DB", ""),
+                        help="metadata: postgresql://… (AH_DB; default: SQLite under --data)")
+    parser.add_argument("--blobs", default=os.environ.get("AH_BLOBS", ""),
+                        help="blobs: a directory or s3://bucket/prefix (AH_BLOBS; "
+                        "default: DATA/blobs)")
     parser.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (AH_S3_ENDPOINT)")
     parser.add_argument("--s3-region", default=None, help="S3 region (AH_S3_REGION)")
     parser.add_argument("--s3-access-key", default=None, help="or AH_S3_ACCESS_KEY / AWS_*")
