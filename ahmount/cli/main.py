@@ -241,6 +241,14 @@ def cmd_mount_op(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_log_level(args: argparse.Namespace) -> int:
+    from ahmount.mount.control import call
+
+    result = call(_mount_of(args.path), "log_level", {"level": args.level})
+    print(f"log level: {result['level']}")
+    return 0
+
+
 def _flatten(value: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     out: list[tuple[str, Any]] = []
     for key in sorted(value):
@@ -371,6 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("path", nargs="?", help="a path inside the mount (default: .)")
         p.add_argument("--json", action="store_true")
         p.set_defaults(op=op)
+
+    p = _sub(subs, "log-level", cmd_log_level, "change a mount's log level while it runs",
+             "ah log-level debug ~/assets")
+    p.add_argument("level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("path", nargs="?")
     return parser
 
 

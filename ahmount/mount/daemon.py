@@ -19,7 +19,6 @@ import logging.handlers
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ from ahmount.mount.control import ControlServer, socket_path
 from ahmount.mount.fs import AssetFS
 from ahmount.mount.hub_view import HubView
 from ahmount.mount.object_cache import ObjectCache
+from ahmount.observability import notify_systemd, set_level, setup_logging
 
 log = logging.getLogger("ahmount.mount")
 
@@ -81,22 +81,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(level: str, foreground: bool) -> Path:
+    """logfmt lines to a file, and to stderr (the journal, under systemd) in the foreground."""
     log_dir = dirs().cache / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / "ah-mount.log"
-    root = logging.getLogger()
-    root.handlers.clear()
-    root.setLevel(level.upper())
-    file_handler = logging.handlers.RotatingFileHandler(path, maxBytes=10 << 20, backupCount=3)
-    file_handler.setFormatter(logging.Formatter(
-        "%(asctime)s %(levelname)s %(name)s [%(process)d]: %(message)s"))
-    root.addHandler(file_handler)
-    # httpx logs every request at INFO: far too much for a file system's log.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    if foreground or os.environ.get("JOURNAL_STREAM"):
-        stream = logging.StreamHandler(sys.stderr)
-        stream.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        root.addHandler(stream)
+    setup_logging(level, sys.stderr, str(path))
+    if not (foreground or os.environ.get("JOURNAL_STREAM")):
+        root = logging.getLogger()
+        root.handlers = [h for h in root.handlers
+                         if isinstance(h, logging.handlers.RotatingFileHandler)]
     return path
 
 
@@ -118,17 +111,6 @@ def recover_stale(mountpoint: Path) -> None:
     mountpoint.mkdir(parents=True, exist_ok=True)
     if os.path.ismount(mountpoint):
         raise InvalidArgument(f"{mountpoint} is already a mount point")
-
-
-def _notify_systemd(message: str) -> None:
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.connect(address)
-        sock.sendall(message.encode())
 
 
 class Mount:
@@ -186,6 +168,7 @@ class Mount:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 log.info("received %s: unmounting", signal.Signals(signum).name)
+                notify_systemd("STOPPING=1")
                 pyfuse3.terminate()
                 return
 
@@ -220,12 +203,19 @@ class Mount:
             return {"fuse_ops": dict(ops.op_counts), "cache": await cache({}),
                     "listing_fetches": ops.view.listing_fetches}
 
+        async def log_level(args: dict[str, Any]) -> dict[str, Any]:
+            return {"level": set_level(args.get("level", "info"))}
+
         async def unmount(args: dict[str, Any]) -> dict[str, Any]:
             pyfuse3.terminate()
             return {"unmounting": str(self.mountpoint)}
 
         return {"status": status, "refresh": refresh, "cache": cache, "stats": stats,
-                "unmount": unmount}
+                "log_level": log_level, "unmount": unmount}
+
+
+def _tell_systemd_ready() -> None:
+    notify_systemd("READY=1")
 
 
 def _config_from(args: argparse.Namespace) -> ClientConfig:
@@ -248,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.foreground:
         log_path = _setup_logging(args.log_level, True)
-        return _run(mountpoint, config, cache_size, args, lambda: _notify_systemd("READY=1"))
+        return _run(mountpoint, config, cache_size, args, _tell_systemd_ready)
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid > 0:

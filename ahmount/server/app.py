@@ -41,6 +41,7 @@ from ahmount.server.http_errors import (
     handle_routing_error,
     handle_unexpected,
 )
+from ahmount.server.observed import HubMetrics, ObservedApp
 
 API = "/api/v1"
 MAX_JSON_BODY = 256 << 20
@@ -435,6 +436,8 @@ async def commits(request: Request) -> Response:
         body.get("message"), body.get("session") or "", body.get("deletes") or [],
         body.get("adds") or [], force, metadata,
     )
+    if info is not None:
+        request.app.state.metrics.commits.inc()
     return JSONResponse({"commit": commit_json(info)}, status_code=201 if info else 200)
 
 
@@ -443,6 +446,8 @@ async def merge(request: Request) -> Response:
     actor = await _actor(request)
     info = await _call(_svc(request).merge, actor, _asset_addr(request),
                        request.path_params["branch"])
+    if info is not None:
+        request.app.state.metrics.commits.inc()
     return JSONResponse({"commit": commit_json(info)})
 
 
@@ -702,4 +707,12 @@ def create_app(service: HubService, trusted_user: str | None = None) -> Starlett
     app.state.trusted_actor = service.ensure_user(trusted_user) if trusted_user else None
     app.state.openapi = _openapi_document()
     app.state.started = time.time()
+    app.state.metrics = HubMetrics()
     return app
+
+
+def create_observed_app(service: HubService, trusted_user: str | None = None) -> ObservedApp:
+    """:func:`create_app` behind request ids, access logs and ``/metrics`` (what
+    ``ah-server`` serves)."""
+    app = create_app(service, trusted_user)
+    return ObservedApp(app, app.state.metrics)

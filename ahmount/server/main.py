@@ -25,7 +25,8 @@ from ahmount.config import dirs
 from ahmount.errors import AhError
 from ahmount.hub.open import S3Options, open_hub
 from ahmount.hub.service import HubService
-from ahmount.server.app import create_app
+from ahmount.observability import notify_systemd, setup_logging
+from ahmount.server.app import create_observed_app
 
 log = logging.getLogger("ahmount.server")
 
@@ -72,14 +73,16 @@ async def _serve(service: HubService, listen: str) -> None:
     config.bind = [listen]
     config.graceful_timeout = 10.0
     config.keep_alive_timeout = 75.0
-    config.accesslog = None
-    app: Any = create_app(service)  # hypercorn's ASGI type is narrower than Starlette's
+    config.accesslog = None  # ObservedApp logs one line per request, with its request id
+    config.errorlog = logging.getLogger("hypercorn.error")  # through our logfmt handler
+    app: Any = create_observed_app(service)  # hypercorn's ASGI type is narrower
 
     async def shutdown_trigger() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
-                log.info("received %s; finishing requests in flight",
-                         signal.Signals(signum).name)
+                log.info("received %s; finishing requests in flight (at most %.0fs)",
+                         signal.Signals(signum).name, config.graceful_timeout)
+                notify_systemd("STOPPING=1")
                 return
 
     async with trio.open_nursery() as nursery:
@@ -88,13 +91,13 @@ async def _serve(service: HubService, listen: str) -> None:
                 app, config, shutdown_trigger=shutdown_trigger, task_status=task_status
             )
         )
-        print(f"ah-server listening on {listen}", file=sys.stderr, flush=True)
+        log.info("ah-server listening on %s", listen)
+        notify_systemd("READY=1")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_level)
     data_dir: Path = args.data or dirs().data / "hub"
     try:
         s3 = S3Options(args.s3_endpoint, args.s3_region, args.s3_access_key,

@@ -1,0 +1,106 @@
+"""ASGI middleware around the hub app: request ids, one access-log line per request, and
+Prometheus metrics served at ``/metrics``.
+
+Metrics (one registry per app, so tests and embedded hubs never share counters):
+``ah_requests_total{endpoint,method,status}``, ``ah_request_seconds{endpoint}`` (histogram),
+``ah_bytes_received_total``, ``ah_bytes_sent_total``, ``ah_errors_total{endpoint}`` (5xx),
+``ah_commits_total`` (commits and merges that created a commit).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+
+from ahmount.observability import request_id
+
+log = logging.getLogger("ahmount.server.access")
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+
+
+class HubMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("ah_requests", "HTTP requests served",
+                                ["endpoint", "method", "status"], registry=self.registry)
+        self.latency = Histogram("ah_request_seconds", "Time to serve a request",
+                                 ["endpoint"], registry=self.registry,
+                                 buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120))
+        self.bytes_in = Counter("ah_bytes_received", "Request body bytes received",
+                                registry=self.registry)
+        self.bytes_out = Counter("ah_bytes_sent", "Response body bytes sent",
+                                 registry=self.registry)
+        self.errors = Counter("ah_errors", "Requests that failed on the server (5xx)",
+                              ["endpoint"], registry=self.registry)
+        self.commits = Counter("ah_commits", "Commits created (including merges)",
+                               registry=self.registry)
+
+
+class ObservedApp:
+    """Wraps an ASGI app; ``metrics`` is shared with the app (it counts commits)."""
+
+    def __init__(self, app: Any, metrics: HubMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["path"] == "/metrics":
+            body = generate_latest(self.metrics.registry)
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", CONTENT_TYPE_LATEST.encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        headers = dict(scope.get("headers") or [])
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        token = request_id.set(rid)
+        start = time.perf_counter()
+        status = 500
+        sent = received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message: Message = await receive()
+            received += len(message.get("body", b""))
+            return message
+
+        async def tagging_send(message: Message) -> None:
+            nonlocal status, sent
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"x-request-id", rid.encode("latin-1"))]}
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tagging_send)
+        finally:
+            elapsed = time.perf_counter() - start
+            endpoint = getattr(scope.get("endpoint"), "__name__", "unmatched")
+            m = self.metrics
+            m.requests.labels(endpoint, scope["method"], str(status)).inc()
+            m.latency.labels(endpoint).observe(elapsed)
+            m.bytes_in.inc(received)
+            m.bytes_out.inc(sent)
+            if status >= 500:
+                m.errors.labels(endpoint).inc()
+            log.info("request", extra={"fields": {
+                "method": scope["method"], "path": scope["path"], "status": status,
+                "ms": round(elapsed * 1000, 1), "bytes_in": received, "bytes_out": sent}})
+            request_id.reset(token)
