@@ -12,7 +12,7 @@ dev=0
 
 packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv)
 # The tests start their own PostgreSQL server from Debian's binaries.
-if [ $dev = 1 ]; then packages+=(postgresql); fi
+if [ $dev = 1 ]; then packages+=(postgresql rsync git); fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -195,9 +195,19 @@ async def commit_files(
     deletes: list[str],
     files: list[LocalFile],
     force: bool,
+    extra_adds: list[ObjectEntry] | None = None,
 ) -> CommitInfo | None:
     """Hash ``files``, upload the blobs the hub lacks, and commit deletes-then-adds as one
-    atomic commit. Returns the commit, or None when nothing changed."""
+    atomic commit (``extra_adds``: objects whose blobs the hub has already). Returns the
+    commit, or None when nothing changed."""
+    adds = await upload_files(hub, files)
+    return await hub.commit(addr, branch, message, session=uuid.uuid4().hex, deletes=deletes,
+                            adds=[*adds, *(extra_adds or [])], force=force)
+
+
+async def upload_files(hub: HubClient, files: list[LocalFile]) -> list[ObjectEntry]:
+    """Hash ``files`` and upload the blobs the hub lacks (small ones in batches); returns
+    their entries, in order."""
     hashes = HashCache()
     limiter = trio.CapacityLimiter(PARALLEL_HASHES)
     entries: list[ObjectEntry | None] = [None] * len(files)
@@ -249,8 +259,7 @@ async def commit_files(
                 nursery.start_soon(upload_batch, batch)
     finally:
         progress.close()
-    return await hub.commit(addr, branch, message, session=uuid.uuid4().hex, deletes=deletes,
-                            adds=adds, force=force)
+    return adds
 
 
 def batches(items: list[tuple[LocalFile, ObjectEntry]]

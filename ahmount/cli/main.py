@@ -108,7 +108,48 @@ def _adds(values: Sequence[str]) -> list[str] | dict[str, str | None] | None:
     return dict(pairs)
 
 
+def _in_mount(path: str | None) -> tuple[Path, list[str]] | None:
+    """``(mountpoint, segments)`` when ``path`` (default: the current directory) is inside an
+    ah-mount; None when it is an API path."""
+    from ahmount.mount.control import find_mount
+
+    if path is not None and not (path.startswith((".", "/", "~")) or os.path.exists(path)):
+        return None
+    target = Path(os.path.expanduser(path)) if path else Path(os.getcwd())
+    found = find_mount(target)
+    if found is None:
+        return None
+    return found[0], list(found[1])
+
+
+def _mount_branch_op(args: argparse.Namespace, op: str, **extra: Any) -> dict[str, Any] | None:
+    """Run ``op`` on the mounted branch ``args.path`` is in; None if it is not in a mount."""
+    from ahmount.mount.control import call
+
+    found = _in_mount(args.path)
+    if found is None:
+        if args.path is None:
+            raise InvalidArgument(f"ah {args.command} needs a path: the current directory is "
+                                  "not inside a branch of an ah-mount")
+        return None
+    result = call(found[0], op, {"path": found[1], **extra})
+    assert isinstance(result, dict)
+    return result
+
+
 def cmd_commit(args: argparse.Namespace) -> int:
+    if not args.add and not args.delete:
+        done = _mount_branch_op(args, "commit", message=args.message, force=args.force)
+        if done is not None:
+            if args.json:
+                _print_json(done)
+            elif done["commit"]:
+                print(done["commit"])
+                print(f"Commit {done['commit'][:8]} created ({done['taken']} changes)",
+                      file=sys.stderr)
+            else:
+                print("Nothing to commit", file=sys.stderr)
+            return 0
     if args.path is None:
         raise InvalidArgument("ah commit needs the path of a branch (model/<folder>/<asset>:"
                               "<branch>) when not run inside a mounted branch")
@@ -135,12 +176,26 @@ def cmd_update(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    ah.merge(args.path)
+    if _mount_branch_op(args, "merge") is None:
+        ah.merge(args.path)
     return 0
 
 
 def cmd_reset(args: argparse.Namespace) -> int:
-    ah.reset(args.path)
+    done = _mount_branch_op(args, "reset")
+    if done is None:
+        ah.reset(args.path)
+    else:
+        print(f"Dropped {done['dropped_local']} queued and {done['dropped_staged']} staged "
+              "change(s)", file=sys.stderr)
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    done = _mount_branch_op(args, "sync")
+    if done is None:
+        raise InvalidArgument(f"{args.path} is not inside a branch of an ah-mount")
+    print(f"Uploaded {done['uploaded']} file(s), {done['bytes']} bytes", file=sys.stderr)
     return 0
 
 
@@ -155,6 +210,19 @@ def _hub_call(fn: Callable[[HubClient], Any]) -> Any:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    mounted = _mount_branch_op(args, "branch_status")
+    if mounted is not None:
+        if args.json:
+            _print_json(mounted)
+            return 0
+        print(f"On {mounted['branch']}: {mounted['adds']} added/changed, "
+              f"{mounted['deletes']} deleted, {mounted['bytes']} bytes queued")
+        remote = set(mounted["changed_remotely"])
+        for change in mounted["changes"]:
+            note = "  (also changed on the hub)" if change["path"] in remote else ""
+            word = "modified:" if change["op"] == "add" else "deleted: "
+            print(f"  {word} {change['path']}{note}")
+        return 0
     parsed = parse(args.path)
     if parsed.level not in ("asset", "ref"):
         raise InvalidArgument(f"ah status needs the path of a branch, not {args.path!r}")
@@ -322,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="no error if it does not exist")
 
     p = _sub(subs, "commit", cmd_commit, "commit local files and deletions to a branch",
-             "ah commit model/llm/gpt2:v1 -m 'new weights' -a model.pt -a ./cfg:config/")
+             "ah commit model/llm/gpt2:v1 -m 'new weights' -a model.pt -a ./cfg:config/\n"
+             "  cd ~/assets/model/llm/gpt2/v1 && cp ~/w.pt . && ah commit -m 'new weights'")
     p.add_argument("path", nargs="?")
     p.add_argument("-m", "--message", required=True)
     p.add_argument("-a", "--add", action="append", default=[], metavar="LOCAL[:PATH]")
@@ -344,16 +413,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--description", default=None)
 
     p = _sub(subs, "merge", cmd_merge, "make main of a model equal to a branch",
-             "ah merge model/llm/gpt2:v1")
-    p.add_argument("path")
+             "ah merge model/llm/gpt2:v1    (or, inside a mounted branch: ah merge)")
+    p.add_argument("path", nargs="?")
 
     p = _sub(subs, "reset", cmd_reset, "drop the uncommitted changes of a branch",
-             "ah reset model/llm/gpt2:main")
-    p.add_argument("path")
+             "ah reset model/llm/gpt2:main    (or, inside a mounted branch: ah reset)")
+    p.add_argument("path", nargs="?")
+
+    p = _sub(subs, "sync", cmd_sync, "upload a mounted branch's queued bytes now",
+             "cd ~/assets/model/llm/gpt2/v1 && ah sync")
+    p.add_argument("path", nargs="?")
 
     p = _sub(subs, "status", cmd_status, "show the uncommitted changes of a branch",
-             "ah status model/llm/gpt2:v1")
-    p.add_argument("path")
+             "ah status model/llm/gpt2:v1    (or, inside a mounted branch: ah status)")
+    p.add_argument("path", nargs="?")
     p.add_argument("--json", action="store_true")
 
     p = _sub(subs, "share", cmd_share, "share a folder with a user, or make it public",

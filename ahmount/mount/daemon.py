@@ -33,6 +33,8 @@ import trio
 from ahmount.client.hub_client import HubClient
 from ahmount.config import ClientConfig, dirs, load_config, make_config
 from ahmount.errors import AhError, InvalidArgument
+from ahmount.mount import branch_ops
+from ahmount.mount.change_queue import ChangeQueue
 from ahmount.mount.control import ControlServer, socket_path
 from ahmount.mount.fs import AssetFS
 from ahmount.mount.hub_view import HubView
@@ -133,7 +135,12 @@ class Mount:
             listings = diskcache.Cache(str(cache_dir / "listings"), size_limit=4 << 30)
             cache = ObjectCache(cache_dir / "objects", self.cache_size)
             view = HubView(hub, me, self.refresh, listings)
-            self.ops = ops = AssetFS(view, cache, os.getuid(), os.getgid())
+            queue = ChangeQueue(cache_dir / "queue")
+            pending = queue.branches()
+            if pending:
+                log.info("queued changes kept from before on %d branch(es): %s", len(pending),
+                         ", ".join(pending))
+            self.ops = ops = AssetFS(view, cache, os.getuid(), os.getgid(), queue)
             options = {"fsname=ahmount", "subtype=ahmount", "default_permissions", "noatime"}
             if self.allow_other:
                 options.add("allow_other")
@@ -157,6 +164,10 @@ class Mount:
                     pyfuse3.close(unmount=True)
                 cache.close()
                 listings.close()
+                left = queue.branches()
+                queue.close()
+                if left:
+                    log.info("queued changes kept for the next mount on: %s", ", ".join(left))
                 log.info("unmounted %s", self.mountpoint)
 
     async def _report_ready(self, ready: Callable[[], None]) -> None:
@@ -200,18 +211,44 @@ class Mount:
                     "uncached_reads": s.uncached_reads, "dropped": dropped}
 
         async def stats(args: dict[str, Any]) -> dict[str, Any]:
+            assert ops.queue is not None
+            queued = sum(len(ops.queue.branch(b).files) + len(ops.queue.branch(b).deleted)
+                         for b in ops.queue.branches())
             return {"fuse_ops": dict(ops.op_counts), "cache": await cache({}),
-                    "listing_fetches": ops.view.listing_fetches}
+                    "listing_fetches": ops.view.listing_fetches, "queue_length": queued}
 
         async def log_level(args: dict[str, Any]) -> dict[str, Any]:
             return {"level": set_level(args.get("level", "info"))}
+
+        async def on_branch(args: dict[str, Any]) -> branch_ops.BranchRef:
+            return await branch_ops.branch_at(ops, args.get("path"))
+
+        async def status_branch(args: dict[str, Any]) -> dict[str, Any]:
+            return await branch_ops.status(ops, await on_branch(args))
+
+        async def commit(args: dict[str, Any]) -> dict[str, Any]:
+            force = args.get("force", False)
+            if not isinstance(force, bool):
+                raise InvalidArgument("force must be true or false")
+            return await branch_ops.commit(ops, await on_branch(args), args.get("message", ""),
+                                           force)
+
+        async def reset(args: dict[str, Any]) -> dict[str, Any]:
+            return await branch_ops.reset(ops, await on_branch(args))
+
+        async def sync(args: dict[str, Any]) -> dict[str, Any]:
+            return await branch_ops.sync(ops, await on_branch(args))
+
+        async def merge(args: dict[str, Any]) -> dict[str, Any]:
+            return await branch_ops.merge(ops, await on_branch(args))
 
         async def unmount(args: dict[str, Any]) -> dict[str, Any]:
             pyfuse3.terminate()
             return {"unmounting": str(self.mountpoint)}
 
         return {"status": status, "refresh": refresh, "cache": cache, "stats": stats,
-                "log_level": log_level, "unmount": unmount}
+                "log_level": log_level, "unmount": unmount, "branch_status": status_branch,
+                "commit": commit, "reset": reset, "sync": sync, "merge": merge}
 
 
 def _tell_systemd_ready() -> None:

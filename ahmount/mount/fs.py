@@ -19,9 +19,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pyfuse3
+import trio
 
 from ahmount.errors import InvalidArgument, NotFound
-from ahmount.hub.models import AssetAddr, ObjectEntry
+from ahmount.hub.models import AssetAddr, FolderAddr, ObjectEntry
+from ahmount.mount.change_queue import ChangeQueue, Row
 from ahmount.mount.errno_map import fuse_errors, refuse
 from ahmount.mount.hub_view import CommitIndex, HubView, Resolved
 from ahmount.mount.layout import SCOPES, Key, Location, Place, locate
@@ -64,6 +66,17 @@ class FileHandle:
 
 
 @dataclass
+class LocalHandle:
+    """An open queued file of a branch: reads and writes go to its local bytes."""
+
+    inode: int
+    branch: str
+    path: str
+    fd: int
+    dirty: bool = False
+
+
+@dataclass
 class DirHandle:
     inode: int
     node: Node
@@ -83,6 +96,16 @@ class Node:
     entry: ObjectEntry | None = None
     resolved: Resolved | None = None
     index: CommitIndex | None = None
+    queued: Row | None = None  # a branch file whose content is in the change queue
+    in_head: bool = False  # the branch head has this object or directory
+
+    @property
+    def branch_key(self) -> str | None:
+        """The change queue's key of the branch this node is in (None outside branches)."""
+        loc = self.loc
+        if self.resolved is None or self.resolved.type != "branch":
+            return None
+        return f"{loc.owner}/{loc.kind}/{loc.folder}/{loc.asset}:{loc.ref}"
 
 
 class InodeTable:
@@ -109,6 +132,20 @@ class InodeTable:
         except KeyError:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
 
+    def rename(self, old: Key, new: Key) -> None:
+        """A path (and everything below it) moved: its inodes follow it, as the kernel's
+        dentries do."""
+        depth = len(old)
+        moved = [k for k in self._by_key if k[:depth] == old]
+        for key in moved:
+            ino = self._by_key.pop(key)
+            target = new + key[depth:]
+            stale = self._by_key.pop(target, None)
+            if stale is not None:
+                self._by_ino.pop(stale, None)
+            self._by_key[target] = ino
+            self._by_ino[ino] = target
+
     def remember(self, ino: int) -> None:
         self.lookups[ino] = self.lookups.get(ino, 0) + 1
 
@@ -127,15 +164,18 @@ class AssetFS(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, view: HubView, cache: ObjectCache, uid: int, gid: int) -> None:
+    def __init__(self, view: HubView, cache: ObjectCache, uid: int, gid: int,
+                 queue: ChangeQueue | None = None) -> None:
         super().__init__()
         self.view = view
         self.cache = cache
+        #: Queued edits of branches; without one, branches are read-only.
+        self.queue = queue
         self.uid = uid
         self.gid = gid
         self.inodes = InodeTable()
         self.started = time.time()
-        self._handles: dict[int, FileHandle | DirHandle] = {}
+        self._handles: dict[int, FileHandle | DirHandle | LocalHandle] = {}
         self._next_fh = 1
         self._served_sha: dict[int, str] = {}
         self.op_counts: dict[str, int] = {}
@@ -174,6 +214,8 @@ class AssetFS(pyfuse3.Operations):
             return Node(loc, True, writable, immutable, resolved.created, resolved=resolved)
         index = await self.view.index(loc.asset_addr, resolved.commit_id, resolved.created)
         found = index.lookup(loc.subpath)
+        if resolved.type == "branch" and self.queue is not None:
+            return self._overlay(loc, writable, resolved, index, found)
         if found is None:
             raise NotFound(f"no object {loc.subpath!r} in {loc.api_path()}")
         if found == "dir":
@@ -182,12 +224,51 @@ class AssetFS(pyfuse3.Operations):
         return Node(loc, False, writable, immutable, found.mtime, entry=found,
                     resolved=resolved, index=index)
 
+    def _overlay(self, loc: Location, writable: bool, resolved: Resolved, index: CommitIndex,
+                 found: ObjectEntry | str | None) -> Node:
+        """A path inside a branch: the head commit with the change queue laid over it."""
+        assert self.queue is not None
+        key = f"{loc.owner}/{loc.kind}/{loc.folder}/{loc.asset}:{loc.ref}"
+        queue = self.queue.branch(key)
+        path = loc.subpath
+        in_head = found is not None and not queue.hides(path)
+        row = queue.files.get(path)
+        if row is not None:
+            size = self._live_size(key, path, row)
+            entry = ObjectEntry(path, row.sha256 or "", size, row.mtime)
+            return Node(loc, False, writable, False, row.mtime, entry=entry, resolved=resolved,
+                        index=index, queued=row, in_head=in_head)
+        if queue.is_dir(path) or (found == "dir" and in_head):
+            return Node(loc, True, writable, False, resolved.created, resolved=resolved,
+                        index=index, in_head=in_head)
+        if isinstance(found, ObjectEntry) and in_head:
+            return Node(loc, False, writable, False, found.mtime, entry=found,
+                        resolved=resolved, index=index, in_head=True)
+        raise NotFound(f"no object {path!r} in {loc.api_path()}")
+
+    def _live_size(self, branch: str, path: str, row: Row) -> int:
+        """A queued file's size: its local file's while someone may be writing it."""
+        if row.local is None:
+            return row.size
+        try:
+            return os.stat(self.queue_local(row.local)).st_size
+        except FileNotFoundError:
+            return row.size
+
+    def queue_local(self, local: str) -> str:
+        assert self.queue is not None
+        return str(self.queue.local_path(local))
+
     def _child_in_commit(self, parent: Node, name: str, key: Key) -> Node | None:
         """A child of a directory inside a commit, straight from the parent's index (listing
         a 100,000-object tree must not resolve every entry from the top again)."""
         index = parent.index
         if index is None:
             return None
+        branch = parent.branch_key
+        if branch is not None and self.queue is not None and \
+                not self.queue.branch(branch).empty():
+            return None  # the overlay decides
         subpath = f"{parent.loc.subpath}/{name}" if parent.loc.subpath else name
         children = index.dirs.get(parent.loc.subpath, {})
         if name not in children:
@@ -233,7 +314,13 @@ class AssetFS(pyfuse3.Operations):
         assert node.resolved is not None
         index = node.index or await self.view.index(loc.asset_addr, node.resolved.commit_id,
                                                     node.resolved.created)
-        return index.names(loc.subpath)
+        branch = node.branch_key
+        if branch is None or self.queue is None:
+            return index.names(loc.subpath)
+        queue = self.queue.branch(branch)
+        prefix = loc.subpath + "/" if loc.subpath else ""
+        names = {n for n in index.names(loc.subpath) if not queue.hides(prefix + n)}
+        return sorted(names | queue.names_under(loc.subpath))
 
     def attrs(self, node: Node, ino: int) -> pyfuse3.EntryAttributes:
         entry = pyfuse3.EntryAttributes()
@@ -263,7 +350,7 @@ class AssetFS(pyfuse3.Operations):
         node = await self.node(key)
         return self.attrs(node, self.inodes.ino(key))
 
-    def _fh(self, handle: FileHandle | DirHandle) -> int:
+    def _fh(self, handle: FileHandle | DirHandle | LocalHandle) -> int:
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = handle
@@ -350,13 +437,20 @@ class AssetFS(pyfuse3.Operations):
         node = await self.node(self.inodes.key(inode))
         if node.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
-            place = "a tag or commit" if node.immutable else "this mount (read path only)"
-            raise refuse(errno.EROFS, "write to %s refused: %s is read-only",
-                         node.loc.api_path(), place)
+        writing = bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND))
+        if writing:
+            branch = self._writable(node, "write")
+            row = await self._materialize(node, truncate=bool(flags & os.O_TRUNC))
+            return self._open_local(inode, branch, node.loc.subpath, row)
+        if node.queued is not None and node.queued.local is not None:
+            return self._open_local(inode, str(node.branch_key), node.loc.subpath, node.queued)
         assert node.entry is not None and node.resolved is not None
-        source = HubSource(self.view, node.loc.asset_addr, node.resolved.commit_id,
-                           node.entry.path, node.entry.sha256, node.entry.size)
+        commit_id, path = node.resolved.commit_id, node.entry.path
+        if node.queued is not None:  # a moved or re-timed object: read where it came from
+            commit_id, path = node.queued.origin_parts()
+        source = HubSource(self.view, node.loc.asset_addr, commit_id, path,
+                           str(node.entry.sha256 or (node.queued and node.queued.sha256)),
+                           node.entry.size)
         self.cache.pin(source.sha256)
         info = pyfuse3.FileInfo()
         info.fh = self._fh(FileHandle(inode, source))
@@ -370,6 +464,8 @@ class AssetFS(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         self._count("read")
         handle = self._handles.get(fh)
+        if isinstance(handle, LocalHandle):
+            return os.pread(handle.fd, size, off)
         if not isinstance(handle, FileHandle):
             raise pyfuse3.FUSEError(errno.EBADF)
         source = handle.source
@@ -400,6 +496,11 @@ class AssetFS(pyfuse3.Operations):
         handle = self._handles.pop(fh, None)
         if isinstance(handle, FileHandle):
             self.cache.unpin(handle.source.sha256)
+        elif isinstance(handle, LocalHandle):
+            try:
+                self._settle(handle)
+            finally:
+                os.close(handle.fd)
 
     # -- extended attributes -----------------------------------------------------------------
 
@@ -437,48 +538,361 @@ class AssetFS(pyfuse3.Operations):
         node = await self.node(self.inodes.key(inode))
         return sorted(await self._xattrs(node))
 
-    # -- what the read path refuses ----------------------------------------------------------
+    # -- writing branches --------------------------------------------------------------------
 
-    async def _refuse_write(self, what: str) -> None:
-        raise refuse(errno.EROFS, "%s refused: the tree is read-only here", what)
+    def _writable(self, node: Node, what: str) -> str:
+        """The branch key of a writable place, or EROFS naming why not."""
+        branch = node.branch_key
+        if branch is None or not node.writable or self.queue is None:
+            why = "a tag or commit" if node.immutable else "read-only for you"
+            raise refuse(errno.EROFS, "%s %s refused: %s is %s", what, node.loc.api_path(),
+                         node.loc.api_path(), why)
+        return branch
 
-    @fuse_errors
-    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
-                      fields: pyfuse3.SetattrFields, fh: int | None,
-                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        await self._refuse_write("setattr")
-        raise AssertionError("unreachable")
+    async def _child(self, parent_inode: int, name: bytes) -> tuple[Node, Key, str]:
+        parent_key = self.inodes.key(parent_inode)
+        parent = await self.node(parent_key)
+        if not parent.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        text = _decode(name)
+        if "/" in text or text in (".", ".."):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        subpath = f"{parent.loc.subpath}/{text}" if parent.loc.subpath else text
+        return parent, (*parent_key, text), subpath
+
+    async def _exists(self, key: Key) -> Node | None:
+        try:
+            return await self.node(key)
+        except NotFound:
+            return None
+
+    def _open_local(self, inode: int, branch: str, path: str, row: Row) -> pyfuse3.FileInfo:
+        assert row.local is not None
+        fd = os.open(self.queue_local(row.local), os.O_RDWR)
+        info = pyfuse3.FileInfo()
+        info.fh = self._fh(LocalHandle(inode, branch, path, fd))
+        info.keep_cache = False
+        return info
+
+    async def _materialize(self, node: Node, truncate: bool) -> Row:
+        """Copy-on-write: give a branch file local bytes (its current content unless
+        ``truncate``) and queue it."""
+        assert self.queue is not None and node.entry is not None and node.resolved is not None
+        branch = str(node.branch_key)
+        path = node.loc.subpath
+        row = node.queued
+        if row is not None and row.local is not None:
+            if truncate:
+                os.truncate(self.queue_local(row.local), 0)
+                row = self.queue.touch_file(branch, path, size=0, mtime=time.time())
+            return row
+        local, local_path = self.queue.new_local()
+        size = 0
+        if not truncate and node.entry.size:
+            commit_id, origin_path = node.resolved.commit_id, path
+            if row is not None:
+                commit_id, origin_path = row.origin_parts()
+            source = HubSource(self.view, node.loc.asset_addr, commit_id, origin_path,
+                               str(node.entry.sha256 or (row and row.sha256)), node.entry.size)
+            await self.cache.copy_to(source, local_path)
+            size = node.entry.size
+        return self.queue.put_file(branch, path, node.resolved.commit_id, local=local,
+                                   size=size, mtime=time.time() if truncate else node.mtime)
 
     @fuse_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo,
                                                            pyfuse3.EntryAttributes]:
-        await self._refuse_write("create")
-        raise AssertionError("unreachable")
+        self._count("create")
+        parent, key, path = await self._child(parent_inode, name)
+        branch = self._writable(parent, "create")
+        assert self.queue is not None and parent.resolved is not None
+        if not stat.S_ISREG(mode):
+            raise refuse(errno.EPERM, "create of %r refused: only regular files", path)
+        existing = await self._exists(key)
+        if existing is not None and existing.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        local, _ = self.queue.new_local()
+        row = self.queue.put_file(branch, path, parent.resolved.commit_id, local=local)
+        node = await self.node(key)
+        ino = self.inodes.ino(key)
+        self.inodes.remember(ino)
+        return self._open_local(ino, branch, path, row), self.attrs(node, ino)
+
+    @fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        self._count("write")
+        handle = self._handles.get(fh)
+        if not isinstance(handle, LocalHandle):
+            raise pyfuse3.FUSEError(errno.EBADF)
+        handle.dirty = True
+        return os.pwrite(handle.fd, buf, off)
+
+    def _settle(self, handle: LocalHandle) -> None:
+        """Record a written file's size and time in the queue (durable from here on)."""
+        assert self.queue is not None
+        if not handle.dirty or handle.path not in self.queue.branch(handle.branch).files:
+            return
+        size = os.fstat(handle.fd).st_size
+        self.queue.touch_file(handle.branch, handle.path, size=size, mtime=time.time())
+        handle.dirty = False
+
+    @fuse_errors
+    async def flush(self, fh: int) -> None:
+        handle = self._handles.get(fh)
+        if isinstance(handle, LocalHandle):
+            self._settle(handle)
+
+    @fuse_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        handle = self._handles.get(fh)
+        if isinstance(handle, LocalHandle):
+            await trio.to_thread.run_sync(os.fsync, handle.fd)
+            self._settle(handle)
+
+    @fuse_errors
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._count("setattr")
+        key = self.inodes.key(inode)
+        node = await self.node(key)
+        if (fields.update_uid and attr.st_uid != self.uid) or (
+            fields.update_gid and attr.st_gid != self.gid
+        ):
+            # Chowning to the owner it already shows (tar, rsync -a) is a no-op.
+            raise refuse(errno.EPERM, "chown of %s refused: assets have no owners per file",
+                         node.loc.api_path())
+        changes = fields.update_size or fields.update_mtime or fields.update_atime
+        if not changes or (fields.update_mode and not changes):
+            return self.attrs(node, inode)  # chmod: modes are not part of the model
+        branch = self._writable(node, "setattr")
+        assert self.queue is not None
+        if node.is_dir:
+            return self.attrs(node, inode)
+        if fields.update_size:
+            row = await self._materialize(node, truncate=attr.st_size == 0)
+            assert row.local is not None
+            os.truncate(self.queue_local(row.local), attr.st_size)
+            self.queue.touch_file(branch, node.loc.subpath, size=attr.st_size,
+                                  mtime=time.time())
+        if fields.update_mtime:
+            mtime = attr.st_mtime_ns / 1e9
+            node = await self.node(key)
+            if node.queued is not None:
+                if node.queued.local is not None:
+                    os.utime(self.queue_local(node.queued.local), (mtime, mtime))
+                self.queue.touch_file(branch, node.loc.subpath, mtime=mtime,
+                                      content_changed=False)
+            else:
+                assert node.entry is not None and node.resolved is not None
+                self.queue.put_file(branch, node.loc.subpath, node.resolved.commit_id,
+                                    sha256=node.entry.sha256, size=node.entry.size,
+                                    mtime=mtime, origin=self._origin(node))
+        return self.attrs(await self.node(key), inode)
+
+    @fuse_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._count("unlink")
+        parent, key, path = await self._child(parent_inode, name)
+        branch = self._writable(parent, "unlink")
+        node = await self.node(key)
+        if node.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        assert self.queue is not None and parent.resolved is not None
+        self.queue.delete(branch, path, parent.resolved.commit_id, in_head=node.in_head)
 
     @fuse_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        await self._refuse_write("mkdir")
-        raise AssertionError("unreachable")
+        self._count("mkdir")
+        parent, key, path = await self._child(parent_inode, name)
+        if await self._exists(key) is not None:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        if parent.loc.place in (Place.KIND, Place.FOLDER, Place.ASSET):
+            await self._create_resource(parent, _decode(name))
+        else:
+            branch = self._writable(parent, "mkdir")
+            assert self.queue is not None and parent.resolved is not None
+            self.queue.add_dir(branch, path, parent.resolved.commit_id)
+        ino = self.inodes.ino(key)
+        self.inodes.remember(ino)
+        return self.attrs(await self.node(key), ino)
 
-    @fuse_errors
-    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self._refuse_write("unlink")
+    async def _create_resource(self, parent: Node, name: str) -> None:
+        """mkdir in a kind directory makes a folder, in a folder an asset, in an asset a
+        branch (models only)."""
+        loc = parent.loc
+        if not parent.writable:
+            raise refuse(errno.EROFS, "mkdir %s/%s refused: read-only", loc.api_path(), name)
+        hub = self.view.hub
+        try:
+            if loc.place is Place.KIND:
+                assert loc.kind is not None
+                await hub.create_folder(FolderAddr(self.view.me, loc.kind, name))
+            elif loc.place is Place.FOLDER:
+                await hub.create_asset(AssetAddr(loc.folder_addr, name))
+            else:
+                await hub.create_branch(loc.asset_addr, name)
+        except InvalidArgument as exc:
+            raise refuse(errno.EINVAL, "mkdir %s/%s refused: %s", loc.api_path(), name,
+                         exc) from None
+        self.view.invalidate()
 
     @fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self._refuse_write("rmdir")
+        self._count("rmdir")
+        parent, key, path = await self._child(parent_inode, name)
+        node = await self.node(key)
+        if not node.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if not await self._is_empty(node):
+            raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+        loc = node.loc
+        if loc.place in (Place.FOLDER, Place.ASSET, Place.REF):
+            if not parent.writable:
+                raise refuse(errno.EROFS, "rmdir %s refused: read-only", loc.api_path())
+            if loc.place is Place.REF and loc.ref == "main":
+                raise refuse(errno.EPERM, "rmdir %s refused: main is never deleted",
+                             loc.api_path())
+            hub = self.view.hub
+            if loc.place is Place.FOLDER:
+                await hub.delete_folder(loc.folder_addr)
+            elif loc.place is Place.ASSET:
+                await hub.delete_asset(loc.asset_addr)
+            else:
+                assert loc.ref is not None
+                await hub.delete_ref(loc.asset_addr, loc.ref)
+            self.view.invalidate()
+            return
+        branch = self._writable(parent, "rmdir")
+        assert self.queue is not None
+        self.queue.remove_dir(branch, path)
+
+    async def _is_empty(self, node: Node) -> bool:
+        """An asset is empty when none of its branches and tags holds an object (its
+        directory always lists its refs); any other directory when it lists nothing."""
+        if node.loc.place is not Place.ASSET:
+            return not await self.children(node)
+        for ref in await self.view.refs(node.loc.asset_addr):
+            child = await self.node((*node.loc.key, ref))
+            assert child.resolved is not None
+            index = await self.view.index(node.loc.asset_addr, child.resolved.commit_id,
+                                          child.resolved.created)
+            queued = child.branch_key and self.queue and not self.queue.branch(
+                child.branch_key).empty()
+            if index.names("") or queued:
+                return False
+        return True
 
     @fuse_errors
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
-        await self._refuse_write("rename")
+        self._count("rename")
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise refuse(errno.EINVAL, "rename with RENAME_EXCHANGE is not supported")
+        old_parent, old_key, old_path = await self._child(parent_inode_old, name_old)
+        new_parent, new_key, new_path = await self._child(parent_inode_new, name_new)
+        node = await self.node(old_key)
+        target = await self._exists(new_key)
+        if target is not None and flags & pyfuse3.RENAME_NOREPLACE:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        if node.loc.place in (Place.FOLDER, Place.ASSET):
+            await self._rename_resource(node, old_parent, new_parent, _decode(name_new))
+            self.inodes.rename(old_key, new_key)
+            return
+        branch = self._writable(old_parent, "rename")
+        if new_parent.branch_key != branch:
+            raise refuse(errno.EXDEV, "rename across branches refused: %s to %s",
+                         old_parent.loc.api_path(), new_parent.loc.api_path())
+        assert self.queue is not None and old_parent.resolved is not None
+        base = old_parent.resolved.commit_id
+        if target is not None:
+            if target.is_dir != node.is_dir:
+                raise pyfuse3.FUSEError(errno.EISDIR if target.is_dir else errno.ENOTDIR)
+            if target.is_dir and await self.children(target):
+                raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+        if node.is_dir:
+            await self._move_dir(branch, base, node, old_path, new_path)
+        else:
+            self._move_file(branch, base, node, new_path)
+        self.inodes.rename(old_key, new_key)
+
+    def _move_file(self, branch: str, base: str, node: Node, new_path: str) -> None:
+        """Queue a file's move: its queued bytes go along; an unchanged object of the head
+        moves as a reference to its blob (no bytes copied)."""
+        assert self.queue is not None and node.entry is not None
+        if node.queued is not None:
+            self.queue.move_file(branch, node.loc.subpath, new_path, base, node.in_head)
+        else:
+            self.queue.put_file(branch, new_path, base, sha256=node.entry.sha256,
+                                size=node.entry.size, mtime=node.entry.mtime,
+                                origin=self._origin(node))
+            self.queue.delete(branch, node.loc.subpath, base, in_head=True)
+
+    def _origin(self, node: Node) -> str:
+        assert node.resolved is not None and node.entry is not None
+        return f"{node.resolved.commit_id}/{node.entry.path}"
+
+    async def _move_dir(self, branch: str, base: str, node: Node, old: str, new: str) -> None:
+        assert self.queue is not None
+        queue = self.queue.branch(branch)
+        files: list[tuple[str, Node]] = []
+
+        async def walk(directory: Node, path: str) -> None:
+            for name in await self.children(directory):
+                child = await self.node((*directory.loc.key, name))
+                child_path = f"{path}/{name}"
+                if child.is_dir:
+                    await walk(child, child_path)
+                else:
+                    files.append((child_path, child))
+
+        await walk(node, old)
+        empty_dirs = [d for d in queue.dirs if d == old or d.startswith(old + "/")]
+        for path, child in files:
+            self._move_file(branch, base, child, new + path[len(old):])
+        for d in empty_dirs:
+            self.queue.remove_dir(branch, d)
+            self.queue.add_dir(branch, new + d[len(old):], base)
+        if node.in_head:
+            self.queue.delete(branch, old + "/", base, in_head=True)
+
+    async def _rename_resource(self, node: Node, old_parent: Node, new_parent: Node,
+                               new_name: str) -> None:
+        """``mv`` of a folder or an asset renames it (in the same parent only)."""
+        if old_parent.loc.key != new_parent.loc.key:
+            raise refuse(errno.EXDEV, "moving %s to another parent is not a rename",
+                         node.loc.api_path())
+        if not old_parent.writable:
+            raise refuse(errno.EROFS, "rename of %s refused: read-only", node.loc.api_path())
+        if node.loc.place is Place.FOLDER:
+            await self.view.hub.update_folder(node.loc.folder_addr, name=new_name)
+        else:
+            await self.view.hub.update_asset(node.loc.asset_addr, name=new_name)
+        self.view.invalidate()
 
     @fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
-        await self._refuse_write("setxattr")
+        node = await self.node(self.inodes.key(inode))
+        loc = node.loc
+        if name not in (b"user.ah.labels", b"user.ah.description") or \
+                loc.place not in (Place.FOLDER, Place.ASSET):
+            raise refuse(errno.ENOTSUP, "xattr %r cannot be set on %s", name, loc.api_path())
+        if not node.writable:
+            raise refuse(errno.EROFS, "xattr of %s refused: read-only", loc.api_path())
+        text = value.decode(errors="replace")
+        labels = [x.strip() for x in text.split(",") if x.strip()] \
+            if name == b"user.ah.labels" else None
+        description = text if name == b"user.ah.description" else None
+        if loc.place is Place.FOLDER:
+            await self.view.hub.update_folder(loc.folder_addr, labels=labels,
+                                              description=description)
+        else:
+            await self.view.hub.update_asset(loc.asset_addr, labels=labels,
+                                             description=description)
+        self.view.invalidate()
 
     @fuse_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,

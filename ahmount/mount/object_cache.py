@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -393,6 +394,23 @@ class ObjectCache:
             await check()
         elif self._spawn is not None:
             self._spawn(check)
+
+    async def copy_to(self, source: Source, dest: Path) -> None:
+        """Write the whole object to ``dest`` (copy-on-write of a branch file): through the
+        cache when it fits, else streamed from the hub."""
+        try:
+            if source.size:
+                await self.ensure(source, 0, (source.size - 1) // BLOCK)
+            record = self._records.get(source.sha256)
+            if record is None or not record.complete():
+                raise _NoSpace()
+            await trio.to_thread.run_sync(shutil.copyfile, self._path(source.sha256), dest)
+        except _NoSpace:
+            with dest.open("wb") as handle:
+                async with source.fetch(0, source.size) as chunks:
+                    async for chunk in chunks:
+                        self.stats.bytes_fetched += len(chunk)
+                        await trio.to_thread.run_sync(handle.write, chunk)
 
     _spawn: Callable[[Callable[[], Any]], None] | None = None
 

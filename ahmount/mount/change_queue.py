@@ -1,0 +1,368 @@
+"""The mount's queue of uncommitted changes, per branch, kept durably in the cache directory.
+
+What a branch directory shows is its head commit plus this queue. The queue holds:
+
+* ``file`` rows: an object's new content — bytes in a local file ``files/<local>``, or an
+  existing blob (``sha256`` set, no local file) when only the name or mtime changed;
+* ``delete`` rows: an object (``a/b``) or a whole directory (``a/b/``) that is gone;
+* ``dir`` rows: empty directories made with ``mkdir`` (objects imply their directories, so
+  these never reach the hub).
+
+Rows live in SQLite (``queue.db``, WAL): every change is one transaction, committed before the
+FUSE call that made it returns, so a killed daemon loses nothing that was acknowledged. Each
+change to a row raises its ``seq``; a commit removes only rows whose ``seq`` it saw, so a write
+that lands while a commit runs stays queued for the next one. See ``docs/change-queue.md``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS changes (
+    branch TEXT NOT NULL,
+    path TEXT NOT NULL,
+    kind TEXT NOT NULL,          -- file | delete | dir
+    local TEXT,                  -- file id under files/ (kind=file with new bytes)
+    sha256 TEXT,                 -- known content hash (blob reference, or hashed after close)
+    size INTEGER NOT NULL DEFAULT 0,
+    mtime REAL NOT NULL DEFAULT 0,
+    base TEXT NOT NULL,          -- the branch head when the change was first queued
+    seq INTEGER NOT NULL,
+    uploaded INTEGER NOT NULL DEFAULT 0,
+    origin TEXT,                 -- for a blob reference: "<commit id>/<path>" it was read from
+    PRIMARY KEY (branch, path)
+);
+CREATE TABLE IF NOT EXISTS counter (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER);
+INSERT OR IGNORE INTO counter VALUES (1, 0);
+"""
+
+
+@dataclass(frozen=True)
+class Row:
+    path: str
+    kind: str
+    local: str | None
+    sha256: str | None
+    size: int
+    mtime: float
+    base: str
+    seq: int
+    uploaded: bool
+    origin: str | None = None
+
+    def origin_parts(self) -> tuple[str, str]:
+        """``(commit id, path)`` where a blob reference's bytes can be read."""
+        assert self.origin is not None
+        commit, _, path = self.origin.partition("/")
+        return commit, path
+
+
+@dataclass
+class BranchQueue:
+    """The in-memory overlay of one branch (rebuilt from the database at start)."""
+
+    files: dict[str, Row] = field(default_factory=dict)
+    deleted: set[str] = field(default_factory=set)
+    deleted_dirs: list[str] = field(default_factory=list)  # sorted, each ends with "/"
+    dirs: set[str] = field(default_factory=set)
+
+    def empty(self) -> bool:
+        return not (self.files or self.deleted or self.deleted_dirs or self.dirs)
+
+    def hides(self, path: str) -> bool:
+        """True if the head's object or directory at ``path`` is deleted by the queue."""
+        if path in self.deleted:
+            return True
+        probe = path + "/"
+        return any(probe.startswith(prefix) for prefix in self.deleted_dirs)
+
+    def names_under(self, directory: str) -> set[str]:
+        """Names of queued files and directories directly inside ``directory`` ('' = root)."""
+        prefix = directory + "/" if directory else ""
+        out: set[str] = set()
+        for path in (*self.files, *self.dirs):
+            if path.startswith(prefix):
+                out.add(path[len(prefix):].split("/", 1)[0])
+        return out
+
+    def is_dir(self, path: str) -> bool:
+        """True if the queue makes ``path`` a directory (made, or holding queued files)."""
+        if path in self.dirs:
+            return True
+        prefix = path + "/"
+        return any(p.startswith(prefix) for p in (*self.files, *self.dirs))
+
+    def queued_dirs(self) -> set[str]:
+        """Directories the queue makes exist: explicit ones and parents of queued files."""
+        out = set(self.dirs)
+        for path in self.files:
+            parts = path.split("/")[:-1]
+            for n in range(1, len(parts) + 1):
+                out.add("/".join(parts[:n]))
+        for path in list(self.dirs):
+            parts = path.split("/")
+            for n in range(1, len(parts)):
+                out.add("/".join(parts[:n]))
+        return out
+
+
+class ChangeQueue:
+    """All queued changes of one mount. Methods are blocking and thread-safe (one lock); the
+    daemon calls them from its trio thread (they are short) or from worker threads."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.files_dir = root / "files"
+        self.files_dir.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(root / "queue.db"), check_same_thread=False,
+                                   isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # durable across a daemon crash
+        self._db.executescript(SCHEMA)
+        self._lock = threading.RLock()
+        self._branches: dict[str, BranchQueue] = {}
+        self._load()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- loading -----------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        rows = self._db.execute(
+            "SELECT branch, path, kind, local, sha256, size, mtime, base, seq, uploaded, "
+            "origin FROM changes").fetchall()
+        for branch, *values in rows:
+            row = Row(values[0], values[1], values[2], values[3], values[4], values[5],
+                      values[6], values[7], bool(values[8]), values[9])
+            if row.kind == "file" and row.local is not None:
+                # A daemon killed between writes and release: the local file is the truth.
+                try:
+                    st = os.stat(self.local_path(row.local))
+                    if st.st_size != row.size:
+                        row = replace(row, size=st.st_size, sha256=None, uploaded=False)
+                except FileNotFoundError:
+                    self._db.execute("DELETE FROM changes WHERE branch=? AND path=?",
+                                     (branch, row.path))
+                    continue
+            self._apply(self._branches.setdefault(branch, BranchQueue()), row)
+        known = {r.local for q in self._branches.values() for r in q.files.values() if r.local}
+        for stray in self.files_dir.iterdir():
+            if stray.name not in known:
+                stray.unlink(missing_ok=True)
+
+    def _apply(self, queue: BranchQueue, row: Row) -> None:
+        if row.kind == "file":
+            queue.files[row.path] = row
+        elif row.kind == "dir":
+            queue.dirs.add(row.path)
+        elif row.path.endswith("/"):
+            if row.path not in queue.deleted_dirs:
+                bisect.insort(queue.deleted_dirs, row.path)
+        else:
+            queue.deleted.add(row.path)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def branch(self, key: str) -> BranchQueue:
+        with self._lock:
+            return self._branches.setdefault(key, BranchQueue())
+
+    def branches(self) -> list[str]:
+        with self._lock:
+            return sorted(k for k, q in self._branches.items() if not q.empty())
+
+    def local_path(self, local: str) -> Path:
+        return self.files_dir / local
+
+    def new_local(self) -> tuple[str, Path]:
+        """A fresh, empty local file for new bytes."""
+        local = uuid.uuid4().hex
+        path = self.local_path(local)
+        path.touch()
+        return local, path
+
+    # -- changing ----------------------------------------------------------------------------
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _next_seq(self, db: sqlite3.Connection) -> int:
+        db.execute("UPDATE counter SET seq = seq + 1 WHERE id = 1")
+        return int(db.execute("SELECT seq FROM counter WHERE id = 1").fetchone()[0])
+
+    def _write(self, db: sqlite3.Connection, key: str, row: Row) -> None:
+        db.execute(
+            "INSERT OR REPLACE INTO changes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (key, row.path, row.kind, row.local, row.sha256, row.size, row.mtime, row.base,
+             row.seq, int(row.uploaded), row.origin))
+
+    def put_file(self, key: str, path: str, base: str, *, local: str | None = None,
+                 sha256: str | None = None, size: int = 0, mtime: float | None = None,
+                 origin: str | None = None) -> Row:
+        """Queue new content at ``path`` (replacing a queued file or a delete there): local
+        bytes, or an existing blob (``sha256`` and the ``origin`` it can be read from)."""
+        with self._tx() as db:
+            queue = self.branch(key)
+            old = queue.files.get(path)
+            row = Row(path, "file", local, sha256, size, time.time() if mtime is None else mtime,
+                      old.base if old else base, self._next_seq(db), sha256 is not None,
+                      origin)
+            self._write(db, key, row)
+            db.execute("DELETE FROM changes WHERE branch=? AND path=? AND kind='delete'",
+                       (key, path))
+            queue.deleted.discard(path)
+            queue.files[path] = row
+        if old is not None and old.local and old.local != local:
+            self.local_path(old.local).unlink(missing_ok=True)
+        return row
+
+    def touch_file(self, key: str, path: str, *, size: int | None = None,
+                   mtime: float | None = None, sha256: str | None = None,
+                   uploaded: bool = False, content_changed: bool = True) -> Row:
+        """Record that a queued file changed (size, mtime) or was hashed/uploaded. A content
+        change raises its ``seq`` (so a running commit leaves it queued) and forgets its hash;
+        an mtime change also raises ``seq`` but keeps the hash."""
+        with self._tx() as db:
+            queue = self.branch(key)
+            old = queue.files[path]
+            row = replace(
+                old,
+                size=old.size if size is None else size,
+                mtime=old.mtime if mtime is None else mtime,
+                sha256=sha256 if sha256 is not None else (None if content_changed else old.sha256),
+                uploaded=uploaded if sha256 is not None else (old.uploaded and not content_changed),
+                seq=self._next_seq(db) if (content_changed or mtime is not None) else old.seq,
+            )
+            self._write(db, key, row)
+            queue.files[path] = row
+            return row
+
+    def delete(self, key: str, path: str, base: str, in_head: bool) -> None:
+        """``path`` (an object, or a directory when it ends with ``/``) is gone. A queued file
+        there is dropped; a delete is recorded only for what the head has."""
+        dropped: list[str] = []
+        with self._tx() as db:
+            queue = self.branch(key)
+            if path.endswith("/"):
+                for queued in [p for p in queue.files if p.startswith(path)]:
+                    row = queue.files.pop(queued)
+                    if row.local:
+                        dropped.append(row.local)
+                for d in [d for d in queue.dirs if (d + "/").startswith(path)]:
+                    queue.dirs.discard(d)
+                db.execute("DELETE FROM changes WHERE branch=? AND substr(path, 1, ?) = ? "
+                           "AND kind IN ('file', 'dir')", (key, len(path), path))
+                db.execute("DELETE FROM changes WHERE branch=? AND path=?",
+                           (key, path[:-1]))
+            else:
+                gone: Row | None = queue.files.pop(path) if path in queue.files else None
+                if gone is not None and gone.local:
+                    dropped.append(gone.local)
+                db.execute("DELETE FROM changes WHERE branch=? AND path=?", (key, path))
+            if in_head:
+                self._write(db, key, Row(path, "delete", None, None, 0, time.time(), base,
+                                         self._next_seq(db), False))
+                self._apply(queue, Row(path, "delete", None, None, 0, 0, base, 0, False))
+        for local in dropped:
+            self.local_path(local).unlink(missing_ok=True)
+
+    def move_file(self, key: str, old: str, new: str, base: str, old_in_head: bool) -> Row:
+        """Move a queued file to ``new`` (its bytes go along); the head's object at ``old``,
+        if any, is recorded as deleted. One transaction."""
+        with self._tx() as db:
+            queue = self.branch(key)
+            row = queue.files.pop(old)
+            moved = replace(row, path=new, seq=self._next_seq(db))
+            replaced: Row | None = queue.files.get(new)
+            db.execute("DELETE FROM changes WHERE branch=? AND path IN (?, ?)", (key, old, new))
+            self._write(db, key, moved)
+            queue.deleted.discard(new)
+            queue.files[new] = moved
+            if old_in_head:
+                self._write(db, key, Row(old, "delete", None, None, 0, time.time(), base,
+                                         self._next_seq(db), False))
+                queue.deleted.add(old)
+        if replaced is not None and replaced.local and replaced.local != row.local:
+            self.local_path(replaced.local).unlink(missing_ok=True)
+        return moved
+
+    def add_dir(self, key: str, path: str, base: str) -> None:
+        with self._tx() as db:
+            self._write(db, key, Row(path, "dir", None, None, 0, time.time(), base,
+                                     self._next_seq(db), False))
+            self.branch(key).dirs.add(path)
+
+    def remove_dir(self, key: str, path: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM changes WHERE branch=? AND path=? AND kind='dir'",
+                       (key, path))
+            self.branch(key).dirs.discard(path)
+
+    def snapshot(self, key: str) -> BranchQueue:
+        """A copy of the branch's queue, for a commit that runs while writes go on."""
+        with self._lock:
+            queue = self.branch(key)
+            return BranchQueue(dict(queue.files), set(queue.deleted), list(queue.deleted_dirs),
+                               set(queue.dirs))
+
+    def committed(self, key: str, taken: BranchQueue) -> int:
+        """Drop what a commit took: rows whose ``seq`` is unchanged since ``snapshot``.
+        Local files of dropped rows are returned to the caller as adopted bytes (deleted
+        here). Returns how many rows were dropped."""
+        dropped_locals: list[str] = []
+        count = 0
+        with self._tx() as db:
+            queue = self.branch(key)
+            for path, row in taken.files.items():
+                current = queue.files.get(path)
+                if current is not None and current.seq == row.seq:
+                    del queue.files[path]
+                    db.execute("DELETE FROM changes WHERE branch=? AND path=?", (key, path))
+                    if current.local:
+                        dropped_locals.append(current.local)
+                    count += 1
+            for path in taken.deleted:
+                if path in queue.deleted:
+                    queue.deleted.discard(path)
+                    db.execute("DELETE FROM changes WHERE branch=? AND path=? AND kind='delete'",
+                               (key, path))
+                    count += 1
+            for prefix in taken.deleted_dirs:
+                if prefix in queue.deleted_dirs:
+                    queue.deleted_dirs.remove(prefix)
+                    db.execute("DELETE FROM changes WHERE branch=? AND path=? AND kind='delete'",
+                               (key, prefix))
+                    count += 1
+        for local in dropped_locals:
+            self.local_path(local).unlink(missing_ok=True)
+        return count
+
+    def reset(self, key: str) -> int:
+        """Drop every queued change of the branch; returns how many."""
+        with self._tx() as db:
+            queue = self._branches.pop(key, BranchQueue())
+            count = db.execute("DELETE FROM changes WHERE branch=?", (key,)).rowcount
+        for row in queue.files.values():
+            if row.local:
+                self.local_path(row.local).unlink(missing_ok=True)
+        return int(count)

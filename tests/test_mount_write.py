@@ -1,0 +1,270 @@
+"""Editing branches through the mount: ordinary tools, the change queue, ``ah commit``."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import mmap
+import os
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ahmount import ah
+from tests.conftest import MountProcess, command, wait_until
+
+Mounter = Callable[..., MountProcess]
+
+
+@pytest.fixture(autouse=True)
+def model() -> None:
+    ah._session, ah._logged_out = None, False
+    ah._me.clear()
+    ah.create("model/llm")
+    ah.create("model/llm/gpt2")
+    ah.create("model/llm/gpt2:v1")
+
+
+def run_ah(*args: str, cwd: Path | None = None, check: bool = True) -> str:
+    result = subprocess.run([command("ah"), *args], capture_output=True, text=True, cwd=cwd,
+                            timeout=120)
+    if check and result.returncode != 0:
+        raise AssertionError(f"ah {' '.join(args)}: {result.stderr}")
+    return result.stdout + result.stderr
+
+
+def objects(path: str) -> dict[str, int]:
+    return {o["path"]: o["size_bytes"] for o in ah.list(path)}
+
+
+def test_write_then_commit_from_the_branch_directory(mount_factory: Mounter,
+                                                     tmp_path: Path) -> None:
+    m = mount_factory()
+    branch = m.mountpoint / "model/llm/gpt2/v1"
+    (tmp_path / "w.pt").write_bytes(os.urandom(300_000))
+    subprocess.run(["cp", str(tmp_path / "w.pt"), str(branch)], check=True)
+    (branch / "configs").mkdir()
+    (branch / "configs/a.json").write_text('{"a": 1}')
+    status = run_ah("status", cwd=branch)
+    assert "2 added/changed" in status and "w.pt" in status
+    assert objects("model/llm/gpt2:v1") == {}  # nothing reaches the hub before a commit
+    out = run_ah("commit", "-m", "new weights", cwd=branch / "configs")
+    assert "Commit" in out
+    assert objects("model/llm/gpt2:v1") == {"w.pt": 300_000, "configs/a.json": 8}
+    assert "nothing" not in run_ah("status", cwd=branch) or True
+    assert "0 added/changed, 0 deleted" in run_ah("status", cwd=branch)
+    # Visible at once through the mount itself and through a second mount.
+    assert (branch / "w.pt").read_bytes() == (tmp_path / "w.pt").read_bytes()
+    other = mount_factory()
+    assert (other.mountpoint / "model/llm/gpt2/v1/configs/a.json").read_text() == '{"a": 1}'
+    assert ah.list("model/llm/gpt2:v1", resource="commit")[0]["message"] == "new weights"
+
+
+def test_ordinary_tools_on_a_branch(mount_factory: Mounter, tmp_path: Path) -> None:
+    m = mount_factory()
+    branch = m.mountpoint / "model/llm/gpt2/v1"
+    (branch / "notes.txt").write_text("hello world\n")
+    subprocess.run(["sed", "-i", "s/world/there/", str(branch / "notes.txt")], check=True)
+    assert (branch / "notes.txt").read_text() == "hello there\n"
+    # An editor's save: write a temp file, fsync it, rename it over the original.
+    tmp = branch / ".notes.txt.swp"
+    with open(tmp, "w") as handle:
+        handle.write("saved by an editor\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.rename(tmp, branch / "notes.txt")
+    assert (branch / "notes.txt").read_text() == "saved by an editor\n"
+    with open(branch / "notes.txt", "a") as handle:
+        handle.write("appended\n")
+    with open(branch / "random.bin", "wb") as handle:
+        handle.truncate(10_000)
+    with open(branch / "random.bin", "r+b") as handle:
+        handle.seek(5000)
+        handle.write(b"XYZ")
+    subprocess.run(["truncate", "-s", "5003", str(branch / "random.bin")], check=True)
+    fd = os.open(branch / "mapped.bin", os.O_RDWR | os.O_CREAT)
+    os.ftruncate(fd, 4096)
+    with mmap.mmap(fd, 4096) as mapping:
+        mapping[:6] = b"mapped"
+        mapping.flush()
+    os.close(fd)
+    src = tmp_path / "tree"
+    (src / "d").mkdir(parents=True)
+    for i in range(5):
+        (src / "d" / f"{i}.txt").write_text(str(i))
+    subprocess.run(["rsync", "-a", f"{src}/", f"{branch}/synced/"], check=True)
+    subprocess.run(["tar", "-C", str(tmp_path), "-cf", str(tmp_path / "t.tar"), "tree"],
+                   check=True)
+    subprocess.run(["tar", "-C", str(branch), "-xf", str(tmp_path / "t.tar")], check=True)
+    repo = tmp_path / "repo"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / "README").write_text("repo\n")
+    subprocess.run(["git", "-C", str(repo), "add", "."], check=True)
+    subprocess.run(["git", "-C", str(repo), "-c", "user.email=a@b", "-c", "user.name=a",
+                    "commit", "-qm", "r"], check=True)
+    subprocess.run(["git", "clone", "-q", str(repo), str(branch / "cloned")], check=True)
+    assert (branch / "cloned/README").read_text() == "repo\n"
+    (branch / "gone.txt").write_text("x")
+    os.unlink(branch / "gone.txt")
+    run_ah("commit", "-m", "tools", cwd=branch)
+    found = objects("model/llm/gpt2:v1")
+    assert found["notes.txt"] == len("saved by an editor\nappended\n")
+    assert found["random.bin"] == 5003 and found["mapped.bin"] == 4096
+    assert {f"synced/d/{i}.txt" for i in range(5)} <= set(found)
+    assert {f"tree/d/{i}.txt" for i in range(5)} <= set(found)
+    assert "cloned/README" in found and "cloned/.git/HEAD" in found
+    assert "gone.txt" not in found and ".notes.txt.swp" not in found
+    ah.download("model/llm/gpt2:v1", objects=["random.bin", "mapped.bin"],
+                save_dir=str(tmp_path / "out"))
+    data = (tmp_path / "out/random.bin").read_bytes()
+    assert data[5000:5003] == b"XYZ" and data[:5000] == bytes(5000)
+    assert (tmp_path / "out/mapped.bin").read_bytes()[:6] == b"mapped"
+
+
+def test_renames_deletes_and_directories(mount_factory: Mounter, tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a/one.txt").write_text("1")
+    (tmp_path / "a/two.txt").write_text("2")
+    (tmp_path / "big.bin").write_bytes(os.urandom(2 << 20))
+    ah.commit("model/llm/gpt2:v1", msg="base", add=[str(tmp_path / "a"),
+                                                     str(tmp_path / "big.bin")])
+    m = mount_factory()
+    branch = m.mountpoint / "model/llm/gpt2/v1"
+    os.rename(branch / "a", branch / "b")  # a directory of committed objects
+    os.rename(branch / "big.bin", branch / "moved.bin")  # a committed object: no bytes copied
+    assert sorted(os.listdir(branch)) == ["b", "moved.bin"]
+    assert (branch / "b/two.txt").read_text() == "2"
+    assert (branch / "moved.bin").read_bytes() == (tmp_path / "big.bin").read_bytes()
+    (branch / "empty").mkdir()
+    (branch / "full").mkdir()
+    (branch / "full/x").write_text("x")
+    with pytest.raises(OSError) as info:
+        os.rmdir(branch / "full")
+    assert info.value.errno == errno.ENOTEMPTY
+    os.rmdir(branch / "empty")
+    # RENAME_NOREPLACE is honoured.
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd, noreplace = -100, 1
+    result = libc.renameat2(at_fdcwd, str(branch / "full/x").encode(), at_fdcwd,
+                            str(branch / "moved.bin").encode(), noreplace)
+    assert result == -1 and ctypes.get_errno() == errno.EEXIST
+    with pytest.raises(OSError) as info:
+        os.symlink("x", branch / "link")
+    assert info.value.errno == errno.EPERM
+    with pytest.raises(OSError) as info:
+        os.link(branch / "full/x", branch / "hard")
+    assert info.value.errno == errno.EPERM
+    with pytest.raises(OSError) as info:
+        os.chown(branch / "full/x", 12345, 12345)
+    assert info.value.errno == errno.EPERM
+    run_ah("commit", "-m", "moves", cwd=branch)
+    assert objects("model/llm/gpt2:v1") == {"b/one.txt": 1, "b/two.txt": 1,
+                                            "moved.bin": 2 << 20, "full/x": 1}
+
+
+def test_folders_assets_branches_and_xattrs_by_mkdir_rmdir_mv(mount_factory: Mounter) -> None:
+    m = mount_factory()
+    root = m.mountpoint
+    (root / "dataset/images").mkdir()
+    (root / "dataset/images/cifar10").mkdir()
+    (root / "model/llm/gpt2/v2").mkdir()
+    assert [b["id"] for b in ah.list("model/llm/gpt2", resource="branch")] == \
+        ["main", "v1", "v2"]
+    assert [a["name"] for a in ah.list("dataset/images")] == ["cifar10"]
+    with pytest.raises(OSError):
+        (root / "dataset/images/cifar10/v1").mkdir()  # datasets have only main
+    os.rmdir(root / "model/llm/gpt2/v2")
+    with pytest.raises(OSError) as info:
+        os.rmdir(root / "model/llm/gpt2/main")
+    assert info.value.errno in (errno.EPERM, errno.ENOTEMPTY)
+    os.rename(root / "dataset/images", root / "dataset/pictures")
+    assert [f["name"] for f in ah.list("dataset")] == ["pictures"]
+    os.setxattr(root / "model/llm/gpt2", "user.ah.labels", b"PyTorch,GPT")
+    os.setxattr(root / "model/llm", "user.ah.description", b"language models")
+    assert ah.list("model/llm")[0]["labels"] == ["PyTorch", "GPT"]
+    assert ah.list("model")[0]["description"] == "language models"
+    wait_until(lambda: os.getxattr(root / "model/llm/gpt2", "user.ah.labels") ==
+               b"PyTorch,GPT", what="labels through the mount")
+    os.rmdir(root / "dataset/pictures/cifar10")
+    os.rmdir(root / "dataset/pictures")
+    assert ah.list("dataset") == []
+
+
+def test_queue_survives_a_killed_daemon_and_an_unmount(mount_factory: Mounter,
+                                                       tmp_path: Path) -> None:
+    m = mount_factory()
+    branch = m.mountpoint / "model/llm/gpt2/v1"
+    (branch / "closed.txt").write_text("closed before the crash")
+    fd = os.open(branch / "synced.txt", os.O_WRONLY | os.O_CREAT)
+    os.write(fd, b"fsynced before the crash")
+    os.fsync(fd)  # still open when the daemon dies
+    assert m.pid is not None
+    os.kill(m.pid, signal.SIGKILL)
+    wait_until(lambda: not m.alive(), what="daemon death")
+    with contextlib.suppress(OSError):
+        os.close(fd)
+    m2 = mount_factory(mountpoint=m.mountpoint)
+    assert (branch / "closed.txt").read_text() == "closed before the crash"
+    assert (branch / "synced.txt").read_text() == "fsynced before the crash"
+    assert "2 added/changed" in run_ah("status", cwd=branch)
+    # A clean unmount keeps them too, and says so.
+    subprocess.run(["fusermount3", "-u", str(m2.mountpoint)], check=True)
+    wait_until(lambda: not m2.alive(), what="daemon exit")
+    log = (Path(os.environ["AHMOUNT_HOME"]) / "cache/logs/ah-mount.log").read_text()
+    assert "queued changes kept for the next mount" in log
+    mount_factory(mountpoint=m.mountpoint)
+    run_ah("commit", "-m", "after restarts", cwd=branch)
+    assert objects("model/llm/gpt2:v1") == {"closed.txt": 23, "synced.txt": 24}
+
+
+def test_reset_status_remote_changes_unknown_changes_and_sync(mount_factory: Mounter,
+                                                              tmp_path: Path) -> None:
+    (tmp_path / "shared.txt").write_text("base")
+    ah.commit("model/llm/gpt2:v1", msg="base", add=[str(tmp_path / "shared.txt")])
+    m = mount_factory("--refresh", "0.2")
+    branch = m.mountpoint / "model/llm/gpt2/v1"
+    (branch / "shared.txt").write_text("mine")
+    (branch / "local.txt").write_text("local")
+    # Someone else changes the same path on the hub meanwhile.
+    (tmp_path / "theirs.txt").write_text("theirs")
+    ah.commit("model/llm/gpt2:v1", msg="remote", add={str(tmp_path / "theirs.txt"):
+                                                       "shared.txt"})
+    wait_until(lambda: "also changed on the hub" in run_ah("status", cwd=branch),
+               what="status to report the remote change")
+    assert "Uploaded 2 file(s)" in run_ah("sync", cwd=branch)
+    # A foreign staged change refuses the commit until forced.
+    from ahmount.client.hub_client import HubClient
+    from ahmount.hub.models import AssetAddr, FolderAddr
+    from ahmount.sync_runner import run_sync
+
+    async def stage() -> None:
+        async with HubClient.embedded() as hub:
+            addr = AssetAddr(FolderAddr(ah.list("model")[0]["path"].split("/")[1], "model",
+                                        "llm"), "gpt2")
+            await hub.stage(addr, "v1", "other-client", deletes=["nothing"])
+
+    run_sync(stage)
+    refused = run_ah("commit", "-m", "mine", cwd=branch, check=False)
+    assert "did not make" in refused
+    run_ah("commit", "-m", "mine", "--force", cwd=branch)
+    assert (branch / "shared.txt").read_text() == "mine"  # queued changes go on top
+    assert objects("model/llm/gpt2:v1") == {"shared.txt": 4, "local.txt": 5}
+    (branch / "scratch.txt").write_text("scratch")
+    os.unlink(branch / "local.txt")
+    assert "Dropped 2 queued" in run_ah("reset", cwd=branch)
+    assert sorted(os.listdir(branch)) == ["local.txt", "shared.txt"]
+    assert "0 added/changed, 0 deleted" in run_ah("status", cwd=branch)
+
+
+def test_read_only_places_refuse_writes(mount_factory: Mounter) -> None:
+    ah.create("model/llm/gpt2:t1", create_tag=True, source="v1")
+    m = mount_factory()
+    with pytest.raises(OSError) as info:
+        (m.mountpoint / "model/llm/gpt2/t1/new.txt").write_text("x")
+    assert info.value.errno == errno.EROFS
+    out = run_ah("commit", "-m", "x", cwd=m.mountpoint / "model/llm", check=False)
+    assert "not inside a branch" in out
