@@ -268,3 +268,71 @@ def test_read_only_places_refuse_writes(mount_factory: Mounter) -> None:
     assert info.value.errno == errno.EROFS
     out = run_ah("commit", "-m", "x", cwd=m.mountpoint / "model/llm", check=False)
     assert "not inside a branch" in out
+
+
+def test_closed_files_upload_ahead_of_the_commit(mount_factory: Mounter) -> None:
+    import hashlib
+
+    from ahmount.client.hub_client import HubClient
+    from ahmount.sync_runner import run_sync
+
+    m = mount_factory()
+    branch = m.mountpoint / "model/llm/gpt2/v1"
+    data = os.urandom(3 << 20)
+    (branch / "weights.bin").write_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
+
+    async def missing() -> set[str]:
+        async with HubClient.embedded() as hub:
+            return await hub.missing_blobs([sha])
+
+    wait_until(lambda: not run_sync(missing), what="the blob to be uploaded ahead")
+    assert m.control("stats")["bytes_uploaded"] >= 3 << 20
+    assert objects("model/llm/gpt2:v1") == {}  # uploaded, not committed
+    run_ah("commit", "-m", "weights", cwd=branch)
+    assert objects("model/llm/gpt2:v1") == {"weights.bin": 3 << 20}
+
+
+def test_a_daemon_killed_mid_commit_loses_nothing(mount_factory: Mounter) -> None:
+    m = mount_factory()
+    branch = m.mountpoint / "model/llm/gpt2/v1"
+    for i in range(300):
+        (branch / f"f{i:03d}.txt").write_text(f"file {i}")
+    assert m.pid is not None
+    proc = subprocess.Popen([command("ah"), "commit", "-m", "interrupted"], cwd=branch,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    log = Path(os.environ["AHMOUNT_HOME"]) / "cache/logs/ah-mount.log"
+    wait_until(lambda: "committing 300 queued" in log.read_text(), what="the commit to start")
+    os.kill(m.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    wait_until(lambda: not m.alive(), what="daemon death")
+    mount_factory(mountpoint=m.mountpoint)
+    landed = objects("model/llm/gpt2:v1")
+    assert landed == {} or len(landed) == 300, "a commit landed in part"
+    # Whatever happened, the queue still holds the changes until a commit takes them.
+    run_ah("commit", "-m", "again", cwd=branch)
+    assert len(objects("model/llm/gpt2:v1")) == 300
+    assert "0 added/changed, 0 deleted" in run_ah("status", cwd=branch)
+
+
+def test_writes_during_a_commit_stay_queued(mount_factory: Mounter) -> None:
+    import threading
+
+    m = mount_factory()
+    branch = m.mountpoint / "model/llm/gpt2/v1"
+    (branch / "big.bin").write_bytes(os.urandom(40 << 20))
+    done: list[str] = []
+    committer = threading.Thread(
+        target=lambda: done.append(run_ah("commit", "-m", "big", cwd=branch)))
+    committer.start()
+    for i in range(20):
+        (branch / f"late{i}.txt").write_text(str(i))
+    committer.join()
+    first = objects("model/llm/gpt2:v1")
+    assert "big.bin" in first
+    pending = run_ah("status", cwd=branch)
+    for i in range(20):
+        # Every late write is in the commit or still queued: never lost.
+        assert f"late{i}.txt" in first or f"late{i}.txt" in pending
+    run_ah("commit", "-m", "late", cwd=branch)
+    assert {f"late{i}.txt" for i in range(20)} <= set(objects("model/llm/gpt2:v1"))

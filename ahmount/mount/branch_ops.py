@@ -78,6 +78,8 @@ async def commit(ops: AssetFS, ref: BranchRef, message: str, force: bool) -> dic
     if not isinstance(message, str) or not message.strip():
         raise InvalidArgument("a commit needs a message (-m)")
     taken = ops.queue.snapshot(ref.key)
+    log.info("committing %d queued change(s) of %s", len(taken.files) + len(taken.deleted)
+             + len(taken.deleted_dirs), ref.asset.at(ref.branch))
     files = [LocalFile(ops.queue.local_path(r.local), p)
              for p, r in taken.files.items() if r.local is not None]
     blob_refs = [ObjectEntry(p, str(r.sha256), r.size, r.mtime)

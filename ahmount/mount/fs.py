@@ -13,7 +13,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -33,6 +33,7 @@ from ahmount.names import KINDS, is_commit_prefix
 log = logging.getLogger("ahmount.mount")
 
 IMMUTABLE_TIMEOUT = 3600.0
+UPLOAD_AHEAD_PARALLEL = 2
 READAHEAD_START = 2 * BLOCK
 READAHEAD_MAX = 32 * BLOCK
 XATTR_PREFIX = b"user.ah."
@@ -73,7 +74,8 @@ class LocalHandle:
     branch: str
     path: str
     fd: int
-    dirty: bool = False
+    dirty: bool = False  # written since the queue last recorded its size
+    written: bool = False  # written at all through this handle
 
 
 @dataclass
@@ -179,6 +181,10 @@ class AssetFS(pyfuse3.Operations):
         self._next_fh = 1
         self._served_sha: dict[int, str] = {}
         self.op_counts: dict[str, int] = {}
+        #: Starts background work (upload-ahead); set by the daemon to its nursery.
+        self.spawn: Callable[[Callable[[], Awaitable[None]]], None] | None = None
+        self._upload_limit = trio.CapacityLimiter(UPLOAD_AHEAD_PARALLEL)
+        self.bytes_uploaded = 0
 
     # -- the tree model ----------------------------------------------------------------------
 
@@ -501,6 +507,30 @@ class AssetFS(pyfuse3.Operations):
                 self._settle(handle)
             finally:
                 os.close(handle.fd)
+            if handle.written and self.spawn is not None:
+                self.spawn(lambda: self._upload_ahead(handle.branch, handle.path))
+
+    async def _upload_ahead(self, branch: str, path: str) -> None:
+        """Upload a closed file's bytes in the background, so that ``ah commit`` of it is
+        mostly a metadata call. Failures only log: the commit uploads what is missing."""
+        from ahmount.transfer import LocalFile, upload_files
+
+        assert self.queue is not None
+        async with self._upload_limit:
+            row = self.queue.branch(branch).files.get(path)
+            if row is None or row.local is None or row.uploaded:
+                return
+            try:
+                [entry] = await upload_files(
+                    self.view.hub, [LocalFile(self.queue.local_path(row.local), path)])
+            except Exception as exc:
+                log.info("upload ahead of %s deferred to the commit: %s", path, exc)
+                return
+            current = self.queue.branch(branch).files.get(path)
+            if current is not None and current.seq == row.seq:
+                self.queue.touch_file(branch, path, sha256=entry.sha256, uploaded=True,
+                                      content_changed=False)
+                self.bytes_uploaded += entry.size
 
     # -- extended attributes -----------------------------------------------------------------
 
@@ -625,7 +655,7 @@ class AssetFS(pyfuse3.Operations):
         handle = self._handles.get(fh)
         if not isinstance(handle, LocalHandle):
             raise pyfuse3.FUSEError(errno.EBADF)
-        handle.dirty = True
+        handle.dirty = handle.written = True
         return os.pwrite(handle.fd, buf, off)
 
     def _settle(self, handle: LocalHandle) -> None:
