@@ -200,14 +200,15 @@ async def commit_files(
     """Hash ``files``, upload the blobs the hub lacks, and commit deletes-then-adds as one
     atomic commit (``extra_adds``: objects whose blobs the hub has already). Returns the
     commit, or None when nothing changed."""
-    adds = await upload_files(hub, files)
+    adds, _ = await upload_files(hub, files)
     return await hub.commit(addr, branch, message, session=uuid.uuid4().hex, deletes=deletes,
                             adds=[*adds, *(extra_adds or [])], force=force)
 
 
-async def upload_files(hub: HubClient, files: list[LocalFile]) -> list[ObjectEntry]:
+async def upload_files(hub: HubClient,
+                       files: list[LocalFile]) -> tuple[list[ObjectEntry], int]:
     """Hash ``files`` and upload the blobs the hub lacks (small ones in batches); returns
-    their entries, in order."""
+    their entries, in order, and how many bytes were uploaded."""
     hashes = HashCache()
     limiter = trio.CapacityLimiter(PARALLEL_HASHES)
     entries: list[ObjectEntry | None] = [None] * len(files)
@@ -259,7 +260,7 @@ async def upload_files(hub: HubClient, files: list[LocalFile]) -> list[ObjectEnt
                 nursery.start_soon(upload_batch, batch)
     finally:
         progress.close()
-    return adds
+    return adds, sum(e.size for _, e in to_upload.values())
 
 
 def batches(items: list[tuple[LocalFile, ObjectEntry]]

@@ -113,7 +113,7 @@ async def sync(ops: AssetFS, ref: BranchRef) -> dict[str, Any]:
     pending = [(p, r) for p, r in taken.files.items() if r.local is not None and
                not r.uploaded]
     files = [LocalFile(ops.queue.local_path(str(r.local)), p) for p, r in pending]
-    entries = await upload_files(ops.view.hub, files)
+    entries, sent = await upload_files(ops.view.hub, files)
     uploaded = 0
     for (path, row), entry in zip(pending, entries, strict=True):
         current = ops.queue.branch(ref.key).files.get(path)
@@ -121,7 +121,8 @@ async def sync(ops: AssetFS, ref: BranchRef) -> dict[str, Any]:
             ops.queue.touch_file(ref.key, path, sha256=entry.sha256, uploaded=True,
                                  content_changed=False)
             uploaded += 1
-    return {"uploaded": uploaded, "bytes": sum(e.size for e in entries)}
+    ops.bytes_uploaded += sent
+    return {"uploaded": uploaded, "bytes": sent}
 
 
 async def merge(ops: AssetFS, ref: BranchRef) -> dict[str, Any]:

@@ -151,7 +151,7 @@ class Mount:
             try:
                 async with trio.open_nursery() as nursery:
                     cache.set_spawner(lambda fn: nursery.start_soon(fn))
-                    ops.spawn = lambda fn: nursery.start_soon(fn)
+                    await nursery.start(ops.run_uploader)
                     nursery.start_soon(cache.run_flusher)
                     nursery.start_soon(self._watch_signals)
                     control = ControlServer(socket_path(self.mountpoint), self._control_ops(),
@@ -217,7 +217,7 @@ class Mount:
                          for b in ops.queue.branches())
             return {"fuse_ops": dict(ops.op_counts), "cache": await cache({}),
                     "listing_fetches": ops.view.listing_fetches, "queue_length": queued,
-                    "bytes_uploaded": ops.bytes_uploaded}
+                    "bytes_uploaded": ops.bytes_uploaded, "uploading": ops.uploading}
 
         async def log_level(args: dict[str, Any]) -> dict[str, Any]:
             return {"level": set_level(args.get("level", "info"))}

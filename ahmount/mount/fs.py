@@ -13,7 +13,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -33,7 +33,7 @@ from ahmount.names import KINDS, is_commit_prefix
 log = logging.getLogger("ahmount.mount")
 
 IMMUTABLE_TIMEOUT = 3600.0
-UPLOAD_AHEAD_PARALLEL = 2
+UPLOAD_AHEAD_DELAY = 0.5
 READAHEAD_START = 2 * BLOCK
 READAHEAD_MAX = 32 * BLOCK
 XATTR_PREFIX = b"user.ah."
@@ -181,10 +181,11 @@ class AssetFS(pyfuse3.Operations):
         self._next_fh = 1
         self._served_sha: dict[int, str] = {}
         self.op_counts: dict[str, int] = {}
-        #: Starts background work (upload-ahead); set by the daemon to its nursery.
-        self.spawn: Callable[[Callable[[], Awaitable[None]]], None] | None = None
-        self._upload_limit = trio.CapacityLimiter(UPLOAD_AHEAD_PARALLEL)
+        #: Written files closed since the uploader last ran: (branch, path).
+        self._closed: set[tuple[str, str]] = set()
+        self._closed_event = trio.Event()
         self.bytes_uploaded = 0
+        self.uploading = False
 
     # -- the tree model ----------------------------------------------------------------------
 
@@ -507,30 +508,49 @@ class AssetFS(pyfuse3.Operations):
                 self._settle(handle)
             finally:
                 os.close(handle.fd)
-            if handle.written and self.spawn is not None:
-                self.spawn(lambda: self._upload_ahead(handle.branch, handle.path))
+            if handle.written:
+                self._closed.add((handle.branch, handle.path))
+                self.uploading = True
+                self._closed_event.set()
 
-    async def _upload_ahead(self, branch: str, path: str) -> None:
-        """Upload a closed file's bytes in the background, so that ``ah commit`` of it is
-        mostly a metadata call. Failures only log: the commit uploads what is missing."""
+    async def run_uploader(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Upload closed files in the background, so that ``ah commit`` is mostly a metadata
+        call: files closed within :data:`UPLOAD_AHEAD_DELAY` of each other travel together
+        (small ones in batches). Failures only log; the commit uploads what is missing."""
+        task_status.started()
+        while True:
+            await self._closed_event.wait()
+            await trio.sleep(UPLOAD_AHEAD_DELAY)
+            self._closed_event = trio.Event()
+            closed, self._closed = self._closed, set()
+            self.uploading = True
+            try:
+                await self._upload_closed(closed)
+            except Exception as exc:
+                log.info("upload ahead of %d file(s) deferred to the commit: %s", len(closed),
+                         exc)
+            finally:
+                self.uploading = bool(self._closed)
+
+    async def _upload_closed(self, closed: set[tuple[str, str]]) -> None:
         from ahmount.transfer import LocalFile, upload_files
 
         assert self.queue is not None
-        async with self._upload_limit:
+        pending: list[tuple[str, str, Row]] = []
+        for branch, path in sorted(closed):
             row = self.queue.branch(branch).files.get(path)
-            if row is None or row.local is None or row.uploaded:
-                return
-            try:
-                [entry] = await upload_files(
-                    self.view.hub, [LocalFile(self.queue.local_path(row.local), path)])
-            except Exception as exc:
-                log.info("upload ahead of %s deferred to the commit: %s", path, exc)
-                return
+            if row is not None and row.local is not None and not row.uploaded:
+                pending.append((branch, path, row))
+        if not pending:
+            return
+        files = [LocalFile(self.queue.local_path(str(r.local)), p) for _, p, r in pending]
+        entries, sent = await upload_files(self.view.hub, files)
+        self.bytes_uploaded += sent
+        for (branch, path, row), entry in zip(pending, entries, strict=True):
             current = self.queue.branch(branch).files.get(path)
             if current is not None and current.seq == row.seq:
                 self.queue.touch_file(branch, path, sha256=entry.sha256, uploaded=True,
                                       content_changed=False)
-                self.bytes_uploaded += entry.size
 
     # -- extended attributes -----------------------------------------------------------------
 
