@@ -40,6 +40,9 @@ BLOCK = 1 << 20
 #: the background once complete (a corrupt one is then dropped and logged).
 VERIFY_INLINE = 64 << 20
 INDEX_FLUSH_SECONDS = 1.0
+#: Longest run of blocks fetched by one request: a long read-ahead becomes several requests
+#: in flight at once (up to the fetch limit), which keeps a remote hub's pipe full.
+RUN_BLOCKS = 8
 #: Bytes gathered before one write to the cache file (fewer thread hand-offs).
 WRITE_BATCH = 4 * BLOCK
 
@@ -290,7 +293,7 @@ class ObjectCache:
                 event = self._inflight.get((sha, index))
                 if event is not None:
                     wait_for.append(event)
-                elif runs and runs[-1][-1] == index - 1:
+                elif runs and runs[-1][-1] == index - 1 and len(runs[-1]) < RUN_BLOCKS:
                     runs[-1].append(index)
                 else:
                     runs.append([index])
