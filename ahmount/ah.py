@@ -149,20 +149,34 @@ class _Resource:
         return hash((type(self).__name__, self.path))
 
 
-class Folder(_Resource):
+class _Described(_Resource):
+    """A folder or an asset: labels, description, permission; updated and deleted by path."""
+
+    def __init__(self, path: ApiPath, info: FolderInfo | AssetInfo) -> None:
+        super().__init__(path)
+        self.id = info.id
+        self.labels = info.labels
+        self.description = info.description
+        self.permission = info.permission
+        self.modified = info.modified
+
+    def update(self, name: str | None = None, labels: Sequence[str] | None = None,
+               description: str | None = None) -> None:
+        update(self.path, name=name, labels=labels, description=description)
+
+    def delete(self) -> None:
+        delete(self.path)
+
+
+class Folder(_Described):
     """A folder of models or datasets (the unit of permission)."""
 
     kind = "Folder"
 
     def __init__(self, path: ApiPath, info: FolderInfo) -> None:
-        super().__init__(path)
-        self.id = info.id
+        super().__init__(path, info)
         self.owner = info.owner
         self.asset_kind = info.kind
-        self.labels = info.labels
-        self.description = info.description
-        self.permission = info.permission
-        self.modified = info.modified
 
     @property
     def name(self) -> str:
@@ -184,22 +198,8 @@ class Folder(_Resource):
         assert isinstance(asset, Model | Dataset)
         return asset
 
-    def update(self, name: str | None = None, labels: Sequence[str] | None = None,
-               description: str | None = None) -> None:
-        update(self.path, name=name, labels=labels, description=description)
 
-    def delete(self) -> None:
-        delete(self.path)
-
-
-class _Asset(_Resource):
-    def __init__(self, path: ApiPath, info: AssetInfo) -> None:
-        super().__init__(path)
-        self.id = info.id
-        self.labels = info.labels
-        self.description = info.description
-        self.permission = info.permission
-        self.modified = info.modified
+class _Asset(_Described):
 
     @property
     def name(self) -> str:
@@ -244,13 +244,6 @@ class _Asset(_Resource):
     def download(self, objects: Sequence[str] | None = None, save_dir: str = ".",
                  ref: str = "main") -> None:
         download(f"{self.path}:{ref}", objects=objects, save_dir=save_dir)
-
-    def update(self, name: str | None = None, labels: Sequence[str] | None = None,
-               description: str | None = None) -> None:
-        update(self.path, name=name, labels=labels, description=description)
-
-    def delete(self) -> None:
-        delete(self.path)
 
 
 class Model(_Asset):

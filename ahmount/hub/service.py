@@ -101,6 +101,19 @@ def _description(value: object, what: str) -> str:
     return value
 
 
+def _update_fields(what: str, where: str, name: str | None, labels: Sequence[str] | None,
+                   description: str | None) -> dict[str, Any]:
+    """The validated columns an update of a folder or an asset changes."""
+    fields: dict[str, Any] = {}
+    if name is not None:
+        fields["name"] = check_name(name, what)
+    if labels is not None:
+        fields["labels"] = _labels(list(labels), where)
+    if description is not None:
+        fields["description"] = _description(description, where)
+    return fields
+
+
 def _commit(row: dict[str, Any]) -> CommitInfo:
     return CommitInfo(
         id=row["id"],
@@ -328,13 +341,7 @@ class HubService:
         labels: Sequence[str] | None = None,
         description: str | None = None,
     ) -> FolderInfo:
-        fields: dict[str, Any] = {}
-        if name is not None:
-            fields["name"] = check_name(name, "folder")
-        if labels is not None:
-            fields["labels"] = _labels(list(labels), str(addr))
-        if description is not None:
-            fields["description"] = _description(description, str(addr))
+        fields = _update_fields("folder", str(addr), name, labels, description)
         with self.metadata.write() as tx:
             row, permission, owner = self._folder(tx, actor, addr, "edit")
             renamed = name is not None and name != addr.name
@@ -426,13 +433,7 @@ class HubService:
         labels: Sequence[str] | None = None,
         description: str | None = None,
     ) -> AssetInfo:
-        fields: dict[str, Any] = {}
-        if name is not None:
-            fields["name"] = check_name(name, "asset")
-        if labels is not None:
-            fields["labels"] = _labels(list(labels), str(addr))
-        if description is not None:
-            fields["description"] = _description(description, str(addr))
+        fields = _update_fields("asset", str(addr), name, labels, description)
         with self.metadata.write() as tx:
             row, permission = self._asset(tx, actor, addr, "edit")
             renamed = name is not None and name != addr.name

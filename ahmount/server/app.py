@@ -178,22 +178,27 @@ async def folders(request: Request) -> Response:
     return JSONResponse(folder_json(info), status_code=201)
 
 
-async def folder(request: Request) -> Response:
-    """GET, PATCH (name, labels, description) or DELETE a folder."""
+async def _described(request: Request, addr: Any, get: Callable[..., Any],
+                     delete: Callable[..., Any], update: Callable[..., Any],
+                     render: Callable[[Any], dict[str, Any]]) -> Response:
+    """GET, DELETE or PATCH (name, labels, description) of a folder or an asset."""
     actor = await _actor(request)
-    addr = _folder_addr(request)
-    svc = _svc(request)
     if request.method == "GET":
-        return JSONResponse(folder_json(await _call(svc.get_folder, actor, addr)))
+        return JSONResponse(render(await _call(get, actor, addr)))
     if request.method == "DELETE":
-        await _call(svc.delete_folder, actor, addr)
+        await _call(delete, actor, addr)
         return Response(status_code=204)
     body = await _json(request)
-    info = await _call(
-        svc.update_folder, actor, addr, _opt_str(body, "name"), _opt_list(body, "labels"),
-        _opt_str(body, "description"),
-    )
-    return JSONResponse(folder_json(info))
+    info = await _call(update, actor, addr, _opt_str(body, "name"), _opt_list(body, "labels"),
+                       _opt_str(body, "description"))
+    return JSONResponse(render(info))
+
+
+async def folder(request: Request) -> Response:
+    """GET, PATCH (name, labels, description) or DELETE a folder."""
+    svc = _svc(request)
+    return await _described(request, _folder_addr(request), svc.get_folder,
+                            svc.delete_folder, svc.update_folder, folder_json)
 
 
 async def folder_shares(request: Request) -> Response:
@@ -242,20 +247,9 @@ async def assets(request: Request) -> Response:
 
 async def asset(request: Request) -> Response:
     """GET, PATCH (name, labels, description) or DELETE an asset."""
-    actor = await _actor(request)
-    addr = _asset_addr(request)
     svc = _svc(request)
-    if request.method == "GET":
-        return JSONResponse(asset_json(await _call(svc.get_asset, actor, addr)))
-    if request.method == "DELETE":
-        await _call(svc.delete_asset, actor, addr)
-        return Response(status_code=204)
-    body = await _json(request)
-    info = await _call(
-        svc.update_asset, actor, addr, _opt_str(body, "name"), _opt_list(body, "labels"),
-        _opt_str(body, "description"),
-    )
-    return JSONResponse(asset_json(info))
+    return await _described(request, _asset_addr(request), svc.get_asset, svc.delete_asset,
+                            svc.update_asset, asset_json)
 
 
 async def branches(request: Request) -> Response:
