@@ -141,16 +141,26 @@ class HashCache:
 
         self._cache = diskcache.Cache(str(dirs().cache / "file-hashes"), size_limit=64 << 20)
 
-    def sha256(self, path: Path) -> tuple[str, int]:
+    @staticmethod
+    def _key(path: Path) -> tuple[str, os.stat_result]:
         st = path.stat()
-        key = f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{st.st_dev}"
-        cached = self._cache.get(key)
-        if isinstance(cached, str):
-            return cached, st.st_size
-        sha, size = hash_file(path)
-        if path.stat().st_mtime_ns == st.st_mtime_ns:
-            self._cache.set(key, sha)
-        return sha, size
+        return f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{st.st_dev}", st
+
+    def lookup(self, paths: Sequence[Path]) -> list[tuple[str, os.stat_result, str | None]]:
+        """``(key, stat, cached sha256 or None)`` for each path, in one transaction."""
+        out: list[tuple[str, os.stat_result, str | None]] = []
+        with self._cache.transact():
+            for path in paths:
+                key, st = self._key(path)
+                cached = self._cache.get(key)
+                out.append((key, st, cached if isinstance(cached, str) else None))
+        return out
+
+    def store(self, items: Sequence[tuple[str, str]]) -> None:
+        """Remember ``(key, sha256)`` pairs, in one transaction."""
+        with self._cache.transact():
+            for key, sha in items:
+                self._cache.set(key, sha)
 
     def close(self) -> None:
         self._cache.close()
@@ -205,26 +215,54 @@ async def commit_files(
                             adds=[*adds, *(extra_adds or [])], force=force)
 
 
+async def hash_files(files: list[LocalFile]) -> list[ObjectEntry]:
+    """Entries (sha256, size, mtime, content type) of local files: hashes remembered from
+    earlier runs are looked up in one go; the rest are hashed in parallel worker threads, many
+    small files per hand-off."""
+    hashes = HashCache()
+    try:
+        found = await trio.to_thread.run_sync(hashes.lookup, [f.local for f in files])
+        shas: list[str | None] = [cached for _, _, cached in found]
+        todo = [i for i, sha in enumerate(shas) if sha is None]
+        groups: list[list[int]] = []
+        size = 0
+        for i in todo:  # about 64 MiB or 256 files per hand-off
+            if not groups or len(groups[-1]) >= 256 or size > (64 << 20):
+                groups.append([])
+                size = 0
+            groups[-1].append(i)
+            size += found[i][1].st_size
+        limiter = trio.CapacityLimiter(PARALLEL_HASHES)
+
+        async def hash_group(group: list[int]) -> None:
+            def work() -> list[str]:
+                return [hash_file(files[i].local)[0] for i in group]
+
+            for i, sha in zip(group, await trio.to_thread.run_sync(work, limiter=limiter),
+                              strict=True):
+                shas[i] = sha
+
+        async with open_nursery() as nursery:
+            for group in groups:
+                nursery.start_soon(hash_group, group)
+        # Remember only hashes of files that did not change while they were read.
+        fresh = [(found[i][0], str(shas[i])) for i in todo
+                 if files[i].local.stat().st_mtime_ns == found[i][1].st_mtime_ns]
+        await trio.to_thread.run_sync(hashes.store, fresh)
+    finally:
+        hashes.close()
+    return [
+        ObjectEntry(f.target, str(sha), st.st_size, st.st_mtime,
+                    mimetypes.guess_type(f.target)[0] or "application/octet-stream")
+        for f, (_, st, _), sha in zip(files, found, shas, strict=True)
+    ]
+
+
 async def upload_files(hub: HubClient,
                        files: list[LocalFile]) -> tuple[list[ObjectEntry], int]:
     """Hash ``files`` and upload the blobs the hub lacks (small ones in batches); returns
     their entries, in order, and how many bytes were uploaded."""
-    hashes = HashCache()
-    limiter = trio.CapacityLimiter(PARALLEL_HASHES)
-    entries: list[ObjectEntry | None] = [None] * len(files)
-
-    async def hash_one(i: int, f: LocalFile) -> None:
-        sha, size = await trio.to_thread.run_sync(hashes.sha256, f.local, limiter=limiter)
-        content_type = mimetypes.guess_type(f.target)[0] or "application/octet-stream"
-        entries[i] = ObjectEntry(f.target, sha, size, f.local.stat().st_mtime, content_type)
-
-    try:
-        async with open_nursery() as nursery:
-            for i, f in enumerate(files):
-                nursery.start_soon(hash_one, i, f)
-    finally:
-        hashes.close()
-    adds = [e for e in entries if e is not None]
+    adds = await hash_files(files)
     missing = await hub.missing_blobs([e.sha256 for e in adds]) if adds else set()
     to_upload: dict[str, tuple[LocalFile, ObjectEntry]] = {}
     for f, e in zip(files, adds, strict=True):
@@ -312,20 +350,38 @@ async def download_objects(
     written: list[Path] = []
     counter = iter(range(1, len(chosen) + 1))
 
-    async def fetch(e: ObjectEntry) -> None:
+    def destination(e: ObjectEntry) -> Path:
         dest = (root / e.path).resolve()
         if root not in dest.parents:
             raise InvalidArgument(f"object {e.path!r} would be written outside {root}")
+        return dest
+
+    async def fetch(e: ObjectEntry) -> None:
+        dest = destination(e)
         async with limiter:
             log.info("Downloading object %d/%d %s", next(counter), len(chosen), e.path)
             await hub.download(addr, commit, e, dest, progress.add_bytes)
             progress.file_done()
             written.append(dest)
 
+    async def fetch_batch(batch: list[ObjectEntry]) -> None:
+        items = [(e, destination(e)) for e in batch]
+        async with limiter:
+            for e in batch:
+                log.info("Downloading object %d/%d %s", next(counter), len(chosen), e.path)
+            await hub.download_batch(addr, commit, items, progress.add_bytes)
+            for _, dest in items:
+                progress.file_done()
+                written.append(dest)
+
+    small = [e for e in chosen if e.size <= SMALL_FILE]
     try:
         async with open_nursery() as nursery:
             for e in chosen:
-                nursery.start_soon(fetch, e)
+                if e.size > SMALL_FILE:
+                    nursery.start_soon(fetch, e)
+            for batch in batches([(LocalFile(Path(), e.path), e) for e in small]):
+                nursery.start_soon(fetch_batch, [e for _, e in batch])
     finally:
         progress.close()
     return sorted(written)

@@ -352,3 +352,26 @@ async def test_transport_failure_is_an_httpx_error(tmp_path: Path) -> None:
                          backoff=0.01) as hub:
         with pytest.raises(httpx.HTTPError, match="unreachable"):
             await hub.whoami()
+
+
+async def test_batch_download_of_small_objects(hub_server: HubProcess, alice: HubClient,
+                                               model: AssetAddr, tmp_path: Path) -> None:
+    from ahmount.transfer import download_objects
+
+    small = [await entry(alice, f"s/{i}.txt", f"small {i}".encode(), tmp_path)
+             for i in range(30)]
+    big = await entry(alice, "big.bin", os.urandom(3 << 20), tmp_path)
+    await alice.commit(model, "main", "mixed", adds=[*small, big])
+    written = await download_objects(alice, model, "main", None, tmp_path / "out")
+    assert len(written) == 31
+    for i in range(30):
+        assert (tmp_path / "out" / "s" / f"{i}.txt").read_text() == f"small {i}"
+    assert (tmp_path / "out/big.bin").stat().st_size == 3 << 20
+    headers = {"authorization": f"Bearer {hub_server.keys['alice']}"}
+    f = model.folder
+    url = f"/api/v1/assets/alice/model/{f.name}/gpt2/refs/main/batch"
+    async with httpx.AsyncClient(base_url=hub_server.url, headers=headers) as raw:
+        missing = await raw.post(url, json={"paths": ["s/0.txt", "nope.txt"]})
+        assert missing.status_code == 404 and "nope.txt" in missing.text
+        bad = await raw.post(url, json={"paths": ["../x"]})
+        assert bad.status_code == 400

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import anyio.to_thread
@@ -430,6 +430,33 @@ class HubClient:
             tmp.unlink(missing_ok=True)
             raise
 
+    async def download_batch(self, addr: AssetAddr, ref: str,
+                             items: Sequence[tuple[ObjectEntry, Path]],
+                             progress: Progress | None = None) -> None:
+        """Download many (small) objects of one commit with one request, each written
+        atomically to its destination after its sha256 checked out."""
+        by_path = {e.path: (e, dest) for e, dest in items}
+        body = {"paths": [e.path for e, _ in items]}
+        response = await self._send("POST", f"{self._a(addr)}/refs/{ref}/batch", json=body,
+                                    stream=True)
+        try:
+            chunks = cast("AsyncGenerator[bytes, None]", response.aiter_raw())
+            async with contextlib.aclosing(chunks) as raw:
+                reader = _StreamReader(raw)
+                for _ in range(len(items)):
+                    header = json.loads(await reader.readline())
+                    entry, dest = by_path[header["path"]]
+                    data = await reader.readexactly(int(header["size"]))
+                    if hashlib.sha256(data).hexdigest() != entry.sha256:
+                        raise errors.ChecksumMismatch(
+                            f"download of {entry.path!r} did not hash to {entry.sha256}",
+                            path=entry.path)
+                    await anyio.to_thread.run_sync(_write_atomically, dest, data, entry.mtime)
+                    if progress:
+                        progress(len(data))
+        finally:
+            await response.aclose()
+
     # -- staging and commits -----------------------------------------------------------------
 
     async def stage(self, addr: AssetAddr, branch: str, session: str,
@@ -521,6 +548,49 @@ class HubClient:
                 log.warning("upload of %s interrupted at %d bytes; resuming", path, received)
                 received = int(status["received"])
         await self._json("POST", f"/api/v1/uploads/{upload_id}/finish")
+
+
+class _StreamReader:
+    """Exact reads from a response body (lines and byte counts)."""
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buffer = bytearray()
+
+    async def _fill(self) -> bool:
+        try:
+            self._buffer += await self._chunks.__anext__()
+            return True
+        except StopAsyncIteration:
+            return False
+
+    async def readline(self) -> bytes:
+        while b"\n" not in self._buffer:
+            if not await self._fill():
+                raise errors.HubUnavailable("batch download ended early")
+        line, _, _ = bytes(self._buffer).partition(b"\n")
+        del self._buffer[: len(line) + 1]
+        return line
+
+    async def readexactly(self, size: int) -> bytes:
+        while len(self._buffer) < size:
+            if not await self._fill():
+                raise errors.HubUnavailable("batch download ended early")
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return data
+
+
+def _write_atomically(dest: Path, data: bytes, mtime: float) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.ah-partial-{os.getpid()}-{random.getrandbits(32):x}"
+    try:
+        tmp.write_bytes(data)
+        os.utime(tmp, (mtime, mtime))
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 async def _batch_body(files: Sequence[tuple[Path, str, int]],

@@ -615,6 +615,23 @@ class HubService:
             raise NotFound(f"no object {path!r} in {addr.at(ref)}", path=f"{addr.at(ref)}/{path}")
         return commit, entry
 
+    def stat_objects(
+        self, actor: Actor, addr: AssetAddr, ref: str, paths: Sequence[Any]
+    ) -> tuple[CommitInfo, list[ObjectEntry]]:
+        """Entries of many objects of one commit (one resolution, one permission check)."""
+        if not isinstance(paths, list | tuple) or len(paths) > MAX_LIST_LIMIT:
+            raise InvalidArgument(f"paths must be a list of at most {MAX_LIST_LIMIT}")
+        clean = [check_object_path(p) for p in paths]
+        commit = self.resolve(actor, addr, ref).commit
+        entries: list[ObjectEntry] = []
+        for path in clean:
+            entry = self.trees.get(commit.tree, path)
+            if entry is None:
+                raise NotFound(f"no object {path!r} in {addr.at(ref)}",
+                               path=f"{addr.at(ref)}/{path}")
+            entries.append(entry)
+        return commit, entries
+
     def presigned_url(self, entry: ObjectEntry) -> str | None:
         """A URL that reads the object's blob straight from the blob store, when the store can
         make one and the operator allowed it (``--s3-presign``); the caller has already
@@ -934,6 +951,17 @@ class HubService:
         """Verify and publish in the blob store (not yet known to the metadata store).
         With ``durable=False``, :meth:`register_blobs` makes it durable (batches)."""
         self.blobs.finish_upload(token, sha256, size, durable)
+
+    def store_bytes(self, sha256: str, data: bytes, durable: bool = True) -> None:
+        """A whole small blob already in memory, verified and published in one call (one
+        worker-thread hand-off per blob instead of three)."""
+        token = self.begin_blob(sha256, len(data))
+        try:
+            self.write_blob(token, 0, data)
+            self.end_blob(token, sha256, len(data), durable)
+        except BaseException:
+            self.drop_blob_write(token)
+            raise
 
     def drop_blob_write(self, token: str) -> None:
         self.blobs.abort_upload(token)

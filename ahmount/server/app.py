@@ -391,6 +391,36 @@ async def file(request: Request) -> Response:
     return StreamingResponse(_iterate(chunks), status_code=status, headers=headers)
 
 
+MAX_BATCH_READ = 256 << 20
+
+
+async def files_batch(request: Request) -> Response:
+    """POST {paths: [...]}: many objects of one commit in one response — for each, a JSON
+    line `{path, size, sha256, mtime}` and then exactly `size` bytes."""
+    actor = await _actor(request)
+    paths = (await _json(request)).get("paths")
+    commit, entries = await _call(_svc(request).stat_objects, actor, _asset_addr(request),
+                                  request.path_params["ref"], paths)
+    total = sum(e.size for e in entries)
+    if total > MAX_BATCH_READ:
+        raise errors.InvalidArgument(
+            f"a batch read of {total} bytes is over {MAX_BATCH_READ}; fetch large objects one "
+            "by one")
+    blobs = _svc(request).blobs
+
+    async def stream() -> AsyncIterator[bytes]:
+        for entry in entries:
+            yield json.dumps({"path": entry.path, "size": entry.size, "sha256": entry.sha256,
+                              "mtime": entry.mtime}).encode() + b"\n"
+            if entry.size:
+                async for chunk in _iterate(await _call(blobs.read, entry.sha256, 0,
+                                                        entry.size)):
+                    yield chunk
+
+    return StreamingResponse(stream(), headers={"x-ah-commit": commit.id},
+                             media_type="application/octet-stream")
+
+
 async def changes(request: Request) -> Response:
     """GET: the branch's uncommitted changes. POST {session, deletes, adds}: stage changes.
     DELETE: reset (drop every uncommitted change)."""
@@ -530,6 +560,13 @@ class _BodyReader:
 async def _write_one_blob(svc: HubService, body: _BodyReader, sha256: str, size: int,
                           durable: bool = True) -> None:
     """Copy exactly ``size`` bytes of the body into a new blob; verified, or nothing stays."""
+    if size <= UPLOAD_BUFFER:
+        data = await body.read(size)
+        if len(data) < size:
+            raise errors.InvalidArgument(
+                f"upload of blob {sha256} is truncated: {len(data)} of {size} bytes arrived")
+        await _call(svc.store_bytes, sha256, data, durable)
+        return
     token = await _call(svc.begin_blob, sha256, size)
     try:
         offset = 0
@@ -638,6 +675,7 @@ ROUTES: list[tuple[str, Endpoint, list[str]]] = [
     (_A + "/refs/{ref}/log", ref_log, ["GET"]),
     (_A + "/refs/{ref}/objects", objects, ["GET"]),
     (_A + "/refs/{ref}/files/{path:path}", file, ["GET", "HEAD"]),
+    (_A + "/refs/{ref}/batch", files_batch, ["POST"]),
     (_A + "/commits/{prefix}", commit_by_prefix, ["GET"]),
     (_A + "/branches/{branch}/changes", changes, ["GET", "POST", "DELETE"]),
     (_A + "/branches/{branch}/commits", commits, ["POST"]),
