@@ -329,7 +329,7 @@ class ObjectCache:
                 path = self._path(sha)
                 fd = await trio.to_thread.run_sync(_open_for_write, path)
                 try:
-                    pending: list[bytes] = []
+                    pending: list[bytes | memoryview] = []
                     pending_bytes = 0
                     async with source.fetch(start, end) as chunks:
                         async for chunk in chunks:
@@ -338,13 +338,12 @@ class ObjectCache:
                             pending_bytes += len(chunk)
                             arrived_end = index * BLOCK + pending_bytes
                             if pending_bytes >= WRITE_BATCH or arrived_end >= end:
-                                data = b"".join(pending)
-                                whole = len(data) if arrived_end >= end else \
-                                    len(data) // BLOCK * BLOCK
-                                await self._store_blocks(sha, record, fd, index, data[:whole])
+                                whole = pending_bytes if arrived_end >= end else \
+                                    pending_bytes // BLOCK * BLOCK
+                                take, pending = _split(pending, whole)
+                                await self._store_blocks(sha, record, fd, index, take, whole)
                                 index += -(-whole // BLOCK)
-                                pending = [data[whole:]] if whole < len(data) else []
-                                pending_bytes = len(data) - whole
+                                pending_bytes -= whole
                 finally:
                     os.close(fd)
                 if index <= last:
@@ -356,20 +355,20 @@ class ObjectCache:
                     event.set()
 
     async def _store_blocks(self, sha: str, record: Record, fd: int, first: int,
-                            data: bytes) -> None:
-        """Write whole blocks starting at block ``first`` (the object's last block may be
-        short) and mark them present."""
-        self._reserve(sha, len(data))
-        self._used += len(data)  # reserved now, before the thread yields control
+                            buffers: list[bytes | memoryview], size: int) -> None:
+        """Write ``size`` bytes (whole blocks from block ``first``; the object's last block
+        may be short), gathered from ``buffers`` without joining them, and mark them present."""
+        self._reserve(sha, size)
+        self._used += size  # reserved now, before the thread yields control
         try:
-            await trio.to_thread.run_sync(os.pwrite, fd, data, first * BLOCK)
+            await trio.to_thread.run_sync(_pwritev_all, fd, buffers, first * BLOCK)
         except BaseException:
-            self._used -= len(data)
+            self._used -= size
             raise
         if self._records.get(sha) is not record:
-            self._used -= len(data)  # evicted while we wrote: the file is gone already
+            self._used -= size  # evicted while we wrote: the file is gone already
             return
-        count = -(-len(data) // BLOCK)
+        count = -(-size // BLOCK)
         record.blocks |= ((1 << count) - 1) << first
         self._dirty.add(sha)
         for index in range(first, first + count):
@@ -435,6 +434,40 @@ class ObjectCache:
                 log.debug("read-ahead of %s failed: %s", source.sha256, exc)
 
         self._spawn(run)
+
+
+def _split(buffers: list[bytes | memoryview], size: int
+           ) -> tuple[list[bytes | memoryview], list[bytes | memoryview]]:
+    """The first ``size`` bytes of ``buffers`` and the rest, cutting one buffer at most
+    (by memoryview: nothing is copied)."""
+    head: list[bytes | memoryview] = []
+    taken = 0
+    for i, buffer in enumerate(buffers):
+        if taken + len(buffer) <= size:
+            head.append(buffer)
+            taken += len(buffer)
+            continue
+        cut = size - taken
+        view = memoryview(buffer)
+        if cut:
+            head.append(view[:cut])
+        return head, [view[cut:], *buffers[i + 1:]]
+    return head, []
+
+
+def _pwritev_all(fd: int, buffers: list[bytes | memoryview], offset: int) -> None:
+    """pwritev of every buffer, in batches under IOV_MAX, retrying short writes."""
+    for start in range(0, len(buffers), 512):
+        batch = buffers[start:start + 512]
+        expected = sum(len(b) for b in batch)
+        written = os.pwritev(fd, batch, offset)
+        if written != expected:  # rare: finish the rest plainly
+            rest = b"".join(bytes(b) for b in batch)[written:]
+            while rest:
+                n = os.pwrite(fd, rest, offset + written)
+                written += n
+                rest = rest[n:]
+        offset += expected
 
 
 def _open_for_write(path: Path) -> int:
