@@ -70,18 +70,23 @@ def main() -> None:
         try:
             branch = mount.mountpoint / "model/bench/m/w"
             data = os.urandom(4096)
+            # Both sides start with no unrelated dirty pages, so each sync flushes its own.
+            subprocess.run(["sync"], check=True)
             local_small = write_files(root / "local-small", args.files, data)
             start = time.perf_counter()
             subprocess.run(["sync"], check=True)
             local_small += time.perf_counter() - start
+            subprocess.run(["sync"], check=True)
             mount_write = write_files(branch / "small", args.files, data)
             mount_small = mount_write + ah("sync", cwd=branch)
             commit_small = ah("commit", "-m", "small files", cwd=branch)
 
+            subprocess.run(["sync"], check=True)
             local_big = write_big(root / "local-big.bin", args.big_mib)
             start = time.perf_counter()
             subprocess.run(["sync"], check=True)
             local_big += time.perf_counter() - start
+            subprocess.run(["sync"], check=True)
             mount_big = write_big(branch / "big.bin", args.big_mib)
             ah("commit", "-m", "big", cwd=branch)
 
