@@ -119,6 +119,13 @@ def check_sha256(value: object) -> str:
     return value
 
 
+def check_size(value: object, what: str) -> int:
+    """Check a byte count: a non-negative integer (not a bool)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidArgument(f"size of {what} must be a non-negative integer")
+    return value
+
+
 def is_commit_prefix(value: str) -> bool:
     """True if ``value`` could name a commit (4 to 64 lowercase hex characters)."""
     return MIN_COMMIT_PREFIX <= len(value) <= 64 and bool(_HEX_RE.fullmatch(value))

@@ -272,12 +272,9 @@ def cmd_share(args: argparse.Namespace) -> int:
 
 def _mount_of(path: str | None) -> Path:
     """The mountpoint that contains ``path`` (default: the current directory)."""
-    from ahmount.mount.control import find_mount
-
-    target = Path(path or os.getcwd())
-    found = find_mount(target)
+    found = _in_mount(path or os.getcwd())
     if found is None:
-        raise NotFound(f"{target} is not inside an ah-mount", path=str(target))
+        raise NotFound(f"{path or os.getcwd()} is not inside an ah-mount", path=path)
     return found[0]
 
 

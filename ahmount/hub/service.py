@@ -54,6 +54,7 @@ from ahmount.names import (
     check_prefix,
     check_ref,
     check_sha256,
+    check_size,
     check_user_name,
     is_commit_prefix,
 )
@@ -141,9 +142,7 @@ def parse_entry(raw: Any) -> ObjectEntry:
         raise InvalidArgument("each object to add must be a mapping")
     path = check_object_path(raw.get("path"))
     sha256 = check_sha256(raw.get("sha256"))
-    size = raw.get("size")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise InvalidArgument(f"size of object {path!r} must be a non-negative integer")
+    size = check_size(raw.get("size"), f"object {path!r}")
     mtime = raw.get("mtime", time.time())
     if not isinstance(mtime, int | float) or isinstance(mtime, bool):
         raise InvalidArgument(f"mtime of object {path!r} must be a number")
@@ -876,8 +875,7 @@ class HubService:
         """Begin (or skip) an upload. Returns ``(upload_id, received)``; ``upload_id`` is
         ``None`` when the hub already has the blob."""
         check_sha256(sha256)
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise InvalidArgument(f"size of blob {sha256} must be a non-negative integer")
+        check_size(size, f"blob {sha256}")
         with self.metadata.write() as tx:
             if tx.known_blobs([sha256]):
                 tx.touch_blobs([sha256])
@@ -938,8 +936,7 @@ class HubService:
     def begin_blob(self, sha256: str, size: int) -> str:
         """Start writing a blob in one go; returns a token for write_blob / end_blob."""
         check_sha256(sha256)
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise InvalidArgument(f"size of blob {sha256} must be a non-negative integer")
+        check_size(size, f"blob {sha256}")
         token = str(uuid.uuid4())
         self.blobs.start_upload(token, local=True)
         return token

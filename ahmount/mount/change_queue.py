@@ -102,19 +102,6 @@ class BranchQueue:
         prefix = path + "/"
         return any(p.startswith(prefix) for p in (*self.files, *self.dirs))
 
-    def queued_dirs(self) -> set[str]:
-        """Directories the queue makes exist: explicit ones and parents of queued files."""
-        out = set(self.dirs)
-        for path in self.files:
-            parts = path.split("/")[:-1]
-            for n in range(1, len(parts) + 1):
-                out.add("/".join(parts[:n]))
-        for path in list(self.dirs):
-            parts = path.split("/")
-            for n in range(1, len(parts)):
-                out.add("/".join(parts[:n]))
-        return out
-
 
 class ChangeQueue:
     """All queued changes of one mount. Methods are blocking and thread-safe (one lock); the
@@ -341,17 +328,13 @@ class ChangeQueue:
                     if current.local:
                         dropped_locals.append(current.local)
                     count += 1
-            for path in taken.deleted:
-                if path in queue.deleted:
-                    queue.deleted.discard(path)
+            for path in [*taken.deleted, *taken.deleted_dirs]:
+                kept: set[str] | list[str] = (
+                    queue.deleted_dirs if path.endswith("/") else queue.deleted)
+                if path in kept:
+                    kept.remove(path)
                     db.execute("DELETE FROM changes WHERE branch=? AND path=? AND kind='delete'",
                                (key, path))
-                    count += 1
-            for prefix in taken.deleted_dirs:
-                if prefix in queue.deleted_dirs:
-                    queue.deleted_dirs.remove(prefix)
-                    db.execute("DELETE FROM changes WHERE branch=? AND path=? AND kind='delete'",
-                               (key, prefix))
                     count += 1
         for local in dropped_locals:
             self.local_path(local).unlink(missing_ok=True)

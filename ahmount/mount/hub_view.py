@@ -48,6 +48,10 @@ class TtlCache(Generic[K, V]):
         else:
             self._values.pop(key, None)
 
+    def invalidate_where(self, predicate: Callable[[K], bool]) -> None:
+        for key in [k for k in self._values if predicate(k)]:
+            del self._values[key]
+
     def peek(self, key: K) -> V | None:
         found = self._values.get(key)
         return None if found is None else found[1]
@@ -153,8 +157,7 @@ class HubView:
 
     def invalidate_asset(self, addr: AssetAddr) -> None:
         self._refs.invalidate(addr)
-        for key in [k for k in self._resolved._values if k[0] == addr]:
-            self._resolved.invalidate(key)
+        self._resolved.invalidate_where(lambda key: key[0] == addr)
 
     # -- folders and assets ------------------------------------------------------------------
 

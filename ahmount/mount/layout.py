@@ -20,7 +20,6 @@ from enum import Enum
 from ahmount.errors import NotFound
 from ahmount.hub.models import HUB_SEGMENT, AssetAddr, FolderAddr
 from ahmount.names import KINDS, Kind
-from ahmount.paths import ApiPath
 
 SCOPES = ("shared", "public")
 
@@ -122,19 +121,3 @@ def _below_kind(key: Key, rest: Key, scope: str, kind: Kind, owner: str) -> Loca
                         **common)  # type: ignore[arg-type]
     return Location(Place.OBJECT, key, folder=rest[0], asset=rest[1], ref=rest[2],
                     subpath="/".join(rest[3:]), **common)  # type: ignore[arg-type]
-
-
-def mount_path(api: ApiPath, me: str, shared_owners: frozenset[str] = frozenset()) -> Key:
-    """The mount key of an API path (its canonical place in the tree)."""
-    owner = api.owner or me
-    key: list[str]
-    if owner == me:
-        key = [api.kind]
-    elif owner in shared_owners:
-        key = ["shared", api.kind, owner]
-    else:
-        key = ["public", api.kind, owner]
-    for part in (api.folder, api.asset, api.ref):
-        if part is not None:
-            key.append(part)
-    return tuple(key)

@@ -35,7 +35,7 @@ from ahmount.hub.models import (
     RefInfo,
 )
 from ahmount.hub.service import Actor, HubService
-from ahmount.names import check_kind, check_name, check_sha256
+from ahmount.names import check_kind, check_name, check_sha256, check_size
 from ahmount.server.http_errors import (
     handle_domain_error,
     handle_routing_error,
@@ -595,8 +595,7 @@ async def blob_batch(request: Request) -> Response:
     except (ValueError, KeyError, TypeError) as exc:
         raise errors.InvalidArgument(f"batch manifest is malformed: {exc}") from None
     for sha256, size in items:
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise errors.InvalidArgument(f"size of blob {sha256} must be a non-negative integer")
+        check_size(size, f"blob {sha256}")
     missing = set(await _call(svc.missing_blobs, actor, [s for s, _ in items]))
     stored: list[tuple[str, int]] = []
     try:
