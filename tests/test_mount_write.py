@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import mmap
 import os
 import re
+import shutil
 import signal
 import subprocess
 from collections.abc import Callable
@@ -337,3 +339,50 @@ def test_writes_during_a_commit_stay_queued(mount_factory: Mounter) -> None:
         assert f"late{i}.txt" in first or f"late{i}.txt" in pending
     run_ah("commit", "-m", "late", cwd=branch)
     assert {f"late{i}.txt" for i in range(20)} <= set(objects("model/llm/gpt2:v1"))
+
+
+def test_sha256_and_mtime_of_files_still_being_written(mount_factory: Mounter) -> None:
+    m = mount_factory()
+    branch = m.mountpoint / "model/llm/gpt2/v1"
+    data = os.urandom(200_000)
+    with open(branch / "open.bin", "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+        # Not closed, so upload-ahead has not hashed it: the xattr hashes it now.
+        assert os.getxattr(branch / "open.bin", "user.ah.sha256").decode() == \
+            hashlib.sha256(data).hexdigest()
+        handle.write(b"more")
+        handle.flush()
+        os.utime(handle.fileno(), (1_600_000_000, 1_600_000_000))  # while pages are dirty
+    assert os.stat(branch / "open.bin").st_mtime == 1_600_000_000
+    assert os.getxattr(branch / "open.bin", "user.ah.sha256").decode() == \
+        hashlib.sha256(data + b"more").hexdigest()
+    with pytest.raises(OSError) as info:
+        os.getxattr(branch / "open.bin", "security.capability")
+    assert info.value.errno == errno.ENODATA
+    run_ah("commit", "-m", "open", cwd=branch)
+    [entry] = ah.list("model/llm/gpt2:v1")
+    assert entry["size_bytes"] == len(data) + 4 and entry["mtime"] == 1_600_000_000
+    assert (branch / "open.bin").stat().st_mtime == 1_600_000_000
+
+
+def test_queued_directories_come_and_go_with_their_files(mount_factory: Mounter) -> None:
+    m = mount_factory()
+    branch = m.mountpoint / "model/llm/gpt2/v1"
+    for name in ("a/b/c/1.txt", "a/b/2.txt", "a/3.txt", "d/4.txt"):
+        (branch / name).parent.mkdir(parents=True, exist_ok=True)
+        (branch / name).write_text(name)
+    assert sorted(os.listdir(branch)) == ["a", "d"]
+    assert sorted(os.listdir(branch / "a")) == ["3.txt", "b"]
+    os.unlink(branch / "a/b/c/1.txt")
+    assert os.listdir(branch / "a/b/c") == []  # made by mkdir, so it stays until rmdir
+    os.rmdir(branch / "a/b/c")
+    assert os.listdir(branch / "a/b") == ["2.txt"]
+    os.rename(branch / "a/b/2.txt", branch / "d/2.txt")
+    os.rmdir(branch / "a/b")
+    assert sorted(os.listdir(branch / "d")) == ["2.txt", "4.txt"]
+    shutil.rmtree(branch / "d")
+    assert os.listdir(branch) == ["a"]
+    run_ah("commit", "-m", "dirs", cwd=branch)
+    assert objects("model/llm/gpt2:v1") == {"a/3.txt": 7}

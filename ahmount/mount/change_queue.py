@@ -75,6 +75,47 @@ class BranchQueue:
     deleted: set[str] = field(default_factory=set)
     deleted_dirs: list[str] = field(default_factory=list)  # sorted, each ends with "/"
     dirs: set[str] = field(default_factory=set)
+    # directory ('' = root) -> child name -> how many queued files and dirs lie below it
+    # through that child: makes ``is_dir`` and ``names_under`` independent of queue length.
+    _children: dict[str, dict[str, int]] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for path in (*self.files, *self.dirs):
+            self._count(path, 1)
+
+    def _count(self, path: str, delta: int) -> None:
+        parts = path.split("/")
+        for depth, child in enumerate(parts):
+            directory = "/".join(parts[:depth])
+            names = self._children.setdefault(directory, {})
+            left = names.get(child, 0) + delta
+            if left:
+                names[child] = left
+                continue
+            del names[child]
+            if not names:
+                del self._children[directory]
+
+    def set_file(self, row: Row) -> None:
+        if row.path not in self.files:
+            self._count(row.path, 1)
+        self.files[row.path] = row
+
+    def pop_file(self, path: str) -> Row | None:
+        row = self.files.pop(path, None)
+        if row is not None:
+            self._count(path, -1)
+        return row
+
+    def add_dir(self, path: str) -> None:
+        if path not in self.dirs:
+            self.dirs.add(path)
+            self._count(path, 1)
+
+    def discard_dir(self, path: str) -> None:
+        if path in self.dirs:
+            self.dirs.discard(path)
+            self._count(path, -1)
 
     def empty(self) -> bool:
         return not (self.files or self.deleted or self.deleted_dirs or self.dirs)
@@ -88,19 +129,11 @@ class BranchQueue:
 
     def names_under(self, directory: str) -> set[str]:
         """Names of queued files and directories directly inside ``directory`` ('' = root)."""
-        prefix = directory + "/" if directory else ""
-        out: set[str] = set()
-        for path in (*self.files, *self.dirs):
-            if path.startswith(prefix):
-                out.add(path[len(prefix):].split("/", 1)[0])
-        return out
+        return set(self._children.get(directory, ()))
 
     def is_dir(self, path: str) -> bool:
         """True if the queue makes ``path`` a directory (made, or holding queued files)."""
-        if path in self.dirs:
-            return True
-        prefix = path + "/"
-        return any(p.startswith(prefix) for p in (*self.files, *self.dirs))
+        return path in self.dirs or path in self._children
 
 
 class ChangeQueue:
@@ -151,9 +184,9 @@ class ChangeQueue:
 
     def _apply(self, queue: BranchQueue, row: Row) -> None:
         if row.kind == "file":
-            queue.files[row.path] = row
+            queue.set_file(row)
         elif row.kind == "dir":
-            queue.dirs.add(row.path)
+            queue.add_dir(row.path)
         elif row.path.endswith("/"):
             if row.path not in queue.deleted_dirs:
                 bisect.insort(queue.deleted_dirs, row.path)
@@ -179,6 +212,12 @@ class ChangeQueue:
         path = self.local_path(local)
         path.touch()
         return local, path
+
+    def create_local(self) -> tuple[str, int]:
+        """A fresh, empty local file for new bytes, open for reading and writing."""
+        local = uuid.uuid4().hex
+        fd = os.open(self.local_path(local), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        return local, fd
 
     # -- changing ----------------------------------------------------------------------------
 
@@ -218,7 +257,7 @@ class ChangeQueue:
             db.execute("DELETE FROM changes WHERE branch=? AND path=? AND kind='delete'",
                        (key, path))
             queue.deleted.discard(path)
-            queue.files[path] = row
+            queue.set_file(row)
         if old is not None and old.local and old.local != local:
             self.local_path(old.local).unlink(missing_ok=True)
         return row
@@ -241,7 +280,7 @@ class ChangeQueue:
                 seq=self._next_seq(db) if (content_changed or mtime is not None) else old.seq,
             )
             self._write(db, key, row)
-            queue.files[path] = row
+            queue.set_file(row)
             return row
 
     def delete(self, key: str, path: str, base: str, in_head: bool) -> None:
@@ -252,17 +291,17 @@ class ChangeQueue:
             queue = self.branch(key)
             if path.endswith("/"):
                 for queued in [p for p in queue.files if p.startswith(path)]:
-                    row = queue.files.pop(queued)
-                    if row.local:
+                    row = queue.pop_file(queued)
+                    if row is not None and row.local:
                         dropped.append(row.local)
                 for d in [d for d in queue.dirs if (d + "/").startswith(path)]:
-                    queue.dirs.discard(d)
+                    queue.discard_dir(d)
                 db.execute("DELETE FROM changes WHERE branch=? AND substr(path, 1, ?) = ? "
                            "AND kind IN ('file', 'dir')", (key, len(path), path))
                 db.execute("DELETE FROM changes WHERE branch=? AND path=?",
                            (key, path[:-1]))
             else:
-                gone: Row | None = queue.files.pop(path) if path in queue.files else None
+                gone = queue.pop_file(path)
                 if gone is not None and gone.local:
                     dropped.append(gone.local)
                 db.execute("DELETE FROM changes WHERE branch=? AND path=?", (key, path))
@@ -278,13 +317,14 @@ class ChangeQueue:
         if any, is recorded as deleted. One transaction."""
         with self._tx() as db:
             queue = self.branch(key)
-            row = queue.files.pop(old)
+            row = queue.pop_file(old)
+            assert row is not None
             moved = replace(row, path=new, seq=self._next_seq(db))
             replaced: Row | None = queue.files.get(new)
             db.execute("DELETE FROM changes WHERE branch=? AND path IN (?, ?)", (key, old, new))
             self._write(db, key, moved)
             queue.deleted.discard(new)
-            queue.files[new] = moved
+            queue.set_file(moved)
             if old_in_head:
                 self._write(db, key, Row(old, "delete", None, None, 0, time.time(), base,
                                          self._next_seq(db), False))
@@ -297,13 +337,13 @@ class ChangeQueue:
         with self._tx() as db:
             self._write(db, key, Row(path, "dir", None, None, 0, time.time(), base,
                                      self._next_seq(db), False))
-            self.branch(key).dirs.add(path)
+            self.branch(key).add_dir(path)
 
     def remove_dir(self, key: str, path: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM changes WHERE branch=? AND path=? AND kind='dir'",
                        (key, path))
-            self.branch(key).dirs.discard(path)
+            self.branch(key).discard_dir(path)
 
     def snapshot(self, key: str) -> BranchQueue:
         """A copy of the branch's queue, for a commit that runs while writes go on."""
@@ -323,7 +363,7 @@ class ChangeQueue:
             for path, row in taken.files.items():
                 current = queue.files.get(path)
                 if current is not None and current.seq == row.seq:
-                    del queue.files[path]
+                    queue.pop_file(path)
                     db.execute("DELETE FROM changes WHERE branch=? AND path=?", (key, path))
                     if current.local:
                         dropped_locals.append(current.local)

@@ -37,6 +37,7 @@ UPLOAD_AHEAD_DELAY = 0.5
 READAHEAD_START = 2 * BLOCK
 READAHEAD_MAX = 32 * BLOCK
 XATTR_PREFIX = b"user.ah."
+SHA256_XATTR = XATTR_PREFIX + b"sha256"
 
 
 @dataclass
@@ -76,6 +77,7 @@ class LocalHandle:
     fd: int
     dirty: bool = False  # written since the queue last recorded its size
     written: bool = False  # written at all through this handle
+    mtime: float | None = None  # set by setattr while dirty; recorded with the size
 
 
 @dataclass
@@ -556,6 +558,15 @@ class AssetFS(pyfuse3.Operations):
 
     # -- extended attributes -----------------------------------------------------------------
 
+    async def _queued_sha256(self, row: Row) -> str:
+        """The hash of a queued file's local bytes, computed now if upload-ahead has not yet
+        (remembered in the hash cache, so the upload does not read the file again)."""
+        from ahmount.transfer import LocalFile, hash_files
+
+        assert row.local is not None and self.queue is not None
+        [entry] = await hash_files([LocalFile(self.queue.local_path(row.local), row.path)])
+        return entry.sha256
+
     async def _xattrs(self, node: Node) -> dict[bytes, bytes]:
         out = {b"user.ah.path": node.loc.api_path().encode()}
         loc = node.loc
@@ -579,7 +590,12 @@ class AssetFS(pyfuse3.Operations):
 
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if not name.startswith(XATTR_PREFIX):
+            # The kernel asks for security.capability before every write: answer at once.
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         node = await self.node(self.inodes.key(inode))
+        if name == SHA256_XATTR and node.queued is not None and not node.queued.sha256:
+            return (await self._queued_sha256(node.queued)).encode()
         value = (await self._xattrs(node)).get(name)
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
@@ -618,9 +634,19 @@ class AssetFS(pyfuse3.Operations):
         except NotFound:
             return None
 
-    def _open_local(self, inode: int, branch: str, path: str, row: Row) -> pyfuse3.FileInfo:
+    def _dirty_handle(self, branch: str, path: str) -> LocalHandle | None:
+        """An open handle with writes the queue has not recorded yet, if any."""
+        for handle in self._handles.values():
+            if isinstance(handle, LocalHandle) and handle.dirty and handle.branch == branch \
+                    and handle.path == path:
+                return handle
+        return None
+
+    def _open_local(self, inode: int, branch: str, path: str, row: Row,
+                    fd: int | None = None) -> pyfuse3.FileInfo:
         assert row.local is not None
-        fd = os.open(self.queue_local(row.local), os.O_RDWR)
+        if fd is None:
+            fd = os.open(self.queue_local(row.local), os.O_RDWR)
         info = pyfuse3.FileInfo()
         info.fh = self._fh(LocalHandle(inode, branch, path, fd))
         info.keep_cache = False
@@ -664,12 +690,16 @@ class AssetFS(pyfuse3.Operations):
         existing = await self._exists(key)
         if existing is not None and existing.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
-        local, _ = self.queue.new_local()
-        row = self.queue.put_file(branch, path, parent.resolved.commit_id, local=local)
+        local, fd = self.queue.create_local()
+        try:
+            row = self.queue.put_file(branch, path, parent.resolved.commit_id, local=local)
+        except BaseException:
+            os.close(fd)
+            raise
         node = await self.node(key)
         ino = self.inodes.ino(key)
         self.inodes.remember(ino)
-        return self._open_local(ino, branch, path, row), self.attrs(node, ino)
+        return self._open_local(ino, branch, path, row, fd), self.attrs(node, ino)
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -686,8 +716,10 @@ class AssetFS(pyfuse3.Operations):
         if not handle.dirty or handle.path not in self.queue.branch(handle.branch).files:
             return
         size = os.fstat(handle.fd).st_size
-        self.queue.touch_file(handle.branch, handle.path, size=size, mtime=time.time())
+        mtime = time.time() if handle.mtime is None else handle.mtime
+        self.queue.touch_file(handle.branch, handle.path, size=size, mtime=mtime)
         handle.dirty = False
+        handle.mtime = None
 
     @fuse_errors
     async def flush(self, fh: int) -> None:
@@ -730,6 +762,14 @@ class AssetFS(pyfuse3.Operations):
                                   mtime=time.time())
         if fields.update_mtime:
             mtime = attr.st_mtime_ns / 1e9
+            writing = self._dirty_handle(branch, node.loc.subpath)
+            if writing is not None and not fields.update_size:
+                # The kernel's writeback sends the new mtime just before the flush that
+                # records the size: both go into the queue in the flush's one transaction.
+                os.utime(writing.fd, (mtime, mtime))
+                writing.mtime = mtime
+                node = replace(node, mtime=mtime)
+                return self.attrs(node, inode)
             node = await self.node(key)
             if node.queued is not None:
                 if node.queued.local is not None:
