@@ -26,6 +26,7 @@ from typing import Any, cast
 
 import anyio
 import anyio.to_thread
+import httpcore
 import httpx
 
 from ahmount import errors
@@ -45,6 +46,11 @@ from ahmount.hub.models import (
 log = logging.getLogger("ahmount.client")
 
 CHUNK = 1 << 20
+
+# httpcore reads the socket 64 KiB at a time, and every read is a trip through h11 and four
+# async iterators: streaming a multi-GiB object that way costs more CPU than the bytes do.
+# A read returns what the socket has, so a larger bound only means fewer trips.
+httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = 1 << 20
 #: Blobs above this size go through a resumable upload in segments of this size.
 SEGMENT = 64 << 20
 RETRYABLE_STATUS = {502, 503, 504}

@@ -150,20 +150,28 @@ def call(mountpoint: Path, op: str, args: dict[str, Any] | None = None,
     raise cls(error.get("message", "control request failed"), path=str(mountpoint))
 
 
-def find_mount(path: Path) -> tuple[Path, tuple[str, ...]] | None:
-    """The ahmount mountpoint containing ``path`` and the path's segments below it."""
-    target = Path(os.path.abspath(path))
-    best: Path | None = None
+def fuse_mounts() -> list[tuple[Path, str]]:
+    """``(mount point, "major:minor")`` of every FUSE mount this process can see."""
     try:
         lines = Path("/proc/self/mountinfo").read_text().splitlines()
     except OSError:
-        return None
+        return []
+    found: list[tuple[Path, str]] = []
     for line in lines:
         left, _, right = line.partition(" - ")
         fstype = right.split(" ", 1)[0]
         if fstype not in ("fuse.ahmount", "fuse"):
             continue
-        point = Path(left.split(" ")[4].encode().decode("unicode_escape"))
+        fields = left.split(" ")
+        found.append((Path(fields[4].encode().decode("unicode_escape")), fields[2]))
+    return found
+
+
+def find_mount(path: Path) -> tuple[Path, tuple[str, ...]] | None:
+    """The ahmount mountpoint containing ``path`` and the path's segments below it."""
+    target = Path(os.path.abspath(path))
+    best: Path | None = None
+    for point, _ in fuse_mounts():
         if (target == point or point in target.parents) and (
             best is None or len(str(point)) > len(str(best))
         ) and socket_path(point).exists():
