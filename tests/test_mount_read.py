@@ -127,7 +127,7 @@ def test_reading_the_end_of_a_huge_object_fetches_a_bounded_range(
         handle.truncate(size)
         handle.seek(size - 4096)
         handle.write(os.urandom(4096))
-    tail = big.read_bytes()[-4096:] if False else _tail(big, 4096)
+    tail = _tail(big, 4096)
     ah.create("dataset/big")
     ah.create("dataset/big/one")
     ah.commit("dataset/big/one", msg="huge", add=[str(big)])
@@ -144,6 +144,21 @@ def _tail(path: Path, n: int) -> bytes:
     with path.open("rb") as handle:
         handle.seek(-n, os.SEEK_END)
         return handle.read()
+
+
+def test_sequential_reads_arrive_in_one_mib_requests(mount_factory: Mounter,
+                                                     populated: Path) -> None:
+    m = mount_factory()
+    path = m.mountpoint / "model/llm/gpt2/main/weights/model.bin"
+    device = next(line.split()[2] for line in Path("/proc/self/mountinfo").read_text()
+                  .splitlines() if line.split()[4] == str(m.mountpoint))
+    assert Path(f"/sys/class/bdi/{device}/read_ahead_kb").read_text().strip() == "1024"
+    before = m.control("stats")["fuse_ops"].get("read", 0)
+    with open(path, "rb", buffering=0) as handle:
+        while handle.read(1 << 20):
+            pass
+    reads = m.control("stats")["fuse_ops"]["read"] - before
+    assert reads <= 6, reads  # 3 MiB: 24 requests at the kernel's default 128 KiB
 
 
 def test_concurrent_readers_cause_one_download(mount_factory: Mounter,
