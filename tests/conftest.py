@@ -78,10 +78,11 @@ class HubProcess:
         name = self._pool.pop()
         return name, self.keys[name]
 
-    def start(self) -> None:
+    def start(self, port: int = 0) -> None:
+        """Start serving, on ``port`` if given (a restart at the same URL) or a free one."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
+        sock.bind(("127.0.0.1", port))
         sock.listen(128)
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"

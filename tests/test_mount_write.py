@@ -16,9 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import trio
 
 from ahmount import ah
-from tests.conftest import MountProcess, command, wait_until
+from tests.conftest import HubProcess, MountProcess, command, wait_until
 
 Mounter = Callable[..., MountProcess]
 
@@ -294,6 +295,45 @@ def test_closed_files_upload_ahead_of_the_commit(mount_factory: Mounter) -> None
     assert objects("model/llm/gpt2:v1") == {}  # uploaded, not committed
     run_ah("commit", "-m", "weights", cwd=branch)
     assert objects("model/llm/gpt2:v1") == {"weights.bin": 3 << 20}
+
+
+def test_upload_ahead_tries_again_until_the_hub_is_back(mount_factory: Mounter,
+                                                       tmp_path: Path) -> None:
+    from ahmount.client.hub_client import HubClient
+    from ahmount.hub.models import AssetAddr, FolderAddr
+
+    server = HubProcess(tmp_path / "hubdata")
+    key = server.add_user("erin")
+    server.start()
+    data = os.urandom(3 << 20)
+    sha = hashlib.sha256(data).hexdigest()
+
+    async def on_hub(action: str) -> set[str]:
+        async with HubClient(server.url, api_key=key) as hub:
+            if action == "create":
+                await hub.create_folder(FolderAddr("erin", "model", "f"))
+                await hub.create_asset(AssetAddr(FolderAddr("erin", "model", "f"), "a"))
+            return await hub.missing_blobs([sha])
+
+    try:
+        trio.run(on_hub, "create")
+        m = mount_factory("--hub", server.url, "--api-key", key)
+        branch = m.mountpoint / "model/f/a/main"
+        assert os.listdir(branch) == []
+        server.stop()
+        (branch / "w.bin").write_bytes(data)  # the queue takes it with the hub down
+        wait_until(lambda: m.control("stats")["upload_failures"] >= 1,
+                   what="upload-ahead to fail once")
+        assert m.control("stats")["uploading"]  # still owed, not given up
+        server.start(port=server.port)
+        wait_until(lambda: not m.control("stats")["uploading"], timeout=30,
+                   what="upload-ahead to try again")
+        assert trio.run(on_hub, "missing") == set()
+        before = m.control("stats")["bytes_uploaded"]
+        run_ah("commit", "-m", "after the outage", cwd=branch)
+        assert m.control("stats")["bytes_uploaded"] == before  # a metadata call only
+    finally:
+        server.stop()
 
 
 def test_a_daemon_killed_mid_commit_loses_nothing(mount_factory: Mounter) -> None:

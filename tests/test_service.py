@@ -338,7 +338,7 @@ def test_blob_hash_mismatch_and_truncation_leave_nothing(service: HubService,
     upload_id, received = service.start_upload(alice, sha, len(data))
     assert upload_id is not None and received == 0
     service.append_upload(alice, upload_id, 0, data[:3000])
-    with pytest.raises(InvalidArgument, match="gap or overwrite"):
+    with pytest.raises(Conflict, match="gap or overwrite"):
         service.append_upload(alice, upload_id, 100, data[100:200])
     _, _, received = service.upload_status(alice, upload_id)
     service.append_upload(alice, upload_id, received, data[received:])

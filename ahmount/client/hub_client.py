@@ -53,6 +53,7 @@ CHUNK = 1 << 20
 httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = 1 << 20
 #: Blobs above this size go through a resumable upload in segments of this size.
 SEGMENT = 64 << 20
+MAX_RESYNCS = 5  # offset corrections per upload before giving up
 RETRYABLE_STATUS = {502, 503, 504}
 Progress = Callable[[int], None]
 
@@ -158,6 +159,8 @@ class HubClient:
         #: every request again (a mount would otherwise stall each syscall on a dead hub).
         self.down_for = down_for
         self._down_until = 0.0
+        #: blob sha256 -> id of an upload this client began and did not finish
+        self._unfinished: dict[str, str] = {}
         self._http = httpx.AsyncClient(
             base_url=base_url, headers=headers, transport=transport,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
@@ -526,34 +529,62 @@ class HubClient:
             await self._send("PUT", f"/api/v1/blobs/{sha256}", content=content,
                              headers={"x-ah-size": str(size), "content-length": str(size)})
             return
-        started = await self._json("POST", "/api/v1/uploads",
-                                   json={"sha256": sha256, "size": size})
-        upload_id = started["id"]
+        upload_id, received = await self._resume_or_start(sha256, size)
         if upload_id is None:
             if progress:
                 progress(size)
             return
-        received = 0
-        failures = 0
-        while received < size:
-            end = min(received + SEGMENT, size)
+        try:
+            failures = resyncs = 0
+            while received < size:
+                end = min(received + SEGMENT, size)
+                try:
+                    result = await self._json(
+                        "PATCH", f"/api/v1/uploads/{upload_id}",
+                        content=_file_chunks(path, received, end, progress),
+                        headers={"upload-offset": str(received),
+                                 "content-length": str(end - received)},
+                    )
+                    received = int(result["received"])
+                    failures = 0
+                except (errors.HubUnavailable, errors.Conflict) as exc:
+                    # A dropped connection, or the hub holding other bytes than we thought
+                    # (the tail of a request cut earlier landed after we asked): ask it.
+                    if isinstance(exc, errors.Conflict):
+                        resyncs += 1
+                        if resyncs > MAX_RESYNCS:
+                            raise
+                    else:
+                        failures += 1
+                        if failures > self.retries:
+                            raise
+                    status = await self._json("GET", f"/api/v1/uploads/{upload_id}")
+                    log.warning("upload of %s interrupted at %d bytes; resuming at %d", path,
+                                received, status["received"])
+                    received = int(status["received"])
+            await self._json("POST", f"/api/v1/uploads/{upload_id}/finish")
+        except BaseException:
+            # A later upload of the same blob through this client continues this one.
+            self._unfinished[sha256] = upload_id
+            raise
+
+    async def _resume_or_start(self, sha256: str, size: int) -> tuple[str | None, int]:
+        """An unfinished upload of ``sha256`` this client began (and where the hub says it
+        stopped), or a new one; ``(None, size)`` when the hub has the blob already. Taking
+        the id out of the map keeps two concurrent uploads of one blob apart."""
+        upload_id = self._unfinished.pop(sha256, None)
+        if upload_id is not None:
             try:
-                result = await self._json(
-                    "PATCH", f"/api/v1/uploads/{upload_id}",
-                    content=_file_chunks(path, received, end, progress),
-                    headers={"upload-offset": str(received),
-                             "content-length": str(end - received)},
-                )
-                received = int(result["received"])
-                failures = 0
-            except errors.HubUnavailable:
-                failures += 1
-                if failures > self.retries:
-                    raise
                 status = await self._json("GET", f"/api/v1/uploads/{upload_id}")
-                log.warning("upload of %s interrupted at %d bytes; resuming", path, received)
-                received = int(status["received"])
-        await self._json("POST", f"/api/v1/uploads/{upload_id}/finish")
+                log.info("resuming upload of blob %s at %d bytes", sha256, status["received"])
+                return upload_id, int(status["received"])
+            except errors.NotFound:
+                pass  # finished, aborted or collected meanwhile: start again
+        started = await self._json("POST", "/api/v1/uploads",
+                                   json={"sha256": sha256, "size": size})
+        if started["id"] is None:
+            return None, size
+        return str(started["id"]), int(started.get("received", 0))
 
 
 class _StreamReader:

@@ -17,7 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-from ahmount.errors import ChecksumMismatch, InvalidArgument, NotFound, RangeNotSatisfiable
+from ahmount.errors import (
+    ChecksumMismatch,
+    Conflict,
+    InvalidArgument,
+    NotFound,
+    RangeNotSatisfiable,
+)
 
 READ_CHUNK = 4 << 20
 
@@ -41,7 +47,7 @@ class BlobStore(Protocol):
 
     def append(self, upload_id: str, offset: int, data: bytes) -> int:
         """Write ``data`` at ``offset`` (which must equal the bytes received so far); returns
-        the new count. Raises InvalidArgument on a wrong offset."""
+        the new count. Raises Conflict on a wrong offset."""
 
     def finish_upload(self, upload_id: str, sha256: str, size: int, durable: bool = True) -> None:
         """Verify size and hash and make the blob visible. On a mismatch the upload is
@@ -127,7 +133,8 @@ class LocalBlobStore:
         with handle:
             received = os.fstat(handle.fileno()).st_size
             if offset != received:
-                raise InvalidArgument(
+                # 409, as tus answers an offset mismatch: the client asks where to go on.
+                raise Conflict(
                     f"upload {upload_id} has {received} bytes; a write at offset {offset} "
                     "would leave a gap or overwrite"
                 )

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
-from ahmount.errors import ChecksumMismatch, InvalidArgument, NotFound
+from ahmount.errors import ChecksumMismatch, Conflict, InvalidArgument, NotFound
 from ahmount.hub.blobs import check_range
 
 log = logging.getLogger("ahmount.hub")
@@ -152,7 +152,8 @@ class S3BlobStore:
     def append(self, upload_id: str, offset: int, data: bytes) -> int:
         received = self.upload_received(upload_id)
         if offset != received:
-            raise InvalidArgument(
+            # 409, as tus answers an offset mismatch: the client asks where to go on.
+            raise Conflict(
                 f"upload {upload_id} has {received} bytes; a write at offset {offset} "
                 "would leave a gap or overwrite"
             )

@@ -222,7 +222,8 @@ class Mount:
                          for b in ops.queue.branches())
             return {"fuse_ops": dict(ops.op_counts), "cache": await cache({}),
                     "listing_fetches": ops.view.listing_fetches, "queue_length": queued,
-                    "bytes_uploaded": ops.bytes_uploaded, "uploading": ops.uploading}
+                    "bytes_uploaded": ops.bytes_uploaded, "uploading": ops.uploading,
+                    "upload_failures": ops.upload_failures}
 
         async def log_level(args: dict[str, Any]) -> dict[str, Any]:
             return {"level": set_level(args.get("level", "info"))}

@@ -34,6 +34,8 @@ log = logging.getLogger("ahmount.mount")
 
 IMMUTABLE_TIMEOUT = 3600.0
 UPLOAD_AHEAD_DELAY = 0.5
+UPLOAD_RETRY_FIRST = 2.0  # the hub client fails fast for 2 s after giving up on a dead hub
+UPLOAD_RETRY_MAX = 60.0
 READAHEAD_START = 2 * BLOCK
 READAHEAD_MAX = 32 * BLOCK
 XATTR_PREFIX = b"user.ah."
@@ -189,6 +191,7 @@ class AssetFS(pyfuse3.Operations):
         self._closed: set[tuple[str, str]] = set()
         self._closed_event = trio.Event()
         self.bytes_uploaded = 0
+        self.upload_failures = 0
         self.uploading = False
 
     # -- the tree model ----------------------------------------------------------------------
@@ -520,19 +523,29 @@ class AssetFS(pyfuse3.Operations):
     async def run_uploader(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Upload closed files in the background, so that ``ah commit`` is mostly a metadata
         call: files closed within :data:`UPLOAD_AHEAD_DELAY` of each other travel together
-        (small ones in batches). Failures only log; the commit uploads what is missing."""
+        (small ones in batches). A failed round is tried again after a backoff that doubles up
+        to :data:`UPLOAD_RETRY_MAX` (a large file resumes where the hub says it stopped); the
+        commit uploads whatever is still missing."""
         task_status.started()
+        delay = UPLOAD_AHEAD_DELAY
+        failures = 0
         while True:
             await self._closed_event.wait()
-            await trio.sleep(UPLOAD_AHEAD_DELAY)
+            await trio.sleep(delay)
             self._closed_event = trio.Event()
             closed, self._closed = self._closed, set()
             self.uploading = True
             try:
                 await self._upload_closed(closed)
+                failures, delay = 0, UPLOAD_AHEAD_DELAY
             except Exception as exc:
-                log.info("upload ahead of %d file(s) deferred to the commit: %s", len(closed),
-                         exc)
+                failures += 1
+                self.upload_failures += 1
+                delay = min(UPLOAD_RETRY_FIRST * 2 ** (failures - 1), UPLOAD_RETRY_MAX)
+                log.warning("upload ahead of %d file(s) failed (%s); trying again in %.0fs",
+                            len(closed), exc, delay)
+                self._closed |= closed
+                self._closed_event.set()
             finally:
                 self.uploading = bool(self._closed)
 
