@@ -117,6 +117,14 @@ def test_read_only_places_and_unsupported_types(mount_factory: Mounter,
     with pytest.raises(OSError) as info:
         os.symlink("config.json", m.mountpoint / "model/llm/gpt2/main/link")
     assert info.value.errno in (errno.EPERM, errno.EROFS)
+    # access(2) tells the same, even to root: the mount answers it, not the mode bits.
+    main = m.mountpoint / "model/llm/gpt2/main"
+    assert not os.access(tag / "config.json", os.W_OK)
+    assert not os.access(tag, os.W_OK)
+    assert os.access(tag / "config.json", os.R_OK)
+    assert os.access(main / "config.json", os.W_OK) and os.access(main, os.W_OK | os.X_OK)
+    assert not os.access(main / "config.json", os.X_OK)
+    assert subprocess.run(["test", "-w", str(tag / "config.json")]).returncode == 1
 
 
 def test_reading_the_end_of_a_huge_object_fetches_a_bounded_range(

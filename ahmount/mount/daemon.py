@@ -145,9 +145,12 @@ class Mount:
                 log.info("queued changes kept from before on %d branch(es): %s", len(pending),
                          ", ".join(pending))
             self.ops = ops = AssetFS(view, cache, os.getuid(), os.getgid(), queue)
-            options = {"fsname=ahmount", "subtype=ahmount", "default_permissions", "noatime"}
+            options = {"fsname=ahmount", "subtype=ahmount", "noatime"}
             if self.allow_other:
-                options.add("allow_other")
+                # Other users are let in: the kernel checks mode bits for them. A private
+                # mount leaves the checks to the handlers (EROFS where nothing may change),
+                # which spares a GETATTR of the directory after every create in it.
+                options |= {"allow_other", "default_permissions"}
             pyfuse3.init(ops, str(self.mountpoint), options)
             log.info("mounted %s for %s (hub %s, cache %.1f GiB, refresh %.1fs)",
                      self.mountpoint, me, self.config.ah_host or "embedded",

@@ -386,6 +386,16 @@ class AssetFS(pyfuse3.Operations):
         self._count("getattr")
         return await self._entry(self.inodes.key(inode))
 
+    @fuse_errors
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        """access(2) and chdir on a private mount (no ``default_permissions``): the modes
+        :meth:`attrs` shows, with EROFS for writes where nothing may change."""
+        self._count("access")
+        node = await self.node(self.inodes.key(inode))
+        if mode & os.W_OK and not node.writable:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return not (mode & os.X_OK and not node.is_dir)
+
     async def forget(self, inode_list: Any) -> None:
         for inode, count in inode_list:
             self.inodes.forget(inode, count)
