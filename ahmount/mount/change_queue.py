@@ -149,6 +149,7 @@ class ChangeQueue:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # durable across a daemon crash
         self._db.executescript(SCHEMA)
+        self._seq = int(self._db.execute("SELECT seq FROM counter WHERE id = 1").fetchone()[0])
         self._lock = threading.RLock()
         self._branches: dict[str, BranchQueue] = {}
         self._load()
@@ -233,8 +234,11 @@ class ChangeQueue:
             self._db.execute("COMMIT")
 
     def _next_seq(self, db: sqlite3.Connection) -> int:
-        db.execute("UPDATE counter SET seq = seq + 1 WHERE id = 1")
-        return int(db.execute("SELECT seq FROM counter WHERE id = 1").fetchone()[0])
+        # Counted in memory (under the lock), stored in the same transaction as the row it
+        # stamps; a rolled-back one only leaves a gap.
+        self._seq += 1
+        db.execute("UPDATE counter SET seq = ? WHERE id = 1", (self._seq,))
+        return self._seq
 
     def _write(self, db: sqlite3.Connection, key: str, row: Row) -> None:
         db.execute(
@@ -253,9 +257,7 @@ class ChangeQueue:
             row = Row(path, "file", local, sha256, size, time.time() if mtime is None else mtime,
                       old.base if old else base, self._next_seq(db), sha256 is not None,
                       origin)
-            self._write(db, key, row)
-            db.execute("DELETE FROM changes WHERE branch=? AND path=? AND kind='delete'",
-                       (key, path))
+            self._write(db, key, row)  # replaces a delete row of the path (same key)
             queue.deleted.discard(path)
             queue.set_file(row)
         if old is not None and old.local and old.local != local:

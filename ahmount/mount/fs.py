@@ -248,10 +248,8 @@ class AssetFS(pyfuse3.Operations):
         in_head = found is not None and not queue.hides(path)
         row = queue.files.get(path)
         if row is not None:
-            size = self._live_size(key, path, row)
-            entry = ObjectEntry(path, row.sha256 or "", size, row.mtime)
-            return Node(loc, False, writable, False, row.mtime, entry=entry, resolved=resolved,
-                        index=index, queued=row, in_head=in_head)
+            return self._queued_node(loc, writable, resolved, index, row, in_head,
+                                     self._live_size(key, path, row))
         if queue.is_dir(path) or (found == "dir" and in_head):
             return Node(loc, True, writable, False, resolved.created, resolved=resolved,
                         index=index, in_head=in_head)
@@ -259,6 +257,13 @@ class AssetFS(pyfuse3.Operations):
             return Node(loc, False, writable, False, found.mtime, entry=found,
                         resolved=resolved, index=index, in_head=True)
         raise NotFound(f"no object {path!r} in {loc.api_path()}")
+
+    @staticmethod
+    def _queued_node(loc: Location, writable: bool, resolved: Resolved,
+                     index: CommitIndex | None, row: Row, in_head: bool, size: int) -> Node:
+        entry = ObjectEntry(row.path, row.sha256 or "", size, row.mtime)
+        return Node(loc, False, writable, False, row.mtime, entry=entry, resolved=resolved,
+                    index=index, queued=row, in_head=in_head)
 
     def _live_size(self, branch: str, path: str, row: Row) -> int:
         """A queued file's size: its local file's while someone may be writing it."""
@@ -719,7 +724,9 @@ class AssetFS(pyfuse3.Operations):
         except BaseException:
             os.close(fd)
             raise
-        node = await self.node(key)
+        # What node(key) would resolve to now, without resolving it again: a new, empty file.
+        node = self._queued_node(locate(key, self.view.me), parent.writable, parent.resolved,
+                                 parent.index, row, existing is not None and existing.in_head, 0)
         ino = self.inodes.ino(key)
         self.inodes.remember(ino)
         return self._open_local(ino, branch, path, row, fd), self.attrs(node, ino)
