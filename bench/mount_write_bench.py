@@ -4,6 +4,8 @@
   the mount's queue files and queue database are flushed like the local files are), vs the
   same files written to a local directory, then ``sync``; three rounds, medians; ``ah sync``
   (their bytes uploaded to the hub) is timed too;
+- the same small-file workload on ``bench/minimal_fs.py`` (a pyfuse3 file system that does no
+  work): the floor under any trio + pyfuse3 daemon;
 - one 256 MiB file written sequentially then ``sync``, vs local; five rounds, median, the
   write alone shown as well (page-cache speed: these VMs make first-touched memory slow, which
   swings single runs by 10x either way, hence the rounds);
@@ -45,6 +47,19 @@ def write_big(path: Path, mib: int) -> float:
         for _ in range(mib):
             handle.write(block)
     return time.perf_counter() - start
+
+
+def start_minimal_fs(mountpoint: Path) -> subprocess.Popen[bytes]:
+    """The do-nothing pyfuse3 file system, mounted at ``mountpoint``."""
+    mountpoint.mkdir()
+    process = subprocess.Popen([sys.executable, str(Path(__file__).parent / "minimal_fs.py"),
+                                str(mountpoint)])
+    deadline = time.monotonic() + 30
+    while not os.path.ismount(mountpoint):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("bench/minimal_fs.py did not mount")
+        time.sleep(0.05)
+    return process
 
 
 def timed_sync() -> float:
@@ -97,22 +112,25 @@ def main() -> None:
         for name in ("model/bench", "model/bench/m", "model/bench/m:w"):
             subprocess.run([command("ah"), "-q", "create", name], check=True)
         mount = MountProcess(root / "mnt").start()
+        floor_point = root / "nothing"
+        floor = start_minimal_fs(floor_point)
         try:
             branch = mount.mountpoint / "model/bench/m/w"
             data = os.urandom(4096)
             small: dict[str, list[float]] = {"local": [], "local+sync": [], "mount": [],
-                                             "mount+sync": []}
+                                             "mount+sync": [], "floor": [], "floor+sync": []}
             for i in range(3):
                 for side, where in (("local", root / f"local-small-{i}"),
-                                    ("mount", branch / f"small-{i}")):
+                                    ("mount", branch / f"small-{i}"),
+                                    ("floor", floor_point / f"small-{i}")):
                     idle(mount)
                     timed_sync()  # no unrelated dirty pages in the next sync
                     took = write_files(where, args.files, data)
                     small[side].append(took)
                     small[side + "+sync"].append(took + timed_sync())
-            local_write, local_small, mount_write, mount_small = (
+            local_write, local_small, mount_write, mount_small, floor_small = (
                 statistics.median(small[k]) for k in ("local", "local+sync", "mount",
-                                                      "mount+sync"))
+                                                      "mount+sync", "floor+sync"))
             ah_sync = ah("sync", cwd=branch)
             commit_small = ah("commit", "-m", "small files", cwd=branch)
             commit_ratio = commit_small / sum(small["mount"])
@@ -138,6 +156,9 @@ def main() -> None:
                   f"{local_small:.2f}s -> {mount_small / local_small:.1f}x local (target <= 5x; "
                   f"medians of 3); write alone {mount_write:.2f}s vs {local_write:.3f}s; "
                   f"ah sync of all {3 * args.files} (bytes to the hub) {ah_sync:.2f}s")
+            print(f"  floor: a pyfuse3 file system that does nothing (bench/minimal_fs.py) takes "
+                  f"{floor_small:.2f}s = {floor_small / local_small:.1f}x local; the mount is "
+                  f"{mount_small / floor_small:.1f}x that floor")
             print(f"sequential write of {args.big_mib} MiB + sync: "
                   f"{local_big / mount_big:.2f}x local speed (target >= 0.4x); write alone "
                   f"{local_big_write / mount_big_write:.2f}x (medians of 5: mount "
@@ -149,6 +170,8 @@ def main() -> None:
                   f"{uploaded} bytes uploaded (must be 0)")
         finally:
             mount.stop()
+            subprocess.run(["fusermount3", "-u", str(floor_point)], check=False)
+            floor.wait(timeout=30)
 
 
 if __name__ == "__main__":

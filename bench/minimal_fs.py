@@ -1,0 +1,99 @@
+"""A pyfuse3 file system that does nothing: creates, writes and flushes only answer.
+
+It is the floor under any Python (trio + pyfuse3) mount: what the kernel round trips and
+pyfuse3's request dispatch cost before a daemon does any work of its own. The write benchmark
+runs the same small-file workload on it, so its figures can be read against that floor.
+
+Usage: python bench/minimal_fs.py MOUNTPOINT   (runs in the foreground until unmounted)
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import sys
+from typing import Any
+
+import pyfuse3
+import trio
+
+
+class NothingFS(pyfuse3.Operations):
+    """Files and directories exist (names, sizes) but file bytes go nowhere."""
+
+    enable_writeback_cache = True  # as in ah-mount
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inodes: dict[tuple[int, bytes], int] = {}
+        self.dirs = {pyfuse3.ROOT_INODE}
+        self.sizes: dict[int, int] = {}
+        self.next_inode = pyfuse3.ROOT_INODE + 1
+
+    def _attrs(self, inode: int) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = inode
+        entry.entry_timeout = entry.attr_timeout = 3.0
+        is_dir = inode in self.dirs
+        entry.st_mode = (stat.S_IFDIR | 0o755) if is_dir else (stat.S_IFREG | 0o644)
+        entry.st_nlink = 2 if is_dir else 1
+        entry.st_size = self.sizes.get(inode, 0)
+        entry.st_uid, entry.st_gid = os.getuid(), os.getgid()
+        return entry
+
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return self._attrs(inode)
+
+    async def lookup(self, parent: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        if (parent, name) not in self.inodes:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attrs(self.inodes[parent, name])
+
+    def _new(self, parent: int, name: bytes) -> int:
+        inode = self.inodes.setdefault((parent, name), self.next_inode)
+        self.next_inode += 1
+        return inode
+
+    async def mkdir(self, parent: int, name: bytes, mode: int,
+                    ctx: Any) -> pyfuse3.EntryAttributes:
+        inode = self._new(parent, name)
+        self.dirs.add(inode)
+        return self._attrs(inode)
+
+    async def create(self, parent: int, name: bytes, mode: int, flags: int,
+                     ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        inode = self._new(parent, name)
+        info = pyfuse3.FileInfo()
+        info.fh = inode
+        return info, self._attrs(inode)
+
+    async def write(self, fh: int, offset: int, buf: bytes) -> int:
+        self.sizes[fh] = max(self.sizes.get(fh, 0), offset + len(buf))
+        return len(buf)
+
+    async def flush(self, fh: int) -> None:
+        pass
+
+    async def release(self, fh: int) -> None:
+        pass
+
+    async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any,
+                      ctx: Any) -> pyfuse3.EntryAttributes:
+        return self._attrs(inode)
+
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+
+def main() -> None:
+    options = set(pyfuse3.default_options) - {"default_permissions"}  # as a private ah-mount
+    pyfuse3.init(NothingFS(), sys.argv[1], options | {"fsname=nothingfs"})
+    try:
+        trio.run(pyfuse3.main)
+    finally:
+        pyfuse3.close()
+
+
+if __name__ == "__main__":
+    main()
