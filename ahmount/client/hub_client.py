@@ -576,10 +576,14 @@ class HubClient:
         if upload_id is not None:
             try:
                 status = await self._json("GET", f"/api/v1/uploads/{upload_id}")
-                log.info("resuming upload of blob %s at %d bytes", sha256, status["received"])
-                return upload_id, int(status["received"])
             except errors.NotFound:
                 pass  # finished, aborted or collected meanwhile: start again
+            except BaseException:
+                self._unfinished[sha256] = upload_id  # still ours to resume next time
+                raise
+            else:
+                log.info("resuming upload of blob %s at %d bytes", sha256, status["received"])
+                return upload_id, int(status["received"])
         started = await self._json("POST", "/api/v1/uploads",
                                    json={"sha256": sha256, "size": size})
         if started["id"] is None:
