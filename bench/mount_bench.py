@@ -2,6 +2,7 @@
 
 - cold sequential read of a 1 GiB object not yet cached (embedded hub, and ah-server over
   loopback) vs reading the local file with the page cache dropped; three rounds, medians;
+  the server figure also against a raw httpx download of the object (the HTTP stack alone);
 - warm sequential read (kernel page cache kept across opens) vs the local file, warm;
 - warm random 4 KiB reads (IOPS) vs the local file, warm;
 - warm ``stat`` of 10,000 files in a tag, and ``find`` over them, vs a local copy;
@@ -54,6 +55,20 @@ def read_all(path: Path) -> float:
     start = time.perf_counter()
     with open(path, "rb", buffering=0) as handle:
         while handle.read(CHUNK):
+            pass
+    return time.perf_counter() - start
+
+
+def raw_download(url: str, key: str) -> float:
+    """Seconds to stream the object from ah-server with plain httpx, bytes dropped: the HTTP
+    stack alone, the ceiling for a mount reading through it."""
+    import httpx
+
+    start = time.perf_counter()
+    with httpx.stream("GET", url, headers={"authorization": f"Bearer {key}"},
+                      timeout=60) as response:
+        response.raise_for_status()
+        for _ in response.iter_raw(CHUNK):
             pass
     return time.perf_counter() - start
 
@@ -161,10 +176,15 @@ def main() -> None:
         try:
             # Cold reads swing by 2-3x from run to run on these VMs (the virtual disk is cached
             # by the host, or not): three rounds of all three, medians compared.
-            colds: dict[str, list[float]] = {"local": [], "embedded": [], "ah-server": []}
+            colds: dict[str, list[float]] = {"local": [], "embedded": [], "ah-server": [],
+                                             "raw HTTP": []}
+            object_url = (f"{server.url}/api/v1/assets/bench/dataset/bench/big/refs/main/files/"
+                          "big.bin")
             for _ in range(3):
                 drop_caches()
                 colds["local"].append(read_all(big))
+                drop_caches()
+                colds["raw HTTP"].append(raw_download(object_url, key))
                 for label, m in (("embedded", embedded), ("ah-server", remote)):
                     m.control("cache", action="drop")
                     drop_caches()
@@ -175,6 +195,8 @@ def main() -> None:
             results: list[tuple[str, float]] = [
                 (f"cold sequential read, {label}", local_cold / statistics.median(colds[label]))
                 for label in ("embedded", "ah-server")]
+            raw_ratio = statistics.median(colds["raw HTTP"]) / statistics.median(
+                colds["ah-server"])
             path = embedded.mountpoint / "dataset/bench/big/main/big.bin"
             warm = min(read_all(path) for _ in range(3))
             results.append(("warm sequential read (kernel cache kept)", local_warm / warm))
@@ -212,6 +234,8 @@ def main() -> None:
                 for label, times in colds.items()))
             for label, ratio in results:
                 print(f"{label:<55} {ratio:6.2f}x local")
+            print(f"  (ah-server cold read = {raw_ratio:.2f}x a raw httpx download of the same "
+                  "object from the same server, bytes dropped)")
             print(f"peak daemon RSS reading a {args.rss_gib:.0f} GiB object: "
                   f"{peak / (1 << 20):.0f} MiB")
             print(f"cache after: {embedded.control('cache')}")

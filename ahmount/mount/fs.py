@@ -33,11 +33,12 @@ from ahmount.names import KINDS, is_commit_prefix
 log = logging.getLogger("ahmount.mount")
 
 IMMUTABLE_TIMEOUT = 3600.0
+IMMUTABLE_ATTRS_MAX = 100_000  # listed entries of tags and commits whose attributes are kept
 UPLOAD_AHEAD_DELAY = 0.5
 UPLOAD_RETRY_FIRST = 2.0  # the hub client fails fast for 2 s after giving up on a dead hub
 UPLOAD_RETRY_MAX = 60.0
 READAHEAD_START = 2 * BLOCK
-READAHEAD_MAX = 32 * BLOCK
+READAHEAD_MAX = 128 * BLOCK  # reached after 128 MiB read in order (the window doubles)
 XATTR_PREFIX = b"user.ah."
 SHA256_XATTR = XATTR_PREFIX + b"sha256"
 
@@ -186,6 +187,7 @@ class AssetFS(pyfuse3.Operations):
         self._handles: dict[int, FileHandle | DirHandle | LocalHandle] = {}
         self._next_fh = 1
         self._served_sha: dict[int, str] = {}
+        self._immutable_attrs: dict[int, pyfuse3.EntryAttributes] = {}
         self.op_counts: dict[str, int] = {}
         #: Written files closed since the uploader last ran: (branch, path).
         self._closed: set[tuple[str, str]] = set()
@@ -442,17 +444,30 @@ class AssetFS(pyfuse3.Operations):
         handle = self._handles.get(fh)
         if not isinstance(handle, DirHandle):
             raise pyfuse3.FUSEError(errno.EBADF)
+        immutable = handle.node.immutable
         for position in range(start_id, len(handle.entries)):
             name, key = handle.entries[position]
-            child = self._child_in_commit(handle.node, name, key)
-            try:
-                attrs = self.attrs(child, self.inodes.ino(key)) if child else \
-                    await self._entry(key)
-            except NotFound:
-                continue  # vanished since opendir: skip it, the snapshot keeps positions
+            ino = self.inodes.ino(key)
+            attrs = self._immutable_attrs.get(ino) if immutable else None
+            if attrs is None:
+                child = self._child_in_commit(handle.node, name, key)
+                try:
+                    attrs = self.attrs(child, ino) if child else await self._entry(key)
+                except NotFound:
+                    continue  # vanished since opendir: skip it, the snapshot keeps positions
+                if immutable:
+                    self._remember_attrs(ino, attrs)
             if not pyfuse3.readdir_reply(token, name.encode(), attrs, position + 1):
                 return
             self.inodes.remember(attrs.st_ino)
+
+    def _remember_attrs(self, ino: int, attrs: pyfuse3.EntryAttributes) -> None:
+        """Attributes of an entry in a tag or commit never change (its inode keeps naming the
+        same path of the same commit): repeated listings reuse them. Bounded: forgotten all
+        at once past :data:`IMMUTABLE_ATTRS_MAX` entries."""
+        if len(self._immutable_attrs) >= IMMUTABLE_ATTRS_MAX:
+            self._immutable_attrs.clear()
+        self._immutable_attrs[ino] = attrs
 
     @fuse_errors
     async def releasedir(self, fh: int) -> None:

@@ -41,8 +41,10 @@ BLOCK = 1 << 20
 VERIFY_INLINE = 64 << 20
 INDEX_FLUSH_SECONDS = 1.0
 #: Longest run of blocks fetched by one request: a long read-ahead becomes several requests
-#: in flight at once (up to the fetch limit), which keeps a remote hub's pipe full.
-RUN_BLOCKS = 8
+#: in flight at once (up to the fetch limit), which keeps a remote hub's pipe full. Each
+#: request costs the hub an authentication, a ref resolution and an object lookup: 64 MiB
+#: runs read 1 GiB from ah-server at 540-720 MiB/s here, 8 MiB runs at 350-580.
+RUN_BLOCKS = 64
 #: Bytes gathered before one write to the cache file (fewer thread hand-offs).
 WRITE_BATCH = 4 * BLOCK
 
