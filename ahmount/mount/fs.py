@@ -513,9 +513,11 @@ class AssetFS(pyfuse3.Operations):
         if not isinstance(handle, FileHandle):
             raise pyfuse3.FUSEError(errno.EBADF)
         source = handle.source
-        # The kernel sends several reads of one stream at once, slightly out of order: a read
-        # near the stream's front counts as sequential.
-        sequential = abs(off - handle.next_offset) <= 2 * BLOCK
+        # The kernel sends several reads of one stream at once (as many as its read-ahead
+        # holds), slightly out of order: a read near the stream's front, or inside what this
+        # handle has already asked to prefetch, counts as sequential.
+        front = max(handle.prefetched_to, handle.next_offset + 2 * BLOCK)
+        sequential = handle.next_offset - 2 * BLOCK <= off <= front
         if not sequential:
             handle.window = READAHEAD_START
             handle.prefetched_to = off
