@@ -169,6 +169,30 @@ def test_sequential_reads_arrive_in_one_mib_requests(mount_factory: Mounter,
     assert reads <= 6, reads  # 3 MiB: 24 requests at the kernel's default 128 KiB
 
 
+def test_a_full_cache_disk_serves_reads_from_the_hub(mount_factory: Mounter,
+                                                     tmp_path: Path) -> None:
+    data = os.urandom(24 << 20)
+    (tmp_path / "w.bin").write_bytes(data)
+    ah.create("dataset/full")
+    ah.create("dataset/full/x")
+    ah.commit("dataset/full/x", msg="w", add=[str(tmp_path / "w.bin")])
+    objects = Path(os.environ["AHMOUNT_HOME"]) / "cache/objects"
+    objects.mkdir(parents=True)
+    # A real full disk: an 8 MiB tmpfs under the cache, far below --cache-size.
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(objects)], check=True)
+    try:
+        m = mount_factory("--cache-size", "1G")
+        path = m.mountpoint / "dataset/full/x/main/w.bin"
+        assert path.read_bytes() == data
+        assert m.alive()
+        assert m.control("cache")["uncached_reads"] > 0
+        log = (Path(os.environ["AHMOUNT_HOME"]) / "cache/logs/ah-mount.log").read_text()
+        assert "cache disk full" in log
+        m.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(objects)], check=False)
+
+
 def test_concurrent_readers_cause_one_download(mount_factory: Mounter,
                                                populated: Path) -> None:
     m = mount_factory()

@@ -16,6 +16,7 @@ what survives a crash. In short:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -160,7 +161,11 @@ class ObjectCache:
         while True:
             await trio.sleep(INDEX_FLUSH_SECONDS)
             if self._dirty or self._removed:
-                self.flush_index()
+                try:
+                    self.flush_index()
+                except Exception as exc:  # e.g. a full disk: the mount goes on; blocks whose
+                    # record is lost are fetched again after a restart.
+                    log.warning("cache index not saved: %s", exc)
 
     def close(self) -> None:
         for sha in list(self._fds):
@@ -364,6 +369,15 @@ class ObjectCache:
         self._used += size  # reserved now, before the thread yields control
         try:
             await trio.to_thread.run_sync(_pwritev_all, fd, buffers, first * BLOCK)
+        except OSError as exc:
+            self._used -= size
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                # The disk under the cache is full (whatever --cache-size says): readers get
+                # their bytes straight from the hub instead of an error.
+                log.warning("cache disk full writing blob %s: reading without the cache (%s)",
+                            sha, exc)
+                raise _NoSpace() from exc
+            raise
         except BaseException:
             self._used -= size
             raise
