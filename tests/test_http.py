@@ -388,6 +388,33 @@ async def test_an_interrupted_upload_resumes_on_the_next_attempt(
         assert await alice.read_range(model, "main", "b.bin", 0, 1 << 20) == data[:1 << 20]
 
 
+async def test_the_next_process_resumes_an_interrupted_upload(
+        hub_server: HubProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that kept its upload ids in a directory (as ``ah`` and ``ah-mount`` do) lets a
+    new client, e.g. ``ah commit`` run again after Ctrl-C, continue the upload."""
+    monkeypatch.setattr(hub_client, "SEGMENT", 1 << 20)
+    data = os.urandom(6 << 20)
+    path = tmp_path / "big.bin"
+    path.write_bytes(data)
+    sha, size = hash_file(path)
+    proxy = CuttingProxy(hub_server.port)
+    ids = tmp_path / "upload-ids"
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(proxy.serve)
+        url, key = f"http://127.0.0.1:{port}", hub_server.keys["alice"]
+        proxy.cut_after = (7 << 20) // 2
+        async with HubClient(url, api_key=key, retries=0, upload_ids=ids) as first:
+            with pytest.raises(httpx.TransportError):
+                await first.upload_file(path, sha, size)
+        proxy.cut_after, before = None, proxy.upstream
+        async with HubClient(url, api_key=key, retries=0, upload_ids=ids) as second:
+            await second.upload_file(path, sha, size)
+            assert await second.missing_blobs([sha]) == set()
+        nursery.cancel_scope.cancel()
+    resent = proxy.upstream - before
+    assert size - (7 << 20) // 2 <= resent < size - (2 << 20) + (64 << 10), resent
+
+
 async def test_two_clients_commit_to_one_branch_at_once(hub_server: HubProcess,
                                                         model: AssetAddr,
                                                         tmp_path: Path) -> None:

@@ -144,6 +144,7 @@ class HubClient:
         retries: int = 5,
         backoff: float = 0.2,
         down_for: float = 0.0,
+        upload_ids: Path | None = None,
     ) -> None:
         headers = {"user-agent": "ahmount"}
         if api_key:
@@ -159,8 +160,8 @@ class HubClient:
         #: every request again (a mount would otherwise stall each syscall on a dead hub).
         self.down_for = down_for
         self._down_until = 0.0
-        #: blob sha256 -> id of an upload this client began and did not finish
-        self._unfinished: dict[str, str] = {}
+        key_id = hashlib.sha256((api_key or "").encode()).hexdigest()[:16]
+        self._unfinished = UnfinishedUploads(upload_ids, f"{base_url} {key_id}")
         self._http = httpx.AsyncClient(
             base_url=base_url, headers=headers, transport=transport,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
@@ -179,18 +180,21 @@ class HubClient:
     @classmethod
     def from_config(cls, config: ClientConfig | None = None, retries: int = 5,
                     down_for: float = 0.0) -> HubClient:
-        """The hub ``ah login`` configured, or the embedded hub when none is."""
+        """The hub ``ah login`` configured, or the embedded hub when none is. Its unfinished
+        uploads are remembered in the cache directory, so the next process resumes them."""
         config = config or load_config()
         if not config.ah_host:
             return cls.embedded()
         return cls(config.ah_host, api_key=config.api_key, data_url=config.ais_host,
-                   timeout=config.timeout or 60.0, retries=retries, down_for=down_for)
+                   timeout=config.timeout or 60.0, retries=retries, down_for=down_for,
+                   upload_ids=dirs().cache / "uploads")
 
     async def __aenter__(self) -> HubClient:
         await self._http.__aenter__()
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
+        self._unfinished.close()
         await self._http.__aexit__(*exc_info)
 
     # -- transport ---------------------------------------------------------------------------
@@ -565,21 +569,21 @@ class HubClient:
             await self._json("POST", f"/api/v1/uploads/{upload_id}/finish")
         except BaseException:
             # A later upload of the same blob through this client continues this one.
-            self._unfinished[sha256] = upload_id
+            self._unfinished.keep(sha256, upload_id)
             raise
 
     async def _resume_or_start(self, sha256: str, size: int) -> tuple[str | None, int]:
         """An unfinished upload of ``sha256`` this client began (and where the hub says it
         stopped), or a new one; ``(None, size)`` when the hub has the blob already. Taking
         the id out of the map keeps two concurrent uploads of one blob apart."""
-        upload_id = self._unfinished.pop(sha256, None)
+        upload_id = self._unfinished.take(sha256)
         if upload_id is not None:
             try:
                 status = await self._json("GET", f"/api/v1/uploads/{upload_id}")
             except errors.NotFound:
                 pass  # finished, aborted or collected meanwhile: start again
             except BaseException:
-                self._unfinished[sha256] = upload_id  # still ours to resume next time
+                self._unfinished.keep(sha256, upload_id)  # still ours to resume next time
                 raise
             else:
                 log.info("resuming upload of blob %s at %d bytes", sha256, status["received"])
@@ -589,6 +593,41 @@ class HubClient:
         if started["id"] is None:
             return None, size
         return str(started["id"]), int(started.get("received", 0))
+
+
+class UnfinishedUploads:
+    """Ids of resumable uploads a client began and did not finish, by blob, per hub and API
+    key: in memory, or in a directory (a diskcache, safe across processes) so that ``ah
+    commit`` run again after Ctrl-C, or a restarted mount, continues them. Taking an id removes
+    it, which keeps two concurrent uploads of one blob apart."""
+
+    def __init__(self, where: Path | None, scope: str) -> None:
+        self._scope = scope
+        self._memory: dict[str, str] = {}
+        self._disk: Any = None
+        if where is not None:
+            import diskcache
+
+            self._disk = diskcache.Cache(str(where), size_limit=16 << 20)
+
+    def _key(self, sha256: str) -> str:
+        return f"{self._scope} {sha256}"
+
+    def take(self, sha256: str) -> str | None:
+        if self._disk is None:
+            return self._memory.pop(self._key(sha256), None)
+        found = self._disk.pop(self._key(sha256), None)
+        return found if isinstance(found, str) else None
+
+    def keep(self, sha256: str, upload_id: str) -> None:
+        if self._disk is None:
+            self._memory[self._key(sha256)] = upload_id
+        else:
+            self._disk.set(self._key(sha256), upload_id, expire=7 * 86400)
+
+    def close(self) -> None:
+        if self._disk is not None:
+            self._disk.close()
 
 
 class _StreamReader:
