@@ -358,14 +358,20 @@ class CuttingProxy:
             nursery.start_soon(down)
 
 
-async def test_an_interrupted_upload_resumes_on_the_next_attempt(
-        hub_server: HubProcess, model: AssetAddr, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def six_segments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, bytes, str, int]:
+    """A file that a resumable upload sends in six 1 MiB segments: ``(path, data, sha, size)``."""
     monkeypatch.setattr(hub_client, "SEGMENT", 1 << 20)
     data = os.urandom(6 << 20)
     path = tmp_path / "big.bin"
     path.write_bytes(data)
     sha, size = hash_file(path)
+    return path, data, sha, size
+
+
+async def test_an_interrupted_upload_resumes_on_the_next_attempt(
+        hub_server: HubProcess, model: AssetAddr, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    path, data, sha, size = six_segments(tmp_path, monkeypatch)
     proxy = CuttingProxy(hub_server.port)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(proxy.serve)
@@ -392,11 +398,7 @@ async def test_the_next_process_resumes_an_interrupted_upload(
         hub_server: HubProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A client that kept its upload ids in a directory (as ``ah`` and ``ah-mount`` do) lets a
     new client, e.g. ``ah commit`` run again after Ctrl-C, continue the upload."""
-    monkeypatch.setattr(hub_client, "SEGMENT", 1 << 20)
-    data = os.urandom(6 << 20)
-    path = tmp_path / "big.bin"
-    path.write_bytes(data)
-    sha, size = hash_file(path)
+    path, _, sha, size = six_segments(tmp_path, monkeypatch)
     proxy = CuttingProxy(hub_server.port)
     ids = tmp_path / "upload-ids"
     async with trio.open_nursery() as nursery:
