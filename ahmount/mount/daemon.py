@@ -265,14 +265,14 @@ class Mount:
 def raise_readahead(mountpoint: Path) -> None:
     """Let sequential reads arrive in 1 MiB requests. Only root may write the mount's
     backing-device setting, so others keep the kernel's 128 KiB (logged, not an error)."""
-    for point, device in fuse_mounts():
-        if point == mountpoint:
-            setting = Path(f"/sys/class/bdi/{device}/read_ahead_kb")
-            try:
-                setting.write_text(f"{READAHEAD_KB}\n")
-            except OSError as exc:
-                log.info("read-ahead of %s left at the kernel's default: %s", mountpoint, exc)
-            return
+    devices = [device for point, device in fuse_mounts() if point == mountpoint]
+    if not devices:
+        return
+    setting = Path(f"/sys/class/bdi/{devices[-1]}/read_ahead_kb")  # the newest mount there
+    try:
+        setting.write_text(f"{READAHEAD_KB}\n")
+    except OSError as exc:
+        log.info("read-ahead of %s left at the kernel's default: %s", mountpoint, exc)
 
 
 def _tell_systemd_ready() -> None:

@@ -187,7 +187,7 @@ class AssetFS(pyfuse3.Operations):
         self._handles: dict[int, FileHandle | DirHandle | LocalHandle] = {}
         self._next_fh = 1
         self._served_sha: dict[int, str] = {}
-        self._immutable_attrs: dict[int, pyfuse3.EntryAttributes] = {}
+        self._immutable_attrs: dict[tuple[int, str], pyfuse3.EntryAttributes] = {}
         self.op_counts: dict[str, int] = {}
         #: Written files closed since the uploader last ran: (branch, path).
         self._closed: set[tuple[str, str]] = set()
@@ -444,30 +444,32 @@ class AssetFS(pyfuse3.Operations):
         handle = self._handles.get(fh)
         if not isinstance(handle, DirHandle):
             raise pyfuse3.FUSEError(errno.EBADF)
-        immutable = handle.node.immutable
+        # In a tag or commit, an entry's attributes are fixed by (inode, commit): a tag that is
+        # deleted and made again elsewhere lists under another commit.
+        commit = handle.node.resolved.commit_id if handle.node.immutable and \
+            handle.node.resolved is not None else None
         for position in range(start_id, len(handle.entries)):
             name, key = handle.entries[position]
             ino = self.inodes.ino(key)
-            attrs = self._immutable_attrs.get(ino) if immutable else None
+            attrs = self._immutable_attrs.get((ino, commit)) if commit else None
             if attrs is None:
                 child = self._child_in_commit(handle.node, name, key)
                 try:
                     attrs = self.attrs(child, ino) if child else await self._entry(key)
                 except NotFound:
                     continue  # vanished since opendir: skip it, the snapshot keeps positions
-                if immutable:
-                    self._remember_attrs(ino, attrs)
+                if commit:
+                    self._remember_attrs((ino, commit), attrs)
             if not pyfuse3.readdir_reply(token, name.encode(), attrs, position + 1):
                 return
             self.inodes.remember(attrs.st_ino)
 
-    def _remember_attrs(self, ino: int, attrs: pyfuse3.EntryAttributes) -> None:
-        """Attributes of an entry in a tag or commit never change (its inode keeps naming the
-        same path of the same commit): repeated listings reuse them. Bounded: forgotten all
-        at once past :data:`IMMUTABLE_ATTRS_MAX` entries."""
+    def _remember_attrs(self, entry: tuple[int, str], attrs: pyfuse3.EntryAttributes) -> None:
+        """Attributes of an entry of one commit never change: repeated listings reuse them.
+        Bounded: forgotten all at once past :data:`IMMUTABLE_ATTRS_MAX` entries."""
         if len(self._immutable_attrs) >= IMMUTABLE_ATTRS_MAX:
             self._immutable_attrs.clear()
-        self._immutable_attrs[ino] = attrs
+        self._immutable_attrs[entry] = attrs
 
     @fuse_errors
     async def releasedir(self, fh: int) -> None:
