@@ -149,7 +149,14 @@ class _Resource:
         return hash((type(self).__name__, self.path))
 
 
-class _Described(_Resource):
+class _Deletable(_Resource):
+    """What ``delete`` removes by path: folders, assets, branches and tags (not commits)."""
+
+    def delete(self) -> None:
+        delete(self.path)
+
+
+class _Described(_Deletable):
     """A folder or an asset: labels, description, permission; updated and deleted by path."""
 
     def __init__(self, path: ApiPath, info: FolderInfo | AssetInfo) -> None:
@@ -163,9 +170,6 @@ class _Described(_Resource):
     def update(self, name: str | None = None, labels: Sequence[str] | None = None,
                description: str | None = None) -> None:
         update(self.path, name=name, labels=labels, description=description)
-
-    def delete(self) -> None:
-        delete(self.path)
 
 
 class Folder(_Described):
@@ -310,7 +314,7 @@ class _Ref(_Resource):
         return tag
 
 
-class Branch(_Ref):
+class Branch(_Ref, _Deletable):
     """A branch: the only writable reference."""
 
     kind = "Branch"
@@ -326,17 +330,11 @@ class Branch(_Ref):
     def reset(self) -> None:
         reset(self.path)
 
-    def delete(self) -> None:
-        delete(self.path)
 
-
-class Tag(_Ref):
+class Tag(_Ref, _Deletable):
     """An immutable name for a commit."""
 
     kind = "Tag"
-
-    def delete(self) -> None:
-        delete(self.path)
 
 
 class Commit(_Ref):

@@ -24,7 +24,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
@@ -33,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ahmount.client.hub_client import HubClient, hash_file
 from ahmount.hub.models import AssetAddr, FolderAddr, ObjectEntry
 from tests.conftest import HubProcess, MountProcess
+
+T = TypeVar("T")
 
 CHUNK = 1 << 20
 
@@ -91,6 +95,12 @@ def stat_all(paths: list[Path]) -> float:
     for p in paths:
         os.stat(p)
     return time.perf_counter() - start
+
+
+def warm_best(measure: Callable[[T], float], target: T) -> float:
+    """The best of three timings, after a warm-up run."""
+    measure(target)
+    return min(measure(target) for _ in range(3))
 
 
 def timed_find(root: Path) -> float:
@@ -209,16 +219,12 @@ def main() -> None:
             local_files = sorted(p for p in files_dir.rglob("*.txt"))
             tag_root = embedded.mountpoint / "dataset/bench/files/v1"
             mount_files = [tag_root / p.relative_to(files_dir) for p in local_files]
-            stat_all(mount_files)
-            stat_all(local_files)
-            local_stat = min(stat_all(local_files) for _ in range(3))
-            mount_stat = min(stat_all(mount_files) for _ in range(3))
+            local_stat = warm_best(stat_all, local_files)
+            mount_stat = warm_best(stat_all, mount_files)
             results.append((f"warm stat of {len(local_files)} files (time, lower is better)",
                             mount_stat / local_stat))
-            timed_find(files_dir)
-            timed_find(tag_root)
-            local_find = min(timed_find(files_dir) for _ in range(3))
-            mount_find = min(timed_find(tag_root) for _ in range(3))
+            local_find = warm_best(timed_find, files_dir)
+            mount_find = warm_best(timed_find, tag_root)
             results.append((f"find over {len(local_files)} files (time, lower is better)",
                             mount_find / local_find))
             huge = embedded.mountpoint / "dataset/bench/huge/main/huge.bin"

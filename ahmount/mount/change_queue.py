@@ -208,11 +208,10 @@ class ChangeQueue:
         return self.files_dir / local
 
     def new_local(self) -> tuple[str, Path]:
-        """A fresh, empty local file for new bytes."""
-        local = uuid.uuid4().hex
-        path = self.local_path(local)
-        path.touch()
-        return local, path
+        """A fresh, empty local file for new bytes, by path."""
+        local, fd = self.create_local()
+        os.close(fd)
+        return local, self.local_path(local)
 
     def create_local(self) -> tuple[str, int]:
         """A fresh, empty local file for new bytes, open for reading and writing."""

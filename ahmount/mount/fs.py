@@ -455,7 +455,7 @@ class AssetFS(pyfuse3.Operations):
             if attrs is None:
                 child = self._child_in_commit(handle.node, name, key)
                 try:
-                    attrs = self.attrs(child, ino) if child else await self._entry(key)
+                    attrs = self.attrs(child or await self.node(key), ino)
                 except NotFound:
                     continue  # vanished since opendir: skip it, the snapshot keeps positions
                 if commit:

@@ -161,16 +161,20 @@ class ObjectCache:
         while True:
             await trio.sleep(INDEX_FLUSH_SECONDS)
             if self._dirty or self._removed:
-                try:
-                    self.flush_index()
-                except Exception as exc:  # e.g. a full disk: the mount goes on; blocks whose
-                    # record is lost are fetched again after a restart.
-                    log.warning("cache index not saved: %s", exc)
+                self._save_index()
+
+    def _save_index(self) -> None:
+        """``flush_index`` where a failure (a full disk) must not end the mount: logged, and
+        what was not written stays marked for the next try."""
+        try:
+            self.flush_index()
+        except Exception as exc:
+            log.warning("cache index not saved: %s", exc)
 
     def close(self) -> None:
         for sha in list(self._fds):
             self._close_fd(sha)
-        self.flush_index()
+        self._save_index()
         self._index.close()
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -369,17 +373,14 @@ class ObjectCache:
         self._used += size  # reserved now, before the thread yields control
         try:
             await trio.to_thread.run_sync(_pwritev_all, fd, buffers, first * BLOCK)
-        except OSError as exc:
+        except BaseException as exc:
             self._used -= size
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 # The disk under the cache is full (whatever --cache-size says): readers get
                 # their bytes straight from the hub instead of an error.
                 log.warning("cache disk full writing blob %s: reading without the cache (%s)",
                             sha, exc)
                 raise _NoSpace() from exc
-            raise
-        except BaseException:
-            self._used -= size
             raise
         if self._records.get(sha) is not record:
             self._used -= size  # evicted while we wrote: the file is gone already
