@@ -100,12 +100,17 @@ class CommitIndex:
             self.dirs[parent][name] = entry
 
     def _add_dir(self, path: str) -> None:
-        while path not in self.dirs:
-            self.dirs[path] = {}
-            parent, _, name = path.rpartition("/")
-            self.dirs.setdefault(parent, {})
-            self.dirs[parent][name] = None
-            path = parent
+        """Make ``path`` and every missing ancestor a directory, each listed in its parent
+        (the root always exists, so the walk up stops there at the latest)."""
+        child: str | None = None
+        while True:
+            known = path in self.dirs
+            children = self.dirs.setdefault(path, {})
+            if child is not None:
+                children[child] = None
+            if known:
+                return
+            path, _, child = path.rpartition("/")
 
     def lookup(self, path: str) -> ObjectEntry | Literal["dir"] | None:
         if path in self.dirs:
