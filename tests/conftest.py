@@ -339,9 +339,20 @@ def _proc_state(pid: int) -> str:
     return ""
 
 
+def daemon_tracebacks() -> list[str]:
+    """Log lines of the mount daemons of this test that carry a traceback."""
+    path = Path(os.environ["AHMOUNT_HOME"]) / "cache/logs/ah-mount.log"
+    if not path.exists():
+        return []
+    return [line for line in path.read_text(errors="replace").splitlines()
+            if "Traceback" in line]
+
+
 @pytest.fixture
-def mount_factory(tmp_path: Path) -> Iterator[object]:
-    """Start mounts with ``mount_factory(*args)``; all are stopped after the test."""
+def mount_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[object]:
+    """Start mounts with ``mount_factory(*args)``; all are stopped after the test, which
+    then fails if a daemon logged a traceback (unless marked ``expect_traceback``: s3ql's
+    check of the logs)."""
     if not Path("/dev/fuse").exists():
         pytest.skip("no /dev/fuse on this machine")
     started: list[MountProcess] = []
@@ -355,6 +366,9 @@ def mount_factory(tmp_path: Path) -> Iterator[object]:
     yield start
     for m in started:
         m.stop()
+    if request.node.get_closest_marker("expect_traceback") is None:
+        found = daemon_tracebacks()
+        assert not found, f"the mount daemon logged a traceback: {found[0][:3000]}"
 
 
 _counter = iter(range(1_000_000))

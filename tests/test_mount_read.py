@@ -19,7 +19,9 @@ import trio
 
 from ahmount import ah
 from ahmount.client.hub_client import HubClient
+from ahmount.config import dirs
 from ahmount.hub.models import AssetAddr, FolderAddr, ObjectEntry
+from ahmount.mount.cache_dir import state_dir
 from ahmount.sync_runner import run_sync
 from tests.conftest import HubProcess, MountProcess, command, wait_until
 
@@ -180,7 +182,7 @@ def test_a_full_cache_disk_serves_reads_from_the_hub(mount_factory: Mounter,
     ah.create("dataset/full")
     ah.create("dataset/full/x")
     ah.commit("dataset/full/x", msg="w", add=[str(tmp_path / "w.bin")])
-    objects = Path(os.environ["AHMOUNT_HOME"]) / "cache/objects"
+    objects = state_dir(dirs().cache, None, getpass.getuser()) / "objects"
     objects.mkdir(parents=True)
     # A real full disk: an 8 MiB tmpfs under the cache, far below --cache-size.
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(objects)], check=True)

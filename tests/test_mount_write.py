@@ -63,7 +63,7 @@ def test_write_then_commit_from_the_branch_directory(mount_factory: Mounter,
     assert "0 added/changed, 0 deleted" in run_ah("status", cwd=branch)
     # Visible at once through the mount itself and through a second mount.
     assert (branch / "w.pt").read_bytes() == (tmp_path / "w.pt").read_bytes()
-    other = mount_factory()
+    other = mount_factory("--cache-dir", str(tmp_path / "second-cache"))
     assert (other.mountpoint / "model/llm/gpt2/v1/configs/a.json").read_text() == '{"a": 1}'
     assert ah.list("model/llm/gpt2:v1", resource="commit")[0]["message"] == "new weights"
 

@@ -73,6 +73,14 @@ class ControlServer:
             self.path.unlink(missing_ok=True)
 
     async def _serve_one(self, stream: trio.SocketStream) -> None:
+        """One connection. A client that hangs up (Ctrl-C on a long ``ah commit``) only ends
+        its connection: the operation it asked for still completes, its answer is dropped."""
+        try:
+            await self._converse(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.info("control client went away before its answer: %s", exc)
+
+    async def _converse(self, stream: trio.SocketStream) -> None:
         async with stream:
             uid = _peer_uid(stream.socket)  # type: ignore[arg-type]
             if uid != self.owner_uid and uid != 0:

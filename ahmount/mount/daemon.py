@@ -1,7 +1,7 @@
 """``ah-mount MOUNTPOINT``: the asset tree as files.
 
-    ah-mount MOUNTPOINT [--hub URL] [--api-key KEY] [--cache-size SIZE] [--refresh SECONDS]
-                        [--foreground] [--log-level LEVEL]
+    ah-mount MOUNTPOINT [--hub URL] [--api-key KEY] [--cache-size SIZE] [--cache-dir DIR]
+                        [--refresh SECONDS] [--foreground] [--log-level LEVEL]
 
 Runs in the background by default and returns once the mount answers (or fails with the
 reason). ``--foreground`` stays attached (systemd, debugging). SIGTERM, SIGINT,
@@ -34,11 +34,13 @@ from ahmount.client.hub_client import HubClient
 from ahmount.config import ClientConfig, dirs, load_config, make_config
 from ahmount.errors import AhError, InvalidArgument
 from ahmount.mount import branch_ops
+from ahmount.mount.cache_dir import claim
 from ahmount.mount.change_queue import ChangeQueue
 from ahmount.mount.control import ControlServer, fuse_mounts, socket_path
 from ahmount.mount.fs import AssetFS
 from ahmount.mount.hub_view import HubView
 from ahmount.mount.object_cache import ObjectCache
+from ahmount.mount.supervisor import Supervisor
 from ahmount.observability import notify_systemd, set_level, setup_logging
 
 log = logging.getLogger("ahmount.mount")
@@ -79,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--refresh", type=float, default=DEFAULT_REFRESH,
                         help="seconds after which changes made elsewhere show "
                         f"(default {DEFAULT_REFRESH})")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="where the object cache and the queued edits live (default: "
+                        "the ahmount cache directory); one mount of a hub and user at a time "
+                        "may use a cache directory")
     parser.add_argument("--foreground", "-f", action="store_true")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--allow-other", action="store_true",
@@ -123,60 +129,78 @@ class Mount:
     """One mounted tree: the hub client, view, cache, FUSE ops and control socket."""
 
     def __init__(self, mountpoint: Path, config: ClientConfig, cache_size: int,
-                 refresh: float, allow_other: bool) -> None:
+                 refresh: float, allow_other: bool, cache_dir: Path | None = None) -> None:
         self.mountpoint = mountpoint
+        self.cache_dir = cache_dir or dirs().cache
         self.config = config
         self.cache_size = cache_size
         self.refresh = refresh
         self.allow_other = allow_other
         self.ops: AssetFS | None = None
+        self.supervisor: Supervisor | None = None
+
+    @staticmethod
+    def _stop_for_bug(exc: BaseException) -> None:
+        """A background task hit a bug: unmount cleanly (the ``finally`` of :meth:`run`
+        flushes the cache index and keeps the queue)."""
+        notify_systemd("STOPPING=1")
+        pyfuse3.terminate()
 
     async def run(self, ready: Callable[[], None]) -> None:
-        cache_dir = dirs().cache
         # Few retries and a short fail-fast window: a syscall should not hang on a dead hub.
         async with HubClient.from_config(self.config, retries=2, down_for=2.0) as hub:
             me = await hub.whoami()
-            listings = diskcache.Cache(str(cache_dir / "listings"), size_limit=4 << 30)
-            cache = ObjectCache(cache_dir / "objects", self.cache_size)
-            view = HubView(hub, me, self.refresh, listings)
-            queue = ChangeQueue(cache_dir / "queue")
-            pending = queue.branches()
-            if pending:
-                log.info("queued changes kept from before on %d branch(es): %s", len(pending),
-                         ", ".join(pending))
-            self.ops = ops = AssetFS(view, cache, os.getuid(), os.getgid(), queue)
-            options = {"fsname=ahmount", "subtype=ahmount", "noatime"}
-            if self.allow_other:
-                # Other users are let in: the kernel checks mode bits for them. A private
-                # mount leaves the checks to the handlers (EROFS where nothing may change),
-                # which spares a GETATTR of the directory after every create in it.
-                options |= {"allow_other", "default_permissions"}
-            pyfuse3.init(ops, str(self.mountpoint), options)
-            log.info("mounted %s for %s (hub %s, cache %.1f GiB, refresh %.1fs)",
-                     self.mountpoint, me, self.config.ah_host or "embedded",
-                     self.cache_size / (1 << 30), self.refresh)
+            claimed = claim(self.cache_dir, self.config.ah_host, me, self.mountpoint)
             try:
-                async with trio.open_nursery() as nursery:
-                    cache.set_spawner(lambda fn: nursery.start_soon(fn))
-                    await nursery.start(ops.run_uploader)
-                    nursery.start_soon(cache.run_flusher)
-                    nursery.start_soon(self._watch_signals)
-                    control = ControlServer(socket_path(self.mountpoint), self._control_ops(),
-                                            os.getuid())
-                    await nursery.start(control.serve)
-                    nursery.start_soon(self._report_ready, ready)
-                    await pyfuse3.main()
-                    nursery.cancel_scope.cancel()
+                await self._run_on(hub, me, claimed.root, ready)
             finally:
-                with contextlib.suppress(Exception):
-                    pyfuse3.close(unmount=True)
-                cache.close()
-                listings.close()
-                left = queue.branches()
-                queue.close()
-                if left:
-                    log.info("queued changes kept for the next mount on: %s", ", ".join(left))
-                log.info("unmounted %s", self.mountpoint)
+                claimed.release()
+
+    async def _run_on(self, hub: HubClient, me: str, cache_dir: Path,
+                      ready: Callable[[], None]) -> None:
+        """Serve the mount with the state directory ``cache_dir`` (claimed by the caller)."""
+        listings = diskcache.Cache(str(cache_dir / "listings"), size_limit=4 << 30)
+        cache = ObjectCache(cache_dir / "objects", self.cache_size)
+        view = HubView(hub, me, self.refresh, listings)
+        queue = ChangeQueue(cache_dir / "queue")
+        pending = queue.branches()
+        if pending:
+            log.info("queued changes kept from before on %d branch(es): %s", len(pending),
+                     ", ".join(pending))
+        self.ops = ops = AssetFS(view, cache, os.getuid(), os.getgid(), queue)
+        options = {"fsname=ahmount", "subtype=ahmount", "noatime"}
+        if self.allow_other:
+            # Other users are let in: the kernel checks mode bits for them. A private
+            # mount leaves the checks to the handlers (EROFS where nothing may change),
+            # which spares a GETATTR of the directory after every create in it.
+            options |= {"allow_other", "default_permissions"}
+        pyfuse3.init(ops, str(self.mountpoint), options)
+        log.info("mounted %s for %s (hub %s, cache %.1f GiB, refresh %.1fs)",
+                 self.mountpoint, me, self.config.ah_host or "embedded",
+                 self.cache_size / (1 << 30), self.refresh)
+        try:
+            async with trio.open_nursery() as nursery:
+                self.supervisor = supervisor = Supervisor(nursery, self._stop_for_bug)
+                cache.set_spawner(supervisor.spawn)
+                await supervisor.start("upload-ahead", ops.run_uploader)
+                supervisor.spawn("cache index flusher", cache.run_flusher)
+                supervisor.spawn("signal watcher", self._watch_signals)
+                control = ControlServer(socket_path(self.mountpoint), self._control_ops(),
+                                        os.getuid())
+                await supervisor.start("control server", control.serve)
+                nursery.start_soon(self._report_ready, ready)
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+        finally:
+            with contextlib.suppress(Exception):
+                pyfuse3.close(unmount=True)
+            cache.close()
+            listings.close()
+            left = queue.branches()
+            queue.close()
+            if left:
+                log.info("queued changes kept for the next mount on: %s", ", ".join(left))
+            log.info("unmounted %s", self.mountpoint)
 
     async def _report_ready(self, ready: Callable[[], None]) -> None:
         # Ready means the mount answers: stat it from a thread while our loop serves it.
@@ -327,12 +351,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(mountpoint: Path, config: ClientConfig, cache_size: int, args: argparse.Namespace,
          ready: Callable[[], None]) -> int:
-    mount = Mount(mountpoint, config, cache_size, args.refresh, args.allow_other)
+    cache_dir = Path(os.path.abspath(args.cache_dir)) if args.cache_dir else None
+    mount = Mount(mountpoint, config, cache_size, args.refresh, args.allow_other, cache_dir)
     try:
         trio.run(mount.run, ready)
     except AhError as exc:
         log.error("ah-mount failed: %s", exc)
         raise
+    if mount.supervisor is not None and mount.supervisor.bug is not None:
+        log.error("ah-mount stopped after a bug (queue kept): %r", mount.supervisor.bug)
+        return 1
     return 0
 
 

@@ -8,6 +8,7 @@ out once per mount path and never reused while the mount lives; lookup counts ri
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -28,7 +29,8 @@ from ahmount.mount.errno_map import fuse_errors, refuse
 from ahmount.mount.hub_view import CommitIndex, HubView, Resolved
 from ahmount.mount.layout import SCOPES, Key, Location, Place, locate
 from ahmount.mount.object_cache import BLOCK, ObjectCache
-from ahmount.names import KINDS, is_commit_prefix
+from ahmount.mount.supervisor import EXPECTED
+from ahmount.names import KINDS, MAX_OBJECT_PATH_BYTES, MAX_SEGMENT_BYTES, is_commit_prefix
 
 log = logging.getLogger("ahmount.mount")
 
@@ -384,6 +386,10 @@ class AssetFS(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._count("lookup")
         key = (*self.inodes.key(parent_inode), _decode(name))
+        _check_length(name, "")
+        if len(key) > 4:  # deep enough to be inside a ref: the object path's bound too
+            with contextlib.suppress(NotFound):
+                _check_length(name, locate(key, self.view.me).subpath)
         attrs = await self._entry(key)
         self.inodes.remember(attrs.st_ino)
         return attrs
@@ -418,7 +424,7 @@ class AssetFS(pyfuse3.Operations):
         data.f_files = 1 << 32
         data.f_ffree = 1 << 31
         data.f_favail = data.f_ffree
-        data.f_namemax = 255
+        data.f_namemax = MAX_SEGMENT_BYTES
         return data
 
     # -- directories -------------------------------------------------------------------------
@@ -550,6 +556,8 @@ class AssetFS(pyfuse3.Operations):
             finally:
                 os.close(handle.fd)
             if handle.written:
+                assert self.queue is not None
+                await trio.to_thread.run_sync(self.queue.make_durable)
                 self._closed.add((handle.branch, handle.path))
                 self.uploading = True
                 self._closed_event.set()
@@ -572,7 +580,7 @@ class AssetFS(pyfuse3.Operations):
             try:
                 await self._upload_closed(closed)
                 failures, delay = 0, UPLOAD_AHEAD_DELAY
-            except Exception as exc:
+            except EXPECTED as exc:  # anything else is a bug: the supervisor stops the mount
                 failures += 1
                 self.upload_failures += 1
                 delay = min(UPLOAD_RETRY_FIRST * 2 ** (failures - 1), UPLOAD_RETRY_MAX)
@@ -673,7 +681,9 @@ class AssetFS(pyfuse3.Operations):
         if "/" in text or text in (".", ".."):
             raise pyfuse3.FUSEError(errno.EINVAL)
         subpath = f"{parent.loc.subpath}/{text}" if parent.loc.subpath else text
-        return parent, (*parent_key, text), subpath
+        key = (*parent_key, text)
+        _check_length(name, subpath)
+        return parent, key, subpath
 
     async def _exists(self, key: Key) -> Node | None:
         try:
@@ -782,6 +792,8 @@ class AssetFS(pyfuse3.Operations):
         if isinstance(handle, LocalHandle):
             await trio.to_thread.run_sync(os.fsync, handle.fd)
             self._settle(handle)
+            assert self.queue is not None
+            await trio.to_thread.run_sync(self.queue.make_durable)
 
     @fuse_errors
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
@@ -1050,6 +1062,17 @@ class AssetFS(pyfuse3.Operations):
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         raise refuse(errno.EPERM, "mknod %r refused: assets hold regular files only", name)
+
+
+def _check_length(name: bytes, subpath: str) -> None:
+    """ENAMETOOLONG for what the hub could never store: the limits are the hub's own
+    (:mod:`ahmount.names`), so nothing the mount accepts can block a commit later."""
+    if len(name) > MAX_SEGMENT_BYTES:
+        raise refuse(errno.ENAMETOOLONG, "name of %d bytes refused: at most %d",
+                     len(name), MAX_SEGMENT_BYTES)
+    if len(subpath.encode()) > MAX_OBJECT_PATH_BYTES:
+        raise refuse(errno.ENAMETOOLONG, "object path %s... refused: over %d bytes",
+                     subpath[:60], MAX_OBJECT_PATH_BYTES)
 
 
 def _decode(name: bytes) -> str:

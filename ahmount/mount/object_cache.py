@@ -33,6 +33,7 @@ import diskcache
 import trio
 
 from ahmount.errors import ChecksumMismatch
+from ahmount.mount.supervisor import EXPECTED
 
 log = logging.getLogger("ahmount.cache")
 
@@ -409,10 +410,20 @@ class ObjectCache:
             self._drop(sha)
             raise ChecksumMismatch(f"blob {sha} arrived corrupted (hash {actual})")
 
+        async def check_in_background() -> None:
+            # Nobody waits for this one: a corrupt or evicted block is dropped and logged,
+            # and the next read fetches it again.
+            try:
+                await check()
+            except ChecksumMismatch:
+                pass
+            except FileNotFoundError:
+                log.info("blob %s was evicted while it was verified", sha)
+
         if inline:
             await check()
         elif self._spawn is not None:
-            self._spawn(check)
+            self._spawn(f"verification of {sha[:12]}", check_in_background)
 
     async def copy_to(self, source: Source, dest: Path) -> None:
         """Write the whole object to ``dest`` (copy-on-write of a branch file): through the
@@ -431,10 +442,11 @@ class ObjectCache:
                         self.stats.bytes_fetched += len(chunk)
                         await trio.to_thread.run_sync(handle.write, chunk)
 
-    _spawn: Callable[[Callable[[], Any]], None] | None = None
+    _spawn: Callable[[str, Callable[[], Any]], None] | None = None
 
-    def set_spawner(self, spawn: Callable[[Callable[[], Any]], None]) -> None:
-        """How background work (read-ahead, verification) is started: the daemon's nursery."""
+    def set_spawner(self, spawn: Callable[[str, Callable[[], Any]], None]) -> None:
+        """How background work (read-ahead, verification) is started, by name: the daemon's
+        supervisor (expected failures contained, bugs shut the mount down)."""
         self._spawn = spawn
 
     def prefetch(self, source: Source, first: int, last: int) -> None:
@@ -447,10 +459,10 @@ class ObjectCache:
                 await self.ensure(source, first, last)
             except _NoSpace:
                 pass
-            except Exception as exc:
+            except EXPECTED as exc:  # the read that needs the blocks reports it
                 log.debug("read-ahead of %s failed: %s", source.sha256, exc)
 
-        self._spawn(run)
+        self._spawn(f"read-ahead of {source.sha256[:12]}", run)
 
 
 def _split(buffers: list[bytes | memoryview], size: int

@@ -1,0 +1,95 @@
+"""The mount's local state directory: one per hub and user, owned by one mount at a time.
+
+``CACHE/mounts/<hub>/<user>/`` holds the object cache, the listings and the change queue of
+the mounts of ``user`` on ``hub``. Branch keys in the queue carry no hub, so two hubs must
+never share a directory, and two daemons on one directory would delete each other's blocks
+and queue files at start-up: the directory is locked (``flock`` on ``lock``, released by the
+kernel however the daemon ends, kill -9 included) and a second mount fails at once, naming
+the mount that holds it. Everything is created 0700: cached blobs are private bytes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ahmount.errors import Conflict
+
+log = logging.getLogger("ahmount.mount")
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def hub_id(hub_url: str | None) -> str:
+    """A directory name for a hub: readable, and distinct for distinct URLs."""
+    if not hub_url:
+        return "embedded"
+    digest = hashlib.sha256(hub_url.rstrip("/").encode()).hexdigest()[:12]
+    readable = _UNSAFE.sub("_", hub_url.split("://", 1)[-1]).strip("_")[:60]
+    return f"{readable}-{digest}"
+
+
+def state_dir(base: Path, hub_url: str | None, user: str) -> Path:
+    """Where the mounts of ``user`` on ``hub_url`` keep their state under ``base``."""
+    return base / "mounts" / hub_id(hub_url) / _UNSAFE.sub("_", user)
+
+
+@dataclass
+class CacheDir:
+    """A claimed state directory; :meth:`release` (or the process ending) frees it."""
+
+    root: Path
+    _fd: int
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = -1
+
+
+def claim(base: Path, hub_url: str | None, user: str, mountpoint: Path) -> CacheDir:
+    """Lock the state directory of (``hub_url``, ``user``) under ``base`` for the mount at
+    ``mountpoint``. Raises :class:`Conflict` naming the PID and mountpoint of the mount that
+    already holds it."""
+    root = state_dir(base, hub_url, user)
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for directory in (base, base / "mounts", root.parent, root):
+        os.chmod(directory, 0o700)
+    fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _read_holder(fd)
+        os.close(fd)
+        raise Conflict(
+            f"the cache {root} is in use by ah-mount pid {holder.get('pid', '?')} at "
+            f"{holder.get('mountpoint', '?')}; unmount it first or give this mount its own "
+            "--cache-dir",
+            path=str(root)) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"pid": os.getpid(), "mountpoint": str(mountpoint)}).encode(), 0)
+    _adopt_legacy_queue(base, root)
+    return CacheDir(root, fd)
+
+
+def _read_holder(fd: int) -> dict[str, object]:
+    try:
+        found = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except ValueError:
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def _adopt_legacy_queue(base: Path, root: Path) -> None:
+    """Queued edits of a version that kept one queue for every hub move into the first
+    directory claimed after the upgrade (they were made on that machine's usual hub)."""
+    legacy = base / "queue"
+    if legacy.is_dir() and not (root / "queue").exists():
+        legacy.rename(root / "queue")
+        log.warning("queued changes from %s moved to %s", legacy, root / "queue")
