@@ -175,3 +175,137 @@ def test_names_over_255_bytes_are_refused_as_ext4_does(mount_factory: Mounter) -
     m.control("commit", path=["model", "llm", "gpt2", "v1"], message="long names",
               force=False)
     assert {o["path"] for o in ah.list("model/llm/gpt2:v1")} == {"ok.txt", "n" * 255}
+
+
+def test_an_open_file_outlives_its_name(mount_factory: Mounter) -> None:
+    m = mount_factory()
+    branch = m.mountpoint / "model/llm/gpt2/v1"
+    (branch / "head.txt").write_text("head bytes")
+    m.control("commit", path=["model", "llm", "gpt2", "v1"], message="head", force=False)
+    # A queued file, open read-write, unlinked: everything keeps working on the open file.
+    (branch / "q.txt").write_text("queued")
+    fd = os.open(branch / "q.txt", os.O_RDWR)
+    os.unlink(branch / "q.txt")
+    assert os.fstat(fd).st_size == 6
+    os.pwrite(fd, b"more", 6)
+    assert os.pread(fd, 100, 0) == b"queuedmore"
+    os.ftruncate(fd, 3)
+    assert os.fstat(fd).st_size == 3
+    os.close(fd)
+    # A head object open read-only, unlinked; and the atomic-save pattern over an open file.
+    fd = os.open(branch / "head.txt", os.O_RDONLY)
+    os.unlink(branch / "head.txt")
+    assert os.fstat(fd).st_size == 10 and os.pread(fd, 100, 0) == b"head bytes"
+    os.close(fd)
+    (branch / "t.txt").write_text("target")
+    fd = os.open(branch / "t.txt", os.O_RDWR)
+    (branch / "new.txt").write_text("replacement")
+    os.rename(branch / "new.txt", branch / "t.txt")
+    os.pwrite(fd, b"late write to the old file", 0)
+    assert os.fstat(fd).st_size == 26
+    os.close(fd)
+    assert (branch / "t.txt").read_text() == "replacement"
+    assert sorted(os.listdir(branch)) == ["t.txt"]
+    status = m.control("branch_status", path=["model", "llm", "gpt2", "v1"])
+    assert [(c["op"], c["path"]) for c in status["changes"]] == [("new", "t.txt"),
+                                                                ("delete", "head.txt")]
+    m.control("commit", path=["model", "llm", "gpt2", "v1"], message="after", force=False)
+    assert {o["path"]: o["size_bytes"] for o in ah.list("model/llm/gpt2:v1")} == {"t.txt": 11}
+
+
+def test_opening_read_write_without_writing_is_no_change(mount_factory: Mounter) -> None:
+    m = mount_factory()
+    branch = m.mountpoint / "model/llm/gpt2/v1"
+    segments = ["model", "llm", "gpt2", "v1"]
+    (branch / "db.bin").write_bytes(b"database pages")
+    m.control("commit", path=segments, message="db", force=False)
+    mtime = os.stat(branch / "db.bin").st_mtime_ns
+    for _ in range(2):
+        fd = os.open(branch / "db.bin", os.O_RDWR)
+        assert os.pread(fd, 8, 0) == b"database"
+        os.close(fd)
+    assert m.control("branch_status", path=segments)["changes"] == []
+    assert os.stat(branch / "db.bin").st_mtime_ns == mtime
+    # Written back byte for byte: no change either, and the commit says so.
+    (branch / "db.bin").write_bytes(b"database pages")
+    assert m.control("branch_status", path=segments)["changes"] == []
+    assert m.control("commit", path=segments, message="nothing", force=False)["commit"] is None
+    out = subprocess.run([command("ah"), "status"], cwd=branch, capture_output=True,
+                         text=True, check=True).stdout
+    assert "0 added/changed" in out
+
+
+def test_status_says_new_file_and_modified_as_git_does(mount_factory: Mounter) -> None:
+    m = mount_factory()
+    branch = m.mountpoint / "model/llm/gpt2/v1"
+    (branch / "old.txt").write_text("1")
+    m.control("commit", path=["model", "llm", "gpt2", "v1"], message="one", force=False)
+    (branch / "old.txt").write_text("2")
+    (branch / "fresh.txt").write_text("3")
+    out = subprocess.run([command("ah"), "status"], cwd=branch, capture_output=True,
+                         text=True, check=True).stdout
+    assert "new file:  fresh.txt" in out and "modified:  old.txt" in out
+    done = subprocess.run([command("ah"), "commit", "-m", "two"], cwd=branch,
+                          capture_output=True, text=True, check=True).stderr
+    assert "(2 queued changes)" in done
+
+
+def test_remote_changes_to_queued_paths_refuse_the_commit(mount_factory: Mounter,
+                                                          tmp_path: Path) -> None:
+    m = mount_factory("--refresh", "0.2")
+    segments = ["model", "llm", "gpt2", "v1"]
+    branch = m.mountpoint / "model/llm/gpt2/v1"
+    (branch / "shared.txt").write_text("mine")
+    (tmp_path / "theirs.txt").write_text("theirs")
+    ah.commit("model/llm/gpt2:v1", msg="remote", add={str(tmp_path / "theirs.txt"):
+                                                       "shared.txt"})
+    from ahmount.errors import Conflict
+    from ahmount.mount.control import call
+
+    with pytest.raises(Conflict, match="shared.txt"):
+        call(m.mountpoint, "commit", {"path": segments, "message": "mine", "force": False})
+    assert {o["path"]: o["size_bytes"] for o in ah.list("model/llm/gpt2:v1")} == \
+        {"shared.txt": 6}
+    m.control("commit", path=segments, message="mine", force=True)
+    assert {o["path"]: o["size_bytes"] for o in ah.list("model/llm/gpt2:v1")} == \
+        {"shared.txt": 4}
+
+
+def test_commits_succeed_while_a_queued_file_keeps_changing(mount_factory: Mounter) -> None:
+    import threading
+
+    m = mount_factory()
+    segments = ["model", "llm", "gpt2", "v1"]
+    branch = m.mountpoint / "model/llm/gpt2/v1"
+    big, small = os.urandom(4 << 20), b"small"
+    (branch / "hot").write_bytes(big)
+    stop = threading.Event()
+
+    def churn() -> None:  # a user's `cp big hot; cp small hot` loop, at a human pace
+        while not stop.is_set():
+            for data in (big, small):
+                with open(branch / "hot", "wb") as handle:
+                    handle.write(data)
+                stop.wait(0.005)
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    commits = 0
+    try:
+        for i in range(8):
+            done = m.control("commit", path=segments, message=f"busy {i}", force=False)
+            commits += done["commit"] is not None
+    finally:
+        stop.set()
+        worker.join()
+    assert commits >= 1
+    # Every commit that was made holds one whole version of the file.
+    for commit in ah.list("model/llm/gpt2:v1", resource="commit")[:commits]:
+        objects = ah.list(f"model/llm/gpt2:{commit['id'][:12]}")
+        assert [(o["path"], o["size_bytes"]) in [("hot", len(big)), ("hot", len(small))]
+                for o in objects] == [True], objects
+    m.control("commit", path=segments, message="settled", force=False)
+    data = (branch / "hot").read_bytes()
+    assert data in (big, small)
+    assert m.control("branch_status", path=segments)["changes"] == []
+    assert m.alive()

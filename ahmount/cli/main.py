@@ -145,8 +145,8 @@ def cmd_commit(args: argparse.Namespace) -> int:
                 _print_json(done)
             elif done["commit"]:
                 print(done["commit"])
-                print(f"Commit {done['commit'][:8]} created ({done['taken']} changes)",
-                      file=sys.stderr)
+                print(f"Commit {done['commit'][:8]} created "
+                      f"({_plural(done['taken'], 'queued change')})", file=sys.stderr)
             else:
                 print("Nothing to commit", file=sys.stderr)
             return 0
@@ -209,6 +209,14 @@ def _hub_call(fn: Callable[[HubClient], Any]) -> Any:
     return run_sync(main)
 
 
+#: How ``ah status`` names each kind of queued change (git's words).
+_STATUS_WORDS = {"new": "new file:", "modified": "modified:", "delete": "deleted:"}
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" + ("" if count == 1 else "s")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     mounted = _mount_branch_op(args, "branch_status")
     if mounted is not None:
@@ -220,8 +228,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         remote = set(mounted["changed_remotely"])
         for change in mounted["changes"]:
             note = "  (also changed on the hub)" if change["path"] in remote else ""
-            word = "modified:" if change["op"] == "add" else "deleted: "
-            print(f"  {word} {change['path']}{note}")
+            word = _STATUS_WORDS.get(change["op"], change["op"] + ":")
+            print(f"  {word:<10} {change['path']}{note}")
         return 0
     parsed = parse(args.path)
     if parsed.level not in ("asset", "ref"):

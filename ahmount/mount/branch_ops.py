@@ -10,15 +10,18 @@ stay queued for the next commit.
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from ahmount.errors import InvalidArgument
+from ahmount.errors import Conflict, InvalidArgument
 from ahmount.hub.models import AssetAddr, ObjectEntry
-from ahmount.mount.change_queue import BranchQueue
+from ahmount.mount.change_queue import BranchQueue, Row
 from ahmount.mount.fs import AssetFS, Node
+from ahmount.mount.hub_view import CommitIndex
 from ahmount.mount.layout import Place
-from ahmount.transfer import LocalFile, commit_files
+from ahmount.transfer import LocalFile, upload_files
 
 log = logging.getLogger("ahmount.mount")
 
@@ -50,48 +53,130 @@ def _summary(queue: BranchQueue) -> dict[str, Any]:
     }
 
 
+async def _head(ops: AssetFS, ref: BranchRef, fresh: bool) -> CommitIndex:
+    """The branch head's listing (asked of the hub again when ``fresh``)."""
+    if fresh:
+        ops.view.invalidate_asset(ref.asset)
+    head = await ops.view.resolve(ref.asset, ref.branch)
+    return await ops.view.index(ref.asset, head.commit_id, head.created)
+
+
+def _in_head(entry: ObjectEntry, head: CommitIndex) -> bool:
+    found = head.lookup(entry.path)
+    return isinstance(found, ObjectEntry) and (found.sha256, found.size) == \
+        (entry.sha256, entry.size)
+
+
+async def _same_as_head(ops: AssetFS, row: Row, head: CommitIndex) -> bool:
+    """True if a queued file holds exactly the head's bytes at its path (opened for writing
+    and closed unwritten, or written back as it was): that is no change."""
+    entry = head.lookup(row.path)
+    if not isinstance(entry, ObjectEntry) or entry.size != row.size:
+        return False
+    sha = row.sha256 if row.local is None else await ops.queued_sha256(row)
+    return sha == entry.sha256
+
+
+async def _changed_remotely(ops: AssetFS, ref: BranchRef, queue: BranchQueue,
+                            head: CommitIndex) -> list[str]:
+    """Queued paths that changed on the hub since they were queued (their base and the head
+    disagree there): committing would overwrite someone else's change unseen."""
+    remote: list[str] = []
+    for row in queue.files.values():
+        if row.base == head.commit_id:
+            continue
+        base = await ops.view.index(ref.asset, row.base, 0.0)
+        if base.lookup(row.path) != head.lookup(row.path):
+            remote.append(row.path)
+    return sorted(remote)
+
+
 async def status(ops: AssetFS, ref: BranchRef) -> dict[str, Any]:
-    """Pending changes of the branch, like ``git status``, and which of those paths were also
-    changed on the hub since the change was queued."""
+    """Pending changes of the branch, like ``git status``: each file ``new`` (not in the
+    head) or ``modified``, each delete, and which paths were also changed on the hub since
+    they were queued. A queued file equal to the head is not listed."""
     assert ops.queue is not None
     queue = ops.queue.snapshot(ref.key)
-    changes = [{"op": "add", "path": p, "size": r.size} for p, r in sorted(queue.files.items())]
-    changes += [{"op": "delete", "path": p} for p in sorted([*queue.deleted,
-                                                              *queue.deleted_dirs])]
-    remote: list[str] = []
-    head = await ops.view.resolve(ref.asset, ref.branch)
-    bases = {r.base for r in queue.files.values()}
-    if bases - {head.commit_id}:
-        current = await ops.view.index(ref.asset, head.commit_id, head.created)
-        for row in queue.files.values():
-            if row.base == head.commit_id:
-                continue
-            base = await ops.view.index(ref.asset, row.base, 0.0)
-            if base.lookup(row.path) != current.lookup(row.path):
-                remote.append(row.path)
-    return {"branch": ref.asset.at(ref.branch), **_summary(queue), "changes": changes,
-            "changed_remotely": sorted(remote)}
+    head = await _head(ops, ref, fresh=False)
+    changes: list[dict[str, Any]] = []
+    for path, row in sorted(queue.files.items()):
+        if await _same_as_head(ops, row, head):
+            continue
+        op = "modified" if isinstance(head.lookup(path), ObjectEntry) else "new"
+        changes.append({"op": op, "path": path, "size": row.size})
+    deletes = sorted([*queue.deleted, *queue.deleted_dirs])
+    changes += [{"op": "delete", "path": p} for p in deletes]
+    files = [c for c in changes if c["op"] != "delete"]
+    return {"branch": ref.asset.at(ref.branch), "adds": len(files), "deletes": len(deletes),
+            "bytes": sum(c["size"] for c in files), "changes": changes,
+            "changed_remotely": await _changed_remotely(ops, ref, queue, head)}
 
 
 async def commit(ops: AssetFS, ref: BranchRef, message: str, force: bool) -> dict[str, Any]:
+    """Commit the branch's queue. Each file is taken as its writer last left it (closed,
+    flushed or fsynced), at one instant: files no handle may write are pinned (a writer that
+    comes later gets a copy of its own), files open for writing but at rest are copied now,
+    with no await in between, and files in the middle of being written stay queued for the
+    next commit (named in ``busy``). Paths changed on the hub since
+    they were queued refuse the commit unless ``force``. Rows that changed while the commit
+    ran stay queued, rebased on the new commit."""
     assert ops.queue is not None
     if not isinstance(message, str) or not message.strip():
         raise InvalidArgument("a commit needs a message (-m)")
-    taken = ops.queue.snapshot(ref.key)
-    log.info("committing %d queued change(s) of %s", len(taken.files) + len(taken.deleted)
-             + len(taken.deleted_dirs), ref.asset.at(ref.branch))
-    files = [LocalFile(ops.queue.local_path(r.local), p)
-             for p, r in taken.files.items() if r.local is not None]
-    blob_refs = [ObjectEntry(p, str(r.sha256), r.size, r.mtime)
-                 for p, r in taken.files.items() if r.local is None]
-    deletes = sorted(taken.deleted) + list(taken.deleted_dirs)
-    info = await commit_files(ops.view.hub, ref.asset, ref.branch, message, deletes, files,
-                              force, extra_adds=blob_refs)
-    dropped = ops.queue.committed(ref.key, taken)
+    head = await _head(ops, ref, fresh=True)
+    ops.settle_branch(ref.key)
+    taken = ops.queue.snapshot(ref.key)  # from here to pin(): no await
+    files: list[LocalFile] = []
+    pinned: list[str] = []
+    copies: list[Path] = []
+    busy = [p for p in taken.files if ops.being_written(ref.key, p)]
+    for path in busy:  # mid-write: its writer has not closed or fsynced it yet
+        del taken.files[path]
+    for path, row in taken.files.items():
+        if row.local is None:
+            continue
+        if ops.open_for_writing(ref.key, path):  # at rest since its last flush or fsync
+            copies.append(ops.queue.commit_copy(row.local))
+            files.append(LocalFile(copies[-1], path))
+        else:
+            pinned.append(row.local)
+            files.append(LocalFile(ops.queue.local_path(row.local), path))
+    ops.queue.pin(pinned)
+    try:
+        if not force:
+            remote = await _changed_remotely(ops, ref, taken, head)
+            if remote:
+                raise Conflict(
+                    f"{ref.asset.at(ref.branch)}: {', '.join(remote)} changed on the hub since "
+                    "they were queued; commit with --force to overwrite them",
+                    path=ref.asset.at(ref.branch))
+        log.info("committing %d queued change(s) of %s", len(taken.files) + len(taken.deleted)
+                 + len(taken.deleted_dirs), ref.asset.at(ref.branch))
+        blob_refs = [ObjectEntry(p, str(r.sha256), r.size, r.mtime)
+                     for p, r in taken.files.items() if r.local is None]
+        deletes = sorted(taken.deleted) + list(taken.deleted_dirs)
+        uploaded, _ = await upload_files(ops.view.hub, files)
+        # Files that hold exactly the head's bytes are no change (git's rule): left out.
+        adds = [e for e in [*uploaded, *blob_refs] if not _in_head(e, head)]
+        info = None
+        if adds or deletes:
+            info = await ops.view.hub.commit(ref.asset, ref.branch, message,
+                                             session=uuid.uuid4().hex, deletes=deletes,
+                                             adds=adds, force=force)
+        ops.settle_branch(ref.key)  # writes since the snapshot keep their rows queued
+        dropped = ops.queue.committed(ref.key, taken)
+        if info is not None:
+            ops.queue.rebase(ref.key, list(taken.files), info.id)
+    finally:
+        ops.queue.unpin(pinned)
+        for copy in copies:
+            copy.unlink(missing_ok=True)
     ops.view.invalidate_asset(ref.asset)
     log.info("commit of %s: %s (%d queued changes taken)", ref.asset.at(ref.branch),
              info.id[:8] if info else "nothing changed", dropped)
-    return {"commit": info.id if info else None, "taken": dropped,
+    if busy:
+        log.info("left queued while being written: %s", ", ".join(busy))
+    return {"commit": info.id if info else None, "taken": dropped, "busy": busy,
             "left": _summary(ops.queue.snapshot(ref.key))}
 
 
@@ -107,7 +192,6 @@ async def reset(ops: AssetFS, ref: BranchRef) -> dict[str, Any]:
 async def sync(ops: AssetFS, ref: BranchRef) -> dict[str, Any]:
     """Upload the queued bytes the hub lacks now, so that a commit is mostly metadata."""
     assert ops.queue is not None
-    from ahmount.transfer import upload_files
 
     taken = ops.queue.snapshot(ref.key)
     pending = [(p, r) for p, r in taken.files.items() if r.local is not None and

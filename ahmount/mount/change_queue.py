@@ -19,10 +19,12 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+import shutil
 import sqlite3
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -146,7 +148,10 @@ class ChangeQueue:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.files_dir = root / "files"
-        self.files_dir.mkdir(parents=True, exist_ok=True)
+        self.files_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(root, 0o700)
+        self.commit_dir = root / "commit"
+        shutil.rmtree(self.commit_dir, ignore_errors=True)  # copies of an interrupted commit
         self._db = sqlite3.connect(str(root / "queue.db"), check_same_thread=False,
                                    isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -157,6 +162,10 @@ class ChangeQueue:
         self._seq = int(self._db.execute("SELECT seq FROM counter WHERE id = 1").fetchone()[0])
         self._lock = threading.RLock()
         self._branches: dict[str, BranchQueue] = {}
+        #: Local files a running commit reads: their rows may move on, their bytes stay until
+        #: the commit lets go of them (then those in ``_doomed`` are deleted).
+        self._pinned: Counter[str] = Counter()
+        self._doomed: set[str] = set()
         self._load()
 
     def close(self) -> None:
@@ -187,6 +196,44 @@ class ChangeQueue:
         for stray in self.files_dir.iterdir():
             if stray.name not in known:
                 self._to_lost_found(stray)
+
+    def _discard_local(self, local: str) -> None:
+        """A local file no row needs any more: deleted now, or when the last commit reading
+        it is done."""
+        with self._lock:
+            if self._pinned[local]:
+                self._doomed.add(local)
+                return
+        self.local_path(local).unlink(missing_ok=True)
+
+    def pin(self, locals_: list[str]) -> None:
+        """Keep these local files' bytes as they are while a commit reads them: writers of
+        their paths get a copy of their own (:meth:`is_pinned`)."""
+        with self._lock:
+            self._pinned.update(locals_)
+
+    def unpin(self, locals_: list[str]) -> None:
+        with self._lock:
+            self._pinned.subtract(locals_)
+            freed = [x for x in locals_ if self._pinned[x] <= 0]
+            for local in freed:
+                del self._pinned[local]
+            doomed = [x for x in freed if x in self._doomed]
+            self._doomed.difference_update(doomed)
+        for local in doomed:
+            self.local_path(local).unlink(missing_ok=True)
+
+    def commit_copy(self, local: str) -> Path:
+        """A private copy of a local file for a commit, made now (blocking: the caller holds
+        off writers meanwhile). ``commit/`` holds only such copies; it is emptied at load."""
+        self.commit_dir.mkdir(mode=0o700, exist_ok=True)
+        copy = self.commit_dir / uuid.uuid4().hex
+        shutil.copyfile(self.local_path(local), copy)
+        return copy
+
+    def is_pinned(self, local: str) -> bool:
+        with self._lock:
+            return self._pinned[local] > 0
 
     def _to_lost_found(self, stray: Path) -> None:
         """A queue file no row explains (a power loss took the row written after it): kept
@@ -289,7 +336,7 @@ class ChangeQueue:
             queue.deleted.discard(path)
             queue.set_file(row)
         if old is not None and old.local and old.local != local:
-            self.local_path(old.local).unlink(missing_ok=True)
+            self._discard_local(old.local)
         return row
 
     def touch_file(self, key: str, path: str, *, size: int | None = None,
@@ -340,7 +387,7 @@ class ChangeQueue:
                                          self._next_seq(db), False))
                 self._apply(queue, Row(path, "delete", None, None, 0, 0, base, 0, False))
         for local in dropped:
-            self.local_path(local).unlink(missing_ok=True)
+            self._discard_local(local)
 
     def move_file(self, key: str, old: str, new: str, base: str, old_in_head: bool) -> Row:
         """Move a queued file to ``new`` (its bytes go along); the head's object at ``old``,
@@ -360,7 +407,7 @@ class ChangeQueue:
                                          self._next_seq(db), False))
                 queue.deleted.add(old)
         if replaced is not None and replaced.local and replaced.local != row.local:
-            self.local_path(replaced.local).unlink(missing_ok=True)
+            self._discard_local(replaced.local)
         return moved
 
     def add_dir(self, key: str, path: str, base: str) -> None:
@@ -407,8 +454,20 @@ class ChangeQueue:
                                (key, path))
                     count += 1
         for local in dropped_locals:
-            self.local_path(local).unlink(missing_ok=True)
+            self._discard_local(local)
         return count
+
+    def rebase(self, key: str, paths: list[str], base: str) -> None:
+        """Rows at ``paths`` that outlived a commit (changed while it ran) now build on that
+        commit: what it wrote there is ours, not a change made elsewhere."""
+        with self._tx() as db:
+            queue = self.branch(key)
+            for path in paths:
+                row = queue.files.get(path)
+                if row is not None and row.base != base:
+                    row = replace(row, base=base)
+                    self._write(db, key, row)
+                    queue.set_file(row)
 
     def reset(self, key: str) -> int:
         """Drop every queued change of the branch; returns how many."""
@@ -417,5 +476,5 @@ class ChangeQueue:
             count = db.execute("DELETE FROM changes WHERE branch=?", (key,)).rowcount
         for row in queue.files.values():
             if row.local:
-                self.local_path(row.local).unlink(missing_ok=True)
+                self._discard_local(row.local)
         return int(count)

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import logging
 import os
+import shutil
 import stat
 import time
 from collections.abc import AsyncIterator
@@ -70,6 +71,7 @@ class FileHandle:
     next_offset: int = 0
     window: int = READAHEAD_START
     prefetched_to: int = 0
+    writable: bool = False  # the mode the file showed when opened
 
 
 @dataclass
@@ -83,6 +85,11 @@ class LocalHandle:
     dirty: bool = False  # written since the queue last recorded its size
     written: bool = False  # written at all through this handle
     mtime: float | None = None  # set by setattr while dirty; recorded with the size
+    may_write: bool = True  # opened for writing (a commit snapshots such files by copy)
+    copied_seq: int | None = None  # this open copied a head object into the queue as seq
+    orphaned: bool = False  # its name was unlinked or replaced: the open file lives on alone
+    mid_change: bool = False  # written since the writer last flushed or fsynced: a commit
+    #                           leaves the file queued rather than take it half-written
 
 
 @dataclass
@@ -154,6 +161,13 @@ class InodeTable:
                 self._by_ino.pop(stale, None)
             self._by_key[target] = ino
             self._by_ino[ino] = target
+
+    def detach(self, key: Key) -> None:
+        """``key`` was unlinked: its inode no longer has a name (open handles keep using it,
+        and a new file at that path gets a new inode, as on any POSIX file system)."""
+        ino = self._by_key.pop(key, None)
+        if ino is not None:
+            self._by_ino.pop(ino, None)
 
     def remember(self, ino: int) -> None:
         self.lookups[ino] = self.lookups.get(ino, 0) + 1
@@ -397,7 +411,58 @@ class AssetFS(pyfuse3.Operations):
     @fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._count("getattr")
-        return await self._entry(self.inodes.key(inode))
+        try:
+            return await self._entry(self.inodes.key(inode))
+        except (pyfuse3.FUSEError, NotFound):
+            orphan = self._orphan_attrs(inode)
+            if orphan is None:
+                raise
+            return orphan
+
+    def _handles_of(self, inode: int) -> list[FileHandle | LocalHandle]:
+        return [h for h in self._handles.values()
+                if isinstance(h, FileHandle | LocalHandle) and h.inode == inode]
+
+    def _orphan_attrs(self, inode: int) -> pyfuse3.EntryAttributes | None:
+        """``fstat`` of an open file whose name is gone: what its open handles hold."""
+        handles = self._handles_of(inode)
+        if not handles:
+            return None
+        handle = handles[0]
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = inode
+        entry.st_nlink = 0  # unlinked
+        entry.st_uid, entry.st_gid = self.uid, self.gid
+        entry.st_blksize = BLOCK
+        if isinstance(handle, LocalHandle):
+            st = os.fstat(handle.fd)
+            entry.st_mode = stat.S_IFREG | 0o644
+            entry.st_size = st.st_size
+            entry.st_mtime_ns = entry.st_ctime_ns = entry.st_atime_ns = st.st_mtime_ns
+        else:
+            entry.st_mode = stat.S_IFREG | (0o644 if handle.writable else 0o444)
+            entry.st_size = handle.source.size
+        entry.st_blocks = -(-entry.st_size // 512)
+        return entry
+
+    def _orphan(self, branch: str, path: str, key: Key) -> None:
+        """The file at ``path`` lost its name (unlink, or a rename over it): its open
+        handles go on alone and nothing they do reaches the queue any more."""
+        for handle in self._handles.values():
+            if isinstance(handle, LocalHandle) and handle.branch == branch and \
+                    handle.path == path:
+                handle.orphaned = True
+        self.inodes.detach(key)
+
+    def _rehome(self, branch: str, old: str, new: str) -> None:
+        """Open handles follow their file (or directory) to its new path."""
+        for handle in self._handles.values():
+            if isinstance(handle, LocalHandle) and handle.branch == branch and \
+                    not handle.orphaned:
+                if handle.path == old:
+                    handle.path = new
+                elif handle.path.startswith(old + "/"):
+                    handle.path = new + handle.path[len(old):]
 
     @fuse_errors
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
@@ -492,10 +557,19 @@ class AssetFS(pyfuse3.Operations):
         writing = bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND))
         if writing:
             branch = self._writable(node, "write")
-            row = await self._materialize(node, truncate=bool(flags & os.O_TRUNC))
-            return self._open_local(inode, branch, node.loc.subpath, row)
+            truncate = bool(flags & os.O_TRUNC)
+            row = await self._materialize(node, truncate)
+            info = self._open_local(inode, branch, node.loc.subpath, row)
+            handle = self._handles[info.fh]
+            assert isinstance(handle, LocalHandle)
+            if node.queued is None and not truncate:
+                handle.copied_seq = row.seq  # undone at release if nothing is written
+            # Emptied: mid-change until closed or fsynced.
+            handle.dirty = handle.written = handle.mid_change = truncate
+            return info
         if node.queued is not None and node.queued.local is not None:
-            return self._open_local(inode, str(node.branch_key), node.loc.subpath, node.queued)
+            return self._open_local(inode, str(node.branch_key), node.loc.subpath, node.queued,
+                                    may_write=False)
         assert node.entry is not None and node.resolved is not None
         commit_id, path = node.resolved.commit_id, node.entry.path
         if node.queued is not None:  # a moved or re-timed object: read where it came from
@@ -505,7 +579,7 @@ class AssetFS(pyfuse3.Operations):
                            node.entry.size)
         self.cache.pin(source.sha256)
         info = pyfuse3.FileInfo()
-        info.fh = self._fh(FileHandle(inode, source))
+        info.fh = self._fh(FileHandle(inode, source, writable=node.writable))
         # Keep the kernel's page cache when this inode last showed the same bytes; otherwise
         # the kernel drops it on open (a branch moved underneath).
         info.keep_cache = node.immutable or self._served_sha.get(inode) == source.sha256
@@ -547,6 +621,7 @@ class AssetFS(pyfuse3.Operations):
 
     @fuse_errors
     async def release(self, fh: int) -> None:
+        self._count("release")
         handle = self._handles.pop(fh, None)
         if isinstance(handle, FileHandle):
             self.cache.unpin(handle.source.sha256)
@@ -555,8 +630,12 @@ class AssetFS(pyfuse3.Operations):
                 self._settle(handle)
             finally:
                 os.close(handle.fd)
-            if handle.written:
-                assert self.queue is not None
+            assert self.queue is not None
+            if handle.orphaned:
+                return  # its bytes went with its name
+            if not handle.written and handle.copied_seq is not None:
+                self._undo_copy(handle)
+            elif handle.written:
                 await trio.to_thread.run_sync(self.queue.make_durable)
                 self._closed.add((handle.branch, handle.path))
                 self.uploading = True
@@ -613,7 +692,7 @@ class AssetFS(pyfuse3.Operations):
 
     # -- extended attributes -----------------------------------------------------------------
 
-    async def _queued_sha256(self, row: Row) -> str:
+    async def queued_sha256(self, row: Row) -> str:
         """The hash of a queued file's local bytes, computed now if upload-ahead has not yet
         (remembered in the hash cache, so the upload does not read the file again)."""
         from ahmount.transfer import LocalFile, hash_files
@@ -650,7 +729,7 @@ class AssetFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         node = await self.node(self.inodes.key(inode))
         if name == SHA256_XATTR and node.queued is not None and not node.queued.sha256:
-            return (await self._queued_sha256(node.queued)).encode()
+            return (await self.queued_sha256(node.queued)).encode()
         value = (await self._xattrs(node)).get(name)
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
@@ -695,17 +774,17 @@ class AssetFS(pyfuse3.Operations):
         """An open handle with writes the queue has not recorded yet, if any."""
         for handle in self._handles.values():
             if isinstance(handle, LocalHandle) and handle.dirty and handle.branch == branch \
-                    and handle.path == path:
+                    and handle.path == path and not handle.orphaned:
                 return handle
         return None
 
     def _open_local(self, inode: int, branch: str, path: str, row: Row,
-                    fd: int | None = None) -> pyfuse3.FileInfo:
+                    fd: int | None = None, may_write: bool = True) -> pyfuse3.FileInfo:
         assert row.local is not None
         if fd is None:
-            fd = os.open(self.queue_local(row.local), os.O_RDWR)
+            fd = os.open(self.queue_local(row.local), os.O_RDWR if may_write else os.O_RDONLY)
         info = pyfuse3.FileInfo()
-        info.fh = self._fh(LocalHandle(inode, branch, path, fd))
+        info.fh = self._fh(LocalHandle(inode, branch, path, fd, may_write=may_write))
         info.keep_cache = False
         return info
 
@@ -717,6 +796,8 @@ class AssetFS(pyfuse3.Operations):
         path = node.loc.subpath
         row = node.queued
         if row is not None and row.local is not None:
+            if self.queue.is_pinned(row.local):
+                return await self._copy_pinned(branch, node, row, truncate)
             if truncate:
                 os.truncate(self.queue_local(row.local), 0)
                 row = self.queue.touch_file(branch, path, size=0, mtime=time.time())
@@ -733,6 +814,56 @@ class AssetFS(pyfuse3.Operations):
             size = node.entry.size
         return self.queue.put_file(branch, path, node.resolved.commit_id, local=local,
                                    size=size, mtime=time.time() if truncate else node.mtime)
+
+    async def _copy_pinned(self, branch: str, node: Node, row: Row, truncate: bool) -> Row:
+        """A write to a file that a running commit is reading: the writer gets bytes of its
+        own (a copy, or nothing when truncating), so the commit sees the file as it was."""
+        assert self.queue is not None and row.local is not None and node.resolved is not None
+        local, local_path = self.queue.new_local()
+        if not truncate:
+            await trio.to_thread.run_sync(shutil.copyfile, self.queue_local(row.local),
+                                          local_path)
+        current = self.queue.branch(branch).files.get(node.loc.subpath)
+        if current is not None and current.local is not None and \
+                not self.queue.is_pinned(current.local):
+            # Another writer made its copy while this one was copying: share it.
+            local_path.unlink(missing_ok=True)
+            if truncate:
+                os.truncate(self.queue_local(current.local), 0)
+                return self.queue.touch_file(branch, node.loc.subpath, size=0,
+                                             mtime=time.time())
+            return current
+        size = 0 if truncate else os.stat(local_path).st_size
+        return self.queue.put_file(branch, node.loc.subpath, row.base, local=local, size=size,
+                                   mtime=time.time() if truncate else row.mtime)
+
+    def _undo_copy(self, handle: LocalHandle) -> None:
+        """A head object opened for writing and closed unwritten (``sqlite3 db 'select'``)
+        is no change: its copy leaves the queue, unless someone else changed it meanwhile."""
+        assert self.queue is not None
+        row = self.queue.branch(handle.branch).files.get(handle.path)
+        if row is None or row.seq != handle.copied_seq or \
+                self.open_for_writing(handle.branch, handle.path):
+            return
+        self.queue.delete(handle.branch, handle.path, row.base, in_head=False)
+
+    def settle_branch(self, branch: str) -> None:
+        """Record in the queue what open handles of ``branch`` wrote since they last did (a
+        commit must see every write as a newer ``seq``)."""
+        for handle in list(self._handles.values()):
+            if isinstance(handle, LocalHandle) and handle.branch == branch and handle.dirty:
+                self._settle(handle)
+
+    def being_written(self, branch: str, path: str) -> bool:
+        """True if an open handle wrote to (or truncated, or created) ``path`` since its last
+        flush or fsync: its bytes are in the middle of a change the writer has not finished."""
+        return any(isinstance(h, LocalHandle) and h.mid_change and not h.orphaned and
+                   h.branch == branch and h.path == path for h in self._handles.values())
+
+    def open_for_writing(self, branch: str, path: str) -> bool:
+        """True if a handle that may write ``path`` of ``branch`` is open."""
+        return any(isinstance(h, LocalHandle) and h.may_write and not h.orphaned and
+                   h.branch == branch and h.path == path for h in self._handles.values())
 
     @fuse_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
@@ -758,7 +889,12 @@ class AssetFS(pyfuse3.Operations):
                                  parent.index, row, existing is not None and existing.in_head, 0)
         ino = self.inodes.ino(key)
         self.inodes.remember(ino)
-        return self._open_local(ino, branch, path, row, fd), self.attrs(node, ino)
+        info = self._open_local(ino, branch, path, row, fd)
+        handle = self._handles[info.fh]
+        assert isinstance(handle, LocalHandle)
+        # New: mid-change until closed or fsynced.
+        handle.dirty = handle.written = handle.mid_change = True
+        return info, self.attrs(node, ino)
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -766,13 +902,14 @@ class AssetFS(pyfuse3.Operations):
         handle = self._handles.get(fh)
         if not isinstance(handle, LocalHandle):
             raise pyfuse3.FUSEError(errno.EBADF)
-        handle.dirty = handle.written = True
+        handle.dirty = handle.written = handle.mid_change = True
         return os.pwrite(handle.fd, buf, off)
 
     def _settle(self, handle: LocalHandle) -> None:
         """Record a written file's size and time in the queue (durable from here on)."""
         assert self.queue is not None
-        if not handle.dirty or handle.path not in self.queue.branch(handle.branch).files:
+        if handle.orphaned or not handle.dirty or \
+                handle.path not in self.queue.branch(handle.branch).files:
             return
         size = os.fstat(handle.fd).st_size
         mtime = time.time() if handle.mtime is None else handle.mtime
@@ -782,9 +919,11 @@ class AssetFS(pyfuse3.Operations):
 
     @fuse_errors
     async def flush(self, fh: int) -> None:
+        self._count("flush")
         handle = self._handles.get(fh)
         if isinstance(handle, LocalHandle):
             self._settle(handle)
+            handle.mid_change = False
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -792,6 +931,7 @@ class AssetFS(pyfuse3.Operations):
         if isinstance(handle, LocalHandle):
             await trio.to_thread.run_sync(os.fsync, handle.fd)
             self._settle(handle)
+            handle.mid_change = False
             assert self.queue is not None
             await trio.to_thread.run_sync(self.queue.make_durable)
 
@@ -800,7 +940,10 @@ class AssetFS(pyfuse3.Operations):
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._count("setattr")
-        key = self.inodes.key(inode)
+        try:
+            key = self.inodes.key(inode)
+        except pyfuse3.FUSEError:
+            return self._setattr_orphan(inode, attr, fields, fh)
         node = await self.node(key)
         if (fields.update_uid and attr.st_uid != self.uid) or (
             fields.update_gid and attr.st_gid != self.gid
@@ -844,6 +987,25 @@ class AssetFS(pyfuse3.Operations):
                                     mtime=mtime, origin=self._origin(node))
         return self.attrs(await self.node(key), inode)
 
+    def _setattr_orphan(self, inode: int, attr: pyfuse3.EntryAttributes,
+                        fields: pyfuse3.SetattrFields, fh: int | None
+                        ) -> pyfuse3.EntryAttributes:
+        """ftruncate/futimens of an unlinked open file: applied to its own bytes only. Only
+        read-only opens left: the kernel's own flush of the times (it sends one right after
+        the unlink) has nothing to change, and answers the attributes."""
+        handle = self._handles.get(fh) if fh is not None else None
+        local = [h for h in self._handles_of(inode) if isinstance(h, LocalHandle)]
+        if not isinstance(handle, LocalHandle):
+            handle = local[0] if local else None
+        if handle is not None and fields.update_size:
+            os.ftruncate(handle.fd, attr.st_size)
+        if handle is not None and fields.update_mtime:
+            os.utime(handle.fd, ns=(attr.st_mtime_ns, attr.st_mtime_ns))
+        found = self._orphan_attrs(inode)
+        if found is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return found
+
     @fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._count("unlink")
@@ -854,6 +1016,7 @@ class AssetFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         assert self.queue is not None and parent.resolved is not None
         self.queue.delete(branch, path, parent.resolved.commit_id, in_head=node.in_head)
+        self._orphan(branch, path, key)
 
     @fuse_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
@@ -965,10 +1128,13 @@ class AssetFS(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EISDIR if target.is_dir else errno.ENOTDIR)
             if target.is_dir and await self.children(target):
                 raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+        if target is not None and not target.is_dir:
+            self._orphan(branch, new_path, new_key)  # the replaced file lives on if open
         if node.is_dir:
             await self._move_dir(branch, base, node, old_path, new_path)
         else:
             self._move_file(branch, base, node, new_path)
+        self._rehome(branch, old_path, new_path)
         self.inodes.rename(old_key, new_key)
 
     def _move_file(self, branch: str, base: str, node: Node, new_path: str) -> None:
