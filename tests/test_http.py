@@ -469,3 +469,39 @@ async def test_batch_download_of_small_objects(hub_server: HubProcess, alice: Hu
         assert missing.status_code == 404 and "nope.txt" in missing.text
         bad = await raw.post(url, json={"paths": ["../x"]})
         assert bad.status_code == 400
+
+
+async def test_knowing_a_hash_reads_nothing_over_http(hub_server: HubProcess, alice: HubClient,
+                                                      model: AssetAddr, unique: str,
+                                                      tmp_path: Path) -> None:
+    """The report: carol commits alice's private blob by its hash and downloads it."""
+    secret = f"alice's private file {unique}".encode()
+    await alice.commit(model, "main", "private",
+                       adds=[await entry(alice, "secret.txt", secret, tmp_path)])
+    sha = hashlib.sha256(secret).hexdigest()
+    carol = {"authorization": f"Bearer {hub_server.keys['carol']}"}
+    async with httpx.AsyncClient(base_url=hub_server.url, headers=carol) as raw:
+        api = "/api/v1"
+        made = await raw.post(f"{api}/folders/carol/model", json={"name": f"cf{unique}"})
+        assert made.status_code == 201, made.text
+        made = await raw.post(f"{api}/folders/carol/model/cf{unique}/assets",
+                              json={"name": "c"})
+        assert made.status_code == 201, made.text
+        answers = []
+        for size in (len(secret), 29):
+            stolen = await raw.post(
+                f"{api}/assets/carol/model/cf{unique}/c/branches/main/commits",
+                json={"message": "x", "adds": [{"path": "stolen", "sha256": sha,
+                                                "size": size}]})
+            answers.append((stolen.status_code, stolen.json()["error"]["message"]))
+        assert {code for code, _ in answers} == {400}
+        assert all("never uploaded" in message and str(size) not in message.split(sha)[-1]
+                   for (_, message), size in zip(answers, (len(secret), 29), strict=True))
+        missing = await raw.post(f"{api}/blobs/missing", json={"hashes": [sha]})
+        assert missing.json()["missing"] == [sha]
+        started = await raw.post(f"{api}/uploads", json={"sha256": sha, "size": len(secret)})
+        assert started.json()["id"] is not None
+        empty = await raw.put(f"{api}/blobs/{sha}", content=b"", headers={"x-ah-size": "0"})
+        assert empty.status_code >= 400 and "existed" not in empty.text
+        listed = await raw.get(f"{api}/assets/carol/model/cf{unique}/c/refs/main/objects")
+        assert listed.status_code == 200 and sha not in listed.text

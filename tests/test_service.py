@@ -474,3 +474,84 @@ def test_schema_upgrade_is_logged_and_applied(tmp_path: Path,
     store.close()
     with pytest.raises(RuntimeError, match="v99, newer than this ahmount"):
         MetadataStore(url)
+
+
+def test_a_blob_is_no_capability(service: HubService, alice: Actor, bob: Actor,
+                                 model: AssetAddr) -> None:
+    """Knowing a sha256 gives nothing: a commit may name a blob only if the caller sent its
+    bytes or can read an object of it, and the answers of the blob calls reveal nothing of
+    blobs the caller cannot read."""
+    secret = b"alice's private weights"
+    service.commit(alice, model, "main", "private", adds=[obj(service, alice, "w.pt", secret)])
+    sha = hashlib.sha256(secret).hexdigest()
+    bobs = FolderAddr("bob", "model", "mine")
+    service.create_folder(bob, bobs)
+    stolen = AssetAddr(bobs, "stolen")
+    service.create_asset(bob, stolen)
+    never = hashlib.sha256(b"never uploaded").hexdigest()
+    # The same answers for alice's blob as for one nobody has, at any claimed size.
+    for claimed in (sha, never):
+        for size in (len(secret), 1):
+            with pytest.raises(InvalidArgument, match="was never uploaded"):
+                service.commit(bob, stolen, "main", "x",
+                               adds=[{"path": "stolen", "sha256": claimed, "size": size}])
+            with pytest.raises(InvalidArgument, match="was never uploaded"):
+                service.stage(bob, stolen, "main", "s1",
+                              adds=[{"path": "stolen", "sha256": claimed, "size": size}])
+    assert service.missing_blobs(bob, [sha, never]) == sorted([sha, never])
+    assert service.start_upload(bob, sha, len(secret))[0] is not None
+    assert paths(service, bob, stolen, "main") == []
+    # Sending the bytes is the proof: then the commit needs no upload of them again.
+    service.put_blob(bob, sha, iter([secret]), len(secret))
+    assert service.missing_blobs(bob, [sha]) == []
+    assert service.commit(bob, stolen, "main", "mine too",
+                          adds=[{"path": "w.pt", "sha256": sha, "size": len(secret)}])
+    # Reading is proof too, for as long as it lasts: shared with carol, her copy is free.
+    carol = service.ensure_user("carol")
+    assert service.missing_blobs(carol, [sha]) == [sha]
+    service.share_folder(alice, model.folder, "carol", "view")
+    assert service.missing_blobs(carol, [sha]) == []
+    assert service.start_upload(carol, sha, len(secret)) == (None, len(secret))
+    hers = FolderAddr("carol", "model", "copies")
+    service.create_folder(carol, hers)
+    service.create_asset(carol, AssetAddr(hers, "c"))
+    service.commit(carol, AssetAddr(hers, "c"), "main", "copy",
+                   adds=[{"path": "w.pt", "sha256": sha, "size": len(secret)}])
+    # The owner's own re-commit of unchanged bytes costs nothing.
+    assert service.missing_blobs(alice, [sha]) == []
+
+
+def test_losing_access_takes_the_key_away(service: HubService, alice: Actor, bob: Actor,
+                                          model: AssetAddr) -> None:
+    secret = b"shared for a while"
+    service.commit(alice, model, "main", "s", adds=[obj(service, alice, "s.bin", secret)])
+    sha = hashlib.sha256(secret).hexdigest()
+    service.share_folder(alice, model.folder, "bob", "view")
+    assert service.missing_blobs(bob, [sha]) == []
+    service.share_folder(alice, model.folder, "bob", None)
+    assert service.missing_blobs(bob, [sha]) == [sha]
+    bobs = FolderAddr("bob", "model", "later")
+    service.create_folder(bob, bobs)
+    service.create_asset(bob, AssetAddr(bobs, "x"))
+    with pytest.raises(InvalidArgument, match="was never uploaded"):
+        service.commit(bob, AssetAddr(bobs, "x"), "main", "x",
+                       adds=[{"path": "s.bin", "sha256": sha, "size": len(secret)}])
+
+
+def test_a_hub_from_before_blob_grants_indexes_its_commits(tmp_path: Path) -> None:
+    from ahmount.hub.open import open_hub
+
+    with open_hub(tmp_path / "hub") as svc:
+        owner = svc.ensure_user("alice")
+        folder = FolderAddr("alice", "model", "llm")
+        svc.create_folder(owner, folder)
+        addr = AssetAddr(folder, "gpt2")
+        svc.create_asset(owner, addr)
+        data = b"committed before the upgrade"
+        svc.commit(owner, addr, "main", "old", adds=[obj(svc, owner, "a.bin", data)])
+        with svc.metadata.write() as tx:  # what a v2 hub had: no index, no grants
+            tx._c.execute(sa.text("DELETE FROM blob_assets"))
+            tx._c.execute(sa.text("DELETE FROM blob_grants"))
+    with open_hub(tmp_path / "hub") as svc:
+        owner = svc.ensure_user("alice")
+        assert svc.missing_blobs(owner, [hashlib.sha256(data).hexdigest()]) == []

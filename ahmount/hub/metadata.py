@@ -145,6 +145,23 @@ uploads = sa.Table(
     sa.Column("touched", sa.Float, nullable=False),
 )
 
+#: Blobs a user proved to hold by sending their bytes (schema v3): dedup is no capability, so
+#: a commit may name a blob only with a grant here or an object of it the user can read.
+blob_grants = sa.Table(
+    "blob_grants",
+    meta,
+    sa.Column("user_id", sa.String(36), primary_key=True),
+    sa.Column("sha256", sa.String(64), primary_key=True),
+    sa.Column("created", sa.Float, nullable=False),
+)
+#: Which assets' history holds a blob (schema v3): "can read an object with this hash".
+blob_assets = sa.Table(
+    "blob_assets",
+    meta,
+    sa.Column("sha256", sa.String(64), primary_key=True),
+    sa.Column("asset_id", sa.String(36), primary_key=True, index=True),
+)
+
 _JSON_COLUMNS = ("labels", "parents", "metadata")
 
 
@@ -168,14 +185,16 @@ class MetaTx:
     def __init__(self, conn: Connection) -> None:
         self._c = conn
 
-    def _insert_ignore(self, table: sa.Table, rows: list[dict[str, Any]], key: str) -> None:
+    def _insert_ignore(self, table: sa.Table, rows: list[dict[str, Any]],
+                       key: str | list[str]) -> None:
         if not rows:
             return
+        keys = [key] if isinstance(key, str) else key
         dialect = self._c.dialect.name
         if dialect == "postgresql":
-            stmt: Any = postgresql.insert(table).on_conflict_do_nothing(index_elements=[key])
+            stmt: Any = postgresql.insert(table).on_conflict_do_nothing(index_elements=keys)
         else:
-            stmt = sqlite.insert(table).on_conflict_do_nothing(index_elements=[key])
+            stmt = sqlite.insert(table).on_conflict_do_nothing(index_elements=keys)
         self._c.execute(stmt, rows)
 
     # -- users and keys ----------------------------------------------------------------------
@@ -343,6 +362,11 @@ class MetaTx:
         )
         return _rows(self._c.execute(query.limit(limit)))
 
+    def asset_trees(self) -> list[tuple[str, str]]:
+        """Every distinct (asset id, tree) of the commits."""
+        query = sa.select(commits.c.asset_id, commits.c.tree).distinct()
+        return [(str(a), str(t)) for a, t in self._c.execute(query)]
+
     def all_trees(self) -> list[str]:
         return [str(t) for t in self._c.execute(sa.select(commits.c.tree).distinct()).scalars()]
 
@@ -400,6 +424,43 @@ class MetaTx:
         now = time.time()
         rows = [{"sha256": s, "size": n, "created": now} for s, n in dict(items).items()]
         self._insert_ignore(blobs, rows, "sha256")
+
+    def grant_blobs(self, user_id: str, hashes: Sequence[str]) -> None:
+        now = time.time()
+        rows = [{"user_id": user_id, "sha256": h, "created": now} for h in sorted(set(hashes))]
+        self._insert_ignore(blob_grants, rows, ["user_id", "sha256"])
+
+    def record_blob_assets(self, asset_id: str, hashes: Sequence[str]) -> None:
+        rows = [{"sha256": h, "asset_id": asset_id} for h in sorted(set(hashes))]
+        self._insert_ignore(blob_assets, rows, ["sha256", "asset_id"])
+
+    def any_blob_assets(self) -> bool:
+        return self._c.execute(sa.select(blob_assets.c.sha256).limit(1)).first() is not None
+
+    def possessed_blobs(self, user_id: str, hashes: Sequence[str]) -> set[str]:
+        """Of ``hashes``, those ``user_id`` uploaded or can read an object of: in an asset of
+        a folder they own, one shared with them, or a public one."""
+        found: set[str] = set()
+        for start in range(0, len(hashes), 500):
+            chunk = list(hashes[start : start + 500])
+            granted = sa.select(blob_grants.c.sha256).where(
+                blob_grants.c.user_id == user_id, blob_grants.c.sha256.in_(chunk))
+            shared = sa.select(shares.c.folder_id).where(shares.c.user_id == user_id)
+            readable = (
+                sa.select(blob_assets.c.sha256)
+                .join(assets, assets.c.id == blob_assets.c.asset_id)
+                .join(folders, folders.c.id == assets.c.folder_id)
+                .where(blob_assets.c.sha256.in_(chunk),
+                       sa.or_(folders.c.owner_id == user_id, folders.c.public.is_(True),
+                              folders.c.id.in_(shared)))
+            )
+            found.update(str(h) for h in self._c.execute(granted).scalars())
+            found.update(str(h) for h in self._c.execute(readable).scalars())
+        return found
+
+    def delete_blob_grants(self, sha256: str) -> None:
+        self._c.execute(blob_grants.delete().where(blob_grants.c.sha256 == sha256))
+        self._c.execute(blob_assets.delete().where(blob_assets.c.sha256 == sha256))
 
     def blobs_older_than(self, cutoff: float) -> list[dict[str, Any]]:
         return _rows(self._c.execute(sa.select(blobs).where(blobs.c.created < cutoff)))

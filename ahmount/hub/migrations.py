@@ -22,8 +22,14 @@ def _v2_blobs_created_index(conn: Connection) -> None:
     conn.execute(sa.text("CREATE INDEX IF NOT EXISTS ix_blobs_created ON blobs (created)"))
 
 
+def _v3_blob_possession(conn: Connection) -> None:
+    """``blob_grants`` and ``blob_assets`` are made by ``create_all``; the service fills
+    ``blob_assets`` from the existing commits on its first start (it reads trees)."""
+
+
 #: STEPS[n] upgrades version n to n + 1.
-STEPS: dict[int, Callable[[Connection], None]] = {1: _v2_blobs_created_index}
+STEPS: dict[int, Callable[[Connection], None]] = {1: _v2_blobs_created_index,
+                                                  2: _v3_blob_possession}
 SCHEMA_VERSION = max(STEPS) + 1
 
 

@@ -159,6 +159,22 @@ class HubService:
         self.metadata = metadata
         self.blobs = blobs
         self.trees = TreeStore(metadata)
+        self._index_blob_assets()
+
+    def _index_blob_assets(self) -> None:
+        """Fill ``blob_assets`` from the commits of a hub that predates it (schema v3): once,
+        idempotent, so replicas starting together do no harm."""
+        empty = self.trees.empty_tree()
+        with self.metadata.read() as tx:
+            if tx.any_blob_assets():
+                return
+            pairs = [(a, t) for a, t in tx.asset_trees() if t != empty]
+        for asset_id, tree in pairs:
+            hashes = sorted(self.trees.blob_hashes(tree))
+            with self.metadata.write() as tx:
+                tx.record_blob_assets(asset_id, hashes)
+        if pairs:
+            log.info("indexed the blobs of %d commit tree(s) for access checks", len(pairs))
 
     # == users ================================================================================
 
@@ -663,7 +679,7 @@ class HubService:
         return asset, row
 
     def _parse_changes(
-        self, deletes: Sequence[Any], adds: Sequence[Any]
+        self, actor: Actor, deletes: Sequence[Any], adds: Sequence[Any]
     ) -> tuple[list[str], list[ObjectEntry]]:
         if not isinstance(deletes, list | tuple) or not isinstance(adds, list | tuple):
             raise InvalidArgument("deletes and adds must be lists")
@@ -674,16 +690,21 @@ class HubService:
             )
         clean_deletes = [check_delete_path(p) for p in deletes]
         clean_adds = [parse_entry(a) for a in adds]
-        self._check_blobs(clean_adds)
+        self._check_blobs(actor, clean_adds)
         return clean_deletes, clean_adds
 
-    def _check_blobs(self, adds: Sequence[ObjectEntry]) -> None:
+    def _check_blobs(self, actor: Actor, adds: Sequence[ObjectEntry]) -> None:
         if adds:
             with self.metadata.read() as tx:
-                self._check_blobs_in(tx, adds)
+                self._check_blobs_in(tx, actor, adds)
 
-    def _check_blobs_in(self, tx: MetaTx, adds: Sequence[ObjectEntry]) -> None:
-        sizes = tx.blob_sizes(sorted({a.sha256 for a in adds}))
+    def _check_blobs_in(self, tx: MetaTx, actor: Actor, adds: Sequence[ObjectEntry]) -> None:
+        """Every added object must name a blob the actor possesses (uploaded its bytes, or
+        can read an object of it); one that is not is answered exactly like one that does
+        not exist, so the hub reveals neither existence nor size of others' blobs."""
+        hashes = sorted({a.sha256 for a in adds})
+        possessed = tx.possessed_blobs(actor.id, hashes)
+        sizes = tx.blob_sizes(sorted(possessed))
         for entry in adds:
             if entry.sha256 not in sizes:
                 raise InvalidArgument(
@@ -707,7 +728,7 @@ class HubService:
     ) -> int:
         """Record uncommitted changes of a branch under ``session``; returns how many."""
         _check_session(session)
-        clean_deletes, clean_adds = self._parse_changes(deletes, adds)
+        clean_deletes, clean_adds = self._parse_changes(actor, deletes, adds)
         now = time.time()
         rows: list[dict[str, Any]] = [
             {"op": "delete", "path": p, "sha256": None, "size": None, "mtime": None,
@@ -761,7 +782,7 @@ class HubService:
             raise InvalidArgument(f"commit message for {addr.at(branch)} is empty or has NUL")
         if session:
             _check_session(session)
-        extra_deletes, extra_adds = self._parse_changes(deletes, adds)
+        extra_deletes, extra_adds = self._parse_changes(actor, deletes, adds)
         for _attempt in range(COMMIT_RETRIES):
             with self.metadata.read() as tx:
                 asset, ref = self._branch(tx, actor, addr, branch)
@@ -787,10 +808,12 @@ class HubService:
                         raise _Retry()  # a reset or another commit took some of them
                     if tree == head.tree:
                         return None
-                    self._check_blobs_in(tx, all_adds)
+                    # Staged adds were checked against their stager when staged.
+                    self._check_blobs_in(tx, actor, extra_adds)
                     commit = self._new_commit(
                         tx, asset["id"], tree, message, actor, [head.id], time.time(), metadata
                     )
+                    tx.record_blob_assets(asset["id"], [e.sha256 for e in all_adds])
                     if not tx.move_ref(asset["id"], ref["name"], head.id, commit.id):
                         raise _Retry()  # the branch moved: roll back and apply on the new head
                     tx.update_asset(asset["id"], {"modified": time.time(), "editor": actor.name})
@@ -865,7 +888,9 @@ class HubService:
             raise InvalidArgument(f"hashes must be a list of at most {MAX_CHANGES_PER_CALL}")
         wanted = sorted({check_sha256(h) for h in hashes})
         with self.metadata.write() as tx:
-            known = tx.known_blobs(wanted)
+            # Missing *for this caller*: a blob they cannot prove to hold reads as missing,
+            # and sending its bytes is the proof.
+            known = tx.known_blobs(sorted(tx.possessed_blobs(actor.id, wanted)))
             # A blob reported present gets a fresh grace period, so gc cannot remove it
             # between this answer and the commit that uses it.
             tx.touch_blobs(sorted(known))
@@ -877,7 +902,7 @@ class HubService:
         check_sha256(sha256)
         check_size(size, f"blob {sha256}")
         with self.metadata.write() as tx:
-            if tx.known_blobs([sha256]):
+            if tx.known_blobs(sorted(tx.possessed_blobs(actor.id, [sha256]))):
                 tx.touch_blobs([sha256])
                 return None, size
         upload_id = str(uuid.uuid4())
@@ -922,6 +947,7 @@ class HubService:
                 tx.delete_upload(upload_id)
         with self.metadata.write() as tx:
             tx.insert_blob(row["sha256"], row["size"])
+            tx.grant_blobs(actor.id, [row["sha256"]])
         return str(row["sha256"])
 
     def abort_upload(self, actor: Actor, upload_id: str) -> None:
@@ -963,13 +989,16 @@ class HubService:
     def drop_blob_write(self, token: str) -> None:
         self.blobs.abort_upload(token)
 
-    def register_blobs(self, blobs: Sequence[tuple[str, int]], durable: bool = False) -> None:
+    def register_blobs(self, actor: Actor, blobs: Sequence[tuple[str, int]],
+                       durable: bool = False) -> None:
         """Make verified blobs durable (unless they are already), then record them in the
-        metadata store in one transaction: a blob is never known before its bytes are safe."""
+        metadata store in one transaction: a blob is never known before its bytes are safe.
+        ``actor`` sent their bytes, so they hold a grant for each from now on."""
         if not durable:
             self.blobs.sync()
         with self.metadata.write() as tx:
             tx.insert_blobs(blobs)
+            tx.grant_blobs(actor.id, [sha for sha, _ in blobs])
 
     def put_blob(self, actor: Actor, sha256: str, chunks: Iterator[bytes], size: int) -> str:
         """Store a whole blob from ``chunks`` in one go."""
@@ -982,7 +1011,7 @@ class HubService:
         except BaseException:
             self.drop_blob_write(token)
             raise
-        self.register_blobs([(sha256, size)], durable=True)
+        self.register_blobs(actor, [(sha256, size)], durable=True)
         return sha256
 
     # == garbage collection ===================================================================
@@ -1011,6 +1040,7 @@ class HubService:
                 if sha256 in tx.staged_hashes():
                     continue
                 tx.delete_blob(sha256)
+                tx.delete_blob_grants(sha256)
             self.blobs.delete(sha256)
         dead_nodes = sorted(all_nodes - live_nodes - {self.trees.empty_tree()})
         with self.metadata.write() as tx:

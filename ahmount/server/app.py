@@ -516,7 +516,7 @@ async def blob(request: Request) -> Response:
     size = int(raw_size)
     await _write_one_blob(svc, stream, sha256, size)
     await stream.drain()
-    await _call(svc.register_blobs, [(sha256, size)], True)
+    await _call(svc.register_blobs, actor, [(sha256, size)], True)
     return JSONResponse({"sha256": sha256, "existed": False}, status_code=201)
 
 
@@ -610,7 +610,7 @@ async def blob_batch(request: Request) -> Response:
     finally:
         with anyio.CancelScope(shield=True):
             if stored:
-                await _call(svc.register_blobs, stored)
+                await _call(svc.register_blobs, actor, stored)
     return JSONResponse({"stored": len(stored)}, status_code=201)
 
 
