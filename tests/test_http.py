@@ -505,3 +505,22 @@ async def test_knowing_a_hash_reads_nothing_over_http(hub_server: HubProcess, al
         assert empty.status_code >= 400 and "existed" not in empty.text
         listed = await raw.get(f"{api}/assets/carol/model/cf{unique}/c/refs/main/objects")
         assert listed.status_code == 200 and sha not in listed.text
+
+
+@pytest.mark.parametrize("path", ["/api/v1/folders/bad..name/model",
+                                  "/api/v1/folders/alice/nokind",
+                                  "/api/v1/assets/alice/model/x/y/refs/%00/objects",
+                                  "/api/v1/folders/alice/model/f/assets",
+                                  "/api/v1/folders/alice/model/bad..name",
+                                  "/api/v1/assets/alice/model/f/bad..name"])
+async def test_no_key_is_401_before_any_validation(hub_server: HubProcess, path: str) -> None:
+    async with httpx.AsyncClient(base_url=hub_server.url) as raw:
+        for method in ("GET", "POST"):
+            answer = await raw.request(method, path, content=b"{not json")
+            assert answer.status_code in (401, 405), (method, path, answer.text)
+            if answer.status_code == 401:
+                assert answer.json()["error"]["code"] == "unauthenticated"
+
+
+async def test_folder_listings_of_unknown_users_look_empty(alice: HubClient) -> None:
+    assert await alice.list_folders("nosuchuser", "model") == []

@@ -555,3 +555,26 @@ def test_a_hub_from_before_blob_grants_indexes_its_commits(tmp_path: Path) -> No
     with open_hub(tmp_path / "hub") as svc:
         owner = svc.ensure_user("alice")
         assert svc.missing_blobs(owner, [hashlib.sha256(data).hexdigest()]) == []
+
+
+def test_the_hub_data_directory_is_private(tmp_path: Path) -> None:
+    import stat as stat_module
+
+    from ahmount.hub.open import open_hub
+
+    with open_hub(tmp_path / "hub") as svc:
+        owner = svc.ensure_user("alice")
+        put(svc, owner, b"private bytes")
+        sha = hashlib.sha256(b"private bytes").hexdigest()
+    modes = {p.relative_to(tmp_path).as_posix(): stat_module.S_IMODE(p.stat().st_mode)
+             for p in [tmp_path / "hub", tmp_path / "hub/meta.db",
+                       *(tmp_path / "hub").rglob(sha)]}
+    assert modes["hub"] == 0o700 and modes["hub/meta.db"] == 0o600
+    blob_modes = [m for path, m in modes.items() if path.endswith(sha)]
+    assert blob_modes and all(m & 0o077 == 0 for m in blob_modes)
+
+
+def test_listings_do_not_tell_which_users_exist(service: HubService, alice: Actor,
+                                                bob: Actor) -> None:
+    assert service.list_folders(alice, "bob", "model") == []
+    assert service.list_folders(alice, "nosuchuser", "model") == []

@@ -83,7 +83,8 @@ class LocalBlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._uploads = root / "uploads"
-        self._uploads.mkdir(parents=True, exist_ok=True)
+        self._uploads.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(root, 0o700)  # blobs are private bytes (uploads move into place, 0600)
 
     def _path(self, sha256: str) -> Path:
         return self.root / sha256[:2] / sha256[2:4] / sha256
@@ -116,7 +117,7 @@ class LocalBlobStore:
                 yield chunk
 
     def start_upload(self, upload_id: str, local: bool = False) -> None:
-        self._upload_path(upload_id).touch()
+        self._upload_path(upload_id).touch(mode=0o600)
 
     def upload_received(self, upload_id: str) -> int:
         try:

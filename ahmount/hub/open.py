@@ -71,8 +71,13 @@ def metadata_url(spec: str, data_dir: Path) -> str:
 def open_hub(data_dir: Path, db: str = "", blobs: str = "",
              s3: S3Options | None = None) -> Iterator[HubService]:
     """A :class:`HubService` on the given stores; closes them on exit."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+    # Private to the hub's user: blobs and meta.db hold every user's private bytes, and the
+    # directory's mode keeps other local users out of everything below it.
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(data_dir, 0o700)
     metadata = MetadataStore(metadata_url(db, data_dir))
+    if not db:
+        os.chmod(data_dir / "meta.db", 0o600)
     try:
         yield HubService(metadata, open_blobs(blobs, data_dir, s3))
     finally:

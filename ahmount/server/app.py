@@ -60,6 +60,16 @@ def _svc(request: Request) -> HubService:
 
 
 async def _actor(request: Request) -> Actor:
+    """The caller, authenticated once per request (before anything of the request is
+    validated: see :func:`_authenticated`)."""
+    known: Actor | None = getattr(request.state, "actor", None)
+    if known is not None:
+        return known
+    request.state.actor = actor = await _authenticate(request)
+    return actor
+
+
+async def _authenticate(request: Request) -> Actor:
     header = request.headers.get("authorization", "")
     if header:
         scheme, _, key = header.partition(" ")
@@ -688,6 +698,21 @@ ROUTES: list[tuple[str, Endpoint, list[str]]] = [
 ]
 
 
+#: Routes anyone may call; every other one authenticates before it reads the request.
+_OPEN = frozenset({"/healthz", API + "/openapi.json"})
+
+
+def _authenticated(endpoint: Endpoint) -> Endpoint:
+    """``endpoint`` behind authentication: a caller without a valid key gets 401 for any
+    request, well-formed or not, so bad input never answers before identity does."""
+    @functools.wraps(endpoint)
+    async def wrapper(request: Request) -> Response:
+        await _actor(request)
+        return await endpoint(request)
+
+    return wrapper
+
+
 def _openapi_document() -> dict[str, Any]:
     paths: dict[str, Any] = {}
     for path, endpoint, methods in ROUTES:
@@ -727,7 +752,8 @@ def create_app(service: HubService, trusted_user: str | None = None) -> Starlett
     no API key; without it such requests are refused. The service is owned by the caller.
     """
     app = Starlette(
-        routes=[Route(p, e, methods=m) for p, e, m in ROUTES],
+        routes=[Route(p, e if p in _OPEN else _authenticated(e), methods=m)
+                for p, e, m in ROUTES],
         exception_handlers={
             errors.AhError: handle_domain_error,
             HTTPException: handle_routing_error,
