@@ -578,3 +578,25 @@ def test_listings_do_not_tell_which_users_exist(service: HubService, alice: Acto
                                                 bob: Actor) -> None:
     assert service.list_folders(alice, "bob", "model") == []
     assert service.list_folders(alice, "nosuchuser", "model") == []
+
+
+def test_editors_write_contents_only_the_owner_the_folder(service: HubService, alice: Actor,
+                                                         bob: Actor, model: AssetAddr) -> None:
+    folder = model.folder
+    service.share_folder(alice, folder, "bob", "edit")
+    # Editors: assets, branches, tags, objects, and the folder's labels and description.
+    service.create_asset(bob, AssetAddr(folder, "bobs"))
+    service.create_branch(bob, model, "exp")
+    service.commit(bob, model, "main", "by bob", adds=[obj(service, bob, "b", b"b")])
+    service.update_folder(bob, folder, labels=["shared"], description="edited by bob")
+    # Not the folder itself: no delete, no rename, no sharing.
+    with pytest.raises(PermissionDenied, match="administer"):
+        service.delete_folder(bob, folder)
+    with pytest.raises(PermissionDenied, match="administer"):
+        service.update_folder(bob, folder, name="taken")
+    with pytest.raises(PermissionDenied):
+        service.share_folder(bob, folder, "carol", "view")
+    with pytest.raises(PermissionDenied):
+        service.set_public(bob, folder, True)
+    assert service.get_folder(alice, folder).description == "edited by bob"
+    service.update_folder(alice, folder, name="renamed")

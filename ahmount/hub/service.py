@@ -356,10 +356,13 @@ class HubService:
         labels: Sequence[str] | None = None,
         description: str | None = None,
     ) -> FolderInfo:
+        """Rename (owner only) or relabel/redescribe (editors too) a folder."""
         fields = _update_fields("folder", str(addr), name, labels, description)
+        renamed = name is not None and name != addr.name
         with self.metadata.write() as tx:
-            row, permission, owner = self._folder(tx, actor, addr, "edit")
-            renamed = name is not None and name != addr.name
+            # Editors write what is in the folder; the folder itself (its name, its
+            # existence, who may see it) is the owner's, as on lakeFS and the HF Hub.
+            row, permission, owner = self._folder(tx, actor, addr, "own" if renamed else "edit")
             if renamed and tx.folder(owner["id"], addr.kind, str(name)) is not None:
                 target = FolderAddr(addr.owner, addr.kind, str(name))
                 raise AlreadyExists(
@@ -374,7 +377,7 @@ class HubService:
 
     def delete_folder(self, actor: Actor, addr: FolderAddr) -> None:
         with self.metadata.write() as tx:
-            row, _, _ = self._folder(tx, actor, addr, "edit")
+            row, _, _ = self._folder(tx, actor, addr, "own")
             tx.delete_folder(row["id"])
         log.info("folder %s deleted by %s", addr, actor.name)
 
