@@ -49,6 +49,64 @@ def check_name(value: object, what: str) -> str:
     return value
 
 
+#: Characters no name, path, label or content type may hold: C0 and C1 controls and DEL
+#: (terminal escapes, header injection, names the mount cannot show).
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: In free text (descriptions, commit messages) newlines and tabs are fine.
+_CONTROL_IN_TEXT = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+MAX_TEXT = 65536
+#: Seconds since the epoch an mtime may hold: the years 1 to 9999 (what listings can print).
+MIN_MTIME, MAX_MTIME = -62_135_596_800.0, 253_402_300_799.0
+#: The largest byte count the hub accepts for one blob (a JSON number stays exact below 2^53).
+MAX_BLOB_BYTES = 1 << 50
+_CONTENT_TYPE_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+/[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+                              r"(\s*;\s*[ -~]*)?")
+
+
+def has_control_characters(value: str) -> bool:
+    """True if ``value`` breaks the one name rule (C0/C1 controls or DEL)."""
+    return CONTROL_CHARACTERS.search(value) is not None
+
+
+def check_text(value: object, what: str, *, multiline: bool = False,
+               max_len: int = MAX_TEXT) -> str:
+    """Check free text that is stored and shown again: valid UTF-8 (no lone surrogates), no
+    control characters (``multiline`` allows newlines and tabs), at most ``max_len``."""
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{what} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{what} is not valid UTF-8 (it holds a lone surrogate)") from None
+    bad = (_CONTROL_IN_TEXT if multiline else CONTROL_CHARACTERS).search(value)
+    if bad:
+        raise InvalidArgument(f"{what} {value[:40]!r} contains the control character "
+                              f"{bad.group()!r}")
+    if len(value) > max_len:
+        raise InvalidArgument(f"{what} is {len(value)} characters long; at most {max_len}")
+    return value
+
+
+def check_content_type(value: object, what: str) -> str:
+    """A media type as HTTP carries it (``type/subtype; params``), printable ASCII only."""
+    text = check_text(value, f"content_type of {what}", max_len=255)
+    if not _CONTENT_TYPE_RE.fullmatch(text):
+        raise InvalidArgument(f"content_type {text!r} of {what} is not a media type "
+                              "like 'application/octet-stream'")
+    return text
+
+
+def check_mtime(value: object, what: str) -> float:
+    """A finite modification time in seconds since the epoch (years 1 to 9999)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise InvalidArgument(f"mtime of {what} must be a number")
+    mtime = float(value)
+    if not MIN_MTIME <= mtime <= MAX_MTIME:  # also false for NaN and the infinities
+        raise InvalidArgument(f"mtime {value!r} of {what} is not a finite time from year 1 to "
+                              "9999")
+    return mtime
+
+
 def check_user_name(value: object) -> str:
     name = check_name(value, "user")
     if name in RESERVED_USER_NAMES:
@@ -84,6 +142,10 @@ def check_object_path(value: object) -> str:
         raise InvalidArgument("object path is empty")
     if "\x00" in value:
         raise InvalidArgument(f"object path {value!r} contains a NUL byte")
+    # One name rule for hub, API, CLI and mount: no control characters (a name with a
+    # newline could be committed but never fetched; escapes would reach terminals). Names
+    # are kept exactly as given, NFC or NFD alike: like git and S3, the hub compares bytes.
+    check_text(value, "object path", max_len=MAX_OBJECT_PATH_BYTES)
     if len(value.encode()) > MAX_OBJECT_PATH_BYTES:
         raise InvalidArgument(
             f"object path {value[:60]!r}... is longer than {MAX_OBJECT_PATH_BYTES} bytes"
@@ -123,6 +185,8 @@ def check_size(value: object, what: str) -> int:
     """Check a byte count: a non-negative integer (not a bool)."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise InvalidArgument(f"size of {what} must be a non-negative integer")
+    if value > MAX_BLOB_BYTES:
+        raise InvalidArgument(f"size {value} of {what} is over the hub's {MAX_BLOB_BYTES} bytes")
     return value
 
 

@@ -417,9 +417,14 @@ def test_seed_delete(backend: Backend) -> None:
     with pytest.raises(RuntimeError, match="does not exist"):
         ah.delete("model/llm")
     ah.delete("model/llm", force=True)
+    # The seed's "delete another user's folder": the path form works, but an editor of a
+    # shared folder writes its contents only; the folder itself is its owner's to delete.
     backend.other_shares_folder()
-    ah.delete(f"/{backend.other}/t9k-assethub/model/llm")
-    assert ah.list("shared/model") == []
+    with pytest.raises(RuntimeError, match="may not administer folder"):
+        ah.delete(f"/{backend.other}/t9k-assethub/model/llm")
+    assert [f["name"] for f in ah.list("shared/model")] == ["llm"]
+    ah.create(f"/{backend.other}/t9k-assethub/model/llm/gpt2")
+    ah.delete(f"/{backend.other}/t9k-assethub/model/llm/gpt2")  # its assets are the editor's
 
 
 # == login, logout, threads, Jupyter, errors =====================================================

@@ -524,3 +524,54 @@ async def test_no_key_is_401_before_any_validation(hub_server: HubProcess, path:
 
 async def test_folder_listings_of_unknown_users_look_empty(alice: HubClient) -> None:
     assert await alice.list_folders("nosuchuser", "model") == []
+
+
+BAD_BODIES = [
+    # (route under the asset or folder, body as raw JSON text, the field the error names)
+    ("folders", '{"name": "f", "labels": ["x\\udc80"]}', "lone"),
+    ("folders", '{"name": "f", "labels": "abc"}', "labels"),
+    ("folders", '{"name": "f", "labels": {"a": 1}}', "labels"),
+    ("folders", '{"name": "f", "description": "d\\ud800"}', "not valid JSON"),
+    ("commits", '{"message": "m", "metadata": {"k": "\\udc80"}}', "lone"),
+    ("commits", '{"message": "m\\udc80"}', "lone"),
+    ("commits", '{"message": "m", "adds": [{"path": "a", "sha256": "%s", "size": 1, '
+                '"content_type": "text/plain\\r\\nX-Evil: 1"}]}', "content_type"),
+    ("commits", '{"message": "m", "adds": [{"path": "a", "sha256": "%s", "size": 1, '
+                '"mtime": Infinity}]}', "adds.0.mtime"),
+    ("commits", '{"message": "m", "adds": [{"path": "a", "sha256": "%s", "size": 1, '
+                '"mtime": NaN}]}', "adds.0.mtime"),
+    ("commits", '{"message": "m", "adds": [{"path": "a", "sha256": "%s", "size": 1, '
+                '"mtime": 1e300}]}', "mtime"),
+    ("commits", '{"message": "m", "adds": [{"path": "a\\nb", "sha256": "%s", "size": 1}]}',
+     "control character"),
+    ("commits", '{"message": "m", "adds": [{"path": "\\u001b[31mred", "sha256": "%s", '
+                '"size": 1}]}', "control character"),
+    ("commits", '{"message": "m", "metadata": ' + '{"a": ' * 1000 + '1' + '}' * 1000 + '}',
+     "JSON"),
+    ("uploads", '{"sha256": "%s", "size": 1000000000000000000000000000000}', "size"),
+    ("commits", '{"message": "m", "surprise": 1}', "surprise"),
+]
+
+
+@pytest.mark.parametrize(("route", "raw", "named"), BAD_BODIES)
+async def test_bad_bodies_are_400_naming_the_field_and_change_nothing(
+        hub_server: HubProcess, alice: HubClient, model: AssetAddr, route: str, raw: str,
+        named: str) -> None:
+    urls = {"folders": "/api/v1/folders/alice/model",
+            "commits": f"/api/v1/assets/alice/model/{model.folder.name}/gpt2/branches/main/"
+                       "commits",
+            "uploads": "/api/v1/uploads"}
+    body = raw.replace("%s", "a" * 64)
+    headers = {"authorization": f"Bearer {hub_server.keys['alice']}",
+               "content-type": "application/json"}
+    async with httpx.AsyncClient(base_url=hub_server.url, headers=headers) as raw_client:
+        answer = await raw_client.post(urls[route], content=body.encode())
+        assert answer.status_code == 400, answer.text
+        assert named in answer.json()["error"]["message"]
+        # Nothing was stored, and every listing still answers.
+        for url in ("/api/v1/folders/alice/model",
+                    f"/api/v1/assets/alice/model/{model.folder.name}/gpt2/refs/main/log",
+                    f"/api/v1/assets/alice/model/{model.folder.name}/gpt2/refs/main/objects"):
+            listed = await raw_client.get(url)
+            assert listed.status_code == 200, (url, listed.text)
+    assert [c.message for c in await alice.log(model, "main")] == ["Repository created"]

@@ -309,3 +309,13 @@ def test_commits_succeed_while_a_queued_file_keeps_changing(mount_factory: Mount
     assert data in (big, small)
     assert m.control("branch_status", path=segments)["changes"] == []
     assert m.alive()
+
+
+def test_control_characters_in_names_are_refused(mount_factory: Mounter) -> None:
+    m = mount_factory()
+    branch = m.mountpoint / "model/llm/gpt2/v1"
+    for name in ("a\nb", "\x1b[31mred", "tab\there", "del\x7f"):
+        with pytest.raises(OSError) as info:
+            (branch / name).write_text("x")
+        assert info.value.errno == errno.EINVAL, name
+    assert os.listdir(branch) == []

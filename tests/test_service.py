@@ -600,3 +600,12 @@ def test_editors_write_contents_only_the_owner_the_folder(service: HubService, a
         service.set_public(bob, folder, True)
     assert service.get_folder(alice, folder).description == "edited by bob"
     service.update_folder(alice, folder, name="renamed")
+
+
+@pytest.mark.parametrize("labels", ["abc", {"a": 1}, ["x\udc80"], ["bad\nlabel"]])
+def test_bad_labels_are_refused_and_not_stored(service: HubService, alice: Actor,
+                                               labels: object) -> None:
+    folder = FolderAddr("alice", "model", "labelled")
+    with pytest.raises(InvalidArgument, match="label"):
+        service.create_folder(alice, folder, labels)  # type: ignore[arg-type]
+    assert service.list_folders(alice, "alice", "model") == []

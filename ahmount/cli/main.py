@@ -20,7 +20,7 @@ from typing import Any, cast
 
 from ahmount import ah
 from ahmount.cli.exit_codes import USAGE, exit_code
-from ahmount.cli.tables import render, table_for
+from ahmount.cli.tables import printable, render, table_for
 from ahmount.client.hub_client import HubClient
 from ahmount.config import load_config, make_config, remove_config, save_config
 from ahmount.errors import Conflict, InvalidArgument, NotFound
@@ -229,7 +229,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         for change in mounted["changes"]:
             note = "  (also changed on the hub)" if change["path"] in remote else ""
             word = _STATUS_WORDS.get(change["op"], change["op"] + ":")
-            print(f"  {word:<10} {change['path']}{note}")
+            print(f"  {word:<10} {printable(change['path'])}{note}")
         return 0
     parsed = parse(args.path)
     if parsed.level not in ("asset", "ref"):

@@ -6,8 +6,18 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from ahmount.names import CONTROL_CHARACTERS
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: control characters (escape sequences, newlines, carriage
+    returns) shown as ``\\xNN`` escapes. The hub refuses them in new names; this covers old
+    data and every other string a listing prints."""
+    return CONTROL_CHARACTERS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
 
 def render(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in rows:
         widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]

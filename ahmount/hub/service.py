@@ -12,6 +12,7 @@ import hashlib
 import heapq
 import json
 import logging
+import math
 import secrets
 import time
 import uuid
@@ -47,14 +48,17 @@ from ahmount.hub.models import (
 from ahmount.hub.trees import TreeStore
 from ahmount.names import (
     Kind,
+    check_content_type,
     check_delete_path,
     check_kind,
+    check_mtime,
     check_name,
     check_object_path,
     check_prefix,
     check_ref,
     check_sha256,
     check_size,
+    check_text,
     check_user_name,
     is_commit_prefix,
 )
@@ -65,6 +69,7 @@ MAX_LIST_LIMIT = 10_000
 MAX_CHANGES_PER_CALL = 100_000
 MAX_LABELS = 64
 MAX_DESCRIPTION = 10_000
+MAX_METADATA_DEPTH = 16
 COMMIT_RETRIES = 50
 SHARED_OWNER = "shared"
 _RANK: dict[str, int] = {"view": 1, "edit": 2, "own": 3}
@@ -89,17 +94,36 @@ def _labels(value: object, what: str) -> list[str]:
     if len(value) > MAX_LABELS:
         raise InvalidArgument(f"{what} has {len(value)} labels; at most {MAX_LABELS} allowed")
     for label in value:
-        if not label or len(label) > 128 or "\x00" in label:
-            raise InvalidArgument(f"label {label!r} of {what} is empty, too long or has NUL")
+        check_text(label, f"label of {what}", max_len=128)
+        if not label:
+            raise InvalidArgument(f"a label of {what} is empty")
     return list(dict.fromkeys(value))
 
 
 def _description(value: object, what: str) -> str:
     if not isinstance(value, str):
         raise InvalidArgument(f"description of {what} must be a string")
-    if len(value) > MAX_DESCRIPTION or "\x00" in value:
-        raise InvalidArgument(f"description of {what} is too long or contains NUL")
-    return value
+    return check_text(value, f"description of {what}", multiline=True, max_len=MAX_DESCRIPTION)
+
+
+def _check_metadata(value: object, where: str, depth: int = 0) -> Any:
+    """Commit metadata is shown again in every log: JSON of bounded depth whose strings
+    are valid text and whose numbers are finite."""
+    if depth > MAX_METADATA_DEPTH:
+        raise InvalidArgument(f"commit metadata of {where} is nested deeper than "
+                              f"{MAX_METADATA_DEPTH} levels")
+    if isinstance(value, dict):
+        return {check_text(k, f"a commit metadata key of {where}", max_len=256):
+                _check_metadata(v, where, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_check_metadata(v, where, depth + 1) for v in value]
+    if isinstance(value, str):
+        return check_text(value, f"a commit metadata value of {where}", multiline=True)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidArgument(f"commit metadata of {where} holds {value!r}, not a finite number")
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    raise InvalidArgument(f"commit metadata of {where} holds a {type(value).__name__}")
 
 
 def _update_fields(what: str, where: str, name: str | None, labels: Sequence[str] | None,
@@ -109,7 +133,7 @@ def _update_fields(what: str, where: str, name: str | None, labels: Sequence[str
     if name is not None:
         fields["name"] = check_name(name, what)
     if labels is not None:
-        fields["labels"] = _labels(list(labels), where)
+        fields["labels"] = _labels(labels, where)
     if description is not None:
         fields["description"] = _description(description, where)
     return fields
@@ -143,13 +167,10 @@ def parse_entry(raw: Any) -> ObjectEntry:
     path = check_object_path(raw.get("path"))
     sha256 = check_sha256(raw.get("sha256"))
     size = check_size(raw.get("size"), f"object {path!r}")
-    mtime = raw.get("mtime", time.time())
-    if not isinstance(mtime, int | float) or isinstance(mtime, bool):
-        raise InvalidArgument(f"mtime of object {path!r} must be a number")
-    content_type = raw.get("content_type") or "application/octet-stream"
-    if not isinstance(content_type, str) or len(content_type) > 255:
-        raise InvalidArgument(f"content_type of object {path!r} must be a short string")
-    return ObjectEntry(path, sha256, size, float(mtime), content_type)
+    mtime = check_mtime(raw.get("mtime", time.time()), f"object {path!r}")
+    content_type = check_content_type(raw.get("content_type") or "application/octet-stream",
+                                      f"object {path!r}")
+    return ObjectEntry(path, sha256, size, mtime, content_type)
 
 
 class HubService:
@@ -328,7 +349,7 @@ class HubService:
                 f"user {actor.name!r} cannot create folder {addr} for another user",
                 path=str(addr),
             )
-        clean_labels = _labels(list(labels), str(addr))
+        clean_labels = _labels(labels, str(addr))
         clean_description = _description(description, str(addr))
         now = time.time()
         with self.metadata.write() as tx:
@@ -418,7 +439,7 @@ class HubService:
         self, actor: Actor, addr: AssetAddr, labels: Sequence[str] = (), description: str = ""
     ) -> AssetInfo:
         check_name(addr.name, "asset")
-        clean_labels = _labels(list(labels), str(addr))
+        clean_labels = _labels(labels, str(addr))
         clean_description = _description(description, str(addr))
         tree = self.trees.empty_tree()
         now = time.time()
@@ -781,8 +802,12 @@ class HubService:
         If the branch moves meanwhile (another writer), the changes are applied again on the
         new head: path-level changes, so nothing either writer did is lost.
         """
-        if not isinstance(message, str) or not message.strip() or "\x00" in message:
-            raise InvalidArgument(f"commit message for {addr.at(branch)} is empty or has NUL")
+        check_text(message, f"commit message for {addr.at(branch)}", multiline=True)
+        if not message.strip():
+            raise InvalidArgument(f"commit message for {addr.at(branch)} is empty")
+        metadata = _check_metadata(metadata or {}, addr.at(branch))
+        if not isinstance(metadata, dict):
+            raise InvalidArgument(f"commit metadata of {addr.at(branch)} must be an object")
         if session:
             _check_session(session)
         extra_deletes, extra_adds = self._parse_changes(actor, deletes, adds)

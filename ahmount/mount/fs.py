@@ -31,7 +31,13 @@ from ahmount.mount.hub_view import CommitIndex, HubView, Resolved
 from ahmount.mount.layout import SCOPES, Key, Location, Place, locate
 from ahmount.mount.object_cache import BLOCK, ObjectCache
 from ahmount.mount.supervisor import EXPECTED
-from ahmount.names import KINDS, MAX_OBJECT_PATH_BYTES, MAX_SEGMENT_BYTES, is_commit_prefix
+from ahmount.names import (
+    KINDS,
+    MAX_OBJECT_PATH_BYTES,
+    MAX_SEGMENT_BYTES,
+    has_control_characters,
+    is_commit_prefix,
+)
 
 log = logging.getLogger("ahmount.mount")
 
@@ -1231,11 +1237,15 @@ class AssetFS(pyfuse3.Operations):
 
 
 def _check_length(name: bytes, subpath: str) -> None:
-    """ENAMETOOLONG for what the hub could never store: the limits are the hub's own
-    (:mod:`ahmount.names`), so nothing the mount accepts can block a commit later."""
+    """ENAMETOOLONG / EINVAL for what the hub could never store: the limits and the name rule
+    are the hub's own (:mod:`ahmount.names`), so nothing the mount accepts can block a commit
+    later."""
     if len(name) > MAX_SEGMENT_BYTES:
         raise refuse(errno.ENAMETOOLONG, "name of %d bytes refused: at most %d",
                      len(name), MAX_SEGMENT_BYTES)
+    if has_control_characters(name.decode(errors="replace")):
+        raise refuse(errno.EINVAL, "name %r refused: control characters are not allowed in "
+                     "names", name)
     if len(subpath.encode()) > MAX_OBJECT_PATH_BYTES:
         raise refuse(errno.ENAMETOOLONG, "object path %s... refused: over %d bytes",
                      subpath[:60], MAX_OBJECT_PATH_BYTES)

@@ -35,7 +35,8 @@ from ahmount.hub.models import (
     RefInfo,
 )
 from ahmount.hub.service import Actor, HubService
-from ahmount.names import check_kind, check_name, check_sha256, check_size
+from ahmount.names import check_kind, check_name, check_sha256
+from ahmount.server import schemas
 from ahmount.server.http_errors import (
     handle_domain_error,
     handle_routing_error,
@@ -84,19 +85,12 @@ async def _authenticate(request: Request) -> Actor:
     return trusted
 
 
-async def _json(request: Request) -> dict[str, Any]:
+async def _body(request: Request, model: type[schemas.Body]) -> Any:
+    """The request's JSON body, validated as ``model`` (400 naming the bad fields)."""
     body = await request.body()
     if len(body) > MAX_JSON_BODY:
         raise errors.InvalidArgument(f"request body of {len(body)} bytes is too large")
-    if not body:
-        return {}
-    try:
-        value = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise errors.InvalidArgument(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise errors.InvalidArgument("request body must be a JSON object")
-    return value
+    return schemas.parse(model, body)
 
 
 def _folder_addr(request: Request) -> FolderAddr:
@@ -117,22 +111,6 @@ def _query_int(request: Request, name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise errors.InvalidArgument(f"query parameter {name}={raw!r} is not an integer") from None
-
-
-def _opt_list(body: dict[str, Any], key: str) -> list[str] | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, list):
-        raise errors.InvalidArgument(f"{key!r} must be a list")
-    return value
-
-
-def _opt_str(body: dict[str, Any], key: str) -> str | None:
-    value = body.get(key)
-    if value is not None and not isinstance(value, str):
-        raise errors.InvalidArgument(f"{key!r} must be a string")
-    return value
 
 
 # -- renderers -------------------------------------------------------------------------------
@@ -179,12 +157,9 @@ async def folders(request: Request) -> Response:
     if request.method == "GET":
         found = await _call(_svc(request).list_folders, actor, owner, kind)
         return JSONResponse({"folders": [folder_json(f) for f in found]})
-    body = await _json(request)
-    addr = FolderAddr(owner, kind, check_name(body.get("name"), "folder"))
-    info = await _call(
-        _svc(request).create_folder, actor, addr, body.get("labels") or [],
-        body.get("description") or "",
-    )
+    body = await _body(request, schemas.FolderCreate)
+    addr = FolderAddr(owner, kind, body.name)
+    info = await _call(_svc(request).create_folder, actor, addr, body.labels, body.description)
     return JSONResponse(folder_json(info), status_code=201)
 
 
@@ -198,9 +173,8 @@ async def _described(request: Request, addr: Any, get: Callable[..., Any],
     if request.method == "DELETE":
         await _call(delete, actor, addr)
         return Response(status_code=204)
-    body = await _json(request)
-    info = await _call(update, actor, addr, _opt_str(body, "name"), _opt_list(body, "labels"),
-                       _opt_str(body, "description"))
+    body = await _body(request, schemas.Described)
+    info = await _call(update, actor, addr, body.name, body.labels, body.description)
     return JSONResponse(render(info))
 
 
@@ -223,9 +197,7 @@ async def folder_share(request: Request) -> Response:
     actor = await _actor(request)
     permission = None
     if request.method == "PUT":
-        permission = (await _json(request)).get("permission")
-        if permission is None:
-            raise errors.InvalidArgument("'permission' is required: 'view' or 'edit'")
+        permission = (await _body(request, schemas.Share)).permission
     await _call(_svc(request).share_folder, actor, _folder_addr(request),
                 request.path_params["user"], permission)
     return Response(status_code=204)
@@ -234,9 +206,7 @@ async def folder_share(request: Request) -> Response:
 async def folder_public(request: Request) -> Response:
     """PUT {public: bool} makes a folder public or private (owner only)."""
     actor = await _actor(request)
-    public = (await _json(request)).get("public")
-    if not isinstance(public, bool):
-        raise errors.InvalidArgument("'public' must be true or false")
+    public = (await _body(request, schemas.Public)).public
     await _call(_svc(request).set_public, actor, _folder_addr(request), public)
     return Response(status_code=204)
 
@@ -248,10 +218,10 @@ async def assets(request: Request) -> Response:
     if request.method == "GET":
         found = await _call(_svc(request).list_assets, actor, addr)
         return JSONResponse({"assets": [asset_json(a) for a in found]})
-    body = await _json(request)
-    target = AssetAddr(addr, check_name(body.get("name"), "asset"))
-    info = await _call(_svc(request).create_asset, actor, target, body.get("labels") or [],
-                       body.get("description") or "")
+    body = await _body(request, schemas.AssetCreate)
+    target = AssetAddr(addr, body.name)
+    info = await _call(_svc(request).create_asset, actor, target, body.labels,
+                       body.description)
     return JSONResponse(asset_json(info), status_code=201)
 
 
@@ -269,7 +239,7 @@ async def branches(request: Request) -> Response:
     if request.method == "GET":
         found = await _call(_svc(request).list_refs, actor, addr, "branch")
         return JSONResponse({"branches": [{"name": n, "commit_id": c} for n, c in found]})
-    name = (await _json(request)).get("name")
+    name = (await _body(request, schemas.BranchCreate)).name
     info = await _call(_svc(request).create_branch, actor, addr, name)
     return JSONResponse(ref_json(info), status_code=201)
 
@@ -281,9 +251,8 @@ async def tags(request: Request) -> Response:
     if request.method == "GET":
         found = await _call(_svc(request).list_refs, actor, addr, "tag")
         return JSONResponse({"tags": [{"name": n, "commit_id": c} for n, c in found]})
-    body = await _json(request)
-    source = body.get("source") or "main"
-    info = await _call(_svc(request).create_tag, actor, addr, body.get("name"), source)
+    body = await _body(request, schemas.TagCreate)
+    info = await _call(_svc(request).create_tag, actor, addr, body.name, body.source)
     return JSONResponse(ref_json(info), status_code=201)
 
 
@@ -408,7 +377,7 @@ async def files_batch(request: Request) -> Response:
     """POST {paths: [...]}: many objects of one commit in one response — for each, a JSON
     line `{path, size, sha256, mtime}` and then exactly `size` bytes."""
     actor = await _actor(request)
-    paths = (await _json(request)).get("paths")
+    paths = (await _body(request, schemas.Paths)).paths
     commit, entries = await _call(_svc(request).stat_objects, actor, _asset_addr(request),
                                   request.path_params["ref"], paths)
     total = sum(e.size for e in entries)
@@ -448,9 +417,9 @@ async def changes(request: Request) -> Response:
     if request.method == "DELETE":
         dropped = await _call(svc.reset, actor, addr, branch)
         return JSONResponse({"dropped": dropped})
-    body = await _json(request)
-    staged = await _call(svc.stage, actor, addr, branch, body.get("session"),
-                         body.get("deletes") or [], body.get("adds") or [])
+    body = await _body(request, schemas.Stage)
+    staged = await _call(svc.stage, actor, addr, branch, body.session, body.deletes,
+                         [a.as_entry() for a in body.adds])
     return JSONResponse({"staged": staged}, status_code=201)
 
 
@@ -458,17 +427,11 @@ async def commits(request: Request) -> Response:
     """POST {message, session, deletes, adds, force, metadata}: commit; null when nothing
     changed."""
     actor = await _actor(request)
-    body = await _json(request)
-    force = body.get("force", False)
-    if not isinstance(force, bool):
-        raise errors.InvalidArgument("'force' must be true or false")
-    metadata = body.get("metadata") or {}
-    if not isinstance(metadata, dict):
-        raise errors.InvalidArgument("'metadata' must be an object")
+    body = await _body(request, schemas.Commit)
     info = await _call(
         _svc(request).commit, actor, _asset_addr(request), request.path_params["branch"],
-        body.get("message"), body.get("session") or "", body.get("deletes") or [],
-        body.get("adds") or [], force, metadata,
+        body.message, body.session, body.deletes, [a.as_entry() for a in body.adds],
+        body.force, body.metadata,
     )
     if info is not None:
         request.app.state.metrics.commits.inc()
@@ -488,7 +451,7 @@ async def merge(request: Request) -> Response:
 async def blobs_missing(request: Request) -> Response:
     """POST {hashes: [...]}: which of these blobs the hub does not have."""
     actor = await _actor(request)
-    hashes = (await _json(request)).get("hashes")
+    hashes = (await _body(request, schemas.Hashes)).hashes
     missing = await _call(_svc(request).missing_blobs, actor, hashes)
     return JSONResponse({"missing": missing})
 
@@ -599,13 +562,8 @@ async def blob_batch(request: Request) -> Response:
     actor = await _actor(request)
     svc = _svc(request)
     body = _BodyReader(request.stream())
-    try:
-        manifest = json.loads(await body.readline(16 << 20))
-        items = [(check_sha256(b["sha256"]), b["size"]) for b in manifest["blobs"]]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise errors.InvalidArgument(f"batch manifest is malformed: {exc}") from None
-    for sha256, size in items:
-        check_size(size, f"blob {sha256}")
+    manifest = schemas.parse(schemas.BatchManifest, await body.readline(16 << 20))
+    items = [(b.sha256, b.size) for b in manifest.blobs]
     missing = set(await _call(svc.missing_blobs, actor, [s for s, _ in items]))
     stored: list[tuple[str, int]] = []
     try:
@@ -627,9 +585,9 @@ async def blob_batch(request: Request) -> Response:
 async def uploads(request: Request) -> Response:
     """POST {sha256, size}: start a resumable upload (`id` is null if the blob exists)."""
     actor = await _actor(request)
-    body = await _json(request)
-    upload_id, received = await _call(_svc(request).start_upload, actor,
-                                      body.get("sha256"), body.get("size"))
+    body = await _body(request, schemas.UploadStart)
+    upload_id, received = await _call(_svc(request).start_upload, actor, body.sha256,
+                                      body.size)
     return JSONResponse({"id": upload_id, "received": received}, status_code=201)
 
 
@@ -713,7 +671,44 @@ def _authenticated(endpoint: Endpoint) -> Endpoint:
     return wrapper
 
 
+#: The declared JSON body of each (endpoint, method) that takes one.
+_BODIES: dict[tuple[Endpoint, str], type[schemas.Body]] = {
+    (folders, "POST"): schemas.FolderCreate,
+    (folder, "PATCH"): schemas.Described,
+    (folder_share, "PUT"): schemas.Share,
+    (folder_public, "PUT"): schemas.Public,
+    (assets, "POST"): schemas.AssetCreate,
+    (asset, "PATCH"): schemas.Described,
+    (branches, "POST"): schemas.BranchCreate,
+    (tags, "POST"): schemas.TagCreate,
+    (files_batch, "POST"): schemas.Paths,
+    (changes, "POST"): schemas.Stage,
+    (commits, "POST"): schemas.Commit,
+    (blobs_missing, "POST"): schemas.Hashes,
+    (uploads, "POST"): schemas.UploadStart,
+}
+#: Statuses any operation may answer (its own success codes, and the error map's).
+_STATUSES = {
+    "200": "success", "201": "created", "204": "done, no body", "206": "partial content",
+    "304": "not modified", "400": "bad input, naming what was wrong",
+    "401": "no valid API key", "403": "not permitted", "404": "not found (or not yours)",
+    "405": "method not allowed", "409": "conflict", "413": "body too large",
+    "416": "range not satisfiable", "422": "bytes do not hash as announced",
+    "503": "a store is unavailable",
+}
+
+
 def _openapi_document() -> dict[str, Any]:
+    components: dict[str, Any] = {}
+    for model in sorted(set(_BODIES.values()), key=lambda m: m.__name__):
+        found = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(found.pop("$defs", {}))
+        components[model.__name__] = found
+    error = {"description": "error", "content": {"application/json": {"schema": {
+        "type": "object", "required": ["error"], "properties": {"error": {
+            "type": "object", "required": ["code", "message"],
+            "properties": {"code": {"type": "string"}, "message": {"type": "string"},
+                           "path": {"type": ["string", "null"]}}}}}}}}
     paths: dict[str, Any] = {}
     for path, endpoint, methods in ROUTES:
         doc = (endpoint.__doc__ or "").strip()
@@ -723,23 +718,29 @@ def _openapi_document() -> dict[str, Any]:
              "schema": {"type": "string"}}
             for seg in path.split("/") if seg.startswith("{")
         ]
-        paths[path.replace(":path}", "}")] = {
-            m.lower(): {
+        operations: dict[str, Any] = {}
+        for method in methods:
+            operation: dict[str, Any] = {
                 "summary": summary,
                 "description": doc,
-                "operationId": f"{endpoint.__name__}_{m.lower()}",
+                "operationId": f"{endpoint.__name__}_{method.lower()}",
                 "parameters": params,
-                "responses": {
-                    "200": {"description": "success"},
-                    "default": {"description": "error: {error: {code, message, path}}"},
-                },
+                "responses": {code: ({"description": text} if code < "400" else
+                                     {**error, "description": text})
+                              for code, text in _STATUSES.items()},
             }
-            for m in methods
-        }
+            body = _BODIES.get((endpoint, method))
+            if body is not None:
+                operation["requestBody"] = {"required": True, "content": {
+                    "application/json": {"schema": {
+                        "$ref": f"#/components/schemas/{body.__name__}"}}}}
+            operations[method.lower()] = operation
+        paths[path.replace(":path}", "}")] = operations
     return {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {"title": "ahmount hub", "version": "1"},
-        "components": {"securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}}},
+        "components": {"schemas": components,
+                       "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}}},
         "security": [{"apiKey": []}],
         "paths": paths,
     }
