@@ -93,6 +93,12 @@ class HubUnavailable(AhError, httpx.TransportError):
         AhError.__init__(self, message, path=path)
 
 
+class TooLarge(InvalidArgument):
+    """A request (body, upload) over the hub's limit; refused before it is read."""
+
+    code = "too_large"
+
+
 class InternalError(AhError, RuntimeError):
     """A bug or an unexpected failure on the hub."""
 
@@ -112,6 +118,7 @@ ERRORS_BY_CODE: dict[str, type[AhError]] = {
         Conflict,
         UnknownChanges,
         RangeNotSatisfiable,
+        TooLarge,
         HubUnavailable,
         InternalError,
     )

@@ -18,7 +18,7 @@ from typing import Any
 
 import trio
 
-from ahmount.client.hub_client import HubClient, hash_file
+from ahmount.client.hub_client import HubClient, hash_file, local_names
 from ahmount.config import dirs
 from ahmount.errors import InvalidArgument, NotFound
 from ahmount.hub.models import AssetAddr, CommitInfo, ObjectEntry
@@ -351,7 +351,8 @@ async def download_objects(
     counter = iter(range(1, len(chosen) + 1))
 
     def destination(e: ObjectEntry) -> Path:
-        dest = (root / e.path).resolve()
+        with local_names(e.path, root / e.path):
+            dest = (root / e.path).resolve()
         if root not in dest.parents:
             raise InvalidArgument(f"object {e.path!r} would be written outside {root}")
         return dest

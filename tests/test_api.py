@@ -524,3 +524,19 @@ def test_classes_methods(backend: Backend, work: Path, tmp_path: Path) -> None:
     model.delete()
     folder.delete()
     assert ah.list("model") == []
+
+
+def test_download_of_long_names(backend: Backend, tmp_path: Path) -> None:
+    ah.create("dataset/long")
+    ah.create("dataset/long/names")
+    (tmp_path / "x").write_bytes(b"long")
+    long_name = "n" * 250  # fits ext4's 255 bytes; the old partial-file suffix did not
+    deep = "/".join(["d" * 200] * 20) + "/" + "e" * 60  # over PATH_MAX below a save dir
+    ah.commit("dataset/long/names", msg="long",
+              add={str(tmp_path / "x"): long_name})
+    ah.download("dataset/long/names", save_dir=str(tmp_path / "out"))
+    assert (tmp_path / "out" / long_name).read_bytes() == b"long"
+    ah.commit("dataset/long/names", msg="deep", add={str(tmp_path / "x"): deep})
+    with pytest.raises(OSError, match="cannot be saved") as info:
+        ah.download("dataset/long/names", objects=[deep], save_dir=str(tmp_path / "deep"))
+    assert deep[:40] in str(info.value)

@@ -575,3 +575,37 @@ async def test_bad_bodies_are_400_naming_the_field_and_change_nothing(
             listed = await raw_client.get(url)
             assert listed.status_code == 200, (url, listed.text)
     assert [c.message for c in await alice.log(model, "main")] == ["Repository created"]
+
+
+async def test_a_declared_body_over_the_limit_is_413_before_it_is_read(
+        hub_server: HubProcess) -> None:
+    host, port = "127.0.0.1", hub_server.port
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(
+            f"POST /api/v1/blobs/missing HTTP/1.1\r\nHost: {host}\r\n"
+            f"Authorization: Bearer {hub_server.keys['alice']}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 2147483648\r\n\r\n{".encode())
+        answer = ""  # no 2 GiB were sent: the answer comes at once
+        while "}}" not in answer and (chunk := sock.recv(65536)):
+            answer += chunk.decode(errors="replace")
+    assert answer.startswith("HTTP/1.1 413"), answer[:200]
+    assert "too_large" in answer
+
+
+def test_slow_and_idle_clients_are_cut_off(tmp_path: Path) -> None:
+    import time
+
+    server = HubProcess(tmp_path / "data", ["--idle-timeout", "1"])
+    server.start()
+    try:
+        idle = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        slow = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+        started = time.monotonic()
+        for sock in (idle, slow):
+            with sock:  # recv ends (b"") once the server closes it, after any 408 it sends
+                while sock.recv(65536):
+                    pass
+        assert time.monotonic() - started < 8
+    finally:
+        server.stop()

@@ -609,3 +609,27 @@ def test_bad_labels_are_refused_and_not_stored(service: HubService, alice: Actor
     with pytest.raises(InvalidArgument, match="label"):
         service.create_folder(alice, folder, labels)  # type: ignore[arg-type]
     assert service.list_folders(alice, "alice", "model") == []
+
+
+def test_abandoned_uploads_expire_and_are_capped(service: HubService, alice: Actor,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import ahmount.hub.service as module
+
+    monkeypatch.setattr(module, "MAX_OPEN_UPLOADS", 3)
+    ids = [service.start_upload(alice, f"{i:064x}", 10)[0] for i in range(3)]
+    with pytest.raises(Conflict, match="3 unfinished uploads"):
+        service.start_upload(alice, "f" * 64, 10)
+    service.append_upload(alice, str(ids[0]), 0, b"12345")  # alive: keeps its place
+    with service.metadata.write() as tx:  # the other two were left a day and more ago
+        for upload_id in ids[1:]:
+            tx._c.execute(sa.text("UPDATE uploads SET touched = 0 WHERE id = :i"),
+                          {"i": upload_id})
+    assert service.start_upload(alice, "f" * 64, 10)[0] is not None
+    assert service.upload_status(alice, str(ids[0]))[2] == 5
+    with pytest.raises(NotFound):
+        service.upload_status(alice, str(ids[1]))
+    with service.metadata.write() as tx:
+        tx._c.execute(sa.text("UPDATE uploads SET touched = 0"))
+    assert service.gc(grace_seconds=0)["uploads"] == 2
+    with service.metadata.read() as tx:
+        assert tx.uploads_all() == []

@@ -12,6 +12,7 @@ consumed or closed inside that block.
 from __future__ import annotations
 
 import contextlib
+import errno
 import getpass
 import hashlib
 import json
@@ -20,7 +21,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -418,11 +419,12 @@ class HubClient:
                        progress: Progress | None = None) -> None:
         """Write an object to ``dest`` atomically (temp file, fsync, rename) after checking
         its sha256; on any failure nothing is left under ``dest``."""
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.parent / f".{dest.name}.ah-partial-{os.getpid()}-{random.getrandbits(32):x}"
+        with local_names(entry.path, dest):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _partial_path(dest)
         digest = hashlib.sha256()
         try:
-            with tmp.open("wb") as handle:
+            with local_names(entry.path, dest), tmp.open("wb") as handle:
                 if entry.size:
                     async with self.open_object(addr, ref, entry.path) as response:
                         async for chunk in response.aiter_bytes(CHUNK):
@@ -438,9 +440,11 @@ class HubClient:
                     f"expected {entry.sha256}", path=entry.path,
                 )
             os.utime(tmp, (entry.mtime, entry.mtime))
-            os.replace(tmp, dest)
+            with local_names(entry.path, dest):
+                os.replace(tmp, dest)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a path too long to make is too long to remove
+                tmp.unlink(missing_ok=True)
             raise
 
     async def download_batch(self, addr: AssetAddr, ref: str,
@@ -661,15 +665,38 @@ class _StreamReader:
         return data
 
 
-def _write_atomically(dest: Path, data: bytes, mtime: float) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.ah-partial-{os.getpid()}-{random.getrandbits(32):x}"
+def _partial_path(dest: Path) -> Path:
+    """Where a download is written before its rename to ``dest``: a short name of its own,
+    so it fits wherever ``dest`` does (a suffix on a 250-byte name would not)."""
+    return dest.parent / f".ah-partial-{os.getpid()}-{random.getrandbits(48):012x}"
+
+
+@contextlib.contextmanager
+def local_names(object_path: str, dest: Path) -> Iterator[None]:
+    """A name the local file system cannot hold becomes an error naming the object."""
     try:
-        tmp.write_bytes(data)
+        yield
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+        raise OSError(errno.ENAMETOOLONG,
+                      f"object {object_path!r} cannot be saved as {str(dest)[:200]!r}: the "
+                      "local file system refuses a name or path that long") from None
+
+
+def _write_atomically(dest: Path, data: bytes, mtime: float) -> None:
+    with local_names(dest.name, dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _partial_path(dest)
+    try:
+        with local_names(dest.name, dest):
+            tmp.write_bytes(data)
         os.utime(tmp, (mtime, mtime))
-        os.replace(tmp, dest)
+        with local_names(dest.name, dest):
+            os.replace(tmp, dest)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a path too long to make is too long to remove
+            tmp.unlink(missing_ok=True)
         raise
 
 

@@ -487,6 +487,12 @@ class MetaTx:
     def uploads_all(self) -> list[dict[str, Any]]:
         return _rows(self._c.execute(sa.select(uploads)))
 
+    def uploads_of(self, user_id: str) -> list[dict[str, Any]]:
+        return _rows(self._c.execute(sa.select(uploads).where(uploads.c.user_id == user_id)))
+
+    def uploads_untouched_since(self, cutoff: float) -> list[dict[str, Any]]:
+        return _rows(self._c.execute(sa.select(uploads).where(uploads.c.touched < cutoff)))
+
     # -- tree nodes --------------------------------------------------------------------------
 
     def nodes(self, ids: Sequence[str]) -> dict[str, bytes]:

@@ -70,6 +70,11 @@ MAX_CHANGES_PER_CALL = 100_000
 MAX_LABELS = 64
 MAX_DESCRIPTION = 10_000
 MAX_METADATA_DEPTH = 16
+#: An unfinished upload nobody sent bytes to for this long is expired (its partial bytes
+#: deleted) by the next start of an upload by its user, and by ``gc``.
+UPLOAD_TTL = 24 * 3600.0
+#: Unfinished uploads one user may hold at once (a client runs a few in parallel).
+MAX_OPEN_UPLOADS = 256
 COMMIT_RETRIES = 50
 SHARED_OWNER = "shared"
 _RANK: dict[str, int] = {"view": 1, "edit": 2, "own": 3}
@@ -933,15 +938,33 @@ class HubService:
             if tx.known_blobs(sorted(tx.possessed_blobs(actor.id, [sha256]))):
                 tx.touch_blobs([sha256])
                 return None, size
+        now = time.time()
+        with self.metadata.read() as tx:
+            mine = tx.uploads_of(actor.id)
+        stale = [u for u in mine if u["touched"] < now - UPLOAD_TTL]
+        self._drop_uploads(stale)
+        if len(mine) - len(stale) >= MAX_OPEN_UPLOADS:
+            raise Conflict(
+                f"user {actor.name!r} has {len(mine) - len(stale)} unfinished uploads, the most "
+                f"allowed; finish or abort some (an upload untouched for "
+                f"{UPLOAD_TTL / 3600:.0f} h expires)", path=sha256)
         upload_id = str(uuid.uuid4())
         self.blobs.start_upload(upload_id)
-        now = time.time()
         with self.metadata.write() as tx:
             tx.insert_upload({
                 "id": upload_id, "user_id": actor.id, "sha256": sha256, "size": size,
                 "received": 0, "created": now, "touched": now,
             })
         return upload_id, 0
+
+    def _drop_uploads(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Forget unfinished uploads: their rows, then their partial bytes."""
+        for row in rows:
+            with self.metadata.write() as tx:
+                tx.delete_upload(row["id"])
+            self.blobs.abort_upload(row["id"])
+        if rows:
+            log.info("expired %d unfinished upload(s)", len(rows))
 
     def _upload(self, tx: MetaTx, actor: Actor, upload_id: str) -> dict[str, Any]:
         row = tx.upload(upload_id)
@@ -962,7 +985,10 @@ class HubService:
             raise InvalidArgument(
                 f"upload {upload_id} of blob {row['sha256']} would exceed its {row['size']} bytes"
             )
-        return self.blobs.append(upload_id, offset, data)
+        received = self.blobs.append(upload_id, offset, data)
+        with self.metadata.write() as tx:  # alive: not expired while bytes keep coming
+            tx.set_upload_received(upload_id, received)
+        return received
 
     def finish_upload(self, actor: Actor, upload_id: str) -> str:
         """Verify and publish the blob; the upload is gone afterwards either way."""
@@ -1052,6 +1078,9 @@ class HubService:
         """
         cutoff = time.time() - grace_seconds
         with self.metadata.read() as tx:
+            expired = tx.uploads_untouched_since(time.time() - UPLOAD_TTL)
+        self._drop_uploads(expired)
+        with self.metadata.read() as tx:
             trees = tx.all_trees()
             live_hashes = tx.staged_hashes()
             live_hashes.update(u["sha256"] for u in tx.uploads_all())
@@ -1073,7 +1102,8 @@ class HubService:
         dead_nodes = sorted(all_nodes - live_nodes - {self.trees.empty_tree()})
         with self.metadata.write() as tx:
             tx.delete_nodes(dead_nodes)
-        return {"blobs": len(dead_blobs), "nodes": len(dead_nodes), "trees": len(trees)}
+        return {"blobs": len(dead_blobs), "nodes": len(dead_nodes), "trees": len(trees),
+                "uploads": len(expired)}
 
 
 class _Retry(Exception):

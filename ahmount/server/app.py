@@ -45,7 +45,8 @@ from ahmount.server.http_errors import (
 from ahmount.server.observed import HubMetrics, ObservedApp
 
 API = "/api/v1"
-MAX_JSON_BODY = 256 << 20
+#: The largest JSON body: a commit of 100,000 objects (the most one call may carry) fits.
+MAX_JSON_BODY = 64 << 20
 UPLOAD_BUFFER = 8 << 20
 T = TypeVar("T")
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -86,11 +87,21 @@ async def _authenticate(request: Request) -> Actor:
 
 
 async def _body(request: Request, model: type[schemas.Body]) -> Any:
-    """The request's JSON body, validated as ``model`` (400 naming the bad fields)."""
-    body = await request.body()
-    if len(body) > MAX_JSON_BODY:
-        raise errors.InvalidArgument(f"request body of {len(body)} bytes is too large")
-    return schemas.parse(model, body)
+    """The request's JSON body, validated as ``model`` (400 naming the bad fields).
+
+    A declared length over :data:`MAX_JSON_BODY` is refused (413) before a byte is read;
+    an undeclared one is counted while it streams, so memory never holds more than that."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > MAX_JSON_BODY):
+        raise errors.TooLarge(f"request body of {declared} bytes is over the "
+                              f"{MAX_JSON_BODY} bytes a JSON body may have")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_JSON_BODY:
+            raise errors.TooLarge(f"request body is over the {MAX_JSON_BODY} bytes a JSON "
+                                  "body may have")
+    return schemas.parse(model, bytes(body))
 
 
 def _folder_addr(request: Request) -> FolderAddr:
@@ -687,6 +698,19 @@ _BODIES: dict[tuple[Endpoint, str], type[schemas.Body]] = {
     (blobs_missing, "POST"): schemas.Hashes,
     (uploads, "POST"): schemas.UploadStart,
 }
+_NAME_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 128,
+                "pattern": "^[A-Za-z0-9_][A-Za-z0-9._-]*$"}
+#: What each path parameter may be (the same grammar as :mod:`ahmount.names`).
+_PATH_PARAMS: dict[str, dict[str, Any]] = {
+    "owner": _NAME_SCHEMA, "folder": _NAME_SCHEMA, "asset": _NAME_SCHEMA,
+    "branch": _NAME_SCHEMA, "ref": _NAME_SCHEMA, "user": _NAME_SCHEMA,
+    "kind": {"type": "string", "enum": ["model", "dataset"]},
+    "prefix": {"type": "string", "pattern": "^[0-9a-f]{4,64}$"},
+    "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+    "upload_id": {"type": "string", "format": "uuid"},
+    "path": {"type": "string", "minLength": 1, "maxLength": 4096,
+             "pattern": "^[^/\\x00-\\x1f\\x7f-\\x9f][^\\x00-\\x1f\\x7f-\\x9f]*$"},
+}
 #: Statuses any operation may answer (its own success codes, and the error map's).
 _STATUSES = {
     "200": "success", "201": "created", "204": "done, no body", "206": "partial content",
@@ -714,9 +738,10 @@ def _openapi_document() -> dict[str, Any]:
         doc = (endpoint.__doc__ or "").strip()
         summary = doc.splitlines()[0] if doc else endpoint.__name__
         params = [
-            {"name": seg.strip("{}").split(":")[0], "in": "path", "required": True,
-             "schema": {"type": "string"}}
-            for seg in path.split("/") if seg.startswith("{")
+            {"name": name, "in": "path", "required": True,
+             "schema": _PATH_PARAMS.get(name, {"type": "string", "minLength": 1})}
+            for name in (seg.strip("{}").split(":")[0] for seg in path.split("/")
+                         if seg.startswith("{"))
         ]
         operations: dict[str, Any] = {}
         for method in methods:
@@ -729,6 +754,8 @@ def _openapi_document() -> dict[str, Any]:
                                      {**error, "description": text})
                               for code, text in _STATUSES.items()},
             }
+            if path in _OPEN:
+                operation["security"] = []  # anyone may call it
             body = _BODIES.get((endpoint, method))
             if body is not None:
                 operation["requestBody"] = {"required": True, "content": {

@@ -15,6 +15,7 @@ log = logging.getLogger("ahmount.server")
 _STATUS: dict[type[errors.AhError], int] = {
     errors.ChecksumMismatch: 422,
     errors.RangeNotSatisfiable: 416,
+    errors.TooLarge: 413,
     errors.InvalidArgument: 400,
     errors.NotFound: 404,
     errors.AlreadyExists: 409,

@@ -30,6 +30,12 @@ from ahmount.server.app import create_observed_app
 
 log = logging.getLogger("ahmount.server")
 
+#: A connection with no request in progress costs the server a socket and a task: an idle
+#: keep-alive one, or one whose headers never complete (slowloris), goes after this long.
+#: (hypercorn's read_timeout is not used: it would also cut a client that is only
+#: receiving a long download.)
+IDLE_TIMEOUT = 15.0
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -50,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--s3-secret-key", default=None, help="or AH_S3_SECRET_KEY / AWS_*")
     parser.add_argument("--s3-presign", action="store_true",
                         help="let clients read blobs straight from S3 via presigned URLs")
+    parser.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT,
+                        help="close a connection with no request in progress (idle keep-alive, "
+                        f"or headers still incomplete) after this many seconds "
+                        f"(default {IDLE_TIMEOUT:.0f})")
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command")
     serve_p = sub.add_parser("serve", help="serve HTTP (the default command)")
@@ -68,11 +78,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _serve(service: HubService, listen: str) -> None:
+async def _serve(service: HubService, listen: str, idle_timeout: float = IDLE_TIMEOUT) -> None:
     config = Config()
     config.bind = [listen]
     config.graceful_timeout = 10.0
-    config.keep_alive_timeout = 75.0
+    config.keep_alive_timeout = idle_timeout
     config.accesslog = None  # ObservedApp logs one line per request, with its request id
     config.errorlog = logging.getLogger("hypercorn.error")  # through our logfmt handler
     app: Any = create_observed_app(service)  # hypercorn's ASGI type is narrower
@@ -117,10 +127,11 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             if args.command == "gc":
                 stats = service.gc(args.grace)
-                print(f"removed {stats['blobs']} blobs and {stats['nodes']} tree nodes "
-                      f"({stats['trees']} trees live)")
+                print(f"removed {stats['blobs']} blobs, {stats['nodes']} tree nodes and "
+                      f"{stats['uploads']} expired uploads ({stats['trees']} trees live)")
                 return 0
-            trio.run(_serve, service, getattr(args, "serve_listen", None) or args.listen)
+            trio.run(_serve, service, getattr(args, "serve_listen", None) or args.listen,
+                     args.idle_timeout)
             return 0
     except AhError as exc:
         print(f"ah-server: {exc}", file=sys.stderr)

@@ -21,8 +21,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from ahmount.errors import InvalidArgument
 from ahmount.names import (
     MAX_BLOB_BYTES,
+    MAX_MTIME,
     MAX_NAME_LEN,
     MAX_OBJECT_PATH_BYTES,
+    MIN_MTIME,
     check_content_type,
     check_delete_path,
     check_mtime,
@@ -38,23 +40,34 @@ def _text(what: str, multiline: bool = False, max_len: int = 65536) -> AfterVali
     return AfterValidator(lambda v: check_text(v, what, multiline=multiline, max_len=max_len))
 
 
+#: ``check_text``'s rule as JSON Schema patterns, so that the document says it too (the
+#: check itself stays ``check_text``'s, whose errors say which character is wrong).
+_ONE_LINE: dict[str, Any] = {"pattern": r"^[^\x00-\x1f\x7f-\x9f]*$"}
+_TEXT: dict[str, Any] = {"pattern": r"^[^\x00-\x08\x0b-\x1f\x7f-\x9f]*$"}
+
+
 Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_LEN,
                             pattern=r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")]
-Label = Annotated[str, Field(min_length=1, max_length=128), _text("label", max_len=128)]
-Description = Annotated[str, Field(max_length=10_000),
+Label = Annotated[str, Field(min_length=1, max_length=128, json_schema_extra=_ONE_LINE),
+                  _text("label", max_len=128)]
+Description = Annotated[str, Field(max_length=10_000, json_schema_extra=_TEXT),
                         _text("description", multiline=True, max_len=10_000)]
-Message = Annotated[str, Field(min_length=1, max_length=65536),
+Message = Annotated[str, Field(min_length=1, max_length=65536, json_schema_extra=_TEXT),
                     _text("commit message", multiline=True)]
 Session = Annotated[str, Field(max_length=64, pattern=r"^[ -~]*$")]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-Size = Annotated[int, Field(ge=0, le=MAX_BLOB_BYTES)]
-ObjectPath = Annotated[str, Field(min_length=1, max_length=MAX_OBJECT_PATH_BYTES),
-                       AfterValidator(check_object_path)]
-DeletePath = Annotated[str, Field(min_length=1, max_length=MAX_OBJECT_PATH_BYTES + 1),
-                       AfterValidator(check_delete_path)]
-Mtime = Annotated[float, Field(allow_inf_nan=False),
+# Not strict: JSON Schema calls 5.0 an integer, so the hub takes it as 5 (never 5.5).
+Size = Annotated[int, Field(ge=0, le=MAX_BLOB_BYTES, strict=False)]
+_PATH: dict[str, Any] = {"pattern": r"^[^/\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"}
+ObjectPath = Annotated[str, Field(min_length=1, max_length=MAX_OBJECT_PATH_BYTES,
+                                  json_schema_extra=_PATH), AfterValidator(check_object_path)]
+DeletePath = Annotated[str, Field(min_length=1, max_length=MAX_OBJECT_PATH_BYTES + 1,
+                                  json_schema_extra=_PATH), AfterValidator(check_delete_path)]
+Mtime = Annotated[float, Field(allow_inf_nan=False, json_schema_extra={
+                      "minimum": MIN_MTIME, "maximum": MAX_MTIME}),
                   AfterValidator(lambda v: check_mtime(v, "object"))]
-ContentType = Annotated[str, Field(max_length=255),
+ContentType = Annotated[str, Field(max_length=255, pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+/"
+                                                           r"[!#$%&'*+.^_`|~0-9A-Za-z-]+$"),
                         AfterValidator(lambda v: check_content_type(v, "object"))]
 Labels = Annotated[list[Label], Field(max_length=64)]
 
