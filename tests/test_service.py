@@ -633,3 +633,26 @@ def test_abandoned_uploads_expire_and_are_capped(service: HubService, alice: Act
     assert service.gc(grace_seconds=0)["uploads"] == 2
     with service.metadata.read() as tx:
         assert tx.uploads_all() == []
+
+
+def test_commits_to_one_branch_take_turns_in_one_process() -> None:
+    import threading
+
+    from ahmount.hub.service import KeyedLocks
+
+    locks = KeyedLocks()
+    inside: list[int] = []
+    most = [0]
+
+    def work() -> None:
+        with locks.hold("asset:main"):
+            inside.append(1)
+            most[0] = max(most[0], len(inside))
+            inside.pop()
+
+    threads = [threading.Thread(target=work) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1 and locks._locks == {}  # one at a time, nothing left behind

@@ -14,9 +14,11 @@ import json
 import logging
 import math
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,6 +180,30 @@ def parse_entry(raw: Any) -> ObjectEntry:
     return ObjectEntry(path, sha256, size, mtime, content_type)
 
 
+class KeyedLocks:
+    """One lock per key, made on first use and dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+
+    @contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        with self._guard:
+            lock, users = self._locks.get(key, (threading.Lock(), 0))
+            self._locks[key] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._guard:
+                lock, users = self._locks[key]
+                if users == 1:
+                    del self._locks[key]
+                else:
+                    self._locks[key] = (lock, users - 1)
+
+
 class HubService:
     """All hub operations. ``metadata`` and ``blobs`` are owned by the caller."""
 
@@ -185,6 +211,7 @@ class HubService:
         self.metadata = metadata
         self.blobs = blobs
         self.trees = TreeStore(metadata)
+        self._branch_turns = KeyedLocks()
         self._index_blob_assets()
 
     def _index_blob_assets(self) -> None:
@@ -816,44 +843,49 @@ class HubService:
         if session:
             _check_session(session)
         extra_deletes, extra_adds = self._parse_changes(actor, deletes, adds)
-        for _attempt in range(COMMIT_RETRIES):
-            with self.metadata.read() as tx:
-                asset, ref = self._branch(tx, actor, addr, branch)
-                staged = [_change(r) for r in tx.changes(asset["id"], ref["name"])]
-                head_row = tx.commit(ref["commit_id"])
-            assert head_row is not None
-            head = _commit(head_row)
-            unknown = [c for c in staged if c.session != session or not session]
-            if unknown and not force:
-                raise UnknownChanges(
-                    f"branch {addr.at(branch)} has {len(unknown)} uncommitted change(s) this "
-                    f"commit did not make (first: {unknown[0].op} {unknown[0].path!r}); "
-                    "commit with force=True to include them, or reset the branch",
-                    path=addr.at(branch),
-                )
-            taken = staged
-            all_deletes = [c.path for c in taken if c.op == "delete"] + extra_deletes
-            all_adds = [c.entry for c in taken if c.entry is not None] + extra_adds
-            tree = self.trees.apply(head.tree, all_deletes, all_adds)
-            try:
-                with self.metadata.write() as tx:
-                    if tx.delete_changes([c.id for c in taken]) != len(taken):
-                        raise _Retry()  # a reset or another commit took some of them
-                    if tree == head.tree:
-                        return None
-                    # Staged adds were checked against their stager when staged.
-                    self._check_blobs_in(tx, actor, extra_adds)
-                    commit = self._new_commit(
-                        tx, asset["id"], tree, message, actor, [head.id], time.time(), metadata
+        # Commits to one branch through this process take turns: racing them optimistically
+        # only to have all but one retry burns the CPU the winner needs (32 clients on one
+        # branch collapsed to a retry storm). Other replicas still race through the ref's
+        # compare-and-swap below.
+        with self._branch_turns.hold(f"{addr}:{branch}"):
+            for _attempt in range(COMMIT_RETRIES):
+                with self.metadata.read() as tx:
+                    asset, ref = self._branch(tx, actor, addr, branch)
+                    staged = [_change(r) for r in tx.changes(asset["id"], ref["name"])]
+                    head_row = tx.commit(ref["commit_id"])
+                assert head_row is not None
+                head = _commit(head_row)
+                unknown = [c for c in staged if c.session != session or not session]
+                if unknown and not force:
+                    raise UnknownChanges(
+                        f"branch {addr.at(branch)} has {len(unknown)} uncommitted change(s) this "
+                        f"commit did not make (first: {unknown[0].op} {unknown[0].path!r}); "
+                        "commit with force=True to include them, or reset the branch",
+                        path=addr.at(branch),
                     )
-                    tx.record_blob_assets(asset["id"], [e.sha256 for e in all_adds])
-                    if not tx.move_ref(asset["id"], ref["name"], head.id, commit.id):
-                        raise _Retry()  # the branch moved: roll back and apply on the new head
-                    tx.update_asset(asset["id"], {"modified": time.time(), "editor": actor.name})
-            except _Retry:
-                continue
-            log.info("commit %s on %s by %s", commit.id[:8], addr.at(branch), actor.name)
-            return commit
+                taken = staged
+                all_deletes = [c.path for c in taken if c.op == "delete"] + extra_deletes
+                all_adds = [c.entry for c in taken if c.entry is not None] + extra_adds
+                tree = self.trees.apply(head.tree, all_deletes, all_adds)
+                try:
+                    with self.metadata.write() as tx:
+                        if tx.delete_changes([c.id for c in taken]) != len(taken):
+                            raise _Retry()  # a reset or another commit took some of them
+                        if tree == head.tree:
+                            return None
+                        # Staged adds were checked against their stager when staged.
+                        self._check_blobs_in(tx, actor, extra_adds)
+                        commit = self._new_commit(tx, asset["id"], tree, message, actor,
+                                                  [head.id], time.time(), metadata)
+                        tx.record_blob_assets(asset["id"], [e.sha256 for e in all_adds])
+                        if not tx.move_ref(asset["id"], ref["name"], head.id, commit.id):
+                            raise _Retry()  # it moved: roll back and apply on the new head
+                        tx.update_asset(asset["id"],
+                                        {"modified": time.time(), "editor": actor.name})
+                except _Retry:
+                    continue
+                log.info("commit %s on %s by %s", commit.id[:8], addr.at(branch), actor.name)
+                return commit
         raise Conflict(
             f"branch {addr.at(branch)} kept moving; gave up after {COMMIT_RETRIES} attempts",
             path=addr.at(branch),
