@@ -107,6 +107,14 @@ def check_mtime(value: object, what: str) -> float:
     return mtime
 
 
+def check_mode(value: object, what: str) -> int:
+    """Permission bits of an object: an integer from 0 to 0o777 (no type, setuid or sticky
+    bits: the hub keeps regular files only)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 0o777:
+        raise InvalidArgument(f"mode of {what} must be an integer from 0 to 0o777 (511)")
+    return value
+
+
 def check_user_name(value: object) -> str:
     name = check_name(value, "user")
     if name in RESERVED_USER_NAMES:

@@ -9,6 +9,7 @@ import logging
 import mimetypes
 import os
 import shutil
+import stat
 import sys
 import uuid
 from collections.abc import Mapping, Sequence
@@ -253,7 +254,8 @@ async def hash_files(files: list[LocalFile]) -> list[ObjectEntry]:
         hashes.close()
     return [
         ObjectEntry(f.target, str(sha), st.st_size, st.st_mtime,
-                    mimetypes.guess_type(f.target)[0] or "application/octet-stream")
+                    mimetypes.guess_type(f.target)[0] or "application/octet-stream",
+                    stat.S_IMODE(st.st_mode) & 0o777)
         for f, (_, st, _), sha in zip(files, found, shas, strict=True)
     ]
 

@@ -319,3 +319,44 @@ def test_control_characters_in_names_are_refused(mount_factory: Mounter) -> None
             (branch / name).write_text("x")
         assert info.value.errno == errno.EINVAL, name
     assert os.listdir(branch) == []
+
+
+def test_modes_are_kept_shown_and_committed(mount_factory: Mounter, tmp_path: Path) -> None:
+    import stat as stat_module
+
+    m = mount_factory()
+    segments = ["model", "llm", "gpt2", "v1"]
+    branch = m.mountpoint / "model/llm/gpt2/v1"
+
+    def mode(path: Path) -> int:
+        return stat_module.S_IMODE(os.stat(path).st_mode)
+
+    fd = os.open(branch / "secret.txt", os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, b"private")
+    os.close(fd)
+    assert mode(branch / "secret.txt") == 0o600  # as asked (less the umask), not 0644
+    (branch / "run.sh").write_text("#!/bin/sh\necho hi\n")
+    os.chmod(branch / "run.sh", 0o755)
+    assert mode(branch / "run.sh") == 0o755
+    os.chmod(branch / "run.sh", 0o755)  # to what it is: no change, no error
+    with pytest.raises(PermissionError):
+        os.chmod(branch / "run.sh", 0o4755)  # setuid is not a permission bit
+    (branch / "d").mkdir()
+    (branch / "d/f").write_text("x")
+    os.chmod(branch / "d", 0o755)  # what a directory shows: fine
+    with pytest.raises(PermissionError):
+        os.chmod(branch / "d", 0o700)  # directories are implied by paths, keep no mode
+    m.control("commit", path=segments, message="modes", force=False)
+    head = ah.list("model/llm/gpt2:v1", resource="commit")[0]["id"][:12]
+    assert mode(m.mountpoint / "model/llm/gpt2" / head / "run.sh") == 0o555  # read-only
+    assert mode(m.mountpoint / "model/llm/gpt2" / head / "secret.txt") == 0o400
+    ah.download("model/llm/gpt2:v1", save_dir=str(tmp_path / "out"))
+    assert mode(tmp_path / "out/run.sh") == 0o755 and mode(tmp_path / "out/secret.txt") == 0o600
+    # A chmod alone is a change, committed as one.
+    os.chmod(branch / "secret.txt", 0o640)
+    status = m.control("branch_status", path=segments)
+    assert [(c["op"], c["path"]) for c in status["changes"]] == [("modified", "secret.txt")]
+    m.control("commit", path=segments, message="group may read", force=False)
+    m.stop()
+    again = mount_factory(mountpoint=m.mountpoint)
+    assert mode(again.mountpoint / "model/llm/gpt2/v1/secret.txt") == 0o640

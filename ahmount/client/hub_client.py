@@ -440,6 +440,7 @@ class HubClient:
                     f"expected {entry.sha256}", path=entry.path,
                 )
             os.utime(tmp, (entry.mtime, entry.mtime))
+            os.chmod(tmp, entry.mode)  # as committed (git keeps the executable bit too)
             with local_names(entry.path, dest):
                 os.replace(tmp, dest)
         except BaseException:
@@ -468,7 +469,8 @@ class HubClient:
                         raise errors.ChecksumMismatch(
                             f"download of {entry.path!r} did not hash to {entry.sha256}",
                             path=entry.path)
-                    await anyio.to_thread.run_sync(_write_atomically, dest, data, entry.mtime)
+                    await anyio.to_thread.run_sync(_write_atomically, dest, data, entry.mtime,
+                                                   entry.mode)
                     if progress:
                         progress(len(data))
         finally:
@@ -684,7 +686,7 @@ def local_names(object_path: str, dest: Path) -> Iterator[None]:
                       "local file system refuses a name or path that long") from None
 
 
-def _write_atomically(dest: Path, data: bytes, mtime: float) -> None:
+def _write_atomically(dest: Path, data: bytes, mtime: float, mode: int = 0o644) -> None:
     with local_names(dest.name, dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = _partial_path(dest)
@@ -692,6 +694,7 @@ def _write_atomically(dest: Path, data: bytes, mtime: float) -> None:
         with local_names(dest.name, dest):
             tmp.write_bytes(data)
         os.utime(tmp, (mtime, mtime))
+        os.chmod(tmp, mode)
         with local_names(dest.name, dest):
             os.replace(tmp, dest)
     except BaseException:

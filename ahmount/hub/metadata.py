@@ -122,6 +122,7 @@ staging = sa.Table(
     sa.Column("size", sa.BigInteger),
     sa.Column("mtime", sa.Float),
     sa.Column("content_type", sa.String(255)),
+    sa.Column("mode", sa.Integer),  # schema v4
     sa.Column("created", sa.Float, nullable=False),
     sa.Index("ix_staging_branch", "asset_id", "branch"),
 )

@@ -27,9 +27,16 @@ def _v3_blob_possession(conn: Connection) -> None:
     ``blob_assets`` from the existing commits on its first start (it reads trees)."""
 
 
+def _v4_staged_modes(conn: Connection) -> None:
+    """Staged objects keep their permission bits (null: the default)."""
+    if "mode" not in {c["name"] for c in sa.inspect(conn).get_columns("staging")}:
+        conn.execute(sa.text("ALTER TABLE staging ADD COLUMN mode INTEGER"))
+
+
 #: STEPS[n] upgrades version n to n + 1.
 STEPS: dict[int, Callable[[Connection], None]] = {1: _v2_blobs_created_index,
-                                                  2: _v3_blob_possession}
+                                                  2: _v3_blob_possession,
+                                                  3: _v4_staged_modes}
 SCHEMA_VERSION = max(STEPS) + 1
 
 

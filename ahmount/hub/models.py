@@ -99,6 +99,10 @@ class RefInfo:
     commit: CommitInfo
 
 
+#: The permission bits of an object nobody gave a mode.
+DEFAULT_MODE = 0o644
+
+
 @dataclass(frozen=True)
 class ObjectEntry:
     """One object of a commit: its path and the blob that holds its bytes."""
@@ -108,6 +112,8 @@ class ObjectEntry:
     size: int
     mtime: float
     content_type: str = "application/octet-stream"
+    #: Permission bits (0o000-0o777), kept as a file system would.
+    mode: int = DEFAULT_MODE
 
 
 @dataclass(frozen=True)

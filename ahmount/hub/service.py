@@ -34,6 +34,7 @@ from ahmount.errors import (
 from ahmount.hub.blobs import BlobStore, check_range
 from ahmount.hub.metadata import MetadataStore, MetaTx
 from ahmount.hub.models import (
+    DEFAULT_MODE,
     EMPTY_COMMIT_MESSAGE,
     PUBLIC_OWNER,
     AssetAddr,
@@ -53,6 +54,7 @@ from ahmount.names import (
     check_content_type,
     check_delete_path,
     check_kind,
+    check_mode,
     check_mtime,
     check_name,
     check_object_path,
@@ -162,7 +164,8 @@ def _change(row: dict[str, Any]) -> Change:
     entry = None
     if row["op"] == "add":
         entry = ObjectEntry(
-            row["path"], row["sha256"], row["size"], row["mtime"], row["content_type"]
+            row["path"], row["sha256"], row["size"], row["mtime"], row["content_type"],
+            DEFAULT_MODE if row.get("mode") is None else row["mode"],
         )
     return Change(row["id"], row["op"], row["path"], row["session"], entry, row["created"])
 
@@ -177,7 +180,8 @@ def parse_entry(raw: Any) -> ObjectEntry:
     mtime = check_mtime(raw.get("mtime", time.time()), f"object {path!r}")
     content_type = check_content_type(raw.get("content_type") or "application/octet-stream",
                                       f"object {path!r}")
-    return ObjectEntry(path, sha256, size, mtime, content_type)
+    mode = check_mode(raw.get("mode", DEFAULT_MODE), f"object {path!r}")
+    return ObjectEntry(path, sha256, size, mtime, content_type, mode)
 
 
 class KeyedLocks:
@@ -788,11 +792,11 @@ class HubService:
         now = time.time()
         rows: list[dict[str, Any]] = [
             {"op": "delete", "path": p, "sha256": None, "size": None, "mtime": None,
-             "content_type": None}
+             "content_type": None, "mode": None}
             for p in clean_deletes
         ] + [
             {"op": "add", "path": e.path, "sha256": e.sha256, "size": e.size, "mtime": e.mtime,
-             "content_type": e.content_type}
+             "content_type": e.content_type, "mode": e.mode}
             for e in clean_adds
         ]
         with self.metadata.write() as tx:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ahmount.errors import Conflict, InternalError
-from ahmount.hub.models import ObjectEntry
+from ahmount.hub.models import DEFAULT_MODE, ObjectEntry
 
 TARGET_RANGE = 1024
 MAX_RANGE = 4096
@@ -64,8 +64,18 @@ def _materialize(raw: object) -> object:
     assert isinstance(raw, dict)
     if "ranges" in raw:
         return [RangeRef(r[0], r[1], r[2], r[3]) for r in raw["ranges"]]
-    entries = [ObjectEntry(e[0], e[1], e[2], e[3], e[4]) for e in raw["entries"]]
+    entries = [ObjectEntry(*e) for e in raw["entries"]]  # mode only where not 0o644
     return ([e.path for e in entries], entries)
+
+
+def _entry_fields(entry: ObjectEntry) -> list[object]:
+    """An entry as stored in a range node. The mode is left out when it is the default, so
+    trees written before modes were kept keep their ids."""
+    fields: list[object] = [entry.path, entry.sha256, entry.size, entry.mtime,
+                            entry.content_type]
+    if entry.mode != DEFAULT_MODE:
+        fields.append(entry.mode)
+    return fields
 
 
 def _is_boundary(path: str) -> bool:
@@ -305,7 +315,7 @@ class TreeStore:
     ) -> None:
         for chunk in _chunk(entries):
             node_id, data = _encode(
-                {"entries": [[e.path, e.sha256, e.size, e.mtime, e.content_type] for e in chunk]}
+                {"entries": [_entry_fields(e) for e in chunk]}
             )
             nodes[node_id] = data
             refs.append(RangeRef(node_id, chunk[0].path, chunk[-1].path, len(chunk)))

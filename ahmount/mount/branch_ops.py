@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,15 +63,15 @@ async def _head(ops: AssetFS, ref: BranchRef, fresh: bool) -> CommitIndex:
 
 def _in_head(entry: ObjectEntry, head: CommitIndex) -> bool:
     found = head.lookup(entry.path)
-    return isinstance(found, ObjectEntry) and (found.sha256, found.size) == \
-        (entry.sha256, entry.size)
+    return isinstance(found, ObjectEntry) and (found.sha256, found.size, found.mode) == \
+        (entry.sha256, entry.size, entry.mode)
 
 
 async def _same_as_head(ops: AssetFS, row: Row, head: CommitIndex) -> bool:
     """True if a queued file holds exactly the head's bytes at its path (opened for writing
     and closed unwritten, or written back as it was): that is no change."""
     entry = head.lookup(row.path)
-    if not isinstance(entry, ObjectEntry) or entry.size != row.size:
+    if not isinstance(entry, ObjectEntry) or (entry.size, entry.mode) != (row.size, row.mode):
         return False
     sha = row.sha256 if row.local is None else await ops.queued_sha256(row)
     return sha == entry.sha256
@@ -152,10 +152,12 @@ async def commit(ops: AssetFS, ref: BranchRef, message: str, force: bool) -> dic
                     path=ref.asset.at(ref.branch))
         log.info("committing %d queued change(s) of %s", len(taken.files) + len(taken.deleted)
                  + len(taken.deleted_dirs), ref.asset.at(ref.branch))
-        blob_refs = [ObjectEntry(p, str(r.sha256), r.size, r.mtime)
+        blob_refs = [ObjectEntry(p, str(r.sha256), r.size, r.mtime, mode=r.mode)
                      for p, r in taken.files.items() if r.local is None]
         deletes = sorted(taken.deleted) + list(taken.deleted_dirs)
         uploaded, _ = await upload_files(ops.view.hub, files)
+        # The queue file's own mode is the queue's (0600); the object's is the row's.
+        uploaded = [replace(e, mode=taken.files[e.path].mode) for e in uploaded]
         # Files that hold exactly the head's bytes are no change (git's rule): left out.
         adds = [e for e in [*uploaded, *blob_refs] if not _in_head(e, head)]
         info = None

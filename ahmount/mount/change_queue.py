@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS changes (
     seq INTEGER NOT NULL,
     uploaded INTEGER NOT NULL DEFAULT 0,
     origin TEXT,                 -- for a blob reference: "<commit id>/<path>" it was read from
+    mode INTEGER NOT NULL DEFAULT 420,  -- permission bits (0o644), committed with the object
     PRIMARY KEY (branch, path)
 );
 CREATE TABLE IF NOT EXISTS counter (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER);
@@ -64,6 +65,7 @@ class Row:
     seq: int
     uploaded: bool
     origin: str | None = None
+    mode: int = 0o644
 
     def origin_parts(self) -> tuple[str, str]:
         """``(commit id, path)`` where a blob reference's bytes can be read."""
@@ -159,6 +161,9 @@ class ChangeQueue:
         # power loss once :meth:`make_durable` ran (close and fsync of a written file).
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(changes)")}
+        if "mode" not in columns:  # a queue from before modes were kept
+            self._db.execute("ALTER TABLE changes ADD COLUMN mode INTEGER NOT NULL DEFAULT 420")
         self._seq = int(self._db.execute("SELECT seq FROM counter WHERE id = 1").fetchone()[0])
         self._lock = threading.RLock()
         self._branches: dict[str, BranchQueue] = {}
@@ -177,10 +182,10 @@ class ChangeQueue:
     def _load(self) -> None:
         rows = self._db.execute(
             "SELECT branch, path, kind, local, sha256, size, mtime, base, seq, uploaded, "
-            "origin FROM changes").fetchall()
+            "origin, mode FROM changes").fetchall()
         for branch, *values in rows:
             row = Row(values[0], values[1], values[2], values[3], values[4], values[5],
-                      values[6], values[7], bool(values[8]), values[9])
+                      values[6], values[7], bool(values[8]), values[9], values[10])
             if row.kind == "file" and row.local is not None:
                 # A daemon killed between writes and release: the local file is the truth.
                 try:
@@ -317,21 +322,23 @@ class ChangeQueue:
 
     def _write(self, db: sqlite3.Connection, key: str, row: Row) -> None:
         db.execute(
-            "INSERT OR REPLACE INTO changes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO changes (branch, path, kind, local, sha256, size, mtime, "
+            "base, seq, uploaded, origin, mode) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (key, row.path, row.kind, row.local, row.sha256, row.size, row.mtime, row.base,
-             row.seq, int(row.uploaded), row.origin))
+             row.seq, int(row.uploaded), row.origin, row.mode))
 
     def put_file(self, key: str, path: str, base: str, *, local: str | None = None,
                  sha256: str | None = None, size: int = 0, mtime: float | None = None,
-                 origin: str | None = None) -> Row:
+                 origin: str | None = None, mode: int = 0o644) -> Row:
         """Queue new content at ``path`` (replacing a queued file or a delete there): local
-        bytes, or an existing blob (``sha256`` and the ``origin`` it can be read from)."""
+        bytes, or an existing blob (``sha256`` and the ``origin`` it can be read from), with
+        its permission bits."""
         with self._tx() as db:
             queue = self.branch(key)
             old = queue.files.get(path)
             row = Row(path, "file", local, sha256, size, time.time() if mtime is None else mtime,
                       old.base if old else base, self._next_seq(db), sha256 is not None,
-                      origin)
+                      origin, mode)
             self._write(db, key, row)  # replaces a delete row of the path (same key)
             queue.deleted.discard(path)
             queue.set_file(row)
@@ -341,10 +348,11 @@ class ChangeQueue:
 
     def touch_file(self, key: str, path: str, *, size: int | None = None,
                    mtime: float | None = None, sha256: str | None = None,
-                   uploaded: bool = False, content_changed: bool = True) -> Row:
-        """Record that a queued file changed (size, mtime) or was hashed/uploaded. A content
-        change raises its ``seq`` (so a running commit leaves it queued) and forgets its hash;
-        an mtime change also raises ``seq`` but keeps the hash."""
+                   uploaded: bool = False, content_changed: bool = True,
+                   mode: int | None = None) -> Row:
+        """Record that a queued file changed (size, mtime, mode) or was hashed/uploaded. A
+        content change raises its ``seq`` (so a running commit leaves it queued) and forgets
+        its hash; an mtime or mode change also raises ``seq`` but keeps the hash."""
         with self._tx() as db:
             queue = self.branch(key)
             old = queue.files[path]
@@ -354,7 +362,9 @@ class ChangeQueue:
                 mtime=old.mtime if mtime is None else mtime,
                 sha256=sha256 if sha256 is not None else (None if content_changed else old.sha256),
                 uploaded=uploaded if sha256 is not None else (old.uploaded and not content_changed),
-                seq=self._next_seq(db) if (content_changed or mtime is not None) else old.seq,
+                mode=old.mode if mode is None else mode,
+                seq=self._next_seq(db) if (content_changed or mtime is not None or
+                                           mode is not None) else old.seq,
             )
             self._write(db, key, row)
             queue.set_file(row)

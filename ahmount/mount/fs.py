@@ -285,7 +285,7 @@ class AssetFS(pyfuse3.Operations):
     @staticmethod
     def _queued_node(loc: Location, writable: bool, resolved: Resolved,
                      index: CommitIndex | None, row: Row, in_head: bool, size: int) -> Node:
-        entry = ObjectEntry(row.path, row.sha256 or "", size, row.mtime)
+        entry = ObjectEntry(row.path, row.sha256 or "", size, row.mtime, mode=row.mode)
         return Node(loc, False, writable, False, row.mtime, entry=entry, resolved=resolved,
                     index=index, queued=row, in_head=in_head)
 
@@ -378,7 +378,9 @@ class AssetFS(pyfuse3.Operations):
             entry.st_size = 0
         else:
             assert node.entry is not None
-            entry.st_mode = stat.S_IFREG | (0o644 if node.writable else 0o444)
+            # The object's own permission bits; no write bits where nothing may change.
+            entry.st_mode = stat.S_IFREG | (node.entry.mode if node.writable
+                                            else node.entry.mode & ~0o222)
             entry.st_nlink = 1
             entry.st_size = node.entry.size
         entry.st_blksize = BLOCK
@@ -819,7 +821,8 @@ class AssetFS(pyfuse3.Operations):
             await self.cache.copy_to(source, local_path)
             size = node.entry.size
         return self.queue.put_file(branch, path, node.resolved.commit_id, local=local,
-                                   size=size, mtime=time.time() if truncate else node.mtime)
+                                   size=size, mtime=time.time() if truncate else node.mtime,
+                                   mode=node.entry.mode)
 
     async def _copy_pinned(self, branch: str, node: Node, row: Row, truncate: bool) -> Row:
         """A write to a file that a running commit is reading: the writer gets bytes of its
@@ -841,7 +844,7 @@ class AssetFS(pyfuse3.Operations):
             return current
         size = 0 if truncate else os.stat(local_path).st_size
         return self.queue.put_file(branch, node.loc.subpath, row.base, local=local, size=size,
-                                   mtime=time.time() if truncate else row.mtime)
+                                   mtime=time.time() if truncate else row.mtime, mode=row.mode)
 
     def _undo_copy(self, handle: LocalHandle) -> None:
         """A head object opened for writing and closed unwritten (``sqlite3 db 'select'``)
@@ -886,7 +889,9 @@ class AssetFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         local, fd = self.queue.create_local()
         try:
-            row = self.queue.put_file(branch, path, parent.resolved.commit_id, local=local)
+            # The mode asked for, less the caller's umask: kept, shown and committed.
+            row = self.queue.put_file(branch, path, parent.resolved.commit_id, local=local,
+                                      mode=stat.S_IMODE(mode) & 0o777 & ~ctx.umask)
         except BaseException:
             os.close(fd)
             raise
@@ -957,13 +962,26 @@ class AssetFS(pyfuse3.Operations):
             # Chowning to the owner it already shows (tar, rsync -a) is a no-op.
             raise refuse(errno.EPERM, "chown of %s refused: assets have no owners per file",
                          node.loc.api_path())
-        changes = fields.update_size or fields.update_mtime or fields.update_atime
-        if not changes or (fields.update_mode and not changes):
-            return self.attrs(node, inode)  # chmod: modes are not part of the model
+        changes = fields.update_size or fields.update_mtime or fields.update_atime or \
+            fields.update_mode
+        if not changes:
+            return self.attrs(node, inode)
+        chmod = fields.update_mode and \
+            stat.S_IMODE(attr.st_mode) != stat.S_IMODE(self.attrs(node, inode).st_mode)
+        if chmod:  # (a chmod to what it already is, as rsync -a and cp -p do, is no change)
+            if node.is_dir:
+                raise refuse(errno.EPERM, "chmod of directory %s refused: directories are "
+                             "implied by object paths and keep no mode", node.loc.api_path())
+            elif stat.S_IMODE(attr.st_mode) & ~0o777:
+                raise refuse(errno.EPERM, "chmod of %s refused: only permission bits are kept"
+                             " (no setuid, setgid or sticky)", node.loc.api_path())
         branch = self._writable(node, "setattr")
         assert self.queue is not None
         if node.is_dir:
             return self.attrs(node, inode)
+        if chmod:
+            self._chmod(branch, node, stat.S_IMODE(attr.st_mode))
+            node = await self.node(key)
         if fields.update_size:
             row = await self._materialize(node, truncate=attr.st_size == 0)
             assert row.local is not None
@@ -990,8 +1008,19 @@ class AssetFS(pyfuse3.Operations):
                 assert node.entry is not None and node.resolved is not None
                 self.queue.put_file(branch, node.loc.subpath, node.resolved.commit_id,
                                     sha256=node.entry.sha256, size=node.entry.size,
-                                    mtime=mtime, origin=self._origin(node))
+                                    mtime=mtime, origin=self._origin(node),
+                                    mode=node.entry.mode)
         return self.attrs(await self.node(key), inode)
+
+    def _chmod(self, branch: str, node: Node, mode: int) -> None:
+        """Queue a file's new permission bits (its bytes stay where they are)."""
+        assert self.queue is not None and node.entry is not None and node.resolved is not None
+        if node.queued is not None:
+            self.queue.touch_file(branch, node.loc.subpath, mode=mode, content_changed=False)
+        else:
+            self.queue.put_file(branch, node.loc.subpath, node.resolved.commit_id,
+                                sha256=node.entry.sha256, size=node.entry.size,
+                                mtime=node.entry.mtime, origin=self._origin(node), mode=mode)
 
     def _setattr_orphan(self, inode: int, attr: pyfuse3.EntryAttributes,
                         fields: pyfuse3.SetattrFields, fh: int | None
@@ -1152,7 +1181,7 @@ class AssetFS(pyfuse3.Operations):
         else:
             self.queue.put_file(branch, new_path, base, sha256=node.entry.sha256,
                                 size=node.entry.size, mtime=node.entry.mtime,
-                                origin=self._origin(node))
+                                origin=self._origin(node), mode=node.entry.mode)
             self.queue.delete(branch, node.loc.subpath, base, in_head=True)
 
     def _origin(self, node: Node) -> str:

@@ -243,7 +243,8 @@ class HubView:
             if raw is None:
                 self.listing_fetches += 1
                 _, entries = await self.hub.list_objects(addr, commit_id)
-                raw = [(e.path, e.sha256, e.size, e.mtime, e.content_type) for e in entries]
+                raw = [(e.path, e.sha256, e.size, e.mtime, e.content_type, e.mode)
+                       for e in entries]
                 await trio.to_thread.run_sync(self._listings.set, commit_id, raw)
             index = await trio.to_thread.run_sync(
                 lambda: CommitIndex(commit_id, created, [ObjectEntry(*r) for r in raw]))

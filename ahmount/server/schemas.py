@@ -121,6 +121,8 @@ class Add(Body):
     size: Size
     mtime: Mtime | None = None
     content_type: ContentType | None = None
+    #: Permission bits; 420 (0o644) when not given.
+    mode: Annotated[int, Field(ge=0, le=0o777)] | None = None
 
     def as_entry(self) -> dict[str, Any]:
         """The mapping the service's ``parse_entry`` takes (defaults filled there)."""
