@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,7 +123,18 @@ class Hub:
 
 
 @pytest.fixture(scope="module")
-def hub(sqlite_server: HubProcess) -> Hub:
+def matrix_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
+    """A server of its own: the matrix makes folders public, which every user would see."""
+    server = HubProcess(tmp_path_factory.mktemp("matrix") / "data")
+    server.add_users(["placeholder"])
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def hub(matrix_server: HubProcess) -> Hub:
+    sqlite_server = matrix_server
     names: dict[str, str] = {}
     keys: dict[str, str] = {}
     for role in ("owner", "viewer", "editor", "reader", "stranger", "target"):

@@ -5,6 +5,7 @@ ones), must answer without a server error and as the document says."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import schemathesis
@@ -17,9 +18,18 @@ EXAMPLES = int(os.environ.get("AHMOUNT_FUZZ_EXAMPLES", "15"))
 
 
 @pytest.mark.slow
-def test_the_api_honours_its_own_document(sqlite_server: HubProcess) -> None:
-    # A user of its own, so that what the fuzzer creates and deletes touches no other test.
+def test_the_api_honours_its_own_document(tmp_path: Path) -> None:
+    # A server of its own: what the fuzzer creates, shares and makes public touches no test.
+    sqlite_server = HubProcess(tmp_path / "data")
     _, key = sqlite_server.fresh_user()
+    sqlite_server.start()
+    try:
+        _fuzz_every_operation(sqlite_server, key)
+    finally:
+        sqlite_server.stop()
+
+
+def _fuzz_every_operation(sqlite_server: HubProcess, key: str) -> None:
     headers = {"Authorization": f"Bearer {key}"}
     schema = schemathesis.openapi.from_url(f"{sqlite_server.url}/api/v1/openapi.json")
     failures: list[str] = []

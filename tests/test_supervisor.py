@@ -8,6 +8,7 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -15,6 +16,7 @@ import trio
 from ahmount.errors import ChecksumMismatch, HubUnavailable
 from ahmount.mount.object_cache import BLOCK, VERIFY_INLINE, ObjectCache
 from ahmount.mount.supervisor import FAULT_ENV, InjectedFault, Supervisor
+from ahmount.nurseries import open_nursery
 
 
 class Bugs:
@@ -135,3 +137,43 @@ async def test_an_object_evicted_while_verified_is_no_bug(tmp_path: Path) -> Non
     finally:
         cache.close()
     assert bugs.seen == [] and supervisor.contained == 0
+
+
+async def test_a_service_that_cannot_start_raises_its_own_error() -> None:
+    bugs = Bugs()
+
+    async def cannot_bind(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        raise OSError("AF_UNIX path too long")
+
+    with pytest.raises(OSError, match="AF_UNIX path too long"):
+        async with open_nursery() as nursery:
+            await Supervisor(nursery, bugs).start("control server", cannot_bind)
+    assert bugs.seen == []
+
+
+async def test_a_service_that_fails_after_starting_is_contained() -> None:
+    bugs = Bugs()
+
+    async def serves_then_breaks(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        raise trio.BrokenResourceError()
+
+    async with trio.open_nursery() as nursery:
+        supervisor = Supervisor(nursery, bugs)
+        await supervisor.start("control server", serves_then_breaks)
+    assert bugs.seen == [] and supervisor.contained == 1
+
+
+def test_control_sockets_fit_a_unix_address_under_any_home(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from ahmount.mount.control import MAX_SOCKET_PATH, socket_path
+
+    found = set()
+    for home in ("h", "h" * 150, "i" * 150):
+        monkeypatch.setenv("AHMOUNT_HOME", str(tmp_path / home))
+        path = socket_path(tmp_path / "mnt")
+        assert len(os.fsencode(path)) <= MAX_SOCKET_PATH
+        found.add(path)
+    assert len(found) == 3  # two long homes do not share a socket

@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import struct
+import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -30,10 +31,34 @@ Op = Callable[[dict[str, Any]], Awaitable[Any]]
 MAX_REQUEST = 1 << 20
 
 
+#: The longest path a unix socket address holds (sun_path, with its NUL).
+MAX_SOCKET_PATH = 107
+
+
 def socket_path(mountpoint: Path) -> Path:
-    """Where the control socket of the mount at ``mountpoint`` lives."""
+    """Where the control socket of the mount at ``mountpoint`` lives: the runtime directory,
+    or, where that path would be too long for a unix socket, a private directory of this
+    user's under the temporary directory (named after the runtime directory too, so that
+    two homes never share a socket)."""
     digest = hashlib.sha256(str(mountpoint).encode()).hexdigest()[:16]
-    return dirs().runtime / "mounts" / f"{digest}.sock"
+    path = dirs().runtime / "mounts" / f"{digest}.sock"
+    if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
+        return path
+    home = hashlib.sha256(os.fsencode(dirs().runtime)).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"ahmount-{os.getuid()}" / f"{home}-{digest}.sock"
+
+
+def _check_private(directory: Path, make_private: bool = False) -> None:
+    """The socket's directory must be this user's: a directory someone else made (under
+    /tmp, say) could hold a socket that is not ours. ``make_private`` (the server) also
+    closes it to everyone else."""
+    st = directory.stat()
+    if st.st_uid != os.getuid():
+        raise errors.PermissionDenied(
+            f"{directory} belongs to uid {st.st_uid}, not to this user; remove it",
+            path=str(directory))
+    if make_private:
+        os.chmod(directory, 0o700)
 
 
 def _peer_uid(sock: socket.socket) -> int:
@@ -52,7 +77,7 @@ class ControlServer:
 
     async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.path.parent, 0o700)
+        _check_private(self.path.parent, make_private=True)
         self.path.unlink(missing_ok=True)
         listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)
@@ -136,6 +161,8 @@ def call(mountpoint: Path, op: str, args: dict[str, Any] | None = None,
     """Send one request to the mount at ``mountpoint`` (blocking); returns its result or raises
     the domain error it answered with."""
     path = socket_path(mountpoint)
+    if path.parent.exists():
+        _check_private(path.parent)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:

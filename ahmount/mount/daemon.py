@@ -41,6 +41,7 @@ from ahmount.mount.fs import AssetFS
 from ahmount.mount.hub_view import HubView
 from ahmount.mount.object_cache import ObjectCache
 from ahmount.mount.supervisor import Supervisor
+from ahmount.nurseries import open_nursery
 from ahmount.observability import notify_systemd, set_level, setup_logging
 
 log = logging.getLogger("ahmount.mount")
@@ -179,7 +180,8 @@ class Mount:
                  self.mountpoint, me, self.config.ah_host or "embedded",
                  self.cache_size / (1 << 30), self.refresh)
         try:
-            async with trio.open_nursery() as nursery:
+            # The first real error, not a group: "mounting failed: <why>" for the user.
+            async with open_nursery() as nursery:
                 self.supervisor = supervisor = Supervisor(nursery, self._stop_for_bug)
                 cache.set_spawner(supervisor.spawn)
                 await supervisor.start("upload-ahead", ops.run_uploader)

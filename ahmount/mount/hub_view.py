@@ -43,14 +43,14 @@ class TtlCache(Generic[K, V]):
         self._loading: dict[K, trio.Event] = {}
 
     def invalidate(self, key: K | None = None) -> None:
-        if key is None:
-            self._values.clear()
-        else:
-            self._values.pop(key, None)
+        """Expire ``key`` (or everything): the next read asks the hub, and the last value is
+        still there to serve if the hub cannot be reached (``ah refresh`` during an outage
+        must not turn what the mount has seen into EIO)."""
+        self.invalidate_where(lambda k: key is None or k == key)
 
     def invalidate_where(self, predicate: Callable[[K], bool]) -> None:
         for key in [k for k in self._values if predicate(k)]:
-            del self._values[key]
+            self._values[key] = (0.0, self._values[key][1])
 
     def peek(self, key: K) -> V | None:
         found = self._values.get(key)

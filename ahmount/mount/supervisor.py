@@ -92,5 +92,29 @@ class Supervisor:
 
     async def start(self, name: str, fn: Callable[..., Awaitable[Any]]) -> None:
         """Start a service task and wait for its ``task_status.started()``. A failure before
-        it started is raised here (the mount cannot come up without it)."""
-        await self._nursery.start(self._guard(name, fn))
+        it started is raised here, as itself (the mount cannot come up without the task);
+        after that the policy applies."""
+        async def run(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            status = _Started(task_status)
+            try:
+                await fn(task_status=status)
+            except trio.Cancelled:
+                raise
+            except Exception as exc:
+                if not status.done:
+                    raise
+                self._failed(name, exc)
+
+        await self._nursery.start(run)
+
+
+class _Started:
+    """A task status that remembers whether the task reported itself started."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.done = False
+
+    def started(self, value: Any = None) -> None:
+        self.done = True
+        self._inner.started(value)

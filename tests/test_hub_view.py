@@ -1,0 +1,102 @@
+"""The mount's view of the hub, in-process: the real service behind the ASGI transport,
+with a switch that takes the hub away. Listings are cached for their documented time, a
+commit's listing is fetched once, and an outage serves what was seen."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import diskcache
+import httpx
+import pytest
+
+from ahmount.client.asgi_transport import StreamingASGITransport
+from ahmount.client.hub_client import HubClient
+from ahmount.errors import HubUnavailable
+from ahmount.hub.models import AssetAddr, FolderAddr, ObjectEntry
+from ahmount.hub.open import open_hub
+from ahmount.mount.hub_view import HubView
+from ahmount.server.app import create_app
+
+
+class Switch(httpx.AsyncBaseTransport):
+    """A transport to an in-process hub that can be cut (``down = True``)."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+        self.down = False
+        self.requests: list[str] = []
+
+    async def __aenter__(self) -> Switch:
+        await self.inner.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.inner.__aexit__(*exc)  # type: ignore[arg-type]
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self.down:
+            raise httpx.ConnectError("hub unplugged", request=request)
+        self.requests.append(request.url.path)
+        return await self.inner.handle_async_request(request)
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> tuple[HubClient, Switch, AssetAddr]:
+    stack = open_hub(tmp_path / "hub")
+    service = stack.__enter__()
+    alice = service.ensure_user("alice")
+    folder = FolderAddr("alice", "model", "llm")
+    service.create_folder(alice, folder)
+    addr = AssetAddr(folder, "gpt2")
+    service.create_asset(alice, addr)
+    switch = Switch(StreamingASGITransport(create_app(service, trusted_user="alice")))
+    return HubClient("http://scripted", transport=switch, retries=0), switch, addr
+
+
+async def test_a_commit_listing_is_fetched_once_and_an_outage_serves_what_was_seen(
+        hub: tuple[HubClient, Switch, AssetAddr], tmp_path: Path) -> None:
+    client, switch, addr = hub
+    listings = diskcache.Cache(str(tmp_path / "listings"))
+    view = HubView(client, "alice", 60.0, listings)
+    async with client:
+        folders = await view.folders("own", "alice", "model")
+        assert list(folders) == ["llm"]
+        head = await view.resolve(addr, "main")
+        first = await view.index(addr, head.commit_id, head.created)
+        again = await view.index(addr, head.commit_id, head.created)
+        assert first is again and view.listing_fetches == 1
+        before = len(switch.requests)
+        assert list(await view.folders("own", "alice", "model")) == ["llm"]  # cached
+        assert len(switch.requests) == before
+        view.invalidate()  # ah refresh: ask again; the hub is gone, the last value is served
+        switch.down = True
+        assert list(await view.folders("own", "alice", "model")) == ["llm"]
+        with pytest.raises(HubUnavailable):
+            await view.assets(FolderAddr("alice", "model", "never-seen"))
+        # A second view on the same disk cache reads the commit's listing without the hub.
+        other = HubView(client, "alice", 60.0, listings)
+        assert (await other.index(addr, head.commit_id, head.created)).names("") == []
+        assert other.listing_fetches == 0
+    listings.close()
+
+
+async def test_a_branch_head_is_asked_again_after_the_refresh_time(
+        hub: tuple[HubClient, Switch, AssetAddr], tmp_path: Path) -> None:
+    client, _, addr = hub
+    listings = diskcache.Cache(str(tmp_path / "listings"))
+    view = HubView(client, "alice", 0.0, listings)  # every read of a branch asks the hub
+    async with client:
+        old = await view.resolve(addr, "main")
+        blob = b"x"
+        sha = hashlib.sha256(blob).hexdigest()
+        path = tmp_path / "x"
+        path.write_bytes(blob)
+        await client.upload_file(path, sha, 1)
+        await client.commit(addr, "main", "one", adds=[ObjectEntry("x", sha, 1, 0.0)])
+        new = await view.resolve(addr, "main")
+        assert new.commit_id != old.commit_id
+        index = await view.index(addr, new.commit_id, new.created)
+        assert index.names("") == ["x"]
+    listings.close()
