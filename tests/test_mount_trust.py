@@ -360,3 +360,23 @@ def test_modes_are_kept_shown_and_committed(mount_factory: Mounter, tmp_path: Pa
     m.stop()
     again = mount_factory(mountpoint=m.mountpoint)
     assert mode(again.mountpoint / "model/llm/gpt2/v1/secret.txt") == 0o640
+
+
+def test_a_corrupt_blob_fails_its_read_and_the_mount_stays_up(mount_factory: Mounter,
+                                                              tmp_path: Path) -> None:
+    import hashlib
+
+    data = os.urandom(300_000)
+    (tmp_path / "w.bin").write_bytes(data)
+    ah.commit("model/llm/gpt2:v1", msg="w", add=[str(tmp_path / "w.bin")])
+    sha = hashlib.sha256(data).hexdigest()
+    [blob] = list((dirs().data / "hub").rglob(sha))  # the embedded hub's copy
+    blob.write_bytes(bytes(len(data)))  # rot on the hub's disk, same length
+    m = mount_factory()
+    with pytest.raises(OSError) as info:
+        (m.mountpoint / "model/llm/gpt2/v1/w.bin").read_bytes()
+    assert info.value.errno == errno.EIO
+    assert m.alive() and m.control("status")["pid"] == m.pid
+    assert m.control("cache")["objects"] == 0  # the bad copy was not kept
+    blob.write_bytes(data)  # repaired: the next read fetches it again
+    assert (m.mountpoint / "model/llm/gpt2/v1/w.bin").read_bytes() == data
