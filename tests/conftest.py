@@ -371,6 +371,26 @@ def mount_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ob
         assert not found, f"the mount daemon logged a traceback: {found[0][:3000]}"
 
 
+def fresh_api_session() -> None:
+    """``ah`` as a new process would start: no session, no remembered user (tests switch
+    AHMOUNT_HOME, so each test is a new machine)."""
+    from ahmount import ah
+
+    ah._session, ah._logged_out = None, False
+    ah._me.clear()
+
+
+@pytest.fixture
+def gpt2_v1() -> None:
+    """The seed's example model on the embedded hub: model/llm/gpt2 with a branch v1."""
+    from ahmount import ah
+
+    fresh_api_session()
+    ah.create("model/llm")
+    ah.create("model/llm/gpt2")
+    ah.create("model/llm/gpt2:v1")
+
+
 _counter = iter(range(1_000_000))
 
 

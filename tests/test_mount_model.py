@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from ahmount import ah
-from tests.conftest import MountProcess, wait_until
+from tests.conftest import MountProcess, fresh_api_session, wait_until
 
 PATHS = ["a", "b", "d/a", "d/b", "d/e/a", "e"]
 DIRS = ["d", "d/e", "e", "f"]
@@ -217,8 +217,7 @@ class BranchMachine(RuleBasedStateMachine):
 @pytest.mark.slow
 def test_a_branch_behaves_like_a_local_directory(mount_factory: Callable[..., MountProcess],
                                                  tmp_path: Path) -> None:
-    ah._session, ah._logged_out = None, False
-    ah._me.clear()
+    fresh_api_session()
     ah.create("model/llm")
     ah.create("model/llm/gpt2")
     BranchMachine.mounter = staticmethod(mount_factory)  # type: ignore[assignment]

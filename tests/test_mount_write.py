@@ -24,13 +24,7 @@ from tests.conftest import HubProcess, MountProcess, command, wait_until
 Mounter = Callable[..., MountProcess]
 
 
-@pytest.fixture(autouse=True)
-def model() -> None:
-    ah._session, ah._logged_out = None, False
-    ah._me.clear()
-    ah.create("model/llm")
-    ah.create("model/llm/gpt2")
-    ah.create("model/llm/gpt2:v1")
+pytestmark = pytest.mark.usefixtures("gpt2_v1")
 
 
 def run_ah(*args: str, cwd: Path | None = None, check: bool = True) -> str:

@@ -166,9 +166,15 @@ async def commit(ops: AssetFS, ref: BranchRef, message: str, force: bool) -> dic
                                              session=uuid.uuid4().hex, deletes=deletes,
                                              adds=adds, force=force)
         ops.settle_branch(ref.key)  # writes since the snapshot keep their rows queued
+        # A file still open for writing keeps its row (rebased, so it is no change until
+        # written): dropping it would delete the bytes under the open handle, and what the
+        # handle writes next would reach no row.
+        still_open = [p for p in taken.files if ops.open_for_writing(ref.key, p)]
+        for path in still_open:
+            del taken.files[path]
         dropped = ops.queue.committed(ref.key, taken)
         if info is not None:
-            ops.queue.rebase(ref.key, list(taken.files), info.id)
+            ops.queue.rebase(ref.key, [*taken.files, *still_open], info.id)
     finally:
         ops.queue.unpin(pinned)
         for copy in copies:
