@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from ahmount import transfer
 from ahmount.client.hub_client import HubClient
 from ahmount.config import ClientConfig, load_config, make_config
-from ahmount.errors import InvalidArgument, NotFound, Unauthenticated
+from ahmount.errors import AlreadyExists, InvalidArgument, NotFound, Unauthenticated
 from ahmount.hub.models import AssetInfo, CommitInfo, FolderInfo, ObjectEntry, RefInfo
 from ahmount.paths import ApiPath, parse, split_ref_source
 from ahmount.sync_runner import run_sync
@@ -35,14 +35,24 @@ __all__ = [
 ]
 
 log = logging.getLogger("ahmount.ah")
-# The original SDK prints its progress lines ("Commit 29d6f29e created") by default; an
-# application that configures logging itself still receives them through the root logger.
-log.setLevel(logging.INFO)
-if not log.handlers and not logging.getLogger().handlers:
-    _handler = logging.StreamHandler(sys.stderr)
-    _handler.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(_handler)
-    log.propagate = False
+
+
+def __dir__() -> builtins.list[str]:
+    """The documented API, not the module's imports."""
+    return sorted(__all__)
+
+
+def _console_logging() -> None:
+    """The original SDK prints its progress lines ("Commit 29d6f29e created") by default.
+    Done at the first call, not at import: an application that configures logging itself
+    (before or after importing) still receives them through the root logger."""
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.INFO)
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
 
 T = TypeVar("T")
 _lock = threading.Lock()
@@ -61,6 +71,7 @@ def _config() -> ClientConfig:
 
 
 def _run(fn: Callable[[HubClient], Awaitable[T]]) -> T:
+    _console_logging()
     config = _config()
     identity = (config.ah_host, config.api_key)
 
@@ -421,8 +432,8 @@ def create(path: str, labels: Sequence[str] | None = None, description: str = ""
             addr = p.folder_addr()
             try:
                 info = await hub.create_folder(addr, labels_list, description)
-            except RuntimeError as exc:
-                if not exist_ok or "already exists" not in str(exc):
+            except AlreadyExists:
+                if not exist_ok:
                     raise
                 return Folder(p, await hub.get_folder(addr))
             log.info("Folder %s created", info.path)
@@ -431,8 +442,8 @@ def create(path: str, labels: Sequence[str] | None = None, description: str = ""
             asset_addr = p.asset_addr()
             try:
                 asset = await hub.create_asset(asset_addr, labels_list, description)
-            except RuntimeError as exc:
-                if not exist_ok or "already exists" not in str(exc):
+            except AlreadyExists:
+                if not exist_ok:
                     raise
                 return _asset_obj(p, await hub.get_asset(asset_addr))
             log.info("%s %s created", "Model" if asset.kind == "model" else "Dataset",

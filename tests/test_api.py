@@ -540,3 +540,18 @@ def test_download_of_long_names(backend: Backend, tmp_path: Path) -> None:
     with pytest.raises(OSError, match="cannot be saved") as info:
         ah.download("dataset/long/names", objects=[deep], save_dir=str(tmp_path / "deep"))
     assert deep[:40] in str(info.value)
+
+
+def test_importing_the_api_has_no_side_effects() -> None:
+    import subprocess
+    import sys
+
+    code = ("import logging, sys; from ahmount import ah; "
+            "assert not logging.getLogger('ahmount.ah').handlers, 'handler at import'; "
+            "assert not logging.getLogger().handlers; "
+            "print(' '.join(dir(ah)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == sorted(["Branch", "Commit", "Dataset", "Folder", "Model", "Tag", "commit",
+                          "create", "delete", "download", "get", "list", "login", "logout",
+                          "merge", "reset", "update"])

@@ -103,3 +103,16 @@ def test_listings_escape_what_a_terminal_would_run() -> None:
     table = render(["PATH"], [["evil\x1b]0;owned\x07\rname\n"]])
     assert "\x1b" not in table and "\r" not in table and "\x07" not in table
     assert "evil\\x1b]0;owned\\x07\\x0dname\\x0a" in table
+
+
+def test_exit_codes_tell_bad_input_from_corruption_and_bugs() -> None:
+    from ahmount import errors
+    from ahmount.cli.exit_codes import exit_code
+
+    assert exit_code(errors.InvalidArgument("bad")) == 2
+    assert exit_code(errors.TooLarge("big")) == 2
+    assert exit_code(errors.ChecksumMismatch("rotten")) == 1
+    assert exit_code(ValueError("a bug, not the user's input")) == 1
+    assert exit_code(errors.Conflict("held")) == 6
+    assert exit_code(errors.HubUnavailable("down")) == 7
+    assert exit_code(OSError(5, "disk")) == 8

@@ -1,4 +1,6 @@
-"""The one place that turns errors into ``ah`` exit codes."""
+"""The one place that turns errors into exit codes, for ``ah``, ``ah-mount`` and
+``ah-server`` alike. A plain ``ValueError`` (not :class:`InvalidArgument`) is a bug, and
+exits 1 like any other."""
 
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ FAILURE = 1
 USAGE = 2  # argparse's own code for bad command lines, reused for bad arguments
 
 _CODES: list[tuple[type[BaseException], int]] = [
+    # Corrupt bytes are no bad input of the caller's (they are a subclass of it, for the
+    # API's ValueError contract).
+    (errors.ChecksumMismatch, FAILURE),
     (errors.InvalidArgument, USAGE),
     (errors.NotFound, 3),
     (errors.AlreadyExists, 4),
@@ -19,7 +24,6 @@ _CODES: list[tuple[type[BaseException], int]] = [
     (errors.Conflict, 6),
     (errors.HubUnavailable, 7),
     (httpx.HTTPError, 7),
-    (ValueError, USAGE),
     (OSError, 8),
 ]
 

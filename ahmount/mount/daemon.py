@@ -30,6 +30,7 @@ import diskcache
 import pyfuse3
 import trio
 
+from ahmount.cli.exit_codes import FAILURE, exit_code
 from ahmount.client.hub_client import HubClient
 from ahmount.config import ClientConfig, dirs, load_config, make_config
 from ahmount.errors import AhError, InvalidArgument
@@ -322,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         recover_stale(mountpoint)
     except (AhError, OSError) as exc:
         print(f"ah-mount: {exc}", file=sys.stderr)
-        return 2
+        return exit_code(exc)
     if args.foreground:
         log_path = _setup_logging(args.log_level, True)
         return _run(mountpoint, config, cache_size, args, _tell_systemd_ready)
@@ -345,9 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = _run(mountpoint, config, cache_size, args, ready)
     except BaseException as exc:  # report to the waiting parent, then die
+        code = exit_code(exc)
         with contextlib.suppress(OSError):
-            os.write(write_end, f"error: {exc} (log: {log_path})\n".encode())
-        os._exit(1)
+            os.write(write_end, f"error {code}: {exc} (log: {log_path})\n".encode())
+        os._exit(code)
     os._exit(code)
 
 
@@ -372,9 +374,12 @@ def _wait_for_child(read_end: int, mountpoint: Path) -> int:
     if message == "ok":
         print(f"ah-mount: {mountpoint} is mounted", file=sys.stderr)
         return 0
-    print(f"ah-mount: mounting {mountpoint} failed: {message or 'daemon died'}",
-          file=sys.stderr)
-    return 1
+    code, why = FAILURE, message or "daemon died"
+    head, _, rest = message.partition(": ")
+    if head.startswith("error ") and head[6:].isdigit():
+        code, why = int(head[6:]), rest
+    print(f"ah-mount: mounting {mountpoint} failed: {why}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

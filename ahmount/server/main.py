@@ -21,6 +21,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
+from ahmount.cli.exit_codes import exit_code
 from ahmount.config import dirs
 from ahmount.errors import AhError
 from ahmount.hub.open import S3Options, open_hub
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     except AhError as exc:
         print(f"ah-server: {exc}", file=sys.stderr)
-        return 2
+        return exit_code(exc)
 
 
 if __name__ == "__main__":
