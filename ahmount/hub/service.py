@@ -184,6 +184,12 @@ def parse_entry(raw: Any) -> ObjectEntry:
     return ObjectEntry(path, sha256, size, mtime, content_type, mode)
 
 
+def _held_blobs(tx: MetaTx, actor: Actor, hashes: Sequence[str]) -> dict[str, int]:
+    """Sizes of the blobs of ``hashes`` the hub has and ``actor`` possesses (see
+    ``docs/security.md``): to anyone else the rest do not exist."""
+    return tx.blob_sizes(sorted(tx.possessed_blobs(actor.id, hashes)))
+
+
 class KeyedLocks:
     """One lock per key, made on first use and dropped when nobody holds or waits for it."""
 
@@ -762,9 +768,7 @@ class HubService:
         """Every added object must name a blob the actor possesses (uploaded its bytes, or
         can read an object of it); one that is not is answered exactly like one that does
         not exist, so the hub reveals neither existence nor size of others' blobs."""
-        hashes = sorted({a.sha256 for a in adds})
-        possessed = tx.possessed_blobs(actor.id, hashes)
-        sizes = tx.blob_sizes(sorted(possessed))
+        sizes = _held_blobs(tx, actor, sorted({a.sha256 for a in adds}))
         for entry in adds:
             if entry.sha256 not in sizes:
                 raise InvalidArgument(
@@ -959,7 +963,7 @@ class HubService:
         with self.metadata.write() as tx:
             # Missing *for this caller*: a blob they cannot prove to hold reads as missing,
             # and sending its bytes is the proof.
-            known = tx.known_blobs(sorted(tx.possessed_blobs(actor.id, wanted)))
+            known = set(_held_blobs(tx, actor, wanted))
             # A blob reported present gets a fresh grace period, so gc cannot remove it
             # between this answer and the commit that uses it.
             tx.touch_blobs(sorted(known))
@@ -971,7 +975,7 @@ class HubService:
         check_sha256(sha256)
         check_size(size, f"blob {sha256}")
         with self.metadata.write() as tx:
-            if tx.known_blobs(sorted(tx.possessed_blobs(actor.id, [sha256]))):
+            if _held_blobs(tx, actor, [sha256]):
                 tx.touch_blobs([sha256])
                 return None, size
         now = time.time()

@@ -77,7 +77,7 @@ class FileHandle:
     next_offset: int = 0
     window: int = READAHEAD_START
     prefetched_to: int = 0
-    writable: bool = False  # the mode the file showed when opened
+    mode: int = 0o444  # the permission bits the file showed when opened (fstat after unlink)
 
 
 @dataclass
@@ -92,6 +92,7 @@ class LocalHandle:
     written: bool = False  # written at all through this handle
     mtime: float | None = None  # set by setattr while dirty; recorded with the size
     may_write: bool = True  # opened for writing (a commit snapshots such files by copy)
+    mode: int = 0o644  # the file's permission bits when opened (fstat after unlink)
     copied_seq: int | None = None  # this open copied a head object into the queue as seq
     orphaned: bool = False  # its name was unlinked or replaced: the open file lives on alone
     mid_change: bool = False  # written since the writer last flushed or fsynced: a commit
@@ -408,10 +409,11 @@ class AssetFS(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._count("lookup")
         key = (*self.inodes.key(parent_inode), _decode(name))
-        _check_length(name, "")
+        subpath = ""
         if len(key) > 4:  # deep enough to be inside a ref: the object path's bound too
             with contextlib.suppress(NotFound):
-                _check_length(name, locate(key, self.view.me).subpath)
+                subpath = locate(key, self.view.me).subpath
+        _check_name(name, subpath)
         attrs = await self._entry(key)
         self.inodes.remember(attrs.st_ino)
         return attrs
@@ -442,13 +444,12 @@ class AssetFS(pyfuse3.Operations):
         entry.st_nlink = 0  # unlinked
         entry.st_uid, entry.st_gid = self.uid, self.gid
         entry.st_blksize = BLOCK
+        entry.st_mode = stat.S_IFREG | handle.mode
         if isinstance(handle, LocalHandle):
             st = os.fstat(handle.fd)
-            entry.st_mode = stat.S_IFREG | 0o644
             entry.st_size = st.st_size
             entry.st_mtime_ns = entry.st_ctime_ns = entry.st_atime_ns = st.st_mtime_ns
         else:
-            entry.st_mode = stat.S_IFREG | (0o644 if handle.writable else 0o444)
             entry.st_size = handle.source.size
         entry.st_blocks = -(-entry.st_size // 512)
         return entry
@@ -456,21 +457,17 @@ class AssetFS(pyfuse3.Operations):
     def _orphan(self, branch: str, path: str, key: Key) -> None:
         """The file at ``path`` lost its name (unlink, or a rename over it): its open
         handles go on alone and nothing they do reaches the queue any more."""
-        for handle in self._handles.values():
-            if isinstance(handle, LocalHandle) and handle.branch == branch and \
-                    handle.path == path:
-                handle.orphaned = True
+        for handle in self._local_handles(branch, path):
+            handle.orphaned = True
         self.inodes.detach(key)
 
     def _rehome(self, branch: str, old: str, new: str) -> None:
         """Open handles follow their file (or directory) to its new path."""
-        for handle in self._handles.values():
-            if isinstance(handle, LocalHandle) and handle.branch == branch and \
-                    not handle.orphaned:
-                if handle.path == old:
-                    handle.path = new
-                elif handle.path.startswith(old + "/"):
-                    handle.path = new + handle.path[len(old):]
+        for handle in self._local_handles(branch):
+            if handle.path == old:
+                handle.path = new
+            elif handle.path.startswith(old + "/"):
+                handle.path = new + handle.path[len(old):]
 
     @fuse_errors
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
@@ -587,7 +584,8 @@ class AssetFS(pyfuse3.Operations):
                            node.entry.size)
         self.cache.pin(source.sha256)
         info = pyfuse3.FileInfo()
-        info.fh = self._fh(FileHandle(inode, source, writable=node.writable))
+        info.fh = self._fh(FileHandle(inode, source,
+                                      mode=stat.S_IMODE(self.attrs(node, inode).st_mode)))
         # Keep the kernel's page cache when this inode last showed the same bytes; otherwise
         # the kernel drops it on open (a branch moved underneath).
         info.keep_cache = node.immutable or self._served_sha.get(inode) == source.sha256
@@ -769,7 +767,7 @@ class AssetFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)
         subpath = f"{parent.loc.subpath}/{text}" if parent.loc.subpath else text
         key = (*parent_key, text)
-        _check_length(name, subpath)
+        _check_name(name, subpath)
         return parent, key, subpath
 
     async def _exists(self, key: Key) -> Node | None:
@@ -780,11 +778,7 @@ class AssetFS(pyfuse3.Operations):
 
     def _dirty_handle(self, branch: str, path: str) -> LocalHandle | None:
         """An open handle with writes the queue has not recorded yet, if any."""
-        for handle in self._handles.values():
-            if isinstance(handle, LocalHandle) and handle.dirty and handle.branch == branch \
-                    and handle.path == path and not handle.orphaned:
-                return handle
-        return None
+        return next((h for h in self._local_handles(branch, path) if h.dirty), None)
 
     def _open_local(self, inode: int, branch: str, path: str, row: Row,
                     fd: int | None = None, may_write: bool = True) -> pyfuse3.FileInfo:
@@ -792,7 +786,8 @@ class AssetFS(pyfuse3.Operations):
         if fd is None:
             fd = os.open(self.queue_local(row.local), os.O_RDWR if may_write else os.O_RDONLY)
         info = pyfuse3.FileInfo()
-        info.fh = self._fh(LocalHandle(inode, branch, path, fd, may_write=may_write))
+        info.fh = self._fh(LocalHandle(inode, branch, path, fd, may_write=may_write,
+                                       mode=row.mode))
         info.keep_cache = False
         return info
 
@@ -856,23 +851,26 @@ class AssetFS(pyfuse3.Operations):
             return
         self.queue.delete(handle.branch, handle.path, row.base, in_head=False)
 
+    def _local_handles(self, branch: str, path: str | None = None) -> list[LocalHandle]:
+        """Open handles of queued files of ``branch`` (at ``path``, if given) that still
+        have a name."""
+        return [h for h in self._handles.values() if isinstance(h, LocalHandle) and
+                not h.orphaned and h.branch == branch and (path is None or h.path == path)]
+
     def settle_branch(self, branch: str) -> None:
         """Record in the queue what open handles of ``branch`` wrote since they last did (a
         commit must see every write as a newer ``seq``)."""
-        for handle in list(self._handles.values()):
-            if isinstance(handle, LocalHandle) and handle.branch == branch and handle.dirty:
-                self._settle(handle)
+        for handle in self._local_handles(branch):
+            self._settle(handle)
 
     def being_written(self, branch: str, path: str) -> bool:
         """True if an open handle wrote to (or truncated, or created) ``path`` since its last
         flush or fsync: its bytes are in the middle of a change the writer has not finished."""
-        return any(isinstance(h, LocalHandle) and h.mid_change and not h.orphaned and
-                   h.branch == branch and h.path == path for h in self._handles.values())
+        return any(h.mid_change for h in self._local_handles(branch, path))
 
     def open_for_writing(self, branch: str, path: str) -> bool:
         """True if a handle that may write ``path`` of ``branch`` is open."""
-        return any(isinstance(h, LocalHandle) and h.may_write and not h.orphaned and
-                   h.branch == branch and h.path == path for h in self._handles.values())
+        return any(h.may_write for h in self._local_handles(branch, path))
 
     @fuse_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
@@ -1005,11 +1003,9 @@ class AssetFS(pyfuse3.Operations):
                 self.queue.touch_file(branch, node.loc.subpath, mtime=mtime,
                                       content_changed=False)
             else:
-                assert node.entry is not None and node.resolved is not None
-                self.queue.put_file(branch, node.loc.subpath, node.resolved.commit_id,
-                                    sha256=node.entry.sha256, size=node.entry.size,
-                                    mtime=mtime, origin=self._origin(node),
-                                    mode=node.entry.mode)
+                assert node.resolved is not None
+                self._queue_blob_ref(branch, node, node.loc.subpath, node.resolved.commit_id,
+                                     mtime=mtime)
         return self.attrs(await self.node(key), inode)
 
     def _chmod(self, branch: str, node: Node, mode: int) -> None:
@@ -1018,9 +1014,18 @@ class AssetFS(pyfuse3.Operations):
         if node.queued is not None:
             self.queue.touch_file(branch, node.loc.subpath, mode=mode, content_changed=False)
         else:
-            self.queue.put_file(branch, node.loc.subpath, node.resolved.commit_id,
-                                sha256=node.entry.sha256, size=node.entry.size,
-                                mtime=node.entry.mtime, origin=self._origin(node), mode=mode)
+            self._queue_blob_ref(branch, node, node.loc.subpath, node.resolved.commit_id,
+                                 mode=mode)
+
+    def _queue_blob_ref(self, branch: str, node: Node, path: str, base: str,
+                        mtime: float | None = None, mode: int | None = None) -> None:
+        """Queue the head object of ``node`` at ``path`` by reference to its blob (no bytes
+        copied), with a new mtime or mode if given."""
+        assert self.queue is not None and node.entry is not None
+        self.queue.put_file(branch, path, base, sha256=node.entry.sha256, size=node.entry.size,
+                            mtime=node.entry.mtime if mtime is None else mtime,
+                            origin=self._origin(node),
+                            mode=node.entry.mode if mode is None else mode)
 
     def _setattr_orphan(self, inode: int, attr: pyfuse3.EntryAttributes,
                         fields: pyfuse3.SetattrFields, fh: int | None
@@ -1179,9 +1184,7 @@ class AssetFS(pyfuse3.Operations):
         if node.queued is not None:
             self.queue.move_file(branch, node.loc.subpath, new_path, base, node.in_head)
         else:
-            self.queue.put_file(branch, new_path, base, sha256=node.entry.sha256,
-                                size=node.entry.size, mtime=node.entry.mtime,
-                                origin=self._origin(node), mode=node.entry.mode)
+            self._queue_blob_ref(branch, node, new_path, base)
             self.queue.delete(branch, node.loc.subpath, base, in_head=True)
 
     def _origin(self, node: Node) -> str:
@@ -1265,7 +1268,7 @@ class AssetFS(pyfuse3.Operations):
         raise refuse(errno.EPERM, "mknod %r refused: assets hold regular files only", name)
 
 
-def _check_length(name: bytes, subpath: str) -> None:
+def _check_name(name: bytes, subpath: str) -> None:
     """ENAMETOOLONG / EINVAL for what the hub could never store: the limits and the name rule
     are the hub's own (:mod:`ahmount.names`), so nothing the mount accepts can block a commit
     later."""
