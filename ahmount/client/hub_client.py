@@ -417,36 +417,35 @@ class HubClient:
 
     async def download(self, addr: AssetAddr, ref: str, entry: ObjectEntry, dest: Path,
                        progress: Progress | None = None) -> None:
-        """Write an object to ``dest`` atomically (temp file, fsync, rename) after checking
-        its sha256; on any failure nothing is left under ``dest``."""
-        with local_names(entry.path, dest):
-            dest.parent.mkdir(parents=True, exist_ok=True)
+        """Write an object to ``dest`` atomically (temp file, rename) after checking its
+        sha256; on any failure nothing is left under ``dest``."""
         tmp = _partial_path(dest)
         digest = hashlib.sha256()
-        try:
-            with local_names(entry.path, dest), tmp.open("wb") as handle:
-                if entry.size:
-                    async with self.open_object(addr, ref, entry.path) as response:
-                        async for chunk in response.aiter_bytes(CHUNK):
-                            digest.update(chunk)
-                            await anyio.to_thread.run_sync(handle.write, chunk)
-                            if progress:
-                                progress(len(chunk))
-            # No fsync: like cp, a download is made visible atomically (rename), and its
-            # durability is left to the file system; fsync per file made many small files slow.
-            if digest.hexdigest() != entry.sha256:
-                raise errors.ChecksumMismatch(
-                    f"download of {entry.path!r} hashed to {digest.hexdigest()}, "
-                    f"expected {entry.sha256}", path=entry.path,
-                )
-            os.utime(tmp, (entry.mtime, entry.mtime))
-            os.chmod(tmp, entry.mode)  # as committed (git keeps the executable bit too)
-            with local_names(entry.path, dest):
+        with local_names(entry.path, dest):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with tmp.open("wb") as handle:
+                    if entry.size:
+                        async with self.open_object(addr, ref, entry.path) as response:
+                            async for chunk in response.aiter_bytes(CHUNK):
+                                digest.update(chunk)
+                                await anyio.to_thread.run_sync(handle.write, chunk)
+                                if progress:
+                                    progress(len(chunk))
+                # No fsync: like cp, a download is made visible atomically (rename), and its
+                # durability is left to the file system; fsync per file made many small
+                # files slow.
+                if digest.hexdigest() != entry.sha256:
+                    raise errors.ChecksumMismatch(
+                        f"download of {entry.path!r} hashed to {digest.hexdigest()}, "
+                        f"expected {entry.sha256}", path=entry.path,
+                    )
+                os.utime(tmp, (entry.mtime, entry.mtime))
+                os.chmod(tmp, entry.mode)  # as committed (git keeps the executable bit too)
                 os.replace(tmp, dest)
-        except BaseException:
-            with contextlib.suppress(OSError):  # a path too long to make is too long to remove
-                tmp.unlink(missing_ok=True)
-            raise
+            except BaseException:
+                _remove_partial(tmp)
+                raise
 
     async def download_batch(self, addr: AssetAddr, ref: str,
                              items: Sequence[tuple[ObjectEntry, Path]],
@@ -687,20 +686,22 @@ def local_names(object_path: str, dest: Path) -> Iterator[None]:
 
 
 def _write_atomically(dest: Path, data: bytes, mtime: float, mode: int = 0o644) -> None:
+    tmp = _partial_path(dest)
     with local_names(dest.name, dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _partial_path(dest)
-    try:
-        with local_names(dest.name, dest):
+        try:
             tmp.write_bytes(data)
-        os.utime(tmp, (mtime, mtime))
-        os.chmod(tmp, mode)
-        with local_names(dest.name, dest):
+            os.utime(tmp, (mtime, mtime))
+            os.chmod(tmp, mode)
             os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):  # a path too long to make is too long to remove
-            tmp.unlink(missing_ok=True)
-        raise
+        except BaseException:
+            _remove_partial(tmp)
+            raise
+
+
+def _remove_partial(tmp: Path) -> None:
+    with contextlib.suppress(OSError):  # a path too long to make is too long to remove
+        tmp.unlink(missing_ok=True)
 
 
 async def _batch_body(files: Sequence[tuple[Path, str, int]],
