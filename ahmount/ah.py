@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ahmount import transfer
+from ahmount.client.embedded import connect
 from ahmount.client.hub_client import HubClient
 from ahmount.config import ClientConfig, load_config, make_config
 from ahmount.errors import AlreadyExists, InvalidArgument, NotFound, Unauthenticated
@@ -76,7 +77,7 @@ def _run(fn: Callable[[HubClient], Awaitable[T]]) -> T:
     identity = (config.ah_host, config.api_key)
 
     async def main() -> T:
-        async with HubClient.from_config(config) as hub:
+        async with connect(config) as hub:
             hub.known_user = _me.get(identity)  # saves a whoami per call
             try:
                 return await fn(hub)
@@ -399,7 +400,7 @@ def login(ah_host: str | None = None, ais_host: str | None = None, api_key: str 
 
     async def main() -> str:
         # One quick retry only: a mistyped host should fail now, not after the backoff.
-        async with HubClient.from_config(config, retries=1) as hub:
+        async with connect(config, retries=1) as hub:
             return await hub.whoami()
 
     me = run_sync(main)

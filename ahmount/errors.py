@@ -5,7 +5,7 @@ a message that names the path involved. The classes also derive from the builtin
 documented ``t9k.ah`` API raises (``RuntimeError`` for "not found" / "already exists" / "not
 logged in", ``ValueError`` for bad arguments), so code written against the original keeps
 working. HTTP statuses, errno values and CLI exit codes are each derived from this tree in
-exactly one place (``server/http_errors.py``, ``mount/errno_map.py``, ``cli/exit_codes.py``).
+exactly one place (``server/http_errors.py``, ``mount/errno_map.py``, ``exit_codes.py``).
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ahmount.client.embedded import embedded_client
 from ahmount.client.hub_client import HubClient, hash_file
 from ahmount.hub.models import AssetAddr, FolderAddr, ObjectEntry
 from tests.conftest import HubProcess, MountProcess
@@ -174,7 +175,7 @@ def main() -> None:
         me = "root" if os.getuid() == 0 else os.environ.get("USER", "user")
 
         async def fill() -> None:
-            async with HubClient.embedded() as hub:
+            async with embedded_client() as hub:
                 await populate(hub, me, big, files_dir, sparse)
             async with HubClient(server.url, api_key=key) as hub:
                 await populate(hub, "bench", big, files_dir, sparse)

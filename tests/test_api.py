@@ -18,6 +18,7 @@ import trio
 
 from ahmount import ah
 from ahmount.client import hub_client
+from ahmount.client.embedded import connect
 from ahmount.client.hub_client import HubClient
 from ahmount.errors import UnknownChanges
 from ahmount.hub.models import AssetAddr, FolderAddr
@@ -57,7 +58,7 @@ def _reset_api_state() -> None:
 def backend(request: pytest.FixtureRequest, unique: str) -> Iterator[Backend]:
     _reset_api_state()
     if request.param == "embedded":
-        from ahmount.client.hub_client import embedded_app
+        from ahmount.client.embedded import embedded_app
         from ahmount.config import dirs
 
         service = embedded_app(dirs().data / "hub").state.service
@@ -243,7 +244,7 @@ def test_unknown_changes_refuse_unless_forced(backend: Backend, gpt2: str, work:
     ah.commit(gpt2, msg="one", add=["model.pt"])
 
     async def stage_foreign() -> None:
-        async with HubClient.from_config(ah._config()) as hub:
+        async with connect(ah._config()) as hub:
             addr = AssetAddr(FolderAddr(backend.me, "model", "llm"), "gpt2")
             await hub.stage(addr, "v1", "someone-else", deletes=["model.pt"])
 
@@ -258,7 +259,7 @@ def test_unknown_changes_refuse_unless_forced(backend: Backend, gpt2: str, work:
 
 def test_reset_drops_staged_changes(backend: Backend, gpt2: str, work: Path) -> None:
     async def stage() -> int:
-        async with HubClient.from_config(ah._config()) as hub:
+        async with connect(ah._config()) as hub:
             addr = AssetAddr(FolderAddr(backend.me, "model", "llm"), "gpt2")
             await hub.stage(addr, "main", "s", deletes=["x"])
             return len(await hub.changes(addr, "main"))

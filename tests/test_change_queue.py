@@ -7,7 +7,7 @@ import os
 import sqlite3
 from pathlib import Path
 
-from ahmount.mount.change_queue import ChangeQueue
+from ahmount.vfs.change_queue import ChangeQueue
 
 BRANCH = "alice/model/llm/gpt2:main"
 

@@ -16,8 +16,8 @@ from ahmount.client.hub_client import HubClient
 from ahmount.errors import HubUnavailable
 from ahmount.hub.models import AssetAddr, FolderAddr, ObjectEntry
 from ahmount.hub.open import open_hub
-from ahmount.mount.hub_view import HubView
 from ahmount.server.app import create_app
+from ahmount.vfs.hub_view import HubView
 
 
 class Switch(httpx.AsyncBaseTransport):

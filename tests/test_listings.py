@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ahmount.hub.models import ObjectEntry
-from ahmount.mount.hub_view import CommitIndex
+from ahmount.vfs.hub_view import CommitIndex
 
 segment = st.sampled_from(["a", "b", "c", "d0", "d99", "x.bin", "s4"])
 path_strategy = st.lists(segment, min_size=1, max_size=6).map("/".join)

@@ -18,11 +18,12 @@ import pytest
 import trio
 
 from ahmount import ah
+from ahmount.client.embedded import embedded_client
 from ahmount.client.hub_client import HubClient
 from ahmount.config import dirs
 from ahmount.hub.models import AssetAddr, FolderAddr, ObjectEntry
-from ahmount.mount.cache_dir import state_dir
 from ahmount.sync_runner import run_sync
+from ahmount.vfs.cache_dir import state_dir
 from tests.conftest import HubProcess, MountProcess, command, wait_until
 
 Mounter = Callable[..., MountProcess]
@@ -246,7 +247,7 @@ def test_cache_is_bounded_lru_and_survives_restart(mount_factory: Mounter,
 
 def test_listing_100k_objects_asks_the_hub_once(mount_factory: Mounter) -> None:
     async def populate() -> None:
-        async with HubClient.embedded() as hub:
+        async with embedded_client() as hub:
             folder = FolderAddr(ME, "dataset", "huge")
             await hub.create_folder(folder)
             addr = AssetAddr(folder, "many")
@@ -288,7 +289,7 @@ def test_branch_moved_elsewhere_shows_within_the_refresh_delay(
 
 
 def test_shared_and_public_folders(mount_factory: Mounter, populated: Path) -> None:
-    from ahmount.client.hub_client import embedded_app
+    from ahmount.client.embedded import embedded_app
     from ahmount.config import dirs
 
     service = embedded_app(dirs().data / "hub").state.service

@@ -16,8 +16,8 @@ import pytest
 
 from ahmount import ah
 from ahmount.config import dirs
-from ahmount.mount.change_queue import ChangeQueue
 from ahmount.mount.control import socket_path
+from ahmount.vfs.change_queue import ChangeQueue
 from tests.conftest import MountProcess, command, wait_until
 
 Mounter = Callable[..., MountProcess]
@@ -127,7 +127,7 @@ def test_stray_queue_files_go_to_lost_and_found(tmp_path: Path) -> None:
 
 
 def test_different_hubs_never_share_a_cache_directory() -> None:
-    from ahmount.mount.cache_dir import claim, hub_id
+    from ahmount.vfs.cache_dir import claim, hub_id
 
     assert hub_id(None) != hub_id("http://127.0.0.1:8000") != hub_id("http://127.0.0.1:8001")
     base = dirs().cache

@@ -235,12 +235,12 @@ def test_reset_status_remote_changes_unknown_changes_and_sync(mount_factory: Mou
                what="status to report the remote change")
     assert re.search(r"Uploaded \d+ file\(s\)", run_ah("sync", cwd=branch))
     # A foreign staged change refuses the commit until forced.
-    from ahmount.client.hub_client import HubClient
+    from ahmount.client.embedded import embedded_client
     from ahmount.hub.models import AssetAddr, FolderAddr
     from ahmount.sync_runner import run_sync
 
     async def stage() -> None:
-        async with HubClient.embedded() as hub:
+        async with embedded_client() as hub:
             addr = AssetAddr(FolderAddr(ah.list("model")[0]["path"].split("/")[1], "model",
                                         "llm"), "gpt2")
             await hub.stage(addr, "v1", "other-client", deletes=["nothing"])
@@ -272,7 +272,7 @@ def test_read_only_places_refuse_writes(mount_factory: Mounter) -> None:
 def test_closed_files_upload_ahead_of_the_commit(mount_factory: Mounter) -> None:
     import hashlib
 
-    from ahmount.client.hub_client import HubClient
+    from ahmount.client.embedded import embedded_client
     from ahmount.sync_runner import run_sync
 
     m = mount_factory()
@@ -282,7 +282,7 @@ def test_closed_files_upload_ahead_of_the_commit(mount_factory: Mounter) -> None
     sha = hashlib.sha256(data).hexdigest()
 
     async def missing() -> set[str]:
-        async with HubClient.embedded() as hub:
+        async with embedded_client() as hub:
             return await hub.missing_blobs([sha])
 
     wait_until(lambda: not run_sync(missing), what="the blob to be uploaded ahead")

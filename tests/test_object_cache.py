@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ahmount.mount.object_cache import _pwritev_all, _split
+from ahmount.vfs.object_cache import _pwritev_all, _split
 
 
 def test_split_cuts_at_most_one_buffer_without_copying() -> None:

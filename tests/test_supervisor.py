@@ -14,9 +14,9 @@ import pytest
 import trio
 
 from ahmount.errors import ChecksumMismatch, HubUnavailable
-from ahmount.mount.object_cache import BLOCK, VERIFY_INLINE, ObjectCache
-from ahmount.mount.supervisor import FAULT_ENV, InjectedFault, Supervisor
 from ahmount.nurseries import open_nursery
+from ahmount.vfs.object_cache import BLOCK, VERIFY_INLINE, ObjectCache
+from ahmount.vfs.supervisor import FAULT_ENV, InjectedFault, Supervisor
 
 
 class Bugs:
@@ -91,7 +91,7 @@ async def test_a_corrupt_large_object_is_dropped_in_the_background(tmp_path: Pat
     claimed = hashlib.sha256(b"something else").hexdigest()
     cache = ObjectCache(tmp_path / "cache", 64 << 20)
     bugs = Bugs()
-    import ahmount.mount.object_cache as module
+    import ahmount.vfs.object_cache as module
 
     module_inline = module.VERIFY_INLINE
     module.VERIFY_INLINE = BLOCK  # make this 2 MiB object a "large" one, verified behind

@@ -107,7 +107,7 @@ def test_listings_escape_what_a_terminal_would_run() -> None:
 
 def test_exit_codes_tell_bad_input_from_corruption_and_bugs() -> None:
     from ahmount import errors
-    from ahmount.cli.exit_codes import exit_code
+    from ahmount.exit_codes import exit_code
 
     assert exit_code(errors.InvalidArgument("bad")) == 2
     assert exit_code(errors.TooLarge("big")) == 2

@@ -3,7 +3,7 @@
 Each command is a thin layer over :mod:`ahmount.ah` (or, for what the documented API lacks —
 ``status``, ``share`` — over :class:`HubClient`). Results go to stdout (tables, or the API's
 dicts with ``--json``); errors print one line to stderr and exit with the code
-:mod:`ahmount.cli.exit_codes` assigns.
+:mod:`ahmount.exit_codes` assigns.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any, cast
 
 from ahmount import ah
-from ahmount.cli.exit_codes import USAGE, exit_code
 from ahmount.cli.tables import printable, render, table_for
+from ahmount.client.embedded import connect
 from ahmount.client.hub_client import HubClient
 from ahmount.config import load_config, make_config, remove_config, save_config
 from ahmount.errors import Conflict, InvalidArgument, NotFound
+from ahmount.exit_codes import USAGE, exit_code
 from ahmount.paths import parse
 from ahmount.sync_runner import run_sync
 
@@ -203,7 +204,7 @@ def _hub_call(fn: Callable[[HubClient], Any]) -> Any:
     config = load_config()
 
     async def main() -> Any:
-        async with HubClient.from_config(config) as hub:
+        async with connect(config) as hub:
             return await fn(hub)
 
     return run_sync(main)

@@ -1,7 +1,8 @@
 """``HubClient``: the one async client of the hub, used by the Python API, the CLI and the mount.
 
 It speaks the HTTP API of ``ahmount.server.app`` through httpx: to a remote ``ah-server``, or
-in-process to the embedded hub (the same service code behind a streaming ASGI transport). It
+in-process to the embedded hub (the same service code behind a streaming ASGI transport,
+wired in :mod:`ahmount.client.embedded`, which this module never imports). It
 returns the hub's model records, retries transient failures with backoff, and maps every
 error response to the domain exception tree in one place (:func:`raise_for_response`).
 
@@ -13,13 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import getpass
 import hashlib
 import json
 import logging
 import os
 import random
-import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
@@ -31,7 +30,6 @@ import httpcore
 import httpx
 
 from ahmount import errors
-from ahmount.config import ClientConfig, dirs, load_config
 from ahmount.hub.models import (
     AssetAddr,
     AssetInfo,
@@ -108,23 +106,6 @@ def _ref(raw: dict[str, Any]) -> RefInfo:
     return RefInfo(raw["type"], raw["name"], _commit(raw["commit"]))
 
 
-_EMBEDDED_LOCK = threading.Lock()
-_EMBEDDED_APPS: dict[Path, Any] = {}
-
-
-def embedded_app(data_dir: Path) -> Any:
-    """The process-wide ASGI app of the embedded hub under ``data_dir`` (opened once; its
-    SQLite store is safe to share with other processes)."""
-    from ahmount.hub.open import open_hub
-    from ahmount.server.app import create_app
-
-    with _EMBEDDED_LOCK:
-        if data_dir not in _EMBEDDED_APPS:
-            service = open_hub(data_dir).__enter__()  # lives as long as the process
-            _EMBEDDED_APPS[data_dir] = create_app(service, trusted_user=getpass.getuser())
-        return _EMBEDDED_APPS[data_dir]
-
-
 class HubClient:
     """An async client of one hub.
 
@@ -169,26 +150,6 @@ class HubClient:
         )
         #: The caller's user name once known (``whoami`` fills it; callers may preset it).
         self.known_user: str | None = None
-
-    @classmethod
-    def embedded(cls, data_dir: Path | None = None) -> HubClient:
-        """A client of the embedded hub under ``data_dir`` (default: the data directory)."""
-        from ahmount.client.asgi_transport import StreamingASGITransport
-
-        app = embedded_app(data_dir or dirs().data / "hub")
-        return cls("http://embedded", transport=StreamingASGITransport(app))
-
-    @classmethod
-    def from_config(cls, config: ClientConfig | None = None, retries: int = 5,
-                    down_for: float = 0.0) -> HubClient:
-        """The hub ``ah login`` configured, or the embedded hub when none is. Its unfinished
-        uploads are remembered in the cache directory, so the next process resumes them."""
-        config = config or load_config()
-        if not config.ah_host:
-            return cls.embedded()
-        return cls(config.ah_host, api_key=config.api_key, data_url=config.ais_host,
-                   timeout=config.timeout or 60.0, retries=retries, down_for=down_for,
-                   upload_ids=dirs().cache / "uploads")
 
     async def __aenter__(self) -> HubClient:
         await self._http.__aenter__()

@@ -21,29 +21,21 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import diskcache
 import pyfuse3
 import trio
 
-from ahmount.cli.exit_codes import FAILURE, exit_code
-from ahmount.client.hub_client import HubClient
+from ahmount.client.embedded import connect
 from ahmount.config import ClientConfig, dirs, load_config, make_config
 from ahmount.errors import AhError, InvalidArgument
-from ahmount.mount import branch_ops
-from ahmount.mount.cache_dir import claim
-from ahmount.mount.change_queue import ChangeQueue
+from ahmount.exit_codes import FAILURE, exit_code
 from ahmount.mount.control import ControlServer, fuse_mounts, socket_path
 from ahmount.mount.fs import AssetFS
-from ahmount.mount.hub_view import HubView
-from ahmount.mount.object_cache import ObjectCache
-from ahmount.mount.supervisor import Supervisor
-from ahmount.nurseries import open_nursery
 from ahmount.observability import notify_systemd, set_level, setup_logging
+from ahmount.vfs.session import Session
 
 log = logging.getLogger("ahmount.mount")
 
@@ -128,7 +120,8 @@ def recover_stale(mountpoint: Path) -> None:
 
 
 class Mount:
-    """One mounted tree: the hub client, view, cache, FUSE ops and control socket."""
+    """One mounted tree: a :class:`Session` served through the FUSE adapter, plus the
+    control socket and the signal watcher (both under the session's supervisor)."""
 
     def __init__(self, mountpoint: Path, config: ClientConfig, cache_size: int,
                  refresh: float, allow_other: bool, cache_dir: Path | None = None) -> None:
@@ -138,76 +131,56 @@ class Mount:
         self.cache_size = cache_size
         self.refresh = refresh
         self.allow_other = allow_other
+        self.session: Session | None = None
         self.ops: AssetFS | None = None
-        self.supervisor: Supervisor | None = None
 
     @staticmethod
     def _stop_for_bug(exc: BaseException) -> None:
-        """A background task hit a bug: unmount cleanly (the ``finally`` of :meth:`run`
-        flushes the cache index and keeps the queue)."""
+        """A background task hit a bug: unmount cleanly (the session then flushes the cache
+        index and keeps the queue)."""
         notify_systemd("STOPPING=1")
         pyfuse3.terminate()
 
     async def run(self, ready: Callable[[], None]) -> None:
         # Few retries and a short fail-fast window: a syscall should not hang on a dead hub.
-        async with HubClient.from_config(self.config, retries=2, down_for=2.0) as hub:
-            me = await hub.whoami()
-            claimed = claim(self.cache_dir, self.config.ah_host, me, self.mountpoint)
+        hub = connect(self.config, retries=2, down_for=2.0)
+        session = Session(hub, hub_url=self.config.ah_host, cache_base=self.cache_dir,
+                          cache_size=self.cache_size, refresh=self.refresh,
+                          holder=str(self.mountpoint), on_bug=self._stop_for_bug)
+        async with session:
+            self.session = session
+            self.ops = ops = AssetFS(session.vfs, os.getuid(), os.getgid())
+            options = {"fsname=ahmount", "subtype=ahmount", "noatime"}
+            if self.allow_other:
+                # Other users are let in: the kernel checks mode bits for them. A private
+                # mount leaves the checks to the handlers (EROFS where nothing may change),
+                # which spares a GETATTR of the directory after every create in it.
+                options |= {"allow_other", "default_permissions"}
+            pyfuse3.init(ops, str(self.mountpoint), options)
+            log.info("mounted %s for %s (hub %s, cache %.1f GiB, refresh %.1fs)",
+                     self.mountpoint, session.me, self.config.ah_host or "embedded",
+                     self.cache_size / (1 << 30), self.refresh)
             try:
-                await self._run_on(hub, me, claimed.root, ready)
-            finally:
-                claimed.release()
-
-    async def _run_on(self, hub: HubClient, me: str, cache_dir: Path,
-                      ready: Callable[[], None]) -> None:
-        """Serve the mount with the state directory ``cache_dir`` (claimed by the caller)."""
-        listings = diskcache.Cache(str(cache_dir / "listings"), size_limit=4 << 30)
-        cache = ObjectCache(cache_dir / "objects", self.cache_size)
-        view = HubView(hub, me, self.refresh, listings)
-        queue = ChangeQueue(cache_dir / "queue")
-        pending = queue.branches()
-        if pending:
-            log.info("queued changes kept from before on %d branch(es): %s", len(pending),
-                     ", ".join(pending))
-        self.ops = ops = AssetFS(view, cache, os.getuid(), os.getgid(), queue)
-        options = {"fsname=ahmount", "subtype=ahmount", "noatime"}
-        if self.allow_other:
-            # Other users are let in: the kernel checks mode bits for them. A private
-            # mount leaves the checks to the handlers (EROFS where nothing may change),
-            # which spares a GETATTR of the directory after every create in it.
-            options |= {"allow_other", "default_permissions"}
-        pyfuse3.init(ops, str(self.mountpoint), options)
-        log.info("mounted %s for %s (hub %s, cache %.1f GiB, refresh %.1fs)",
-                 self.mountpoint, me, self.config.ah_host or "embedded",
-                 self.cache_size / (1 << 30), self.refresh)
-        try:
-            # The first real error, not a group: "mounting failed: <why>" for the user.
-            async with open_nursery() as nursery:
-                self.supervisor = supervisor = Supervisor(nursery, self._stop_for_bug)
-                cache.set_spawner(supervisor.spawn)
-                await supervisor.start("upload-ahead", ops.run_uploader)
-                supervisor.spawn("cache index flusher", cache.run_flusher)
+                supervisor = session.supervisor
                 supervisor.spawn("signal watcher", self._watch_signals)
-                control = ControlServer(socket_path(self.mountpoint), self._control_ops(),
+                control = ControlServer(socket_path(self.mountpoint),
+                                        control_ops(self.mountpoint, session, ops),
                                         os.getuid())
                 await supervisor.start("control server", control.serve)
-                nursery.start_soon(self._report_ready, ready)
+                supervisor.spawn("ready reporter", lambda: self._report_ready(ready))
                 await pyfuse3.main()
-                nursery.cancel_scope.cancel()
-        finally:
-            with contextlib.suppress(Exception):
-                pyfuse3.close(unmount=True)
-            cache.close()
-            listings.close()
-            left = queue.branches()
-            queue.close()
-            if left:
-                log.info("queued changes kept for the next mount on: %s", ", ".join(left))
-            log.info("unmounted %s", self.mountpoint)
+            finally:
+                with contextlib.suppress(Exception):
+                    pyfuse3.close(unmount=True)
+        log.info("unmounted %s", self.mountpoint)
 
     async def _report_ready(self, ready: Callable[[], None]) -> None:
         # Ready means the mount answers: stat it from a thread while our loop serves it.
-        await trio.to_thread.run_sync(os.stat, self.mountpoint)
+        try:
+            await trio.to_thread.run_sync(os.stat, self.mountpoint)
+        except OSError:
+            pyfuse3.terminate()  # never ready: the waiting parent hears the daemon end
+            raise
         raise_readahead(self.mountpoint)  # after the kernel's INIT, which would reset it
         ready()
 
@@ -219,74 +192,57 @@ class Mount:
                 pyfuse3.terminate()
                 return
 
-    def _control_ops(self) -> dict[str, Callable[[dict[str, Any]], Awaitable[Any]]]:
-        assert self.ops is not None
-        ops = self.ops
 
-        async def status(args: dict[str, Any]) -> dict[str, Any]:
-            return {"mountpoint": str(self.mountpoint), "user": ops.view.me,
-                    "hub": self.config.ah_host or "embedded", "pid": os.getpid(),
-                    "uptime": time.time() - ops.started}
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
-        async def refresh(args: dict[str, Any]) -> dict[str, Any]:
-            ops.view.invalidate()
-            return {"refreshed": True}
 
-        async def cache(args: dict[str, Any]) -> dict[str, Any]:
-            action = args.get("action", "stats")
-            dropped = 0
-            if action == "drop":
-                dropped = ops.cache.drop_all()
-                ops.cache.flush_index()
-            elif action != "stats":
-                raise InvalidArgument(f"cache action {action!r} is not 'stats' or 'drop'")
-            s = ops.cache.stats
-            return {"used_bytes": ops.cache.used_bytes(), "max_bytes": ops.cache.max_bytes,
-                    "objects": ops.cache.object_count(), "hits": s.hits, "misses": s.misses,
-                    "evictions": s.evictions, "bytes_fetched": s.bytes_fetched,
-                    "uncached_reads": s.uncached_reads, "dropped": dropped}
+def control_ops(mountpoint: Path, session: Session, ops: AssetFS) -> dict[str, Handler]:
+    """What the control socket answers: the session's public methods, by name."""
 
-        async def stats(args: dict[str, Any]) -> dict[str, Any]:
-            assert ops.queue is not None
-            queued = sum(len(ops.queue.branch(b).files) + len(ops.queue.branch(b).deleted)
-                         for b in ops.queue.branches())
-            return {"fuse_ops": dict(ops.op_counts), "cache": await cache({}),
-                    "listing_fetches": ops.view.listing_fetches, "queue_length": queued,
-                    "bytes_uploaded": ops.bytes_uploaded, "uploading": ops.uploading,
-                    "upload_failures": ops.upload_failures}
+    async def status(args: dict[str, Any]) -> dict[str, Any]:
+        return {"mountpoint": str(mountpoint), **session.status()}
 
-        async def log_level(args: dict[str, Any]) -> dict[str, Any]:
-            return {"level": set_level(args.get("level", "info"))}
+    async def refresh(args: dict[str, Any]) -> dict[str, Any]:
+        session.refresh()
+        return {"refreshed": True}
 
-        async def on_branch(args: dict[str, Any]) -> branch_ops.BranchRef:
-            return await branch_ops.branch_at(ops, args.get("path"))
+    async def cache(args: dict[str, Any]) -> dict[str, Any]:
+        action = args.get("action", "stats")
+        if action not in ("stats", "drop"):
+            raise InvalidArgument(f"cache action {action!r} is not 'stats' or 'drop'")
+        dropped = session.drop_cache() if action == "drop" else 0
+        return {**session.cache_stats(), "dropped": dropped}
 
-        async def status_branch(args: dict[str, Any]) -> dict[str, Any]:
-            return await branch_ops.status(ops, await on_branch(args))
+    async def stats(args: dict[str, Any]) -> dict[str, Any]:
+        return {"fuse_ops": dict(ops.op_counts), "inodes": len(ops.inodes),
+                **session.stats()}
 
-        async def commit(args: dict[str, Any]) -> dict[str, Any]:
-            force = args.get("force", False)
-            if not isinstance(force, bool):
-                raise InvalidArgument("force must be true or false")
-            return await branch_ops.commit(ops, await on_branch(args), args.get("message", ""),
-                                           force)
+    async def log_level(args: dict[str, Any]) -> dict[str, Any]:
+        return {"level": set_level(args.get("level", "info"))}
 
-        async def reset(args: dict[str, Any]) -> dict[str, Any]:
-            return await branch_ops.reset(ops, await on_branch(args))
+    async def branch_status(args: dict[str, Any]) -> dict[str, Any]:
+        return await session.branch_status(args.get("path"))
 
-        async def sync(args: dict[str, Any]) -> dict[str, Any]:
-            return await branch_ops.sync(ops, await on_branch(args))
+    async def commit(args: dict[str, Any]) -> dict[str, Any]:
+        return await session.commit(args.get("path"), args.get("message", ""),
+                                    args.get("force", False))
 
-        async def merge(args: dict[str, Any]) -> dict[str, Any]:
-            return await branch_ops.merge(ops, await on_branch(args))
+    async def reset(args: dict[str, Any]) -> dict[str, Any]:
+        return await session.reset(args.get("path"))
 
-        async def unmount(args: dict[str, Any]) -> dict[str, Any]:
-            pyfuse3.terminate()
-            return {"unmounting": str(self.mountpoint)}
+    async def sync(args: dict[str, Any]) -> dict[str, Any]:
+        return await session.sync(args.get("path"))
 
-        return {"status": status, "refresh": refresh, "cache": cache, "stats": stats,
-                "log_level": log_level, "unmount": unmount, "branch_status": status_branch,
-                "commit": commit, "reset": reset, "sync": sync, "merge": merge}
+    async def merge(args: dict[str, Any]) -> dict[str, Any]:
+        return await session.merge(args.get("path"))
+
+    async def unmount(args: dict[str, Any]) -> dict[str, Any]:
+        pyfuse3.terminate()
+        return {"unmounting": str(mountpoint)}
+
+    return {"status": status, "refresh": refresh, "cache": cache, "stats": stats,
+            "log_level": log_level, "unmount": unmount, "branch_status": branch_status,
+            "commit": commit, "reset": reset, "sync": sync, "merge": merge}
 
 
 def raise_readahead(mountpoint: Path) -> None:
@@ -362,8 +318,8 @@ def _run(mountpoint: Path, config: ClientConfig, cache_size: int, args: argparse
     except AhError as exc:
         log.error("ah-mount failed: %s", exc)
         raise
-    if mount.supervisor is not None and mount.supervisor.bug is not None:
-        log.error("ah-mount stopped after a bug (queue kept): %r", mount.supervisor.bug)
+    if mount.session is not None and mount.session.bug is not None:
+        log.error("ah-mount stopped after a bug (queue kept): %r", mount.session.bug)
         return 1
     return 0
 

@@ -21,9 +21,9 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
-from ahmount.cli.exit_codes import exit_code
 from ahmount.config import dirs
 from ahmount.errors import AhError
+from ahmount.exit_codes import exit_code
 from ahmount.hub.open import S3Options, open_hub
 from ahmount.hub.service import HubService
 from ahmount.observability import notify_systemd, setup_logging

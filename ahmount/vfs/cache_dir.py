@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ahmount.errors import Conflict
 
-log = logging.getLogger("ahmount.mount")
+log = logging.getLogger("ahmount.vfs")
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 

@@ -13,20 +13,30 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
 import diskcache
+import httpx
 import trio
 
 from ahmount.client.hub_client import HubClient
 from ahmount.errors import HubUnavailable, NotFound
-from ahmount.hub.models import AssetAddr, AssetInfo, FolderAddr, FolderInfo, ObjectEntry
+from ahmount.hub.models import (
+    AssetAddr,
+    AssetInfo,
+    CommitInfo,
+    FolderAddr,
+    FolderInfo,
+    ObjectEntry,
+)
 from ahmount.names import Kind
 
-log = logging.getLogger("ahmount.mount")
+log = logging.getLogger("ahmount.vfs")
 
 TAG_TTL = 60.0
 MEMORY_INDEXES = 8
@@ -255,3 +265,69 @@ class HubView:
         while len(self._indexes) > MEMORY_INDEXES:
             self._indexes.popitem(last=False)
         return index
+
+    # -- changes the tree makes (each expires what it may have changed) ----------------------
+
+    def open_object(self, addr: AssetAddr, commit_id: str, path: str, start: int,
+                    end: int) -> AbstractAsyncContextManager[httpx.Response]:
+        """A streamed byte range of one object at one commit."""
+        return self.hub.open_object(addr, commit_id, path, start, end)
+
+    async def create_folder(self, addr: FolderAddr) -> None:
+        await self.hub.create_folder(addr)
+        self.invalidate()
+
+    async def create_asset(self, addr: AssetAddr) -> None:
+        await self.hub.create_asset(addr)
+        self.invalidate()
+
+    async def create_branch(self, addr: AssetAddr, name: str) -> None:
+        await self.hub.create_branch(addr, name)
+        self.invalidate_asset(addr)
+
+    async def delete_folder(self, addr: FolderAddr) -> None:
+        await self.hub.delete_folder(addr)
+        self.invalidate()
+
+    async def delete_asset(self, addr: AssetAddr) -> None:
+        await self.hub.delete_asset(addr)
+        self.invalidate()
+
+    async def delete_ref(self, addr: AssetAddr, ref: str) -> None:
+        await self.hub.delete_ref(addr, ref)
+        self.invalidate_asset(addr)
+
+    async def update_folder(self, addr: FolderAddr, *, name: str | None = None,
+                            labels: list[str] | None = None,
+                            description: str | None = None) -> None:
+        await self.hub.update_folder(addr, name=name, labels=labels, description=description)
+        self.invalidate()
+
+    async def update_asset(self, addr: AssetAddr, *, name: str | None = None,
+                           labels: list[str] | None = None,
+                           description: str | None = None) -> None:
+        await self.hub.update_asset(addr, name=name, labels=labels, description=description)
+        self.invalidate()
+
+    async def commit(self, addr: AssetAddr, branch: str, message: str, *,
+                     deletes: list[str], adds: list[ObjectEntry], force: bool
+                     ) -> CommitInfo | None:
+        """One atomic commit of ``deletes`` then ``adds`` on the branch's current head."""
+        try:
+            return await self.hub.commit(addr, branch, message, session=uuid.uuid4().hex,
+                                         deletes=deletes, adds=adds, force=force)
+        finally:
+            self.invalidate_asset(addr)
+
+    async def reset_staging(self, addr: AssetAddr, branch: str) -> int:
+        """Drop the hub's staging area of the branch; how many staged changes it held."""
+        try:
+            return await self.hub.reset(addr, branch)
+        finally:
+            self.invalidate_asset(addr)
+
+    async def merge(self, addr: AssetAddr, branch: str) -> CommitInfo | None:
+        try:
+            return await self.hub.merge(addr, branch)
+        finally:
+            self.invalidate_asset(addr)

@@ -10,20 +10,20 @@ stay queued for the next commit.
 from __future__ import annotations
 
 import logging
-import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from ahmount.errors import Conflict, InvalidArgument
 from ahmount.hub.models import AssetAddr, ObjectEntry
-from ahmount.mount.change_queue import BranchQueue, Row
-from ahmount.mount.fs import AssetFS, Node
-from ahmount.mount.hub_view import CommitIndex
-from ahmount.mount.layout import Place
-from ahmount.transfer import LocalFile, upload_files
+from ahmount.transfer import LocalFile
+from ahmount.vfs.change_queue import BranchQueue, Row
+from ahmount.vfs.core import VFS
+from ahmount.vfs.hub_view import CommitIndex
+from ahmount.vfs.layout import Place
+from ahmount.vfs.tree import Node
 
-log = logging.getLogger("ahmount.mount")
+log = logging.getLogger("ahmount.vfs")
 
 
 @dataclass(frozen=True)
@@ -34,11 +34,11 @@ class BranchRef:
     node: Node
 
 
-async def branch_at(ops: AssetFS, parts: Any) -> BranchRef:
+async def branch_at(vfs: VFS, parts: Any) -> BranchRef:
     """The branch that the mount path ``parts`` is in."""
     if not isinstance(parts, list) or not all(isinstance(p, str) for p in parts):
         raise InvalidArgument("path must be a list of path segments below the mountpoint")
-    node = await ops.node(tuple(parts))
+    node = await vfs.stat(tuple(parts))
     if node.loc.place not in (Place.REF, Place.OBJECT) or node.branch_key is None:
         raise InvalidArgument(f"{'/'.join(parts) or '(mount root)'} is not inside a branch")
     assert node.loc.ref is not None
@@ -53,12 +53,12 @@ def _summary(queue: BranchQueue) -> dict[str, Any]:
     }
 
 
-async def _head(ops: AssetFS, ref: BranchRef, fresh: bool) -> CommitIndex:
+async def _head(vfs: VFS, ref: BranchRef, fresh: bool) -> CommitIndex:
     """The branch head's listing (asked of the hub again when ``fresh``)."""
     if fresh:
-        ops.view.invalidate_asset(ref.asset)
-    head = await ops.view.resolve(ref.asset, ref.branch)
-    return await ops.view.index(ref.asset, head.commit_id, head.created)
+        vfs.tree.invalidate(ref.asset)
+    head = await vfs.view.resolve(ref.asset, ref.branch)
+    return await vfs.view.index(ref.asset, head.commit_id, head.created)
 
 
 def _in_head(entry: ObjectEntry, head: CommitIndex) -> bool:
@@ -67,17 +67,17 @@ def _in_head(entry: ObjectEntry, head: CommitIndex) -> bool:
         (entry.sha256, entry.size, entry.mode)
 
 
-async def _same_as_head(ops: AssetFS, row: Row, head: CommitIndex) -> bool:
+async def _same_as_head(vfs: VFS, row: Row, head: CommitIndex) -> bool:
     """True if a queued file holds exactly the head's bytes at its path (opened for writing
     and closed unwritten, or written back as it was): that is no change."""
     entry = head.lookup(row.path)
     if not isinstance(entry, ObjectEntry) or (entry.size, entry.mode) != (row.size, row.mode):
         return False
-    sha = row.sha256 if row.local is None else await ops.queued_sha256(row)
+    sha = row.sha256 if row.local is None else await vfs.queued_sha256(row)
     return sha == entry.sha256
 
 
-async def _changed_remotely(ops: AssetFS, ref: BranchRef, queue: BranchQueue,
+async def _changed_remotely(vfs: VFS, ref: BranchRef, queue: BranchQueue,
                             head: CommitIndex) -> list[str]:
     """Queued paths that changed on the hub since they were queued (their base and the head
     disagree there): committing would overwrite someone else's change unseen."""
@@ -85,22 +85,22 @@ async def _changed_remotely(ops: AssetFS, ref: BranchRef, queue: BranchQueue,
     for row in queue.files.values():
         if row.base == head.commit_id:
             continue
-        base = await ops.view.index(ref.asset, row.base, 0.0)
+        base = await vfs.view.index(ref.asset, row.base, 0.0)
         if base.lookup(row.path) != head.lookup(row.path):
             remote.append(row.path)
     return sorted(remote)
 
 
-async def status(ops: AssetFS, ref: BranchRef) -> dict[str, Any]:
+async def status(vfs: VFS, ref: BranchRef) -> dict[str, Any]:
     """Pending changes of the branch, like ``git status``: each file ``new`` (not in the
     head) or ``modified``, each delete, and which paths were also changed on the hub since
     they were queued. A queued file equal to the head is not listed."""
-    assert ops.queue is not None
-    queue = ops.queue.snapshot(ref.key)
-    head = await _head(ops, ref, fresh=False)
+    assert vfs.queue is not None
+    queue = vfs.queue.snapshot(ref.key)
+    head = await _head(vfs, ref, fresh=False)
     changes: list[dict[str, Any]] = []
     for path, row in sorted(queue.files.items()):
-        if await _same_as_head(ops, row, head):
+        if await _same_as_head(vfs, row, head):
             continue
         op = "modified" if isinstance(head.lookup(path), ObjectEntry) else "new"
         changes.append({"op": op, "path": path, "size": row.size})
@@ -109,10 +109,10 @@ async def status(ops: AssetFS, ref: BranchRef) -> dict[str, Any]:
     files = [c for c in changes if c["op"] != "delete"]
     return {"branch": ref.asset.at(ref.branch), "adds": len(files), "deletes": len(deletes),
             "bytes": sum(c["size"] for c in files), "changes": changes,
-            "changed_remotely": await _changed_remotely(ops, ref, queue, head)}
+            "changed_remotely": await _changed_remotely(vfs, ref, queue, head)}
 
 
-async def commit(ops: AssetFS, ref: BranchRef, message: str, force: bool) -> dict[str, Any]:
+async def commit(vfs: VFS, ref: BranchRef, message: str, force: bool) -> dict[str, Any]:
     """Commit the branch's queue. Each file is taken as its writer last left it (closed,
     flushed or fsynced), at one instant: files no handle may write are pinned (a writer that
     comes later gets a copy of its own), files open for writing but at rest are copied now,
@@ -120,31 +120,32 @@ async def commit(ops: AssetFS, ref: BranchRef, message: str, force: bool) -> dic
     next commit (named in ``busy``). Paths changed on the hub since
     they were queued refuse the commit unless ``force``. Rows that changed while the commit
     ran stay queued, rebased on the new commit."""
-    assert ops.queue is not None
+    assert vfs.queue is not None and vfs.writeback is not None
+    writeback = vfs.writeback
     if not isinstance(message, str) or not message.strip():
         raise InvalidArgument("a commit needs a message (-m)")
-    head = await _head(ops, ref, fresh=True)
-    ops.settle_branch(ref.key)
-    taken = ops.queue.snapshot(ref.key)  # from here to pin(): no await
+    head = await _head(vfs, ref, fresh=True)
+    vfs.settle_branch(ref.key)
+    taken = vfs.queue.snapshot(ref.key)  # from here to pin(): no await
     files: list[LocalFile] = []
     pinned: list[str] = []
     copies: list[Path] = []
-    busy = [p for p in taken.files if ops.being_written(ref.key, p)]
+    busy = [p for p in taken.files if vfs.being_written(ref.key, p)]
     for path in busy:  # mid-write: its writer has not closed or fsynced it yet
         del taken.files[path]
     for path, row in taken.files.items():
         if row.local is None:
             continue
-        if ops.open_for_writing(ref.key, path):  # at rest since its last flush or fsync
-            copies.append(ops.queue.commit_copy(row.local))
+        if vfs.open_for_writing(ref.key, path):  # at rest since its last flush or fsync
+            copies.append(vfs.queue.commit_copy(row.local))
             files.append(LocalFile(copies[-1], path))
         else:
             pinned.append(row.local)
-            files.append(LocalFile(ops.queue.local_path(row.local), path))
-    ops.queue.pin(pinned)
+            files.append(LocalFile(vfs.queue.local_path(row.local), path))
+    vfs.queue.pin(pinned)
     try:
         if not force:
-            remote = await _changed_remotely(ops, ref, taken, head)
+            remote = await _changed_remotely(vfs, ref, taken, head)
             if remote:
                 raise Conflict(
                     f"{ref.asset.at(ref.branch)}: {', '.join(remote)} changed on the hub since "
@@ -155,69 +156,53 @@ async def commit(ops: AssetFS, ref: BranchRef, message: str, force: bool) -> dic
         blob_refs = [ObjectEntry(p, str(r.sha256), r.size, r.mtime, mode=r.mode)
                      for p, r in taken.files.items() if r.local is None]
         deletes = sorted(taken.deleted) + list(taken.deleted_dirs)
-        uploaded, _ = await upload_files(ops.view.hub, files)
+        uploaded, _ = await writeback.send(files)
         # The queue file's own mode is the queue's (0600); the object's is the row's.
         uploaded = [replace(e, mode=taken.files[e.path].mode) for e in uploaded]
         # Files that hold exactly the head's bytes are no change (git's rule): left out.
         adds = [e for e in [*uploaded, *blob_refs] if not _in_head(e, head)]
         info = None
         if adds or deletes:
-            info = await ops.view.hub.commit(ref.asset, ref.branch, message,
-                                             session=uuid.uuid4().hex, deletes=deletes,
-                                             adds=adds, force=force)
-        ops.settle_branch(ref.key)  # writes since the snapshot keep their rows queued
+            info = await vfs.view.commit(ref.asset, ref.branch, message, deletes=deletes,
+                                         adds=adds, force=force)
+        vfs.settle_branch(ref.key)  # writes since the snapshot keep their rows queued
         # A file still open for writing keeps its row (rebased, so it is no change until
         # written): dropping it would delete the bytes under the open handle, and what the
         # handle writes next would reach no row.
-        still_open = [p for p in taken.files if ops.open_for_writing(ref.key, p)]
+        still_open = [p for p in taken.files if vfs.open_for_writing(ref.key, p)]
         for path in still_open:
             del taken.files[path]
-        dropped = ops.queue.committed(ref.key, taken)
+        dropped = vfs.queue.committed(ref.key, taken)
         if info is not None:
-            ops.queue.rebase(ref.key, [*taken.files, *still_open], info.id)
+            vfs.queue.rebase(ref.key, [*taken.files, *still_open], info.id)
     finally:
-        ops.queue.unpin(pinned)
+        vfs.queue.unpin(pinned)
         for copy in copies:
             copy.unlink(missing_ok=True)
-    ops.view.invalidate_asset(ref.asset)
+    vfs.tree.invalidate(ref.asset)
     log.info("commit of %s: %s (%d queued changes taken)", ref.asset.at(ref.branch),
              info.id[:8] if info else "nothing changed", dropped)
     if busy:
         log.info("left queued while being written: %s", ", ".join(busy))
     return {"commit": info.id if info else None, "taken": dropped, "busy": busy,
-            "left": _summary(ops.queue.snapshot(ref.key))}
+            "left": _summary(vfs.queue.snapshot(ref.key))}
 
 
-async def reset(ops: AssetFS, ref: BranchRef) -> dict[str, Any]:
+async def reset(vfs: VFS, ref: BranchRef) -> dict[str, Any]:
     """Drop the branch's queued edits and the hub's staging area for it."""
-    assert ops.queue is not None
-    local = ops.queue.reset(ref.key)
-    staged = await ops.view.hub.reset(ref.asset, ref.branch)
-    ops.view.invalidate_asset(ref.asset)
+    assert vfs.queue is not None
+    local = vfs.queue.reset(ref.key)
+    staged = await vfs.view.reset_staging(ref.asset, ref.branch)
     return {"dropped_local": local, "dropped_staged": staged}
 
 
-async def sync(ops: AssetFS, ref: BranchRef) -> dict[str, Any]:
+async def sync(vfs: VFS, ref: BranchRef) -> dict[str, Any]:
     """Upload the queued bytes the hub lacks now, so that a commit is mostly metadata."""
-    assert ops.queue is not None
-
-    taken = ops.queue.snapshot(ref.key)
-    pending = [(p, r) for p, r in taken.files.items() if r.local is not None and
-               not r.uploaded]
-    files = [LocalFile(ops.queue.local_path(str(r.local)), p) for p, r in pending]
-    entries, sent = await upload_files(ops.view.hub, files)
-    uploaded = 0
-    for (path, row), entry in zip(pending, entries, strict=True):
-        current = ops.queue.branch(ref.key).files.get(path)
-        if current is not None and current.seq == row.seq:
-            ops.queue.touch_file(ref.key, path, sha256=entry.sha256, uploaded=True,
-                                 content_changed=False)
-            uploaded += 1
-    ops.bytes_uploaded += sent
+    assert vfs.writeback is not None
+    uploaded, sent = await vfs.writeback.upload_branch(ref.key)
     return {"uploaded": uploaded, "bytes": sent}
 
 
-async def merge(ops: AssetFS, ref: BranchRef) -> dict[str, Any]:
-    info = await ops.view.hub.merge(ref.asset, ref.branch)
-    ops.view.invalidate_asset(ref.asset)
+async def merge(vfs: VFS, ref: BranchRef) -> dict[str, Any]:
+    info = await vfs.view.merge(ref.asset, ref.branch)
     return {"commit": info.id if info else None}

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-log = logging.getLogger("ahmount.mount")
+log = logging.getLogger("ahmount.vfs")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS changes (

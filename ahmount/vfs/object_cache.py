@@ -33,7 +33,7 @@ import diskcache
 import trio
 
 from ahmount.errors import ChecksumMismatch
-from ahmount.mount.supervisor import EXPECTED
+from ahmount.vfs.supervisor import EXPECTED
 
 log = logging.getLogger("ahmount.cache")
 

@@ -29,7 +29,7 @@ import trio
 
 from ahmount.errors import AhError
 
-log = logging.getLogger("ahmount.mount")
+log = logging.getLogger("ahmount.vfs")
 
 #: Failures a background task may meet in normal operation; everything else is a bug.
 EXPECTED: tuple[type[BaseException], ...] = (

@@ -1,0 +1,195 @@
+"""A session: everything one front end needs to serve the asset tree, owned in one place.
+
+``async with Session(hub, ...) as session`` opens, in this order, and closes in reverse:
+
+1. the hub client (and asks who we are);
+2. the state directory of (hub, user), locked against a second session (:mod:`cache_dir`);
+3. the listings store, the object cache, the change queue (kept queued edits are logged);
+4. the view, write-back and the :class:`VFS` over them;
+5. one task group under a :class:`Supervisor` running write-back and the cache-index
+   flusher (front ends add their own tasks, e.g. the control socket, with
+   :attr:`supervisor`). Expected failures are contained and logged; a bug calls ``on_bug``
+   (the FUSE daemon unmounts) and stops the session cleanly.
+
+On exit the task group is cancelled first, then the stores are closed (the cache index is
+flushed, the queue's WAL checkpointed), then the lock is released and the client closed.
+The control socket, ``ah stats`` and the branch operations use the public methods here,
+never the stores themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import diskcache
+import trio
+
+from ahmount.client.hub_client import HubClient
+from ahmount.errors import InvalidArgument
+from ahmount.nurseries import open_nursery
+from ahmount.vfs import branch_ops
+from ahmount.vfs.cache_dir import claim
+from ahmount.vfs.change_queue import ChangeQueue
+from ahmount.vfs.core import VFS
+from ahmount.vfs.hub_view import HubView
+from ahmount.vfs.object_cache import ObjectCache
+from ahmount.vfs.supervisor import Supervisor
+from ahmount.vfs.writeback import WriteBack
+
+log = logging.getLogger("ahmount.vfs")
+
+LISTINGS_LIMIT = 4 << 30
+
+
+class Session:
+    def __init__(self, hub: HubClient, *, hub_url: str | None, cache_base: Path,
+                 cache_size: int, refresh: float, holder: str,
+                 on_bug: Callable[[BaseException], None] | None = None) -> None:
+        """``hub`` is entered by the session; ``hub_url`` keys the state directory (None for
+        the embedded hub); ``holder`` names this session to a second one that finds the
+        state directory locked (the mountpoint, for a mount)."""
+        self._hub = hub
+        self.hub_url = hub_url
+        self._cache_base = cache_base
+        self._cache_size = cache_size
+        self._refresh = refresh
+        self._holder = holder
+        self._on_bug = on_bug
+        self._stack = AsyncExitStack()
+        self._nursery: trio.Nursery | None = None
+        self.started = time.time()
+        self.me = ""
+        self.state_dir: Path | None = None
+        self._vfs: VFS | None = None
+        self._supervisor: Supervisor | None = None
+        self._cache: ObjectCache | None = None
+
+    # -- lifetime --------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Session:
+        stack = self._stack
+        try:
+            hub = await stack.enter_async_context(self._hub)
+            self.me = await hub.whoami()
+            claimed = claim(self._cache_base, self.hub_url, self.me, Path(self._holder))
+            stack.callback(claimed.release)
+            self.state_dir = root = claimed.root
+            listings = diskcache.Cache(str(root / "listings"), size_limit=LISTINGS_LIMIT)
+            stack.callback(listings.close)
+            self._cache = cache = ObjectCache(root / "objects", self._cache_size)
+            stack.callback(cache.close)
+            queue = ChangeQueue(root / "queue")
+            stack.callback(self._close_queue, queue)
+            pending = queue.branches()
+            if pending:
+                log.info("queued changes kept from before on %d branch(es): %s",
+                         len(pending), ", ".join(pending))
+            view = HubView(hub, self.me, self._refresh, listings)
+            writeback = WriteBack(hub, queue)
+            self._vfs = VFS(view, cache, queue, writeback, self.started)
+            self._nursery = nursery = await stack.enter_async_context(open_nursery())
+            stack.callback(nursery.cancel_scope.cancel)  # runs first on the way out
+            self._supervisor = supervisor = Supervisor(nursery, self._bug)
+            cache.set_spawner(supervisor.spawn)
+            await supervisor.start("upload-ahead", writeback.run)
+            supervisor.spawn("cache index flusher", cache.run_flusher)
+        except BaseException:
+            await stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> bool | None:
+        return await self._stack.__aexit__(exc_type, exc, tb)
+
+    @staticmethod
+    def _close_queue(queue: ChangeQueue) -> None:
+        left = queue.branches()
+        queue.close()
+        if left:
+            log.info("queued changes kept for the next mount on: %s", ", ".join(left))
+
+    def _bug(self, exc: BaseException) -> None:
+        if self._on_bug is not None:
+            self._on_bug(exc)
+        elif self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    @property
+    def vfs(self) -> VFS:
+        assert self._vfs is not None, "the session is not open"
+        return self._vfs
+
+    @property
+    def supervisor(self) -> Supervisor:
+        assert self._supervisor is not None, "the session is not open"
+        return self._supervisor
+
+    @property
+    def bug(self) -> BaseException | None:
+        """The first bug a background task hit (the session stopped for it), if any."""
+        return None if self._supervisor is None else self._supervisor.bug
+
+    # -- what the control socket and ``ah stats`` ask ---------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return {"user": self.me, "hub": self.hub_url or "embedded", "pid": os.getpid(),
+                "uptime": time.time() - self.started}
+
+    def refresh(self) -> None:
+        """Forget every listing that can change (``ah refresh``)."""
+        self.vfs.tree.invalidate()
+
+    def cache_stats(self) -> dict[str, Any]:
+        cache = self.vfs.cache
+        s = cache.stats
+        return {"used_bytes": cache.used_bytes(), "max_bytes": cache.max_bytes,
+                "objects": cache.object_count(), "hits": s.hits, "misses": s.misses,
+                "evictions": s.evictions, "bytes_fetched": s.bytes_fetched,
+                "uncached_reads": s.uncached_reads}
+
+    def drop_cache(self) -> int:
+        """Drop every cached object not open now; how many went."""
+        dropped = self.vfs.cache.drop_all()
+        self.vfs.cache.flush_index()
+        return dropped
+
+    def stats(self) -> dict[str, Any]:
+        vfs = self.vfs
+        assert vfs.queue is not None and vfs.writeback is not None
+        queued = sum(len(vfs.queue.branch(b).files) + len(vfs.queue.branch(b).deleted)
+                     for b in vfs.queue.branches())
+        return {"cache": self.cache_stats(), "listing_fetches": vfs.view.listing_fetches,
+                "queue_length": queued, "open_handles": len(vfs.handles),
+                "bytes_uploaded": vfs.writeback.bytes_uploaded,
+                "uploading": vfs.writeback.uploading,
+                "upload_failures": vfs.writeback.failures}
+
+    # -- branches ----------------------------------------------------------------------------
+
+    async def _branch(self, path: Any) -> branch_ops.BranchRef:
+        return await branch_ops.branch_at(self.vfs, path)
+
+    async def branch_status(self, path: Any) -> dict[str, Any]:
+        return await branch_ops.status(self.vfs, await self._branch(path))
+
+    async def commit(self, path: Any, message: Any, force: Any = False) -> dict[str, Any]:
+        if not isinstance(force, bool):
+            raise InvalidArgument("force must be true or false")
+        return await branch_ops.commit(self.vfs, await self._branch(path), message, force)
+
+    async def reset(self, path: Any) -> dict[str, Any]:
+        return await branch_ops.reset(self.vfs, await self._branch(path))
+
+    async def sync(self, path: Any) -> dict[str, Any]:
+        return await branch_ops.sync(self.vfs, await self._branch(path))
+
+    async def merge(self, path: Any) -> dict[str, Any]:
+        return await branch_ops.merge(self.vfs, await self._branch(path))

@@ -1,0 +1,97 @@
+"""The layering, checked on every module's own imports (docs/architecture.md says why).
+
+Front ends (``cli``, ``mount``) sit on the file-system core (``vfs``), which sits on the hub
+client (``client``, ``transfer``), which speaks HTTP to the server (``server``) over the
+service and its stores (``hub``). A module may import its own layer and the layers below,
+never one above; ``vfs`` never imports pyfuse3, so it runs on machines without FUSE; and the
+embedded hub is wired in one module of the client that the HTTP client does not import.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "ahmount"
+
+#: layer -> the ahmount layers it must not import (by top-level package or module).
+FORBIDDEN: dict[str, set[str]] = {
+    "vfs": {"mount", "cli", "server", "pyfuse3"},
+    "client": {"vfs", "mount", "cli", "server", "hub.service", "hub.open", "pyfuse3"},
+    "hub": {"client", "vfs", "mount", "cli", "server", "transfer", "ah", "pyfuse3"},
+    "server": {"client", "vfs", "mount", "cli", "transfer", "ah", "pyfuse3"},
+    "ah": {"vfs", "mount", "cli", "server", "pyfuse3"},
+    "transfer": {"vfs", "mount", "cli", "server", "pyfuse3"},
+    "names": {"client", "vfs", "mount", "cli", "server", "hub", "transfer", "ah"},
+    "errors": {"client", "vfs", "mount", "cli", "server", "hub", "transfer", "ah", "names"},
+}
+#: The one module allowed to wire the embedded hub (service + ASGI app) into a client.
+EMBEDDED_WIRING = "client/embedded.py"
+
+
+def imported(path: Path) -> set[str]:
+    """What ``path`` imports, as dotted names relative to ahmount (or top-level packages)."""
+    tree = ast.parse(path.read_text(), str(path))
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        for name in names:
+            out.add(name.removeprefix("ahmount.") if name.startswith("ahmount.") else
+                    name.split(".")[0])
+    return out
+
+
+def layer_of(path: Path) -> str:
+    rel = path.relative_to(PACKAGE)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+def _breaks(name: str, rule: str) -> bool:
+    return name == rule or name.startswith(rule + ".")
+
+
+MODULES = sorted(p for p in PACKAGE.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_module_imports_a_layer_above_its_own(path: Path) -> None:
+    rel = str(path.relative_to(PACKAGE))
+    rules = FORBIDDEN.get(layer_of(path), set())
+    if rel == EMBEDDED_WIRING:
+        rules = rules - {"server", "hub.service", "hub.open"}
+    bad = sorted(n for n in imported(path) for r in rules if _breaks(n, r))
+    assert not bad, f"{rel} imports {bad}, which its layer must not"
+
+
+def test_nothing_but_the_front_ends_imports_the_mount() -> None:
+    users = [str(p.relative_to(PACKAGE)) for p in MODULES
+             if layer_of(p) not in ("mount", "cli") and
+             any(_breaks(n, "mount") for n in imported(p))]
+    assert users == []
+
+
+def test_the_vfs_core_runs_where_pyfuse3_cannot_be_imported() -> None:
+    """Transitively, not only directly: the whole session imports with pyfuse3 blocked."""
+    code = ("import sys; sys.modules['pyfuse3'] = None\n"
+            "import ahmount.vfs.session, ahmount.vfs.core, ahmount.ah\n"
+            "assert 'pyfuse3' not in [m for m, v in sys.modules.items() if v is not None]\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_http_client_does_not_pull_in_the_hub_service() -> None:
+    code = ("import sys\n"
+            "import ahmount.client.hub_client, ahmount.transfer, ahmount.ah\n"
+            "loaded = [m for m in sys.modules if m.startswith(('ahmount.server', "
+            "'ahmount.hub.service', 'sqlalchemy'))]\n"
+            "assert not loaded, loaded\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

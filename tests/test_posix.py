@@ -1,0 +1,297 @@
+"""The POSIX suite: the file-system behaviour of a branch, written once and run on two drivers
+(:mod:`tests.fs_drivers`): in-process on the ``vfs`` core (no FUSE, no kernel) and through a
+real FUSE mount. A difference between the two is a bug in the adapter or in the driver's
+stand-in for the kernel; a failure on both is a bug in the core.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from ahmount import ah
+from tests.conftest import MountProcess
+from tests.fs_drivers import Driver, OsDriver, VfsDriver, is_dir, read_bytes, tree, write_bytes
+
+B = "model/llm/gpt2/v1"  # the branch every test writes
+SEGMENTS = B.split("/")
+
+
+@pytest.fixture(params=["vfs", "mount"])
+def fs(request: pytest.FixtureRequest, gpt2_v1: None, tmp_path: Path) -> Iterator[Driver]:
+    """The embedded hub's model/llm/gpt2 (branch v1, plus a tag t1 of main with one file)
+    through either driver."""
+    ah.commit("model/llm/gpt2:main", msg="seed", add={_seed_file(tmp_path): "seed.txt"})
+    ah.create("model/llm/gpt2:t1", create_tag=True, source="main")
+    if request.param == "vfs":
+        driver: Driver = VfsDriver(tmp_path / "vfs-cache")
+    else:
+        mounter: Callable[..., MountProcess] = request.getfixturevalue("mount_factory")
+        m = mounter()
+        driver = OsDriver(m.mountpoint, m.control)
+    yield driver
+    driver.close_driver()
+
+
+def _seed_file(tmp_path: Path) -> str:
+    path = tmp_path / "seed.txt"
+    path.write_bytes(b"seed bytes\n")
+    return str(path)
+
+
+def fails(number: int, action: Callable[[], object]) -> None:
+    with pytest.raises(OSError) as info:
+        action()
+    assert info.value.errno == number, \
+        f"{errno.errorcode.get(info.value.errno or 0)} instead of {errno.errorcode[number]}"
+
+
+def commit(fs: Driver, message: str = "from the suite") -> dict[str, object]:
+    return fs.control("commit", path=SEGMENTS, message=message, force=False)
+
+
+# -- the layout ------------------------------------------------------------------------------
+
+
+def test_the_root_folders_assets_and_refs_are_directories(fs: Driver) -> None:
+    assert fs.listdir("") == ["dataset", "model", "public", "shared"]
+    assert fs.listdir("model") == ["llm"]
+    assert fs.listdir("model/llm") == ["gpt2"]
+    assert fs.listdir("model/llm/gpt2") == ["main", "t1", "v1"]
+    assert is_dir(fs, B) and is_dir(fs, "model/llm/gpt2/t1")
+    fails(errno.ENOENT, lambda: fs.stat("model/nothing"))
+    fails(errno.ENOENT, lambda: fs.stat("model/llm/gpt2/no-such-ref"))
+
+
+# -- files -----------------------------------------------------------------------------------
+
+
+def test_create_write_read_stat(fs: Driver) -> None:
+    write_bytes(fs, f"{B}/a.txt", b"hello")
+    assert read_bytes(fs, f"{B}/a.txt") == b"hello"
+    st = fs.stat(f"{B}/a.txt")
+    assert stat.S_ISREG(st.st_mode) and st.st_size == 5 and st.st_nlink == 1
+    assert stat.S_IMODE(st.st_mode) == 0o666 & ~_umask()
+    assert fs.listdir(B) == ["a.txt"]
+    fails(errno.EEXIST, lambda: fs.open(f"{B}/a.txt", os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+    fails(errno.ENOENT, lambda: fs.open(f"{B}/missing", os.O_RDONLY))
+
+
+def test_overwrite_truncate_extend_and_holes(fs: Driver) -> None:
+    path = f"{B}/f.bin"
+    write_bytes(fs, path, b"0123456789")
+    fs.truncate(path, 4)
+    assert read_bytes(fs, path) == b"0123"
+    fs.truncate(path, 6)
+    assert read_bytes(fs, path) == b"0123\0\0"
+    fd = fs.open(path, os.O_WRONLY)
+    fs.pwrite(fd, b"X", 9)  # past the end: a hole of zeros
+    fs.close(fd)
+    assert read_bytes(fs, path) == b"0123\0\0\0\0\0X"
+    fd = fs.open(path, os.O_RDWR)
+    fs.ftruncate(fd, 2)
+    assert fs.fstat(fd).st_size == 2
+    fs.close(fd)
+    assert read_bytes(fs, path) == b"01"
+    write_bytes(fs, path, b"")
+    assert fs.stat(path).st_size == 0
+
+
+def test_append_and_a_head_object_copied_on_write(fs: Driver) -> None:
+    write_bytes(fs, f"{B}/log.txt", b"one\n")
+    commit(fs)
+    fd = fs.open(f"{B}/log.txt", os.O_WRONLY | os.O_APPEND)
+    fs.append(fd, b"two\n")
+    fs.close(fd)
+    assert read_bytes(fs, f"{B}/log.txt") == b"one\ntwo\n"
+    status = fs.control("branch_status", path=SEGMENTS)
+    assert [(c["op"], c["path"]) for c in status["changes"]] == [("modified", "log.txt")]
+
+
+def test_an_open_file_outlives_its_name(fs: Driver) -> None:
+    write_bytes(fs, f"{B}/tmp.db", b"abc")
+    fd = fs.open(f"{B}/tmp.db", os.O_RDWR)
+    fs.unlink(f"{B}/tmp.db")
+    fails(errno.ENOENT, lambda: fs.stat(f"{B}/tmp.db"))
+    fs.pwrite(fd, b"defg", 3)
+    assert fs.fstat(fd).st_size == 7
+    assert fs.pread(fd, 100, 0) == b"abcdefg"
+    fs.close(fd)
+    assert fs.listdir(B) == []
+    write_bytes(fs, f"{B}/tmp.db", b"new")  # a new file at the old name
+    assert read_bytes(fs, f"{B}/tmp.db") == b"new"
+
+
+def test_opening_for_writing_and_closing_unwritten_is_no_change(fs: Driver) -> None:
+    write_bytes(fs, f"{B}/same.txt", b"same")
+    commit(fs)
+    fs.close(fs.open(f"{B}/same.txt", os.O_RDWR))
+    assert fs.control("branch_status", path=SEGMENTS)["changes"] == []
+
+
+# -- names -----------------------------------------------------------------------------------
+
+
+def test_rename_files_and_over_files(fs: Driver) -> None:
+    write_bytes(fs, f"{B}/a", b"A")
+    write_bytes(fs, f"{B}/b", b"B")
+    fails(errno.EEXIST, lambda: fs.rename(f"{B}/a", f"{B}/b", noreplace=True))
+    fs.rename(f"{B}/a", f"{B}/b")  # replaces b
+    assert fs.listdir(B) == ["b"] and read_bytes(fs, f"{B}/b") == b"A"
+    fs.rename(f"{B}/b", f"{B}/b")  # onto itself: nothing happens
+    assert read_bytes(fs, f"{B}/b") == b"A"
+    fails(errno.ENOENT, lambda: fs.rename(f"{B}/missing", f"{B}/c"))
+    fails(errno.ENOENT, lambda: fs.rename(f"{B}/b", f"{B}/no-dir/c"))
+
+
+def test_rename_directories(fs: Driver) -> None:
+    fs.mkdir(f"{B}/d")
+    fs.mkdir(f"{B}/d/e")
+    write_bytes(fs, f"{B}/d/e/x", b"x")
+    write_bytes(fs, f"{B}/f", b"f")
+    fs.mkdir(f"{B}/full")
+    write_bytes(fs, f"{B}/full/y", b"y")
+    fails(errno.EINVAL, lambda: fs.rename(f"{B}/d", f"{B}/d/e/inside"))
+    fails(errno.ENOTEMPTY, lambda: fs.rename(f"{B}/d", f"{B}/full"))
+    fails(errno.ENOTDIR, lambda: fs.rename(f"{B}/d", f"{B}/f"))
+    fails(errno.EISDIR, lambda: fs.rename(f"{B}/f", f"{B}/d"))
+    fs.rename(f"{B}/d", f"{B}/moved")
+    assert tree(fs, B) == {"moved": None, "moved/e": None, "moved/e/x": b"x", "f": b"f",
+                           "full": None, "full/y": b"y"}
+
+
+def test_unlink_rmdir_mkdir_errnos(fs: Driver) -> None:
+    fs.mkdir(f"{B}/d")
+    write_bytes(fs, f"{B}/d/x", b"x")
+    fails(errno.EEXIST, lambda: fs.mkdir(f"{B}/d"))
+    fails(errno.EISDIR, lambda: fs.unlink(f"{B}/d"))
+    fails(errno.ENOTDIR, lambda: fs.rmdir(f"{B}/d/x"))
+    fails(errno.ENOTEMPTY, lambda: fs.rmdir(f"{B}/d"))
+    fails(errno.ENOENT, lambda: fs.unlink(f"{B}/nothing"))
+    fails(errno.ENOTDIR, lambda: fs.mkdir(f"{B}/d/x/sub"))
+    fs.unlink(f"{B}/d/x")
+    assert fs.listdir(f"{B}/d") == []  # an empty directory stays until removed
+    fs.rmdir(f"{B}/d")
+    assert fs.listdir(B) == []
+
+
+def test_names_the_hub_could_never_store_are_refused(fs: Driver) -> None:
+    fails(errno.ENAMETOOLONG, lambda: write_bytes(fs, f"{B}/{'n' * 256}", b""))
+    fails(errno.ENAMETOOLONG, lambda: fs.mkdir(f"{B}/{'n' * 256}"))
+    fails(errno.EINVAL, lambda: write_bytes(fs, f"{B}/bad\x01name", b""))
+    write_bytes(fs, f"{B}/{'n' * 255}", b"ok")
+    assert fs.listdir(B) == ["n" * 255]
+
+
+def test_symlinks_are_refused(fs: Driver) -> None:
+    fails(errno.EPERM, lambda: fs.symlink("target", f"{B}/link"))
+
+
+def test_a_move_across_branches_is_refused(fs: Driver) -> None:
+    write_bytes(fs, f"{B}/a", b"A")
+    fails(errno.EXDEV, lambda: fs.rename(f"{B}/a", "model/llm/gpt2/main/a"))
+
+
+# -- attributes ------------------------------------------------------------------------------
+
+
+def test_modes_and_times_are_kept_and_committed(fs: Driver) -> None:
+    write_bytes(fs, f"{B}/run.sh", b"#!/bin/sh\n")
+    fs.chmod(f"{B}/run.sh", 0o755)
+    fs.utime(f"{B}/run.sh", 1_700_000_000.0)
+    st = fs.stat(f"{B}/run.sh")
+    assert stat.S_IMODE(st.st_mode) == 0o755 and st.st_mtime == 1_700_000_000.0
+    fails(errno.EPERM, lambda: fs.chmod(f"{B}/run.sh", 0o4755))
+    fails(errno.EPERM, lambda: fs.chmod(B, 0o700))
+    head = str(commit(fs)["commit"])
+    st = fs.stat(f"model/llm/gpt2/{head[:12]}/run.sh")
+    assert stat.S_IMODE(st.st_mode) == 0o555  # no write bits where nothing may change
+    assert st.st_mtime == 1_700_000_000.0
+
+
+def test_xattrs(fs: Driver) -> None:
+    write_bytes(fs, f"{B}/w.bin", b"weights")
+    sha = hashlib.sha256(b"weights").hexdigest()
+    assert fs.getxattr(f"{B}/w.bin", "user.ah.sha256").decode() == sha  # queued
+    assert fs.getxattr(B, "user.ah.ref_type") == b"branch"
+    assert fs.getxattr("model/llm/gpt2/t1", "user.ah.ref_type") == b"tag"
+    assert "user.ah.path" in fs.listxattr(f"{B}/w.bin")
+    fails(errno.ENODATA, lambda: fs.getxattr(f"{B}/w.bin", "user.ah.nothing"))
+    fails(errno.ENOTSUP, lambda: fs.setxattr(f"{B}/w.bin", "user.ah.labels", b"x"))
+    fs.setxattr("model/llm/gpt2", "user.ah.labels", b"PyTorch, GPT")
+    assert fs.getxattr("model/llm/gpt2", "user.ah.labels") == b"PyTorch,GPT"
+    head = str(commit(fs)["commit"])
+    assert fs.getxattr(f"model/llm/gpt2/{head[:12]}/w.bin", "user.ah.sha256").decode() == sha
+
+
+# -- read-only places ------------------------------------------------------------------------
+
+
+def test_tags_and_commits_refuse_every_change(fs: Driver) -> None:
+    for ref in ("t1", _main_commit()[:12]):
+        _refuses_every_change(fs, f"model/llm/gpt2/{ref}")
+
+
+def _refuses_every_change(fs: Driver, place: str) -> None:
+    assert read_bytes(fs, f"{place}/seed.txt") == b"seed bytes\n"
+    assert stat.S_IMODE(fs.stat(f"{place}/seed.txt").st_mode) == 0o444
+    fails(errno.EROFS, lambda: fs.open(f"{place}/seed.txt", os.O_WRONLY))
+    fails(errno.EROFS, lambda: write_bytes(fs, f"{place}/new.txt", b"x"))
+    fails(errno.EROFS, lambda: fs.mkdir(f"{place}/dir"))
+    fails(errno.EROFS, lambda: fs.unlink(f"{place}/seed.txt"))
+    fails(errno.EROFS, lambda: fs.rename(f"{place}/seed.txt", f"{place}/x.txt"))
+    fails(errno.EROFS, lambda: fs.truncate(f"{place}/seed.txt", 0))
+    fails(errno.EROFS, lambda: fs.utime(f"{place}/seed.txt", 1.0))
+
+
+def _main_commit() -> str:
+    return str(ah.list("model/llm/gpt2:main", resource="commit")[0]["id"])
+
+
+# -- commit and reset ------------------------------------------------------------------------
+
+
+def test_commit_takes_the_queue_and_reset_drops_it(fs: Driver) -> None:
+    fs.mkdir(f"{B}/cfg")
+    write_bytes(fs, f"{B}/cfg/a.json", b"{}")
+    write_bytes(fs, f"{B}/b.bin", b"\x00" * 3000)
+    result = commit(fs)
+    assert result["commit"] and result["left"] == {"adds": 0, "deletes": 0, "bytes": 0}
+    listed = {o["path"]: o["size_bytes"] for o in ah.list("model/llm/gpt2:v1")}
+    assert listed == {"cfg/a.json": 2, "b.bin": 3000}
+    head = str(result["commit"])
+    assert tree(fs, f"model/llm/gpt2/{head[:12]}") == {"cfg": None, "cfg/a.json": b"{}",
+                                                        "b.bin": b"\x00" * 3000}
+    fs.unlink(f"{B}/b.bin")
+    write_bytes(fs, f"{B}/c.txt", b"c")
+    assert fs.listdir(B) == ["c.txt", "cfg"]
+    dropped = fs.control("reset", path=SEGMENTS)
+    assert dropped["dropped_local"] >= 2
+    assert tree(fs, B) == {"cfg": None, "cfg/a.json": b"{}", "b.bin": b"\x00" * 3000}
+
+
+def test_hub_resources_by_mkdir_rmdir_and_mv(fs: Driver) -> None:
+    fs.mkdir("model/vision")
+    fs.mkdir("model/vision/vit")
+    fs.mkdir("model/vision/vit/dev")
+    assert fs.listdir("model/vision/vit") == ["dev", "main"]
+    fs.rename("model/vision/vit", "model/vision/vit2")
+    assert fs.listdir("model/vision") == ["vit2"]
+    fails(errno.EPERM, lambda: fs.rmdir("model/vision/vit2/main"))
+    fs.rmdir("model/vision/vit2/dev")
+    fs.rmdir("model/vision/vit2")
+    fs.rmdir("model/vision")
+    assert fs.listdir("model") == ["llm"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
