@@ -21,7 +21,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ahmount import transfer
 from ahmount.client.embedded import connect
 from ahmount.client.hub_client import HubClient
 from ahmount.config import ClientConfig, load_config, make_config
@@ -29,6 +28,9 @@ from ahmount.errors import AlreadyExists, InvalidArgument, NotFound, Unauthentic
 from ahmount.hub.models import AssetInfo, CommitInfo, FolderInfo, ObjectEntry, RefInfo
 from ahmount.paths import ApiPath, parse, split_ref_source
 from ahmount.sync_runner import run_sync
+from ahmount.transfer.download import download_objects
+from ahmount.transfer.plan import plan_adds, plan_deletes
+from ahmount.transfer.upload import commit_files
 
 __all__ = [
     "Branch", "Commit", "Dataset", "Folder", "Model", "Tag", "commit", "create", "delete",
@@ -582,14 +584,14 @@ def commit(path: str, msg: str, delete: Sequence[str] | None = None,
         raise InvalidArgument(f"path {path!r} does not name an asset or branch", path=path)
     if not isinstance(msg, str) or not msg.strip():
         raise InvalidArgument(f"commit to {path!r} needs a non-empty message", path=path)
-    deletes = transfer.plan_deletes(delete)
-    files = transfer.plan_adds(add)
+    deletes = plan_deletes(delete)
+    files = plan_adds(add)
 
     async def run(hub: HubClient) -> Commit | None:
         p = await _owned(hub, parsed)
         addr = p.asset_addr()
         branch = p.ref or "main"
-        info = await transfer.commit_files(hub, addr, branch, msg, deletes, files, force)
+        info = await commit_files(hub, addr, branch, msg, deletes, files, force)
         if info is None:
             log.info("No changes to commit on %s", p)
             return None
@@ -611,7 +613,7 @@ def download(path: str, objects: Sequence[str] | None = None, save_dir: str = ".
 
     async def run(hub: HubClient) -> None:
         p = await _owned(hub, parsed)
-        written = await transfer.download_objects(hub, p.asset_addr(), p.ref or "main",
+        written = await download_objects(hub, p.asset_addr(), p.ref or "main",
                                                   objects, Path(save_dir))
         log.info("Downloaded %d object(s) of %s to %s", len(written), p, save_dir)
 

@@ -83,7 +83,7 @@ async def run(server: HubProcess, users: list[tuple[str, str]], seconds: float) 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "blob"
         path.write_bytes(data)
-        from ahmount.client.hub_client import hash_file
+        from ahmount.client.files import hash_file
 
         sha, size = hash_file(path)
         owner_name, owner_key = users[0]

@@ -33,7 +33,8 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ahmount.client.embedded import embedded_client
-from ahmount.client.hub_client import HubClient, hash_file
+from ahmount.client.files import hash_file
+from ahmount.client.hub_client import HubClient
 from ahmount.hub.models import AssetAddr, FolderAddr, ObjectEntry
 from tests.conftest import HubProcess, MountProcess
 

@@ -13,8 +13,9 @@ import httpx
 import pytest
 import trio
 
-from ahmount.client import hub_client
-from ahmount.client.hub_client import HubClient, hash_file
+from ahmount.client import uploads
+from ahmount.client.files import hash_file
+from ahmount.client.hub_client import HubClient
 from ahmount.errors import (
     AlreadyExists,
     ChecksumMismatch,
@@ -313,7 +314,7 @@ async def test_batch_upload_keeps_the_intact_blobs(hub_server: HubProcess,
 async def test_resumable_upload_of_a_large_blob(alice: HubClient, model: AssetAddr,
                                                 tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hub_client, "SEGMENT", 1 << 20)
+    monkeypatch.setattr(uploads, "SEGMENT", 1 << 20)
     data = bytes(range(256)) * (5 * 4096 + 7)
     sha, size = await upload(alice, data, tmp_path)
     assert size > 5 * (1 << 20)
@@ -360,7 +361,7 @@ class CuttingProxy:
 
 def six_segments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, bytes, str, int]:
     """A file that a resumable upload sends in six 1 MiB segments: ``(path, data, sha, size)``."""
-    monkeypatch.setattr(hub_client, "SEGMENT", 1 << 20)
+    monkeypatch.setattr(uploads, "SEGMENT", 1 << 20)
     data = os.urandom(6 << 20)
     path = tmp_path / "big.bin"
     path.write_bytes(data)
@@ -450,7 +451,7 @@ async def test_transport_failure_is_an_httpx_error(tmp_path: Path) -> None:
 
 async def test_batch_download_of_small_objects(hub_server: HubProcess, alice: HubClient,
                                                model: AssetAddr, tmp_path: Path) -> None:
-    from ahmount.transfer import download_objects
+    from ahmount.transfer.download import download_objects
 
     small = [await entry(alice, f"s/{i}.txt", f"small {i}".encode(), tmp_path)
              for i in range(30)]

@@ -89,7 +89,7 @@ def test_the_vfs_core_runs_where_pyfuse3_cannot_be_imported() -> None:
 
 def test_the_http_client_does_not_pull_in_the_hub_service() -> None:
     code = ("import sys\n"
-            "import ahmount.client.hub_client, ahmount.transfer, ahmount.ah\n"
+            "import ahmount.client.hub_client, ahmount.transfer.upload, ahmount.ah\n"
             "loaded = [m for m in sys.modules if m.startswith(('ahmount.server', "
             "'ahmount.hub.service', 'sqlalchemy'))]\n"
             "assert not loaded, loaded\n")

@@ -13,7 +13,8 @@ import httpx
 import pytest
 import trio
 
-from ahmount.client.hub_client import HubClient, hash_file
+from ahmount.client.files import hash_file
+from ahmount.client.hub_client import HubClient
 from ahmount.errors import HubUnavailable
 from ahmount.hub.models import AssetAddr, FolderAddr, ObjectEntry
 from tests.conftest import HubProcess, PostgresCluster, S3Server, command, scale_args
@@ -124,8 +125,8 @@ async def test_gc_keeps_what_commits_staging_and_uploads_need(
         await hub.stage(addr, "main", "sess", adds=[ObjectEntry("s", s.sha256, s.size, 1.0)])
         in_progress = os.urandom(3000)
         sha = hashlib.sha256(in_progress).hexdigest()
-        started = await hub._json("POST", "/api/v1/uploads", json={"sha256": sha, "size": 3000})
-        await hub._json("PATCH", f"/api/v1/uploads/{started['id']}", content=in_progress[:1000],
+        started = await hub.http.json("POST", "/api/v1/uploads", json={"sha256": sha, "size": 3000})
+        await hub.http.json("PATCH", f"/api/v1/uploads/{started['id']}", content=in_progress[:1000],
                         headers={"upload-offset": "0"})
     result = subprocess.run([command("ah-server"), "--data", str(tmp_path / "gc"), *args, "gc",
                              "--grace", "0"], capture_output=True, text=True, timeout=120)
@@ -134,9 +135,9 @@ async def test_gc_keeps_what_commits_staging_and_uploads_need(
     async with HubClient(b.url, api_key=b.keys["alice"]) as hub:
         assert await hub.missing_blobs([c.sha256, s.sha256, o.sha256]) == {o.sha256}
         # The upload in progress survived and finishes through the other replica.
-        await hub._json("PATCH", f"/api/v1/uploads/{started['id']}", content=in_progress[1000:],
+        await hub.http.json("PATCH", f"/api/v1/uploads/{started['id']}", content=in_progress[1000:],
                         headers={"upload-offset": "1000"})
-        await hub._json("POST", f"/api/v1/uploads/{started['id']}/finish")
+        await hub.http.json("POST", f"/api/v1/uploads/{started['id']}/finish")
         assert await hub.missing_blobs([sha]) == set()
 
 

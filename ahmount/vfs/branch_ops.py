@@ -16,7 +16,7 @@ from typing import Any
 
 from ahmount.errors import Conflict, InvalidArgument
 from ahmount.hub.models import AssetAddr, ObjectEntry
-from ahmount.transfer import LocalFile
+from ahmount.transfer.plan import LocalFile
 from ahmount.vfs.change_queue import BranchQueue, Row
 from ahmount.vfs.core import VFS
 from ahmount.vfs.hub_view import CommitIndex

@@ -25,7 +25,8 @@ import trio
 
 from ahmount.errors import AlreadyExists, NotFound
 from ahmount.names import MAX_SEGMENT_BYTES
-from ahmount.transfer import LocalFile, hash_files
+from ahmount.transfer.hashes import hash_files
+from ahmount.transfer.plan import LocalFile
 from ahmount.vfs import resources
 from ahmount.vfs.change_queue import ChangeQueue, Row
 from ahmount.vfs.errors import (

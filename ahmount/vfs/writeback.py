@@ -22,7 +22,8 @@ import trio
 
 from ahmount.client.hub_client import HubClient
 from ahmount.hub.models import ObjectEntry
-from ahmount.transfer import LocalFile, upload_files
+from ahmount.transfer.plan import LocalFile
+from ahmount.transfer.upload import upload_files
 from ahmount.vfs.change_queue import ChangeQueue, Row
 from ahmount.vfs.supervisor import EXPECTED
 

@@ -1,0 +1,165 @@
+"""Files to and from local disk: hashing, downloads written atomically after their hash
+checked out (one object per request, or many small ones in one batch stream), and the names
+a local file system cannot hold reported as such.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import random
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, cast
+
+import anyio
+import anyio.to_thread
+
+from ahmount import errors
+from ahmount.client.http import CHUNK, Progress
+from ahmount.hub.models import AssetAddr, ObjectEntry
+
+if TYPE_CHECKING:
+    from ahmount.client.hub_client import HubClient
+
+
+def hash_file(path: Path) -> tuple[str, int]:
+    """``(sha256, size)`` of a local file, read in chunks."""
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+async def download(hub: HubClient, addr: AssetAddr, ref: str, entry: ObjectEntry,
+                   dest: Path, progress: Progress | None = None) -> None:
+    """Write an object to ``dest`` atomically (temp file, rename) after checking its
+    sha256; on any failure nothing is left under ``dest``."""
+    tmp = partial_path(dest)
+    digest = hashlib.sha256()
+    with local_names(entry.path, dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with tmp.open("wb") as handle:
+                if entry.size:
+                    async with hub.open_object(addr, ref, entry.path) as response:
+                        async for chunk in response.aiter_bytes(CHUNK):
+                            digest.update(chunk)
+                            await anyio.to_thread.run_sync(handle.write, chunk)
+                            if progress:
+                                progress(len(chunk))
+            # No fsync: like cp, a download is made visible atomically (rename), and its
+            # durability is left to the file system; fsync per file made many small
+            # files slow.
+            if digest.hexdigest() != entry.sha256:
+                raise errors.ChecksumMismatch(
+                    f"download of {entry.path!r} hashed to {digest.hexdigest()}, "
+                    f"expected {entry.sha256}", path=entry.path,
+                )
+            os.utime(tmp, (entry.mtime, entry.mtime))
+            os.chmod(tmp, entry.mode)  # as committed (git keeps the executable bit too)
+            os.replace(tmp, dest)
+        except BaseException:
+            remove_partial(tmp)
+            raise
+
+
+async def download_batch(hub: HubClient, addr: AssetAddr, ref: str,
+                         items: Sequence[tuple[ObjectEntry, Path]],
+                         progress: Progress | None = None) -> None:
+    """Download many (small) objects of one commit with one request, each written
+    atomically to its destination after its sha256 checked out."""
+    by_path = {e.path: (e, dest) for e, dest in items}
+    async with hub.open_batch(addr, ref, [e.path for e, _ in items]) as response:
+        chunks = cast("AsyncGenerator[bytes, None]", response.aiter_raw())
+        async with contextlib.aclosing(chunks) as raw:
+            reader = _StreamReader(raw)
+            for _ in range(len(items)):
+                header = json.loads(await reader.readline())
+                entry, dest = by_path[header["path"]]
+                data = await reader.readexactly(int(header["size"]))
+                if hashlib.sha256(data).hexdigest() != entry.sha256:
+                    raise errors.ChecksumMismatch(
+                        f"download of {entry.path!r} did not hash to {entry.sha256}",
+                        path=entry.path)
+                await anyio.to_thread.run_sync(write_atomically, dest, data, entry.mtime,
+                                               entry.mode)
+                if progress:
+                    progress(len(data))
+
+
+class _StreamReader:
+    """Exact reads from a response body (lines and byte counts)."""
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buffer = bytearray()
+
+    async def _fill(self) -> bool:
+        try:
+            self._buffer += await self._chunks.__anext__()
+            return True
+        except StopAsyncIteration:
+            return False
+
+    async def readline(self) -> bytes:
+        while b"\n" not in self._buffer:
+            if not await self._fill():
+                raise errors.HubUnavailable("batch download ended early")
+        line, _, _ = bytes(self._buffer).partition(b"\n")
+        del self._buffer[: len(line) + 1]
+        return line
+
+    async def readexactly(self, size: int) -> bytes:
+        while len(self._buffer) < size:
+            if not await self._fill():
+                raise errors.HubUnavailable("batch download ended early")
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return data
+
+
+def partial_path(dest: Path) -> Path:
+    """Where a download is written before its rename to ``dest``: a short name of its own,
+    so it fits wherever ``dest`` does (a suffix on a 250-byte name would not)."""
+    return dest.parent / f".ah-partial-{os.getpid()}-{random.getrandbits(48):012x}"
+
+
+@contextlib.contextmanager
+def local_names(object_path: str, dest: Path) -> Iterator[None]:
+    """A name the local file system cannot hold becomes an error naming the object."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+        raise OSError(errno.ENAMETOOLONG,
+                      f"object {object_path!r} cannot be saved as {str(dest)[:200]!r}: the "
+                      "local file system refuses a name or path that long") from None
+
+
+def write_atomically(dest: Path, data: bytes, mtime: float, mode: int = 0o644) -> None:
+    tmp = partial_path(dest)
+    with local_names(dest.name, dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.write_bytes(data)
+            os.utime(tmp, (mtime, mtime))
+            os.chmod(tmp, mode)
+            os.replace(tmp, dest)
+        except BaseException:
+            remove_partial(tmp)
+            raise
+
+
+def remove_partial(tmp: Path) -> None:
+    with contextlib.suppress(OSError):  # a path too long to make is too long to remove
+        tmp.unlink(missing_ok=True)
+
+
