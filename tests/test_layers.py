@@ -23,7 +23,8 @@ FORBIDDEN: dict[str, set[str]] = {
     "vfs": {"mount", "cli", "server", "pyfuse3"},
     "client": {"vfs", "mount", "cli", "server", "hub.service", "hub.open", "pyfuse3"},
     "hub": {"client", "vfs", "mount", "cli", "server", "transfer", "ah", "pyfuse3"},
-    "server": {"client", "vfs", "mount", "cli", "transfer", "ah", "pyfuse3"},
+    "server": {"client", "vfs", "mount", "cli", "transfer", "ah", "pyfuse3",
+               "hub.blobs", "hub.s3_blobs", "hub.metadata", "hub.trees"},
     "ah": {"vfs", "mount", "cli", "server", "pyfuse3"},
     "transfer": {"vfs", "mount", "cli", "server", "pyfuse3"},
     "names": {"client", "vfs", "mount", "cli", "server", "hub", "transfer", "ah"},
@@ -95,3 +96,39 @@ def test_the_http_client_does_not_pull_in_the_hub_service() -> None:
             "assert not loaded, loaded\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_importing_ahmount_changes_nothing_of_other_libraries() -> None:
+    """No global patch of httpcore (the client's large socket reads are its own transport's),
+    no logging handlers, for every module of the package."""
+    modules = ", ".join(
+        "ahmount." + ".".join(p.relative_to(PACKAGE).with_suffix("").parts)
+        for p in MODULES if p.name != "__init__.py")
+    code = ("import logging, httpcore\n"
+            "before = httpcore.AsyncHTTP11Connection.READ_NUM_BYTES\n"
+            f"import {modules}\n"
+            "assert httpcore.AsyncHTTP11Connection.READ_NUM_BYTES == before\n"
+            "assert not logging.getLogger().handlers\n"
+            "assert not logging.getLogger('ahmount').handlers\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def _is_service(node: ast.expr) -> bool:
+    """``svc``, ``service`` or ``service_of(request)``: an expression naming the service."""
+    if isinstance(node, ast.Name):
+        return node.id in ("svc", "service")
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
+        node.func.id in ("service_of", "_svc")
+
+
+def test_the_server_reaches_the_stores_only_through_the_service() -> None:
+    """No endpoint touches ``service.blobs`` or ``service.metadata``: reads go through the
+    objects the service hands out after its checks, writes through its methods."""
+    found = []
+    for path in (PACKAGE / "server").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in ("blobs", "metadata") and \
+                    _is_service(node.value):
+                found.append(f"{path.relative_to(PACKAGE)}:{node.lineno} .{node.attr}")
+    assert found == []

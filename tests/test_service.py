@@ -19,6 +19,7 @@ from ahmount.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    RangeNotSatisfiable,
     Unauthenticated,
     UnknownChanges,
 )
@@ -26,9 +27,25 @@ from ahmount.hub.models import AssetAddr, FolderAddr, ObjectEntry
 from ahmount.hub.service import Actor, HubService, hash_key
 
 
+def send_blob(service: HubService, actor: Actor, sha: str, pieces: list[bytes],
+              size: int) -> None:
+    """A blob through the service's single-request path, as ``PUT /blobs/{sha}`` sends it:
+    written in pieces, verified, registered; dropped on failure."""
+    token = service.begin_blob(actor, sha, size)
+    try:
+        offset = 0
+        for piece in pieces:
+            offset = service.write_blob(actor, token, offset, piece)
+        service.end_blob(actor, token, sha, size)
+    except BaseException:
+        service.drop_blob_write(actor, token)
+        raise
+    service.register_blobs(actor, [(sha, size)], durable=True)
+
+
 def put(service: HubService, actor: Actor, data: bytes) -> dict[str, object]:
     sha = hashlib.sha256(data).hexdigest()
-    service.put_blob(actor, sha, iter([data]), len(data))
+    send_blob(service, actor, sha, [data[: len(data) // 2], data[len(data) // 2:]], len(data))
     return {"sha256": sha, "size": len(data)}
 
 
@@ -328,10 +345,10 @@ def test_blob_hash_mismatch_and_truncation_leave_nothing(service: HubService,
     data = b"payload" * 1000
     sha = hashlib.sha256(data).hexdigest()
     with pytest.raises(ChecksumMismatch, match=sha):
-        service.put_blob(alice, sha, iter([data[:-1] + b"X"]), len(data))
+        send_blob(service, alice, sha, [data[:-1] + b"X"], len(data))
     assert service.missing_blobs(alice, [sha]) == [sha]
     with pytest.raises(InvalidArgument, match="truncated"):
-        service.put_blob(alice, sha, iter([data[:100]]), len(data))
+        send_blob(service, alice, sha, [data[:100]], len(data))
     assert service.missing_blobs(alice, [sha]) == [sha]
     assert list(service.blobs.hashes()) == []
     # A resumable upload in pieces, resumed at the offset the store reports.
@@ -345,6 +362,22 @@ def test_blob_hash_mismatch_and_truncation_leave_nothing(service: HubService,
     assert service.finish_upload(alice, upload_id) == sha
     assert service.missing_blobs(alice, [sha]) == []
     assert b"".join(service.blobs.read(sha, 10, 20)) == data[10:20]
+
+
+def test_a_blob_write_belongs_to_the_actor_who_began_it(service: HubService, alice: Actor,
+                                                        bob: Actor) -> None:
+    data = b"alice's bytes"
+    sha = hashlib.sha256(data).hexdigest()
+    token = service.begin_blob(alice, sha, len(data))
+    with pytest.raises(NotFound):
+        service.write_blob(bob, token, 0, data)
+    service.drop_blob_write(bob, token)  # not his to drop: nothing happens
+    service.write_blob(alice, token, 0, data)
+    with pytest.raises(NotFound):
+        service.end_blob(bob, token, sha, len(data))
+    service.end_blob(alice, token, sha, len(data))
+    with pytest.raises(NotFound):  # ended: the token is spent
+        service.write_blob(alice, token, len(data), b"more")
 
 
 def test_concurrent_commits_to_one_branch_all_land(service: HubService, alice: Actor,
@@ -420,8 +453,11 @@ def test_object_entry_fields(service: HubService, alice: Actor, model: AssetAddr
     commit, entry = service.stat_object(alice, model, "main", "m.json")
     assert entry == ObjectEntry("m.json", str(blob["sha256"]), 3, 1234.5, "application/json")
     assert commit.message == "x"
-    _, _, start, end, chunks = service.read_object(alice, model, "main", "m.json", 1, None)
-    assert (start, end, b"".join(chunks)) == (1, 3, b"bc")
+    readable = service.open_object(alice, model, "main", "m.json")
+    assert (readable.commit, readable.entry) == (commit, entry)
+    assert b"".join(readable.read(1)) == b"bc"
+    with pytest.raises(RangeNotSatisfiable):
+        readable.read(2, 9)
 
 
 def test_large_blob_through_a_resumable_upload(service: HubService, alice: Actor,
@@ -438,8 +474,8 @@ def test_large_blob_through_a_resumable_upload(service: HubService, alice: Actor
     service.finish_upload(alice, upload_id)
     service.commit(alice, model, "main", "big", adds=[{"path": "big.bin", "sha256": sha,
                                                         "size": len(data)}])
-    _, _, _, _, chunks = service.read_object(alice, model, "main", "big.bin",
-                                             (16 << 20) - 10, (16 << 20) + 10)
+    chunks = service.open_object(alice, model, "main", "big.bin").read((16 << 20) - 10,
+                                                                      (16 << 20) + 10)
     assert b"".join(chunks) == data[(16 << 20) - 10:(16 << 20) + 10]
     # A corrupted large upload never becomes a blob.
     bad_id, _ = service.start_upload(alice, "e" * 64, len(data))
@@ -502,7 +538,7 @@ def test_a_blob_is_no_capability(service: HubService, alice: Actor, bob: Actor,
     assert service.start_upload(bob, sha, len(secret))[0] is not None
     assert paths(service, bob, stolen, "main") == []
     # Sending the bytes is the proof: then the commit needs no upload of them again.
-    service.put_blob(bob, sha, iter([secret]), len(secret))
+    send_blob(service, bob, sha, [secret], len(secret))
     assert service.missing_blobs(bob, [sha]) == []
     assert service.commit(bob, stolen, "main", "mine too",
                           adds=[{"path": "w.pt", "sha256": sha, "size": len(secret)}])

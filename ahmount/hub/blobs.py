@@ -66,6 +66,11 @@ class BlobStore(Protocol):
     def hashes(self) -> Iterator[str]:
         """Every stored blob's hash."""
 
+    def presign(self, sha256: str) -> str | None:
+        """A URL from which a client may read the blob straight from the store (it sends its
+        own Range there), or None when this store makes none or the operator did not allow
+        it."""
+
 
 def check_range(sha256: str, size: int, start: int, end: int) -> None:
     empty_read_of_empty_blob = size == 0 and start == 0 and end == 0
@@ -187,6 +192,9 @@ class LocalBlobStore:
 
     def delete(self, sha256: str) -> None:
         self._path(sha256).unlink(missing_ok=True)
+
+    def presign(self, sha256: str) -> str | None:
+        return None  # a directory has no URL of its own: reads go through the hub
 
     def hashes(self) -> Iterator[str]:
         for first in self.root.iterdir():

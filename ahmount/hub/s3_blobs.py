@@ -106,8 +106,11 @@ class S3BlobStore:
         finally:
             body.close()
 
-    def presign(self, sha256: str, expires: int = 900) -> str:
-        """A URL that reads the blob straight from the store (clients send Range there)."""
+    def presign(self, sha256: str, expires: int = 900) -> str | None:
+        """A URL that reads the blob straight from the store (clients send Range there), when
+        the operator allowed it (``--s3-presign``)."""
+        if not self.presign_enabled:
+            return None
         return str(self.client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": self._blob_key(sha256)},
             ExpiresIn=expires))

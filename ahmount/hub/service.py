@@ -214,6 +214,28 @@ class KeyedLocks:
                     self._locks[key] = (lock, users - 1)
 
 
+@dataclass(frozen=True)
+class ReadableObject:
+    """An object a caller was found allowed to read (made only by
+    :meth:`HubService.open_object`): its commit, its entry, and its bytes on demand. The HTTP
+    layer reads blobs only through these, never from the store."""
+
+    commit: CommitInfo
+    entry: ObjectEntry
+    _blobs: BlobStore
+
+    def read(self, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        """Bytes ``[start, end)`` (``end=None``: to the end) in chunks."""
+        stop = self.entry.size if end is None else end
+        check_range(self.entry.sha256, self.entry.size, start, stop)
+        return self._blobs.read(self.entry.sha256, start, stop)
+
+    def presigned_url(self) -> str | None:
+        """A URL that reads the blob straight from the blob store, when the store can make one
+        and the operator allowed it (``--s3-presign``)."""
+        return self._blobs.presign(self.entry.sha256)
+
+
 class HubService:
     """All hub operations. ``metadata`` and ``blobs`` are owned by the caller."""
 
@@ -222,6 +244,9 @@ class HubService:
         self.blobs = blobs
         self.trees = TreeStore(metadata)
         self._branch_turns = KeyedLocks()
+        #: Single-request blob writes in progress: token -> the actor writing it.
+        self._blob_writes: dict[str, str] = {}
+        self._blob_writes_guard = threading.Lock()
         self._index_blob_assets()
 
     def _index_blob_assets(self) -> None:
@@ -713,24 +738,21 @@ class HubService:
             entries.append(entry)
         return commit, entries
 
-    def presigned_url(self, entry: ObjectEntry) -> str | None:
-        """A URL that reads the object's blob straight from the blob store, when the store can
-        make one and the operator allowed it (``--s3-presign``); the caller has already
-        checked access with :meth:`stat_object`."""
-        if not getattr(self.blobs, "presign_enabled", False):
-            return None
-        presign = getattr(self.blobs, "presign", None)
-        return None if presign is None else str(presign(entry.sha256))
-
-    def read_object(
-        self, actor: Actor, addr: AssetAddr, ref: str, path: str, start: int, end: int | None
-    ) -> tuple[CommitInfo, ObjectEntry, int, int, Iterator[bytes]]:
-        """Bytes ``[start, end)`` of an object (``end=None``: to its end). Returns the commit,
-        the entry, the effective range and a chunk iterator."""
+    def open_object(self, actor: Actor, addr: AssetAddr, ref: str,
+                    path: str) -> ReadableObject:
+        """The object at ``path`` of ``ref``, for ``actor`` to read."""
         commit, entry = self.stat_object(actor, addr, ref, path)
-        stop = entry.size if end is None else end
-        check_range(entry.sha256, entry.size, start, stop)
-        return commit, entry, start, stop, self.blobs.read(entry.sha256, start, stop)
+        return ReadableObject(commit, entry, self.blobs)
+
+    def open_objects(self, actor: Actor, addr: AssetAddr, ref: str,
+                     paths: Sequence[Any]) -> tuple[CommitInfo, list[ReadableObject]]:
+        """Many objects of one commit, for ``actor`` to read (one resolution, one check)."""
+        commit, entries = self.stat_objects(actor, addr, ref, paths)
+        return commit, [ReadableObject(commit, e, self.blobs) for e in entries]
+
+    def check_health(self) -> None:
+        """Raises unless the metadata store answers (readiness)."""
+        self.metadata.get_nodes([])
 
     # == staging and commits ==================================================================
 
@@ -1053,34 +1075,57 @@ class HubService:
     # Single-request uploads (one blob per PUT, or many small ones in a batch) keep no upload
     # row: the bytes go to a private temp object and become a blob only once verified.
 
-    def begin_blob(self, sha256: str, size: int) -> str:
-        """Start writing a blob in one go; returns a token for write_blob / end_blob."""
+    def begin_blob(self, actor: Actor, sha256: str, size: int) -> str:
+        """Start writing a blob in one go for ``actor``; returns a token for write_blob /
+        end_blob / drop_blob_write, which only that actor may use."""
         check_sha256(sha256)
         check_size(size, f"blob {sha256}")
         token = str(uuid.uuid4())
         self.blobs.start_upload(token, local=True)
+        with self._blob_writes_guard:
+            self._blob_writes[token] = actor.id
         return token
 
-    def write_blob(self, token: str, offset: int, data: bytes) -> int:
+    def _writing(self, actor: Actor, token: str) -> None:
+        with self._blob_writes_guard:
+            owner = self._blob_writes.get(token)
+        if owner != actor.id:
+            raise NotFound(f"no blob write {token!r} of yours is in progress")
+
+    def write_blob(self, actor: Actor, token: str, offset: int, data: bytes) -> int:
+        self._writing(actor, token)
         return self.blobs.append(token, offset, data)
 
-    def end_blob(self, token: str, sha256: str, size: int, durable: bool = True) -> None:
-        """Verify and publish in the blob store (not yet known to the metadata store).
-        With ``durable=False``, :meth:`register_blobs` makes it durable (batches)."""
-        self.blobs.finish_upload(token, sha256, size, durable)
+    def end_blob(self, actor: Actor, token: str, sha256: str, size: int,
+                 durable: bool = True) -> None:
+        """Verify and publish in the blob store (not yet known to the metadata store:
+        :meth:`register_blobs` records it). With ``durable=False``, :meth:`register_blobs`
+        makes it durable (batches)."""
+        self._writing(actor, token)
+        try:
+            self.blobs.finish_upload(token, sha256, size, durable)
+        finally:
+            with self._blob_writes_guard:
+                self._blob_writes.pop(token, None)
 
-    def store_bytes(self, sha256: str, data: bytes, durable: bool = True) -> None:
+    def store_bytes(self, actor: Actor, sha256: str, data: bytes,
+                    durable: bool = True) -> None:
         """A whole small blob already in memory, verified and published in one call (one
         worker-thread hand-off per blob instead of three)."""
-        token = self.begin_blob(sha256, len(data))
+        token = self.begin_blob(actor, sha256, len(data))
         try:
-            self.write_blob(token, 0, data)
-            self.end_blob(token, sha256, len(data), durable)
+            self.write_blob(actor, token, 0, data)
+            self.end_blob(actor, token, sha256, len(data), durable)
         except BaseException:
-            self.drop_blob_write(token)
+            self.drop_blob_write(actor, token)
             raise
 
-    def drop_blob_write(self, token: str) -> None:
+    def drop_blob_write(self, actor: Actor, token: str) -> None:
+        """Discard a blob write (no error if it is gone)."""
+        with self._blob_writes_guard:
+            if self._blob_writes.get(token) not in (None, actor.id):
+                return
+            self._blob_writes.pop(token, None)
         self.blobs.abort_upload(token)
 
     def register_blobs(self, actor: Actor, blobs: Sequence[tuple[str, int]],
@@ -1093,22 +1138,6 @@ class HubService:
         with self.metadata.write() as tx:
             tx.insert_blobs(blobs)
             tx.grant_blobs(actor.id, [sha for sha, _ in blobs])
-
-    def put_blob(self, actor: Actor, sha256: str, chunks: Iterator[bytes], size: int) -> str:
-        """Store a whole blob from ``chunks`` in one go."""
-        token = self.begin_blob(sha256, size)
-        offset = 0
-        try:
-            for chunk in chunks:
-                offset = self.write_blob(token, offset, chunk)
-            self.end_blob(token, sha256, size)
-        except BaseException:
-            self.drop_blob_write(token)
-            raise
-        self.register_blobs(actor, [(sha256, size)], durable=True)
-        return sha256
-
-    # == garbage collection ===================================================================
 
     def gc(self, grace_seconds: float = 3600.0) -> dict[str, int]:
         """Delete blobs and tree nodes that no commit, staging area or upload needs.

@@ -10,10 +10,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from ahmount.exit_codes import exit_code
 from ahmount.hub.open import S3Options, open_hub
 from ahmount.hub.service import HubService
 from ahmount.observability import notify_systemd, setup_logging
-from ahmount.server.app import create_observed_app
+from ahmount.server.app import OpenService, create_observed_app
 
 log = logging.getLogger("ahmount.server")
 
@@ -79,14 +81,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _serve(service: HubService, listen: str, idle_timeout: float = IDLE_TIMEOUT) -> None:
+async def _serve(open_service: OpenService, listen: str,
+                 idle_timeout: float = IDLE_TIMEOUT) -> None:
     config = Config()
     config.bind = [listen]
     config.graceful_timeout = 10.0
     config.keep_alive_timeout = idle_timeout
     config.accesslog = None  # ObservedApp logs one line per request, with its request id
     config.errorlog = logging.getLogger("hypercorn.error")  # through our logfmt handler
-    app: Any = create_observed_app(service)  # hypercorn's ASGI type is narrower
+    # The stores are opened in the app's lifespan, and closed after the last request.
+    app: Any = create_observed_app(open_service=open_service)  # hypercorn's type is narrower
 
     async def shutdown_trigger() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -110,33 +114,57 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(args.log_level)
     data_dir: Path = args.data or dirs().data / "hub"
+    s3 = S3Options(args.s3_endpoint, args.s3_region, args.s3_access_key, args.s3_secret_key,
+                   args.s3_presign)
+    #: Why the stores could not be opened, if they could not (hypercorn reports a lifespan
+    #: failure as its own error; the user needs ours, and its exit code).
+    startup: list[BaseException] = []
+
+    @contextlib.contextmanager
+    def open_service() -> Iterator[HubService]:
+        with contextlib.ExitStack() as stack:
+            try:
+                service = stack.enter_context(open_hub(data_dir, args.db, args.blobs, s3))
+            except BaseException as exc:
+                startup.append(exc)
+                raise
+            yield service
+
     try:
-        s3 = S3Options(args.s3_endpoint, args.s3_region, args.s3_access_key,
-                       args.s3_secret_key, args.s3_presign)
-        with open_hub(data_dir, args.db, args.blobs, s3) as service:
-            if args.command == "user":
-                if args.user_command == "add":
-                    for name in args.name:
-                        _, key = service.add_user(name)
-                        print(key)
-                elif args.user_command == "key":
-                    print(service.add_key(args.name))
-                else:
-                    print(f"{'NAME':<24} {'KEYS':>4}")
-                    for row in service.list_users():
-                        print(f"{row['name']:<24} {row['keys']:>4}")
-                return 0
-            if args.command == "gc":
-                stats = service.gc(args.grace)
-                print(f"removed {stats['blobs']} blobs, {stats['nodes']} tree nodes and "
-                      f"{stats['uploads']} expired uploads ({stats['trees']} trees live)")
-                return 0
-            trio.run(_serve, service, getattr(args, "serve_listen", None) or args.listen,
+        if args.command in ("user", "gc"):
+            with open_service() as service:
+                return _admin(args, service)
+        try:
+            trio.run(_serve, open_service, getattr(args, "serve_listen", None) or args.listen,
                      args.idle_timeout)
-            return 0
+        except Exception:
+            if startup:
+                raise startup[0] from None
+            raise
+        return 0
     except AhError as exc:
         print(f"ah-server: {exc}", file=sys.stderr)
         return exit_code(exc)
+
+
+def _admin(args: argparse.Namespace, service: HubService) -> int:
+    """``ah-server user …`` and ``ah-server gc``."""
+    if args.command == "user":
+        if args.user_command == "add":
+            for name in args.name:
+                _, key = service.add_user(name)
+                print(key)
+        elif args.user_command == "key":
+            print(service.add_key(args.name))
+        else:
+            print(f"{'NAME':<24} {'KEYS':>4}")
+            for row in service.list_users():
+                print(f"{row['name']:<24} {row['keys']:>4}")
+        return 0
+    stats = service.gc(args.grace)
+    print(f"removed {stats['blobs']} blobs, {stats['nodes']} tree nodes and "
+          f"{stats['uploads']} expired uploads ({stats['trees']} trees live)")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,125 @@
+"""Objects of a reference: pages of the listing, one object's bytes (ranges, ETags,
+presigned redirects), many small objects in one stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from ahmount import errors
+from ahmount.server import schemas
+from ahmount.server.bodies import json_body
+from ahmount.server.ranges import iterate, parse_range
+from ahmount.server.requests import (
+    API,
+    Bodies,
+    Routes,
+    asset_addr,
+    call,
+    caller,
+    object_json,
+    query_int,
+    service_of,
+)
+
+
+async def objects(request: Request) -> Response:
+    """A page of a reference's objects: `prefix`, `after` (cursor), `limit`, `delimiter=/`."""
+    actor = await caller(request)
+    q = request.query_params
+    delimiter = q.get("delimiter", "")
+    if delimiter not in ("", "/"):
+        raise errors.InvalidArgument(f"delimiter {delimiter!r} must be '/' or empty")
+    page = await call(
+        service_of(request).list_objects, actor, asset_addr(request), request.path_params["ref"],
+        q.get("prefix", ""), q.get("after", ""), query_int(request, "limit", 1000),
+        bool(delimiter),
+    )
+    etag = '"' + hashlib.sha256(f"{page.commit}?{q}".encode()).hexdigest()[:32] + '"'
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers={"etag": etag})
+    body = {
+        "commit": page.commit,
+        "objects": [object_json(o) for o in page.objects],
+        "dirs": page.dirs,
+        "next_after": page.next_after,
+    }
+    return JSONResponse(body, headers={"etag": etag})
+
+
+async def file(request: Request) -> Response:
+    """GET/HEAD an object's bytes; honours Range and If-None-Match (the ETag is the sha256)."""
+    actor = await caller(request)
+    addr = asset_addr(request)
+    name, path = request.path_params["ref"], request.path_params["path"]
+    found = await call(service_of(request).open_object, actor, addr, name, path)
+    commit, entry = found.commit, found.entry
+    etag = f'"{entry.sha256}"'
+    headers = {
+        "etag": etag,
+        "accept-ranges": "bytes",
+        "x-ah-sha256": entry.sha256,
+        "x-ah-commit": commit.id,
+        "x-ah-mtime": repr(entry.mtime),
+        "content-type": entry.content_type,
+    }
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers=headers)
+    if request.query_params.get("redirect") == "1" and request.method == "GET" and entry.size:
+        url = await call(found.presigned_url)
+        if url is not None:  # the client reads from the blob store directly (data plane)
+            return Response(status_code=307, headers={**headers, "location": url})
+    byte_range = parse_range(request.headers.get("range"), entry.size)
+    start, end = byte_range or (0, entry.size)
+    headers["content-length"] = str(end - start)
+    status = 200
+    if byte_range is not None:
+        status = 206
+        headers["content-range"] = f"bytes {start}-{end - 1}/{entry.size}"
+    if request.method == "HEAD" or end == start:
+        return Response(status_code=status, headers=headers)
+    chunks = await call(found.read, start, end)
+    return StreamingResponse(iterate(chunks), status_code=status, headers=headers)
+
+
+MAX_BATCH_READ = 256 << 20
+
+
+async def files_batch(request: Request) -> Response:
+    """POST {paths: [...]}: many objects of one commit in one response — for each, a JSON
+    line `{path, size, sha256, mtime}` and then exactly `size` bytes."""
+    actor = await caller(request)
+    paths = (await json_body(request, schemas.Paths)).paths
+    commit, found = await call(service_of(request).open_objects, actor, asset_addr(request),
+                               request.path_params["ref"], paths)
+    total = sum(f.entry.size for f in found)
+    if total > MAX_BATCH_READ:
+        raise errors.InvalidArgument(
+            f"a batch read of {total} bytes is over {MAX_BATCH_READ}; fetch large objects one "
+            "by one")
+
+    async def stream() -> AsyncIterator[bytes]:
+        for each in found:
+            entry = each.entry
+            yield json.dumps({"path": entry.path, "size": entry.size, "sha256": entry.sha256,
+                              "mtime": entry.mtime}).encode() + b"\n"
+            if entry.size:
+                async for chunk in iterate(await call(each.read)):
+                    yield chunk
+
+    return StreamingResponse(stream(), headers={"x-ah-commit": commit.id},
+                             media_type="application/octet-stream")
+
+
+A = API + "/assets/{owner}/{kind}/{folder}/{asset}"
+ROUTES: Routes = [
+    (A + "/refs/{ref}/objects", objects, ["GET"]),
+    (A + "/refs/{ref}/files/{path:path}", file, ["GET", "HEAD"]),
+    (A + "/refs/{ref}/batch", files_batch, ["POST"]),
+]
+BODIES: Bodies = {(files_batch, "POST"): schemas.Paths}

@@ -1,0 +1,41 @@
+"""Byte ranges: the one Range header form the API takes (a single ``bytes=`` range, or a
+suffix), and blob chunks streamed from a blocking iterator without blocking the loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import anyio
+import anyio.to_thread
+
+from ahmount import errors
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    if not header:
+        return None
+    unit, _, spec = header.partition("=")
+    if unit.strip() != "bytes" or "," in spec:
+        raise errors.RangeNotSatisfiable(f"Range {header!r} is not a single byte range")
+    first, _, last = spec.strip().partition("-")
+    try:
+        if first == "":
+            suffix = int(last)
+            return max(size - suffix, 0), size
+        start = int(first)
+        end = size if last == "" else min(int(last) + 1, size)
+    except ValueError:
+        raise errors.RangeNotSatisfiable(f"Range {header!r} is malformed") from None
+    if start >= size or end <= start:
+        raise errors.RangeNotSatisfiable(f"Range {header!r} is outside the {size}-byte object")
+    return start, end
+
+
+async def iterate(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+    sentinel = b""
+    while True:
+        chunk = await anyio.to_thread.run_sync(next, chunks, sentinel)
+        if chunk is sentinel or not chunk:
+            return
+        yield chunk

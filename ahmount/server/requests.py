@@ -1,0 +1,123 @@
+"""What every endpoint does with a request: authenticate the caller (once, before anything of
+the request is read), run a blocking service call in a worker thread, read the path's
+addresses and query integers, and render the hub's records as JSON.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ahmount import errors
+from ahmount.hub.models import (
+    AssetAddr,
+    AssetInfo,
+    CommitInfo,
+    FolderAddr,
+    FolderInfo,
+    ObjectEntry,
+    RefInfo,
+)
+from ahmount.hub.service import Actor, HubService
+from ahmount.names import check_kind, check_name
+from ahmount.server import schemas
+
+API = "/api/v1"
+T = TypeVar("T")
+Endpoint = Callable[[Request], Awaitable[Response]]
+#: An endpoint's routes: (path, endpoint, methods).
+Routes = list[tuple[str, Endpoint, list[str]]]
+#: The declared JSON body of each (endpoint, method) that takes one.
+Bodies = dict[tuple[Endpoint, str], type[schemas.Body]]
+
+
+async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+
+
+def service_of(request: Request) -> HubService:
+    service: HubService = request.app.state.service
+    return service
+
+
+async def caller(request: Request) -> Actor:
+    """The caller, authenticated once per request (before anything of the request is
+    validated: see :func:`authenticated`)."""
+    known: Actor | None = getattr(request.state, "actor", None)
+    if known is not None:
+        return known
+    request.state.actor = actor = await authenticate(request)
+    return actor
+
+
+async def authenticate(request: Request) -> Actor:
+    header = request.headers.get("authorization", "")
+    if header:
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise errors.Unauthenticated("the Authorization header must be 'Bearer <api key>'")
+        return await call(service_of(request).authenticate, key.strip())
+    trusted: Actor | None = request.app.state.trusted_actor
+    if trusted is None:
+        raise errors.Unauthenticated(
+            f"{request.url.path} needs an API key: run 'ah login --host URL --api-key KEY'"
+        )
+    return trusted
+
+
+def folder_addr(request: Request) -> FolderAddr:
+    p = request.path_params
+    return FolderAddr(check_name(p["owner"], "owner"), check_kind(p["kind"]),
+                      check_name(p["folder"], "folder"))
+
+
+def asset_addr(request: Request) -> AssetAddr:
+    return AssetAddr(folder_addr(request), check_name(request.path_params["asset"], "asset"))
+
+
+def query_int(request: Request, name: str, default: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise errors.InvalidArgument(f"query parameter {name}={raw!r} is not an integer") from None
+
+
+def folder_json(info: FolderInfo) -> dict[str, Any]:
+    return {**asdict(info), "path": info.path}
+
+
+def asset_json(info: AssetInfo) -> dict[str, Any]:
+    return {**asdict(info), "path": info.path}
+
+
+def commit_json(info: CommitInfo | None) -> dict[str, Any] | None:
+    return None if info is None else asdict(info)
+
+
+def ref_json(info: RefInfo) -> dict[str, Any]:
+    return {"type": info.type, "name": info.name, "commit": commit_json(info.commit)}
+
+
+def object_json(entry: ObjectEntry) -> dict[str, Any]:
+    return asdict(entry)
+
+
+def authenticated(endpoint: Endpoint) -> Endpoint:
+    """``endpoint`` behind authentication: a caller without a valid key gets 401 for any
+    request, well-formed or not, so bad input never answers before identity does."""
+    @functools.wraps(endpoint)
+    async def wrapper(request: Request) -> Response:
+        await caller(request)
+        return await endpoint(request)
+
+    return wrapper
