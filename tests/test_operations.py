@@ -229,3 +229,18 @@ def test_ah_stats_and_runtime_log_level(mount_factory: object, tmp_path: Path) -
     bad = subprocess.run([command("ah"), "log-level", "loud", str(m.mountpoint)],
                          capture_output=True, text=True)
     assert bad.returncode == 2
+
+
+def test_a_server_whose_database_is_down_says_so_and_exits_7(tmp_path: Path) -> None:
+    """The stores open in the app's lifespan; a database that refuses us is the hub's own
+    'unavailable' (exit code 7) in one line naming the store, never its password."""
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = subprocess.run(
+        [command("ah-server"), "--data", str(tmp_path / "data"),
+         "--db", f"postgresql://hub:s3cret@127.0.0.1:{port}/hub", "--listen", "127.0.0.1:0"],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 7, result.stderr
+    assert "metadata store postgresql+psycopg://hub:***@127.0.0.1" in result.stderr
+    assert "s3cret" not in result.stderr and "Traceback" not in result.stderr

@@ -8,7 +8,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ahmount.errors import InvalidArgument
+from sqlalchemy import engine as sa_url
+from sqlalchemy import exc as sa_exc
+
+from ahmount.errors import HubUnavailable, InvalidArgument
 from ahmount.hub.blobs import BlobStore, LocalBlobStore
 from ahmount.hub.metadata import MetadataStore
 from ahmount.hub.service import HubService
@@ -75,7 +78,13 @@ def open_hub(data_dir: Path, db: str = "", blobs: str = "",
     # directory's mode keeps other local users out of everything below it.
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(data_dir, 0o700)
-    metadata = MetadataStore(metadata_url(db, data_dir))
+    url = metadata_url(db, data_dir)
+    try:
+        metadata = MetadataStore(url)
+    except sa_exc.OperationalError as exc:  # the database is down or refuses us
+        shown = sa_url.make_url(url).render_as_string(hide_password=True)
+        raise HubUnavailable(f"metadata store {shown} cannot be opened: "
+                             f"{str(exc.orig).splitlines()[0]}") from None
     if not db:
         os.chmod(data_dir / "meta.db", 0o600)
     try:

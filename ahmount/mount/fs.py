@@ -16,16 +16,15 @@ from typing import Any
 import pyfuse3
 
 from ahmount.errors import NotFound
+from ahmount.mount.attrs import nameless_attributes, node_attributes
 from ahmount.mount.errno_map import fuse_errors
 from ahmount.mount.inodes import ROOT_INODE, InodeTable
 from ahmount.vfs.core import VFS, Listing
 from ahmount.vfs.errors import BadHandle, InvalidName, NotPermitted
 from ahmount.vfs.handles import Handle, ReadHandle
 from ahmount.vfs.layout import Key
-from ahmount.vfs.object_cache import BLOCK
 from ahmount.vfs.tree import Node
 
-IMMUTABLE_TIMEOUT = 3600.0
 IMMUTABLE_ATTRS_MAX = 100_000  # listed entries of tags and commits whose attributes are kept
 
 assert ROOT_INODE == pyfuse3.ROOT_INODE
@@ -60,22 +59,7 @@ class AssetFS(pyfuse3.Operations):
         self.op_counts[op] = self.op_counts.get(op, 0) + 1
 
     def attrs(self, node: Node, ino: int) -> pyfuse3.EntryAttributes:
-        entry = pyfuse3.EntryAttributes()
-        entry.st_ino = ino
-        entry.generation = 0
-        timeout = IMMUTABLE_TIMEOUT if node.immutable else self.vfs.refresh
-        entry.entry_timeout = timeout
-        entry.attr_timeout = timeout
-        entry.st_mode = (stat.S_IFDIR if node.is_dir else stat.S_IFREG) | node.permissions
-        entry.st_nlink = 2 if node.is_dir else 1
-        entry.st_size = node.size
-        entry.st_blksize = BLOCK
-        entry.st_blocks = -(-entry.st_size // 512)
-        ns = int(node.mtime * 1e9)
-        entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = ns
-        entry.st_uid = self.uid
-        entry.st_gid = self.gid
-        return entry
+        return node_attributes(node, ino, self.uid, self.gid, self.vfs.refresh)
 
     def _reply(self, key: Key, node: Node) -> pyfuse3.EntryAttributes:
         """The attributes of a looked-up entry: the kernel now counts one more lookup."""
@@ -131,18 +115,7 @@ class AssetFS(pyfuse3.Operations):
             if not handles:
                 return None
             handle = handles[0]
-        held = self.vfs.handle_stat(handle)
-        entry = pyfuse3.EntryAttributes()
-        entry.st_ino = inode
-        entry.st_nlink = 0  # unlinked
-        entry.st_uid, entry.st_gid = self.uid, self.gid
-        entry.st_blksize = BLOCK
-        entry.st_mode = stat.S_IFREG | held.mode
-        entry.st_size = held.size
-        if held.mtime_ns is not None:
-            entry.st_mtime_ns = entry.st_ctime_ns = entry.st_atime_ns = held.mtime_ns
-        entry.st_blocks = -(-entry.st_size // 512)
-        return entry
+        return nameless_attributes(self.vfs.handle_stat(handle), inode, self.uid, self.gid)
 
     @fuse_errors
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:

@@ -71,7 +71,7 @@ async def file(request: Request) -> Response:
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers=headers)
     if request.query_params.get("redirect") == "1" and request.method == "GET" and entry.size:
-        url = await call(found.presigned_url)
+        url = found.presigned_url()  # computed locally, no I/O: no worker-thread trip
         if url is not None:  # the client reads from the blob store directly (data plane)
             return Response(status_code=307, headers={**headers, "location": url})
     byte_range = parse_range(request.headers.get("range"), entry.size)
