@@ -191,3 +191,15 @@ def test_several_processes_share_the_embedded_hub(files: Path) -> None:
     objects = json.loads(ah("ls", "dataset/shared/many", "--json").stdout)
     assert sorted(o["path"] for o in objects) == [f"f{i}.bin" for i in range(6)]
     assert len(json.loads(ah("ls", "dataset/shared/many", "--commit", "--json").stdout)) == 7
+
+
+@pytest.mark.parametrize("name", ["ah", "ah-mount", "ah-server"])
+def test_every_command_says_its_version(name: str) -> None:
+    from importlib.metadata import version
+
+    import ahmount
+
+    result = subprocess.run([command(name), "--version"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"{name} {ahmount.__version__}"
+    assert version("ahmount") == ahmount.__version__  # the package's metadata agrees

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
-from ahmount import ah
+from ahmount import __version__, ah
 from ahmount.cli.tables import printable, render, table_for
 from ahmount.client.embedded import connect
 from ahmount.client.hub_client import HubClient
@@ -354,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = _sub(subs, "login", cmd_login, "store the hub address and API key (file mode 0600)",

@@ -28,6 +28,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from ahmount import __version__
 from ahmount.client.embedded import connect
 from ahmount.config import ClientConfig, dirs, load_config, make_config
 from ahmount.errors import AhError, InvalidArgument
@@ -66,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="example:\n  ah-mount ~/assets && ls ~/assets/model",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("mountpoint", type=Path)
     parser.add_argument("--hub", default=None, help="hub URL (default: ah login's, else the "
                         "embedded hub)")

@@ -23,6 +23,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
+from ahmount import __version__
 from ahmount.config import dirs
 from ahmount.errors import AhError
 from ahmount.exit_codes import exit_code
@@ -46,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Serve an ahmount hub over HTTP.",
         epilog="example: ah-server --data /srv/ah --listen 127.0.0.1:8080",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--data", type=Path, default=None,
                         help="data directory (SQLite + blobs); default: the embedded hub's")
     parser.add_argument("--db", default=os.environ.get("AH_DB", ""),
