@@ -6,6 +6,7 @@ import json
 import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -203,3 +204,13 @@ def test_every_command_says_its_version(name: str) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"{name} {ahmount.__version__}"
     assert version("ahmount") == ahmount.__version__  # the package's metadata agrees
+
+
+def test_ah_mount_without_the_fuse_binding_says_what_to_install() -> None:
+    code = ("import sys; sys.modules['pyfuse3'] = None\n"
+            "from ahmount.mount.entry import main\n"
+            "sys.exit(main(['/nonexistent-mountpoint']))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "pip install 'ahmount[mount]'" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -80,9 +80,11 @@ def test_nothing_but_the_front_ends_imports_the_mount() -> None:
 
 
 def test_the_vfs_core_runs_where_pyfuse3_cannot_be_imported() -> None:
-    """Transitively, not only directly: the whole session imports with pyfuse3 blocked."""
+    """Transitively, not only directly: the whole session, the API, the CLI and the server
+    import with pyfuse3 blocked (a venv without the FUSE packages has all but ah-mount)."""
     code = ("import sys; sys.modules['pyfuse3'] = None\n"
-            "import ahmount.vfs.session, ahmount.vfs.core, ahmount.ah\n"
+            "import ahmount.vfs.session, ahmount.vfs.core, ahmount.ah, ahmount.cli.main, "
+            "ahmount.server.main\n"
             "assert 'pyfuse3' not in [m for m, v in sys.modules.items() if v is not None]\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
