@@ -205,7 +205,8 @@ class VfsDriver:
 
     # -- calling into the session's loop -----------------------------------------------------
 
-    def _call(self, fn: Callable[[], Awaitable[T]], what: str) -> T:
+    def _run(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """``fn()`` on the session's loop; a refusal becomes ``OSError`` naming ``what``."""
         assert self._token is not None
         try:
             return trio.from_thread.run(fn, trio_token=self._token)
@@ -232,9 +233,6 @@ class VfsDriver:
         if not parent.is_dir:
             raise OSError(errno.ENOTDIR, "not a directory")
 
-    def _run(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
-        return self._call(fn, what)
-
     # -- the calls ---------------------------------------------------------------------------
 
     def open(self, path: str, flags: int, mode: int = 0o666) -> int:
@@ -248,7 +246,7 @@ class VfsDriver:
                 if not flags & os.O_CREAT:
                     raise
                 handle, _, _ = await self.vfs.create(key[:-1], key[-1],
-                                                     stat.S_IFREG | (mode & ~_umask()))
+                                                     stat.S_IFREG | (mode & ~umask()))
                 return handle
             if flags & os.O_CREAT and flags & os.O_EXCL:
                 raise errors.AlreadyExists(f"{path} exists")
@@ -436,7 +434,8 @@ class VfsDriver:
         return result
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's umask (reading it means setting it: put back at once)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

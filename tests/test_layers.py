@@ -62,6 +62,13 @@ def _breaks(name: str, rule: str) -> bool:
 MODULES = sorted(p for p in PACKAGE.rglob("*.py"))
 
 
+def run_python(code: str) -> None:
+    """Run ``code`` in a fresh interpreter (nothing of this test process imported); its
+    asserts must hold."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_no_module_imports_a_layer_above_its_own(path: Path) -> None:
     rel = str(path.relative_to(PACKAGE))
@@ -86,8 +93,7 @@ def test_the_vfs_core_runs_where_pyfuse3_cannot_be_imported() -> None:
             "import ahmount.vfs.session, ahmount.vfs.core, ahmount.ah, ahmount.cli.main, "
             "ahmount.server.main\n"
             "assert 'pyfuse3' not in [m for m, v in sys.modules.items() if v is not None]\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    run_python(code)
 
 
 def test_the_http_client_does_not_pull_in_the_hub_service() -> None:
@@ -96,8 +102,7 @@ def test_the_http_client_does_not_pull_in_the_hub_service() -> None:
             "loaded = [m for m in sys.modules if m.startswith(('ahmount.server', "
             "'ahmount.hub.service', 'sqlalchemy'))]\n"
             "assert not loaded, loaded\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    run_python(code)
 
 
 def test_importing_ahmount_changes_nothing_of_other_libraries() -> None:
@@ -112,8 +117,7 @@ def test_importing_ahmount_changes_nothing_of_other_libraries() -> None:
             "assert httpcore.AsyncHTTP11Connection.READ_NUM_BYTES == before\n"
             "assert not logging.getLogger().handlers\n"
             "assert not logging.getLogger('ahmount').handlers\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    run_python(code)
 
 
 def _is_service(node: ast.expr) -> bool:

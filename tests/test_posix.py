@@ -17,7 +17,16 @@ import pytest
 
 from ahmount import ah
 from tests.conftest import MountProcess
-from tests.fs_drivers import Driver, OsDriver, VfsDriver, is_dir, read_bytes, tree, write_bytes
+from tests.fs_drivers import (
+    Driver,
+    OsDriver,
+    VfsDriver,
+    is_dir,
+    read_bytes,
+    tree,
+    umask,
+    write_bytes,
+)
 
 B = "model/llm/gpt2/v1"  # the branch every test writes
 SEGMENTS = B.split("/")
@@ -77,7 +86,7 @@ def test_create_write_read_stat(fs: Driver) -> None:
     assert read_bytes(fs, f"{B}/a.txt") == b"hello"
     st = fs.stat(f"{B}/a.txt")
     assert stat.S_ISREG(st.st_mode) and st.st_size == 5 and st.st_nlink == 1
-    assert stat.S_IMODE(st.st_mode) == 0o666 & ~_umask()
+    assert stat.S_IMODE(st.st_mode) == 0o666 & ~umask()
     assert fs.listdir(B) == ["a.txt"]
     fails(errno.EEXIST, lambda: fs.open(f"{B}/a.txt", os.O_WRONLY | os.O_CREAT | os.O_EXCL))
     fails(errno.ENOENT, lambda: fs.open(f"{B}/missing", os.O_RDONLY))
@@ -288,10 +297,4 @@ def test_hub_resources_by_mkdir_rmdir_and_mv(fs: Driver) -> None:
     fs.rmdir("model/vision/vit2")
     fs.rmdir("model/vision")
     assert fs.listdir("model") == ["llm"]
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 

@@ -62,6 +62,12 @@ class Location:
         assert self.asset is not None
         return AssetAddr(self.folder_addr, self.asset)
 
+    @property
+    def ref_key(self) -> str:
+        """``owner/kind/folder/asset:ref``: the change queue's key of this path's ref (a
+        branch's, when the ref is a branch)."""
+        return f"{self.owner}/{self.kind}/{self.folder}/{self.asset}:{self.ref}"
+
     def api_path(self) -> str:
         """The API path this mount path names (``''`` for places above a kind)."""
         if self.kind is None:

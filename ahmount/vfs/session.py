@@ -69,7 +69,6 @@ class Session:
         self.state_dir: Path | None = None
         self._vfs: VFS | None = None
         self._supervisor: Supervisor | None = None
-        self._cache: ObjectCache | None = None
 
     # -- lifetime --------------------------------------------------------------------------
 
@@ -83,7 +82,7 @@ class Session:
             self.state_dir = root = claimed.root
             listings = diskcache.Cache(str(root / "listings"), size_limit=LISTINGS_LIMIT)
             stack.callback(listings.close)
-            self._cache = cache = ObjectCache(root / "objects", self._cache_size)
+            cache = ObjectCache(root / "objects", self._cache_size)
             stack.callback(cache.close)
             queue = ChangeQueue(root / "queue")
             stack.callback(self._close_queue, queue)

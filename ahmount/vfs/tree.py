@@ -12,7 +12,7 @@ of everything).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ahmount.errors import InvalidArgument, NotFound
@@ -49,10 +49,9 @@ class Node:
     @property
     def branch_key(self) -> str | None:
         """The change queue's key of the branch this node is in (None outside branches)."""
-        loc = self.loc
         if self.resolved is None or self.resolved.type != "branch":
             return None
-        return f"{loc.owner}/{loc.kind}/{loc.folder}/{loc.asset}:{loc.ref}"
+        return self.loc.ref_key
 
     @property
     def size(self) -> int:
@@ -167,15 +166,13 @@ class Tree:
             return node
         index = await self.view.index(node.loc.asset_addr, node.resolved.commit_id,
                                       node.resolved.created)
-        return Node(node.loc, node.is_dir, node.writable, node.immutable, node.mtime,
-                    node.entry, node.resolved, index, node.queued, node.in_head)
+        return replace(node, index=index)
 
     def _overlay(self, loc: Location, writable: bool, resolved: Resolved, index: CommitIndex,
                  found: ObjectEntry | str | None) -> Node:
         """A path inside a branch: the head commit with the change queue laid over it."""
         assert self.queue is not None
-        key = f"{loc.owner}/{loc.kind}/{loc.folder}/{loc.asset}:{loc.ref}"
-        queue = self.queue.branch(key)
+        queue = self.queue.branch(loc.ref_key)
         path = loc.subpath
         in_head = found is not None and not queue.hides(path)
         row = queue.files.get(path)
