@@ -180,6 +180,7 @@ def test_unlink_rmdir_mkdir_errnos(fs: Driver) -> None:
     write_bytes(fs, f"{B}/d/x", b"x")
     fails(errno.EEXIST, lambda: fs.mkdir(f"{B}/d"))
     fails(errno.EISDIR, lambda: fs.unlink(f"{B}/d"))
+    fails(errno.EISDIR, lambda: fs.truncate(f"{B}/d", 0))
     fails(errno.ENOTDIR, lambda: fs.rmdir(f"{B}/d/x"))
     fails(errno.ENOTEMPTY, lambda: fs.rmdir(f"{B}/d"))
     fails(errno.ENOENT, lambda: fs.unlink(f"{B}/nothing"))
