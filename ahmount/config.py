@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,3 +116,20 @@ def remove_config() -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+#: The disk cache bound of a mount and of ``ah://`` when none is given (one cache for both).
+DEFAULT_CACHE = "10G"
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``512M``, ``10G``, ``1.5T``, ``4096``: bytes."""
+    match = _SIZE_RE.fullmatch(text.strip())
+    if not match:
+        raise InvalidArgument(f"size {text!r} is not a number with an optional K/M/G/T unit")
+    number, unit = float(match.group(1)), match.group(2).upper()
+    value = int(number * (1 << (10 * "_KMGT".index(unit or "_"))))
+    if value < (16 << 20):
+        raise InvalidArgument(f"cache size {text!r} is below the 16M minimum")
+    return value

@@ -27,7 +27,7 @@ import httpx
 import trio
 
 from ahmount import errors
-from ahmount.mount.errno_map import errno_for
+from ahmount.vfs.errno_map import errno_for
 from ahmount.vfs.errors import VfsError
 
 T = TypeVar("T")

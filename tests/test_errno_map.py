@@ -60,3 +60,9 @@ async def test_domain_errors_keep_their_errno() -> None:
     with pytest.raises(pyfuse3.FUSEError) as info:
         await passthrough()
     assert info.value.errno == errno.EROFS
+
+
+def test_the_fuse_free_table_names_pyfuse3s_enoattr() -> None:
+    from ahmount.vfs.errno_map import ENOATTR
+
+    assert pyfuse3.ENOATTR == ENOATTR

@@ -17,7 +17,6 @@ import errno
 import logging
 import logging.handlers
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -30,7 +29,7 @@ import trio
 
 from ahmount import __version__
 from ahmount.client.embedded import connect
-from ahmount.config import ClientConfig, dirs, load_config, make_config
+from ahmount.config import DEFAULT_CACHE, ClientConfig, dirs, load_config, make_config, parse_size
 from ahmount.errors import AhError, InvalidArgument
 from ahmount.exit_codes import FAILURE, exit_code
 from ahmount.mount.control import ControlServer, fuse_mounts, socket_path
@@ -40,27 +39,11 @@ from ahmount.vfs.session import Session
 
 log = logging.getLogger("ahmount.mount")
 
-DEFAULT_CACHE = "10G"
 DEFAULT_REFRESH = 3.0
 # The kernel reads ahead on a FUSE mount 128 KiB at a time unless told otherwise; each read is
 # one request through the daemon, so a streamed 1 GiB object costs 8,192 of them. 1 MiB reads
 # (the largest a request carries) cut the daemon's CPU per byte by about a quarter.
 READAHEAD_KB = 1024
-_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """``512M``, ``10G``, ``1.5T``, ``4096``: bytes."""
-    match = _SIZE_RE.fullmatch(text.strip())
-    if not match:
-        raise InvalidArgument(f"size {text!r} is not a number with an optional K/M/G/T unit")
-    number, unit = float(match.group(1)), match.group(2).upper()
-    value = int(number * (1 << (10 * "_KMGT".index(unit or "_"))))
-    if value < (16 << 20):
-        raise InvalidArgument(f"cache size {text!r} is below the 16M minimum")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ah-mount", description="Mount the asset tree at MOUNTPOINT.",

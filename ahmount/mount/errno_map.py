@@ -1,4 +1,4 @@
-"""The one place where errors of any layer become an errno for the kernel.
+"""Errors of any layer become an errno for the kernel (the table: ``ahmount/vfs/errno_map.py``).
 
 Every FUSE handler runs inside :func:`fuse_errors`: a ``FUSEError`` passes through, a refusal
 of the file-system core (:mod:`ahmount.vfs.errors`) or a domain error becomes its errno (and
@@ -21,44 +21,11 @@ import pyfuse3
 
 from ahmount import errors
 from ahmount.vfs import errors as vfs
+from ahmount.vfs.errno_map import errno_for
+
+__all__ = ["errno_for", "fuse_errors"]
 
 log = logging.getLogger("ahmount.mount")
-
-_ERRNO: list[tuple[type[BaseException], int]] = [
-    (vfs.NotADirectory, errno.ENOTDIR),
-    (vfs.IsADirectory, errno.EISDIR),
-    (vfs.ReadOnly, errno.EROFS),
-    (vfs.NotEmpty, errno.ENOTEMPTY),
-    (vfs.CrossBranch, errno.EXDEV),
-    (vfs.NameTooLong, errno.ENAMETOOLONG),
-    (vfs.InvalidName, errno.EINVAL),
-    (vfs.NotPermitted, errno.EPERM),
-    (vfs.NotSupported, errno.ENOTSUP),
-    (vfs.NoAttribute, pyfuse3.ENOATTR),
-    (vfs.BadHandle, errno.EBADF),
-    (errors.NotFound, errno.ENOENT),
-    (errors.AlreadyExists, errno.EEXIST),
-    (errors.PermissionDenied, errno.EACCES),
-    (errors.Unauthenticated, errno.EACCES),
-    (errors.UnknownChanges, errno.EBUSY),
-    (errors.Conflict, errno.EBUSY),
-    (errors.RangeNotSatisfiable, errno.EINVAL),
-    (errors.ChecksumMismatch, errno.EIO),
-    (errors.InvalidArgument, errno.EINVAL),
-    (errors.HubUnavailable, errno.EIO),
-    (httpx.HTTPError, errno.EIO),
-    (OSError, errno.EIO),
-]
-
-
-def errno_for(exc: BaseException) -> int:
-    for cls, number in _ERRNO:
-        if isinstance(exc, cls):
-            if cls is OSError and isinstance(exc, OSError) and exc.errno:
-                return exc.errno
-            return number
-    return errno.EIO
-
 
 P = ParamSpec("P")
 R = TypeVar("R")
