@@ -40,6 +40,17 @@ def state_dir(base: Path, hub_url: str | None, user: str) -> Path:
     return base / "mounts" / hub_id(hub_url) / _UNSAFE.sub("_", user)
 
 
+def open_state_dir(base: Path, hub_url: str | None, user: str) -> Path:
+    """The state directory, made (0700, like the directories above it) if missing, without
+    claiming it: the object cache and the listings in it are shared by every process of the
+    user (mounts and ``ah://``); only the queue is the claiming mount's."""
+    root = state_dir(base, hub_url, user)
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for directory in (base, base / "mounts", root.parent, root):
+        os.chmod(directory, 0o700)
+    return root
+
+
 @dataclass
 class CacheDir:
     """A claimed state directory; :meth:`release` (or the process ending) frees it."""
@@ -57,10 +68,7 @@ def claim(base: Path, hub_url: str | None, user: str, mountpoint: Path) -> Cache
     """Lock the state directory of (``hub_url``, ``user``) under ``base`` for the mount at
     ``mountpoint``. Raises :class:`Conflict` naming the PID and mountpoint of the mount that
     already holds it."""
-    root = state_dir(base, hub_url, user)
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for directory in (base, base / "mounts", root.parent, root):
-        os.chmod(directory, 0o700)
+    root = open_state_dir(base, hub_url, user)
     fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

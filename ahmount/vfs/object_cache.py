@@ -1,22 +1,27 @@
-"""The mount's local disk cache of object bytes, shared by content hash across refs.
+"""The local disk cache of object bytes, shared by content hash across refs, and by every
+process of a user on a hub (mounts and ``ah://`` file systems).
 
 Objects are cached in blocks of :data:`BLOCK` bytes in sparse files ``ROOT/data/ab/<sha256>``;
 a diskcache index records, per object, its size, which blocks are present and whether the
-whole object was verified against its sha256. See ``docs/cache.md`` for who touches what and
-what survives a crash. In short:
+whole object was verified against its sha256. See ``docs/cache.md`` for who touches what,
+what survives a crash, and the protocol between processes. In short:
 
-* Only the trio thread of the daemon mutates the in-memory records; file I/O runs in worker
-  threads. A block is written to its file *before* the record says it is present, and the
-  index is flushed to disk lazily, so after a crash the index can only under-report blocks.
-* Concurrent readers of a block wait for the one download in flight (:attr:`_inflight`).
+* A process uses an object under a *lease*: a shared ``flock`` on its data file. Removing a
+  file (eviction, sweep) takes the exclusive lock without waiting, so nobody removes what
+  another process reads or writes. A lease's first holder re-reads the object's record.
+* Only the owning trio thread mutates this process's records; file I/O runs in worker
+  threads. A block is written to its file *before* the index says it is present, and the
+  index is written under a lease, so the index can only under-report blocks.
+* Concurrent readers of a block in one process wait for the one download in flight.
 * The cache never holds more than ``max_bytes`` of blocks: space is reserved before a block is
-  written, evicting whole objects in least-recently-used order; objects with open handles are
-  pinned. When nothing can be evicted, a read is served straight from the hub, uncached.
+  written, evicting whole objects in least-recently-used order; leased objects are never
+  evicted. When nothing can be evicted, a read is served straight from the hub, uncached.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -24,7 +29,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,6 +47,11 @@ BLOCK = 1 << 20
 #: the background once complete (a corrupt one is then dropped and logged).
 VERIFY_INLINE = 64 << 20
 INDEX_FLUSH_SECONDS = 1.0
+#: How stale an object's last-use time may be (saving it costs an index write).
+LRU_RESOLUTION = 60.0
+#: How often a full cache re-reads the shared index before evicting (other processes'
+#: objects count against the same bound).
+RESCAN_SECONDS = 5.0
 #: Longest run of blocks fetched by one request: a long read-ahead becomes several requests
 #: in flight at once (up to the fetch limit), which keeps a remote hub's pipe full. Each
 #: request costs the hub an authentication, a ref resolution and an object lookup: 64 MiB
@@ -99,10 +109,11 @@ class _NoSpace(Exception):
 
 
 class ObjectCache:
-    """Block cache of objects by sha256, bounded by ``max_bytes`` on disk.
+    """Block cache of objects by sha256, bounded by ``max_bytes`` on disk, shared by every
+    process that opens the same directory (mounts and ``ah://`` file systems of one user).
 
-    Start with :meth:`open` inside a nursery (it runs the index flusher); close with
-    :meth:`close`.
+    Run :meth:`run_flusher` in a nursery; close with :meth:`close`. See ``docs/cache.md`` for
+    the protocol between processes (leases: a shared ``flock`` on an object's data file).
     """
 
     def __init__(self, root: Path, max_bytes: int) -> None:
@@ -112,56 +123,81 @@ class ObjectCache:
         self._data = root / "data"
         self._data.mkdir(parents=True, exist_ok=True)
         self._index = diskcache.Cache(str(root / "index"))
+        #: What this process knows of each object. Authoritative only for leased objects;
+        #: for the others a hint (LRU order, bytes used), re-read from the index at lease.
         self._records: dict[str, Record] = {}
         self._dirty: set[str] = set()
-        self._removed: set[str] = set()
         self._inflight: dict[tuple[str, int], trio.Event] = {}
         self._pins: Counter[str] = Counter()
+        self._leases: Counter[str] = Counter()
+        self._lease_fds: dict[str, int] = {}  # O_RDWR, flock(LOCK_SH) held: reads and writes
         self._verifying: set[str] = set()
-        self._fds: dict[str, int] = {}  # read descriptors of pinned objects
         self._used = 0
+        self._rescanned = 0.0
         self._fetch_limit = trio.CapacityLimiter(8)
         self._load()
 
     # -- persistence -------------------------------------------------------------------------
 
     def _load(self) -> None:
-        for sha in list(self._index.iterkeys()):
-            raw = self._index.get(sha)
-            path = self._path(sha)
-            if not isinstance(raw, dict) or not path.exists():
-                self._index.delete(sha)
-                continue
-            record = Record(raw["size"], raw["blocks"], raw["verified"], raw["last_used"])
-            if path.stat().st_size < min(record.size, (record.blocks.bit_length()) * BLOCK):
-                record.blocks &= (1 << (path.stat().st_size // BLOCK)) - 1
-                record.verified = False
-            self._records[sha] = record
-            self._used += record.bytes_present()
+        self._rescan()
         for stray in self._data.glob("*/*"):
             if stray.name not in self._records:
-                stray.unlink(missing_ok=True)
+                self._remove_if_unused(stray.name, only_unrecorded=True)
         log.info("cache at %s: %d objects, %.1f MiB of %.1f MiB", self.root,
                  len(self._records), self._used / (1 << 20), self.max_bytes / (1 << 20))
 
-    def flush_index(self) -> None:
-        """Write changed records to the on-disk index (blocks are already on disk)."""
-        for sha in self._removed:
-            self._index.delete(sha)
-        self._removed.clear()
-        for sha in self._dirty:
-            record = self._records.get(sha)
+    def _rescan(self) -> None:
+        """Refresh what this process knows of unleased objects from the shared index (other
+        processes add and evict them), and the bytes used."""
+        fresh: dict[str, Record] = {}
+        for sha in list(self._index.iterkeys()):
+            record = _from_raw(self._index.get(sha))
             if record is not None:
-                self._index.set(sha, {"size": record.size, "blocks": record.blocks,
-                                      "verified": record.verified,
-                                      "last_used": record.last_used})
-        self._dirty.clear()
+                fresh[sha] = record
+        for sha in self._leases:
+            if sha in self._records:
+                fresh[sha] = self._records[sha]
+        self._records = fresh
+        self._used = sum(r.bytes_present() for r in fresh.values())
+        self._rescanned = time.monotonic()
+
+    def _learn(self, sha: str, record: Record) -> None:
+        """Take the blocks other processes recorded for a leased object (they are in the same
+        file: evicting it needs our lock)."""
+        known = _from_raw(self._index.get(sha))
+        if known is not None and known.size == record.size and known.blocks & ~record.blocks:
+            before = record.bytes_present()
+            record.blocks |= known.blocks
+            record.verified = record.verified or known.verified
+            self._used += record.bytes_present() - before
+
+    def _merge(self, sha: str, record: Record) -> None:
+        """Add what this process learned of a leased object to the shared index: blocks and
+        verification only ever grow under a lease (evictions need the exclusive lock)."""
+        with self._index.transact():
+            known = _from_raw(self._index.get(sha))
+            if known is not None and known.size == record.size:
+                record.blocks |= known.blocks
+                record.verified = record.verified or known.verified
+                record.last_used = max(record.last_used, known.last_used)
+            self._index.set(sha, _to_raw(record))
+
+    def flush_index(self) -> None:
+        """Write changed records of leased objects to the shared index (their blocks are on
+        disk already). A record is changed only under a lease, and saved before the lease
+        ends, so nothing unleased is ever dirty here."""
+        for sha in list(self._dirty):
+            record = self._records.get(sha)
+            if record is not None and sha in self._leases:
+                self._merge(sha, record)
+            self._dirty.discard(sha)
 
     async def run_flusher(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
             await trio.sleep(INDEX_FLUSH_SECONDS)
-            if self._dirty or self._removed:
+            if self._dirty:
                 self._save_index()
 
     def _save_index(self) -> None:
@@ -173,10 +209,104 @@ class ObjectCache:
             log.warning("cache index not saved: %s", exc)
 
     def close(self) -> None:
-        for sha in list(self._fds):
-            self._close_fd(sha)
         self._save_index()
+        for sha in list(self._lease_fds):
+            self._leases.pop(sha, None)
+            os.close(self._lease_fds.pop(sha))
         self._index.close()
+
+    # -- leases ------------------------------------------------------------------------------
+
+    def _acquire(self, sha: str) -> None:
+        """Lease the object: hold a shared lock on its data file (made if missing), so that no
+        process removes the file or its record until :meth:`_release`. The first lease
+        re-reads the record from the index (another process may have added or evicted)."""
+        self._leases[sha] += 1
+        if self._leases[sha] > 1:
+            return
+        try:
+            path = self._path(sha)
+            while True:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+                # Exclusive holders (evicting, sweeping) hold it for a few syscalls.
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                stat = os.fstat(fd)
+                if stat.st_nlink > 0:
+                    break
+                os.close(fd)  # evicted between open and lock: take the new file
+            self._lease_fds[sha] = fd
+            self._dirty.discard(sha)
+            stale = self._records.pop(sha, None)
+            if stale is not None:
+                self._used -= stale.bytes_present()
+            record = _from_raw(self._index.get(sha))
+            if record is not None:
+                if stat.st_size < min(record.size, record.blocks.bit_length() * BLOCK):
+                    # Blocks the file does not hold (a write lost to a power cut): they are
+                    # fetched again.
+                    record.blocks &= (1 << (stat.st_size // BLOCK)) - 1
+                    record.verified = False
+                self._records[sha] = record
+                self._used += record.bytes_present()
+        except BaseException:
+            self._leases[sha] -= 1
+            if not self._leases[sha]:
+                del self._leases[sha]
+            raise
+
+    def _release(self, sha: str) -> None:
+        self._leases[sha] -= 1
+        if self._leases[sha] > 0:
+            return
+        del self._leases[sha]
+        fd = self._lease_fds.pop(sha, None)
+        try:
+            record = self._records.get(sha)
+            if sha in self._dirty and record is not None:
+                try:
+                    self._merge(sha, record)
+                except Exception as exc:  # a full disk: the blocks are fetched again later
+                    log.warning("cache record of %s not saved: %s", sha[:12], exc)
+                self._dirty.discard(sha)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        if record is None or not record.blocks:
+            self._drop(sha)  # nothing of it here (a failed read, a failed hash): no file
+
+    @asynccontextmanager
+    async def _leased(self, sha: str) -> AsyncIterator[int]:
+        self._acquire(sha)
+        try:
+            yield self._lease_fds[sha]
+        finally:
+            self._release(sha)
+
+    def _remove_if_unused(self, sha: str, only_unrecorded: bool = False) -> bool:
+        """Delete the object's file and record if no process leases it (an exclusive lock
+        taken without waiting). False if it is in use."""
+        if sha in self._leases:
+            return False
+        path = self._path(sha)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            if not only_unrecorded:
+                self._index.delete(sha)
+            return True
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            if only_unrecorded and self._index.get(sha) is not None:
+                return False  # recorded meanwhile by the process that wrote it
+            self._index.delete(sha)
+            path.unlink(missing_ok=True)
+            return True
+        finally:
+            os.close(fd)
 
     # -- bookkeeping -------------------------------------------------------------------------
 
@@ -187,25 +317,25 @@ class ObjectCache:
         return self._used
 
     def object_count(self) -> int:
-        return len(self._records)
+        """Objects with at least one block here."""
+        return sum(1 for r in self._records.values() if r.blocks)
 
     def pin(self, sha: str) -> None:
+        """Keep the object from eviction (by any process) while a handle has it open."""
+        self._acquire(sha)
         self._pins[sha] += 1
 
     def unpin(self, sha: str) -> None:
         self._pins[sha] -= 1
         if self._pins[sha] <= 0:
             del self._pins[sha]
-            self._close_fd(sha)
-
-    def _close_fd(self, sha: str) -> None:
-        fd = self._fds.pop(sha, None)
-        if fd is not None:
-            os.close(fd)
+        self._release(sha)
 
     def _record(self, sha: str, size: int) -> Record:
         record = self._records.get(sha)
         if record is None or record.size != size:
+            if record is not None:
+                self._used -= record.bytes_present()
             record = Record(size)
             self._records[sha] = record
         record.last_used = time.time()
@@ -213,35 +343,50 @@ class ObjectCache:
         return record
 
     def _reserve(self, sha: str, nbytes: int) -> None:
-        """Make room for ``nbytes`` more, evicting least-recently-used unpinned objects."""
+        """Make room for ``nbytes`` more, evicting least-recently-used objects that no
+        process uses (a fresh look at the shared index first)."""
         if self._used + nbytes <= self.max_bytes:
             return
+        if time.monotonic() - self._rescanned > RESCAN_SECONDS:
+            self._rescan()
+            if self._used + nbytes <= self.max_bytes:
+                return
         candidates = sorted(
             (r.last_used, s) for s, r in self._records.items()
-            if s != sha and s not in self._pins and r.blocks
+            if s != sha and s not in self._leases and r.blocks
         )
         for _, victim in candidates:
-            self._drop(victim)
+            if not self._drop(victim):
+                continue
             self.stats.evictions += 1
             if self._used + nbytes <= self.max_bytes:
                 return
         raise _NoSpace()
 
-    def _drop(self, sha: str) -> None:
+    def _drop(self, sha: str) -> bool:
+        """Evict one object, unless some process uses it."""
+        if not self._remove_if_unused(sha):
+            return False
         record = self._records.pop(sha, None)
         if record is not None:
             self._used -= record.bytes_present()
-        self._close_fd(sha)
-        self._path(sha).unlink(missing_ok=True)
         self._dirty.discard(sha)
-        self._removed.add(sha)
+        return True
+
+    def _forget_blocks(self, sha: str, record: Record) -> None:
+        """A leased object that failed its hash: no block of it counts as present any more
+        (its file stays, for the other processes that have it open; fetches overwrite it)."""
+        self._used -= record.bytes_present()
+        record.blocks = 0
+        record.verified = False
+        self._dirty.discard(sha)
+        with self._index.transact():
+            self._index.set(sha, _to_raw(record))
 
     def drop_all(self) -> int:
-        """Drop every unpinned object; returns how many."""
-        victims = [s for s in self._records if s not in self._pins]
-        for sha in victims:
-            self._drop(sha)
-        return len(victims)
+        """Drop every object no process uses now; returns how many."""
+        self._rescan()
+        return sum(self._drop(sha) for sha in list(self._records) if sha not in self._leases)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -250,37 +395,125 @@ class ObjectCache:
         end = min(offset + size, source.size)
         if offset >= end:
             return b""
-        first, last = offset // BLOCK, (end - 1) // BLOCK
         try:
-            fetched = await self.ensure(source, first, last)
-        except _NoSpace:
-            self.stats.uncached_reads += 1
-            return await self._read_uncached(source, offset, end)
-        record = self._records.get(source.sha256)
-        if record is None or not all(record.has(b) for b in range(first, last + 1)):
-            # Evicted between fetch and read by someone else's reservation: go direct.
-            self.stats.uncached_reads += 1
-            return await self._read_uncached(source, offset, end)
-        if fetched:
-            self.stats.misses += 1
-        else:
-            self.stats.hits += 1
-        record.last_used = time.time()
-        if record.complete() and not record.verified:
-            await self._verify(source.sha256, record, inline=source.size <= VERIFY_INLINE)
-        # Read in the event loop, without a thread hand-off: the block was just written or is
-        # on local disk, and a pread of a FUSE-sized piece costs less than the hand-off.
-        fd = self._fds.get(source.sha256)
-        if fd is None:
-            fd = os.open(self._path(source.sha256), os.O_RDONLY)
-            if source.sha256 in self._pins:
-                self._fds[source.sha256] = fd
+            return await self._read(source, offset, end)
+        except ChecksumMismatch:
+            self._drop(source.sha256)  # our lease is gone; unless another reader has it open
+            raise
+
+    async def _read(self, source: Source, offset: int, end: int) -> bytes:
+        first, last = offset // BLOCK, (end - 1) // BLOCK
+        sha = source.sha256
+        async with self._leased(sha) as fd:
+            try:
+                fetched = await self.ensure(source, first, last)
+            except _NoSpace:
+                self.stats.uncached_reads += 1
+                return await self._read_uncached(source, offset, end)
+            record = self._records.get(sha)
+            if record is None or not all(record.has(b) for b in range(first, last + 1)):
+                self.stats.uncached_reads += 1  # forgotten meanwhile (a failed hash)
+                return await self._read_uncached(source, offset, end)
+            if fetched:
+                self.stats.misses += 1
             else:
+                self.stats.hits += 1
+            now = time.time()
+            if now - record.last_used > LRU_RESOLUTION:
+                record.last_used = now
+                self._dirty.add(sha)
+            if record.complete() and not record.verified:
+                await self._verify(sha, record, inline=source.size <= VERIFY_INLINE)
+            # Read in the event loop, without a thread hand-off: the block was just written
+            # or is on local disk, and a pread of a FUSE-sized piece costs less than that.
+            return os.pread(fd, end - offset, offset)
+
+    async def read_range(self, source: Source, offset: int, size: int) -> bytes:
+        """:meth:`read` for a reader that wants few bytes fetched (an ``ah://`` file reading
+        a Parquet column chunk or a tensor): a range of at least a block that starts or ends
+        inside a block not here is fetched exactly, in one request, and only the whole blocks
+        inside it are kept. Aligned and small ranges take the block path."""
+        end = min(offset + size, source.size)
+        aligned = offset % BLOCK == 0 and (end % BLOCK == 0 or end == source.size)
+        if offset >= end or aligned or end - offset < BLOCK:
+            return await self.read(source, offset, size)
+        sha = source.sha256
+        async with self._leased(sha) as fd:
+            record = self._record(sha, source.size)
+            first, last = offset // BLOCK, (end - 1) // BLOCK
+            if not all(record.has(b) for b in range(first, last + 1)):
+                self._learn(sha, record)
+            if all(record.has(b) for b in range(first, last + 1)):
+                return await self.read(source, offset, size)
+            data = await self._read_uncached(source, offset, end)
+            self.stats.misses += 1
+            whole_end = last + 1 if end == source.size else end // BLOCK
+            index = -(-offset // BLOCK)
+            while index < whole_end:
+                if record.has(index) or (sha, index) in self._inflight:
+                    index += 1
+                    continue
+                run_end = index
+                while run_end < whole_end and not record.has(run_end) and \
+                        (sha, run_end) not in self._inflight:
+                    run_end += 1
+                lo, hi = index * BLOCK, min(run_end * BLOCK, source.size)
                 try:
-                    return os.pread(fd, end - offset, offset)
-                finally:
-                    os.close(fd)
-        return os.pread(fd, end - offset, offset)
+                    await self._store_blocks(sha, record, fd, index,
+                                             [memoryview(data)[lo - offset:hi - offset]],
+                                             hi - lo)
+                except _NoSpace:
+                    break
+                index = run_end
+            return data
+
+    def is_complete(self, sha: str, size: int) -> bool:
+        """True when every block of the object is here (an empty one always is)."""
+        if size == 0:
+            return True
+        record = self._records.get(sha)
+        return record is not None and record.size == size and record.complete()
+
+    async def store(self, objects: list[tuple[str, bytes]]) -> None:
+        """Keep objects fetched whole elsewhere (a batch read), each checked against its hash
+        by the caller, as if they had been read through the cache: one thread hand-off and
+        one index transaction for all of them. With no room, what does not fit is not kept."""
+        leased = []
+        try:
+            for sha, _ in objects:
+                self._acquire(sha)
+                leased.append(sha)
+            written: list[tuple[str, Record]] = []
+            batch: list[tuple[int, bytes]] = []
+            for sha, data in objects:
+                if not data or self.is_complete(sha, len(data)):
+                    continue
+                record = self._record(sha, len(data))
+                try:
+                    self._reserve(sha, len(data))
+                except _NoSpace:
+                    break
+                self._used += len(data)
+                batch.append((self._lease_fds[sha], data))
+                written.append((sha, record))
+            if batch:
+                try:
+                    await trio.to_thread.run_sync(_pwrite_each, batch)
+                except OSError as exc:
+                    self._used -= sum(len(d) for _, d in batch)
+                    log.warning("cache disk: batch of %d objects not kept (%s)", len(batch), exc)
+                    return
+            for sha, record in written:
+                if self._records.get(sha) is record:
+                    record.blocks = (1 << record.block_count()) - 1
+                    record.verified = True
+            with self._index.transact():
+                for sha, record in written:
+                    self._merge(sha, record)
+                    self._dirty.discard(sha)
+        finally:
+            for sha in leased:
+                self._release(sha)
 
     async def _read_uncached(self, source: Source, offset: int, end: int) -> bytes:
         parts: list[bytes] = []
@@ -292,10 +525,16 @@ class ObjectCache:
 
     async def ensure(self, source: Source, first: int, last: int) -> bool:
         """Make blocks ``first..last`` present; True if anything had to be fetched."""
+        async with self._leased(source.sha256) as fd:
+            return await self._ensure(source, first, last, fd)
+
+    async def _ensure(self, source: Source, first: int, last: int, fd: int) -> bool:
         sha = source.sha256
         record = self._record(sha, source.size)
         last = min(last, record.block_count() - 1)
         fetched = False
+        if not all(record.has(i) for i in range(first, last + 1)):
+            self._learn(sha, record)  # another process may have fetched them
         for _attempt in range(3):
             wait_for: list[trio.Event] = []
             runs: list[list[int]] = []
@@ -318,7 +557,8 @@ class ObjectCache:
             try:
                 async with trio.open_nursery() as nursery:
                     for run in runs:
-                        nursery.start_soon(self._fetch_run, source, record, run[0], run[-1])
+                        nursery.start_soon(self._fetch_run, source, record, run[0], run[-1],
+                                           fd)
             except BaseExceptionGroup as group:
                 from ahmount.nurseries import first_error
 
@@ -330,34 +570,31 @@ class ObjectCache:
             return fetched
         raise OSError(5, f"could not fetch blocks {first}-{last} of blob {sha}")
 
-    async def _fetch_run(self, source: Source, record: Record, first: int, last: int) -> None:
+    async def _fetch_run(self, source: Source, record: Record, first: int, last: int,
+                         fd: int) -> None:
         """Fetch blocks ``first..last`` with one ranged request, writing them as they arrive
-        (a few blocks per write, so that thread hand-offs stay few)."""
+        (a few blocks per write, so that thread hand-offs stay few) through ``fd``, the
+        descriptor of the object's lease."""
         sha = source.sha256
         start, end = first * BLOCK, min((last + 1) * BLOCK, source.size)
         index = first
         try:
             async with self._fetch_limit:
-                path = self._path(sha)
-                fd = await trio.to_thread.run_sync(_open_for_write, path)
-                try:
-                    pending: list[bytes | memoryview] = []
-                    pending_bytes = 0
-                    async with source.fetch(start, end) as chunks:
-                        async for chunk in chunks:
-                            self.stats.bytes_fetched += len(chunk)
-                            pending.append(chunk)
-                            pending_bytes += len(chunk)
-                            arrived_end = index * BLOCK + pending_bytes
-                            if pending_bytes >= WRITE_BATCH or arrived_end >= end:
-                                whole = pending_bytes if arrived_end >= end else \
-                                    pending_bytes // BLOCK * BLOCK
-                                take, pending = _split(pending, whole)
-                                await self._store_blocks(sha, record, fd, index, take, whole)
-                                index += -(-whole // BLOCK)
-                                pending_bytes -= whole
-                finally:
-                    os.close(fd)
+                pending: list[bytes | memoryview] = []
+                pending_bytes = 0
+                async with source.fetch(start, end) as chunks:
+                    async for chunk in chunks:
+                        self.stats.bytes_fetched += len(chunk)
+                        pending.append(chunk)
+                        pending_bytes += len(chunk)
+                        arrived_end = index * BLOCK + pending_bytes
+                        if pending_bytes >= WRITE_BATCH or arrived_end >= end:
+                            whole = pending_bytes if arrived_end >= end else \
+                                pending_bytes // BLOCK * BLOCK
+                            take, pending = _split(pending, whole)
+                            await self._store_blocks(sha, record, fd, index, take, whole)
+                            index += -(-whole // BLOCK)
+                            pending_bytes -= whole
                 if index <= last:
                     raise OSError(5, f"hub sent a short range for blob {sha}")
         finally:
@@ -399,15 +636,24 @@ class ObjectCache:
         async def check() -> None:
             self._verifying.add(sha)
             try:
-                actual = await trio.to_thread.run_sync(_hash_file, self._path(sha))
+                async with self._leased(sha):
+                    # Re-read under this lease: the object may have been evicted (and its
+                    # record replaced) since the read that asked for the check.
+                    current = self._records.get(sha)
+                    if current is None or current.size != record.size or \
+                            not current.complete():
+                        log.info("blob %s was evicted before it was verified", sha)
+                        return
+                    actual = await trio.to_thread.run_sync(_hash_file, self._path(sha))
+                    if actual == sha:
+                        current.verified = True
+                        self._dirty.add(sha)
+                        return
+                    log.error("cached blob %s hashed to %s; dropped", sha, actual)
+                    self._forget_blocks(sha, current)
             finally:
                 self._verifying.discard(sha)
-            if actual == sha:
-                record.verified = True
-                self._dirty.add(sha)
-                return
-            log.error("cached blob %s hashed to %s; dropped", sha, actual)
-            self._drop(sha)
+            self._drop(sha)  # unless a reader (here or elsewhere) still has it open
             raise ChecksumMismatch(f"blob {sha} arrived corrupted (hash {actual})")
 
         async def check_in_background() -> None:
@@ -429,12 +675,14 @@ class ObjectCache:
         """Write the whole object to ``dest`` (copy-on-write of a branch file): through the
         cache when it fits, else streamed from the hub."""
         try:
-            if source.size:
-                await self.ensure(source, 0, (source.size - 1) // BLOCK)
-            record = self._records.get(source.sha256)
-            if record is None or not record.complete():
-                raise _NoSpace()
-            await trio.to_thread.run_sync(shutil.copyfile, self._path(source.sha256), dest)
+            async with self._leased(source.sha256):
+                if source.size:
+                    await self.ensure(source, 0, (source.size - 1) // BLOCK)
+                record = self._records.get(source.sha256)
+                if record is None or not record.complete():
+                    raise _NoSpace()
+                await trio.to_thread.run_sync(shutil.copyfile, self._path(source.sha256),
+                                              dest)
         except _NoSpace:
             with dest.open("wb") as handle:
                 async with source.fetch(0, source.size) as chunks:
@@ -463,6 +711,21 @@ class ObjectCache:
                 log.debug("read-ahead of %s failed: %s", source.sha256, exc)
 
         self._spawn(f"read-ahead of {source.sha256[:12]}", run)
+
+
+def _from_raw(raw: Any) -> Record | None:
+    if not isinstance(raw, dict):
+        return None
+    try:
+        return Record(int(raw["size"]), int(raw["blocks"]), bool(raw["verified"]),
+                      float(raw["last_used"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _to_raw(record: Record) -> dict[str, Any]:
+    return {"size": record.size, "blocks": record.blocks, "verified": record.verified,
+            "last_used": record.last_used}
 
 
 def _split(buffers: list[bytes | memoryview], size: int
@@ -499,9 +762,11 @@ def _pwritev_all(fd: int, buffers: list[bytes | memoryview], offset: int) -> Non
         offset += expected
 
 
-def _open_for_write(path: Path) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+def _pwrite_each(batch: list[tuple[int, bytes]]) -> None:
+    for fd, data in batch:
+        view = memoryview(data)
+        while view:
+            view = view[os.pwrite(fd, view, len(data) - len(view)):]
 
 
 def _hash_file(path: Path) -> str:

@@ -1,0 +1,175 @@
+"""The block cache shared between processes (mounts and ``ah://`` of one user): what one
+process keeps, another reads without fetching; nobody evicts or sweeps what another has
+open; a process whose view went stale (another evicted) fetches again instead of reading
+holes; and a stress run of several real processes on a tiny cache reads only true bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+
+from ahmount.vfs.object_cache import BLOCK, ObjectCache
+
+
+class MemorySource:
+    """An object's bytes from memory, counting the ranged fetches the cache makes."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        self.size = len(data)
+        self.fetches = 0
+
+    @asynccontextmanager
+    async def fetch(self, start: int, end: int) -> AsyncIterator[AsyncIterator[bytes]]:
+        self.fetches += 1
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for at in range(start, end, 256 << 10):
+                yield self.data[at:min(end, at + (256 << 10))]
+
+        yield chunks()
+
+
+def blob(seed: int, size: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+async def test_what_one_process_cached_another_reads_without_fetching(tmp_path: Path) -> None:
+    source = MemorySource(blob(1, 3 * BLOCK + 5))
+    first = ObjectCache(tmp_path, 64 << 20)
+    first.pin(source.sha256)
+    assert await first.read(source, 0, source.size) == source.data
+    first.flush_index()  # what its flusher does every second while the object stays open
+    second = ObjectCache(tmp_path, 64 << 20)  # opens while the first has the object open
+    try:
+        again = MemorySource(source.data)
+        assert await second.read(again, BLOCK, 2 * BLOCK) == source.data[BLOCK:3 * BLOCK]
+        assert again.fetches == 0
+        assert first._path(source.sha256).exists()  # not swept as a stray
+    finally:
+        first.unpin(source.sha256)
+        first.close()
+        second.close()
+
+
+async def test_a_started_process_does_not_sweep_a_file_being_written(tmp_path: Path) -> None:
+    source = MemorySource(blob(2, BLOCK))
+    writer = ObjectCache(tmp_path, 64 << 20)
+    writer.pin(source.sha256)  # leased: the file exists, the index has no record yet
+    ObjectCache(tmp_path, 64 << 20).close()
+    assert writer._path(source.sha256).exists()
+    assert await writer.read(source, 0, 10) == source.data[:10]
+    writer.unpin(source.sha256)
+    writer.close()
+
+
+async def test_nobody_evicts_what_another_has_open(tmp_path: Path) -> None:
+    held = MemorySource(blob(3, 2 * BLOCK))
+    reader = ObjectCache(tmp_path, 64 << 20)
+    reader.pin(held.sha256)
+    assert await reader.read(held, 0, held.size) == held.data
+    reader.flush_index()
+    small = ObjectCache(tmp_path, 3 * BLOCK)  # full already: 2 of its 3 MiB are held
+    try:
+        other = MemorySource(blob(4, 2 * BLOCK))
+        assert await small.read(other, 0, other.size) == other.data  # served uncached
+        assert small.stats.uncached_reads == 1 and small.stats.evictions == 0
+        fresh = MemorySource(held.data)
+        assert await reader.read(fresh, 0, held.size) == held.data and fresh.fetches == 0
+    finally:
+        reader.unpin(held.sha256)
+        reader.close()
+        small.close()
+
+
+async def test_a_stale_view_fetches_again_instead_of_reading_holes(tmp_path: Path) -> None:
+    victim = MemorySource(blob(5, 2 * BLOCK))
+    a = ObjectCache(tmp_path, 64 << 20)
+    assert await a.read(victim, 0, victim.size) == victim.data  # not open any more
+    b = ObjectCache(tmp_path, 2 * BLOCK)
+    try:
+        newcomer = MemorySource(blob(6, 2 * BLOCK))
+        assert await b.read(newcomer, 0, newcomer.size) == newcomer.data
+        assert b.stats.evictions == 1 and not b._path(victim.sha256).exists()
+        again = MemorySource(victim.data)
+        # a still believes it has every block: its lease re-reads the index first
+        assert await a.read(again, 0, victim.size) == victim.data
+        assert again.fetches == 1
+    finally:
+        a.close()
+        b.close()
+
+
+OBJECTS = [(seed, 300_000 + seed * 97_531) for seed in range(12)]
+
+
+def _stress(root: str, seed: int, rounds: int) -> None:
+    async def main() -> None:
+        cache = ObjectCache(Path(root), 3 * BLOCK)  # far smaller than the 12 objects
+        rng = random.Random(seed)
+        sources = [MemorySource(blob(s, n)) for s, n in OBJECTS]
+        try:
+            for _ in range(rounds):
+                source = rng.choice(sources)
+                start = rng.randrange(source.size)
+                length = rng.randrange(1, 2 * BLOCK)
+                pin = rng.random() < 0.3
+                if pin:
+                    cache.pin(source.sha256)
+                try:
+                    got = await cache.read(source, start, length)
+                    assert got == source.data[start:start + length], "wrong bytes"
+                finally:
+                    if pin:
+                        cache.unpin(source.sha256)
+                if rng.random() < 0.05:
+                    cache.drop_all()
+        finally:
+            cache.close()
+
+    trio.run(main)
+
+
+def test_processes_sharing_a_tiny_cache_read_only_true_bytes(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=_stress, args=(str(tmp_path), seed, 150))
+               for seed in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    assert [w.exitcode for w in workers] == [0, 0, 0, 0]
+    leftover = ObjectCache(tmp_path, 3 * BLOCK)
+    try:
+        assert leftover.used_bytes() <= 3 * BLOCK + 4 * 2 * BLOCK  # bound, plus what was in flight
+    finally:
+        leftover.close()
+
+
+async def test_a_range_read_fetches_its_bytes_and_keeps_its_whole_blocks(
+        tmp_path: Path) -> None:
+    source = MemorySource(blob(7, 5 * BLOCK))
+    cache = ObjectCache(tmp_path, 64 << 20)
+    try:
+        start, size = BLOCK // 2, 3 * BLOCK
+        assert await cache.read_range(source, start, size) == source.data[start:start + size]
+        assert source.fetches == 1 and cache.stats.bytes_fetched == size  # not 4 blocks
+        record = cache._records[source.sha256]
+        assert [record.has(b) for b in range(5)] == [False, True, True, False, False]
+        assert await cache.read_range(source, BLOCK + 7, BLOCK) == \
+            source.data[BLOCK + 7:2 * BLOCK + 7]
+        assert source.fetches == 1  # inside the kept blocks
+        tail = source.size - BLOCK - 3
+        assert await cache.read_range(source, tail, 10 * BLOCK) == source.data[tail:]
+        # the object's last block counts as whole at its end (the record is re-read: the
+        # first read's lease ended)
+        assert cache._records[source.sha256].has(4)
+    finally:
+        cache.close()
