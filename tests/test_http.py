@@ -472,6 +472,20 @@ async def test_batch_download_of_small_objects(hub_server: HubProcess, alice: Hu
         assert bad.status_code == 400
 
 
+async def test_a_batch_mixes_grouped_small_and_streamed_large_objects(
+        hub_server: HubProcess, alice: HubClient, model: AssetAddr, tmp_path: Path) -> None:
+    """Small objects travel in groups read at once, large ones streamed, empty ones as a
+    header alone: every one arrives whole, hash-checked, in the order asked."""
+    from ahmount.client.files import read_batch
+
+    sizes = [0, 100, 300 << 10, 50, 2 << 20, 0, *([7] * 300), 10]
+    blobs = {f"mix/{i:04d}.bin": os.urandom(n) for i, n in enumerate(sizes)}
+    entries = [await entry(alice, p, data, tmp_path) for p, data in blobs.items()]
+    await alice.commit(model, "main", "mix", adds=entries)
+    got = [(e.path, data) async for e, data in read_batch(alice, model, "main", entries)]
+    assert got == list(blobs.items())
+
+
 async def test_knowing_a_hash_reads_nothing_over_http(hub_server: HubProcess, alice: HubClient,
                                                       model: AssetAddr, unique: str,
                                                       tmp_path: Path) -> None:

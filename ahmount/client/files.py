@@ -70,58 +70,77 @@ async def download(hub: HubClient, addr: AssetAddr, ref: str, entry: ObjectEntry
             raise
 
 
-async def download_batch(hub: HubClient, addr: AssetAddr, ref: str,
-                         items: Sequence[tuple[ObjectEntry, Path]],
-                         progress: Progress | None = None) -> None:
-    """Download many (small) objects of one commit with one request, each written
-    atomically to its destination after its sha256 checked out."""
-    by_path = {e.path: (e, dest) for e, dest in items}
-    async with hub.open_batch(addr, ref, [e.path for e, _ in items]) as response:
+async def read_batch(hub: HubClient, addr: AssetAddr, ref: str,
+                     entries: Sequence[ObjectEntry]
+                     ) -> AsyncGenerator[tuple[ObjectEntry, bytes], None]:
+    """Many (small) objects of one commit from one request, each as ``(entry, bytes)`` once
+    its sha256 checked out, in the order the hub sends them."""
+    by_path = {e.path: e for e in entries}
+    async with hub.open_batch(addr, ref, [e.path for e in entries]) as response:
         chunks = cast("AsyncGenerator[bytes, None]", response.aiter_raw())
         async with contextlib.aclosing(chunks) as raw:
             reader = _StreamReader(raw)
-            for _ in range(len(items)):
+            for _ in range(len(by_path)):
                 header = json.loads(await reader.readline())
-                entry, dest = by_path[header["path"]]
+                entry = by_path[header["path"]]
                 data = await reader.readexactly(int(header["size"]))
                 if hashlib.sha256(data).hexdigest() != entry.sha256:
                     raise errors.ChecksumMismatch(
                         f"download of {entry.path!r} did not hash to {entry.sha256}",
                         path=entry.path)
-                await anyio.to_thread.run_sync(write_atomically, dest, data, entry.mtime,
-                                               entry.mode)
-                if progress:
-                    progress(len(data))
+                yield entry, data
+
+
+async def download_batch(hub: HubClient, addr: AssetAddr, ref: str,
+                         items: Sequence[tuple[ObjectEntry, Path]],
+                         progress: Progress | None = None) -> None:
+    """Download many (small) objects of one commit with one request, each written
+    atomically to its destination after its sha256 checked out."""
+    dests = {e.path: dest for e, dest in items}
+    batch = read_batch(hub, addr, ref, [e for e, _ in items])
+    async with contextlib.aclosing(batch) as objects:
+        async for entry, data in objects:
+            await anyio.to_thread.run_sync(write_atomically, dests[entry.path], data,
+                                           entry.mtime, entry.mode)
+            if progress:
+                progress(len(data))
 
 
 class _StreamReader:
-    """Exact reads from a response body (lines and byte counts)."""
+    """Exact reads from a response body (lines and byte counts). A batch packs hundreds of
+    objects into one chunk: reads advance a position in the buffer and the consumed front is
+    dropped once per chunk, not once per read (that was quadratic)."""
 
     def __init__(self, chunks: AsyncIterator[bytes]) -> None:
         self._chunks = chunks
         self._buffer = bytearray()
+        self._pos = 0
 
     async def _fill(self) -> bool:
         try:
-            self._buffer += await self._chunks.__anext__()
-            return True
+            chunk = await self._chunks.__anext__()
         except StopAsyncIteration:
             return False
+        if self._pos:
+            del self._buffer[:self._pos]
+            self._pos = 0
+        self._buffer += chunk
+        return True
 
     async def readline(self) -> bytes:
-        while b"\n" not in self._buffer:
+        while (end := self._buffer.find(b"\n", self._pos)) < 0:
             if not await self._fill():
                 raise errors.HubUnavailable("batch download ended early")
-        line, _, _ = bytes(self._buffer).partition(b"\n")
-        del self._buffer[: len(line) + 1]
+        line = bytes(self._buffer[self._pos:end])
+        self._pos = end + 1
         return line
 
     async def readexactly(self, size: int) -> bytes:
-        while len(self._buffer) < size:
+        while len(self._buffer) - self._pos < size:
             if not await self._fill():
                 raise errors.HubUnavailable("batch download ended early")
-        data = bytes(self._buffer[:size])
-        del self._buffer[:size]
+        data = bytes(self._buffer[self._pos:self._pos + size])
+        self._pos += size
         return data
 
 
