@@ -227,6 +227,16 @@ def scale_args(postgres: PostgresCluster, s3: S3Server, prefix: str) -> list[str
 
 
 @pytest.fixture(autouse=True)
+def _stop_ahfs_runtimes() -> Iterator[None]:
+    """Each test's ah:// file systems stop their loop threads (and close their connections
+    to the session's servers) when it ends."""
+    yield
+    runtime = sys.modules.get("ahmount.ahfs.runtime")
+    if runtime is not None:
+        runtime.stop_all()
+
+
+@pytest.fixture(autouse=True)
 def ahmount_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "ahmount-home"
     monkeypatch.setenv("AHMOUNT_HOME", str(home))

@@ -20,15 +20,18 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ahmount"
 
 #: layer -> the ahmount layers it must not import (by top-level package or module).
 FORBIDDEN: dict[str, set[str]] = {
-    "vfs": {"mount", "cli", "server", "pyfuse3"},
-    "client": {"vfs", "mount", "cli", "server", "hub.service", "hub.open", "pyfuse3"},
-    "hub": {"client", "vfs", "mount", "cli", "server", "transfer", "ah", "pyfuse3"},
-    "server": {"client", "vfs", "mount", "cli", "transfer", "ah", "pyfuse3",
+    "vfs": {"mount", "cli", "server", "ahfs", "pyfuse3"},
+    "client": {"vfs", "mount", "cli", "server", "ahfs", "hub.service", "hub.open", "pyfuse3"},
+    "hub": {"client", "vfs", "mount", "cli", "server", "transfer", "ah", "ahfs", "pyfuse3"},
+    "server": {"client", "vfs", "mount", "cli", "transfer", "ah", "ahfs", "pyfuse3",
                "hub.blobs", "hub.s3_blobs", "hub.metadata", "hub.trees"},
-    "ah": {"vfs", "mount", "cli", "server", "pyfuse3"},
-    "transfer": {"vfs", "mount", "cli", "server", "pyfuse3"},
-    "names": {"client", "vfs", "mount", "cli", "server", "hub", "transfer", "ah"},
-    "errors": {"client", "vfs", "mount", "cli", "server", "hub", "transfer", "ah", "names"},
+    "ah": {"vfs", "mount", "cli", "server", "ahfs", "pyfuse3"},
+    # ah:// is a front end of the vfs layer, like the mount, but with no FUSE in it
+    "ahfs": {"mount", "cli", "server", "hub.service", "hub.open", "pyfuse3"},
+    "transfer": {"vfs", "mount", "cli", "server", "ahfs", "pyfuse3"},
+    "names": {"client", "vfs", "mount", "cli", "server", "hub", "transfer", "ah", "ahfs"},
+    "errors": {"client", "vfs", "mount", "cli", "server", "hub", "transfer", "ah", "ahfs",
+               "names"},
 }
 #: The one module allowed to wire the embedded hub (service + ASGI app) into a client.
 EMBEDDED_WIRING = "client/embedded.py"
@@ -96,9 +99,24 @@ def test_the_vfs_core_runs_where_pyfuse3_cannot_be_imported() -> None:
     run_python(code)
 
 
+def test_ah_urls_work_in_a_venv_without_fuse() -> None:
+    """``ah://`` through fsspec's entry point, end to end on the embedded hub, with pyfuse3
+    blocked: what a container without FUSE (or a plain ``pip install ahmount``) gets."""
+    code = ("import sys, os, tempfile; sys.modules['pyfuse3'] = None\n"
+            "os.environ['AHMOUNT_HOME'] = tempfile.mkdtemp()\n"
+            "import fsspec\n"
+            "fs = fsspec.filesystem('ah')\n"
+            "fs.makedirs('model/nofuse/m')\n"
+            "fs.pipe('ah://model/nofuse/m/a.txt', b'works')\n"
+            "assert fsspec.open('ah://model/nofuse/m/a.txt').open().read() == b'works'\n"
+            "assert 'pyfuse3' not in [m for m, v in sys.modules.items() if v is not None]\n")
+    run_python(code)
+
+
 def test_the_http_client_does_not_pull_in_the_hub_service() -> None:
     code = ("import sys\n"
             "import ahmount.client.hub_client, ahmount.transfer.upload, ahmount.ah\n"
+            "import ahmount.ahfs\n"
             "loaded = [m for m in sys.modules if m.startswith(('ahmount.server', "
             "'ahmount.hub.service', 'sqlalchemy'))]\n"
             "assert not loaded, loaded\n")

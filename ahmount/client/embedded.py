@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import getpass
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,13 @@ from ahmount.config import ClientConfig, dirs, load_config
 _LOCK = threading.Lock()
 _APPS: dict[Path, Any] = {}
 _OPEN = contextlib.ExitStack()
+_PID = os.getpid()
+
+
+def _close_at_exit() -> None:
+    """Close the hubs this process opened (a forked child's exit leaves the parent's be)."""
+    if os.getpid() == _PID:
+        _OPEN.close()
 
 
 def embedded_app(data_dir: Path) -> Any:
@@ -31,10 +39,17 @@ def embedded_app(data_dir: Path) -> Any:
     from ahmount.hub.open import open_hub
     from ahmount.server.app import create_app
 
+    global _OPEN, _PID
     with _LOCK:
+        if os.getpid() != _PID:
+            # A forked child (a DataLoader worker): the parent's service holds database
+            # connections the child must not use. Open its own; leave the parent's alone.
+            _APPS.clear()
+            _OPEN = contextlib.ExitStack()
+            _PID = os.getpid()
         if data_dir not in _APPS:
             if not _APPS:
-                atexit.register(_OPEN.close)
+                atexit.register(_close_at_exit)
             service = _OPEN.enter_context(open_hub(data_dir))
             _APPS[data_dir] = create_app(service, trusted_user=getpass.getuser())
         return _APPS[data_dir]

@@ -1,0 +1,97 @@
+"""What an ``ah://`` write or transaction will commit: per branch, deletes then adds.
+
+Adds are either local files (uploaded at commit time: a spooled ``open(..., 'wb')``, a
+``pipe`` or a ``put``) or objects the hub already holds (``cp``/``mv`` inside an asset: only
+the entry is sent, no bytes). Each branch's changes become one atomic commit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ahmount.hub.models import AssetAddr, ObjectEntry
+
+
+@dataclass
+class BranchChanges:
+    addr: AssetAddr
+    branch: str
+    #: The URL of the asset root as the user wrote it (for messages and read-your-writes).
+    root: str
+    files: dict[str, Path] = field(default_factory=dict)
+    entries: dict[str, ObjectEntry] = field(default_factory=dict)
+    deletes: set[str] = field(default_factory=set)
+    #: Spooled files this change owns (removed after the commit, or when it is dropped).
+    spooled: set[Path] = field(default_factory=set)
+
+    def add_file(self, path: str, local: Path, spooled: bool) -> None:
+        self._forget(path)
+        self.files[path] = local
+        if spooled:
+            self.spooled.add(local)
+
+    def add_entry(self, entry: ObjectEntry) -> None:
+        self._forget(entry.path)
+        self.entries[entry.path] = entry
+
+    def delete(self, path: str, exists_on_hub: bool) -> None:
+        """Remove ``path``: a change made earlier in this batch is undone, and the object
+        is deleted from the branch if its head holds it."""
+        self._forget(path)
+        if exists_on_hub:
+            self.deletes.add(path)
+
+    def _forget(self, path: str) -> None:
+        local = self.files.pop(path, None)
+        if local is not None and local in self.spooled:
+            self.spooled.discard(local)
+            local.unlink(missing_ok=True)
+        self.entries.pop(path, None)
+
+    def touched(self, path: str) -> bool:
+        return path in self.files or path in self.entries or path in self.deletes
+
+    def describe(self) -> str:
+        """A default commit message: what changed, briefly."""
+        written = sorted({*self.files, *self.entries})
+        parts = []
+        if written:
+            parts.append(f"write {_names(written)}")
+        if self.deletes:
+            parts.append(f"delete {_names(sorted(self.deletes))}")
+        text = " and ".join(parts) or "no change"
+        return f"{text[0].upper()}{text[1:]} through ah://"
+
+    def discard(self) -> None:
+        for local in self.spooled:
+            local.unlink(missing_ok=True)
+        self.spooled.clear()
+        self.files.clear()
+        self.entries.clear()
+        self.deletes.clear()
+
+
+def _names(paths: list[str]) -> str:
+    if len(paths) <= 3:
+        return ", ".join(paths)
+    return f"{', '.join(paths[:2])} and {len(paths) - 2} more"
+
+
+@dataclass
+class Pending:
+    """The changes of one transaction (or one implicit batch), by branch."""
+
+    message: str | None = None
+    branches: dict[tuple[AssetAddr, str], BranchChanges] = field(default_factory=dict)
+
+    def of(self, addr: AssetAddr, branch: str, root: str) -> BranchChanges:
+        found = self.branches.get((addr, branch))
+        if found is None:
+            found = self.branches[(addr, branch)] = BranchChanges(addr, branch, root)
+        return found
+
+    def discard(self) -> None:
+        for changes in self.branches.values():
+            changes.discard()
+        self.branches.clear()

@@ -1,0 +1,370 @@
+"""``ah://`` against a real ah-server: listings and their fields, refs, another owner's assets,
+writes as commits, transactions, read-only refs, pinning, pickling and fork, and the block
+cache shared with the mount."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import pickle
+import re
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import fsspec
+import httpx
+import pytest
+import trio
+
+from ahmount.ahfs import AhFileSystem
+from ahmount.client.hub_client import HubClient
+from ahmount.hub.models import AssetAddr, FolderAddr
+from ahmount.vfs.cache_dir import state_dir
+from ahmount.vfs.object_cache import ObjectCache
+from tests.conftest import HubProcess
+
+T = TypeVar("T")
+
+
+class Account:
+    """A fresh user on the session's ah-server, with a file system and a hub client."""
+
+    def __init__(self, server: HubProcess, cache: Path) -> None:
+        self.server = server
+        self.name, self.key = server.fresh_user()
+        self.cache = cache
+        self.fs = self.filesystem()
+        self.folder = f"f{uuid.uuid4().hex[:8]}"
+        self.root = f"model/{self.folder}/m"
+        self.fs.makedirs(self.root)
+        self.addr = AssetAddr(FolderAddr(self.name, "model", self.folder), "m")
+
+    def filesystem(self, **options: Any) -> AhFileSystem:
+        return AhFileSystem(hub=self.server.url, api_key=self.key, cache_dir=str(self.cache),
+                            skip_instance_cache=True, **options)
+
+    def hub(self, fn: Callable[[HubClient], Awaitable[T]]) -> T:
+        async def main() -> T:
+            async with HubClient(self.server.url, api_key=self.key) as hub:
+                return await fn(hub)
+
+        return trio.run(main)
+
+    def commits(self, ref: str = "main") -> list[Any]:
+        return self.hub(lambda h: h.log(self.addr, ref))
+
+
+@pytest.fixture
+def account(sqlite_server: HubProcess, tmp_path: Path) -> Account:
+    return Account(sqlite_server, tmp_path / "cache")
+
+
+def requests_seen(server: HubProcess) -> Counter[str]:
+    """Requests the server has answered so far, by endpoint (from its /metrics)."""
+    text = httpx.get(server.url + "/metrics").text
+    out: Counter[str] = Counter()
+    for match in re.finditer(r'^ah_requests_total\{endpoint="(\w+)",[^}]*\} (\S+)$', text,
+                             re.MULTILINE):
+        out[match.group(1)] += int(float(match.group(2)))
+    return out
+
+
+# -- discovery ---------------------------------------------------------------------------
+
+def test_entry_point_and_url_forms(account: Account) -> None:
+    fs = account.fs
+    fs.pipe(f"{account.root}/config.json", b"{}")
+    assert isinstance(fsspec.filesystem("ah", hub=account.server.url, api_key=account.key,
+                                        cache_dir=str(account.cache)), AhFileSystem)
+    # own, explicit owner, and an explicit main branch name the same object
+    for url in (f"ah://{account.root}/config.json",
+                f"ah://{account.name}/{account.root}/config.json",
+                f"ah://{account.root}@main/config.json"):
+        assert fs.cat(url) == b"{}"
+    with fsspec.open(f"ah://{account.root}/config.json", hub=account.server.url,
+                     api_key=account.key, cache_dir=str(account.cache)) as f:
+        assert f.read() == b"{}"
+
+
+def test_listing_fields(account: Account) -> None:
+    fs = account.fs
+    fs.pipe({f"{account.root}/a.txt": b"hello", f"{account.root}/d/b.bin": b"x" * 10})
+    head = account.commits()[0].id
+    info = fs.info(f"{account.root}/a.txt")
+    assert info["type"] == "file" and info["size"] == 5
+    assert info["sha256"] == hashlib.sha256(b"hello").hexdigest()
+    assert info["commit"] == head and info["mtime"] > 0
+    assert fs.ukey(f"{account.root}/a.txt") == info["sha256"]
+    listing = {e["name"]: e for e in fs.ls(account.root)}
+    assert set(listing) == {f"{account.root}/a.txt", f"{account.root}/d"}
+    assert listing[f"{account.root}/d"]["type"] == "directory"
+    assert fs.find(account.root) == [f"{account.root}/a.txt", f"{account.root}/d/b.bin"]
+    assert fs.find(account.root, maxdepth=1) == [f"{account.root}/a.txt"]
+    assert fs.glob(f"{account.root}/**/*.bin") == [f"{account.root}/d/b.bin"]
+    assert fs.exists(f"{account.root}/d") and not fs.exists(f"{account.root}/nope")
+    assert fs.isdir(f"model/{account.folder}") and fs.isdir("model")
+    assert f"model/{account.folder}" in fs.ls("model", detail=False)
+    assert fs.ls(f"model/{account.folder}", detail=False) == [account.root]
+    with pytest.raises(FileNotFoundError, match="nope"):
+        fs.info(f"{account.root}/nope")
+    with pytest.raises(ValueError, match="not allowed"):
+        fs.info("model/bad name/x")
+
+
+def test_refs_tags_and_commit_prefixes(account: Account) -> None:
+    fs = account.fs
+    fs.pipe(f"{account.root}/w.txt", b"v1")
+    first = account.commits()[0].id
+    account.hub(lambda h: h.create_tag(account.addr, "v1", "main"))
+    fs.pipe(f"{account.root}/w.txt", b"v2")
+    assert fs.cat(f"{account.root}@v1/w.txt") == b"v1"
+    assert fs.cat(f"{account.root}@{first[:8]}/w.txt") == b"v1"
+    assert fs.cat(f"{account.root}/w.txt") == b"v2"
+    assert fs.info(f"{account.root}@v1/w.txt")["ref_type"] == "tag"
+    before = account.commits()
+    for ref in ("v1", first[:8]):
+        with pytest.raises(PermissionError, match="read-only; write to a branch"):
+            fs.pipe(f"{account.root}@{ref}/w.txt", b"no")
+        with pytest.raises(PermissionError, match="read-only"):
+            fs.open(f"{account.root}@{ref}/new.txt", "wb")
+        with pytest.raises(PermissionError, match="read-only"):
+            fs.rm(f"{account.root}@{ref}/w.txt")
+    assert account.commits() == before  # nothing changed
+
+
+def test_another_owners_asset(sqlite_server: HubProcess, tmp_path: Path) -> None:
+    alice = Account(sqlite_server, tmp_path / "a")
+    bob = Account(sqlite_server, tmp_path / "b")
+    alice.fs.pipe(f"{alice.root}/x.txt", b"alice's")
+    url = f"ah://{alice.name}/{alice.root}/x.txt"
+    with pytest.raises(FileNotFoundError):  # the hub does not tell others what exists
+        bob.fs.cat(url)
+    alice.hub(lambda h: h.share_folder(alice.addr.folder, bob.name, "view"))
+    assert bob.fs.cat(url) == b"alice's"
+    assert bob.fs.ls(f"{alice.name}/{alice.root}", detail=False) == [
+        f"{alice.name}/{alice.root}/x.txt"]
+    with pytest.raises(PermissionError):
+        bob.fs.pipe(url, b"bob's")
+    assert alice.fs.cat(url) == b"alice's"
+
+
+# -- writes ------------------------------------------------------------------------------
+
+def test_each_write_is_one_commit_with_its_message(account: Account) -> None:
+    fs = account.fs
+    fs.pipe(f"{account.root}/a.txt", b"a", message="add a")
+    assert account.commits()[0].message == "add a"
+    with fs.open(f"{account.root}/b.txt", "wb") as f:
+        f.write(b"b" * 100)
+    assert account.commits()[0].message == "Write b.txt through ah://"
+    n = len(account.commits())
+    fs.cp(f"{account.root}/a.txt", f"{account.root}/c.txt")
+    fs.mv(f"{account.root}/b.txt", f"{account.root}/sub/b.txt")
+    assert len(account.commits()) == n + 2  # the move is one commit, not a copy and a delete
+    assert fs.find(account.root) == [f"{account.root}/a.txt", f"{account.root}/c.txt",
+                                     f"{account.root}/sub/b.txt"]
+    fs.rm(f"{account.root}/sub", recursive=True, message="drop sub")
+    assert account.commits()[0].message == "drop sub"
+    assert fs.find(account.root) == [f"{account.root}/a.txt", f"{account.root}/c.txt"]
+
+
+def test_put_of_a_tree_is_one_commit(account: Account, tmp_path: Path) -> None:
+    local = tmp_path / "local"
+    (local / "d").mkdir(parents=True)
+    for i in range(5):
+        (local / "d" / f"{i}.txt").write_text(str(i))
+    n = len(account.commits())
+    account.fs.put(str(local / "d"), f"{account.root}/up", recursive=True)
+    assert len(account.commits()) == n + 1
+    assert account.fs.cat(f"{account.root}/up/3.txt") == b"3"
+
+
+def test_transaction_is_one_commit_and_nothing_on_error(account: Account) -> None:
+    fs = account.fs
+    fs.pipe(f"{account.root}/keep.txt", b"k")
+    n = len(account.commits())
+    with fs.transaction as t:
+        t.message = "one commit"
+        fs.pipe(f"{account.root}/1.txt", b"1")
+        with fs.open(f"{account.root}/2.txt", "wb") as f:
+            f.write(b"2")
+        fs.rm(f"{account.root}/keep.txt")
+        assert not fs.exists(f"{account.root}/1.txt")  # not visible before the commit
+    log = account.commits()
+    assert len(log) == n + 1 and log[0].message == "one commit"
+    assert fs.find(account.root) == [f"{account.root}/1.txt", f"{account.root}/2.txt"]
+
+    with pytest.raises(RuntimeError, match="boom"), fs.transaction:
+        fs.pipe(f"{account.root}/3.txt", b"3")
+        with fs.open(f"{account.root}/4.txt", "wb") as f:
+            f.write(b"4")
+        raise RuntimeError("boom")
+    assert len(account.commits()) == n + 1
+    assert not fs.exists(f"{account.root}/3.txt") and not fs.exists(f"{account.root}/4.txt")
+    spool = state_dir(account.cache, account.server.url, account.name) / "spool"
+    assert list(spool.iterdir()) == []  # spooled bytes of the dropped writes are gone
+
+
+def test_exclusive_and_append_modes(account: Account) -> None:
+    fs = account.fs
+    path = f"{account.root}/x.txt"
+    with fs.open(path, "xb") as f:
+        f.write(b"one")
+    with pytest.raises(FileExistsError):
+        fs.open(path, "xb")
+    with fs.open(path, "ab") as f:
+        f.write(b"+two")
+    assert fs.cat(path) == b"one+two"
+    with fs.open(path, "r") as text:
+        assert text.read() == "one+two"
+
+
+# -- pinning, pickling and processes -----------------------------------------------------
+
+def test_branches_are_pinned_until_invalidate_cache(account: Account) -> None:
+    fs = account.fs
+    path = f"{account.root}/p.txt"
+    fs.pipe(path, b"old")
+    other = account.filesystem()
+    other.pipe(path, b"new")  # another client moves the branch
+    assert fs.cat(path) == b"old"
+    fs.invalidate_cache(account.root)
+    assert fs.cat(path) == b"new"
+    live = account.filesystem(use_listings_cache=False)
+    assert live.cat(path) == b"new"
+    other.pipe(path, b"newer")
+    assert live.cat(path) == b"newer"
+
+
+def test_pickled_fs_keeps_pins_and_identity(account: Account) -> None:
+    fs = account.fs
+    path = f"{account.root}/p.txt"
+    fs.pipe(path, b"seen")
+    assert fs.cat(path) == b"seen"
+    account.filesystem().pipe(path, b"moved on")
+    clone = pickle.loads(pickle.dumps(fs))
+    before = requests_seen(account.server)
+    assert clone.cat(path) == b"seen"  # the parent's commit, not the branch's new head
+    seen = requests_seen(account.server) - before
+    assert seen["whoami"] == 0 and seen["ref"] == 0 and seen["objects"] == 0, seen
+
+
+def _child_reads(fs: AhFileSystem, paths: list[str], out: Any) -> None:
+    out.put({p: hashlib.sha256(fs.cat_file(p)).hexdigest() for p in paths})
+
+
+def test_forked_workers_read_without_relisting(account: Account) -> None:
+    fs = account.fs
+    blobs = {f"{account.root}/w/{i}.bin": os.urandom(3000 + i) for i in range(6)}
+    fs.pipe(blobs)
+    assert fs.cat(next(iter(blobs))) == next(iter(blobs.values()))  # resolves, lists once
+    before = requests_seen(account.server)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    workers = [ctx.Process(target=_child_reads, args=(fs, list(blobs), queue))
+               for _ in range(3)]
+    for w in workers:
+        w.start()
+    results = [queue.get(timeout=60) for _ in workers]
+    for w in workers:
+        w.join(30)
+        assert w.exitcode == 0
+    expected = {p: hashlib.sha256(b).hexdigest() for p, b in blobs.items()}
+    assert results == [expected] * 3
+    seen = requests_seen(account.server) - before
+    assert seen["whoami"] == 0 and seen["ref"] == 0 and seen["objects"] == 0, seen
+
+
+# -- the block cache, shared with the mount ----------------------------------------------
+
+def test_reads_go_through_the_mounts_block_cache(account: Account) -> None:
+    fs = account.fs
+    data = os.urandom(3 << 20)
+    path = f"{account.root}/big.bin"
+    fs.pipe(path, data)
+    assert fs.cat_file(path, 1 << 20, (1 << 20) + 10) == data[1 << 20:(1 << 20) + 10]
+    before = requests_seen(account.server)
+    assert fs.cat_file(path, (1 << 20) + 5, (1 << 20) + 100) == data[(1 << 20) + 5:(1 << 20) + 100]
+    assert fs.cat_file(path, -10) == data[-10:]
+    assert (requests_seen(account.server) - before)["file"] == 1  # block 2 only: 1 is cached
+    with fs.open(path) as f:
+        f.seek(2 << 20)
+        assert f.read(5) == data[2 << 20:(2 << 20) + 5]
+    assert (requests_seen(account.server) - before)["file"] == 1
+    sha = hashlib.sha256(data).hexdigest()
+    root = state_dir(account.cache, account.server.url, account.name)
+
+    async def look() -> bool:
+        cache = ObjectCache(root / "objects", 1 << 30)
+        try:
+            return cache.is_complete(sha, len(data)) or bool(cache._records[sha].blocks)
+        finally:
+            cache.close()
+
+    from ahmount.ahfs.runtime import stop_all
+    stop_all()  # the index is saved when a runtime stops
+    assert trio.run(look)
+
+
+def test_cat_of_many_small_files_is_batched(account: Account) -> None:
+    fs = account.fs
+    blobs = {f"{account.root}/s/{i:04}.txt": f"file {i}".encode() for i in range(300)}
+    fs.pipe(blobs)
+    fs.invalidate_cache()
+    before = requests_seen(account.server)
+    assert fs.cat(f"{account.root}/s/*") == blobs
+    seen = requests_seen(account.server) - before
+    assert seen["files_batch"] == 1 and seen["file"] == 0, seen
+    before = requests_seen(account.server)
+    assert fs.cat(list(blobs)) == blobs  # now from the cache
+    seen = requests_seen(account.server) - before
+    assert seen["files_batch"] == 0 and seen["file"] == 0, seen
+
+
+def _child_reads_open_file(f: Any, out: Any) -> None:
+    f.seek(0)
+    out.put(f.read())
+
+
+def test_a_file_opened_before_fork_reads_in_the_child(account: Account) -> None:
+    fs = account.fs
+    fs.pipe(f"{account.root}/f.bin", b"before the fork" * 1000)
+    with fs.open(f"{account.root}/f.bin") as f:
+        assert f.read(6) == b"before"
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_child_reads_open_file, args=(f, queue))
+        child.start()
+        assert queue.get(timeout=60) == b"before the fork" * 1000
+        child.join(30)
+        assert child.exitcode == 0
+        assert f.read(4) == b" the"  # the parent's file is untouched
+
+
+def test_your_own_write_moves_the_pin(account: Account) -> None:
+    fs = account.fs
+    path = f"{account.root}/mine.txt"
+    fs.pipe(path, b"1")
+    assert fs.cat(path) == b"1"
+    before = requests_seen(account.server)
+    with fs.open(path, "wb") as f:
+        f.write(b"2")
+    assert fs.cat(path) == b"2"
+    seen = requests_seen(account.server) - before
+    assert seen["ref"] == 0, seen  # the commit told us the new head
+
+
+def test_storage_options_default_to_ah_login(account: Account) -> None:
+    from ahmount.config import make_config, save_config
+
+    account.fs.pipe(f"{account.root}/l.txt", b"via login")
+    save_config(make_config(account.server.url, None, account.key))
+    fs = AhFileSystem(cache_dir=str(account.cache), skip_instance_cache=True)
+    assert fs.me == account.name
+    assert fs.cat(f"ah://{account.root}/l.txt") == b"via login"
+    with pytest.raises(ValueError, match="api_key must be a non-empty string"):
+        AhFileSystem(hub=account.server.url, api_key="", skip_instance_cache=True)
