@@ -368,3 +368,29 @@ def test_storage_options_default_to_ah_login(account: Account) -> None:
     assert fs.cat(f"ah://{account.root}/l.txt") == b"via login"
     with pytest.raises(ValueError, match="api_key must be a non-empty string"):
         AhFileSystem(hub=account.server.url, api_key="", skip_instance_cache=True)
+
+
+def test_the_mount_and_ah_urls_share_one_cache(mount_factory: Any) -> None:
+    """What ah:// fetched, the mount reads from disk, and the other way round (the
+    embedded hub, the default cache directory: what a user gets with no options)."""
+    from ahmount.ahfs.runtime import stop_all
+
+    fs = AhFileSystem(skip_instance_cache=True)
+    fs.makedirs("model/shared/m")
+    first, second = os.urandom(3 << 20), os.urandom(2 << 20)
+    fs.pipe({"model/shared/m/first.bin": first, "model/shared/m/second.bin": second})
+    assert fs.cat_file("model/shared/m/first.bin") == first
+    m = mount_factory()
+    before = m.control("stats")["cache"]["bytes_fetched"]
+    assert (m.mountpoint / "model/shared/m/main/first.bin").read_bytes() == first
+    assert (m.mountpoint / "model/shared/m/main/second.bin").read_bytes() == second
+    fetched = m.control("stats")["cache"]["bytes_fetched"] - before
+    assert fetched == len(second)  # first.bin came from the cache ah:// filled
+    from tests.conftest import wait_until
+
+    # the mount saves an object's record when the kernel releases the file
+    wait_until(lambda: m.control("stats")["open_handles"] == 0, what="the mount's release")
+    stop_all()
+    fs = AhFileSystem(skip_instance_cache=True)
+    assert fs.cat_file("model/shared/m/second.bin") == second
+    assert fs._runtime().cache.stats.bytes_fetched == 0

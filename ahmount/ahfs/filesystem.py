@@ -229,8 +229,9 @@ class AhFileSystem(AbstractFileSystem):  # type: ignore[misc]
                 self._pins.clear()
             return
         addr = url.asset_addr(self._me)
-        for key in [k for k in self._pins if k[0] == addr]:
-            del self._pins[key]
+        for key in list(self._pins):  # list(): one step, safe beside the loop thread's writes
+            if key[0] == addr:
+                self._pins.pop(key, None)
 
     # -- info and listings -----------------------------------------------------------------
 
