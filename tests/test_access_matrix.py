@@ -28,6 +28,7 @@ NEEDS: dict[tuple[str, str], str] = {
     ("/healthz", "GET"): "open",
     (API + "/openapi.json", "GET"): "open",
     (API + "/whoami", "GET"): "any",
+    (API + "/events", "GET"): "any",  # each caller's own view of what changed
     (API + "/folders/{owner}/{kind}", "GET"): "any",
     (API + "/folders/{owner}/{kind}", "POST"): "namespace",
     (F, "GET"): "read", (F, "PATCH"): "write", (F, "DELETE"): "own",
@@ -86,6 +87,7 @@ class Hub:
     keys: dict[str, str]
     sha: str
     commit_ids: dict[str, str]
+    cursor: int = 0  # the change feed's cursor before the folders were made
 
     def client(self, caller: str) -> httpx.Client:
         headers = {}
@@ -142,6 +144,7 @@ def hub(matrix_server: HubProcess) -> Hub:
     data = b"matrix"
     sha = hashlib.sha256(data).hexdigest()
     found = Hub(sqlite_server, names, keys, sha, {})
+    found.cursor = found.owner_call("GET", f"{API}/events").json()["cursor"]
     found.owner_call("PUT", f"{API}/blobs/{sha}", content=data)
     for which in FOLDERS:
         found.make_folder(which, which)
@@ -151,6 +154,17 @@ def hub(matrix_server: HubProcess) -> Hub:
         found.commit_ids[which] = commit.json()["commit"]["id"]
         found.owner_call("POST", found.asset_url(which) + "/branches", json={"name": "b"})
     return found
+
+
+@pytest.mark.parametrize("caller", ["owner", "viewer", "editor", "reader", "stranger"])
+def test_the_feed_shows_each_caller_what_they_may_read(hub: Hub, caller: str) -> None:
+    """A caller hears of a folder's changes exactly when they may read it (public folders:
+    from the moment they became public)."""
+    with hub.client(caller) as c:
+        page = c.get(f"{API}/events", params={"after": hub.cursor, "limit": 1000}).json()
+    heard = {e["folder"] for e in page["events"]
+             if e["owner"] == hub.names["owner"] and e["folder"] in FOLDERS}
+    assert heard == {f for f in FOLDERS if (caller, f) in PERMISSION}
 
 
 def _fresh(prefix: str) -> str:

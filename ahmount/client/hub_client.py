@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import AsyncIterator, Sequence
+import json
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import httpx
 
@@ -31,6 +32,8 @@ from ahmount.hub.models import (
     AssetInfo,
     Change,
     CommitInfo,
+    Event,
+    EventPage,
     FolderAddr,
     FolderInfo,
     ListingPage,
@@ -53,6 +56,11 @@ def _commit(raw: dict[str, Any]) -> CommitInfo:
 
 def _entry(raw: dict[str, Any]) -> ObjectEntry:
     return ObjectEntry(**raw)
+
+
+def _event(raw: dict[str, Any]) -> Event:
+    payload = {k: v for k, v in raw.items() if k not in ("id", "created")}
+    return Event(int(raw["id"]), float(raw["created"]), payload)
 
 
 def _ref(raw: dict[str, Any]) -> RefInfo:
@@ -323,6 +331,49 @@ class HubClient:
     async def merge(self, addr: AssetAddr, branch: str) -> CommitInfo | None:
         result = await self._http.json("POST", f"{self._a(addr)}/branches/{branch}/merge")
         return None if result["commit"] is None else _commit(result["commit"])
+
+    # -- the change feed ---------------------------------------------------------------------
+
+    async def event_page(self, after: int | None = None, limit: int = 500) -> EventPage:
+        """One page of the changes the caller may see after ``after`` (None: the newest)."""
+        params: dict[str, Any] = {"limit": limit}
+        if after is not None:
+            params["after"] = after
+        body = await self._http.json("GET", "/api/v1/events", params=params)
+        return EventPage([_event(e) for e in body["events"]], int(body["cursor"]),
+                         bool(body["reset"]))
+
+    async def watch(self, after: int | None = None) -> AsyncGenerator[EventPage, None]:
+        """The change feed as it happens (Server-Sent Events): the first page says where the
+        stream starts (``reset``: forget what is cached), then a page per change or per
+        cursor move. Resumes from ``after`` (``Last-Event-ID``). Ends when the connection
+        does; the caller reconnects from the last cursor it saw."""
+        headers = {"accept": "text/event-stream"}
+        if after is not None:
+            headers["last-event-id"] = str(after)
+        response = await self._http.send("GET", "/api/v1/events", stream=True,
+                                         headers=headers)
+        lines = cast("AsyncGenerator[str, None]", response.aiter_lines())
+        try:
+            fields: dict[str, str] = {}
+            async for line in lines:
+                if line:
+                    name, _, value = line.partition(":")
+                    if name:  # a line starting with ':' is a comment (a heartbeat)
+                        fields[name] = value[1:] if value.startswith(" ") else value
+                    continue
+                if "id" in fields and "data" in fields:
+                    cursor = int(fields["id"])
+                    data = json.loads(fields["data"])
+                    if fields.get("event") == "change":
+                        yield EventPage([_event(data)], cursor, False)
+                    else:
+                        yield EventPage([], int(data.get("cursor", cursor)),
+                                        bool(data.get("reset", False)))
+                fields = {}
+        finally:
+            await lines.aclose()
+            await response.aclose()
 
     # -- blobs -------------------------------------------------------------------------------
 

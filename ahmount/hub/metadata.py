@@ -163,6 +163,23 @@ blob_assets = sa.Table(
     sa.Column("asset_id", sa.String(36), primary_key=True, index=True),
 )
 
+#: The change feed (schema v5): one row per change a client may want to know of, in commit
+#: order (ids are taken under a lock held to the end of the writing transaction, so no
+#: reader ever sees id n+1 before id n). ``viewers`` is who could see the folder when it
+#: changed (JSON list of user ids); ``public`` whether everyone could.
+events = sa.Table(
+    "events",
+    meta,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("created", sa.Float, nullable=False),
+    sa.Column("viewers", sa.Text, nullable=False),
+    sa.Column("public", sa.Boolean, nullable=False),
+    sa.Column("payload", sa.Text, nullable=False),
+    sa.Index("ix_events_created", "created"),
+)
+#: The lock that orders event ids across replicas (PostgreSQL advisory lock key).
+EVENT_LOCK = 4243
+
 _JSON_COLUMNS = ("labels", "parents", "metadata")
 
 
@@ -293,6 +310,10 @@ class MetaTx:
             .order_by(users.c.name)
         )
         return _rows(self._c.execute(query))
+
+    def share_user_ids(self, folder_id: str) -> list[str]:
+        query = sa.select(shares.c.user_id).where(shares.c.folder_id == folder_id)
+        return [r.user_id for r in self._c.execute(query)]
 
     # -- assets ------------------------------------------------------------------------------
 
@@ -513,6 +534,40 @@ class MetaTx:
     def delete_nodes(self, ids: Sequence[str]) -> None:
         for start in range(0, len(ids), 500):
             self._c.execute(nodes.delete().where(nodes.c.id.in_(list(ids[start : start + 500]))))
+
+
+    # -- the change feed ---------------------------------------------------------------------
+
+    def insert_event(self, viewers: Sequence[str], public: bool,
+                     payload: dict[str, Any]) -> None:
+        """Append an event. On PostgreSQL the id is taken under a transaction-scoped lock, so
+        ids become visible in increasing order (a reader at cursor n never later meets an
+        event below n); SQLite has one writer at a time anyway."""
+        if self._c.dialect.name == "postgresql":
+            self._c.execute(sa.text(f"SELECT pg_advisory_xact_lock({EVENT_LOCK})"))
+        self._c.execute(events.insert().values(
+            created=time.time(), viewers=json.dumps(sorted(set(viewers))), public=public,
+            payload=json.dumps(payload)))
+
+    def events_after(self, cursor: int, limit: int) -> list[dict[str, Any]]:
+        rows = self._c.execute(
+            sa.select(events).where(events.c.id > cursor).order_by(events.c.id).limit(limit))
+        return [{"id": r.id, "created": r.created, "viewers": json.loads(r.viewers),
+                 "public": bool(r.public), "payload": json.loads(r.payload)} for r in rows]
+
+    def event_bounds(self) -> tuple[int, int]:
+        """(lowest id kept, highest id), (0, 0) when there are none."""
+        row = self._c.execute(sa.select(sa.func.min(events.c.id),
+                                        sa.func.max(events.c.id))).one()
+        return int(row[0] or 0), int(row[1] or 0)
+
+    def prune_events(self, before: float) -> int:
+        """Drop events older than ``before``, always keeping the newest (it holds the cursor
+        a new subscriber starts from)."""
+        _, newest = self.event_bounds()
+        result = self._c.execute(
+            events.delete().where(events.c.created < before, events.c.id < newest))
+        return int(result.rowcount or 0)
 
 
 def _encode_json(row: dict[str, Any]) -> dict[str, Any]:

@@ -33,10 +33,16 @@ def _v4_staged_modes(conn: Connection) -> None:
         conn.execute(sa.text("ALTER TABLE staging ADD COLUMN mode INTEGER"))
 
 
+def _v5_events(conn: Connection) -> None:
+    """The change feed's ``events`` table is made by ``create_all``; it starts empty (what
+    changed before the upgrade is not replayed: subscribers start at the newest event)."""
+
+
 #: STEPS[n] upgrades version n to n + 1.
 STEPS: dict[int, Callable[[Connection], None]] = {1: _v2_blobs_created_index,
                                                   2: _v3_blob_possession,
-                                                  3: _v4_staged_modes}
+                                                  3: _v4_staged_modes,
+                                                  4: _v5_events}
 SCHEMA_VERSION = max(STEPS) + 1
 
 

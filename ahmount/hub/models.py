@@ -142,3 +142,25 @@ class ListingPage:
     objects: list[ObjectEntry]
     dirs: list[str]
     next_after: str | None
+
+
+@dataclass(frozen=True)
+class Event:
+    """A change the caller may see: ``id`` is its cursor (increasing, never reused);
+    ``payload`` says what changed (``type``, ``owner``, ``kind``, ``folder``, maybe
+    ``asset``, ``ref``, ``old``/``new`` commit ids, ``name`` for a rename)."""
+
+    id: int
+    created: float
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class EventPage:
+    """Events after a cursor. ``cursor`` is where to go on from (the newest event looked at,
+    seen or not); ``reset`` is True when events after the given cursor are gone (pruned, or
+    the cursor is from another database): forget everything cached."""
+
+    events: list[Event]
+    cursor: int
+    reset: bool

@@ -41,6 +41,8 @@ from ahmount.hub.models import (
     AssetInfo,
     Change,
     CommitInfo,
+    Event,
+    EventPage,
     FolderAddr,
     FolderInfo,
     ListingPage,
@@ -357,6 +359,23 @@ class HubService:
             raise NotFound(f"asset {addr} does not exist", path=str(addr))
         return row, permission
 
+    def _event(self, tx: MetaTx, folder: dict[str, Any] | str, event: str,
+               where: FolderAddr | AssetAddr, also: Sequence[str] = (),
+               **fields: Any) -> None:
+        """Record a change for the feed, seen by whoever may see the folder now (its owner,
+        the users it is shared with, everyone if public) and by ``also``."""
+        row = tx.folder_by_id(folder) if isinstance(folder, str) else folder
+        assert row is not None
+        asset = where if isinstance(where, AssetAddr) else None
+        place = asset.folder if asset is not None else where
+        assert isinstance(place, FolderAddr)
+        payload: dict[str, Any] = {"type": event, "owner": place.owner, "kind": place.kind,
+                                   "folder": place.name, **fields}
+        if asset is not None:
+            payload["asset"] = asset.name
+        viewers = [row["owner_id"], *tx.share_user_ids(row["id"]), *also]
+        tx.insert_event(viewers, bool(row["public"]), payload)
+
     def _folder_info(
         self, folder: dict[str, Any], owner: str, permission: Permission
     ) -> FolderInfo:
@@ -428,6 +447,7 @@ class HubService:
                 "public": False, "editor": actor.name, "created": now, "modified": now,
             }
             tx.insert_folder(row)
+            self._event(tx, row, "folder.created", addr)
         log.info("folder %s created by %s", addr, actor.name)
         return self._folder_info(row, actor.name, "own")
 
@@ -461,11 +481,14 @@ class HubService:
                 fields.update(editor=actor.name, modified=time.time())
                 tx.update_folder(row["id"], fields)
                 row = {**row, **fields}
+                renaming: dict[str, Any] = {"name": name} if renamed else {}
+                self._event(tx, row, "folder.updated", addr, **renaming)
             return self._folder_info(row, owner["name"], permission)
 
     def delete_folder(self, actor: Actor, addr: FolderAddr) -> None:
         with self.metadata.write() as tx:
             row, _, _ = self._folder(tx, actor, addr, "own")
+            self._event(tx, row, "folder.deleted", addr)
             tx.delete_folder(row["id"])
         log.info("folder %s deleted by %s", addr, actor.name)
 
@@ -484,11 +507,17 @@ class HubService:
             if target["id"] == actor.id:
                 raise InvalidArgument(f"folder {addr} is already owned by {user!r}")
             tx.set_share(row["id"], target["id"], permission)
+            # the user it concerns hears of it, also when the share was just taken away
+            self._event(tx, row, "folder.shared", addr, also=[target["id"]], user=user,
+                        permission=permission)
 
     def set_public(self, actor: Actor, addr: FolderAddr, public: bool) -> None:
         with self.metadata.write() as tx:
             row, _, _ = self._folder(tx, actor, addr, "own")
             tx.update_folder(row["id"], {"public": bool(public)})
+            # everyone hears of it when it becomes public, also when it stops being so
+            self._event(tx, {**row, "public": True}, "folder.public", addr,
+                        public=bool(public))
 
     def folder_shares(self, actor: Actor, addr: FolderAddr) -> list[dict[str, Any]]:
         with self.metadata.read() as tx:
@@ -523,6 +552,7 @@ class HubService:
             }
             tx.insert_asset(row)
             tx.insert_ref(asset_id, "main", "branch", root.id)
+            self._event(tx, folder, "asset.created", addr)
         log.info("asset %s created by %s", addr, actor.name)
         return self._asset_info(addr.folder, row, permission)
 
@@ -553,11 +583,14 @@ class HubService:
                 fields.update(editor=actor.name, modified=time.time())
                 tx.update_asset(row["id"], fields)
                 row = {**row, **fields}
+                renaming: dict[str, Any] = {"name": name} if renamed else {}
+                self._event(tx, row["folder_id"], "asset.updated", addr, **renaming)
             return self._asset_info(addr.folder, row, permission)
 
     def delete_asset(self, actor: Actor, addr: AssetAddr) -> None:
         with self.metadata.write() as tx:
             row, _ = self._asset(tx, actor, addr, "edit")
+            self._event(tx, row["folder_id"], "asset.deleted", addr)
             tx.delete_asset(row["id"])
         log.info("asset %s deleted by %s", addr, actor.name)
 
@@ -613,6 +646,8 @@ class HubService:
             asset, _ = self._asset(tx, actor, addr, "edit")
             self._check_ref_free(tx, asset, addr, name)
             tx.insert_ref(asset["id"], name, "branch", asset["root_commit"])
+            self._event(tx, asset["folder_id"], "ref.created", addr, ref=name,
+                        ref_type="branch", new=asset["root_commit"])
             commit = tx.commit(asset["root_commit"])
             assert commit is not None
         log.info("branch %s created by %s", addr.at(name), actor.name)
@@ -625,6 +660,8 @@ class HubService:
             self._check_ref_free(tx, asset, addr, name)
             target = self._resolve(tx, asset, addr, source)
             tx.insert_ref(asset["id"], name, "tag", target.commit.id)
+            self._event(tx, asset["folder_id"], "ref.created", addr, ref=name, ref_type="tag",
+                        new=target.commit.id)
         log.info("tag %s created at %s by %s", addr.at(name), target.commit.id[:8], actor.name)
         return RefInfo("tag", name, target.commit)
 
@@ -647,6 +684,8 @@ class HubService:
                 raise InvalidArgument(f"branch {addr.at(name)} cannot be deleted",
                                       path=addr.at(name))
             tx.delete_ref(asset["id"], name)
+            self._event(tx, asset["folder_id"], "ref.deleted", addr, ref=name,
+                        ref_type=row["type"], old=row["commit_id"])
         log.info("%s %s deleted by %s", row["type"], addr.at(name), actor.name)
 
     def get_commit(self, actor: Actor, addr: AssetAddr, prefix: str) -> CommitInfo:
@@ -912,6 +951,8 @@ class HubService:
                             raise _Retry()  # it moved: roll back and apply on the new head
                         tx.update_asset(asset["id"],
                                         {"modified": time.time(), "editor": actor.name})
+                        self._event(tx, asset["folder_id"], "branch.moved", addr,
+                                    ref=ref["name"], old=head.id, new=commit.id)
                 except _Retry:
                     continue
                 log.info("commit %s on %s by %s", commit.id[:8], addr.at(branch), actor.name)
@@ -946,6 +987,8 @@ class HubService:
                     )
                     if not tx.move_ref(asset["id"], "main", main_row["id"], commit.id):
                         raise _Retry()
+                    self._event(tx, asset["folder_id"], "branch.moved", addr, ref="main",
+                                old=main_row["id"], new=commit.id)
             except _Retry:
                 continue
             log.info("merged %s into main as %s", addr.at(branch), commit.id[:8])
@@ -1171,8 +1214,39 @@ class HubService:
         dead_nodes = sorted(all_nodes - live_nodes - {self.trees.empty_tree()})
         with self.metadata.write() as tx:
             tx.delete_nodes(dead_nodes)
+            events = tx.prune_events(time.time() - EVENT_RETENTION)
         return {"blobs": len(dead_blobs), "nodes": len(dead_nodes), "trees": len(trees),
-                "uploads": len(expired)}
+                "uploads": len(expired), "events": events}
+
+    # == the change feed ======================================================================
+
+    def newest_event(self) -> int:
+        """The newest event's cursor (what a feed's waiters poll; never sent to a caller)."""
+        with self.metadata.read() as tx:
+            return tx.event_bounds()[1]
+
+    def events(self, actor: Actor, after: int | None, limit: int = 1000) -> EventPage:
+        """What changed after cursor ``after`` that ``actor`` could see when it changed;
+        ``after=None`` starts at the newest event (nothing older is sent)."""
+        if after is not None and (not isinstance(after, int) or isinstance(after, bool)
+                                  or after < 0):
+            raise InvalidArgument(f"event cursor {after!r} must be a non-negative integer")
+        limit = _limit(limit)
+        with self.metadata.read() as tx:
+            oldest, newest = tx.event_bounds()
+            if after is None:
+                return EventPage([], newest, False)
+            if after > newest:  # a cursor this database never gave out
+                return EventPage([], newest, True)
+            reset = newest > 0 and after < oldest - 1
+            rows = tx.events_after(after, limit)
+        seen = [Event(r["id"], r["created"], r["payload"]) for r in rows
+                if r["public"] or actor.id in r["viewers"]]
+        return EventPage(seen, rows[-1]["id"] if rows else after, reset)
+
+
+#: How long the change feed keeps events: a client away for longer starts over (``reset``).
+EVENT_RETENTION = 7 * 86400.0
 
 
 class _Retry(Exception):

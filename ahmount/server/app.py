@@ -22,7 +22,7 @@ from starlette.routing import Route
 
 from ahmount import errors
 from ahmount.hub.service import HubService
-from ahmount.server.endpoints import assets, blobs, commits, folders, objects
+from ahmount.server.endpoints import assets, blobs, commits, events, folders, objects
 from ahmount.server.http_errors import (
     handle_domain_error,
     handle_routing_error,
@@ -65,6 +65,7 @@ ROUTES: Routes = [
     (API + "/openapi.json", openapi, ["GET"]),
     (API + "/whoami", whoami, ["GET"]),
     *folders.ROUTES, *assets.ROUTES, *objects.ROUTES, *commits.ROUTES, *blobs.ROUTES,
+    *events.ROUTES,
 ]
 BODIES: Bodies = {**folders.BODIES, **assets.BODIES, **objects.BODIES, **commits.BODIES,
           **blobs.BODIES}
