@@ -34,6 +34,7 @@ from ahmount.errors import AhError, InvalidArgument
 from ahmount.exit_codes import FAILURE, exit_code
 from ahmount.mount.control import ControlServer, fuse_mounts, socket_path
 from ahmount.mount.fs import AssetFS
+from ahmount.mount.kernel_cache import KernelCache
 from ahmount.observability import notify_systemd, set_level, setup_logging
 from ahmount.vfs.session import Session
 
@@ -58,8 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-size", default=DEFAULT_CACHE,
                         help=f"local disk cache bound (default {DEFAULT_CACHE})")
     parser.add_argument("--refresh", type=float, default=DEFAULT_REFRESH,
-                        help="seconds after which changes made elsewhere show "
-                        f"(default {DEFAULT_REFRESH})")
+                        help="seconds after which changes made elsewhere show while the "
+                        f"hub's change feed is not connected (default {DEFAULT_REFRESH}); "
+                        "with the feed they show at once")
+    parser.add_argument("--no-change-feed", action="store_true",
+                        help="do not follow the hub's change feed: poll every --refresh "
+                        "seconds only")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="where the object cache and the queued edits live (default: "
                         "the ahmount cache directory); one mount of a hub and user at a time "
@@ -109,8 +114,10 @@ class Mount:
     control socket and the signal watcher (both under the session's supervisor)."""
 
     def __init__(self, mountpoint: Path, config: ClientConfig, cache_size: int,
-                 refresh: float, allow_other: bool, cache_dir: Path | None = None) -> None:
+                 refresh: float, allow_other: bool, cache_dir: Path | None = None,
+                 follow_changes: bool = True) -> None:
         self.mountpoint = mountpoint
+        self.follow_changes = follow_changes
         self.cache_dir = cache_dir or dirs().cache
         self.config = config
         self.cache_size = cache_size
@@ -152,6 +159,10 @@ class Mount:
                                         control_ops(self.mountpoint, session, ops),
                                         os.getuid())
                 await supervisor.start("control server", control.serve)
+                if self.follow_changes:
+                    kernel = KernelCache(ops.inodes, session.me, ops.shows_hub_file,
+                                         supervisor.spawn)
+                    session.follow_changes(kernel.forget)
                 supervisor.spawn("ready reporter", lambda: self._report_ready(ready))
                 await pyfuse3.main()
             finally:
@@ -297,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(mountpoint: Path, config: ClientConfig, cache_size: int, args: argparse.Namespace,
          ready: Callable[[], None]) -> int:
     cache_dir = Path(os.path.abspath(args.cache_dir)) if args.cache_dir else None
-    mount = Mount(mountpoint, config, cache_size, args.refresh, args.allow_other, cache_dir)
+    mount = Mount(mountpoint, config, cache_size, args.refresh, args.allow_other, cache_dir,
+                  follow_changes=not args.no_change_feed)
     try:
         trio.run(mount.run, ready)
     except AhError as exc:

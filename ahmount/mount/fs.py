@@ -52,6 +52,11 @@ class AssetFS(pyfuse3.Operations):
         self._immutable_attrs: dict[tuple[int, str], pyfuse3.EntryAttributes] = {}
         self.op_counts: dict[str, int] = {}
 
+    def shows_hub_file(self, ino: int) -> bool:
+        """True for an inode that showed a file of the hub (what the change feed may
+        replace)."""
+        return ino in self._served_sha
+
     def _dropped(self, ino: int) -> None:
         self._served_sha.pop(ino, None)
 
@@ -62,8 +67,20 @@ class AssetFS(pyfuse3.Operations):
         return node_attributes(node, ino, self.uid, self.gid, self.vfs.refresh)
 
     def _reply(self, key: Key, node: Node) -> pyfuse3.EntryAttributes:
-        """The attributes of a looked-up entry: the kernel now counts one more lookup."""
+        """The attributes of a looked-up entry: the kernel now counts one more lookup.
+
+        A hub file whose bytes changed elsewhere since this inode showed it gets a new
+        inode, as a file replaced by ``mv`` would: with writeback caching the kernel keeps
+        a cached regular file's size whatever getattr says, so the old inode would show
+        the new bytes cut to the old length."""
         ino = self.inodes.ino(key)
+        sha = "" if node.is_dir or node.queued is not None else node.sha256
+        if sha:
+            served = self._served_sha.get(ino)
+            if served is not None and served != sha:
+                self.inodes.detach(key)
+                ino = self.inodes.ino(key)
+            self._served_sha[ino] = sha
         self.inodes.remember(ino)
         return self.attrs(node, ino)
 
@@ -196,10 +213,13 @@ class AssetFS(pyfuse3.Operations):
             # Keep the kernel's page cache when this inode last showed the same bytes;
             # otherwise the kernel drops it on open (a branch moved underneath).
             sha = handle.source.sha256
-            info.keep_cache = handle.immutable or self._served_sha.get(inode) == sha
-            self._served_sha[inode] = sha
+            served = self._served_sha.setdefault(inode, sha)
+            # A sha that differs stays recorded as the old one: the next lookup then gives
+            # the path a new inode (see _reply), whose size the kernel takes afresh.
+            info.keep_cache = handle.immutable or served == sha
         else:
             info.keep_cache = False
+            self._served_sha.pop(inode, None)  # its bytes are ours now, not the hub's
         return info
 
     @fuse_errors

@@ -48,6 +48,25 @@ class InodeTable:
         except KeyError:
             raise NotFound(f"inode {ino} has no name (unlinked)") from None
 
+    def under(self, prefixes: list[Key]) -> list[tuple[int, int | None, str]]:
+        """``(inode, parent inode, name)`` of every named path at or below one of
+        ``prefixes``, and of each prefix's parent directory (whose listing holds it): what
+        the kernel must forget when something there changed elsewhere."""
+        out: list[tuple[int, int | None, str]] = []
+        wanted = set(prefixes)
+        for prefix in prefixes:
+            if prefix:
+                parent = prefix[:-1]
+                if parent in self._by_key:
+                    grand = self._by_key.get(parent[:-1]) if parent else None
+                    out.append((self._by_key[parent], grand, parent[-1] if parent else ""))
+        lengths = sorted({len(p) for p in wanted})
+        for key, ino in self._by_key.items():
+            if any(key[:n] in wanted for n in lengths if n <= len(key)):
+                parent_ino = self._by_key.get(key[:-1]) if key else None
+                out.append((ino, parent_ino, key[-1] if key else ""))
+        return out
+
     def has_name(self, ino: int) -> bool:
         return ino in self._by_ino
 

@@ -51,6 +51,9 @@ class TtlCache(Generic[K, V]):
     def __init__(self) -> None:
         self._values: dict[K, tuple[float, V]] = {}
         self._loading: dict[K, trio.Event] = {}
+        #: Raised by every invalidation: a load that started before one may have read what
+        #: it invalidated, so its value is kept as already expired.
+        self._generation = 0
 
     def invalidate(self, key: K | None = None) -> None:
         """Expire ``key`` (or everything): the next read asks the hub, and the last value is
@@ -59,6 +62,7 @@ class TtlCache(Generic[K, V]):
         self.invalidate_where(lambda k: key is None or k == key)
 
     def invalidate_where(self, predicate: Callable[[K], bool]) -> None:
+        self._generation += 1
         for key in [k for k in self._values if predicate(k)]:
             self._values[key] = (0.0, self._values[key][1])
 
@@ -81,6 +85,7 @@ class TtlCache(Generic[K, V]):
                 break
         event = trio.Event()
         self._loading[key] = event
+        generation = self._generation
         try:
             value = await load()
         except HubUnavailable as exc:
@@ -91,7 +96,8 @@ class TtlCache(Generic[K, V]):
         finally:
             del self._loading[key]
             event.set()
-        self._values[key] = (time.monotonic() + ttl, value)
+        fresh = generation == self._generation
+        self._values[key] = (time.monotonic() + ttl if fresh else 0.0, value)
         return value
 
 
@@ -154,7 +160,10 @@ class HubView:
                  listings: diskcache.Cache) -> None:
         self.hub = hub
         self.me = me
+        #: How long what can change is trusted (``--refresh``; the kernel's timeouts too).
         self.refresh = refresh
+        #: A longer trust while a change feed expires entries as they change (None: none).
+        self.live_ttl: float | None = None
         self._listings = listings
         self._folders: TtlCache[tuple[str, str, str], dict[str, FolderInfo]] = TtlCache()
         self._assets: TtlCache[FolderAddr, dict[str, AssetInfo]] = TtlCache()
@@ -164,6 +173,11 @@ class HubView:
         self._index_loading: dict[str, trio.Event] = {}
         #: Commit listings fetched from the hub (each commit at most once per cache).
         self.listing_fetches = 0
+
+    @property
+    def ttl(self) -> float:
+        """How long a listing that can change is kept."""
+        return self.live_ttl if self.live_ttl is not None else self.refresh
 
     def invalidate(self) -> None:
         """Forget every cached listing that can change (``ah refresh``)."""
@@ -183,7 +197,7 @@ class HubView:
                 owner if scope == "own" else scope, kind)
             return {f.name: f for f in listed if scope == "own" or f.owner == owner}
 
-        return await self._folders.get((scope, owner, kind), self.refresh, load)
+        return await self._folders.get((scope, owner, kind), self.ttl, load)
 
     async def owners(self, scope: Scope, kind: Kind) -> list[str]:
         """Owners with folders shared with me (or public), for ``shared/<kind>/``."""
@@ -191,7 +205,7 @@ class HubView:
             listed = await self.hub.list_folders(scope, kind)
             return {f"{f.owner}/{f.name}": f for f in listed}
 
-        folders = await self._folders.get((scope, "*", kind), self.refresh, load)
+        folders = await self._folders.get((scope, "*", kind), self.ttl, load)
         return sorted({f.owner for f in folders.values()})
 
     async def folder(self, scope: Scope, owner: str, kind: Kind, name: str) -> FolderInfo:
@@ -204,7 +218,7 @@ class HubView:
         async def load() -> dict[str, AssetInfo]:
             return {a.name: a for a in await self.hub.list_assets(folder)}
 
-        return await self._assets.get(folder, self.refresh, load)
+        return await self._assets.get(folder, self.ttl, load)
 
     async def asset(self, addr: AssetAddr) -> AssetInfo:
         found = (await self.assets(addr.folder)).get(addr.name)
@@ -223,7 +237,7 @@ class HubView:
                     out[name] = (ref_type, commit_id)
             return out
 
-        return await self._refs.get(addr, self.refresh, load)
+        return await self._refs.get(addr, self.ttl, load)
 
     async def resolve(self, addr: AssetAddr, ref: str) -> Resolved:
         async def load() -> Resolved:
@@ -233,7 +247,7 @@ class HubView:
         known = self._resolved.peek((addr, ref))
         if known is not None and known.type == "commit":
             return known  # commits never change
-        ttl = self.refresh if known is None or known.type == "branch" else TAG_TTL
+        ttl = self.ttl if known is None or known.type == "branch" else TAG_TTL
         return await self._resolved.get((addr, ref), ttl, load)
 
     # -- commit listings ---------------------------------------------------------------------

@@ -127,3 +127,17 @@ def _below_kind(key: Key, rest: Key, scope: str, kind: Kind, owner: str) -> Loca
                         **common)  # type: ignore[arg-type]
     return Location(Place.OBJECT, key, folder=rest[0], asset=rest[1], ref=rest[2],
                     subpath="/".join(rest[3:]), **common)  # type: ignore[arg-type]
+
+
+def places_of(folder: FolderAddr | None, asset: str | None, ref: str | None,
+              me: str) -> list[Key]:
+    """The mount paths where a folder (and, below it, an asset and one of its refs) shows:
+    under the caller's own kind directory when it is theirs, and under ``shared/`` and
+    ``public/``. ``[()]`` (the whole tree) when ``folder`` is None."""
+    if folder is None:
+        return [()]
+    below = (folder.name, *(p for p in (asset, ref) if p is not None))
+    places: list[Key] = [(scope, folder.kind, folder.owner, *below) for scope in SCOPES]
+    if folder.owner == me:
+        places.insert(0, (folder.kind, *below))
+    return places

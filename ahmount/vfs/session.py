@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from types import TracebackType
@@ -36,6 +36,7 @@ from ahmount.errors import InvalidArgument
 from ahmount.nurseries import open_nursery
 from ahmount.vfs import branch_ops
 from ahmount.vfs.cache_dir import claim
+from ahmount.vfs.change_feed import Changed, ChangeFeed
 from ahmount.vfs.change_queue import ChangeQueue
 from ahmount.vfs.core import VFS
 from ahmount.vfs.hub_view import HubView
@@ -69,13 +70,15 @@ class Session:
         self.state_dir: Path | None = None
         self._vfs: VFS | None = None
         self._supervisor: Supervisor | None = None
+        self._client: HubClient | None = None
+        self.feed: ChangeFeed | None = None
 
     # -- lifetime --------------------------------------------------------------------------
 
     async def __aenter__(self) -> Session:
         stack = self._stack
         try:
-            hub = await stack.enter_async_context(self._hub)
+            hub = self._client = await stack.enter_async_context(self._hub)
             self.me = await hub.whoami()
             claimed = claim(self._cache_base, self.hub_url, self.me, Path(self._holder))
             stack.callback(claimed.release)
@@ -121,6 +124,16 @@ class Session:
         elif self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
+    def follow_changes(self, on_change: Callable[[Changed], Awaitable[object]] | None = None
+                       ) -> ChangeFeed:
+        """Follow the hub's change feed (``on_change``: the front end's own invalidation,
+        after the tree's); until it connects, and whenever it is down, listings expire
+        after ``refresh`` seconds as before."""
+        assert self._client is not None and self.feed is None
+        self.feed = ChangeFeed(self._client, self.vfs.tree, self.vfs.view, on_change)
+        self.supervisor.spawn("change feed", self.feed.run)
+        return self.feed
+
     @property
     def vfs(self) -> VFS:
         assert self._vfs is not None, "the session is not open"
@@ -139,8 +152,11 @@ class Session:
     # -- what the control socket and ``ah stats`` ask ---------------------------------------
 
     def status(self) -> dict[str, Any]:
+        feed = "off" if self.feed is None else "live" if self.feed.live else "polling"
         return {"user": self.me, "hub": self.hub_url or "embedded", "pid": os.getpid(),
-                "uptime": time.time() - self.started}
+                "uptime": time.time() - self.started, "changes": feed,
+                "changes_applied": self.feed.applied if self.feed else 0,
+                "changes_cursor": self.feed.cursor if self.feed else None}
 
     def refresh(self) -> None:
         """Forget every listing that can change (``ah refresh``)."""

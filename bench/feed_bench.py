@@ -1,0 +1,110 @@
+"""Change-feed latency: how soon a commit made through the API shows in a mount.
+
+200 commits to a branch through ah-server on 127.0.0.1, each rewriting one file; after each
+commit's response, the file is read through a mount of the same branch until it shows the
+new content. Prints p50/p95/p99/max against the 250 ms target, and the same for a mount
+whose feed is off (polling every --refresh seconds, the only way before the feed) as the
+baseline.
+
+Usage: python bench/feed_bench.py [--commits 200]
+Needs /dev/fuse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ahmount.client.hub_client import HubClient
+from ahmount.hub.models import AssetAddr, FolderAddr, ObjectEntry
+from tests.conftest import HubProcess, MountProcess, wait_until
+
+
+async def run_commits(server: HubProcess, key: str, addr: AssetAddr, files: list[Path],
+                      count: int, tmp: Path) -> list[float]:
+    latencies = []
+    async with HubClient(server.url, api_key=key) as hub:
+        for i in range(count):
+            data = f"version {i}\n".encode()
+            local = tmp / "blob"
+            local.write_bytes(data)
+            sha = hashlib.sha256(data).hexdigest()
+            await hub.upload_file(local, sha, len(data))
+            await hub.commit(addr, "main", f"v{i}",
+                             adds=[ObjectEntry("x.txt", sha, len(data), time.time())])
+            committed = time.perf_counter()
+            deadline = committed + 30
+            while True:
+                found = [await trio.to_thread.run_sync(f.read_bytes) for f in files]
+                if all(x == data for x in found):
+                    break
+                if time.perf_counter() > deadline:
+                    raise AssertionError(f"commit {i} never showed: {found} {files[0].parent}")
+                await trio.sleep(0.001)
+            latencies.append(time.perf_counter() - committed)
+    return latencies
+
+
+def report(label: str, latencies: list[float]) -> None:
+    ordered = sorted(latencies)
+    q = statistics.quantiles(ordered, n=100, method="inclusive")
+    print(f"{label:<40} p50 {q[49] * 1000:7.1f} ms  p95 {q[94] * 1000:7.1f} ms  "
+          f"p99 {q[98] * 1000:7.1f} ms  max {ordered[-1] * 1000:7.1f} ms  "
+          f"(p99 target 250 ms: {q[98] / 0.25:.2f}x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--commits", type=int, default=200)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/var/tmp")) as tmp:
+        root = Path(tmp)
+        os.environ["AHMOUNT_HOME"] = str(root / "home")
+        server = HubProcess(root / "server")
+        key = server.add_user("bench")
+        server.start()
+        mounts: list[MountProcess] = []
+        try:
+            async def setup() -> AssetAddr:
+                async with HubClient(server.url, api_key=key) as hub:
+                    folder = FolderAddr("bench", "model", "feed")
+                    await hub.create_folder(folder)
+                    addr = AssetAddr(folder, "m")
+                    await hub.create_asset(addr)
+                    return addr
+
+            addr = trio.run(setup)
+            live = MountProcess(root / "live", "--hub", server.url, "--api-key", key,
+                                "--cache-dir", str(root / "c1"), "--refresh", "60").start()
+            mounts.append(live)
+            wait_until(lambda: live.control("status")["changes"] == "live", what="the feed")
+            file = live.mountpoint / "model/feed/m/main/x.txt"
+            report(f"feed, {args.commits} commits", trio.run(
+                run_commits, server, key, addr, [file], args.commits, root))
+            polling = MountProcess(root / "poll", "--hub", server.url, "--api-key", key,
+                                   "--cache-dir", str(root / "c2"), "--refresh", "3",
+                                   "--no-change-feed").start()
+            mounts.append(polling)
+            file = polling.mountpoint / "model/feed/m/main/x.txt"
+            report("polling only (--refresh 3), 20 commits", trio.run(
+                run_commits, server, key, addr, [file], 20, root))
+        finally:
+            for m in mounts:
+                m.stop()
+            server.stop()
+            shutil.rmtree(root / "home", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
