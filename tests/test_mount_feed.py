@@ -116,3 +116,22 @@ def test_a_file_that_grew_elsewhere_shows_whole_when_polling(mount_factory: Moun
         assert path.stat().st_size == 8
     finally:
         server.stop()
+
+
+def test_the_embedded_hub_feeds_a_mount_of_another_process(mount_factory: Mounter,
+                                                          tmp_path: Path) -> None:
+    """Several processes on one embedded hub (SQLite): a commit by this one shows in the
+    mount's process at once."""
+    from ahmount import ah
+
+    (tmp_path / "e.txt").write_text("first")
+    ah.create("model/emb")
+    ah.create("model/emb/m")
+    ah.commit("model/emb/m", msg="1", add=[str(tmp_path / "e.txt")])
+    m = mount_factory("--refresh", "60")
+    wait_until(lambda: m.control("status")["changes"] == "live", what="the feed")
+    path = m.mountpoint / "model/emb/m/main/e.txt"
+    assert path.read_text() == "first"
+    (tmp_path / "e.txt").write_text("second, longer")
+    ah.commit("model/emb/m", msg="2", add=[str(tmp_path / "e.txt")])
+    wait_until(lambda: path.read_text() == "second, longer", timeout=FAST, what="the commit")

@@ -315,6 +315,42 @@ def cmd_mount_op(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prefetch(args: argparse.Namespace) -> int:
+    """Warm a mount's cache with files, directories or refs, showing progress."""
+    from tqdm import tqdm
+
+    from ahmount.mount.control import call
+
+    places = [_in_mount(p) for p in args.paths]
+    if any(p is None for p in places):
+        bad = next(path for path, p in zip(args.paths, places, strict=True) if p is None)
+        raise InvalidArgument(f"{bad} is not inside an ah-mount")
+    mounts = {p[0] for p in places if p is not None}
+    if len(mounts) != 1:
+        raise InvalidArgument("prefetch paths of one mount at a time")
+    mountpoint = mounts.pop()
+    job = call(mountpoint, "prefetch", {"paths": [p[1] for p in places if p is not None],
+                                        "jobs": args.jobs})
+    print(f"prefetching {_plural(job['files'], 'file')} "
+          f"({job['bytes'] / (1 << 20):.1f} MiB) into {mountpoint}'s cache", file=sys.stderr)
+    if args.background:
+        print(f"job {job['id']}: 'ah stats' shows the cache filling", file=sys.stderr)
+        return 0
+    with tqdm(total=job["bytes"], unit="B", unit_scale=True, unit_divisor=1024,
+              disable=None) as bar:
+        while True:
+            job = call(mountpoint, "prefetch_status", {"job": job["id"]})
+            bar.update(job["done_bytes"] - bar.n)
+            if job["state"] != "running":
+                break
+            time.sleep(0.2)
+    for error in job["errors"]:
+        print(f"failed: {error}", file=sys.stderr)
+    print(f"{_plural(job['done_files'] - job['failed'], 'file')} in the cache, "
+          f"{job['failed']} failed", file=sys.stderr)
+    return 1 if job["failed"] else 0
+
+
 def cmd_log_level(args: argparse.Namespace) -> int:
     from ahmount.mount.control import call
 
@@ -459,6 +495,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("path", nargs="?", help="a path inside the mount (default: .)")
         p.add_argument("--json", action="store_true")
         p.set_defaults(op=op)
+
+    p = _sub(subs, "prefetch", cmd_prefetch,
+             "fetch files, directories or refs of a mount into its cache (warm-up)",
+             "ah prefetch ~/assets/dataset/imgs/coco/v1 --jobs 16")
+    p.add_argument("paths", nargs="+", help="paths inside one mount")
+    p.add_argument("--jobs", type=int, default=8, help="requests at a time (default 8)")
+    p.add_argument("--background", action="store_true",
+                   help="start it and return; the mount goes on")
 
     p = _sub(subs, "log-level", cmd_log_level, "change a mount's log level while it runs",
              "ah log-level debug ~/assets")

@@ -232,13 +232,20 @@ def control_ops(mountpoint: Path, session: Session, ops: AssetFS) -> dict[str, H
     async def merge(args: dict[str, Any]) -> dict[str, Any]:
         return await session.merge(args.get("path"))
 
+    async def prefetch(args: dict[str, Any]) -> dict[str, Any]:
+        return await session.prefetch(args.get("paths"), args.get("jobs", 8))
+
+    async def prefetch_status(args: dict[str, Any]) -> dict[str, Any]:
+        return session.prefetch_status(args.get("job"))
+
     async def unmount(args: dict[str, Any]) -> dict[str, Any]:
         pyfuse3.terminate()
         return {"unmounting": str(mountpoint)}
 
     return {"status": status, "refresh": refresh, "cache": cache, "stats": stats,
             "log_level": log_level, "unmount": unmount, "branch_status": branch_status,
-            "commit": commit, "reset": reset, "sync": sync, "merge": merge}
+            "commit": commit, "reset": reset, "sync": sync, "merge": merge,
+            "prefetch": prefetch, "prefetch_status": prefetch_status}
 
 
 def raise_readahead(mountpoint: Path) -> None:

@@ -478,6 +478,7 @@ class ObjectCache:
         """Keep objects fetched whole elsewhere (a batch read), each checked against its hash
         by the caller, as if they had been read through the cache: one thread hand-off and
         one index transaction for all of them. With no room, what does not fit is not kept."""
+        self.stats.bytes_fetched += sum(len(data) for _, data in objects)
         leased = []
         try:
             for sha, _ in objects:

@@ -41,6 +41,7 @@ from ahmount.vfs.change_queue import ChangeQueue
 from ahmount.vfs.core import VFS
 from ahmount.vfs.hub_view import HubView
 from ahmount.vfs.object_cache import ObjectCache
+from ahmount.vfs.prefetch import Prefetcher
 from ahmount.vfs.supervisor import Supervisor
 from ahmount.vfs.writeback import WriteBack
 
@@ -72,6 +73,7 @@ class Session:
         self._supervisor: Supervisor | None = None
         self._client: HubClient | None = None
         self.feed: ChangeFeed | None = None
+        self._prefetcher: Prefetcher | None = None
 
     # -- lifetime --------------------------------------------------------------------------
 
@@ -100,6 +102,7 @@ class Session:
             stack.callback(nursery.cancel_scope.cancel)  # runs first on the way out
             self._supervisor = supervisor = Supervisor(nursery, self._bug)
             cache.set_spawner(supervisor.spawn)
+            self._prefetcher = Prefetcher(self._vfs, supervisor.spawn)
             await supervisor.start("upload-ahead", writeback.run)
             supervisor.spawn("cache index flusher", cache.run_flusher)
         except BaseException:
@@ -186,6 +189,25 @@ class Session:
                 "bytes_uploaded": vfs.writeback.bytes_uploaded,
                 "uploading": vfs.writeback.uploading,
                 "upload_failures": vfs.writeback.failures}
+
+    # -- warm-up -----------------------------------------------------------------------------
+
+    async def prefetch(self, paths: Any, jobs: Any = 8) -> dict[str, Any]:
+        """Start fetching the files under ``paths`` (lists of path segments below the
+        mountpoint) into the cache; returns the job's first status."""
+        if not isinstance(paths, list) or not all(
+                isinstance(p, list) and all(isinstance(s, str) for s in p) for p in paths):
+            raise InvalidArgument("paths must be a list of lists of path segments")
+        assert self._prefetcher is not None
+        job = await self._prefetcher.start([tuple(p) for p in paths], jobs)
+        return job.status()
+
+    def prefetch_status(self, job: Any) -> dict[str, Any]:
+        assert self._prefetcher is not None
+        found = self._prefetcher.jobs.get(job) if isinstance(job, int) else None
+        if found is None:
+            raise InvalidArgument(f"no prefetch job {job!r} in this mount")
+        return found.status()
 
     # -- branches ----------------------------------------------------------------------------
 
