@@ -100,3 +100,47 @@ async def test_a_branch_head_is_asked_again_after_the_refresh_time(
         index = await view.index(addr, new.commit_id, new.created)
         assert index.names("") == ["x"]
     listings.close()
+
+
+async def test_saved_listings_come_back_expired_and_are_trusted_only_after_a_replay(
+        tmp_path: Path) -> None:
+    """A TtlCache with a store: what a live process saw is restored as expired, served in
+    an outage, fresh once trusted; what was invalidated, or saved while not live, is not."""
+    from ahmount.vfs.hub_view import TtlCache
+
+    store = diskcache.Cache(str(tmp_path / "listings"))
+    try:
+        first: TtlCache[str, int] = TtlCache("t", store)
+        first.saving_trusted = True
+
+        async def value(n: int) -> int:
+            return n
+
+        assert await first.get("kept", 60, lambda: value(1)) == 1
+        assert await first.get("changed", 60, lambda: value(2)) == 2
+        first.invalidate("changed")
+        first.saving_trusted = False
+        assert await first.get("polled", 60, lambda: value(3)) == 3
+
+        second: TtlCache[str, int] = TtlCache("t", store)
+        assert second.restore() == 3
+
+        async def down() -> int:
+            raise HubUnavailable("hub away")
+
+        for key, expected in (("kept", 1), ("changed", 2), ("polled", 3)):
+            assert await second.get(key, 60, down) == expected  # stale, served in an outage
+        assert second.trust_restored(60) == 1  # an outage changes nothing: "kept" only
+        assert await second.get("kept", 60, down) == 1
+
+        third: TtlCache[str, int] = TtlCache("t", store)
+        third.restore()
+        assert third.trust_restored(60) == 1  # only "kept": saved live, never invalidated
+        assert await third.get("kept", 60, down) == 1  # fresh: no load at all
+
+        async def fresh(n: int) -> int:
+            return n * 10
+
+        assert await third.get("changed", 60, lambda: fresh(2)) == 20  # asked again
+    finally:
+        store.close()

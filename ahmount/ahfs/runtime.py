@@ -34,8 +34,9 @@ import trio
 from ahmount.client.embedded import connect
 from ahmount.client.hub_client import HubClient
 from ahmount.config import ClientConfig
+from ahmount.errors import HubUnavailable
 from ahmount.nurseries import open_nursery
-from ahmount.vfs.cache_dir import open_state_dir
+from ahmount.vfs.cache_dir import last_user, open_state_dir, remember_user
 from ahmount.vfs.hub_view import HubView
 from ahmount.vfs.object_cache import ObjectCache
 from ahmount.vfs.session import LISTINGS_LIMIT
@@ -106,10 +107,25 @@ class Runtime:
 
     async def _main(self) -> None:
         async with AsyncExitStack() as stack:
-            hub = await stack.enter_async_context(connect(self.key.config))
+            # Few retries and a short fail-fast window, as the mount: a read must not hang
+            # on a hub that is away (what is cached still serves).
+            hub = await stack.enter_async_context(connect(self.key.config, retries=2,
+                                                          down_for=2.0))
             hub.known_user = self._preset_me
-            self.me = await hub.whoami()
-            root = open_state_dir(self.key.cache_base, self.key.config.ah_host, self.me)
+            base, hub_url = self.key.cache_base, self.key.config.ah_host
+            try:
+                self.me = await hub.whoami()
+                remember_user(base, hub_url, self.me)
+            except HubUnavailable as exc:
+                # Offline: what earlier runs cached (listings, resolved refs, blocks) still
+                # serves; what they never saw answers EIO.
+                known = last_user(base, hub_url)
+                if known is None:
+                    raise
+                self.me = hub.known_user = known
+                log.warning("hub %s is unreachable (%s): ah:// serves what is cached",
+                            hub_url or "embedded", exc)
+            root = open_state_dir(base, hub_url, self.me)
             self.state_dir = root
             listings = diskcache.Cache(str(root / "listings"), size_limit=LISTINGS_LIMIT)
             stack.callback(listings.close)
@@ -118,6 +134,7 @@ class Runtime:
             # Branch heads are never cached by the view: the file system decides when a
             # branch is resolved again (``invalidate_cache``), see ``listings.py``.
             self._view = HubView(hub, self.me, 0.0, listings)
+            self._view.restore()
             nursery = await stack.enter_async_context(open_nursery())
             stack.callback(nursery.cancel_scope.cancel)
             supervisor = Supervisor(nursery, self._bug)

@@ -226,6 +226,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             return 0
         print(f"On {mounted['branch']}: {mounted['adds']} added/changed, "
               f"{mounted['deletes']} deleted, {mounted['bytes']} bytes queued")
+        if mounted.get("hub", "online") != "online":
+            print(f"  hub {mounted['hub']}: showing what is cached; queued changes upload "
+                  "and commit once it answers")
         remote = set(mounted["changed_remotely"])
         for change in mounted["changes"]:
             note = "  (also changed on the hub)" if change["path"] in remote else ""

@@ -69,10 +69,19 @@ class HttpSession:
         self.backoff = backoff
         self.down_for = down_for
         self._down_until = 0.0
+        #: When the hub last answered (wall clock), and whether it was reachable then.
+        self.last_answer: float | None = None
+        self.reachable = True
         self._http = httpx.AsyncClient(
             base_url=base_url, headers=headers, transport=transport or LargeReadTransport(),
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
         )
+
+    def go_offline(self) -> None:
+        """Never contact the hub again (``ah-mount --offline``): every request fails at
+        once as unavailable."""
+        self._down_until = float("inf")
+        self.reachable = False
 
     async def __aenter__(self) -> HttpSession:
         await self._http.__aenter__()
@@ -112,6 +121,8 @@ class HttpSession:
                     await response.aclose()
                     failure = errors.HubUnavailable(f"hub answered {response.status_code}")
                 else:
+                    self.last_answer = time.time()
+                    self.reachable = True
                     if response.status_code >= 400:
                         body = await response.aread()
                         await response.aclose()
@@ -122,6 +133,7 @@ class HttpSession:
                 kwargs["content"], bytes | str
             )):
                 self._down_until = time.monotonic() + self.down_for
+                self.reachable = False
                 raise errors.HubUnavailable(
                     f"hub at {self.base_url} is unreachable ({method} {url}): {failure}",
                     path=url,

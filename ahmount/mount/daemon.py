@@ -62,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="seconds after which changes made elsewhere show while the "
                         f"hub's change feed is not connected (default {DEFAULT_REFRESH}); "
                         "with the feed they show at once")
+    parser.add_argument("--offline", action="store_true",
+                        help="never contact the hub: serve what is cached (tags and commits "
+                        "fully, branches at their last known head) and queue writes; a hub "
+                        "that is merely unreachable at start is handled the same way "
+                        "without this flag, and used again once it answers")
     parser.add_argument("--no-change-feed", action="store_true",
                         help="do not follow the hub's change feed: poll every --refresh "
                         "seconds only")
@@ -115,8 +120,9 @@ class Mount:
 
     def __init__(self, mountpoint: Path, config: ClientConfig, cache_size: int,
                  refresh: float, allow_other: bool, cache_dir: Path | None = None,
-                 follow_changes: bool = True) -> None:
+                 follow_changes: bool = True, offline: bool = False) -> None:
         self.mountpoint = mountpoint
+        self.offline = offline
         self.follow_changes = follow_changes
         self.cache_dir = cache_dir or dirs().cache
         self.config = config
@@ -138,7 +144,8 @@ class Mount:
         hub = connect(self.config, retries=2, down_for=2.0)
         session = Session(hub, hub_url=self.config.ah_host, cache_base=self.cache_dir,
                           cache_size=self.cache_size, refresh=self.refresh,
-                          holder=str(self.mountpoint), on_bug=self._stop_for_bug)
+                          holder=str(self.mountpoint), on_bug=self._stop_for_bug,
+                          offline=self.offline)
         async with session:
             self.session = session
             self.ops = ops = AssetFS(session.vfs, os.getuid(), os.getgid())
@@ -316,7 +323,7 @@ def _run(mountpoint: Path, config: ClientConfig, cache_size: int, args: argparse
          ready: Callable[[], None]) -> int:
     cache_dir = Path(os.path.abspath(args.cache_dir)) if args.cache_dir else None
     mount = Mount(mountpoint, config, cache_size, args.refresh, args.allow_other, cache_dir,
-                  follow_changes=not args.no_change_feed)
+                  follow_changes=not args.no_change_feed, offline=args.offline)
     try:
         trio.run(mount.run, ready)
     except AhError as exc:

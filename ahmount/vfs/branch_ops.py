@@ -19,7 +19,7 @@ from ahmount.hub.models import AssetAddr, ObjectEntry
 from ahmount.transfer.plan import LocalFile
 from ahmount.vfs.change_queue import BranchQueue, Row
 from ahmount.vfs.core import VFS
-from ahmount.vfs.hub_view import CommitIndex
+from ahmount.vfs.hub_view import CommitIndex, hub_state
 from ahmount.vfs.layout import Place
 from ahmount.vfs.tree import Node
 
@@ -109,7 +109,8 @@ async def status(vfs: VFS, ref: BranchRef) -> dict[str, Any]:
     files = [c for c in changes if c["op"] != "delete"]
     return {"branch": ref.asset.at(ref.branch), "adds": len(files), "deletes": len(deletes),
             "bytes": sum(c["size"] for c in files), "changes": changes,
-            "changed_remotely": await _changed_remotely(vfs, ref, queue, head)}
+            "changed_remotely": await _changed_remotely(vfs, ref, queue, head),
+            "hub": hub_state(vfs.view)}
 
 
 async def commit(vfs: VFS, ref: BranchRef, message: str, force: bool) -> dict[str, Any]:

@@ -101,3 +101,29 @@ def _adopt_legacy_queue(base: Path, root: Path) -> None:
     if legacy.is_dir() and not (root / "queue").exists():
         legacy.rename(root / "queue")
         log.warning("queued changes from %s moved to %s", legacy, root / "queue")
+
+
+def _user_file(base: Path, hub_url: str | None) -> Path:
+    return base / "mounts" / hub_id(hub_url) / ".user"
+
+
+def remember_user(base: Path, hub_url: str | None, user: str) -> None:
+    """Who we were on this hub (an offline start needs it to find its state directory)."""
+    path = _user_file(base, hub_url)
+    try:
+        if not path.exists() or path.read_text() != user:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(user)
+            os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("could not remember the user of %s: %s", hub_url or "embedded", exc)
+
+
+def last_user(base: Path, hub_url: str | None) -> str | None:
+    """The user :func:`remember_user` saved for this hub, if any."""
+    try:
+        text = _user_file(base, hub_url).read_text().strip()
+    except OSError:
+        return None
+    return text or None

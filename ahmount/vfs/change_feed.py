@@ -83,8 +83,14 @@ class ChangeFeed:
         task_status.started()
         delay = RETRY_FIRST
         told_polling = False
+        saved = self._view.saved_cursor()
+        self.cursor = saved[0] if saved is not None else None
+        caught_up = False
         while True:
             try:
+                if not caught_up:
+                    await self._catch_up()
+                    caught_up = True
                 async with aclosing(self._hub.watch(after=self.cursor)) as feed:
                     async for page in feed:
                         if page.reset:
@@ -94,7 +100,7 @@ class ChangeFeed:
                         for event in page.events:
                             await self._apply(changed_by(event))
                             self.applied += 1
-                        self.cursor = page.cursor
+                        self._advance(page.cursor)
             except NotFound:
                 if not told_polling:
                     log.info("the hub has no change feed: polling it every %.1f s",
@@ -106,14 +112,45 @@ class ChangeFeed:
             await trio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX)
 
+    async def _catch_up(self) -> None:
+        """Apply what changed since the cursor an earlier process saved, page by page; then
+        what that process saw (restored from disk) is current again, and trusted."""
+        if self.cursor is None:
+            return
+        restored_ok = True
+        while True:
+            before = self.cursor
+            page = await self._hub.event_page(after=before)
+            if page.reset:
+                await self._apply(Changed())
+                restored_ok = False
+            for event in page.events:
+                await self._apply(changed_by(event))
+                self.applied += 1
+            self._advance(page.cursor)
+            if page.cursor == before:  # nothing after it: caught up
+                break
+        if restored_ok:
+            trusted = self._view.trust_restored()
+            if trusted:
+                log.info("change feed replayed since the last run: %d saved listing(s) are "
+                         "current", trusted)
+
+    def _advance(self, cursor: int) -> None:
+        if cursor != self.cursor:
+            self.cursor = cursor
+            self._view.save_cursor(cursor)
+
     def _go_live(self) -> None:
         if not self.live:
             self.live = True
             self._view.live_ttl = max(self._refresh, LIVE_TTL)
+            self._view.save_trusted(True)
             log.info("change feed connected: changes made elsewhere show at once")
 
     def _go_polling(self, exc: BaseException) -> None:
         self._view.live_ttl = None
+        self._view.save_trusted(False)
         if self.live:
             self.live = False
             # What the feed would have told us meanwhile is replayed on reconnect; until

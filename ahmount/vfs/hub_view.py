@@ -46,14 +46,70 @@ Scope = Literal["own", "shared", "public"]
 
 
 class TtlCache(Generic[K, V]):
-    """Values with an expiry; one load per key at a time; stale values served on outage."""
+    """Values with an expiry; one load per key at a time; stale values served on outage.
 
-    def __init__(self) -> None:
+    With a ``store`` (the state directory's listings diskcache) every value loaded is also
+    saved, so a later process (a remount, a reboot, an offline start) has what this one saw:
+    :meth:`restore` loads the saved values as already expired — served when the hub cannot
+    be reached — and :meth:`trust_restored` makes them fresh again once a change feed has
+    replayed what changed since they were saved. Only a process that follows the feed saves
+    values as *trusted*; every invalidation marks the saved copy untrusted.
+    """
+
+    def __init__(self, name: str = "", store: diskcache.Cache | None = None) -> None:
         self._values: dict[K, tuple[float, V]] = {}
         self._loading: dict[K, trio.Event] = {}
         #: Raised by every invalidation: a load that started before one may have read what
         #: it invalidated, so its value is kept as already expired.
         self._generation = 0
+        self._name = name
+        self._store = store
+        #: Keys restored from the store as trusted, not invalidated since.
+        self._restored: set[K] = set()
+        #: Whether values saved now count as trusted (a change feed is live here).
+        self.saving_trusted = False
+
+    def _disk_key(self, key: K) -> str:
+        return f"view/{self._name}/{key!r}"
+
+    def restore(self) -> int:
+        """Load every value an earlier process saved (expired until trusted); how many."""
+        if self._store is None:
+            return 0
+        prefix = f"view/{self._name}/"
+        count = 0
+        for disk_key in list(self._store.iterkeys()):
+            if not isinstance(disk_key, str) or not disk_key.startswith(prefix):
+                continue
+            raw = self._store.get(disk_key)
+            if not isinstance(raw, tuple) or len(raw) != 3:
+                continue
+            trusted, key, value = raw
+            if key not in self._values:
+                self._values[key] = (0.0, value)
+                if trusted:
+                    self._restored.add(key)
+                count += 1
+        return count
+
+    def trust_restored(self, ttl: float) -> int:
+        """Restored values nobody invalidated since become fresh for ``ttl``; how many."""
+        until = time.monotonic() + ttl
+        count = 0
+        for key in self._restored:
+            found = self._values.get(key)
+            if found is not None and found[0] == 0.0:
+                self._values[key] = (until, found[1])
+                count += 1
+        self._restored.clear()
+        return count
+
+    def _save(self, key: K, value: V, trusted: bool) -> None:
+        if self._store is not None:
+            try:
+                self._store.set(self._disk_key(key), (trusted, key, value))
+            except Exception as exc:  # a full disk: what is in memory still serves
+                log.warning("listing %r not saved: %s", key, exc)
 
     def invalidate(self, key: K | None = None) -> None:
         """Expire ``key`` (or everything): the next read asks the hub, and the last value is
@@ -64,7 +120,10 @@ class TtlCache(Generic[K, V]):
     def invalidate_where(self, predicate: Callable[[K], bool]) -> None:
         self._generation += 1
         for key in [k for k in self._values if predicate(k)]:
-            self._values[key] = (0.0, self._values[key][1])
+            value = self._values[key][1]
+            self._values[key] = (0.0, value)
+            self._restored.discard(key)
+            self._save(key, value, trusted=False)
 
     def peek(self, key: K) -> V | None:
         found = self._values.get(key)
@@ -98,6 +157,8 @@ class TtlCache(Generic[K, V]):
             event.set()
         fresh = generation == self._generation
         self._values[key] = (time.monotonic() + ttl if fresh else 0.0, value)
+        self._restored.discard(key)
+        self._save(key, value, trusted=fresh and self.saving_trusted)
         return value
 
 
@@ -165,10 +226,14 @@ class HubView:
         #: A longer trust while a change feed expires entries as they change (None: none).
         self.live_ttl: float | None = None
         self._listings = listings
-        self._folders: TtlCache[tuple[str, str, str], dict[str, FolderInfo]] = TtlCache()
-        self._assets: TtlCache[FolderAddr, dict[str, AssetInfo]] = TtlCache()
-        self._refs: TtlCache[AssetAddr, dict[str, tuple[str, str]]] = TtlCache()
-        self._resolved: TtlCache[tuple[AssetAddr, str], Resolved] = TtlCache()
+        self._folders: TtlCache[tuple[str, str, str], dict[str, FolderInfo]] = TtlCache(
+            "folders", listings)
+        self._assets: TtlCache[FolderAddr, dict[str, AssetInfo]] = TtlCache(
+            "assets", listings)
+        self._refs: TtlCache[AssetAddr, dict[str, tuple[str, str]]] = TtlCache(
+            "refs", listings)
+        self._resolved: TtlCache[tuple[AssetAddr, str], Resolved] = TtlCache(
+            "resolved", listings)
         self._indexes: OrderedDict[str, CommitIndex] = OrderedDict()
         self._index_loading: dict[str, trio.Event] = {}
         #: Commit listings fetched from the hub (each commit at most once per cache).
@@ -178,6 +243,35 @@ class HubView:
     def ttl(self) -> float:
         """How long a listing that can change is kept."""
         return self.live_ttl if self.live_ttl is not None else self.refresh
+
+    @property
+    def _caches(self) -> tuple[TtlCache[Any, Any], ...]:
+        return (self._folders, self._assets, self._refs, self._resolved)
+
+    def restore(self) -> int:
+        """What an earlier process of this state directory saw (see :class:`TtlCache`)."""
+        return sum(cache.restore() for cache in self._caches)
+
+    def trust_restored(self) -> int:
+        """The change feed replayed everything since it was saved: it is current."""
+        return sum(cache.trust_restored(self.ttl) for cache in self._caches)
+
+    def saved_cursor(self) -> tuple[int, float] | None:
+        """The change feed's cursor an earlier process applied last, and when."""
+        raw = self._listings.get("feed/cursor")
+        if isinstance(raw, tuple) and len(raw) == 2:
+            return int(raw[0]), float(raw[1])
+        return None
+
+    def save_cursor(self, cursor: int) -> None:
+        try:
+            self._listings.set("feed/cursor", (cursor, time.time()))
+        except Exception as exc:
+            log.warning("change feed cursor not saved: %s", exc)
+
+    def save_trusted(self, trusted: bool) -> None:
+        for cache in self._caches:
+            cache.saving_trusted = trusted
 
     def invalidate(self) -> None:
         """Forget every cached listing that can change (``ah refresh``)."""
@@ -345,3 +439,19 @@ class HubView:
             return await self.hub.merge(addr, branch)
         finally:
             self.invalidate_asset(addr)
+
+
+def hub_state(view: HubView) -> str:
+    """``online``, or ``offline, as of <time>`` (when the hub last answered, or when the
+    listings kept from an earlier run were saved): what ``ah status`` and the
+    ``user.ah.hub`` attribute say."""
+    http = view.hub.http
+    if http.reachable:
+        return "online"
+    when = http.last_answer
+    if when is None:
+        saved = view.saved_cursor()
+        when = saved[1] if saved is not None else None
+    if when is None:
+        return "offline"
+    return "offline, as of " + time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(when))

@@ -19,7 +19,7 @@ from ahmount.vfs.errors import (
     NotSupported,
     ReadOnly,
 )
-from ahmount.vfs.hub_view import HubView
+from ahmount.vfs.hub_view import HubView, hub_state
 from ahmount.vfs.layout import Place
 from ahmount.vfs.tree import Node
 
@@ -77,7 +77,8 @@ async def rename(view: HubView, node: Node, old_parent: Node, new_parent: Node,
 
 async def xattrs(view: HubView, node: Node) -> dict[str, bytes]:
     """The ``user.ah.*`` attributes of any node."""
-    out = {"user.ah.path": node.loc.api_path().encode()}
+    out = {"user.ah.path": node.loc.api_path().encode(),
+           "user.ah.hub": hub_state(view).encode()}
     loc = node.loc
     scope: Any = loc.scope
     if loc.place is Place.FOLDER:

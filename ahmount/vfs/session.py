@@ -32,14 +32,14 @@ import diskcache
 import trio
 
 from ahmount.client.hub_client import HubClient
-from ahmount.errors import InvalidArgument
+from ahmount.errors import HubUnavailable, InvalidArgument
 from ahmount.nurseries import open_nursery
 from ahmount.vfs import branch_ops
-from ahmount.vfs.cache_dir import claim
+from ahmount.vfs.cache_dir import claim, last_user, remember_user
 from ahmount.vfs.change_feed import Changed, ChangeFeed
 from ahmount.vfs.change_queue import ChangeQueue
 from ahmount.vfs.core import VFS
-from ahmount.vfs.hub_view import HubView
+from ahmount.vfs.hub_view import HubView, hub_state
 from ahmount.vfs.object_cache import ObjectCache
 from ahmount.vfs.prefetch import Prefetcher
 from ahmount.vfs.supervisor import Supervisor
@@ -50,14 +50,25 @@ log = logging.getLogger("ahmount.vfs")
 LISTINGS_LIMIT = 4 << 30
 
 
+def _as_of(view: HubView) -> str:
+    saved = view.saved_cursor()
+    return "an unknown time" if saved is None else _iso(saved[1])
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+
+
 class Session:
     def __init__(self, hub: HubClient, *, hub_url: str | None, cache_base: Path,
                  cache_size: int, refresh: float, holder: str,
-                 on_bug: Callable[[BaseException], None] | None = None) -> None:
+                 on_bug: Callable[[BaseException], None] | None = None,
+                 offline: bool = False) -> None:
         """``hub`` is entered by the session; ``hub_url`` keys the state directory (None for
         the embedded hub); ``holder`` names this session to a second one that finds the
         state directory locked (the mountpoint, for a mount)."""
         self._hub = hub
+        self._offline = offline
         self.hub_url = hub_url
         self._cache_base = cache_base
         self._cache_size = cache_size
@@ -81,7 +92,19 @@ class Session:
         stack = self._stack
         try:
             hub = self._client = await stack.enter_async_context(self._hub)
-            self.me = await hub.whoami()
+            if self._offline:
+                hub.http.go_offline()
+            try:
+                self.me = await hub.whoami()
+                remember_user(self._cache_base, self.hub_url, self.me)
+            except HubUnavailable as exc:
+                known = last_user(self._cache_base, self.hub_url)
+                if known is None:
+                    raise HubUnavailable(f"{exc}; and this machine has never reached it, so "
+                                         "there is nothing cached to serve offline") from exc
+                self.me = hub.known_user = known
+                log.warning("hub %s is unreachable (%s): starting offline as %s, serving "
+                            "what is cached", self.hub_url or "embedded", exc, known)
             claimed = claim(self._cache_base, self.hub_url, self.me, Path(self._holder))
             stack.callback(claimed.release)
             self.state_dir = root = claimed.root
@@ -96,6 +119,10 @@ class Session:
                 log.info("queued changes kept from before on %d branch(es): %s",
                          len(pending), ", ".join(pending))
             view = HubView(hub, self.me, self._refresh, listings)
+            restored = view.restore()
+            if restored:
+                log.info("%d listing(s) kept from earlier runs (as of %s)", restored,
+                         _as_of(view))
             writeback = WriteBack(hub, queue)
             self._vfs = VFS(view, cache, queue, writeback, self.started)
             self._nursery = nursery = await stack.enter_async_context(open_nursery())
@@ -157,6 +184,7 @@ class Session:
     def status(self) -> dict[str, Any]:
         feed = "off" if self.feed is None else "live" if self.feed.live else "polling"
         return {"user": self.me, "hub": self.hub_url or "embedded", "pid": os.getpid(),
+                "hub_state": hub_state(self.vfs.view),
                 "uptime": time.time() - self.started, "changes": feed,
                 "changes_applied": self.feed.applied if self.feed else 0,
                 "changes_cursor": self.feed.cursor if self.feed else None}
