@@ -24,7 +24,13 @@ from typing import Any, TypeVar
 from ahmount.client.embedded import connect
 from ahmount.client.hub_client import HubClient
 from ahmount.config import ClientConfig, load_config, make_config
-from ahmount.errors import AlreadyExists, InvalidArgument, NotFound, Unauthenticated
+from ahmount.errors import (
+    AlreadyExists,
+    HubUnavailable,
+    InvalidArgument,
+    NotFound,
+    Unauthenticated,
+)
 from ahmount.hub.models import AssetInfo, CommitInfo, FolderInfo, ObjectEntry, RefInfo
 from ahmount.paths import ApiPath, parse, split_ref_source
 from ahmount.sync_runner import run_sync
@@ -617,7 +623,47 @@ def download(path: str, objects: Sequence[str] | None = None, save_dir: str = ".
                                                   objects, Path(save_dir))
         log.info("Downloaded %d object(s) of %s to %s", len(written), p, save_dir)
 
-    _run(run)
+    try:
+        _run(run)
+    except HubUnavailable as exc:
+        _download_cached(parsed, objects, Path(save_dir), exc)
+
+
+def _download_cached(parsed: ApiPath, objects: Sequence[str] | None, save_dir: Path,
+                     unavailable: HubUnavailable) -> None:
+    """``download`` with the hub away: the objects from the local cache that the mount and
+    ``ah://`` share (what this machine read before, like huggingface_hub's offline mode).
+    An object never read here makes it fail, naming the object; nothing is half-written."""
+    from ahmount.ahfs import AhFileSystem  # only offline: the cache lives in the vfs layer
+    from ahmount.ahfs.urls import AhUrl
+    from ahmount.client.files import write_atomically
+
+    config = _config()
+    fs = AhFileSystem(hub=config.ah_host, api_key=config.api_key, skip_instance_cache=True)
+    assert parsed.kind is not None and parsed.folder is not None
+    root = AhUrl(parsed.owner, parsed.kind, parsed.folder, parsed.asset, parsed.ref or "main")
+    wanted = builtins.list(objects) if objects is not None else None
+    found = fs.find(str(root), detail=True)
+    chosen = []
+    for name, info in found.items():
+        rel = name[len(str(root)) + 1:]
+        if wanted is None or any(rel == w or (w.endswith("/") and rel.startswith(w))
+                                 for w in wanted):
+            chosen.append((rel, info))
+    if not chosen:
+        raise unavailable
+    payload = []
+    for rel, info in chosen:
+        try:
+            payload.append((rel, info, fs.cat_file(f"{root}/{rel}")))
+        except OSError as exc:
+            raise HubUnavailable(f"{unavailable}; and {rel!r} of {parsed} was never read on "
+                                 "this machine, so it is not in the local cache",
+                                 path=parsed.original) from exc
+    for rel, info, data in payload:
+        write_atomically(save_dir / rel, data, info["mtime"])
+    log.info("Hub unreachable: %d object(s) of %s copied to %s from the local cache",
+             len(payload), parsed.original, save_dir)
 
 
 def merge(path: str) -> None:

@@ -128,6 +128,7 @@ def test_ah_urls_read_immutable_refs_offline(tmp_path: Path) -> None:
 
         trio.run(tag)
         options = {"hub": server.url, "api_key": key, "cache_dir": str(tmp_path / "c")}
+        port = server.port
         url = "ah://model/offurl/m@v1/w.bin"
         assert AhFileSystem(**options, skip_instance_cache=True).cat(url) == b"weights" * 1000
         stop_all()
@@ -140,3 +141,23 @@ def test_ah_urls_read_immutable_refs_offline(tmp_path: Path) -> None:
     with pytest.raises(OSError) as info:
         fs.cat("ah://model/offurl/m@v1/other.bin")
     assert info.value.errno == errno.EIO and time.monotonic() - start < 15
+
+    # ah.download, offline, from the same cache (ah login's hub, the default cache directory)
+    from ahmount import ah
+    from ahmount.config import make_config, save_config
+    from ahmount.errors import HubUnavailable
+
+    save_config(make_config(server.url, None, key))
+    stop_all()
+    warm = AhFileSystem(hub=server.url, api_key=key, skip_instance_cache=True)
+    server.start(port)
+    try:
+        assert warm.cat(url) == b"weights" * 1000  # read once, online, into the cache
+        stop_all()
+    finally:
+        server.stop()
+    ah.download("model/offurl/m:v1", objects=["w.bin"], save_dir=str(tmp_path / "out"))
+    assert (tmp_path / "out/w.bin").read_bytes() == b"weights" * 1000
+    with pytest.raises(HubUnavailable, match="'other.bin' .* never read on this machine"):
+        ah.download("model/offurl/m:v1", save_dir=str(tmp_path / "all"))
+    assert not (tmp_path / "all").exists()  # nothing half-written
