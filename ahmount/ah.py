@@ -29,6 +29,7 @@ from ahmount.errors import (
     HubUnavailable,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     Unauthenticated,
 )
 from ahmount.hub.models import AssetInfo, CommitInfo, FolderInfo, ObjectEntry, RefInfo
@@ -597,6 +598,11 @@ def commit(path: str, msg: str, delete: Sequence[str] | None = None,
         p = await _owned(hub, parsed)
         addr = p.asset_addr()
         branch = p.ref or "main"
+        target = await hub.resolve(addr, branch)
+        if target.type != "branch":  # before a byte is uploaded
+            raise PermissionDenied(
+                f"{p} is a {target.type}: {target.type}s are read-only; commit to a branch",
+                path=str(p))
         info = await commit_files(hub, addr, branch, msg, deletes, files, force)
         if info is None:
             log.info("No changes to commit on %s", p)

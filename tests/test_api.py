@@ -556,3 +556,27 @@ def test_importing_the_api_has_no_side_effects() -> None:
     assert out == sorted(["Branch", "Commit", "Dataset", "Folder", "Model", "Tag", "commit",
                           "create", "delete", "download", "get", "list", "login", "logout",
                           "merge", "reset", "update"])
+
+
+def test_commit_and_reset_on_a_tag_refuse_before_uploading(tmp_path: Path) -> None:
+    import hashlib
+
+    from ahmount.client.embedded import embedded_client
+    from ahmount.errors import PermissionDenied
+    from ahmount.sync_runner import run_sync
+
+    ah.create("model/ro")
+    ah.create("model/ro/m")
+    ah.create("model/ro/m:v1", create_tag=True)
+    data = b"never uploaded " + os.urandom(16)
+    (tmp_path / "w.bin").write_bytes(data)
+    with pytest.raises(PermissionDenied, match="is a tag: tags are read-only"):
+        ah.commit("model/ro/m:v1", msg="no", add=[str(tmp_path / "w.bin")])
+    with pytest.raises(PermissionDenied, match="read-only"):
+        ah.reset("model/ro/m:v1")
+
+    async def missing() -> set[str]:
+        async with embedded_client() as hub:
+            return await hub.missing_blobs([hashlib.sha256(data).hexdigest()])
+
+    assert run_sync(missing) == {hashlib.sha256(data).hexdigest()}  # nothing was sent

@@ -214,3 +214,66 @@ def test_ah_mount_without_the_fuse_binding_says_what_to_install() -> None:
     assert result.returncode == 1
     assert "pip install 'ahmount[mount]'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_log_show_and_diff(files: Path, tmp_path: Path) -> None:
+    ah("create", "model/hist")
+    ah("create", "model/hist/m")
+    ah("commit", "model/hist/m", "-m", "first", "-a", str(files / "model.pt"))
+    ah("create", "model/hist/m:v1", "--tag")
+    (files / "model.pt").write_bytes(b"w" * 8192)
+    (files / "notes.md").write_text("n")
+    ah("commit", "model/hist/m", "-m", "second\n\nwith a body", "-a", str(files / "model.pt"),
+       "-a", str(files / "notes.md"))
+    log = ah("log", "model/hist/m").stdout
+    assert log.index("    second") < log.index("    first") < log.index("Repository created")
+    assert "    with a body" in log and "Author: " in log and "Date:   " in log
+    oneline = ah("log", "model/hist/m", "--oneline", "-n", "2").stdout.splitlines()
+    assert len(oneline) == 2 and oneline[0].endswith(": second")
+    commits = json.loads(ah("log", "model/hist/m", "--json").stdout)
+    assert [c["message"].splitlines()[0] for c in commits] == ["second", "first",
+                                                                "Repository created"]
+    show = ah("show", "model/hist/m").stdout
+    assert "modified:  model.pt  (4.0 KiB -> 8.0 KiB)" in show
+    assert "added:     notes.md  (1 B)" in show and "1 added, 1 modified, 0 deleted" in show
+    first = ah("show", f"model/hist/m:{commits[1]['id'][:8]}").stdout
+    assert "added:     model.pt" in first
+    diff = ah("diff", "model/hist/m:v1", "main").stdout
+    assert "modified:  model.pt" in diff and "added:     notes.md" in diff
+    back = json.loads(ah("diff", "model/hist/m:main", "model/hist/m:v1", "--json").stdout)
+    assert {d["path"]: d["change"] for d in back} == {"model.pt": "modified",
+                                                      "notes.md": "deleted"}
+    bad = ah("diff", "model/hist/m:v1", check=False)
+    assert bad.returncode != 0 and "needs two refs" in bad.stderr
+
+
+def test_a_closed_pipe_ends_ah_quietly(files: Path, tmp_path: Path) -> None:
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(2000):  # a listing far larger than a pipe's buffer
+        (many / f"object-with-a-long-name-{i:05d}.txt").write_text(str(i))
+    ah("create", "model/pipe")
+    ah("create", "model/pipe/m")
+    ah("commit", "model/pipe/m", "-m", "many", "-a", str(many))
+    proc = subprocess.Popen([command("ah"), "ls", "model/pipe/m"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.read(10)
+    proc.stdout.close()  # what head does after its lines
+    proc.wait(timeout=60)
+    assert proc.stderr.read() == b""
+    assert proc.returncode == 141  # it did meet the closed pipe
+
+
+def test_ml_files_get_sensible_content_types(files: Path, tmp_path: Path) -> None:
+    for name in ("w.pt", "m.safetensors", "t.parquet"):
+        (tmp_path / name).write_bytes(b"x")
+    ah("create", "model/types")
+    ah("create", "model/types/m")
+    ah("commit", "model/types/m", "-m", "t", "-a", str(tmp_path / "w.pt"),
+       "-a", str(tmp_path / "m.safetensors"), "-a", str(tmp_path / "t.parquet"))
+    listed = {o["path"]: o["content_type"]
+              for o in json.loads(ah("ls", "model/types/m", "--json").stdout)}
+    assert listed == {"w.pt": "application/octet-stream",
+                      "m.safetensors": "application/octet-stream",
+                      "t.parquet": "application/vnd.apache.parquet"}

@@ -421,3 +421,19 @@ def test_queued_directories_come_and_go_with_their_files(mount_factory: Mounter)
     assert os.listdir(branch) == ["a"]
     run_ah("commit", "-m", "dirs", cwd=branch)
     assert objects("model/llm/gpt2:v1") == {"a/3.txt": 7}
+
+
+def test_history_verbs_where_you_stand(mount_factory: Mounter, tmp_path: Path) -> None:
+    """log, show and diff take a mount path or the current directory, mapped to its API
+    path through the mount's layout."""
+    (tmp_path / "h.txt").write_text("one")
+    ah.commit("model/llm/gpt2:v1", msg="history one", add=[str(tmp_path / "h.txt")])
+    m = mount_factory()
+    branch = m.mountpoint / "model/llm/gpt2/v1"
+    assert "history one" in run_ah("log", "--oneline", cwd=branch)
+    assert "history one" in run_ah("log", "-n", "1", str(branch / "h.txt"))
+    assert "added:     h.txt" in run_ah("show", cwd=branch)
+    (branch / "new.txt").write_text("queued")
+    assert "new file:" in run_ah("diff", cwd=branch)
+    assert "is not inside an asset" in run_ah("log", str(m.mountpoint / "model"),
+                                              check=False)

@@ -182,7 +182,7 @@ def test_branches_tags_and_commit_prefixes(service: HubService, alice: Actor,
         service.create_tag(alice, model, "v1", "main")
     with pytest.raises(InvalidArgument, match="cannot be deleted"):
         service.delete_ref(alice, model, "main")
-    with pytest.raises(NotFound, match="read-only"):
+    with pytest.raises(PermissionDenied, match="is a tag: tags are read-only"):
         service.commit(alice, model, "20220101", "to a tag", adds=[])
     service.delete_ref(alice, model, "from-tag")
     service.delete_ref(alice, model, "v1")

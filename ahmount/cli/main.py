@@ -354,6 +354,177 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     return 1 if job["failed"] else 0
 
 
+# -- history and differences ------------------------------------------------------------------
+
+def _api_path(path: str | None) -> str:
+    """An API path as given, or the API path of a mount path (``.`` inside a branch
+    directory, ``~/assets/model/llm/gpt2/v1/...``), through the mount's layout."""
+    from ahmount.mount.control import call
+    from ahmount.vfs.layout import Place, locate
+
+    found = _in_mount(path)
+    if found is None:
+        if path is None:
+            raise InvalidArgument("give a path: the current directory is not inside an "
+                                  "ah-mount")
+        return path
+    mountpoint, segments = found
+    me = str(call(mountpoint, "status")["user"])
+    loc = locate(tuple(segments), me)
+    if loc.place not in (Place.ASSET, Place.REF, Place.OBJECT):
+        raise InvalidArgument(f"{path or os.getcwd()} is not inside an asset of the mount")
+    out = f"/{loc.owner}/t9k-assethub/{loc.kind}/{loc.folder}/{loc.asset}"
+    return out if loc.ref is None else f"{out}:{loc.ref}"
+
+
+def _asset_and_ref(path: str) -> tuple[Any, str]:
+    parsed = parse(path)
+    if parsed.level not in ("asset", "ref"):
+        raise InvalidArgument(f"{path!r} does not name an asset or a reference of one")
+    return parsed, parsed.ref or "main"
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    """git log for a ref: newest first."""
+    parsed, ref = _asset_and_ref(_api_path(args.path))
+
+    async def run(hub: HubClient) -> list[Any]:
+        p = parsed.with_owner(await hub.whoami()) if parsed.owner is None else parsed
+        return await hub.log(p.asset_addr(), ref, limit=args.n)
+
+    commits = _hub_call(run)
+    if args.json:
+        _print_json([{"id": c.id, "message": c.message, "committer": c.committer,
+                      "created": c.created, "parents": c.parents} for c in commits])
+        return 0
+    for i, c in enumerate(commits):
+        first = c.message.splitlines()[0] if c.message else ""
+        if args.oneline:
+            print(printable(f"{c.id[:12]} {_when(c.created)[:10]} {c.committer}: {first}"))
+            continue
+        if i:
+            print()
+        print(f"commit {c.id}")
+        if len(c.parents) > 1:
+            print("Merge: " + " ".join(p[:12] for p in c.parents))
+        print(printable(f"Author: {c.committer}"))
+        print(f"Date:   {_when(c.created)}")
+        print()
+        for line in c.message.splitlines() or [""]:
+            print(printable(f"    {line}"))
+    return 0
+
+
+def _object_map(entries: list[Any]) -> dict[str, Any]:
+    return {e.path: e for e in entries}
+
+
+def diff_lines(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """``(word, path, sizes)`` for each object added, deleted or modified, by path."""
+    out = []
+    for path in sorted(set(old) | set(new)):
+        a, b = old.get(path), new.get(path)
+        if a is None:
+            assert b is not None
+            out.append(("added:", path, _size(b.size)))
+        elif b is None:
+            out.append(("deleted:", path, _size(a.size)))
+        elif a.sha256 != b.sha256:
+            out.append(("modified:", path, f"{_size(a.size)} -> {_size(b.size)}"))
+    return out
+
+
+def _size(n: int) -> str:
+    """``512 B``, ``3.2 MiB``: human-readable bytes."""
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            break
+    return f"{value:.1f} {unit}"
+
+
+def _print_diff(lines: list[tuple[str, str, str]], as_json: bool) -> None:
+    if as_json:
+        _print_json([{"change": w.rstrip(":"), "path": p, "sizes": s} for w, p, s in lines])
+        return
+    for word, path, sizes in lines:
+        print(printable(f"  {word:<10} {path}  ({sizes})"))
+    counts = {w: sum(1 for x, _, _ in lines if x == w) for w in ("added:", "modified:",
+                                                                  "deleted:")}
+    print(f"{counts['added:']} added, {counts['modified:']} modified, "
+          f"{counts['deleted:']} deleted")
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """A commit (a ref's head, or an id prefix) and its changes against its first parent."""
+    parsed, ref = _asset_and_ref(_api_path(args.path))
+
+    async def run(hub: HubClient) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        p = parsed.with_owner(await hub.whoami()) if parsed.owner is None else parsed
+        addr = p.asset_addr()
+        commit = (await hub.resolve(addr, ref)).commit
+        _, new = await hub.list_objects(addr, commit.id)
+        old: list[Any] = []
+        if commit.parents:
+            _, old = await hub.list_objects(addr, commit.parents[0])
+        return commit, _object_map(old), _object_map(new)
+
+    commit, old, new = _hub_call(run)
+    lines = diff_lines(old, new)
+    if args.json:
+        _print_json({"id": commit.id, "message": commit.message,
+                     "committer": commit.committer, "created": commit.created,
+                     "parents": commit.parents, "metadata": commit.metadata,
+                     "changes": [{"change": w.rstrip(":"), "path": p, "sizes": z}
+                                 for w, p, z in lines]})
+        return 0
+    print(f"commit {commit.id}")
+    print(printable(f"Author: {commit.committer}"))
+    print(f"Date:   {_when(commit.created)}")
+    if commit.parents:
+        print("Parents: " + " ".join(p[:12] for p in commit.parents))
+    print()
+    for line in commit.message.splitlines() or [""]:
+        print(printable(f"    {line}"))
+    print()
+    _print_diff(lines, False)
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    """Objects added, deleted or modified from A to B (B: a path of the same asset, or a bare
+    ref); with no arguments inside a mounted branch, its queued changes."""
+    if args.a is None:
+        return cmd_status(argparse.Namespace(path=None, json=args.json, command="diff"))
+    parsed_a, ref_a = _asset_and_ref(_api_path(args.a))
+    if args.b is None:
+        raise InvalidArgument("ah diff A B needs two refs (or none, inside a mounted branch)")
+    if ":" not in args.b and "/" not in args.b:
+        parsed_b, ref_b = parsed_a, args.b
+    else:
+        parsed_b, ref_b = _asset_and_ref(_api_path(args.b))
+
+    async def run(hub: HubClient) -> tuple[dict[str, Any], dict[str, Any]]:
+        me = await hub.whoami()
+        maps = []
+        for p, ref in ((parsed_a, ref_a), (parsed_b, ref_b)):
+            owned = p.with_owner(me) if p.owner is None else p
+            _, entries = await hub.list_objects(owned.asset_addr(), ref)
+            maps.append(_object_map(entries))
+        return maps[0], maps[1]
+
+    old, new = _hub_call(run)
+    _print_diff(diff_lines(old, new), args.json)
+    return 0
+
+
 def cmd_log_level(args: argparse.Namespace) -> int:
     from ahmount.mount.control import call
 
@@ -499,6 +670,24 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true")
         p.set_defaults(op=op)
 
+    p = _sub(subs, "log", cmd_log, "the commits of a ref, newest first (like git log)",
+             "ah log model/llm/gpt2:v1 -n 5    (or, inside a mounted branch: ah log)")
+    p.add_argument("path", nargs="?", help="an asset or ref, or a path inside a mount")
+    p.add_argument("-n", type=int, default=1000, help="at most this many commits")
+    p.add_argument("--oneline", action="store_true", help="one line per commit")
+    p.add_argument("--json", action="store_true")
+
+    p = _sub(subs, "show", cmd_show, "a commit and what it changed against its parent",
+             "ah show model/llm/gpt2:a41ac4ec")
+    p.add_argument("path", nargs="?", help="a ref or commit id, or a path inside a mount")
+    p.add_argument("--json", action="store_true")
+
+    p = _sub(subs, "diff", cmd_diff, "objects added, modified and deleted between two refs",
+             "ah diff model/llm/gpt2:v1 main    (inside a mounted branch: ah diff)")
+    p.add_argument("a", nargs="?", help="from: a ref path (or a path inside a mount)")
+    p.add_argument("b", nargs="?", help="to: a ref path of any asset, or a bare ref name")
+    p.add_argument("--json", action="store_true")
+
     p = _sub(subs, "prefetch", cmd_prefetch,
              "fetch files, directories or refs of a mount into its cache (warm-up)",
              "ah prefetch ~/assets/dataset/imgs/coco/v1 --jobs 16")
@@ -521,6 +710,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args)
+    except BrokenPipeError:
+        # `ah ... | head`: the reader has what it wanted. Quietly, as git does; stdout goes
+        # to /dev/null so the interpreter's own flush at exit does not complain either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         print("ah: interrupted", file=sys.stderr)
         return 130

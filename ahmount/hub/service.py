@@ -800,9 +800,12 @@ class HubService:
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         asset, _ = self._asset(tx, actor, addr, "edit")
         row = tx.ref(asset["id"], check_ref(branch))
+        if row is not None and row["type"] == "tag":
+            raise PermissionDenied(
+                f"{addr.at(branch)} is a tag: tags are read-only; commit to a branch",
+                path=addr.at(branch))
         if row is None or row["type"] != "branch":
-            what = "a tag, which is read-only" if row else "not a branch"
-            raise NotFound(f"{addr.at(branch)} is {what}", path=addr.at(branch))
+            raise NotFound(f"{addr.at(branch)} is not a branch", path=addr.at(branch))
         return asset, row
 
     def _parse_changes(

@@ -1,7 +1,8 @@
 """``ah-mount MOUNTPOINT``: the asset tree as files.
 
     ah-mount MOUNTPOINT [--hub URL] [--api-key KEY] [--cache-size SIZE] [--cache-dir DIR]
-                        [--refresh SECONDS] [--foreground] [--log-level LEVEL]
+                        [--refresh SECONDS] [--offline] [--no-change-feed]
+                        [--foreground] [--log-level LEVEL]
 
 Runs in the background by default and returns once the mount answers (or fails with the
 reason). ``--foreground`` stays attached (systemd, debugging). SIGTERM, SIGINT,

@@ -5,7 +5,6 @@ twice.
 
 from __future__ import annotations
 
-import mimetypes
 import os
 import stat
 from collections.abc import Sequence
@@ -15,6 +14,7 @@ import trio
 
 from ahmount.client.files import hash_file
 from ahmount.config import dirs
+from ahmount.content_types import content_type_of
 from ahmount.hub.models import ObjectEntry
 from ahmount.nurseries import open_nursery
 from ahmount.transfer.plan import LocalFile
@@ -94,7 +94,7 @@ async def hash_files(files: list[LocalFile]) -> list[ObjectEntry]:
         hashes.close()
     return [
         ObjectEntry(f.target, str(sha), st.st_size, st.st_mtime,
-                    mimetypes.guess_type(f.target)[0] or "application/octet-stream",
+                    content_type_of(f.target),
                     stat.S_IMODE(st.st_mode) & 0o777)
         for f, (_, st, _), sha in zip(files, found, shas, strict=True)
     ]
