@@ -28,6 +28,17 @@ _CODES: list[tuple[type[BaseException], int]] = [
 ]
 
 
+#: What each code means, for ``ah --help`` and the README.
+EXIT_CODE_MEANINGS: list[tuple[int, str]] = [
+    (OK, "done"), (FAILURE, "failed (a corrupt download, or a bug)"),
+    (USAGE, "bad command line or bad argument"), (3, "not found"), (4, "already exists"),
+    (5, "not allowed (no or bad API key, no permission, read-only)"),
+    (6, "conflict (changed meanwhile, or busy)"), (7, "hub unreachable"),
+    (8, "local file system error"), (130, "interrupted"),
+    (141, "output pipe closed (ah ... | head)"),
+]
+
+
 def exit_code(exc: BaseException) -> int:
     """Exit code for an error: 2 bad input, 3 not found, 4 already exists, 5 not allowed,
     6 conflict, 7 hub unreachable, 8 local I/O, 1 anything else."""

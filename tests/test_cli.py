@@ -277,3 +277,27 @@ def test_ml_files_get_sensible_content_types(files: Path, tmp_path: Path) -> Non
     assert listed == {"w.pt": "application/octet-stream",
                       "m.safetensors": "application/octet-stream",
                       "t.parquet": "application/vnd.apache.parquet"}
+
+
+def test_piped_transfers_print_one_summary_line(tmp_path: Path) -> None:
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(50):
+        (many / f"{i}.txt").write_text(str(i))
+    ah("create", "model/quiet")
+    ah("create", "model/quiet/m")
+    err = ah("commit", "model/quiet/m", "-m", "many", "-a", str(many)).stderr
+    assert "Uploading object" not in err and err.count("Uploaded 50 file(s), ") == 1
+    err = ah("download", "model/quiet/m", "--save-dir", str(tmp_path / "out")).stderr
+    assert err.count("Downloaded 50 file(s), ") == 1
+    assert ah("-q", "download", "model/quiet/m", "--save-dir", str(tmp_path / "o2")).stderr == ""
+
+
+def test_global_flags_after_the_command_and_exit_codes_in_help(tmp_path: Path) -> None:
+    (tmp_path / "f.txt").write_text("f")
+    ah("create", "model/flags")
+    ah("create", "model/flags/m")
+    quiet = ah("commit", "model/flags/m", "-m", "q", "-a", str(tmp_path / "f.txt"), "-q")
+    assert quiet.stderr == ""
+    top = ah("--help").stdout
+    assert "exit codes:" in top and "7  hub unreachable" in top and "141" in top

@@ -24,11 +24,13 @@ from ahmount.client.embedded import connect
 from ahmount.client.hub_client import HubClient
 from ahmount.config import load_config, make_config, remove_config, save_config
 from ahmount.errors import Conflict, InvalidArgument, NotFound
-from ahmount.exit_codes import USAGE, exit_code
+from ahmount.exit_codes import EXIT_CODE_MEANINGS, USAGE, exit_code
 from ahmount.paths import parse
 from ahmount.sync_runner import run_sync
 
 Handler = Callable[[argparse.Namespace], int]
+EXIT_CODES_HELP = "exit codes:\n" + "\n".join(f"  {code:>3}  {meaning}"
+                                              for code, meaning in EXIT_CODE_MEANINGS)
 
 
 def _print_json(value: Any) -> None:
@@ -550,8 +552,13 @@ def _sub(subs: Any, name: str, handler: Handler, help_: str, example: str,
          aliases: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = subs.add_parser(
         name, aliases=list(aliases), help=help_, description=help_,
-        epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    # The global flag after the command too (ah commit -q ...); SUPPRESS keeps the value
+    # given before the command when it is not repeated after it.
+    parser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress bars or summary lines")
     parser.set_defaults(handler=handler)
     return parser
 
@@ -560,10 +567,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ah", description="Asset Hub: versioned models and datasets.",
         epilog="example:\n  ah create model/llm && ah create model/llm/gpt2\n"
-               "  ah commit model/llm/gpt2 -m 'first weights' -a model.pt",
+               "  ah commit model/llm/gpt2 -m 'first weights' -a model.pt\n\n"
+               + EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bars or summary lines")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -46,7 +46,7 @@ async def download_objects(
     async def fetch(e: ObjectEntry) -> None:
         dest = destination(e)
         async with limiter:
-            log.info("Downloading object %d/%d %s", next(counter), len(chosen), e.path)
+            log.debug("Downloading object %d/%d %s", next(counter), len(chosen), e.path)
             await hub.download(addr, commit, e, dest, progress.add_bytes)
             progress.file_done()
             written.append(dest)
@@ -55,7 +55,7 @@ async def download_objects(
         items = [(e, destination(e)) for e in batch]
         async with limiter:
             for e in batch:
-                log.info("Downloading object %d/%d %s", next(counter), len(chosen), e.path)
+                log.debug("Downloading object %d/%d %s", next(counter), len(chosen), e.path)
             await hub.download_batch(addr, commit, items, progress.add_bytes)
             for _, dest in items:
                 progress.file_done()

@@ -1,10 +1,15 @@
-"""Progress bars for transfers (tqdm, the bar ML users know), on a terminal only."""
+"""Progress of a transfer: a tqdm bar (bytes, rate, ETA, files) on a terminal; piped, one
+summary line when it ends (through the ``ahmount.ah`` logger, so ``-q`` silences it)."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
+import time
 from typing import Any
+
+log = logging.getLogger("ahmount.ah")
 
 
 class Progress:
@@ -22,9 +27,12 @@ class Progress:
                              ncols=size.columns, nrows=size.lines)
         self._files = files
         self._done = 0
+        self._bytes = 0
         self._what = what
+        self._started = time.monotonic()
 
     def add_bytes(self, n: int) -> None:
+        self._bytes += n
         if self._bar is not None:
             self._bar.update(n)
 
@@ -36,3 +44,10 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+            self._bar = None
+        elif self._files:
+            done = self._what.removesuffix("ing") + "ed"  # Uploading -> Uploaded
+            count = f"{self._done}" if self._done == self._files else \
+                f"{self._done} of {self._files}"
+            log.info("%s %s file(s), %.1f MiB in %.1f s", done, count,
+                     self._bytes / (1 << 20), time.monotonic() - self._started)

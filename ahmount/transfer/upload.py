@@ -60,14 +60,14 @@ async def upload_files(hub: HubClient,
 
     async def upload_one(f: LocalFile, e: ObjectEntry) -> None:
         async with upload_limiter:
-            log.info("Uploading object %d/%d %s", next(counter), total, e.path)
+            log.debug("Uploading object %d/%d %s", next(counter), total, e.path)
             await hub.upload_file(f.local, e.sha256, e.size, progress.add_bytes)
             progress.file_done()
 
     async def upload_batch(batch: list[tuple[LocalFile, ObjectEntry]]) -> None:
         async with upload_limiter:
             for _, e in batch:
-                log.info("Uploading object %d/%d %s", next(counter), total, e.path)
+                log.debug("Uploading object %d/%d %s", next(counter), total, e.path)
             await hub.upload_batch([(f.local, e.sha256, e.size) for f, e in batch],
                                    progress.add_bytes)
             for _ in batch:
