@@ -301,3 +301,49 @@ def test_global_flags_after_the_command_and_exit_codes_in_help(tmp_path: Path) -
     assert quiet.stderr == ""
     top = ah("--help").stdout
     assert "exit codes:" in top and "7  hub unreachable" in top and "141" in top
+
+
+def test_every_option_and_argument_has_help() -> None:
+    import argparse
+
+    from ahmount.cli.main import build_parser
+
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {'/'.join(action.option_strings) or action.dest}"
+               for name, sub in subs.choices.items() for action in sub._actions
+               if action.help is None and not isinstance(action, argparse._HelpAction)]
+    assert missing == []
+
+
+def _with_terminal_stdin(args: list[str], answer: bytes) -> subprocess.CompletedProcess[str]:
+    leader, follower = os.openpty()
+    try:
+        proc = subprocess.Popen([command("ah"), *args], stdin=follower,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        os.write(leader, answer)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        os.close(follower)
+        os.close(leader)
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def test_delete_asks_on_a_terminal_for_what_holds_something(files: Path) -> None:
+    ah("create", "model/ask")
+    ah("create", "model/ask/m")
+    ah("commit", "model/ask/m", "-m", "w", "-a", str(files / "model.pt"))
+    declined = _with_terminal_stdin(["delete", "model/ask/m"], b"n\n")
+    assert declined.returncode == 1 and "holds 1 object(s) on main" in declined.stdout
+    assert "not deleted" in declined.stderr
+    assert ah("get", "model/ask/m").returncode == 0
+    asked = _with_terminal_stdin(["delete", "model/ask"], b"y\n")
+    assert asked.returncode == 0 and "holds 1 asset(s)" in asked.stdout
+    assert ah("get", "model/ask", check=False).returncode == 3
+    ah("create", "model/ask2")
+    ah("create", "model/ask2/m")
+    quiet = _with_terminal_stdin(["delete", "-y", "model/ask2"], b"")
+    assert quiet.returncode == 0 and quiet.stdout == ""
+    ah("create", "model/ask3")
+    ah("create", "model/ask3/m")
+    assert ah("delete", "model/ask3").returncode == 0  # not a terminal: not asked

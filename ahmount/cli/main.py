@@ -29,6 +29,10 @@ from ahmount.paths import parse
 from ahmount.sync_runner import run_sync
 
 Handler = Callable[[argparse.Namespace], int]
+PATH_HELP = "an API path: model/llm, model/llm/gpt2, model/llm/gpt2:v1, /alice/t9k-assethub/..."
+BRANCH_HELP = "a branch (model/llm/gpt2:v1), or a path inside a mounted branch (default: .)"
+JSON_HELP = "print the result as JSON (the API's dicts)"
+LABEL_HELP = "a label; repeatable"
 EXIT_CODES_HELP = "exit codes:\n" + "\n".join(f"  {code:>3}  {meaning}"
                                               for code, meaning in EXIT_CODE_MEANINGS)
 
@@ -95,6 +99,21 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
+    """Delete; a folder or asset with something in it asks first on a terminal (scripts,
+    pipes and ``-y`` are not asked, as the API's ``delete`` is not)."""
+    level = parse(args.path).level
+    if level in ("folder", "asset") and sys.stdin.isatty() and not args.yes:
+        try:
+            inside = ah.list(args.path)
+        except NotFound:
+            inside = []  # --force deletes nothing quietly; without it, delete says so
+        if inside:
+            what = "asset(s)" if level == "folder" else "object(s) on main"
+            answer = input(f"{args.path} holds {len(inside)} {what}; delete it for good? "
+                           "[y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                print("not deleted", file=sys.stderr)
+                return 1
     ah.delete(args.path, force=args.force)
     return 0
 
@@ -578,96 +597,108 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(subs, "login", cmd_login, "store the hub address and API key (file mode 0600)",
              "ah login --host http://hub:8080 --api-key ah_xxx")
-    p.add_argument("--host", required=True)
-    p.add_argument("--api-key", required=True)
+    p.add_argument("--host", required=True, help="the hub's URL, e.g. http://hub:8080")
+    p.add_argument("--api-key", required=True, help="your API key on that hub (ah_...)")
     p.add_argument("--ais-host", default=None, help="data-plane URL (default: --host)")
-    p.add_argument("--timeout", type=float, default=None)
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds a request may take (default 60)")
 
     _sub(subs, "logout", cmd_logout, "forget the stored hub; use the embedded hub", "ah logout")
 
     p = _sub(subs, "ls", cmd_list, "list folders, assets, objects, branches, tags or commits",
              "ah ls model/llm/gpt2:v1    ah ls model/llm/gpt2 --branch", aliases=["list"])
-    p.add_argument("path")
+    p.add_argument("path", help=PATH_HELP)
     p.add_argument("--resource", default="default",
-                   choices=["default", "branch", "tag", "commit"])
+                   choices=["default", "branch", "tag", "commit"],
+                   help="what to list (the API's resource argument)")
     p.add_argument("--branch", action="store_true", help="list branches of an asset")
     p.add_argument("--tag", action="store_true", help="list tags of an asset")
     p.add_argument("--commit", action="store_true", help="list commits of a reference")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
 
     p = _sub(subs, "get", cmd_get, "show a folder, asset, branch, tag or commit",
              "ah get model/llm/gpt2:a41ac4ec")
-    p.add_argument("path")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("path", help=PATH_HELP)
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
 
     p = _sub(subs, "create", cmd_create, "create a folder, asset, branch or tag",
              "ah create model/llm/gpt2:20220101 --tag --source v1")
-    p.add_argument("path")
+    p.add_argument("path", help=PATH_HELP)
     p.add_argument("--tag", action="store_true", help="create a tag instead of a branch")
     p.add_argument("--source", default="main", help="what a tag points at (branch/tag/commit)")
-    p.add_argument("--label", action="append", default=None)
-    p.add_argument("--description", default=None)
-    p.add_argument("--exist-ok", action="store_true")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--label", action="append", default=None, help=LABEL_HELP)
+    p.add_argument("--description", default=None, help="a description, free text")
+    p.add_argument("--exist-ok", action="store_true",
+                   help="no error if it exists already")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
 
     p = _sub(subs, "delete", cmd_delete, "delete a folder, asset, branch or tag",
              "ah delete model/llm/gpt2:v1")
-    p.add_argument("path")
+    p.add_argument("path", help=PATH_HELP)
     p.add_argument("--force", action="store_true", help="no error if it does not exist")
+    p.add_argument("-y", "--yes", action="store_true",
+                   help="do not ask before deleting a folder or asset that holds something")
 
     p = _sub(subs, "commit", cmd_commit, "commit local files and deletions to a branch",
              "ah commit model/llm/gpt2:v1 -m 'new weights' -a model.pt -a ./cfg:config/\n"
              "  cd ~/assets/model/llm/gpt2/v1 && cp ~/w.pt . && ah commit -m 'new weights'")
-    p.add_argument("path", nargs="?")
-    p.add_argument("-m", "--message", required=True)
-    p.add_argument("-a", "--add", action="append", default=[], metavar="LOCAL[:PATH]")
-    p.add_argument("-d", "--delete", action="append", default=[], metavar="PATH")
+    p.add_argument("path", nargs="?", help=BRANCH_HELP)
+    p.add_argument("-m", "--message", required=True, help="the commit message")
+    p.add_argument("-a", "--add", action="append", default=[], metavar="LOCAL[:PATH]",
+                   help="a local file or directory to add (at PATH in the asset; a PATH "
+                   "ending in / is a directory); repeatable")
+    p.add_argument("-d", "--delete", action="append", default=[], metavar="PATH",
+                   help="an object (or, ending in /, a directory) to delete; repeatable")
     p.add_argument("--force", action="store_true", help="include unknown staged changes")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
 
     p = _sub(subs, "download", cmd_download, "download objects of a branch, tag or commit",
              "ah download dataset/images/cifar10:20220101 --save-dir ./data")
-    p.add_argument("path")
-    p.add_argument("--object", action="append", default=[], metavar="PATH")
-    p.add_argument("--save-dir", default=".")
+    p.add_argument("path", help="an asset or ref (default ref: main)")
+    p.add_argument("--object", action="append", default=[], metavar="PATH",
+                   help="only this object (or, ending in /, everything under it); "
+                   "repeatable")
+    p.add_argument("--save-dir", default=".", help="where to write them (default: .)")
 
     p = _sub(subs, "update", cmd_update, "rename, relabel or describe a folder or asset",
              "ah update model/llm -n generative-language-model")
-    p.add_argument("path")
-    p.add_argument("-n", "--name", default=None)
-    p.add_argument("--label", action="append", default=None)
-    p.add_argument("--description", default=None)
+    p.add_argument("path", help="a folder or an asset")
+    p.add_argument("-n", "--name", default=None, help="a new name")
+    p.add_argument("--label", action="append", default=None, help=LABEL_HELP)
+    p.add_argument("--description", default=None, help="a new description")
 
     p = _sub(subs, "merge", cmd_merge, "make main of a model equal to a branch",
              "ah merge model/llm/gpt2:v1    (or, inside a mounted branch: ah merge)")
-    p.add_argument("path", nargs="?")
+    p.add_argument("path", nargs="?", help=BRANCH_HELP)
 
     p = _sub(subs, "reset", cmd_reset, "drop the uncommitted changes of a branch",
              "ah reset model/llm/gpt2:main    (or, inside a mounted branch: ah reset)")
-    p.add_argument("path", nargs="?")
+    p.add_argument("path", nargs="?", help=BRANCH_HELP)
 
     p = _sub(subs, "sync", cmd_sync, "upload a mounted branch's queued bytes now",
              "cd ~/assets/model/llm/gpt2/v1 && ah sync")
-    p.add_argument("path", nargs="?")
+    p.add_argument("path", nargs="?", help="a path inside a mounted branch (default: .)")
 
     p = _sub(subs, "status", cmd_status, "show the uncommitted changes of a branch",
              "ah status model/llm/gpt2:v1    (or, inside a mounted branch: ah status)")
-    p.add_argument("path", nargs="?")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("path", nargs="?", help=BRANCH_HELP)
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
 
     p = _sub(subs, "share", cmd_share, "share a folder with a user, or make it public",
              "ah share model/llm bob view")
-    p.add_argument("folder")
-    p.add_argument("user", nargs="?")
-    p.add_argument("permission", nargs="?", default="view")
+    p.add_argument("folder", help="a folder of yours (model/llm)")
+    p.add_argument("user", nargs="?", help="the user to share it with")
+    p.add_argument("permission", nargs="?", default="view", help="view (default) or edit")
     p.add_argument("--revoke", action="store_true", help="stop sharing with USER")
-    p.add_argument("--public", action="store_true")
-    p.add_argument("--private", action="store_true")
+    p.add_argument("--public", action="store_true", help="everyone may read it")
+    p.add_argument("--private", action="store_true", help="only you and those you shared "
+                   "it with")
 
     p = _sub(subs, "unmount", cmd_unmount, "unmount an ah-mount (queued edits are kept)",
              "ah unmount ~/assets")
-    p.add_argument("path", nargs="?")
-    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("path", nargs="?", help="the mountpoint or a path inside (default: .)")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds to wait for the unmount (default 30)")
 
     for op, help_ in (("refresh", "forget cached listings: show changes made elsewhere now"),
                       ("stats", "counters of a mount: FUSE ops, cache hits, bytes fetched"),
@@ -676,7 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
         if op == "cache":
             p.add_argument("--drop", action="store_true", help="empty the cache")
         p.add_argument("path", nargs="?", help="a path inside the mount (default: .)")
-        p.add_argument("--json", action="store_true")
+        p.add_argument("--json", action="store_true", help=JSON_HELP)
         p.set_defaults(op=op)
 
     p = _sub(subs, "log", cmd_log, "the commits of a ref, newest first (like git log)",
@@ -684,18 +715,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", nargs="?", help="an asset or ref, or a path inside a mount")
     p.add_argument("-n", type=int, default=1000, help="at most this many commits")
     p.add_argument("--oneline", action="store_true", help="one line per commit")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
 
     p = _sub(subs, "show", cmd_show, "a commit and what it changed against its parent",
              "ah show model/llm/gpt2:a41ac4ec")
     p.add_argument("path", nargs="?", help="a ref or commit id, or a path inside a mount")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
 
     p = _sub(subs, "diff", cmd_diff, "objects added, modified and deleted between two refs",
              "ah diff model/llm/gpt2:v1 main    (inside a mounted branch: ah diff)")
     p.add_argument("a", nargs="?", help="from: a ref path (or a path inside a mount)")
     p.add_argument("b", nargs="?", help="to: a ref path of any asset, or a bare ref name")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
 
     p = _sub(subs, "prefetch", cmd_prefetch,
              "fetch files, directories or refs of a mount into its cache (warm-up)",
@@ -707,8 +738,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(subs, "log-level", cmd_log_level, "change a mount's log level while it runs",
              "ah log-level debug ~/assets")
-    p.add_argument("level", choices=["debug", "info", "warning", "error"])
-    p.add_argument("path", nargs="?")
+    p.add_argument("level", choices=["debug", "info", "warning", "error"],
+                   help="the new level")
+    p.add_argument("path", nargs="?", help="a path inside the mount (default: .)")
     return parser
 
 
