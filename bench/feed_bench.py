@@ -2,9 +2,10 @@
 
 200 commits to a branch through ah-server on 127.0.0.1, each rewriting one file; after each
 commit's response, the file is read through a mount of the same branch until it shows the
-new content. Prints p50/p95/p99/max against the 250 ms target, and the same for a mount
-whose feed is off (polling every --refresh seconds, the only way before the feed) as the
-baseline.
+new content. Prints p50/p95/p99/max against the 250 ms target: for one server (SQLite), for
+two replicas on PostgreSQL + S3 (commits through one, the mount on the other), and for a
+mount whose feed is off (polling every --refresh seconds, the only way before the feed) as
+the baseline.
 
 Usage: python bench/feed_bench.py [--commits 200]
 Needs /dev/fuse.
@@ -64,9 +65,55 @@ def report(label: str, latencies: list[float]) -> None:
           f"(p99 target 250 ms: {q[98] / 0.25:.2f}x)")
 
 
+def replicated(commits: int, root: Path, mounts: list[MountProcess]) -> None:
+    """Commits through replica A, the mount on replica B: the feed crosses the database."""
+    from tests.conftest import PostgresCluster, S3Server, scale_args
+
+    cluster = PostgresCluster()
+    cluster.start()
+    (root / "s3").mkdir()
+    s3 = S3Server(root / "s3")
+    s3.start()
+    replicas: list[HubProcess] = []
+    try:
+        extra = scale_args(cluster, s3, "feedbench")
+        a = HubProcess(root / "ra", extra)
+        key = a.add_user("bench")
+        b = HubProcess(root / "rb", extra)
+        b.keys.update(a.keys)
+        for r in (a, b):
+            r.start()
+            replicas.append(r)
+
+        async def setup() -> AssetAddr:
+            async with HubClient(a.url, api_key=key) as hub:
+                folder = FolderAddr("bench", "model", "feed")
+                await hub.create_folder(folder)
+                addr = AssetAddr(folder, "m")
+                await hub.create_asset(addr)
+                return addr
+
+        addr = trio.run(setup)
+        m = MountProcess(root / "replica", "--hub", b.url, "--api-key", key,
+                         "--cache-dir", str(root / "c3"), "--refresh", "60").start()
+        mounts.append(m)
+        wait_until(lambda: m.control("status")["changes"] == "live", what="the feed")
+        report(f"feed across replicas, {commits} commits", trio.run(
+            run_commits, a, key, addr, [m.mountpoint / "model/feed/m/main/x.txt"], commits,
+            root))
+        m.stop()
+    finally:
+        for r in replicas:
+            r.stop()
+        s3.stop()
+        cluster.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--commits", type=int, default=200)
+    parser.add_argument("--no-replicas", action="store_true",
+                        help="skip the PostgreSQL + S3 pair of replicas")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/var/tmp")) as tmp:
         root = Path(tmp)
@@ -92,6 +139,8 @@ def main() -> None:
             file = live.mountpoint / "model/feed/m/main/x.txt"
             report(f"feed, {args.commits} commits", trio.run(
                 run_commits, server, key, addr, [file], args.commits, root))
+            if not args.no_replicas:
+                replicated(args.commits, root, mounts)
             polling = MountProcess(root / "poll", "--hub", server.url, "--api-key", key,
                                    "--cache-dir", str(root / "c2"), "--refresh", "3",
                                    "--no-change-feed").start()

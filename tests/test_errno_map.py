@@ -66,3 +66,17 @@ def test_the_fuse_free_table_names_pyfuse3s_enoattr() -> None:
     from ahmount.vfs.errno_map import ENOATTR
 
     assert pyfuse3.ENOATTR == ENOATTR
+
+
+async def test_a_hub_away_is_told_once_per_object(caplog: pytest.LogCaptureFixture) -> None:
+    @fuse_errors
+    async def read(path: str) -> None:
+        raise errors.HubUnavailable(f"hub at http://h is unreachable: GET /files/{path}")
+
+    with caplog.at_level(logging.WARNING, "ahmount.mount"):
+        for path in ("a.bin", "a.bin", "a.bin", "b.bin", "a.bin"):
+            with pytest.raises(pyfuse3.FUSEError) as info:
+                await read(path)
+            assert info.value.errno == errno.EIO
+    lines = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(lines) == 2 and "a.bin" in lines[0] and "b.bin" in lines[1]

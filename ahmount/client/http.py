@@ -97,7 +97,8 @@ class HttpSession:
         idempotent = method in ("GET", "HEAD", "PUT", "DELETE")
         if self._down_until > time.monotonic():
             raise errors.HubUnavailable(
-                f"hub at {self.base_url} is unreachable (failing fast for a moment)", path=url)
+                f"hub at {self.base_url} is unreachable (failing fast for a moment): "
+                f"{method} {url}", path=url)
         attempt = 0
         while True:
             try:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
@@ -26,6 +28,24 @@ from ahmount.vfs.errno_map import errno_for
 __all__ = ["errno_for", "fuse_errors"]
 
 log = logging.getLogger("ahmount.mount")
+
+#: A hub that is away fails every read of what was never cached: each object is told of
+#: once a minute (the message names it), not at every retry of every reader.
+RETELL_AFTER = 60.0
+_told: OrderedDict[str, float] = OrderedDict()
+
+
+def _first_telling(message: str) -> bool:
+    now = time.monotonic()
+    last = _told.get(message)
+    if last is not None and now - last < RETELL_AFTER:
+        return False
+    _told[message] = now
+    _told.move_to_end(message)
+    while len(_told) > 10_000:
+        _told.popitem(last=False)
+    return True
+
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -50,7 +70,9 @@ def fuse_errors(handler: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any
             raise pyfuse3.FUSEError(number) from None
         except (errors.AhError, httpx.HTTPError, OSError) as exc:
             number = errno_for(exc)
-            log.warning("%s: %s (%s)", handler.__name__, exc, errno.errorcode.get(number, number))
+            if not isinstance(exc, errors.HubUnavailable) or _first_telling(str(exc)):
+                log.warning("%s: %s (%s)", handler.__name__, exc,
+                            errno.errorcode.get(number, number))
             raise pyfuse3.FUSEError(number) from None
         except Exception:
             log.exception("bug in %s; answering EIO", handler.__name__)
