@@ -435,5 +435,25 @@ def test_history_verbs_where_you_stand(mount_factory: Mounter, tmp_path: Path) -
     assert "added:     h.txt" in run_ah("show", cwd=branch)
     (branch / "new.txt").write_text("queued")
     assert "new file:" in run_ah("diff", cwd=branch)
-    assert "is not inside an asset" in run_ah("log", str(m.mountpoint / "model"),
-                                              check=False)
+    assert "does not name an asset or a reference" in run_ah(
+        "log", str(m.mountpoint / "model"), check=False)
+
+
+def test_api_verbs_and_tag_take_mount_paths(mount_factory: Mounter, tmp_path: Path) -> None:
+    """ls, get, create, download and tag accept a mount path or '.', mapped to the API path
+    through the mount's layout."""
+    (tmp_path / "t.txt").write_text("tagged")
+    ah.commit("model/llm/gpt2:v1", msg="for a tag", add=[str(tmp_path / "t.txt")])
+    m = mount_factory()
+    branch = m.mountpoint / "model/llm/gpt2/v1"
+    assert "t.txt" in run_ah("ls", cwd=branch)
+    assert "t.txt" in run_ah("ls", str(branch / "t.txt"))  # a file: its ref
+    assert "gpt2" in run_ah("ls", str(m.mountpoint / "model/llm"))
+    assert "gpt2" in run_ah("get", str(m.mountpoint / "model/llm/gpt2"))
+    out = run_ah("tag", "v1-release", cwd=branch)
+    assert "tag v1-release at" in out and "(the head of v1)" in out
+    assert ah.get("model/llm/gpt2:v1-release").commit_id == ah.get("model/llm/gpt2:v1").commit_id
+    run_ah("create", str(m.mountpoint / "model/llm/gpt2/feature"))  # a branch, by its path
+    assert "feature" in run_ah("ls", "--branch", str(m.mountpoint / "model/llm/gpt2"))
+    run_ah("download", str(branch), "--save-dir", str(tmp_path / "out"))
+    assert (tmp_path / "out/t.txt").read_text() == "tagged"

@@ -392,10 +392,17 @@ def _api_path(path: str | None) -> str:
     mountpoint, segments = found
     me = str(call(mountpoint, "status")["user"])
     loc = locate(tuple(segments), me)
-    if loc.place not in (Place.ASSET, Place.REF, Place.OBJECT):
-        raise InvalidArgument(f"{path or os.getcwd()} is not inside an asset of the mount")
-    out = f"/{loc.owner}/t9k-assethub/{loc.kind}/{loc.folder}/{loc.asset}"
-    return out if loc.ref is None else f"{out}:{loc.ref}"
+    if loc.place in (Place.ROOT, Place.SCOPE, Place.SCOPE_KIND, Place.OWNER):
+        raise InvalidArgument(f"{path or os.getcwd()} is not inside a kind, folder or asset "
+                              "of the mount")
+    if loc.place is Place.OBJECT:  # a file or directory in a ref: the ref
+        return f"/{loc.owner}/t9k-assethub/{loc.kind}/{loc.folder}/{loc.asset}:{loc.ref}"
+    return loc.api_path()
+
+
+#: Commands whose PATH may also be a path in a mount (or ``.``), mapped to its API path.
+MOUNT_PATH_COMMANDS = frozenset({"ls", "list", "get", "create", "delete", "download",
+                                 "update"})
 
 
 def _asset_and_ref(path: str) -> tuple[Any, str]:
@@ -407,6 +414,15 @@ def _asset_and_ref(path: str) -> tuple[Any, str]:
 
 def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    """Tag a branch's head (inside a mounted branch directory: that branch)."""
+    parsed, ref = _asset_and_ref(_api_path(args.path))
+    base = parsed.original.rsplit(":", 1)[0] if parsed.ref is not None else parsed.original
+    tag = ah.create(f"{base}:{args.name}", create_tag=True, source=ref)
+    print(f"tag {args.name} at {str(getattr(tag, 'commit_id', ''))[:12]} (the head of {ref})")
+    return 0
 
 
 def cmd_log(args: argparse.Namespace) -> int:
@@ -607,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(subs, "ls", cmd_list, "list folders, assets, objects, branches, tags or commits",
              "ah ls model/llm/gpt2:v1    ah ls model/llm/gpt2 --branch", aliases=["list"])
-    p.add_argument("path", help=PATH_HELP)
+    p.add_argument("path", nargs="?", help=PATH_HELP + "; or a path in a mount (default: .)")
     p.add_argument("--resource", default="default",
                    choices=["default", "branch", "tag", "commit"],
                    help="what to list (the API's resource argument)")
@@ -618,7 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(subs, "get", cmd_get, "show a folder, asset, branch, tag or commit",
              "ah get model/llm/gpt2:a41ac4ec")
-    p.add_argument("path", help=PATH_HELP)
+    p.add_argument("path", nargs="?", help=PATH_HELP + "; or a path in a mount (default: .)")
     p.add_argument("--json", action="store_true", help=JSON_HELP)
 
     p = _sub(subs, "create", cmd_create, "create a folder, asset, branch or tag",
@@ -654,7 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(subs, "download", cmd_download, "download objects of a branch, tag or commit",
              "ah download dataset/images/cifar10:20220101 --save-dir ./data")
-    p.add_argument("path", help="an asset or ref (default ref: main)")
+    p.add_argument("path", nargs="?", help="an asset or ref (default ref: main), or a path "
+                   "in a mount (default: .)")
     p.add_argument("--object", action="append", default=[], metavar="PATH",
                    help="only this object (or, ending in /, everything under it); "
                    "repeatable")
@@ -710,6 +727,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help=JSON_HELP)
         p.set_defaults(op=op)
 
+    p = _sub(subs, "tag", cmd_tag, "tag a branch's head (tags are read-only refs; mkdir in a "
+             "mount makes branches, not tags)",
+             "cd ~/assets/model/llm/gpt2/main && ah tag v2    ah tag v2 model/llm/gpt2:main")
+    p.add_argument("name", help="the tag's name")
+    p.add_argument("path", nargs="?", help=BRANCH_HELP)
+
     p = _sub(subs, "log", cmd_log, "the commits of a ref, newest first (like git log)",
              "ah log model/llm/gpt2:v1 -n 5    (or, inside a mounted branch: ah log)")
     p.add_argument("path", nargs="?", help="an asset or ref, or a path inside a mount")
@@ -750,6 +773,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("ahmount.ah").setLevel(logging.WARNING)
     handler: Handler = args.handler
     try:
+        if args.command in MOUNT_PATH_COMMANDS and hasattr(args, "path"):
+            args.path = _api_path(args.path)  # None: the current directory in a mount
         return handler(args)
     except BrokenPipeError:
         # `ah ... | head`: the reader has what it wanted. Quietly, as git does; stdout goes
