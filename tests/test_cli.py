@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -80,10 +81,14 @@ def test_listings_print_the_spec_tables(files: Path) -> None:
                                                          "model.pt"]
     branches = ah("ls", "model/llm/gpt2", "--branch").stdout.splitlines()
     assert branches[0].split() == ["NAME", "COMMIT_ID"]
-    assert branches[1].split() == ["main", commit_id]
+    assert branches[1].split() == ["main", commit_id[:12]]  # the width of --commit's
     commits = ah("ls", "model/llm/gpt2", "--commit").stdout.splitlines()
     assert commits[0].split() == ["COMMIT_ID", "MESSAGE", "CREATED"]
-    assert commits[1].startswith(commit_id[:8]) and "first" in commits[1]
+    assert commits[1].split()[0] == commit_id[:12] and "first" in commits[1]
+    assert "4.0 KiB" in ah("ls", "model/llm/gpt2").stdout
+    assert " 4096 " in ah("ls", "model/llm/gpt2", "--bytes").stdout
+    shown = ah("get", f"model/llm/gpt2:{commit_id[:8]}").stdout
+    assert re.search(r"creation_date: \d{4}-\d\d-\d\d \d\d:\d\d:\d\d", shown)
     assert "Repository created" in commits[2]
     data = json.loads(ah("ls", "model/llm/gpt2", "--json").stdout)
     assert {d["path"] for d in data} == {"cfg/saved_model/config.json", "model.pt"}
@@ -347,3 +352,9 @@ def test_delete_asks_on_a_terminal_for_what_holds_something(files: Path) -> None
     ah("create", "model/ask3")
     ah("create", "model/ask3/m")
     assert ah("delete", "model/ask3").returncode == 0  # not a terminal: not asked
+
+
+def test_a_wrong_flag_shows_that_commands_usage() -> None:
+    wrong = ah("commit", "model/x/y", "-m", "m", "--nope", check=False)
+    assert wrong.returncode == 2
+    assert wrong.stderr.startswith("usage: ah commit") and "--nope" in wrong.stderr

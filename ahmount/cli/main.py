@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from ahmount import __version__, ah
-from ahmount.cli.tables import printable, render, table_for
+from ahmount.cli.tables import date, human_size, printable, render, table_for
 from ahmount.client.embedded import connect
 from ahmount.client.hub_client import HubClient
 from ahmount.config import load_config, make_config, remove_config, save_config
@@ -74,7 +74,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(items)
     else:
-        print(table_for(resource, parse(args.path).level, items))
+        print(table_for(resource, parse(args.path).level, items, raw_bytes=args.bytes))
     return 0
 
 
@@ -86,7 +86,9 @@ def cmd_get(args: argparse.Namespace) -> int:
     else:
         for key, value in info.items():
             shown = ",".join(value) if isinstance(value, list) else value
-            print(f"{key}: {shown}")
+            if key == "creation_date" and isinstance(value, int | float):
+                shown = date(value)  # the date format of the listings
+            print(printable(f"{key}: {shown}"))
     return 0
 
 
@@ -198,8 +200,13 @@ def cmd_update(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    if _mount_branch_op(args, "merge") is None:
-        ah.merge(args.path)
+    merged = _mount_branch_op(args, "merge")
+    if merged is None:
+        ah.merge(args.path)  # says what it did (the API's log line)
+    elif merged.get("commit"):
+        print(f"merged into main as commit {str(merged['commit'])[:12]}", file=sys.stderr)
+    else:
+        print("nothing to merge: main already equals the branch", file=sys.stderr)
     return 0
 
 
@@ -467,24 +474,12 @@ def diff_lines(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, str,
         a, b = old.get(path), new.get(path)
         if a is None:
             assert b is not None
-            out.append(("added:", path, _size(b.size)))
+            out.append(("added:", path, human_size(b.size)))
         elif b is None:
-            out.append(("deleted:", path, _size(a.size)))
+            out.append(("deleted:", path, human_size(a.size)))
         elif a.sha256 != b.sha256:
-            out.append(("modified:", path, f"{_size(a.size)} -> {_size(b.size)}"))
+            out.append(("modified:", path, f"{human_size(a.size)} -> {human_size(b.size)}"))
     return out
-
-
-def _size(n: int) -> str:
-    """``512 B``, ``3.2 MiB``: human-readable bytes."""
-    if n < 1024:
-        return f"{n} B"
-    value = float(n)
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        value /= 1024
-        if value < 1024 or unit == "TiB":
-            break
-    return f"{value:.1f} {unit}"
 
 
 def _print_diff(lines: list[tuple[str, str, str]], as_json: bool) -> None:
@@ -630,6 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--branch", action="store_true", help="list branches of an asset")
     p.add_argument("--tag", action="store_true", help="list tags of an asset")
     p.add_argument("--commit", action="store_true", help="list commits of a reference")
+    p.add_argument("--bytes", action="store_true",
+                   help="sizes in bytes (default: human-readable, 4.0 KiB)")
     p.add_argument("--json", action="store_true", help=JSON_HELP)
 
     p = _sub(subs, "get", cmd_get, "show a folder, asset, branch, tag or commit",
@@ -768,7 +765,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # a wrong flag of a command: that command's usage, not the top-level one
+        subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        subs.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.quiet:
         logging.getLogger("ahmount.ah").setLevel(logging.WARNING)
     handler: Handler = args.handler

@@ -28,20 +28,39 @@ def render(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     )
 
 
-def _date(ts: float) -> str:
+#: Commit ids in tables: as many characters as git shows with --abbrev=12 (JSON has them
+#: whole).
+ID_WIDTH = 12
+
+
+def human_size(n: int) -> str:
+    """``512 B``, ``3.2 MiB``: human-readable bytes."""
+    if n < 1024:
+        return f"{n} B"
+    value, units = n / 1024, ["KiB", "MiB", "GiB", "TiB"]
+    while value >= 1024 and len(units) > 1:
+        value /= 1024
+        units.pop(0)
+    return f"{value:.1f} {units[0]}"
+
+
+def date(ts: float) -> str:
+    """The one date format of tables and ``ah get``."""
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def table_for(resource: str, level: str, items: list[dict[str, Any]]) -> str:
+def table_for(resource: str, level: str, items: list[dict[str, Any]],
+              raw_bytes: bool = False) -> str:
     """The table of an ``ah.list`` result: ``resource`` as passed to it, ``level`` of the path
     (kind / folder / asset / ref)."""
     if resource in ("branch", "tag"):
-        return render(["NAME", "COMMIT_ID"], [[i["id"], i["commit_id"]] for i in items])
+        return render(["NAME", "COMMIT_ID"],
+                      [[i["id"], i["commit_id"][:ID_WIDTH]] for i in items])
     if resource == "commit":
         return render(
             ["COMMIT_ID", "MESSAGE", "CREATED"],
-            [[i["id"][:8], i["message"].splitlines()[0] if i["message"] else "",
-              _date(i["creation_date"])] for i in items],
+            [[i["id"][:ID_WIDTH], i["message"].splitlines()[0] if i["message"] else "",
+              date(i["creation_date"])] for i in items],
         )
     if level in ("kind", "folder"):
         return render(
@@ -50,6 +69,6 @@ def table_for(resource: str, level: str, items: list[dict[str, Any]]) -> str:
         )
     return render(
         ["PATH", "BYTES", "CHECKSUM", "MODIFIED"],
-        [[i["path"], str(i["size_bytes"]), i["checksum"][:16], _date(i["mtime"])]
-         for i in items],
+        [[i["path"], str(i["size_bytes"]) if raw_bytes else human_size(i["size_bytes"]),
+          i["checksum"][:16], date(i["mtime"])] for i in items],
     )
