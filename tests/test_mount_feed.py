@@ -87,6 +87,10 @@ def test_a_commit_elsewhere_shows_at_once(mount_factory: Mounter, tmp_path: Path
                    what="the feed again")
         commit_file(server, key, addr, "c.txt", b"after", tmp_path)
         wait_until(lambda: (branch / "c.txt").exists(), timeout=FAST, what="c.txt")
+        from tests.test_mount_write import run_ah
+
+        shown = run_ah("stats", str(m.mountpoint))
+        assert "changes: live" in shown and "hub_state: online" in shown
         text = (Path(os.environ["AHMOUNT_HOME"]) / "cache/logs/ah-mount.log").read_text()
         assert text.count("change feed connected") == 2
         assert "change feed lost" in text and "polling the hub every 60.0 s" in text

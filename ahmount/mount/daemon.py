@@ -218,7 +218,9 @@ def control_ops(mountpoint: Path, session: Session, ops: AssetFS) -> dict[str, H
         return {**session.cache_stats(), "dropped": dropped}
 
     async def stats(args: dict[str, Any]) -> dict[str, Any]:
+        status = session.status()
         return {"fuse_ops": dict(ops.op_counts), "inodes": len(ops.inodes),
+                "changes": status["changes"], "hub_state": status["hub_state"],
                 **session.stats()}
 
     async def log_level(args: dict[str, Any]) -> dict[str, Any]:
