@@ -71,11 +71,12 @@ def replicated(commits: int, root: Path, mounts: list[MountProcess]) -> None:
 
     cluster = PostgresCluster()
     cluster.start()
-    (root / "s3").mkdir()
-    s3 = S3Server(root / "s3")
-    s3.start()
     replicas: list[HubProcess] = []
+    s3: S3Server | None = None
     try:
+        (root / "s3").mkdir()
+        s3 = S3Server(root / "s3")
+        s3.start()
         extra = scale_args(cluster, s3, "feedbench")
         a = HubProcess(root / "ra", extra)
         key = a.add_user("bench")
@@ -105,8 +106,9 @@ def replicated(commits: int, root: Path, mounts: list[MountProcess]) -> None:
     finally:
         for r in replicas:
             r.stop()
-        s3.stop()
-        cluster.stop()
+        if s3 is not None:
+            s3.stop()
+        cluster.stop()  # also when the S3 server failed to start
 
 
 def main() -> None:
