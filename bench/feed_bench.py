@@ -28,8 +28,9 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ahmount.client.hub_client import HubClient
-from ahmount.hub.models import AssetAddr, FolderAddr, ObjectEntry
+from ahmount.hub.models import AssetAddr, ObjectEntry
 from tests.conftest import HubProcess, MountProcess, wait_until
+from tests.test_mount_feed import make_asset
 
 
 async def run_commits(server: HubProcess, key: str, addr: AssetAddr, files: list[Path],
@@ -86,15 +87,7 @@ def replicated(commits: int, root: Path, mounts: list[MountProcess]) -> None:
             r.start()
             replicas.append(r)
 
-        async def setup() -> AssetAddr:
-            async with HubClient(a.url, api_key=key) as hub:
-                folder = FolderAddr("bench", "model", "feed")
-                await hub.create_folder(folder)
-                addr = AssetAddr(folder, "m")
-                await hub.create_asset(addr)
-                return addr
-
-        addr = trio.run(setup)
+        addr = make_asset(a, key, "bench", "feed")
         m = MountProcess(root / "replica", "--hub", b.url, "--api-key", key,
                          "--cache-dir", str(root / "c3"), "--refresh", "60").start()
         mounts.append(m)
@@ -125,15 +118,7 @@ def main() -> None:
         server.start()
         mounts: list[MountProcess] = []
         try:
-            async def setup() -> AssetAddr:
-                async with HubClient(server.url, api_key=key) as hub:
-                    folder = FolderAddr("bench", "model", "feed")
-                    await hub.create_folder(folder)
-                    addr = AssetAddr(folder, "m")
-                    await hub.create_asset(addr)
-                    return addr
-
-            addr = trio.run(setup)
+            addr = make_asset(server, key, "bench", "feed")
             live = MountProcess(root / "live", "--hub", server.url, "--api-key", key,
                                 "--cache-dir", str(root / "c1"), "--refresh", "60").start()
             mounts.append(live)

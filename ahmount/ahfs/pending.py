@@ -49,9 +49,6 @@ class BranchChanges:
             local.unlink(missing_ok=True)
         self.entries.pop(path, None)
 
-    def touched(self, path: str) -> bool:
-        return path in self.files or path in self.entries or path in self.deletes
-
     def describe(self) -> str:
         """A default commit message: what changed, briefly."""
         written = sorted({*self.files, *self.entries})

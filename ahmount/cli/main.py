@@ -27,6 +27,7 @@ from ahmount.errors import Conflict, InvalidArgument, NotFound
 from ahmount.exit_codes import EXIT_CODE_MEANINGS, USAGE, exit_code
 from ahmount.paths import parse
 from ahmount.sync_runner import run_sync
+from ahmount.vfs.hub_view import utc_time
 
 Handler = Callable[[argparse.Namespace], int]
 PATH_HELP = "an API path: model/llm, model/llm/gpt2, model/llm/gpt2:v1, /alice/t9k-assethub/..."
@@ -419,10 +420,6 @@ def _asset_and_ref(path: str) -> tuple[Any, str]:
     return parsed, parsed.ref or "main"
 
 
-def _when(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
-
-
 def cmd_tag(args: argparse.Namespace) -> int:
     """Tag a branch's head (inside a mounted branch directory: that branch)."""
     parsed, ref = _asset_and_ref(_api_path(args.path))
@@ -448,7 +445,7 @@ def cmd_log(args: argparse.Namespace) -> int:
     for i, c in enumerate(commits):
         first = c.message.splitlines()[0] if c.message else ""
         if args.oneline:
-            print(printable(f"{c.id[:12]} {_when(c.created)[:10]} {c.committer}: {first}"))
+            print(printable(f"{c.id[:12]} {utc_time(c.created)[:10]} {c.committer}: {first}"))
             continue
         if i:
             print()
@@ -456,7 +453,7 @@ def cmd_log(args: argparse.Namespace) -> int:
         if len(c.parents) > 1:
             print("Merge: " + " ".join(p[:12] for p in c.parents))
         print(printable(f"Author: {c.committer}"))
-        print(f"Date:   {_when(c.created)}")
+        print(f"Date:   {utc_time(c.created)}")
         print()
         for line in c.message.splitlines() or [""]:
             print(printable(f"    {line}"))
@@ -519,7 +516,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         return 0
     print(f"commit {commit.id}")
     print(printable(f"Author: {commit.committer}"))
-    print(f"Date:   {_when(commit.created)}")
+    print(f"Date:   {utc_time(commit.created)}")
     if commit.parents:
         print("Parents: " + " ".join(p[:12] for p in commit.parents))
     print()

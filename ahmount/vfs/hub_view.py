@@ -441,6 +441,11 @@ class HubView:
             self.invalidate_asset(addr)
 
 
+def utc_time(ts: float) -> str:
+    """``2026-12-01 15:11:56 UTC``: how state and history print a moment."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+
+
 def hub_state(view: HubView) -> str:
     """``online``, or ``offline, as of <time>`` (when the hub last answered, or when the
     listings kept from an earlier run were saved): what ``ah status`` and the
@@ -454,4 +459,4 @@ def hub_state(view: HubView) -> str:
         when = saved[1] if saved is not None else None
     if when is None:
         return "offline"
-    return "offline, as of " + time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(when))
+    return "offline, as of " + utc_time(when)

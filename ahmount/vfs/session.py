@@ -39,7 +39,7 @@ from ahmount.vfs.cache_dir import claim, last_user, remember_user
 from ahmount.vfs.change_feed import Changed, ChangeFeed
 from ahmount.vfs.change_queue import ChangeQueue
 from ahmount.vfs.core import VFS
-from ahmount.vfs.hub_view import HubView, hub_state
+from ahmount.vfs.hub_view import HubView, hub_state, utc_time
 from ahmount.vfs.object_cache import ObjectCache
 from ahmount.vfs.prefetch import Prefetcher
 from ahmount.vfs.supervisor import Supervisor
@@ -52,11 +52,7 @@ LISTINGS_LIMIT = 4 << 30
 
 def _as_of(view: HubView) -> str:
     saved = view.saved_cursor()
-    return "an unknown time" if saved is None else _iso(saved[1])
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+    return "an unknown time" if saved is None else utc_time(saved[1])
 
 
 class Session:
