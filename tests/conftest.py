@@ -32,6 +32,37 @@ def command(name: str) -> str:
     return found
 
 
+def run_command(name: str, *args: str, cwd: Path | None = None, stderr_tty: bool = False,
+                check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run an installed command; ``stderr_tty``: its stderr is a terminal (a pty), as when a
+    user runs it, which is what progress bars draw on."""
+    env = dict(os.environ, COLUMNS="120")
+    if not stderr_tty:
+        result = subprocess.run([command(name), *args], capture_output=True, text=True,
+                                cwd=cwd, env=env, timeout=120)
+    else:
+        leader, follower = os.openpty()
+        proc = subprocess.run([command(name), *args], stdout=subprocess.PIPE, stderr=follower,
+                              text=True, cwd=cwd, env=env, timeout=120)
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+        os.close(leader)
+        result = subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout,
+                                             b"".join(chunks).decode(errors="replace"))
+    if check and result.returncode != 0:
+        raise AssertionError(f"{name} {' '.join(args)} exited {result.returncode}: "
+                             f"{result.stderr}")
+    return result
+
+
 def wait_until(predicate: object, timeout: float = 20.0, what: str = "condition") -> None:
     """Poll ``predicate`` until it returns truthy or ``timeout`` passes."""
     deadline = time.monotonic() + timeout

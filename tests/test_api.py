@@ -167,7 +167,7 @@ def test_seed_commit_file(gpt2: str, work: Path, messages: list[str]) -> None:
     assert isinstance(c, ah.Commit)
     assert c.name == c.id[:8] and len(c.id) == 64
     assert f"Commit {c.name} created" in messages
-    assert any(m.startswith("Uploaded 1 file(s), ") for m in messages)  # one line, piped
+    assert any(m.startswith("Uploaded 1 file, ") for m in messages)  # one line, piped
     assert paths_of(gpt2) == ["model.pt"]
 
 

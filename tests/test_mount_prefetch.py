@@ -67,7 +67,7 @@ def test_prefetch_refuses_what_does_not_fit_or_is_not_a_ref(mount_factory: Mount
                   add={str(tmp_path / f"more{i}.bin"): f"big/more{i}.bin"})
     m = mount_factory("--cache-size", "16M")
     refused = run_ah("prefetch", str(m.mountpoint / "dataset/warm/imgs/main"), check=False)
-    assert "157 file(s) to prefetch hold" in refused and "16.0 MiB" in refused
+    assert "157 files to prefetch hold" in refused and "16.0 MiB" in refused
     assert "larger" in refused and "--cache-size" in refused
     assert m.control("stats")["cache"]["bytes_fetched"] == 0
     above = run_ah("prefetch", str(m.mountpoint / "dataset/warm/imgs"), check=False)

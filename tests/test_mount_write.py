@@ -254,7 +254,7 @@ def test_reset_status_remote_changes_unknown_changes_and_sync(mount_factory: Mou
     assert objects("model/llm/gpt2:v1") == {"shared.txt": 4, "local.txt": 5}
     (branch / "scratch.txt").write_text("scratch")
     os.unlink(branch / "local.txt")
-    assert "Dropped 2 queued" in run_ah("reset", cwd=branch)
+    assert "Dropped 2 queued changes" in run_ah("reset", cwd=branch)
     assert sorted(os.listdir(branch)) == ["local.txt", "shared.txt"]
     assert "0 added/changed, 0 deleted" in run_ah("status", cwd=branch)
 

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, cast
 
 from ahmount import __version__, ah
-from ahmount.cli.tables import date, human_size, printable, render, table_for
+from ahmount.cli import completion
+from ahmount.cli.tables import date, printable, render, table_for
 from ahmount.client.embedded import connect
 from ahmount.client.hub_client import HubClient
 from ahmount.config import load_config, make_config, remove_config, save_config
@@ -28,6 +29,7 @@ from ahmount.exit_codes import EXIT_CODE_MEANINGS, USAGE, exit_code
 from ahmount.paths import parse
 from ahmount.sync_runner import run_sync
 from ahmount.vfs.hub_view import utc_time
+from ahmount.wording import human_size, plural
 
 Handler = Callable[[argparse.Namespace], int]
 PATH_HELP = "an API path: model/llm, model/llm/gpt2, model/llm/gpt2:v1, /alice/t9k-assethub/..."
@@ -111,9 +113,9 @@ def cmd_delete(args: argparse.Namespace) -> int:
         except NotFound:
             inside = []  # --force deletes nothing quietly; without it, delete says so
         if inside:
-            what = "asset(s)" if level == "folder" else "object(s) on main"
-            answer = input(f"{args.path} holds {len(inside)} {what}; delete it for good? "
-                           "[y/N] ")
+            what = plural(len(inside), "asset") if level == "folder" else \
+                plural(len(inside), "object") + " on main"
+            answer = input(f"{args.path} holds {what}; delete it for good? [y/N] ")
             if answer.strip().lower() not in ("y", "yes"):
                 print("not deleted", file=sys.stderr)
                 return 1
@@ -147,9 +149,12 @@ def _in_mount(path: str | None) -> tuple[Path, list[str]] | None:
     return found[0], list(found[1])
 
 
-def _mount_branch_op(args: argparse.Namespace, op: str, **extra: Any) -> dict[str, Any] | None:
-    """Run ``op`` on the mounted branch ``args.path`` is in; None if it is not in a mount."""
+def _mount_branch_op(args: argparse.Namespace, op: str, transfers: bool = False,
+                     **extra: Any) -> dict[str, Any] | None:
+    """Run ``op`` on the mounted branch ``args.path`` is in; None if it is not in a mount.
+    ``transfers``: the daemon streams the progress of what it uploads, drawn here."""
     from ahmount.mount.control import call
+    from ahmount.transfer.progress import RemoteProgress
 
     found = _in_mount(args.path)
     if found is None:
@@ -157,21 +162,27 @@ def _mount_branch_op(args: argparse.Namespace, op: str, **extra: Any) -> dict[st
             raise InvalidArgument(f"ah {args.command} needs a path: the current directory is "
                                   "not inside a branch of an ah-mount")
         return None
-    result = call(found[0], op, {"path": found[1], **extra})
+    progress = RemoteProgress() if transfers else None
+    try:
+        result = call(found[0], op, {"path": found[1], **extra}, progress=progress)
+    finally:
+        if progress is not None:
+            progress.close()
     assert isinstance(result, dict)
     return result
 
 
 def cmd_commit(args: argparse.Namespace) -> int:
     if not args.add and not args.delete:
-        done = _mount_branch_op(args, "commit", message=args.message, force=args.force)
+        done = _mount_branch_op(args, "commit", transfers=True, message=args.message,
+                                force=args.force)
         if done is not None:
             if args.json:
                 _print_json(done)
             elif done["commit"]:
                 print(done["commit"])
                 print(f"Commit {done['commit'][:8]} created "
-                      f"({_plural(done['taken'], 'queued change')})", file=sys.stderr)
+                      f"({plural(done['taken'], 'queued change')})", file=sys.stderr)
             else:
                 print("Nothing to commit", file=sys.stderr)
             return 0
@@ -216,16 +227,18 @@ def cmd_reset(args: argparse.Namespace) -> int:
     if done is None:
         ah.reset(args.path)
     else:
-        print(f"Dropped {done['dropped_local']} queued and {done['dropped_staged']} staged "
-              "change(s)", file=sys.stderr)
+        print(f"Dropped {plural(done['dropped_local'], 'queued change')} and "
+              f"{plural(done['dropped_staged'], 'staged change')}", file=sys.stderr)
     return 0
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    done = _mount_branch_op(args, "sync")
+    done = _mount_branch_op(args, "sync", transfers=True)
     if done is None:
         raise InvalidArgument(f"{args.path} is not inside a branch of an ah-mount")
-    print(f"Uploaded {done['uploaded']} file(s), {done['bytes']} bytes", file=sys.stderr)
+    if not args.quiet:
+        print(f"{plural(done['uploaded'], 'file')} uploaded ahead "
+              f"({human_size(done['bytes'])} sent)", file=sys.stderr)
     return 0
 
 
@@ -243,10 +256,6 @@ def _hub_call(fn: Callable[[HubClient], Any]) -> Any:
 _STATUS_WORDS = {"new": "new file:", "modified": "modified:", "delete": "deleted:"}
 
 
-def _plural(count: int, word: str) -> str:
-    return f"{count} {word}" + ("" if count == 1 else "s")
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     mounted = _mount_branch_op(args, "branch_status")
     if mounted is not None:
@@ -254,7 +263,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             _print_json(mounted)
             return 0
         print(f"On {mounted['branch']}: {mounted['adds']} added/changed, "
-              f"{mounted['deletes']} deleted, {mounted['bytes']} bytes queued")
+              f"{mounted['deletes']} deleted, {human_size(mounted['bytes'])} queued")
         if mounted.get("hub", "online") != "online":
             print(f"  hub {mounted['hub']}: showing what is cached; queued changes upload "
                   "and commit once it answers")
@@ -280,7 +289,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     elif not changes:
         print(f"On {args.path}: nothing to commit")
     else:
-        print(f"On {args.path}: {len(changes)} uncommitted change(s)")
+        print(f"On {args.path}: {plural(len(changes), 'uncommitted change')}")
         print(render(["CHANGE", "PATH", "BYTES"],
                      [["added" if c["op"] == "add" else "deleted", c["path"],
                        "" if c["size"] is None else str(c["size"])] for c in changes]))
@@ -349,9 +358,8 @@ def cmd_mount_op(args: argparse.Namespace) -> int:
 
 def cmd_prefetch(args: argparse.Namespace) -> int:
     """Warm a mount's cache with files, directories or refs, showing progress."""
-    from tqdm import tqdm
-
     from ahmount.mount.control import call
+    from ahmount.transfer.progress import Progress
 
     places = [_in_mount(p) for p in args.paths]
     if any(p is None for p in places):
@@ -363,22 +371,25 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     mountpoint = mounts.pop()
     job = call(mountpoint, "prefetch", {"paths": [p[1] for p in places if p is not None],
                                         "jobs": args.jobs})
-    print(f"prefetching {_plural(job['files'], 'file')} "
-          f"({job['bytes'] / (1 << 20):.1f} MiB) into {mountpoint}'s cache", file=sys.stderr)
+    if not args.quiet:
+        print(f"prefetching {plural(job['files'], 'file')} ({human_size(job['bytes'])}) "
+              f"into {mountpoint}'s cache", file=sys.stderr)
     if args.background:
         print(f"job {job['id']}: 'ah stats' shows the cache filling", file=sys.stderr)
         return 0
-    with tqdm(total=job["bytes"], unit="B", unit_scale=True, unit_divisor=1024,
-              disable=None) as bar:
+    progress = Progress("Prefetching", job["files"], job["bytes"])
+    try:
         while True:
             job = call(mountpoint, "prefetch_status", {"job": job["id"]})
-            bar.update(job["done_bytes"] - bar.n)
+            progress.show({"bytes_done": job["done_bytes"], "files_done": job["done_files"]})
             if job["state"] != "running":
                 break
             time.sleep(0.2)
+    finally:
+        progress.close()
     for error in job["errors"]:
         print(f"failed: {error}", file=sys.stderr)
-    print(f"{_plural(job['done_files'] - job['failed'], 'file')} in the cache, "
+    print(f"{plural(job['done_files'] - job['failed'], 'file')} in the cache, "
           f"{job['failed']} failed", file=sys.stderr)
     return 1 if job["failed"] else 0
 
@@ -758,15 +769,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("level", choices=["debug", "info", "warning", "error"],
                    help="the new level")
     p.add_argument("path", nargs="?", help="a path inside the mount (default: .)")
+
+    p = _sub(subs, "completion", cmd_completion,
+             "print the shell completion script (commands, options, and folder, asset and "
+             "ref names from the hub)",
+             "eval \"$(ah completion bash)\"    # or: ah completion bash > "
+             "/etc/bash_completion.d/ah")
+    p.add_argument("shell", choices=completion.SHELLS, help="the shell to complete in")
+    completion.attach(parser)
     return parser
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    print(completion.shellcode(args.shell))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    completion.autocomplete(parser)  # a shell asking for completions: answered, then exit
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # a wrong flag of a command: that command's usage, not the top-level one
         subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         subs.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    ah._console_logging()  # progress and summary lines; -q turns them down
     if args.quiet:
         logging.getLogger("ahmount.ah").setLevel(logging.WARNING)
     handler: Handler = args.handler

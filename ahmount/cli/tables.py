@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ahmount.names import CONTROL_CHARACTERS
+from ahmount.wording import human_size
 
 
 def printable(text: str) -> str:
@@ -31,17 +32,6 @@ def render(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 #: Commit ids in tables: as many characters as git shows with --abbrev=12 (JSON has them
 #: whole).
 ID_WIDTH = 12
-
-
-def human_size(n: int) -> str:
-    """``512 B``, ``3.2 MiB``: human-readable bytes."""
-    if n < 1024:
-        return f"{n} B"
-    value, units = n / 1024, ["KiB", "MiB", "GiB", "TiB"]
-    while value >= 1024 and len(units) > 1:
-        value /= 1024
-        units.pop(0)
-    return f"{value:.1f} {units[0]}"
 
 
 def date(ts: float) -> str:

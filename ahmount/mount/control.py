@@ -1,7 +1,10 @@
 """The mount's control socket: a small typed request/response protocol over a unix socket.
 
 One JSON object per line each way. A request is ``{"op": NAME, "args": {...}}``; a response is
-``{"ok": true, "result": ...}`` or ``{"ok": false, "error": {"code", "message"}}``. The socket
+``{"ok": true, "result": ...}`` or ``{"ok": false, "error": {"code", "message"}}``. A request
+with ``"progress": true`` also gets ``{"progress": STATE}`` lines before its response, at most
+every :data:`PROGRESS_INTERVAL`, for each transfer the operation makes
+(:mod:`ahmount.transfer.progress`): that is how ``ah commit`` in a mount shows a bar. The socket
 is mode 0600 inside a 0700 directory, and every connection's peer credentials are checked: only
 the user who mounted may talk to it. Operations are looked up in a dispatch table
 (:class:`ControlServer.ops`); each takes the args mapping and returns a JSON-able value.
@@ -24,11 +27,14 @@ import trio
 
 from ahmount import errors
 from ahmount.config import dirs
+from ahmount.transfer.progress import REPORTER, State
 
 log = logging.getLogger("ahmount.control")
 
 Op = Callable[[dict[str, Any]], Awaitable[Any]]
 MAX_REQUEST = 1 << 20
+#: How often a progress line is sent at most (a bar redraws ~10 times a second anyway).
+PROGRESS_INTERVAL = 0.1
 
 
 #: The longest path a unix socket address holds (sun_path, with its NUL).
@@ -124,9 +130,10 @@ class ControlServer:
                     return
                 while b"\n" in buffer:
                     line, buffer = buffer.split(b"\n", 1)
-                    await self._send(stream, await self.handle(line))
+                    await self._send(stream, await self.handle(line, stream))
 
-    async def handle(self, line: bytes) -> dict[str, Any]:
+    async def handle(self, line: bytes,
+                     stream: trio.SocketStream | None = None) -> dict[str, Any]:
         try:
             request = json.loads(line)
         except ValueError:
@@ -141,12 +148,53 @@ class ControlServer:
         if not isinstance(args, dict):
             return _error("invalid_argument", "args must be an object")
         try:
+            if request.get("progress") is True and stream is not None:
+                return {"ok": True, "result": await self._with_progress(op, args, stream)}
             return {"ok": True, "result": await op(args)}
         except errors.AhError as exc:
             return _error(exc.code, exc.message)
         except Exception as exc:
             log.exception("control operation %s failed", request["op"])
             return _error("internal", f"{request['op']} failed: {exc}")
+
+    async def _with_progress(self, op: Op, args: dict[str, Any],
+                             stream: trio.SocketStream) -> Any:
+        """Run ``op`` with :data:`REPORTER` set, sending the newest state it reported every
+        :data:`PROGRESS_INTERVAL`. Transfers report from worker threads too, so the reporter
+        only stores the state; this task sends it. A client that hangs up stops the lines,
+        never the operation."""
+        latest: list[State] = []
+        sent: list[State | None] = [None]
+        gone = False
+
+        async def send_newest() -> None:
+            nonlocal gone
+            if gone or not latest or latest[-1] is sent[0]:
+                return
+            sent[0] = latest[-1]
+            try:
+                await self._send(stream, {"progress": sent[0]})
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                gone = True
+
+        async def pump() -> None:
+            while True:
+                await trio.sleep(PROGRESS_INTERVAL)
+                await send_newest()
+
+        def report(state: State) -> None:
+            latest[:] = [state]
+
+        token = REPORTER.set(report)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump)
+                result = await op(args)
+                nursery.cancel_scope.cancel()
+        finally:
+            REPORTER.reset(token)
+        await send_newest()  # the last state (a finished bar) before the answer
+        return result
 
     async def _send(self, stream: trio.SocketStream, response: dict[str, Any]) -> None:
         await stream.send_all(json.dumps(response).encode() + b"\n")
@@ -157,9 +205,10 @@ def _error(code: str, message: str) -> dict[str, Any]:
 
 
 def call(mountpoint: Path, op: str, args: dict[str, Any] | None = None,
-         timeout: float = 600.0) -> Any:
+         timeout: float = 600.0, progress: Callable[[State], None] | None = None) -> Any:
     """Send one request to the mount at ``mountpoint`` (blocking); returns its result or raises
-    the domain error it answered with."""
+    the domain error it answered with. ``progress`` is called with each progress state the
+    operation reports (``timeout`` is then the longest silence between two lines)."""
     path = socket_path(mountpoint)
     if path.parent.exists():
         _check_private(path.parent)
@@ -170,14 +219,24 @@ def call(mountpoint: Path, op: str, args: dict[str, Any] | None = None,
         except OSError as exc:
             raise errors.NotFound(f"no ah-mount answers for {mountpoint} ({exc.strerror})",
                                   path=str(mountpoint)) from None
-        sock.sendall(json.dumps({"op": op, "args": args or {}}).encode() + b"\n")
+        request: dict[str, Any] = {"op": op, "args": args or {}}
+        if progress is not None:
+            request["progress"] = True
+        sock.sendall(json.dumps(request).encode() + b"\n")
         buffer = b""
-        while b"\n" not in buffer:
-            data = sock.recv(65536)
-            if not data:
-                raise errors.HubUnavailable(f"ah-mount at {mountpoint} closed the connection")
-            buffer += data
-    response = json.loads(buffer.split(b"\n", 1)[0])
+        while True:
+            while b"\n" not in buffer:
+                data = sock.recv(65536)
+                if not data:
+                    raise errors.HubUnavailable(
+                        f"ah-mount at {mountpoint} closed the connection")
+                buffer += data
+            line, buffer = buffer.split(b"\n", 1)
+            response = json.loads(line)
+            if "progress" not in response:
+                break
+            if progress is not None:
+                progress(response["progress"])
     if response.get("ok"):
         return response.get("result")
     error = response.get("error") or {}

@@ -38,6 +38,7 @@ from ahmount.mount.fs import AssetFS
 from ahmount.mount.kernel_cache import KernelCache
 from ahmount.observability import notify_systemd, set_level, setup_logging
 from ahmount.vfs.session import Session
+from ahmount.vfs.writeback import UPLOAD_AHEAD_DELAY
 
 log = logging.getLogger("ahmount.mount")
 
@@ -71,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-change-feed", action="store_true",
                         help="do not follow the hub's change feed: poll every --refresh "
                         "seconds only")
+    parser.add_argument("--write-back", default=str(UPLOAD_AHEAD_DELAY), metavar="SECONDS",
+                        help="upload a closed file this long after the last close, ahead of "
+                        f"the commit (default {UPLOAD_AHEAD_DELAY}); 'off' keeps written "
+                        "files local until 'ah sync' or 'ah commit'")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="where the object cache and the queued edits live (default: "
                         "the ahmount cache directory); one mount of a hub and user at a time "
@@ -121,8 +126,10 @@ class Mount:
 
     def __init__(self, mountpoint: Path, config: ClientConfig, cache_size: int,
                  refresh: float, allow_other: bool, cache_dir: Path | None = None,
-                 follow_changes: bool = True, offline: bool = False) -> None:
+                 follow_changes: bool = True, offline: bool = False,
+                 write_back: float | None = UPLOAD_AHEAD_DELAY) -> None:
         self.mountpoint = mountpoint
+        self.write_back = write_back
         self.offline = offline
         self.follow_changes = follow_changes
         self.cache_dir = cache_dir or dirs().cache
@@ -146,7 +153,7 @@ class Mount:
         session = Session(hub, hub_url=self.config.ah_host, cache_base=self.cache_dir,
                           cache_size=self.cache_size, refresh=self.refresh,
                           holder=str(self.mountpoint), on_bug=self._stop_for_bug,
-                          offline=self.offline)
+                          offline=self.offline, write_back=self.write_back)
         async with session:
             self.session = session
             self.ops = ops = AssetFS(session.vfs, os.getuid(), os.getgid())
@@ -281,6 +288,32 @@ def _config_from(args: argparse.Namespace) -> ClientConfig:
     return load_config()
 
 
+def _write_back(value: str) -> float | None:
+    """``--write-back``: seconds, or None for 'off'."""
+    if value.strip().lower() == "off":
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < 86400:
+        raise InvalidArgument(f"--write-back {value!r} must be seconds (0 to 86400) or 'off'")
+    return seconds
+
+
+def _warn_if_not_empty(mountpoint: Path) -> None:
+    """Mounting over files hides them (FUSE allows it): say so, as mount(8) users expect."""
+    try:
+        with os.scandir(mountpoint) as entries:
+            hidden = sum(1 for _ in entries)
+    except OSError:
+        return
+    if hidden:
+        print(f"ah-mount: warning: {mountpoint} is not empty; its {hidden} entr"
+              f"{'y is' if hidden == 1 else 'ies are'} hidden until it is unmounted",
+              file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -288,8 +321,10 @@ def main(argv: list[str] | None = None) -> int:
         cache_size = parse_size(args.cache_size)
         if args.refresh <= 0:
             raise InvalidArgument(f"--refresh {args.refresh} must be positive")
+        args.write_back = _write_back(args.write_back)
         config = _config_from(args)
         recover_stale(mountpoint)
+        _warn_if_not_empty(mountpoint)
     except (AhError, OSError) as exc:
         print(f"ah-mount: {exc}", file=sys.stderr)
         return exit_code(exc)
@@ -326,7 +361,8 @@ def _run(mountpoint: Path, config: ClientConfig, cache_size: int, args: argparse
          ready: Callable[[], None]) -> int:
     cache_dir = Path(os.path.abspath(args.cache_dir)) if args.cache_dir else None
     mount = Mount(mountpoint, config, cache_size, args.refresh, args.allow_other, cache_dir,
-                  follow_changes=not args.no_change_feed, offline=args.offline)
+                  follow_changes=not args.no_change_feed, offline=args.offline,
+                  write_back=args.write_back)
     try:
         trio.run(mount.run, ready)
     except AhError as exc:

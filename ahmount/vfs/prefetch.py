@@ -29,6 +29,7 @@ from ahmount.vfs.layout import Key
 from ahmount.vfs.object_cache import BLOCK
 from ahmount.vfs.supervisor import EXPECTED
 from ahmount.vfs.tree import Node
+from ahmount.wording import human_size, plural
 
 log = logging.getLogger("ahmount.vfs")
 
@@ -75,9 +76,9 @@ class Prefetcher:
         cache = self._vfs.cache
         if total > cache.max_bytes:
             raise InvalidArgument(
-                f"the {len(sources)} file(s) to prefetch hold {_mib(total)}, more than the "
-                f"cache's {_mib(cache.max_bytes)}: prefetch less, or mount with a larger "
-                "--cache-size")
+                f"the {plural(len(sources), 'file')} to prefetch hold {human_size(total)}, more "
+                f"than the cache's {human_size(cache.max_bytes)}: prefetch less, or mount with "
+                "a larger --cache-size")
         job = Job(next(self._ids), len(sources), total)
         self.jobs[job.id] = job
         self._spawn(f"prefetch {job.id}", lambda: self._run(job, sources, jobs))
@@ -143,8 +144,8 @@ class Prefetcher:
                     nursery.start_soon(fetch_group, addr, commit,
                                        group[start:start + BATCH_FILES])
         job.state = "failed" if job.failed else "done"
-        log.info("prefetch %d: %d file(s), %s, %d failed", job.id, job.files, _mib(job.bytes),
-                 job.failed)
+        log.info("prefetch %d: %s, %s, %d failed", job.id, plural(job.files, "file"),
+                 human_size(job.bytes), job.failed)
 
     @staticmethod
     def _done(job: Job, size: int) -> None:
@@ -156,6 +157,3 @@ class Prefetcher:
         job.failed += 1
         job.errors.append(f"{path}: {exc}")
 
-
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.1f} MiB"

@@ -43,7 +43,7 @@ from ahmount.vfs.hub_view import HubView, hub_state, utc_time
 from ahmount.vfs.object_cache import ObjectCache
 from ahmount.vfs.prefetch import Prefetcher
 from ahmount.vfs.supervisor import Supervisor
-from ahmount.vfs.writeback import WriteBack
+from ahmount.vfs.writeback import UPLOAD_AHEAD_DELAY, WriteBack
 
 log = logging.getLogger("ahmount.vfs")
 
@@ -59,12 +59,16 @@ class Session:
     def __init__(self, hub: HubClient, *, hub_url: str | None, cache_base: Path,
                  cache_size: int, refresh: float, holder: str,
                  on_bug: Callable[[BaseException], None] | None = None,
-                 offline: bool = False) -> None:
-        """``hub`` is entered by the session; ``hub_url`` keys the state directory (None for
-        the embedded hub); ``holder`` names this session to a second one that finds the
-        state directory locked (the mountpoint, for a mount)."""
+                 offline: bool = False,
+                 write_back: float | None = UPLOAD_AHEAD_DELAY) -> None:
+        """``hub`` is entered by the session; ``write_back``: seconds before a closed file
+        is uploaded ahead of its commit (None: not ahead, at ``sync`` or commit only);
+        ``hub_url`` keys the state directory (None for the embedded hub); ``holder`` names
+        this session to a second one that finds the state directory locked (the mountpoint,
+        for a mount)."""
         self._hub = hub
         self._offline = offline
+        self._write_back = write_back
         self.hub_url = hub_url
         self._cache_base = cache_base
         self._cache_size = cache_size
@@ -119,7 +123,7 @@ class Session:
             if restored:
                 log.info("%d listing(s) kept from earlier runs (as of %s)", restored,
                          _as_of(view))
-            writeback = WriteBack(hub, queue)
+            writeback = WriteBack(hub, queue, self._write_back)
             self._vfs = VFS(view, cache, queue, writeback, self.started)
             self._nursery = nursery = await stack.enter_async_context(open_nursery())
             stack.callback(nursery.cancel_scope.cancel)  # runs first on the way out

@@ -35,8 +35,12 @@ UPLOAD_RETRY_MAX = 60.0
 
 
 class WriteBack:
-    def __init__(self, hub: HubClient, queue: ChangeQueue) -> None:
+    def __init__(self, hub: HubClient, queue: ChangeQueue,
+                 delay: float | None = UPLOAD_AHEAD_DELAY) -> None:
+        """``delay``: how long after a close the runner uploads; None: never ahead (only
+        :meth:`upload_branch` and commits send bytes)."""
         self._hub = hub
+        self._delay = delay
         self._queue = queue
         #: Written files closed since the runner last ran: (branch, path).
         self._closed: set[tuple[str, str]] = set()
@@ -47,13 +51,15 @@ class WriteBack:
 
     def closed(self, branch: str, path: str) -> None:
         """A written file of ``branch`` was closed: upload it soon."""
+        if self._delay is None:
+            return
         self._closed.add((branch, path))
         self.uploading = True
         self._wake.set()
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
-        delay = UPLOAD_AHEAD_DELAY
+        delay = first = self._delay or 0.0
         failures = 0
         while True:
             await self._wake.wait()
@@ -63,7 +69,7 @@ class WriteBack:
             self.uploading = True
             try:
                 await self.upload(sorted(closed))
-                failures, delay = 0, UPLOAD_AHEAD_DELAY
+                failures, delay = 0, first
             except EXPECTED as exc:  # anything else is a bug: the supervisor stops the session
                 failures += 1
                 self.failures += 1
