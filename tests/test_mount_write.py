@@ -233,7 +233,7 @@ def test_reset_status_remote_changes_unknown_changes_and_sync(mount_factory: Mou
                                                        "shared.txt"})
     wait_until(lambda: "also changed on the hub" in run_ah("status", cwd=branch),
                what="status to report the remote change")
-    assert re.search(r"Uploaded \d+ file\(s\)", run_ah("sync", cwd=branch))
+    assert re.search(r"\d+ files? uploaded ahead", run_ah("sync", cwd=branch))
     # A foreign staged change refuses the commit until forced.
     from ahmount.client.embedded import embedded_client
     from ahmount.hub.models import AssetAddr, FolderAddr

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import trio
 
+from ahmount.errors import InvalidArgument
 from ahmount.mount.control import ControlServer, call, socket_path
 from ahmount.transfer.progress import Progress, RemoteProgress, State
 from tests.conftest import MountProcess, run_command
@@ -76,6 +77,21 @@ async def test_a_client_that_hangs_up_mid_progress_leaves_the_operation_running(
         with trio.fail_after(10):
             await finished.wait()
         assert await trio.to_thread.run_sync(lambda: call(tmp_path, "ping")) == "pong"
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_operation_that_fails_answers_its_own_error_with_progress_too(
+        tmp_path: Path) -> None:
+    async def refuse(args: dict[str, Any]) -> None:
+        Progress("Uploading", 1, 10).add_bytes(5)
+        raise InvalidArgument("model/llm is not inside a branch")
+
+    async with trio.open_nursery() as nursery:
+        await _serve(tmp_path, {"commit": refuse}, nursery)
+        for progress in (None, RemoteProgress()):
+            with pytest.raises(InvalidArgument, match="not inside a branch"):
+                await trio.to_thread.run_sync(
+                    lambda p=progress: call(tmp_path, "commit", {}, 10, p))
         nursery.cancel_scope.cancel()
 
 

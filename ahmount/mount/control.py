@@ -27,6 +27,7 @@ import trio
 
 from ahmount import errors
 from ahmount.config import dirs
+from ahmount.nurseries import open_nursery
 from ahmount.transfer.progress import REPORTER, State
 
 log = logging.getLogger("ahmount.control")
@@ -187,7 +188,7 @@ class ControlServer:
 
         token = REPORTER.set(report)
         try:
-            async with trio.open_nursery() as nursery:
+            async with open_nursery() as nursery:  # the op's own error, not a group
                 nursery.start_soon(pump)
                 result = await op(args)
                 nursery.cancel_scope.cancel()
