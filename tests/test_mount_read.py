@@ -323,8 +323,11 @@ def test_hub_down_serves_cached_data_and_eio_for_the_rest(
                 addr = AssetAddr(folder, "x")
                 await hub.create_asset(addr)
                 entries = []
-                for name in ("cached.bin", "uncached.bin"):
+                # In two directories: a small file's first read brings its directory's
+                # other small files too.
+                for name in ("cached.bin", "other/uncached.bin"):
                     p = tmp_path / name
+                    p.parent.mkdir(exist_ok=True)
                     p.write_bytes(os.urandom(100_000))
                     sha = hashlib.sha256(p.read_bytes()).hexdigest()
                     await hub.upload_file(p, sha, 100_000)
@@ -335,14 +338,14 @@ def test_hub_down_serves_cached_data_and_eio_for_the_rest(
         m = mount_factory("--hub", server.url, "--api-key", key, "--refresh", "0.2")
         main = m.mountpoint / "dataset/d/x/main"
         assert (main / "cached.bin").read_bytes() == (tmp_path / "cached.bin").read_bytes()
-        os.stat(main / "uncached.bin")
+        os.stat(main / "other/uncached.bin")
     finally:
         server.stop()
     time.sleep(0.3)  # let the listings expire: they must be served stale, not fail
     assert (main / "cached.bin").read_bytes() == (tmp_path / "cached.bin").read_bytes()
-    assert sorted(os.listdir(main)) == ["cached.bin", "uncached.bin"]
+    assert sorted(os.listdir(main)) == ["cached.bin", "other"]
     with pytest.raises(OSError) as info:
-        (main / "uncached.bin").read_bytes()
+        (main / "other/uncached.bin").read_bytes()
     assert info.value.errno == errno.EIO
     assert m.alive()
     log = (Path(os.environ["AHMOUNT_HOME"]) / "cache/logs/ah-mount.log").read_text()

@@ -52,6 +52,7 @@ from ahmount.vfs.handles import (
 from ahmount.vfs.hub_view import HubView
 from ahmount.vfs.layout import Key, Place, locate
 from ahmount.vfs.object_cache import BLOCK, ObjectCache
+from ahmount.vfs.sibling_fetch import SiblingFetcher
 from ahmount.vfs.tree import Node, Tree, check_name, child_path
 from ahmount.vfs.writeback import WriteBack
 
@@ -82,12 +83,16 @@ class VFS:
         self.writeback = writeback
         self.tree = Tree(view, queue, time.time() if started is None else started)
         self.handles = Handles()
+        #: Fetches small files with their directory's other small files (set by a session
+        #: with a supervisor to run the batches under; None: one request per file).
+        self.siblings: SiblingFetcher | None = None
 
     @property
     def refresh(self) -> float:
-        """Seconds after which changes made elsewhere show (how long a front end may cache
-        what may change)."""
-        return self.view.refresh
+        """How long a front end (the kernel's entry and attribute caches) may keep what may
+        change: ``--refresh`` while polling, the live TTL while the change feed is up (it
+        invalidates what changed elsewhere at once, and replays what a lapse missed)."""
+        return self.view.ttl
 
     @property
     def _queue(self) -> ChangeQueue:
@@ -171,6 +176,8 @@ class VFS:
                                     may_write=False)
         source = read_source(self.view, node)
         self.cache.pin(source.sha256)
+        if self.siblings is not None:
+            self.siblings.opened(node, source)
         return self.handles.add(ReadHandle(source, mode=node.permissions,
                                            immutable=node.immutable))
 

@@ -474,6 +474,28 @@ class ObjectCache:
         record = self._records.get(sha)
         return record is not None and record.size == size and record.complete()
 
+    def claim(self, objects: list[tuple[str, int]]) -> list[str]:
+        r"""Mark single-block objects (``(sha256, size)``) as being fetched by the caller, who
+        then :meth:`store`\ s them and :meth:`settle`\ s the claims: a reader of one of them
+        meanwhile waits for that instead of fetching it too, and fetches it itself if the
+        batch failed. Returns the ones claimed: not here and not in flight already."""
+        claimed: list[str] = []
+        for sha, size in objects:
+            if 0 < size <= BLOCK and (sha, 0) not in self._inflight and \
+                    not self.is_complete(sha, size):
+                self._inflight[(sha, 0)] = trio.Event()
+                claimed.append(sha)
+        return claimed
+
+    def settle(self, shas: list[str]) -> None:
+        """End claims (:meth:`claim`): their readers look again."""
+        for sha in shas:
+            self._inflight.pop((sha, 0), trio.Event()).set()
+
+    def in_flight(self, sha: str) -> bool:
+        """True while the first block of the object is being fetched."""
+        return (sha, 0) in self._inflight
+
     async def store(self, objects: list[tuple[str, bytes]]) -> None:
         """Keep objects fetched whole elsewhere (a batch read), each checked against its hash
         by the caller, as if they had been read through the cache: one thread hand-off and

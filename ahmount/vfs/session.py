@@ -42,6 +42,7 @@ from ahmount.vfs.core import VFS
 from ahmount.vfs.hub_view import HubView, hub_state, utc_time
 from ahmount.vfs.object_cache import ObjectCache
 from ahmount.vfs.prefetch import Prefetcher
+from ahmount.vfs.sibling_fetch import SiblingFetcher
 from ahmount.vfs.supervisor import Supervisor
 from ahmount.vfs.writeback import UPLOAD_AHEAD_DELAY, WriteBack
 
@@ -130,6 +131,7 @@ class Session:
             self._supervisor = supervisor = Supervisor(nursery, self._bug)
             cache.set_spawner(supervisor.spawn)
             self._prefetcher = Prefetcher(self._vfs, supervisor.spawn)
+            self._vfs.siblings = SiblingFetcher(cache, supervisor.spawn)
             await supervisor.start("upload-ahead", writeback.run)
             supervisor.spawn("cache index flusher", cache.run_flusher)
         except BaseException:
@@ -210,13 +212,17 @@ class Session:
     def stats(self) -> dict[str, Any]:
         vfs = self.vfs
         assert vfs.queue is not None and vfs.writeback is not None
+        siblings = vfs.siblings
+        assert siblings is not None
         queued = sum(len(vfs.queue.branch(b).files) + len(vfs.queue.branch(b).deleted)
                      for b in vfs.queue.branches())
         return {"cache": self.cache_stats(), "listing_fetches": vfs.view.listing_fetches,
                 "queue_length": queued, "open_handles": len(vfs.handles),
                 "bytes_uploaded": vfs.writeback.bytes_uploaded,
                 "uploading": vfs.writeback.uploading,
-                "upload_failures": vfs.writeback.failures}
+                "upload_failures": vfs.writeback.failures,
+                "small_batches": {"batches": siblings.batches, "objects": siblings.objects,
+                                  "failures": siblings.failures}}
 
     # -- warm-up -----------------------------------------------------------------------------
 

@@ -1,0 +1,87 @@
+"""Small files travel together (``vfs/sibling_fetch.py``), in-process on the vfs core: the
+first read of a small file brings its directory's other small files in one batch request;
+later reads there are cache hits; a batch that fails leaves every reader its own fetch."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ahmount import ah
+from ahmount.config import dirs
+from ahmount.vfs.sibling_fetch import SMALL_OBJECT
+from tests.fs_drivers import VfsDriver
+
+B = "model/llm/gpt2/v1"
+
+
+@pytest.fixture
+def dataset(gpt2_v1: None, tmp_path: Path) -> dict[str, bytes]:
+    files: dict[str, bytes] = {}
+    for d in ("a", "b"):
+        for i in range(20):
+            files[f"{d}/{i:02d}.bin"] = os.urandom(4096 + i)
+    files["a/big.bin"] = os.urandom(SMALL_OBJECT + 1)  # too large to travel in a batch
+    files["a/twin.bin"] = files["a/00.bin"]  # the same content under two names
+    local = {}
+    for path, data in files.items():
+        (tmp_path / "src" / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / path).write_bytes(data)
+        local[str(tmp_path / "src" / path)] = path
+    ah.commit("model/llm/gpt2:v1", msg="data", add=local)
+    return files
+
+
+@pytest.fixture
+def vfs(tmp_path: Path) -> Iterator[VfsDriver]:
+    driver = VfsDriver(tmp_path / "vfs-cache")
+    yield driver
+    driver.close_driver()
+
+
+def read(driver: VfsDriver, path: str) -> bytes:
+    fd = driver.open(f"{B}/{path}", os.O_RDONLY)
+    try:
+        return driver.pread(fd, 1 << 20, 0)
+    finally:
+        driver.close(fd)
+
+
+def batches(driver: VfsDriver) -> dict[str, int]:
+    return dict(driver.session.stats()["small_batches"])
+
+
+def test_the_first_read_brings_the_directorys_small_files(vfs: VfsDriver,
+                                                           dataset: dict[str, bytes]) -> None:
+    assert read(vfs, "a/07.bin") == dataset["a/07.bin"]
+    assert batches(vfs) == {"batches": 1, "objects": 20, "failures": 0}  # twin: one copy
+    cache = vfs.session.cache_stats()
+    for path in sorted(dataset):
+        if path.startswith("a/") and path != "a/big.bin":
+            assert read(vfs, path) == dataset[path]
+    after = vfs.session.cache_stats()
+    assert after["misses"] == cache["misses"]  # every other small file of a/ was a hit
+    assert batches(vfs)["batches"] == 1
+    assert read(vfs, "a/big.bin") == dataset["a/big.bin"]
+    assert batches(vfs)["batches"] == 1  # a large file is read by blocks, alone
+    assert read(vfs, "b/19.bin") == dataset["b/19.bin"]
+    assert batches(vfs) == {"batches": 2, "objects": 40, "failures": 0}
+
+
+def test_a_failed_batch_leaves_each_reader_its_own_fetch(vfs: VfsDriver,
+                                                         dataset: dict[str, bytes]) -> None:
+    bad = hashlib.sha256(dataset["a/05.bin"]).hexdigest()
+    [blob] = list((dirs().data / "hub").rglob(bad))
+    blob.write_bytes(bytes(len(dataset["a/05.bin"])))  # rot on the hub's disk
+    good = [p for p in sorted(dataset) if p.startswith("a/") and p not in
+            ("a/05.bin", "a/big.bin")]
+    for path in good:
+        assert read(vfs, path) == dataset[path]
+    assert batches(vfs)["failures"] >= 1
+    with pytest.raises(OSError) as info:
+        read(vfs, "a/05.bin")
+    assert info.value.errno == 5  # EIO: the one bad object, nothing else
