@@ -11,8 +11,8 @@ dev=0
 [ "${1:-}" = "--dev" ] && dev=1
 
 packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv)
-# The tests start their own PostgreSQL server from Debian's binaries, and complete in zsh.
-if [ $dev = 1 ]; then packages+=(postgresql rsync git zsh); fi
+# The tests start their own PostgreSQL server from Debian's binaries, complete in zsh; the benchmarks mount peers (sshfs, rclone).
+if [ $dev = 1 ]; then packages+=(postgresql rsync git zsh openssh-server sshfs rclone); fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -7,8 +7,8 @@ again). Files per second, on the same data, in one run, against:
   ``--vfs-cache-mode full`` over ``rclone serve webdav`` (:mod:`bench.peers`);
 - ahmount: a mount of ``ah-server`` on 127.0.0.1, the dataset on the branch ``main``.
 
-Data sets: ``--files`` × 4 KiB in 100 directories (default 10,000, the issue's), and
-``--large`` × 1 MiB (default 200). Each figure is printed with its ratio to sshfs.
+Data sets: ``--files`` x 4 KiB in 100 directories (default 10,000, the issue's), and
+``--large`` x 1 MiB (default 200). Each figure is printed with its ratio to sshfs.
 
 Usage: python bench/loader_bench.py [--files 10000] [--large 200] [--workers 1,2,4,8]
        [--peers sshfs,rclone]
