@@ -5,7 +5,9 @@ again). Files per second, on the same data, in one run, against:
 
 - local disk (the ceiling), sshfs over an sshd on 127.0.0.1, rclone mount
   ``--vfs-cache-mode full`` over ``rclone serve webdav`` (:mod:`bench.peers`);
-- ahmount: a mount of ``ah-server`` on 127.0.0.1, the dataset on the branch ``main``.
+- ahmount: a mount of ``ah-server`` on 127.0.0.1, the dataset on the branch ``main``;
+- the do-nothing pyfuse3 floor (``bench/minimal_fs.py``, the files written into it first,
+  its reads answering zeros): what any trio + pyfuse3 daemon pays per file.
 
 Data sets: ``--files`` x 4 KiB in 100 directories (default 10,000, the issue's), and
 ``--large`` x 1 MiB (default 200). Each figure is printed with its ratio to sshfs.
@@ -34,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ahmount.ahfs import AhFileSystem
 from bench import peers
 from bench.mount_bench import drop_caches
+from bench.mount_write_bench import start_minimal_fs
 from tests.conftest import HubProcess, MountProcess
 
 
@@ -131,7 +134,22 @@ def main() -> None:
                     shutil.rmtree(root / f"{name}-{n}", ignore_errors=True)
                 return opened
 
-            targets: dict[str, Opener] = {"local": local_disk, "ahmount": ahmount}
+            @contextlib.contextmanager
+            def floor(n: int) -> Iterator[Path]:
+                point = root / f"floor-{n}"
+                process = start_minimal_fs(point)
+                try:
+                    for kind_paths in sets.values():
+                        for rel in kind_paths:
+                            (point / rel).parent.mkdir(parents=True, exist_ok=True)
+                            (point / rel).write_bytes((local / rel).read_bytes())
+                    yield point
+                finally:
+                    peers.unmount(point)
+                    process.wait(timeout=30)
+
+            targets: dict[str, Opener] = {"local": local_disk, "pyfuse3 floor": floor,
+                                          "ahmount": ahmount}
             targets |= {name: peer(name) for name in wanted}
             results: dict[tuple[str, str, str, int], float] = {}
             for name, opener in targets.items():
@@ -159,7 +177,7 @@ def _report(results: dict[tuple[str, str, str, int], float], targets: dict[str, 
             continue
         size = "4 KiB" if kind == "small" else "1 MiB"
         print(f"\n{len(paths)} x {size}, shuffled, files/s (ratio to {base})")
-        print(f"{'':<10}" + "".join(f"{f'{t} {w}w':>22}" for t in ("cold", "warm")
+        print(f"{'':<14}" + "".join(f"{f'{t} {w}w':>22}" for t in ("cold", "warm")
                                    for w in counts))
         for name in targets:
             cells = []
@@ -168,7 +186,7 @@ def _report(results: dict[tuple[str, str, str, int], float], targets: dict[str, 
                     value = results[(name, kind, temp, w)]
                     ratio = value / results[(base, kind, temp, w)]
                     cells.append(f"{value:>12,.0f} ({ratio:5.2f}x)")
-            print(f"{name:<10}" + "".join(f"{c:>22}" for c in cells))
+            print(f"{name:<14}" + "".join(f"{c:>22}" for c in cells))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""A pyfuse3 file system that does nothing: creates, writes and flushes only answer.
+"""A pyfuse3 file system that does nothing: creates, writes and flushes only answer; reads
+return zeros up to the size written (with the page cache kept, as ah-mount keeps it).
 
 It is the floor under any Python (trio + pyfuse3) mount: what the kernel round trips and
 pyfuse3's request dispatch cost before a daemon does any work of its own. The write benchmark
@@ -71,6 +72,15 @@ class NothingFS(pyfuse3.Operations):
     async def write(self, fh: int, offset: int, buf: bytes) -> int:
         self.sizes[fh] = max(self.sizes.get(fh, 0), offset + len(buf))
         return len(buf)
+
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        info = pyfuse3.FileInfo()
+        info.fh = inode
+        info.keep_cache = True
+        return info
+
+    async def read(self, fh: int, offset: int, size: int) -> bytes:
+        return bytes(max(0, min(size, self.sizes.get(fh, 0) - offset)))
 
     async def flush(self, fh: int) -> None:
         pass

@@ -28,7 +28,7 @@ def available() -> dict[str, bool]:
             "rclone": bool(shutil.which("rclone"))}
 
 
-def _unmount(point: Path) -> None:
+def unmount(point: Path) -> None:
     if os.path.ismount(point):
         subprocess.run(["fusermount3", "-u", str(point)], capture_output=True)
     if os.path.ismount(point):
@@ -75,7 +75,7 @@ def sshfs_mount(directory: Path, work: Path) -> Iterator[Path]:
                        check=True, capture_output=True, timeout=60)
         yield point
     finally:
-        _unmount(point)
+        unmount(point)
         _stop(sshd)
 
 
@@ -100,7 +100,7 @@ def rclone_mount(directory: Path, work: Path) -> Iterator[Path]:
         wait_until(lambda: os.path.ismount(point), timeout=30, what="rclone mount")
         yield point
     finally:
-        _unmount(point)
+        unmount(point)
         if mount is not None:
             _stop(mount)
         _stop(server)

@@ -62,12 +62,25 @@ async def test_what_one_process_cached_another_reads_without_fetching(tmp_path: 
 async def test_a_started_process_does_not_sweep_a_file_being_written(tmp_path: Path) -> None:
     source = MemorySource(blob(2, BLOCK))
     writer = ObjectCache(tmp_path, 64 << 20)
-    writer.pin(source.sha256)  # leased: the file exists, the index has no record yet
-    ObjectCache(tmp_path, 64 << 20).close()
-    assert writer._path(source.sha256).exists()
+    async with writer._leased(source.sha256):  # the file exists, the index has no record yet
+        ObjectCache(tmp_path, 64 << 20).close()
+        assert writer._path(source.sha256).exists()
     assert await writer.read(source, 0, 10) == source.data[:10]
-    writer.unpin(source.sha256)
     writer.close()
+
+
+async def test_an_open_handle_leases_its_object_from_its_first_read(tmp_path: Path) -> None:
+    """A warm open (the kernel's page cache answers its reads) costs no lease; a handle that
+    reads holds one until it is closed, so no other process evicts what it reads."""
+    source = MemorySource(blob(5, BLOCK))
+    cache = ObjectCache(tmp_path, 64 << 20)
+    cache.pin(source.sha256)
+    assert not cache._path(source.sha256).exists() and source.sha256 not in cache._leases
+    assert await cache.read(source, 0, 10) == source.data[:10]
+    assert cache._leases[source.sha256] == 1  # the pin's lease, kept after the read
+    cache.unpin(source.sha256)
+    assert source.sha256 not in cache._leases
+    cache.close()
 
 
 async def test_nobody_evicts_what_another_has_open(tmp_path: Path) -> None:

@@ -58,18 +58,58 @@ async def caller(request: Request) -> Actor:
 
 
 async def authenticate(request: Request) -> Actor:
+    key = _bearer_key(request)
+    if key is not None:
+        return await call(service_of(request).authenticate, key)
+    return _trusted(request)
+
+
+def _bearer_key(request: Request) -> str | None:
+    """The request's API key, or None when it sends none (a trusted embedded caller)."""
     header = request.headers.get("authorization", "")
-    if header:
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise errors.Unauthenticated("the Authorization header must be 'Bearer <api key>'")
-        return await call(service_of(request).authenticate, key.strip())
+    if not header:
+        return None
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise errors.Unauthenticated("the Authorization header must be 'Bearer <api key>'")
+    return key.strip()
+
+
+def _trusted(request: Request) -> Actor:
     trusted: Actor | None = request.app.state.trusted_actor
     if trusted is None:
         raise errors.Unauthenticated(
             f"{request.url.path} needs an API key: run 'ah login --host URL --api-key KEY'"
         )
     return trusted
+
+
+async def call_as(request: Request, fn: Callable[[Actor], T]) -> T:
+    """``fn(actor)`` in a worker thread, the caller authenticated first in the same thread
+    hand-off when not known yet: one hand-off per request instead of two (each costs a
+    thread wake-up, a fifth of a small object's whole request). ``fn`` validates the rest
+    of the request itself, so nothing answers before identity does."""
+    known: Actor | None = getattr(request.state, "actor", None)
+    key = None if known is not None else _bearer_key(request)
+    if key is None:
+        actor = known if known is not None else _trusted(request)
+        request.state.actor = actor
+        return await call(fn, actor)
+    service = service_of(request)
+
+    def both() -> tuple[Actor, T]:
+        actor = service.authenticate(key)
+        return actor, fn(actor)
+
+    request.state.actor, result = await call(both)
+    return result
+
+
+def authenticates_itself(endpoint: Endpoint) -> Endpoint:
+    """Mark an endpoint that authenticates in its first step (:func:`call_as`):
+    :func:`authenticated` leaves it to do so."""
+    endpoint.authenticates_itself = True  # type: ignore[attr-defined]
+    return endpoint
 
 
 def folder_addr(request: Request) -> FolderAddr:
@@ -115,6 +155,9 @@ def object_json(entry: ObjectEntry) -> dict[str, Any]:
 def authenticated(endpoint: Endpoint) -> Endpoint:
     """``endpoint`` behind authentication: a caller without a valid key gets 401 for any
     request, well-formed or not, so bad input never answers before identity does."""
+    if getattr(endpoint, "authenticates_itself", False):
+        return endpoint
+
     @functools.wraps(endpoint)
     async def wrapper(request: Request) -> Response:
         await caller(request)

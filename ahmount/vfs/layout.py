@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from functools import cached_property, lru_cache
 
 from ahmount.errors import NotFound
 from ahmount.hub.models import HUB_SEGMENT, AssetAddr, FolderAddr
@@ -52,12 +53,14 @@ class Location:
     ref: str | None = None
     subpath: str = ""
 
-    @property
+    # Cached: every resolution of a path asks for these several times (frozen dataclasses
+    # without slots keep a cached_property in the instance's __dict__, outside eq and hash).
+    @cached_property
     def folder_addr(self) -> FolderAddr:
         assert self.owner is not None and self.kind is not None and self.folder is not None
         return FolderAddr(self.owner, self.kind, self.folder)
 
-    @property
+    @cached_property
     def asset_addr(self) -> AssetAddr:
         assert self.asset is not None
         return AssetAddr(self.folder_addr, self.asset)
@@ -87,8 +90,11 @@ class Location:
         return out
 
 
+@lru_cache(maxsize=1 << 16)
 def locate(key: Key, me: str) -> Location:
-    """Classify a mount path. Raises NotFound for shapes the tree does not have."""
+    """Classify a mount path. Raises NotFound for shapes the tree does not have. Memoized
+    (a path's shape never changes; a Location is immutable): an ``open`` of a file the kernel
+    looked up already costs no parsing."""
     if not key:
         return Location(Place.ROOT, key)
     head, rest = key[0], key[1:]

@@ -129,6 +129,8 @@ class ObjectCache:
         self._dirty: set[str] = set()
         self._inflight: dict[tuple[str, int], trio.Event] = {}
         self._pins: Counter[str] = Counter()
+        #: Pinned objects that have been read: they hold one lease until unpinned.
+        self._pin_leases: set[str] = set()
         self._leases: Counter[str] = Counter()
         self._lease_fds: dict[str, int] = {}  # O_RDWR, flock(LOCK_SH) held: reads and writes
         self._verifying: set[str] = set()
@@ -227,8 +229,11 @@ class ObjectCache:
         try:
             path = self._path(sha)
             while True:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+                try:
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+                except FileNotFoundError:  # its fan-out directory is not made yet
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    continue
                 # Exclusive holders (evicting, sweeping) hold it for a few syscalls.
                 fcntl.flock(fd, fcntl.LOCK_SH)
                 stat = os.fstat(fd)
@@ -321,23 +326,36 @@ class ObjectCache:
         return sum(1 for r in self._records.values() if r.blocks)
 
     def pin(self, sha: str) -> None:
-        """Keep the object from eviction (by any process) while a handle has it open."""
-        self._acquire(sha)
+        """Keep the object from eviction (by any process) while a handle has it open, from
+        the handle's first read on: an open whose reads the kernel's page cache answers (a
+        warm file) costs no lease, no file open and no index read."""
         self._pins[sha] += 1
+
+    def _hold_pin(self, sha: str) -> None:
+        """A pinned object is being read: lease it until it is unpinned."""
+        if sha in self._pins and sha not in self._pin_leases:
+            self._acquire(sha)
+            self._pin_leases.add(sha)
 
     def unpin(self, sha: str) -> None:
         self._pins[sha] -= 1
         if self._pins[sha] <= 0:
             del self._pins[sha]
-        self._release(sha)
+            if sha in self._pin_leases:
+                self._pin_leases.discard(sha)
+                self._release(sha)
 
     def _record(self, sha: str, size: int) -> Record:
+        """The object's record, made (and to be saved) if there is none of this size. One
+        that exists is returned as it is: a read marks it used at LRU_RESOLUTION, and an
+        index write per read of a small file would cost more than the read."""
         record = self._records.get(sha)
-        if record is None or record.size != size:
-            if record is not None:
-                self._used -= record.bytes_present()
-            record = Record(size)
-            self._records[sha] = record
+        if record is not None and record.size == size:
+            return record
+        if record is not None:
+            self._used -= record.bytes_present()
+        record = Record(size)
+        self._records[sha] = record
         record.last_used = time.time()
         self._dirty.add(sha)
         return record
@@ -395,6 +413,7 @@ class ObjectCache:
         end = min(offset + size, source.size)
         if offset >= end:
             return b""
+        self._hold_pin(source.sha256)
         try:
             return await self._read(source, offset, end)
         except ChecksumMismatch:
@@ -438,6 +457,7 @@ class ObjectCache:
         if offset >= end or aligned or end - offset < BLOCK:
             return await self.read(source, offset, size)
         sha = source.sha256
+        self._hold_pin(sha)
         async with self._leased(sha) as fd:
             record = self._record(sha, source.size)
             first, last = offset // BLOCK, (end - 1) // BLOCK

@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ahmount import errors
 from ahmount.hub.models import ObjectEntry
-from ahmount.hub.service import ReadableObject
+from ahmount.hub.service import Actor, ReadableObject
 from ahmount.server import schemas
 from ahmount.server.bodies import json_body
 from ahmount.server.ranges import iterate, parse_range
@@ -22,7 +22,9 @@ from ahmount.server.requests import (
     Bodies,
     Routes,
     asset_addr,
+    authenticates_itself,
     call,
+    call_as,
     caller,
     object_json,
     query_int,
@@ -54,12 +56,31 @@ async def objects(request: Request) -> Response:
     return JSONResponse(body, headers={"etag": etag})
 
 
+#: A range up to this size is read in the request's one worker-thread hand-off and sent as
+#: one body; larger ones stream.
+WHOLE_BODY = 4 << 20
+
+
+@authenticates_itself
 async def file(request: Request) -> Response:
-    """GET/HEAD an object's bytes; honours Range and If-None-Match (the ETag is the sha256)."""
-    actor = await caller(request)
-    addr = asset_addr(request)
+    """GET/HEAD an object's bytes; honours Range and If-None-Match (the ETag is the sha256).
+    A small object (a block a mount misses, a file of a small-file dataset) costs one
+    worker-thread hand-off: authentication, resolution and the read together."""
+    service = service_of(request)
     name, path = request.path_params["ref"], request.path_params["path"]
-    found = await call(service_of(request).open_object, actor, addr, name, path)
+    small_get = request.method == "GET" and request.query_params.get("redirect") != "1"
+
+    def open_and_read(actor: Actor) -> tuple[ReadableObject, bytes | None]:
+        found = service.open_object(actor, asset_addr(request), name, path)
+        entry = found.entry
+        if not small_get or request.headers.get("if-none-match") == f'"{entry.sha256}"':
+            return found, None
+        start, end = parse_range(request.headers.get("range"), entry.size) or (0, entry.size)
+        if end - start > WHOLE_BODY:
+            return found, None
+        return found, b"".join(found.read(start, end))
+
+    found, body = await call_as(request, open_and_read)
     commit, entry = found.commit, found.entry
     etag = f'"{entry.sha256}"'
     headers = {
@@ -85,6 +106,8 @@ async def file(request: Request) -> Response:
         headers["content-range"] = f"bytes {start}-{end - 1}/{entry.size}"
     if request.method == "HEAD" or end == start:
         return Response(status_code=status, headers=headers)
+    if body is not None:
+        return Response(body, status_code=status, headers=headers)
     chunks = await call(found.read, start, end)
     return StreamingResponse(iterate(chunks), status_code=status, headers=headers)
 
