@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 import trio
 
 from ahmount.vfs.object_cache import BLOCK, ObjectCache
@@ -184,5 +185,23 @@ async def test_a_range_read_fetches_its_bytes_and_keeps_its_whole_blocks(
         # the object's last block counts as whole at its end (the record is re-read: the
         # first read's lease ended)
         assert cache._records[source.sha256].has(4)
+    finally:
+        cache.close()
+
+
+async def test_an_object_fetched_whole_arrives_verified_without_a_second_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hashed as it is written (same thread hand-offs): no read-back of the file."""
+    import ahmount.vfs.object_cache as module
+
+    def no_read_back(path: Path) -> str:
+        raise AssertionError(f"{path} was read back to be hashed")
+
+    monkeypatch.setattr(module, "_hash_file", no_read_back)
+    source = MemorySource(blob(6, 3 * BLOCK + 17))
+    cache = ObjectCache(tmp_path, 64 << 20)
+    try:
+        assert await cache.read(source, 0, source.size) == source.data
+        assert cache._records[source.sha256].verified and source.fetches == 1
     finally:
         cache.close()

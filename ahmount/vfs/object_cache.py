@@ -621,6 +621,13 @@ class ObjectCache:
         sha = source.sha256
         start, end = first * BLOCK, min((last + 1) * BLOCK, source.size)
         index = first
+        # A run that is the whole object (a small file, a file read from its start in one
+        # request) is hashed as it is written, in the same thread hand-offs: it arrives
+        # verified, and no reader waits for the file to be read back and hashed.
+        # (Only where a read would be verified inline anyway: a larger object's reader is
+        # answered first and the object checked behind it.)
+        hasher = hashlib.sha256() if start == 0 and end == source.size <= VERIFY_INLINE \
+            and not record.blocks else None
         try:
             async with self._fetch_limit:
                 pending: list[bytes | memoryview] = []
@@ -635,7 +642,8 @@ class ObjectCache:
                             whole = pending_bytes if arrived_end >= end else \
                                 pending_bytes // BLOCK * BLOCK
                             take, pending = _split(pending, whole)
-                            await self._store_blocks(sha, record, fd, index, take, whole)
+                            await self._store_blocks(sha, record, fd, index, take, whole,
+                                                     hasher, arrived_end >= end)
                             index += -(-whole // BLOCK)
                             pending_bytes -= whole
                 if index <= last:
@@ -647,13 +655,17 @@ class ObjectCache:
                     event.set()
 
     async def _store_blocks(self, sha: str, record: Record, fd: int, first: int,
-                            buffers: list[bytes | memoryview], size: int) -> None:
+                            buffers: list[bytes | memoryview], size: int,
+                            hasher: Any = None, final: bool = False) -> None:
         """Write ``size`` bytes (whole blocks from block ``first``; the object's last block
-        may be short), gathered from ``buffers`` without joining them, and mark them present."""
+        may be short), gathered from ``buffers`` without joining them, and mark them present.
+        ``hasher`` (the whole object's, fed in order) is updated in the same thread hand-off;
+        at the ``final`` write it decides: the object is verified, or none of it is kept."""
         self._reserve(sha, size)
         self._used += size  # reserved now, before the thread yields control
         try:
-            await trio.to_thread.run_sync(_pwritev_all, fd, buffers, first * BLOCK)
+            digest = await trio.to_thread.run_sync(_pwritev_hashing, fd, buffers,
+                                                   first * BLOCK, hasher, final)
         except BaseException as exc:
             self._used -= size
             if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -669,6 +681,15 @@ class ObjectCache:
         count = -(-size // BLOCK)
         record.blocks |= ((1 << count) - 1) << first
         self._dirty.add(sha)
+        if digest is not None:
+            if digest != sha:
+                log.error("blob %s arrived hashing to %s; not kept", sha, digest)
+                self._forget_blocks(sha, record)
+                for index in range(first, first + count):
+                    self._inflight.pop((sha, index), trio.Event()).set()
+                raise ChecksumMismatch(f"blob {sha} arrived corrupted (hash {digest})")
+            if record.complete():
+                record.verified = True
         for index in range(first, first + count):
             self._inflight.pop((sha, index), trio.Event()).set()
 
@@ -803,6 +824,17 @@ def _pwritev_all(fd: int, buffers: list[bytes | memoryview], offset: int) -> Non
                 written += n
                 rest = rest[n:]
         offset += expected
+
+
+def _pwritev_hashing(fd: int, buffers: list[bytes | memoryview], offset: int,
+                     hasher: Any, final: bool) -> str | None:
+    """:func:`_pwritev_all`, feeding ``hasher`` too; its digest after the ``final`` part."""
+    _pwritev_all(fd, buffers, offset)
+    if hasher is None:
+        return None
+    for buffer in buffers:
+        hasher.update(buffer)
+    return str(hasher.hexdigest()) if final else None
 
 
 def _pwrite_each(batch: list[tuple[int, bytes]]) -> None:
