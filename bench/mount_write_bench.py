@@ -1,15 +1,14 @@
-"""Mount write-path benchmark: every figure a ratio to the same work on local disk.
+"""Mount write-path benchmark, against local disk, the do-nothing pyfuse3 floor
+(``bench/minimal_fs.py``) and the peers sshfs and rclone mount on 127.0.0.1
+(``bench/peers.py``), all in the same run:
 
 - 1,000 files of 4 KiB written into a branch, then ``sync`` (durable on this machine's disk:
-  the mount's queue files and queue database are flushed like the local files are), vs the
-  same files written to a local directory, then ``sync``; three rounds, medians; ``ah sync``
-  (their bytes uploaded to the hub) is timed too;
-- the same small-file workload on ``bench/minimal_fs.py`` (a pyfuse3 file system that does no
-  work): the floor under any trio + pyfuse3 daemon;
-- one 256 MiB file written sequentially then ``sync``, vs local; five rounds, median, the
-  write alone shown as well (page-cache speed: these VMs make first-touched memory slow, which
-  swings single runs by 10x either way, hence the rounds);
-- ``ah commit`` of the 3 x 1,000 queued files, vs the time it took to write them;
+  the mount's queue files and queue database are flushed like the local files are); the same
+  into each other target; medians of ``--rounds``; ``ah sync`` (their bytes uploaded to the
+  hub) is timed too;
+- one 256 MiB file written sequentially then ``sync`` into each (page-cache speed: these VMs
+  make first-touched memory slow, which swings single runs, hence the rounds);
+- ``ah commit`` of the queued small files;
 - a re-commit of an unchanged 1 GiB file (written again with the same bytes): bytes uploaded.
 
 Usage: python bench/mount_write_bench.py [--files 1000] [--big-mib 256] [--same-gib 1]
@@ -18,6 +17,7 @@ Usage: python bench/mount_write_bench.py [--files 1000] [--big-mib 256] [--same-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import peers
 from tests.conftest import MountProcess, command
 
 
@@ -68,25 +69,6 @@ def timed_sync() -> float:
     return time.perf_counter() - start
 
 
-def big_rounds(mount: MountProcess, local: Path, mounted: Path, mib: int,
-               rounds: int) -> tuple[list[float], ...]:
-    """Write times and write+sync times of both sides, alternating, ``rounds`` times; each
-    round starts once upload-ahead of the previous one is done, as on a quiet machine."""
-    local_write: list[float] = []
-    local_total: list[float] = []
-    mount_write: list[float] = []
-    mount_total: list[float] = []
-    for _ in range(rounds):
-        for path, writes, totals in ((local, local_write, local_total),
-                                     (mounted, mount_write, mount_total)):
-            idle(mount)
-            timed_sync()  # no unrelated dirty pages in the next sync
-            took = write_big(path, mib)
-            writes.append(took)
-            totals.append(took + timed_sync())
-    return local_write, local_total, mount_write, mount_total
-
-
 def idle(mount: MountProcess) -> None:
     """Wait until the mount's upload-ahead has nothing left to do."""
     time.sleep(0.6)
@@ -105,73 +87,82 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=1000)
     parser.add_argument("--big-mib", type=int, default=256)
     parser.add_argument("--same-gib", type=float, default=1.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--peers", default="sshfs,rclone")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/var/tmp")) as tmp:
+    wanted = [p for p in args.peers.split(",") if p]
+    missing = [p for p in wanted if not peers.available().get(p)]
+    if missing:
+        sys.exit(f"{', '.join(missing)} not installed (./install.sh --dev installs the peers)")
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/var/tmp")) as tmp, \
+            contextlib.ExitStack() as stack:
         root = Path(tmp)
         os.environ["AHMOUNT_HOME"] = str(root / "home")
         for name in ("model/bench", "model/bench/m", "model/bench/m:w"):
             subprocess.run([command("ah"), "-q", "create", name], check=True)
         mount = MountProcess(root / "mnt").start()
+        stack.callback(mount.stop)
         floor_point = root / "nothing"
         floor = start_minimal_fs(floor_point)
-        try:
-            branch = mount.mountpoint / "model/bench/m/w"
-            data = os.urandom(4096)
-            small: dict[str, list[float]] = {"local": [], "local+sync": [], "mount": [],
-                                             "mount+sync": [], "floor": [], "floor+sync": []}
-            for i in range(3):
-                for side, where in (("local", root / f"local-small-{i}"),
-                                    ("mount", branch / f"small-{i}"),
-                                    ("floor", floor_point / f"small-{i}")):
-                    idle(mount)
-                    timed_sync()  # no unrelated dirty pages in the next sync
-                    took = write_files(where, args.files, data)
-                    small[side].append(took)
-                    small[side + "+sync"].append(took + timed_sync())
-            local_write, local_small, mount_write, mount_small, floor_small = (
-                statistics.median(small[k]) for k in ("local", "local+sync", "mount",
-                                                      "mount+sync", "floor+sync"))
-            ah_sync = ah("sync", cwd=branch)
-            commit_small = ah("commit", "-m", "small files", cwd=branch)
-            commit_ratio = commit_small / sum(small["mount"])
+        stack.callback(floor.wait, 30)
+        stack.callback(peers.unmount, floor_point)
+        branch = mount.mountpoint / "model/bench/m/w"
+        (root / "local").mkdir()
+        targets = {"local": root / "local", "pyfuse3 floor": floor_point, "ahmount": branch}
+        for name in wanted:
+            served = root / f"{name}-served"
+            served.mkdir()
+            opener = {"sshfs": peers.sshfs_mount, "rclone": peers.rclone_mount}[name]
+            targets[name] = stack.enter_context(opener(served, root / f"{name}-work"))
+        data = os.urandom(4096)
+        small: dict[str, list[float]] = {t: [] for t in targets}
+        big: dict[str, list[float]] = {t: [] for t in targets}
+        for i in range(args.rounds):
+            for name, where in targets.items():
+                idle(mount)
+                timed_sync()  # no unrelated dirty pages in the next sync
+                small[name].append(write_files(where / f"small-{i}", args.files, data)
+                                   + timed_sync())
+        for i in range(args.rounds):
+            for name, where in targets.items():
+                idle(mount)
+                timed_sync()
+                big[name].append(write_big(where / f"big-{i}.bin", args.big_mib)
+                                 + timed_sync())
+        ah_sync = ah("sync", cwd=branch)
+        commit_small = ah("commit", "-m", "small files", cwd=branch)
 
-            big = big_rounds(mount, root / "local-big.bin", branch / "big.bin", args.big_mib, 5)
-            local_big_write, local_big, mount_big_write, mount_big = map(statistics.median, big)
-            ah("commit", "-m", "big", cwd=branch)
+        same = root / "same.bin"
+        with same.open("wb") as handle:
+            for _ in range(int(args.same_gib * 1024)):
+                handle.write(os.urandom(1 << 20))
+        shutil.copyfile(same, branch / "same.bin")
+        ah("commit", "-m", "same v1", cwd=branch)
+        idle(mount)
+        before = mount.control("stats")["bytes_uploaded"]
+        shutil.copyfile(same, branch / "same.bin")  # the same bytes again
+        recommit = ah("commit", "-m", "same v2", cwd=branch)
+        idle(mount)
+        uploaded = mount.control("stats")["bytes_uploaded"] - before
 
-            same = root / "same.bin"
-            with same.open("wb") as handle:
-                for _ in range(int(args.same_gib * 1024)):
-                    handle.write(os.urandom(1 << 20))
-            shutil.copyfile(same, branch / "same.bin")
-            ah("commit", "-m", "same v1", cwd=branch)
-            idle(mount)
-            before = mount.control("stats")["bytes_uploaded"]
-            shutil.copyfile(same, branch / "same.bin")  # the same bytes again
-            recommit = ah("commit", "-m", "same v2", cwd=branch)
-            idle(mount)
-            uploaded = mount.control("stats")["bytes_uploaded"] - before
-
-            print(f"{args.files} files of 4 KiB, write + sync: {mount_small:.2f}s vs local "
-                  f"{local_small:.2f}s -> {mount_small / local_small:.1f}x local (target <= 5x; "
-                  f"medians of 3); write alone {mount_write:.2f}s vs {local_write:.3f}s; "
-                  f"ah sync of all {3 * args.files} (bytes to the hub) {ah_sync:.2f}s")
-            print(f"  floor: a pyfuse3 file system that does nothing (bench/minimal_fs.py) takes "
-                  f"{floor_small:.2f}s = {floor_small / local_small:.1f}x local; the mount is "
-                  f"{mount_small / floor_small:.1f}x that floor")
-            print(f"sequential write of {args.big_mib} MiB + sync: "
-                  f"{local_big / mount_big:.2f}x local speed (target >= 0.4x); write alone "
-                  f"{local_big_write / mount_big_write:.2f}x (medians of 5: mount "
-                  f"{mount_big:.2f}s / {mount_big_write:.2f}s, local {local_big:.2f}s / "
-                  f"{local_big_write:.2f}s)")
-            print(f"ah commit of the {3 * args.files} queued files: {commit_small:.2f}s = "
-                  f"{commit_ratio:.2f}x the time to write them (target <= 2x)")
-            print(f"re-commit of an unchanged {args.same_gib:.0f} GiB file: {recommit:.2f}s, "
-                  f"{uploaded} bytes uploaded (must be 0)")
-        finally:
-            mount.stop()
-            subprocess.run(["fusermount3", "-u", str(floor_point)], check=False)
-            floor.wait(timeout=30)
+        base = "sshfs" if "sshfs" in targets else "local"
+        print(f"medians of {args.rounds}; ratios: time to sshfs's for the small files (lower "
+              f"is better), speed to rclone's / the floor's for the large one (higher is "
+              f"better)")
+        print(f"{'':<14}{f'{args.files} x 4 KiB + sync':>34}{f'{args.big_mib} MiB + sync':>40}")
+        for name in targets:
+            s_time = statistics.median(small[name])
+            b_time = statistics.median(big[name])
+            speed = args.big_mib / b_time
+            vs_rclone = (f"{speed / (args.big_mib / statistics.median(big['rclone'])):.2f}x "
+                         "rclone, ") if "rclone" in big else ""
+            vs_floor = speed / (args.big_mib / statistics.median(big["pyfuse3 floor"]))
+            print(f"{name:<14}{s_time:>10.3f} s ({s_time / statistics.median(small[base]):5.2f}x "
+                  f"{base}){'':>5}{speed:>8.0f} MiB/s ({vs_rclone}{vs_floor:.2f}x floor)")
+        print(f"ah sync of the {args.rounds * args.files} small files (bytes to the hub) "
+              f"{ah_sync:.2f}s; ah commit of them {commit_small:.2f}s")
+        print(f"re-commit of an unchanged {args.same_gib:.0f} GiB file: {recommit:.2f}s, "
+              f"{uploaded} bytes uploaded (must be 0)")
 
 
 if __name__ == "__main__":

@@ -109,3 +109,26 @@ def test_an_interrupted_commits_copies_are_cleared_and_rows_kept(tmp_path: Path)
     assert not copy.exists() and "f" in again.branch(BRANCH).files
     assert not (tmp_path / "q/lost+found").exists()
     again.close()
+
+
+def test_spare_files_are_handed_out_and_never_outlive_the_queue(tmp_path: Path) -> None:
+    """Files made ahead for creates: taken first; an unused one is removed at close, and
+    one a crash left (no row names it, nothing in it) is removed at the next load."""
+    from ahmount.vfs.change_queue import SPARE_FILES, SPARE_PREFIX
+
+    queue = ChangeQueue(tmp_path / "q")
+    assert queue.make_spares() == SPARE_FILES
+    local, fd = queue.create_local()
+    os.close(fd)
+    assert local.startswith(SPARE_PREFIX) and queue.spares_taken.is_set()
+    queue.put_file("b", "kept.bin", "c0", local=local)
+    assert queue.make_spares() == 1  # topped up again
+    queue.close()
+    left = sorted(p.name for p in (tmp_path / "q/files").iterdir())
+    assert left == [local]  # the spares went with the close; the file with a row stays
+    crashed = tmp_path / "q/files" / f"{SPARE_PREFIX}crash"
+    crashed.touch()  # a spare a killed daemon left
+    again = ChangeQueue(tmp_path / "q")
+    assert not crashed.exists() and not (tmp_path / "q/lost+found").exists()
+    assert again.branch("b").files["kept.bin"].local == local
+    again.close()

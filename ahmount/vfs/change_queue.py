@@ -143,6 +143,11 @@ class BranchQueue:
         return path in self.dirs or path in self._children
 
 
+#: How many empty local files are kept made ahead, and what their names start with.
+SPARE_FILES = 64
+SPARE_PREFIX = "spare-"
+
+
 class ChangeQueue:
     """All queued changes of one mount. Methods are blocking and thread-safe (one lock); the
     daemon calls them from its trio thread (they are short) or from worker threads."""
@@ -171,11 +176,19 @@ class ChangeQueue:
         #: the commit lets go of them (then those in ``_doomed`` are deleted).
         self._pinned: Counter[str] = Counter()
         self._doomed: set[str] = set()
+        #: Empty local files made ahead by a worker thread: (name, open descriptor).
+        self._spares: list[tuple[str, int]] = []
+        #: Set when a spare was taken (or none was left): the refiller's cue.
+        self.spares_taken = threading.Event()
+        self._closed = False
         self._load()
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
+            self._drop_spares()
             self._db.close()
+        self.spares_taken.set()  # the refiller's waiting thread returns
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -199,7 +212,11 @@ class ChangeQueue:
             self._apply(self._branches.setdefault(branch, BranchQueue()), row)
         known = {r.local for q in self._branches.values() for r in q.files.values() if r.local}
         for stray in self.files_dir.iterdir():
-            if stray.name not in known:
+            if stray.name in known:
+                continue
+            if stray.name.startswith(SPARE_PREFIX) and stray.stat().st_size == 0:
+                stray.unlink()  # made ahead and never handed out: nothing in it to keep
+            else:
                 self._to_lost_found(stray)
 
     def _discard_local(self, local: str) -> None:
@@ -295,10 +312,43 @@ class ChangeQueue:
         return local, self.local_path(local)
 
     def create_local(self) -> tuple[str, int]:
-        """A fresh, empty local file for new bytes, open for reading and writing."""
-        local = uuid.uuid4().hex
+        """A fresh, empty local file for new bytes, open for reading and writing: one made
+        ahead (:meth:`make_spares`) when there is one, as a ``create`` should not wait for the
+        disk to make a file (on these VMs 0.1 to 0.7 ms, most of a small file's write)."""
+        with self._lock:
+            if self._spares:
+                spare = self._spares.pop()
+                self.spares_taken.set()
+                return spare
+        self.spares_taken.set()
+        return self._new_file(uuid.uuid4().hex)
+
+    def _new_file(self, local: str) -> tuple[str, int]:
         fd = os.open(self.local_path(local), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         return local, fd
+
+    def make_spares(self) -> int:
+        """Make empty local files ahead until :data:`SPARE_FILES` wait; how many were made.
+        Blocking: run it in a worker thread. A spare no row names is removed at load."""
+        made = 0
+        while True:
+            with self._lock:
+                if len(self._spares) >= SPARE_FILES or self._closed:
+                    return made
+            spare = self._new_file(SPARE_PREFIX + uuid.uuid4().hex)
+            with self._lock:
+                if self._closed:
+                    os.close(spare[1])
+                    self.local_path(spare[0]).unlink(missing_ok=True)
+                    return made
+                self._spares.append(spare)
+            made += 1
+
+    def _drop_spares(self) -> None:
+        for local, fd in self._spares:
+            os.close(fd)
+            self.local_path(local).unlink(missing_ok=True)
+        self._spares.clear()
 
     # -- changing ----------------------------------------------------------------------------
 

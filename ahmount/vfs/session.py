@@ -134,6 +134,7 @@ class Session:
             self._vfs.siblings = SiblingFetcher(cache, supervisor.spawn)
             await supervisor.start("upload-ahead", writeback.run)
             supervisor.spawn("cache index flusher", cache.run_flusher)
+            supervisor.spawn("spare queue files", lambda: _keep_spares(queue))
         except BaseException:
             await stack.aclose()
             raise
@@ -264,3 +265,13 @@ class Session:
 
     async def merge(self, path: Any) -> dict[str, Any]:
         return await branch_ops.merge(self.vfs, await self._branch(path))
+
+
+async def _keep_spares(queue: ChangeQueue) -> None:
+    """Keep empty queue files made ahead (:meth:`ChangeQueue.make_spares`), off the trio
+    thread: a ``create`` then costs no file creation. Woken by each spare taken; the queue's
+    close wakes the waiting thread too."""
+    while True:
+        await trio.to_thread.run_sync(queue.make_spares)
+        await trio.to_thread.run_sync(queue.spares_taken.wait, abandon_on_cancel=True)
+        queue.spares_taken.clear()
