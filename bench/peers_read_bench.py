@@ -1,0 +1,169 @@
+"""Reads and listings against the peers, in one run, on the same data: a 1 GiB file and
+10,000 x 4 KiB files in 100 directories, served by
+
+- local disk (page cache dropped for the cold figures),
+- ahmount: a mount of ``ah-server`` on 127.0.0.1, the data on the branch ``main``,
+- sshfs over an sshd of our own, and rclone mount ``--vfs-cache-mode full`` over
+  ``rclone serve webdav`` (:mod:`bench.peers`), both on 127.0.0.1,
+
+plus a raw httpx download of the same object from the same ``ah-server`` (the HTTP stack
+alone). Every cold figure is taken on a fresh mount with an empty cache and the page cache
+dropped. Figures: sequential read cold and warm (MiB/s), random 4 KiB reads cold and warm
+(IOPS), ``find`` and ``stat`` of the 10,000 files cold and warm (seconds); each with its
+ratio to the best peer.
+
+Usage: python bench/peers_read_bench.py [--gib 1] [--files 10000] [--random 2000]
+       [--peers sshfs,rclone]
+Needs root (drop_caches) and /dev/fuse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ahmount.ahfs import AhFileSystem
+from bench import peers
+from bench.mount_bench import drop_caches, random_reads, raw_download, read_all, stat_all
+from bench.mount_bench import timed_find as find_all
+from tests.conftest import HubProcess, MountProcess
+
+Opener = Callable[[str], contextlib.AbstractContextManager[Path]]
+#: (figure, unit, higher is better)
+FIGURES = [("seq read cold", "MiB/s", True), ("seq read warm", "MiB/s", True),
+           ("random 4 KiB cold", "IOPS", True), ("random 4 KiB warm", "IOPS", True),
+           ("find cold", "s", False), ("find warm", "s", False),
+           ("stat cold", "s", False), ("stat warm", "s", False)]
+
+
+def measure(files: list[Path], gib: float, count: int,
+            fresh: Callable[[], contextlib.AbstractContextManager[Path]]) -> dict[str, float]:
+    """Every figure, each cold one on a fresh mount made by ``fresh``."""
+    out: dict[str, float] = {}
+    size = int(gib * (1 << 30))
+    mib = size / (1 << 20)
+    with fresh() as point:
+        drop_caches()
+        out["seq read cold"] = mib / read_all(point / "big.bin")
+        out["seq read warm"] = mib / min(read_all(point / "big.bin") for _ in range(2))
+    with fresh() as point:
+        drop_caches()
+        out["random 4 KiB cold"] = random_reads(point / "big.bin", count, size)
+        random_reads(point / "big.bin", count, size)
+        out["random 4 KiB warm"] = random_reads(point / "big.bin", count, size)
+    with fresh() as point:
+        drop_caches()
+        out["find cold"] = find_all(point / "small")
+        out["find warm"] = min(find_all(point / "small") for _ in range(2))
+    with fresh() as point:
+        drop_caches()
+        paths = [point / p for p in files]
+        out["stat cold"] = stat_all(paths)
+        out["stat warm"] = min(stat_all(paths) for _ in range(2))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--gib", type=float, default=1.0)
+    parser.add_argument("--files", type=int, default=10_000)
+    parser.add_argument("--random", type=int, default=2000)
+    parser.add_argument("--peers", default="sshfs,rclone")
+    args = parser.parse_args()
+    wanted = [p for p in args.peers.split(",") if p]
+    missing = [p for p in wanted if not peers.available().get(p)]
+    if missing:
+        sys.exit(f"{', '.join(missing)} not installed (./install.sh --dev installs the peers)")
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/var/tmp")) as tmp:
+        root = Path(tmp)
+        os.environ["AHMOUNT_HOME"] = str(root / "home")
+        local = root / "local"
+        local.mkdir()
+        with (local / "big.bin").open("wb") as handle:
+            for _ in range(int(args.gib * 1024)):
+                handle.write(os.urandom(1 << 20))
+        files = []
+        for i in range(args.files):
+            p = local / "small" / f"d{i * 100 // args.files:03d}" / f"{i:05d}.bin"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(os.urandom(4096))
+            files.append(p.relative_to(local))
+        server = HubProcess(root / "server")
+        key = server.add_user("bench")
+        server.start()
+        rounds = iter(range(1_000_000))
+        try:
+            fs = AhFileSystem(hub=server.url, api_key=key, cache_dir=str(root / "fs-cache"))
+            fs.makedirs("dataset/bench/data")
+            fs.put(str(local) + "/", "dataset/bench/data/", recursive=True)
+
+            @contextlib.contextmanager
+            def local_disk() -> Iterator[Path]:
+                yield local
+
+            @contextlib.contextmanager
+            def ahmount() -> Iterator[Path]:
+                n = next(rounds)
+                m = MountProcess(root / f"ah-{n}", "--hub", server.url, "--api-key", key,
+                                 "--cache-dir", str(root / f"ah-cache-{n}"),
+                                 "--cache-size", "4G").start()
+                try:
+                    yield m.mountpoint / "dataset/bench/data/main"
+                finally:
+                    m.stop()
+                    shutil.rmtree(root / f"ah-cache-{n}", ignore_errors=True)
+
+            def peer(name: str) -> Callable[[], contextlib.AbstractContextManager[Path]]:
+                mount = {"sshfs": peers.sshfs_mount, "rclone": peers.rclone_mount}[name]
+
+                @contextlib.contextmanager
+                def opened() -> Iterator[Path]:
+                    work = root / f"{name}-{next(rounds)}"
+                    with mount(local, work) as point:
+                        yield point
+                    shutil.rmtree(work, ignore_errors=True)
+                return opened
+
+            targets = {"local": local_disk, "ahmount": ahmount}
+            targets |= {name: peer(name) for name in wanted}
+            results = {name: measure(files, args.gib, args.random, opener)
+                       for name, opener in targets.items()}
+            url = f"{server.url}/api/v1/assets/bench/dataset/bench/data/refs/main/files/big.bin"
+            drop_caches()
+            raw = args.gib * 1024 / raw_download(url, key)
+            _report(results, wanted, raw)
+        finally:
+            server.stop()
+            shutil.rmtree(root / "home", ignore_errors=True)
+
+
+def _report(results: dict[str, dict[str, float]], wanted: list[str], raw: float) -> None:
+    names = list(results)
+    print(f"{'figure':<20}{'unit':<7}" + "".join(f"{n:>12}" for n in names)
+          + "   ahmount vs best peer")
+    for figure, unit, higher in FIGURES:
+        values = [results[n][figure] for n in names]
+        peer_values = [results[p][figure] for p in wanted]
+        ours = results["ahmount"][figure]
+        if peer_values:
+            best = max(peer_values) if higher else min(peer_values)
+            ratio = ours / best if higher else best / ours
+            note = f"   {ratio:5.2f}x (>1: ahmount ahead)"
+        else:
+            note = ""
+        cells = "".join(f"{v:>12,.0f}" if unit != "s" else f"{v:>12.3f}" for v in values)
+        print(f"{figure:<20}{unit:<7}{cells}{note}")
+    print(f"raw httpx download of the object from ah-server, cold: {raw:,.0f} MiB/s; the "
+          f"mount's cold read is {results['ahmount']['seq read cold'] / raw:.2f}x that")
+
+
+if __name__ == "__main__":
+    main()
