@@ -26,10 +26,12 @@ class MemorySource:
         self.sha256 = hashlib.sha256(data).hexdigest()
         self.size = len(data)
         self.fetches = 0
+        self.fetched_bytes = 0
 
     @asynccontextmanager
     async def fetch(self, start: int, end: int) -> AsyncIterator[AsyncIterator[bytes]]:
         self.fetches += 1
+        self.fetched_bytes += end - start
 
         async def chunks() -> AsyncIterator[bytes]:
             for at in range(start, end, 256 << 10):
@@ -203,5 +205,70 @@ async def test_an_object_fetched_whole_arrives_verified_without_a_second_read(
     try:
         assert await cache.read(source, 0, source.size) == source.data
         assert cache._records[source.sha256].verified and source.fetches == 1
+    finally:
+        cache.close()
+
+
+async def test_random_reads_fetch_pages_and_keep_them(tmp_path: Path) -> None:
+    """A 4 KiB read at a random offset fetches its 64 KiB page, not the 1 MiB block; pages
+    are kept, and a block whose pages all came becomes whole (and the object verified when
+    every block is here)."""
+    from ahmount.vfs.object_cache import PAGE
+
+    source = MemorySource(blob(7, 2 * BLOCK + 3 * PAGE + 100))  # the last block is short
+    cache = ObjectCache(tmp_path, 64 << 20)
+    try:
+        cache.pin(source.sha256)
+        at = BLOCK + 5 * PAGE + 1000
+        assert await cache.read_pages(source, at, 4096) == source.data[at:at + 4096]
+        assert source.fetched_bytes == PAGE and cache.used_bytes() == PAGE
+        assert await cache.read_pages(source, at + 8192, 4096) == \
+            source.data[at + 8192:at + 12288]
+        assert source.fetches == 1  # the same page: kept
+        edge = BLOCK - 2048  # straddles two blocks: two pages in one request
+        assert await cache.read_pages(source, edge, 4096) == source.data[edge:edge + 4096]
+        assert source.fetches == 2 and source.fetched_bytes == 3 * PAGE
+        for page in range(-(-source.size // PAGE)):  # every page, one by one
+            off = page * PAGE
+            assert await cache.read_pages(source, off, 10) == source.data[off:off + 10]
+        record = cache._records[source.sha256]
+        assert record.complete() and record.pages == {} and record.verified
+        assert cache.used_bytes() == source.size
+        assert source.fetched_bytes == source.size  # nothing fetched twice
+        cache.unpin(source.sha256)
+        assert await cache.read(source, 0, source.size) == source.data  # a whole read: hits
+        assert source.fetched_bytes == source.size
+    finally:
+        cache.close()
+
+
+async def test_pages_are_shared_with_other_processes_and_counted_after_a_lease(
+        tmp_path: Path) -> None:
+    from ahmount.vfs.object_cache import PAGE
+
+    source = MemorySource(blob(8, 4 * BLOCK))
+    first = ObjectCache(tmp_path, 64 << 20)
+    at = 2 * BLOCK + 3 * PAGE
+    assert await first.read_pages(source, at, 4096) == source.data[at:at + 4096]
+    assert first.used_bytes() == PAGE  # the lease is over: still counted, still on disk
+    second = ObjectCache(tmp_path, 64 << 20)  # another process, started afterwards
+    assert second.used_bytes() == PAGE
+    assert await second.read_pages(source, at + 100, 4096) == source.data[at + 100:at + 4196]
+    assert source.fetches == 1  # the page the first one fetched
+    first.close()
+    second.close()
+
+
+async def test_a_block_fetched_whole_over_kept_pages_is_counted_once(tmp_path: Path) -> None:
+    from ahmount.vfs.object_cache import PAGE
+
+    source = MemorySource(blob(9, 2 * BLOCK))
+    cache = ObjectCache(tmp_path, 64 << 20)
+    try:
+        assert await cache.read_pages(source, BLOCK + PAGE, 10) == \
+            source.data[BLOCK + PAGE:BLOCK + PAGE + 10]
+        assert await cache.read(source, 0, source.size) == source.data  # blocks, whole
+        assert cache.used_bytes() == source.size
+        assert cache._records[source.sha256].pages == {}
     finally:
         cache.close()

@@ -67,7 +67,10 @@ class ReadHandle:
             self.prefetched_to = off
         elif off > 0:
             self.window = min(self.window * 2, READAHEAD_MAX)
-        data = await cache.read(source, off, size)
+        # A random reader fetches pages, not blocks: a 4 KiB read at a random offset of a
+        # large object waits for 64 KiB, not 1 MiB (or two, when it straddles blocks).
+        data = await (cache.read(source, off, size) if sequential or source.size <= BLOCK
+                      else cache.read_pages(source, off, size))
         end = off + len(data)
         self.next_offset = max(self.next_offset, end) if sequential else end
         if sequential and self.next_offset < source.size:

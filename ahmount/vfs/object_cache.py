@@ -46,6 +46,10 @@ BLOCK = 1 << 20
 #: Objects up to this size are verified before their last read is answered; larger ones in
 #: the background once complete (a corrupt one is then dropped and logged).
 VERIFY_INLINE = 64 << 20
+#: The unit random reads fetch and keep (a block is 16 of them): a 4 KiB read at a random
+#: offset should not wait for a whole block.
+PAGE = 64 << 10
+PAGES_PER_BLOCK = BLOCK // PAGE
 INDEX_FLUSH_SECONDS = 1.0
 #: How stale an object's last-use time may be (saving it costs an index write).
 LRU_RESOLUTION = 60.0
@@ -87,12 +91,48 @@ class Record:
     def has(self, index: int) -> bool:
         return bool(self.blocks >> index & 1)
 
+    #: Pages (:data:`PAGE`) of blocks that are not here whole, fetched by random reads:
+    #: block index -> bitmap of its pages. Saved and merged like the blocks.
+    pages: dict[int, int] = field(default_factory=dict)
+
+    def merge_pages(self, other: dict[int, int]) -> None:
+        """Take pages another process recorded (then whole blocks are promoted)."""
+        for index, bitmap in other.items():
+            if not self.has(index):
+                self.pages[index] = self.pages.get(index, 0) | bitmap
+        self._promote(set(other))
+
+    def _promote(self, indexes: set[int]) -> None:
+        pages_total = -(-self.size // PAGE)
+        for index in indexes:
+            in_block = min(PAGES_PER_BLOCK, pages_total - index * PAGES_PER_BLOCK)
+            if index in self.pages and (self.has(index) or
+                                        self.pages[index] == (1 << in_block) - 1):
+                del self.pages[index]
+                self.blocks |= 1 << index
+
     def bytes_present(self) -> int:
         total = self.blocks.bit_count() * BLOCK
         last = self.block_count() - 1
         if self.has(last):
             total -= self.block_count() * BLOCK - max(self.size, 0)
+        for index, bitmap in self.pages.items():
+            if not self.has(index):
+                total += bitmap.bit_count() * PAGE
         return max(total, 0)
+
+    def has_page(self, page: int) -> bool:
+        index = page // PAGES_PER_BLOCK
+        return self.has(index) or bool(self.pages.get(index, 0) >> (page % PAGES_PER_BLOCK) & 1)
+
+    def add_pages(self, first: int, last: int) -> None:
+        """Pages ``first..last`` are in the data file; a block whose every page is here
+        becomes a whole block."""
+        for page in range(first, last + 1):
+            index = page // PAGES_PER_BLOCK
+            if not self.has(index):
+                self.pages[index] = self.pages.get(index, 0) | 1 << (page % PAGES_PER_BLOCK)
+        self._promote({p // PAGES_PER_BLOCK for p in range(first, last + 1)})
 
 
 @dataclass
@@ -168,9 +208,11 @@ class ObjectCache:
         """Take the blocks other processes recorded for a leased object (they are in the same
         file: evicting it needs our lock)."""
         known = _from_raw(self._index.get(sha))
-        if known is not None and known.size == record.size and known.blocks & ~record.blocks:
+        if known is not None and known.size == record.size and (
+                known.blocks & ~record.blocks or known.pages):
             before = record.bytes_present()
             record.blocks |= known.blocks
+            record.merge_pages(known.pages)
             record.verified = record.verified or known.verified
             self._used += record.bytes_present() - before
 
@@ -180,9 +222,12 @@ class ObjectCache:
         with self._index.transact():
             known = _from_raw(self._index.get(sha))
             if known is not None and known.size == record.size:
+                before = record.bytes_present()
                 record.blocks |= known.blocks
+                record.merge_pages(known.pages)
                 record.verified = record.verified or known.verified
                 record.last_used = max(record.last_used, known.last_used)
+                self._used += record.bytes_present() - before
             self._index.set(sha, _to_raw(record))
 
     def flush_index(self) -> None:
@@ -252,6 +297,7 @@ class ObjectCache:
                     # fetched again.
                     record.blocks &= (1 << (stat.st_size // BLOCK)) - 1
                     record.verified = False
+                record.pages = _pages_within(record, stat.st_size)
                 self._records[sha] = record
                 self._used += record.bytes_present()
         except BaseException:
@@ -277,7 +323,7 @@ class ObjectCache:
         finally:
             if fd is not None:
                 os.close(fd)
-        if record is None or not record.blocks:
+        if record is None or not (record.blocks or record.pages):
             self._drop(sha)  # nothing of it here (a failed read, a failed hash): no file
 
     @asynccontextmanager
@@ -323,7 +369,7 @@ class ObjectCache:
 
     def object_count(self) -> int:
         """Objects with at least one block here."""
-        return sum(1 for r in self._records.values() if r.blocks)
+        return sum(1 for r in self._records.values() if r.blocks or r.pages)
 
     def pin(self, sha: str) -> None:
         """Keep the object from eviction (by any process) while a handle has it open, from
@@ -371,7 +417,7 @@ class ObjectCache:
                 return
         candidates = sorted(
             (r.last_used, s) for s, r in self._records.items()
-            if s != sha and s not in self._leases and r.blocks
+            if s != sha and s not in self._leases and (r.blocks or r.pages)
         )
         for _, victim in candidates:
             if not self._drop(victim):
@@ -396,6 +442,7 @@ class ObjectCache:
         (its file stays, for the other processes that have it open; fetches overwrite it)."""
         self._used -= record.bytes_present()
         record.blocks = 0
+        record.pages.clear()
         record.verified = False
         self._dirty.discard(sha)
         with self._index.transact():
@@ -445,6 +492,60 @@ class ObjectCache:
                 await self._verify(sha, record, inline=source.size <= VERIFY_INLINE)
             # Read in the event loop, without a thread hand-off: the block was just written
             # or is on local disk, and a pread of a FUSE-sized piece costs less than that.
+            return os.pread(fd, end - offset, offset)
+
+    async def read_pages(self, source: Source, offset: int, size: int) -> bytes:
+        """:meth:`read` for a random reader: what is missing of ``[offset, offset+size)`` is
+        fetched by :data:`PAGE`, in one request for the run of missing pages, and kept (a
+        block whose pages are all here counts as whole). Whole blocks that are here, or
+        being fetched, are read as :meth:`read` reads them."""
+        end = min(offset + size, source.size)
+        if offset >= end:
+            return b""
+        sha = source.sha256
+        first, last = offset // BLOCK, (end - 1) // BLOCK
+        if any((sha, b) in self._inflight for b in range(first, last + 1)):
+            return await self.read(source, offset, size)
+        self._hold_pin(sha)
+        async with self._leased(sha) as fd:
+            record = self._record(sha, source.size)
+            if not all(record.has(b) for b in range(first, last + 1)):
+                self._learn(sha, record)
+            if all(record.has(b) for b in range(first, last + 1)):
+                return await self.read(source, offset, size)
+            missing = [p for p in range(offset // PAGE, (end - 1) // PAGE + 1)
+                       if not record.has_page(p)]
+            if missing:
+                start, stop = missing[0] * PAGE, min((missing[-1] + 1) * PAGE, source.size)
+                data = await self._read_uncached(source, start, stop)
+                self.stats.misses += 1
+                try:
+                    self._reserve(sha, len(data))
+                except _NoSpace:
+                    self.stats.uncached_reads += 1
+                    return data[offset - start:end - start] if start <= offset else \
+                        await self._read_uncached(source, offset, end)
+                self._used += len(data)
+                buffers: list[bytes | memoryview] = [data]
+                try:
+                    await trio.to_thread.run_sync(_pwritev_all, fd, buffers, start)
+                except OSError:
+                    self._used -= len(data)
+                    raise
+                if self._records.get(sha) is not record:
+                    self._used -= len(data)  # evicted meanwhile: answer from what arrived
+                    if start <= offset and end <= stop:
+                        return data[offset - start:end - start]
+                    return await self._read_uncached(source, offset, end)
+                before = record.bytes_present()
+                record.add_pages(missing[0], missing[-1])
+                # Pages already here inside the fetched run were counted twice above.
+                self._used += record.bytes_present() - before - len(data)
+                self._dirty.add(sha)
+                if record.complete() and not record.verified:
+                    await self._verify(sha, record, inline=source.size <= VERIFY_INLINE)
+            else:
+                self.stats.hits += 1
             return os.pread(fd, end - offset, offset)
 
     async def read_range(self, source: Source, offset: int, size: int) -> bytes:
@@ -679,7 +780,12 @@ class ObjectCache:
             self._used -= size  # evicted while we wrote: the file is gone already
             return
         count = -(-size // BLOCK)
+        before = record.bytes_present()
         record.blocks |= ((1 << count) - 1) << first
+        # Pages of these blocks that random reads kept were counted already.
+        self._used += record.bytes_present() - before - size
+        for index in range(first, first + count):
+            record.pages.pop(index, None)
         self._dirty.add(sha)
         if digest is not None:
             if digest != sha:
@@ -781,15 +887,31 @@ def _from_raw(raw: Any) -> Record | None:
     if not isinstance(raw, dict):
         return None
     try:
+        pages = {int(k): int(v) for k, v in (raw.get("pages") or {}).items()}
         return Record(int(raw["size"]), int(raw["blocks"]), bool(raw["verified"]),
-                      float(raw["last_used"]))
-    except (KeyError, TypeError, ValueError):
+                      float(raw["last_used"]), pages)
+    except (KeyError, TypeError, ValueError, AttributeError):
         return None
 
 
+def _pages_within(record: Record, file_size: int) -> dict[int, int]:
+    """The record's pages that the data file holds all of (a power cut may have lost the
+    end of a write: those are fetched again)."""
+    kept: dict[int, int] = {}
+    for index, bitmap in record.pages.items():
+        for bit in range(PAGES_PER_BLOCK):
+            page = index * PAGES_PER_BLOCK + bit
+            if bitmap >> bit & 1 and min((page + 1) * PAGE, record.size) <= file_size:
+                kept[index] = kept.get(index, 0) | 1 << bit
+    return kept
+
+
 def _to_raw(record: Record) -> dict[str, Any]:
-    return {"size": record.size, "blocks": record.blocks, "verified": record.verified,
-            "last_used": record.last_used}
+    raw: dict[str, Any] = {"size": record.size, "blocks": record.blocks,
+                           "verified": record.verified, "last_used": record.last_used}
+    if record.pages:
+        raw["pages"] = {str(k): v for k, v in record.pages.items()}
+    return raw
 
 
 def _split(buffers: list[bytes | memoryview], size: int
