@@ -54,12 +54,13 @@ def write_checkpoint(path: Path, gib: float) -> int:
 
 def load(path: str) -> float:
     """Seconds to open the checkpoint and read every tensor (their sum touches each page)."""
+    import numpy as np
     from safetensors import safe_open
 
     start = time.perf_counter()
-    with safe_open(path, framework="np") as f:
+    with safe_open(path, framework="np") as f, np.errstate(invalid="ignore", over="ignore"):
         for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-            float(f.get_tensor(name).sum())
+            float(f.get_tensor(name).sum())  # random bits: NaNs among them, and that is fine
     return time.perf_counter() - start
 
 
