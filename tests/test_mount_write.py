@@ -457,3 +457,24 @@ def test_api_verbs_and_tag_take_mount_paths(mount_factory: Mounter, tmp_path: Pa
     assert "feature" in run_ah("ls", "--branch", str(m.mountpoint / "model/llm/gpt2"))
     run_ah("download", str(branch), "--save-dir", str(tmp_path / "out"))
     assert (tmp_path / "out/t.txt").read_text() == "tagged"
+
+
+def test_listed_attributes_on_a_branch_follow_edits_commits_and_moves(
+        mount_factory: Mounter, tmp_path: Path) -> None:
+    """readdir's attributes of a branch's entries are kept per commit: a queued edit, a
+    commit through the mount and a commit elsewhere each show at once in a listing."""
+    def listed_size() -> int:
+        return next(e.stat().st_size for e in os.scandir(branch) if e.name == "a.txt")
+
+    (tmp_path / "a.txt").write_text("abc")
+    ah.commit("model/llm/gpt2:v1", msg="a", add=[str(tmp_path / "a.txt")])
+    m = mount_factory()
+    branch = m.mountpoint / "model/llm/gpt2/v1"
+    assert listed_size() == 3
+    (branch / "a.txt").write_text("0123456789")
+    assert listed_size() == 10  # queued
+    run_ah("commit", "-m", "ten", cwd=branch)
+    assert listed_size() == 10  # committed: the branch's new commit
+    (tmp_path / "a.txt").write_text("x" * 20)
+    ah.commit("model/llm/gpt2:v1", msg="elsewhere", add=[str(tmp_path / "a.txt")])
+    wait_until(lambda: listed_size() == 20, what="the listing to show the commit made elsewhere")

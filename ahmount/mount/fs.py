@@ -25,7 +25,7 @@ from ahmount.vfs.handles import Handle, ReadHandle
 from ahmount.vfs.layout import Key
 from ahmount.vfs.tree import Node
 
-IMMUTABLE_ATTRS_MAX = 100_000  # listed entries of tags and commits whose attributes are kept
+LISTED_ATTRS_MAX = 100_000  # listed entries of commits whose attributes are kept
 
 assert ROOT_INODE == pyfuse3.ROOT_INODE
 
@@ -49,7 +49,7 @@ class AssetFS(pyfuse3.Operations):
         self._files: dict[int, tuple[int, Handle]] = {}
         self._dirs: dict[int, Listing] = {}
         self._next_fh = 1
-        self._immutable_attrs: dict[tuple[int, str], pyfuse3.EntryAttributes] = {}
+        self._listed_attrs: dict[tuple[int, str, bool, float], pyfuse3.EntryAttributes] = {}
         self.op_counts: dict[str, int] = {}
 
     def shows_hub_file(self, ino: int) -> bool:
@@ -73,6 +73,13 @@ class AssetFS(pyfuse3.Operations):
         inode, as a file replaced by ``mv`` would: with writeback caching the kernel keeps
         a cached regular file's size whatever getattr says, so the old inode would show
         the new bytes cut to the old length."""
+        ino = self._inode_for(key, node)
+        self.inodes.remember(ino)
+        return self.attrs(node, ino)
+
+    def _inode_for(self, key: Key, node: Node) -> int:
+        """The inode ``key`` shows ``node`` under: a new one when it is a hub file whose
+        bytes differ from what its inode showed (see :meth:`_reply`)."""
         ino = self.inodes.ino(key)
         sha = "" if node.is_dir or node.queued is not None else node.sha256
         if sha:
@@ -81,8 +88,7 @@ class AssetFS(pyfuse3.Operations):
                 self.inodes.detach(key)
                 ino = self.inodes.ino(key)
             self._served_sha[ino] = sha
-        self.inodes.remember(ino)
-        return self.attrs(node, ino)
+        return ino
 
     def _new_fh(self) -> int:
         fh = self._next_fh
@@ -173,31 +179,39 @@ class AssetFS(pyfuse3.Operations):
         if listing is None:
             raise BadHandle(f"directory handle {fh} is not open")
         parent = listing.node
-        # In a tag or commit, an entry's attributes are fixed by (inode, commit): a tag that is
-        # deleted and made again elsewhere lists under another commit.
-        commit = parent.resolved.commit_id if parent.immutable and \
-            parent.resolved is not None else None
+        # An entry that shows a commit's object (in a tag, a commit, or a branch with nothing
+        # queued) has attributes fixed by (inode, commit, writable, kernel timeout): a ref
+        # that moves lists under another commit, a queued edit takes the branch off this path.
+        commit = parent.resolved.commit_id if parent.resolved is not None and \
+            self.vfs.shows_commit_only(parent) else None
+        timeout = self.vfs.refresh
         for position in range(start_id, len(listing.names)):
             name = listing.names[position]
-            ino = self.inodes.ino((*parent.loc.key, name))
-            attrs = self._immutable_attrs.get((ino, commit)) if commit else None
+            key = (*parent.loc.key, name)
+            ino = self.inodes.ino(key)
+            attrs = self._listed_attrs.get((ino, commit, parent.writable, timeout)) \
+                if commit else None
             if attrs is None:
                 child = await self.vfs.listed(listing, name)
                 if child is None:
                     continue  # vanished since opendir: skip it, the snapshot keeps positions
+                # A file whose bytes changed elsewhere lists under a new inode, as a lookup
+                # gives it (the kernel would keep the old inode's cached size).
+                ino = self._inode_for(key, child)
                 attrs = self.attrs(child, ino)
                 if commit:
-                    self._remember_attrs((ino, commit), attrs)
+                    self._remember_attrs((ino, commit, parent.writable, timeout), attrs)
             if not pyfuse3.readdir_reply(token, name.encode(), attrs, position + 1):
                 return
             self.inodes.remember(ino)
 
-    def _remember_attrs(self, entry: tuple[int, str], attrs: pyfuse3.EntryAttributes) -> None:
+    def _remember_attrs(self, entry: tuple[int, str, bool, float],
+                        attrs: pyfuse3.EntryAttributes) -> None:
         """Attributes of an entry of one commit never change: repeated listings reuse them.
-        Bounded: forgotten all at once past :data:`IMMUTABLE_ATTRS_MAX` entries."""
-        if len(self._immutable_attrs) >= IMMUTABLE_ATTRS_MAX:
-            self._immutable_attrs.clear()
-        self._immutable_attrs[entry] = attrs
+        Bounded: forgotten all at once past :data:`LISTED_ATTRS_MAX` entries."""
+        if len(self._listed_attrs) >= LISTED_ATTRS_MAX:
+            self._listed_attrs.clear()
+        self._listed_attrs[entry] = attrs
 
     @fuse_errors
     async def releasedir(self, fh: int) -> None:

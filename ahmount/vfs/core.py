@@ -130,6 +130,13 @@ class VFS:
             node = await self.tree.with_index(node)
         return Listing(node, await self.tree.children(node))
 
+    def shows_commit_only(self, node: Node) -> bool:
+        """True when what ``node`` (a directory of a ref) lists is its commit's objects and
+        nothing else: a tag or commit, or a branch with nothing queued."""
+        branch = node.branch_key
+        return node.immutable or branch is None or self.queue is None or \
+            self.queue.branch(branch).empty()
+
     async def listed(self, listing: Listing, name: str) -> Node | None:
         """One entry of an open listing (None if it vanished since the listing was taken)."""
         key = (*listing.node.loc.key, name)

@@ -265,6 +265,8 @@ class Tree:
         if branch is None or self.queue is None:
             return node.index.names(loc.subpath)
         queue = self.queue.branch(branch)
+        if queue.empty():  # nothing queued: the commit's names (sorted already)
+            return node.index.names(loc.subpath)
         prefix = loc.subpath + "/" if loc.subpath else ""
         names = {n for n in node.index.names(loc.subpath) if not queue.hides(prefix + n)}
         return sorted(names | queue.names_under(loc.subpath))
