@@ -68,13 +68,16 @@ async def file(request: Request) -> Response:
     worker-thread hand-off: authentication, resolution and the read together."""
     service = service_of(request)
     name, path = request.path_params["ref"], request.path_params["path"]
-    small_get = request.method == "GET" and request.query_params.get("redirect") != "1"
+    get = request.method == "GET"
+    redirect = request.query_params.get("redirect") == "1"
 
     def open_and_read(actor: Actor) -> tuple[ReadableObject, bytes | None]:
         found = service.open_object(actor, asset_addr(request), name, path)
         entry = found.entry
-        if not small_get or request.headers.get("if-none-match") == f'"{entry.sha256}"':
+        if not get or request.headers.get("if-none-match") == f'"{entry.sha256}"':
             return found, None
+        if redirect and entry.size and found.presigned_url() is not None:
+            return found, None  # the client reads it from the blob store
         start, end = parse_range(request.headers.get("range"), entry.size) or (0, entry.size)
         if end - start > WHOLE_BODY:
             return found, None
