@@ -272,3 +272,26 @@ async def test_a_block_fetched_whole_over_kept_pages_is_counted_once(tmp_path: P
         assert cache._records[source.sha256].pages == {}
     finally:
         cache.close()
+
+
+async def test_a_full_disk_serves_random_reads_from_the_hub(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pages share the block path's write: a disk that is full under the cache answers the
+    read from what arrived (not EIO), and keeps nothing."""
+    import errno
+
+    import ahmount.vfs.object_cache as module
+    from ahmount.vfs.object_cache import PAGE
+
+    def disk_full(*args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(module, "_pwritev_all", disk_full)
+    source = MemorySource(blob(10, 2 * BLOCK))
+    cache = ObjectCache(tmp_path, 64 << 20)
+    try:
+        at = BLOCK + 3 * PAGE + 7
+        assert await cache.read_pages(source, at, 4096) == source.data[at:at + 4096]
+        assert cache.used_bytes() == 0 and cache.stats.uncached_reads == 1
+    finally:
+        cache.close()

@@ -520,20 +520,12 @@ class ObjectCache:
                 data = await self._read_uncached(source, start, stop)
                 self.stats.misses += 1
                 try:
-                    self._reserve(sha, len(data))
+                    kept, _ = await self._write_counted(sha, record, fd, [data], start,
+                                                        len(data))
                 except _NoSpace:
                     self.stats.uncached_reads += 1
-                    return data[offset - start:end - start] if start <= offset else \
-                        await self._read_uncached(source, offset, end)
-                self._used += len(data)
-                buffers: list[bytes | memoryview] = [data]
-                try:
-                    await trio.to_thread.run_sync(_pwritev_all, fd, buffers, start)
-                except OSError:
-                    self._used -= len(data)
-                    raise
-                if self._records.get(sha) is not record:
-                    self._used -= len(data)  # evicted meanwhile: answer from what arrived
+                    kept = False
+                if not kept:  # no room, a full disk, or evicted meanwhile: not kept
                     if start <= offset and end <= stop:
                         return data[offset - start:end - start]
                     return await self._read_uncached(source, offset, end)
@@ -755,18 +747,20 @@ class ObjectCache:
                 if event is not None:
                     event.set()
 
-    async def _store_blocks(self, sha: str, record: Record, fd: int, first: int,
-                            buffers: list[bytes | memoryview], size: int,
-                            hasher: Any = None, final: bool = False) -> None:
-        """Write ``size`` bytes (whole blocks from block ``first``; the object's last block
-        may be short), gathered from ``buffers`` without joining them, and mark them present.
-        ``hasher`` (the whole object's, fed in order) is updated in the same thread hand-off;
-        at the ``final`` write it decides: the object is verified, or none of it is kept."""
+    async def _write_counted(self, sha: str, record: Record, fd: int,
+                             buffers: list[bytes | memoryview], offset: int, size: int,
+                             hasher: Any = None, final: bool = False
+                             ) -> tuple[bool, str | None]:
+        """Reserve ``size`` bytes and write ``buffers`` at ``offset`` through the lease's
+        ``fd`` in a worker thread (``hasher`` fed in the same hand-off: its digest after the
+        ``final`` part), counted in the bytes used for the caller to mark present. False
+        when the object was evicted while it was written (then nothing stays counted); no
+        room, or a full disk under the cache, raises ``_NoSpace``."""
         self._reserve(sha, size)
         self._used += size  # reserved now, before the thread yields control
         try:
-            digest = await trio.to_thread.run_sync(_pwritev_hashing, fd, buffers,
-                                                   first * BLOCK, hasher, final)
+            digest = await trio.to_thread.run_sync(_pwritev_hashing, fd, buffers, offset,
+                                                   hasher, final)
         except BaseException as exc:
             self._used -= size
             if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -778,6 +772,19 @@ class ObjectCache:
             raise
         if self._records.get(sha) is not record:
             self._used -= size  # evicted while we wrote: the file is gone already
+            return False, None
+        return True, digest
+
+    async def _store_blocks(self, sha: str, record: Record, fd: int, first: int,
+                            buffers: list[bytes | memoryview], size: int,
+                            hasher: Any = None, final: bool = False) -> None:
+        """Write ``size`` bytes (whole blocks from block ``first``; the object's last block
+        may be short), gathered from ``buffers`` without joining them, and mark them present.
+        ``hasher`` (the whole object's, fed in order) is updated in the same thread hand-off;
+        at the ``final`` write it decides: the object is verified, or none of it is kept."""
+        kept, digest = await self._write_counted(sha, record, fd, buffers, first * BLOCK, size,
+                                                 hasher, final)
+        if not kept:
             return
         count = -(-size // BLOCK)
         before = record.bytes_present()
