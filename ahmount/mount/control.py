@@ -164,17 +164,17 @@ class ControlServer:
         :data:`PROGRESS_INTERVAL`. Transfers report from worker threads too, so the reporter
         only stores the state; this task sends it. A client that hangs up stops the lines,
         never the operation."""
-        latest: list[State] = []
-        sent: list[State | None] = [None]
+        latest: State | None = None
+        sent: State | None = None
         gone = False
 
         async def send_newest() -> None:
-            nonlocal gone
-            if gone or not latest or latest[-1] is sent[0]:
+            nonlocal sent, gone
+            if gone or latest is None or latest is sent:
                 return
-            sent[0] = latest[-1]
+            sent = latest
             try:
-                await self._send(stream, {"progress": sent[0]})
+                await self._send(stream, {"progress": sent})
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 gone = True
 
@@ -184,7 +184,8 @@ class ControlServer:
                 await send_newest()
 
         def report(state: State) -> None:
-            latest[:] = [state]
+            nonlocal latest
+            latest = state  # one reference assignment: atomic for the worker threads
 
         token = REPORTER.set(report)
         try:

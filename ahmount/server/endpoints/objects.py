@@ -71,19 +71,23 @@ async def file(request: Request) -> Response:
     get = request.method == "GET"
     redirect = request.query_params.get("redirect") == "1"
 
-    def open_and_read(actor: Actor) -> tuple[ReadableObject, bytes | None]:
+    def open_and_read(actor: Actor) -> tuple[ReadableObject, str | None, bytes | None]:
+        """The object, the presigned URL to redirect to (None: serve it here), and its
+        requested bytes when they are few (None: stream them, or send none)."""
         found = service.open_object(actor, asset_addr(request), name, path)
         entry = found.entry
         if not get or request.headers.get("if-none-match") == f'"{entry.sha256}"':
-            return found, None
-        if redirect and entry.size and found.presigned_url() is not None:
-            return found, None  # the client reads it from the blob store
+            return found, None, None
+        # Computed locally, no I/O: the client then reads from the blob store (data plane).
+        url = found.presigned_url() if redirect and entry.size else None
+        if url is not None:
+            return found, url, None
         start, end = parse_range(request.headers.get("range"), entry.size) or (0, entry.size)
         if end - start > WHOLE_BODY:
-            return found, None
-        return found, b"".join(found.read(start, end))
+            return found, None, None
+        return found, None, b"".join(found.read(start, end))
 
-    found, body = await call_as(request, open_and_read)
+    found, url, body = await call_as(request, open_and_read)
     commit, entry = found.commit, found.entry
     etag = f'"{entry.sha256}"'
     headers = {
@@ -96,10 +100,8 @@ async def file(request: Request) -> Response:
     }
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers=headers)
-    if request.query_params.get("redirect") == "1" and request.method == "GET" and entry.size:
-        url = found.presigned_url()  # computed locally, no I/O: no worker-thread trip
-        if url is not None:  # the client reads from the blob store directly (data plane)
-            return Response(status_code=307, headers={**headers, "location": url})
+    if url is not None:
+        return Response(status_code=307, headers={**headers, "location": url})
     byte_range = parse_range(request.headers.get("range"), entry.size)
     start, end = byte_range or (0, entry.size)
     headers["content-length"] = str(end - start)
