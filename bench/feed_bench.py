@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ahmount.client.hub_client import HubClient
 from ahmount.hub.models import AssetAddr, ObjectEntry
+from bench.harness import bench_dir, hub_mount, served_hub
 from tests.conftest import HubProcess, MountProcess, wait_until
 from tests.test_mount_feed import make_asset
 
@@ -88,8 +86,7 @@ def replicated(commits: int, root: Path, mounts: list[MountProcess]) -> None:
             replicas.append(r)
 
         addr = make_asset(a, key, "bench", "feed")
-        m = MountProcess(root / "replica", "--hub", b.url, "--api-key", key,
-                         "--cache-dir", str(root / "c3"), "--refresh", "60").start()
+        m = hub_mount(b, key, root / "replica", root / "c3", "--refresh", "60")
         mounts.append(m)
         wait_until(lambda: m.control("status")["changes"] == "live", what="the feed")
         report(f"feed across replicas, {commits} commits", trio.run(
@@ -110,17 +107,11 @@ def main() -> None:
     parser.add_argument("--no-replicas", action="store_true",
                         help="skip the PostgreSQL + S3 pair of replicas")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/var/tmp")) as tmp:
-        root = Path(tmp)
-        os.environ["AHMOUNT_HOME"] = str(root / "home")
-        server = HubProcess(root / "server")
-        key = server.add_user("bench")
-        server.start()
+    with bench_dir() as root, served_hub(root) as (server, key):
         mounts: list[MountProcess] = []
         try:
             addr = make_asset(server, key, "bench", "feed")
-            live = MountProcess(root / "live", "--hub", server.url, "--api-key", key,
-                                "--cache-dir", str(root / "c1"), "--refresh", "60").start()
+            live = hub_mount(server, key, root / "live", root / "c1", "--refresh", "60")
             mounts.append(live)
             wait_until(lambda: live.control("status")["changes"] == "live", what="the feed")
             file = live.mountpoint / "model/feed/m/main/x.txt"
@@ -128,9 +119,8 @@ def main() -> None:
                 run_commits, server, key, addr, [file], args.commits, root))
             if not args.no_replicas:
                 replicated(args.commits, root, mounts)
-            polling = MountProcess(root / "poll", "--hub", server.url, "--api-key", key,
-                                   "--cache-dir", str(root / "c2"), "--refresh", "3",
-                                   "--no-change-feed").start()
+            polling = hub_mount(server, key, root / "poll", root / "c2", "--refresh", "3",
+                                "--no-change-feed")
             mounts.append(polling)
             file = polling.mountpoint / "model/feed/m/main/x.txt"
             report("polling only (--refresh 3), 20 commits", trio.run(
@@ -138,8 +128,6 @@ def main() -> None:
         finally:
             for m in mounts:
                 m.stop()
-            server.stop()
-            shutil.rmtree(root / "home", ignore_errors=True)
 
 
 if __name__ == "__main__":

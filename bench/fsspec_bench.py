@@ -20,10 +20,8 @@ import argparse
 import multiprocessing
 import os
 import random
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,8 +33,8 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ahmount.ahfs import AhFileSystem
+from bench.harness import bench_dir, hub_mount, served_hub
 from bench.mount_bench import drop_caches
-from tests.conftest import HubProcess, MountProcess
 
 COLUMNS = 20
 WANTED = ["c03", "c17"]
@@ -116,12 +114,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=800, help="files the workers read")
     parser.add_argument("--image-kib", type=int, default=256)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/var/tmp")) as tmp:
-        root = Path(tmp)
-        os.environ["AHMOUNT_HOME"] = str(root / "home")
-        server = HubProcess(root / "server")
-        key = server.add_user("bench")
-        server.start()
+    with bench_dir() as root, served_hub(root) as (server, key):
         mount = None
         try:
             options = {"hub": server.url, "api_key": key, "cache_dir": str(root / "cache")}
@@ -147,9 +140,8 @@ def main() -> None:
             fs.put(str(images) + "/", "dataset/bench/images/", recursive=True)
             _tag(server.url, key, "files")
             _tag(server.url, key, "images")
-            mount = MountProcess(root / "mnt", "--hub", server.url, "--api-key", key,
-                                 "--cache-dir", str(root / "mount-cache"),
-                                 "--cache-size", "16G").start()
+            mount = hub_mount(server, key, root / "mnt", root / "mount-cache",
+                              "--cache-size", "16G")
 
             # -- Parquet: 2 of 20 columns ---------------------------------------------------
             drop_caches()
@@ -213,8 +205,6 @@ def main() -> None:
         finally:
             if mount is not None:
                 mount.stop()
-            server.stop()
-            shutil.rmtree(root / "home", ignore_errors=True)
 
 
 def _tag(url: str, key: str, asset: str) -> None:

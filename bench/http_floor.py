@@ -16,12 +16,9 @@ Usage: python bench/http_floor.py [--requests 1000]
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,9 +27,10 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ahmount.client.hub_client import HubClient
-from ahmount.hub.models import AssetAddr, FolderAddr, ObjectEntry
-from tests.conftest import HubProcess, wait_until
+from bench import peers
+from bench.harness import bench_dir, served_hub
+from tests.conftest import free_port, wait_until
+from tests.test_mount_feed import commit_file, make_asset
 
 NOTHING_SERVER = '''
 import sys, trio, anyio.to_thread
@@ -76,36 +74,16 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000)
     args = parser.parse_args()
     n = args.requests
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     nothing = subprocess.Popen([sys.executable, "-c", NOTHING_SERVER, f"127.0.0.1:{port}"])
-    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/var/tmp")) as tmp:
-        root = Path(tmp)
-        os.environ["AHMOUNT_HOME"] = str(root / "home")
-        server = HubProcess(root / "server")
-        key = server.add_user("bench")
-        server.start()
-        try:
-            def listening() -> bool:
-                with socket.socket() as probe:
-                    return probe.connect_ex(("127.0.0.1", port)) == 0
-            wait_until(listening, what="the do-nothing server")
-
-            async def populate() -> None:
-                async with HubClient(server.url, api_key=key) as hub:
-                    folder = FolderAddr("bench", "dataset", "d")
-                    await hub.create_folder(folder)
-                    addr = AssetAddr(folder, "x")
-                    await hub.create_asset(addr)
-                    data = os.urandom(4096)
-                    (root / "f").write_bytes(data)
-                    sha = hashlib.sha256(data).hexdigest()
-                    await hub.upload_file(root / "f", sha, 4096)
-                    await hub.commit(addr, "main", "f", adds=[ObjectEntry("f", sha, 4096, 1.0)])
-            trio.run(populate)
+    try:
+        wait_until(lambda: peers.port_open(port), what="the do-nothing server")
+        with bench_dir() as root, served_hub(root) as (server, key):
+            addr = make_asset(server, key, "bench", "d")
+            commit_file(server, key, addr, "f", os.urandom(4096), root)
             auth = {"authorization": f"Bearer {key}"}
-            obj = f"{server.url}/api/v1/assets/bench/dataset/d/x/refs/main/files/f?redirect=1"
+            obj = f"{server.url}/api/v1/assets/{addr.folder.owner}/{addr.folder.kind}/" \
+                  f"{addr.folder.name}/{addr.name}/refs/main/files/f?redirect=1"
             rows = [("do-nothing Starlette route", f"http://127.0.0.1:{port}/plain", None),
                     ("... with one thread hand-off", f"http://127.0.0.1:{port}/hop", None),
                     ("ah-server object route", obj, auth)]
@@ -116,10 +94,9 @@ def main() -> None:
                 floor = floor or a_ms
                 print(f"  {label:<32} sync {s_ms:5.2f}  async/trio {a_ms:5.2f} "
                       f"({1000 / a_ms:,.0f}/s; {a_ms / floor:.2f}x the do-nothing route)")
-        finally:
-            server.stop()
-            nothing.terminate()
-            nothing.wait(timeout=30)
+    finally:
+        nothing.terminate()
+        nothing.wait(timeout=30)
 
 
 if __name__ == "__main__":

@@ -26,18 +26,16 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ahmount.ahfs import AhFileSystem
 from bench import peers
+from bench.harness import bench_dir, hub_mount, served_hub, upload_tree
 from bench.mount_bench import drop_caches
 from bench.mount_write_bench import start_minimal_fs
-from tests.conftest import HubProcess, MountProcess
 
 
 def _read_files(paths: list[str]) -> None:
@@ -91,23 +89,12 @@ def main() -> None:
     parser.add_argument("--peers", default="sshfs,rclone")
     args = parser.parse_args()
     counts = [int(w) for w in args.workers.split(",")]
-    wanted = [p for p in args.peers.split(",") if p]
-    have = peers.available()
-    for peer in wanted:
-        if not have.get(peer):
-            sys.exit(f"{peer} is not installed (./install.sh --dev installs the peers)")
-    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/var/tmp")) as tmp:
-        root = Path(tmp)
-        os.environ["AHMOUNT_HOME"] = str(root / "home")
+    wanted = peers.wanted(args.peers)
+    with bench_dir() as root:
         local = root / "local"
         sets = make_dataset(local, args.files, args.large)
-        server = HubProcess(root / "server")
-        key = server.add_user("bench")
-        server.start()
-        try:
-            fs = AhFileSystem(hub=server.url, api_key=key, cache_dir=str(root / "fs-cache"))
-            fs.makedirs("dataset/bench/train")
-            fs.put(str(local) + "/", "dataset/bench/train/", recursive=True)
+        with served_hub(root) as (server, key):
+            upload_tree(server, key, local, "dataset/bench/train", root / "fs-cache")
             rounds = iter(range(1_000_000))
 
             @contextlib.contextmanager
@@ -116,8 +103,7 @@ def main() -> None:
 
             @contextlib.contextmanager
             def ahmount(n: int) -> Iterator[Path]:
-                m = MountProcess(root / f"ah-mnt-{n}", "--hub", server.url, "--api-key", key,
-                                 "--cache-dir", str(root / f"ah-cache-{n}")).start()
+                m = hub_mount(server, key, root / f"ah-mnt-{n}", root / f"ah-cache-{n}")
                 try:
                     yield m.mountpoint / "dataset/bench/train/main"
                 finally:
@@ -125,7 +111,7 @@ def main() -> None:
                     shutil.rmtree(root / f"ah-cache-{n}", ignore_errors=True)
 
             def peer(name: str) -> Opener:
-                mount = {"sshfs": peers.sshfs_mount, "rclone": peers.rclone_mount}[name]
+                mount = peers.MOUNTS[name]
 
                 @contextlib.contextmanager
                 def opened(n: int) -> Iterator[Path]:
@@ -164,9 +150,6 @@ def main() -> None:
                             results[(name, kind, "warm", workers)] = loader(
                                 [base / p for p in paths], workers)
             _report(results, targets, sets, counts, args)
-        finally:
-            server.stop()
-            shutil.rmtree(root / "home", ignore_errors=True)
 
 
 def _report(results: dict[tuple[str, str, str, int], float], targets: dict[str, Opener],

@@ -23,13 +23,13 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import peers
+from bench.harness import bench_dir
 from tests.conftest import MountProcess, command
 
 
@@ -90,14 +90,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--peers", default="sshfs,rclone")
     args = parser.parse_args()
-    wanted = [p for p in args.peers.split(",") if p]
-    missing = [p for p in wanted if not peers.available().get(p)]
-    if missing:
-        sys.exit(f"{', '.join(missing)} not installed (./install.sh --dev installs the peers)")
-    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/var/tmp")) as tmp, \
-            contextlib.ExitStack() as stack:
-        root = Path(tmp)
-        os.environ["AHMOUNT_HOME"] = str(root / "home")
+    wanted = peers.wanted(args.peers)
+    with bench_dir() as root, contextlib.ExitStack() as stack:
         for name in ("model/bench", "model/bench/m", "model/bench/m:w"):
             subprocess.run([command("ah"), "-q", "create", name], check=True)
         mount = MountProcess(root / "mnt").start()
@@ -112,8 +106,7 @@ def main() -> None:
         for name in wanted:
             served = root / f"{name}-served"
             served.mkdir()
-            opener = {"sshfs": peers.sshfs_mount, "rclone": peers.rclone_mount}[name]
-            targets[name] = stack.enter_context(opener(served, root / f"{name}-work"))
+            targets[name] = stack.enter_context(peers.MOUNTS[name](served, root / f"{name}-work"))
         data = os.urandom(4096)
         small: dict[str, list[float]] = {t: [] for t in targets}
         big: dict[str, list[float]] = {t: [] for t in targets}

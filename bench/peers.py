@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +27,16 @@ from tests.conftest import free_port, wait_until
 def available() -> dict[str, bool]:
     return {"sshfs": bool(shutil.which("sshfs") and Path("/usr/sbin/sshd").exists()),
             "rclone": bool(shutil.which("rclone"))}
+
+
+def wanted(spec: str) -> list[str]:
+    """The peers a ``--peers sshfs,rclone`` option names; exits naming any not installed."""
+    names = [name for name in spec.split(",") if name]
+    have = available()
+    missing = [name for name in names if not have.get(name)]
+    if missing:
+        sys.exit(f"{', '.join(missing)} not installed (./install.sh --dev installs the peers)")
+    return names
 
 
 def unmount(point: Path) -> None:
@@ -68,7 +79,7 @@ def sshfs_mount(directory: Path, work: Path) -> Iterator[Path]:
     point = work / "mnt"
     point.mkdir(exist_ok=True)
     try:
-        wait_until(lambda: _port_open(port), what="sshd to listen")
+        wait_until(lambda: port_open(port), what="sshd to listen")
         subprocess.run(["sshfs", f"root@127.0.0.1:{directory}", str(point), "-p", str(port),
                         "-o", f"IdentityFile={user_key}", "-o", "StrictHostKeyChecking=no",
                         "-o", f"UserKnownHostsFile={work / 'known_hosts'}"],
@@ -91,7 +102,7 @@ def rclone_mount(directory: Path, work: Path) -> Iterator[Path]:
     point.mkdir(exist_ok=True)
     mount: subprocess.Popen[bytes] | None = None
     try:
-        wait_until(lambda: _port_open(port), what="rclone serve webdav to listen")
+        wait_until(lambda: port_open(port), what="rclone serve webdav to listen")
         mount = subprocess.Popen(
             ["rclone", "mount", ":webdav:", str(point), "--webdav-url",
              f"http://127.0.0.1:{port}", "--vfs-cache-mode", "full",
@@ -106,10 +117,13 @@ def rclone_mount(directory: Path, work: Path) -> Iterator[Path]:
         _stop(server)
 
 
-def _port_open(port: int) -> bool:
+def port_open(port: int) -> bool:
     import socket
 
     with socket.socket() as sock:
         sock.settimeout(0.2)
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
+
+#: Each peer's mount, by name: ``MOUNTS[name](directory, work)`` as a context manager.
+MOUNTS = {"sshfs": sshfs_mount, "rclone": rclone_mount}

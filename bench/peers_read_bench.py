@@ -24,17 +24,16 @@ import contextlib
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ahmount.ahfs import AhFileSystem
 from bench import peers
+from bench.harness import bench_dir, hub_mount, served_hub, upload_tree
+from bench.loader_bench import make_dataset
 from bench.mount_bench import drop_caches, random_reads, raw_download, read_all, stat_all
 from bench.mount_bench import timed_find as find_all
-from tests.conftest import HubProcess, MountProcess
 
 Opener = Callable[[str], contextlib.AbstractContextManager[Path]]
 #: (figure, unit, higher is better)
@@ -78,32 +77,16 @@ def main() -> None:
     parser.add_argument("--random", type=int, default=2000)
     parser.add_argument("--peers", default="sshfs,rclone")
     args = parser.parse_args()
-    wanted = [p for p in args.peers.split(",") if p]
-    missing = [p for p in wanted if not peers.available().get(p)]
-    if missing:
-        sys.exit(f"{', '.join(missing)} not installed (./install.sh --dev installs the peers)")
-    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/var/tmp")) as tmp:
-        root = Path(tmp)
-        os.environ["AHMOUNT_HOME"] = str(root / "home")
+    wanted = peers.wanted(args.peers)
+    with bench_dir() as root:
         local = root / "local"
-        local.mkdir()
+        files = make_dataset(local, args.files, 0)["small"]
         with (local / "big.bin").open("wb") as handle:
             for _ in range(int(args.gib * 1024)):
                 handle.write(os.urandom(1 << 20))
-        files = []
-        for i in range(args.files):
-            p = local / "small" / f"d{i * 100 // args.files:03d}" / f"{i:05d}.bin"
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_bytes(os.urandom(4096))
-            files.append(p.relative_to(local))
-        server = HubProcess(root / "server")
-        key = server.add_user("bench")
-        server.start()
         rounds = iter(range(1_000_000))
-        try:
-            fs = AhFileSystem(hub=server.url, api_key=key, cache_dir=str(root / "fs-cache"))
-            fs.makedirs("dataset/bench/data")
-            fs.put(str(local) + "/", "dataset/bench/data/", recursive=True)
+        with served_hub(root) as (server, key):
+            upload_tree(server, key, local, "dataset/bench/data", root / "fs-cache")
 
             @contextlib.contextmanager
             def local_disk() -> Iterator[Path]:
@@ -112,9 +95,8 @@ def main() -> None:
             @contextlib.contextmanager
             def ahmount() -> Iterator[Path]:
                 n = next(rounds)
-                m = MountProcess(root / f"ah-{n}", "--hub", server.url, "--api-key", key,
-                                 "--cache-dir", str(root / f"ah-cache-{n}"),
-                                 "--cache-size", "4G").start()
+                m = hub_mount(server, key, root / f"ah-{n}", root / f"ah-cache-{n}",
+                              "--cache-size", "4G")
                 try:
                     yield m.mountpoint / "dataset/bench/data/main"
                 finally:
@@ -122,7 +104,7 @@ def main() -> None:
                     shutil.rmtree(root / f"ah-cache-{n}", ignore_errors=True)
 
             def peer(name: str) -> Callable[[], contextlib.AbstractContextManager[Path]]:
-                mount = {"sshfs": peers.sshfs_mount, "rclone": peers.rclone_mount}[name]
+                mount = peers.MOUNTS[name]
 
                 @contextlib.contextmanager
                 def opened() -> Iterator[Path]:
@@ -140,9 +122,6 @@ def main() -> None:
             drop_caches()
             raw = args.gib * 1024 / raw_download(url, key)
             _report(results, wanted, raw)
-        finally:
-            server.stop()
-            shutil.rmtree(root / "home", ignore_errors=True)
 
 
 def _report(results: dict[str, dict[str, float]], wanted: list[str], raw: float) -> None:

@@ -21,15 +21,14 @@ import os
 import shutil
 import struct
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ahmount.ahfs import AhFileSystem
+from bench.harness import bench_dir, hub_mount, served_hub, upload_tree
 from bench.mount_bench import drop_caches, raw_download
-from tests.conftest import HubProcess, MountProcess
+from tests.conftest import MountProcess
 
 TENSOR_MIB = 64
 
@@ -87,62 +86,54 @@ def main() -> None:
     parser.add_argument("--procs", type=int, default=4)
     parser.add_argument("--deadline", type=float, default=600.0)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/var/tmp")) as tmp:
-        root = Path(tmp)
-        os.environ["AHMOUNT_HOME"] = str(root / "home")
+    with bench_dir() as root:
         local = root / "model.safetensors"
         size = write_checkpoint(local, args.gib)
         mb = size / 1e6
-        server = HubProcess(root / "server")
-        key = server.add_user("bench")
-        server.start()
-        mounts: list[MountProcess] = []
-        try:
-            fs = AhFileSystem(hub=server.url, api_key=key, cache_dir=str(root / "fs-cache"))
-            fs.makedirs("model/bench/llm")
-            fs.put(str(local), "model/bench/llm/model.safetensors")
-            shutil.rmtree(root / "fs-cache", ignore_errors=True)
-            url = (f"{server.url}/api/v1/assets/bench/model/bench/llm/refs/main/files/"
-                   "model.safetensors")
+        with served_hub(root) as (server, key):
+            mounts: list[MountProcess] = []
+            try:
+                upload_tree(server, key, local, "model/bench/llm/model.safetensors",
+                            root / "fs-cache")
+                shutil.rmtree(root / "fs-cache", ignore_errors=True)
+                url = (f"{server.url}/api/v1/assets/bench/model/bench/llm/refs/main/files/"
+                       "model.safetensors")
 
-            def mount(n: int) -> Path:
-                m = MountProcess(root / f"mnt{n}", "--hub", server.url, "--api-key", key,
-                                 "--cache-dir", str(root / f"cache{n}"),
-                                 "--cache-size", f"{int(args.gib * 2) + 1}G").start()
-                mounts.append(m)
-                return m.mountpoint / "model/bench/llm/main/model.safetensors"
+                def mount(n: int) -> Path:
+                    m = hub_mount(server, key, root / f"mnt{n}", root / f"cache{n}",
+                                  "--cache-size", f"{int(args.gib * 2) + 1}G")
+                    mounts.append(m)
+                    return m.mountpoint / "model/bench/llm/main/model.safetensors"
 
-            drop_caches()
-            local_cold = load(str(local))
-            local_warm = min(load(str(local)) for _ in range(2))
-            drop_caches()
-            raw = raw_download(url, key)
-            path = mount(0)
-            drop_caches()
-            cold = load(str(path))
-            warm = min(load(str(path)) for _ in range(2))
-            many_path = mount(1)
-            drop_caches()
-            many = load_many(many_path, args.procs, args.deadline)
-            print(f"safetensors checkpoint of {size / (1 << 30):.2f} GiB, safe_open + every "
-                  "tensor read:")
-            print(f"  cold: mount {mb / cold:,.0f} MB/s = {raw / cold:.2f}x the raw download "
-                  f"({mb / raw:,.0f} MB/s) and {local_cold / cold:.2f}x local disk "
-                  f"({mb / local_cold:,.0f} MB/s)")
-            print(f"  warm: mount {mb / warm:,.0f} MB/s = {local_warm / warm:.2f}x local "
-                  f"({mb / local_warm:,.0f} MB/s)")
-            print(f"  {args.procs} processes at once through one cold mount: {many:.1f} s "
-                  f"({args.procs * mb / many:,.0f} MB/s together), none hung")
-            for m in mounts:
-                rss = next(int(line.split()[1]) for line in
-                           Path(f"/proc/{m.pid}/status").read_text().splitlines()
-                           if line.startswith("VmHWM:"))
-                print(f"  daemon peak RSS ({m.mountpoint.name}): {rss / 1024:.0f} MiB")
-        finally:
-            for m in mounts:
-                m.stop()
-            server.stop()
-            shutil.rmtree(root / "home", ignore_errors=True)
+                drop_caches()
+                local_cold = load(str(local))
+                local_warm = min(load(str(local)) for _ in range(2))
+                drop_caches()
+                raw = raw_download(url, key)
+                path = mount(0)
+                drop_caches()
+                cold = load(str(path))
+                warm = min(load(str(path)) for _ in range(2))
+                many_path = mount(1)
+                drop_caches()
+                many = load_many(many_path, args.procs, args.deadline)
+                print(f"safetensors checkpoint of {size / (1 << 30):.2f} GiB, safe_open + every "
+                      "tensor read:")
+                print(f"  cold: mount {mb / cold:,.0f} MB/s = {raw / cold:.2f}x the raw download "
+                      f"({mb / raw:,.0f} MB/s) and {local_cold / cold:.2f}x local disk "
+                      f"({mb / local_cold:,.0f} MB/s)")
+                print(f"  warm: mount {mb / warm:,.0f} MB/s = {local_warm / warm:.2f}x local "
+                      f"({mb / local_warm:,.0f} MB/s)")
+                print(f"  {args.procs} processes at once through one cold mount: {many:.1f} s "
+                      f"({args.procs * mb / many:,.0f} MB/s together), none hung")
+                for m in mounts:
+                    rss = next(int(line.split()[1]) for line in
+                               Path(f"/proc/{m.pid}/status").read_text().splitlines()
+                               if line.startswith("VmHWM:"))
+                    print(f"  daemon peak RSS ({m.mountpoint.name}): {rss / 1024:.0f} MiB")
+            finally:
+                for m in mounts:
+                    m.stop()
 
 
 if __name__ == "__main__":
