@@ -182,11 +182,45 @@ EVENT_LOCK = 4243
 
 _JSON_COLUMNS = ("labels", "parents", "metadata")
 
+# The statements of the read path every request takes (authentication, then an asset and
+# what the caller may do with it, then a ref): built once with bind parameters, because
+# building a Core expression per call costs more than executing it (a cached compile still
+# needs the expression to look itself up). SQLAlchemy's compiled cache keeps them compiled.
+_owner = users.alias("owner")
+_KEY_USER = (
+    sa.select(users.c.id, users.c.name)
+    .join(api_keys, api_keys.c.user_id == users.c.id)
+    .where(api_keys.c.key_hash == sa.bindparam("key_hash"))
+)
+_ASSET_ACCESS = (
+    sa.select(*(c.label(f"f_{c.name}") for c in folders.c), shares.c.permission,
+              *(c.label(f"a_{c.name}") for c in assets.c))
+    .select_from(_owner)
+    .join(folders, folders.c.owner_id == _owner.c.id)
+    .outerjoin(shares, sa.and_(shares.c.folder_id == folders.c.id,
+                               shares.c.user_id == sa.bindparam("actor")))
+    .outerjoin(assets, sa.and_(assets.c.folder_id == folders.c.id,
+                               assets.c.name == sa.bindparam("asset")))
+    .where(_owner.c.name == sa.bindparam("owner"), folders.c.kind == sa.bindparam("kind"),
+           folders.c.name == sa.bindparam("folder"))
+)
+_REF_COMMIT = (
+    sa.select(refs.c.type, *commits.c)
+    .join(commits, commits.c.id == refs.c.commit_id)
+    .where(refs.c.asset_id == sa.bindparam("asset"), refs.c.name == sa.bindparam("name"))
+)
+_ASSET_COMMIT = sa.select(commits).where(commits.c.id == sa.bindparam("id"),
+                                         commits.c.asset_id == sa.bindparam("asset"))
+
 
 def _row(row: sa.Row[Any] | None) -> dict[str, Any] | None:
     if row is None:
         return None
-    out = dict(row._mapping)
+    return _row_of(dict(row._mapping))
+
+
+def _row_of(out: dict[str, Any]) -> dict[str, Any]:
+    """A row's columns as a dict, its JSON columns decoded."""
     for column in _JSON_COLUMNS:
         if column in out and isinstance(out[column], str):
             out[column] = json.loads(out[column])
@@ -227,8 +261,9 @@ class MetaTx:
         return _row(self._c.execute(sa.select(users).where(users.c.id == user_id)).first())
 
     def user_by_key_hash(self, key_hash: str) -> dict[str, Any] | None:
-        query = sa.select(users).join(api_keys, api_keys.c.user_id == users.c.id)
-        return _row(self._c.execute(query.where(api_keys.c.key_hash == key_hash)).first())
+        """``id`` and ``name`` of the user holding the key."""
+        row = self._c.execute(_KEY_USER, {"key_hash": key_hash}).first()
+        return None if row is None else {"id": row.id, "name": row.name}
 
     def insert_key(self, user_id: str, key_hash: str) -> None:
         self._c.execute(
@@ -319,6 +354,34 @@ class MetaTx:
 
     def insert_asset(self, row: dict[str, Any]) -> None:
         self._c.execute(assets.insert().values(**_encode_json(row)))
+
+    def asset_access(self, owner: str, kind: str, folder: str, asset: str, actor_id: str
+                     ) -> tuple[dict[str, Any], str | None, dict[str, Any] | None] | None:
+        """In one query: the folder ``owner``/``kind``/``folder``, the permission it is shared
+        with ``actor_id`` (None: not shared) and its asset ``asset`` (None: no such asset);
+        None when there is no such folder."""
+        row = self._c.execute(_ASSET_ACCESS, {"owner": owner, "kind": kind, "folder": folder,
+                                              "asset": asset, "actor": actor_id}).first()
+        if row is None:
+            return None
+        values = row._mapping
+        folder_row = _row_of({c.name: values[f"f_{c.name}"] for c in folders.c})
+        asset_row = None
+        if values["a_id"] is not None:
+            asset_row = _row_of({c.name: values[f"a_{c.name}"] for c in assets.c})
+        share = values["permission"]
+        return folder_row, None if share is None else str(share), asset_row
+
+    def ref_commit(self, asset_id: str, name: str) -> tuple[str, dict[str, Any]] | None:
+        """The type of ref ``name`` of an asset and the row of its commit, in one query."""
+        row = _row(self._c.execute(_REF_COMMIT, {"asset": asset_id, "name": name}).first())
+        if row is None:
+            return None
+        return str(row.pop("type")), row
+
+    def asset_commit(self, asset_id: str, commit_id: str) -> dict[str, Any] | None:
+        """The commit with this exact id, if it belongs to the asset."""
+        return _row(self._c.execute(_ASSET_COMMIT, {"id": commit_id, "asset": asset_id}).first())
 
     def asset(self, folder_id: str, name: str) -> dict[str, Any] | None:
         query = sa.select(assets).where(assets.c.folder_id == folder_id, assets.c.name == name)
