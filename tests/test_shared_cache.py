@@ -295,3 +295,52 @@ async def test_a_full_disk_serves_random_reads_from_the_hub(
         assert cache.used_bytes() == 0 and cache.stats.uncached_reads == 1
     finally:
         cache.close()
+
+
+async def test_a_random_reader_gets_the_rest_of_the_object_fetched_behind_it(
+        tmp_path: Path) -> None:
+    """After FILL_AFTER random misses, the object is fetched whole in the background in runs
+    (the pages already here are not fetched again as pages; their blocks come whole), and
+    reads are then local. Reads keep answering while it fills."""
+    from ahmount.vfs.object_cache import FILL_AFTER, FILL_RUN, PAGE
+
+    source = MemorySource(blob(11, (FILL_RUN + 3) * BLOCK + 77))
+    cache = ObjectCache(tmp_path, 4 * source.size)
+    rng = random.Random(3)
+    try:
+        async with trio.open_nursery() as nursery:
+            cache.set_spawner(lambda name, fn: nursery.start_soon(fn, name=name))
+            offsets = [rng.randrange(0, source.size - 4096) for _ in range(FILL_AFTER + 8)]
+            for at in offsets:
+                assert await cache.read_pages(source, at, 4096) == source.data[at:at + 4096]
+        # The nursery has waited for the fill.
+        assert cache.is_complete(source.sha256, source.size)
+        assert cache.stats.fills == 1 and cache._records[source.sha256].verified
+        assert source.fetched_bytes <= source.size + len(offsets) * 2 * PAGE
+        fetches = source.fetches
+        for at in offsets:
+            assert await cache.read_pages(source, at, 4096) == source.data[at:at + 4096]
+        assert source.fetches == fetches  # every read local now
+        assert cache.used_bytes() == source.size
+    finally:
+        cache.close()
+
+
+async def test_a_random_reader_of_an_object_too_big_to_fill_only_fetches_pages(
+        tmp_path: Path) -> None:
+    """An object over a quarter of the cache's bound is never filled (a few reads of a huge
+    file must not evict everything else); neither are sequential reads counted."""
+    from ahmount.vfs.object_cache import FILL_AFTER, PAGE
+
+    source = MemorySource(blob(12, 4 * BLOCK))
+    cache = ObjectCache(tmp_path, 12 * BLOCK)
+    try:
+        async with trio.open_nursery() as nursery:
+            cache.set_spawner(lambda name, fn: nursery.start_soon(fn, name=name))
+            for page in range(FILL_AFTER * 2):
+                at = page * PAGE * 2 % source.size
+                assert await cache.read_pages(source, at, 100) == source.data[at:at + 100]
+        assert cache.stats.fills == 0 and not cache.is_complete(source.sha256, source.size)
+        assert source.fetched_bytes == FILL_AFTER * 2 * PAGE
+    finally:
+        cache.close()

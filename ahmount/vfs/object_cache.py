@@ -63,6 +63,17 @@ RESCAN_SECONDS = 5.0
 RUN_BLOCKS = 64
 #: Bytes gathered before one write to the cache file (fewer thread hand-offs).
 WRITE_BATCH = 4 * BLOCK
+#: Random misses of one object after which the rest of it is fetched behind the reader
+#: (as Alluxio caches a whole block asynchronously on a partial read): each miss waits a
+#: round trip to the hub, a whole object streams at hundreds of MiB/s, and once it is here
+#: every read is local. Only objects up to FILL_SHARE of the cache are filled, so a few
+#: reads of a huge file never evict everything else.
+FILL_AFTER = 16
+FILL_SHARE = 4  # at most 1/FILL_SHARE of the cache's bound
+#: Blocks per request of a fill: one request at a time, so that the random reads still
+#: missing meanwhile compete with one stream, and one waiting for a block being filled
+#: waits for one run at most.
+FILL_RUN = 16
 
 
 class Source(Protocol):
@@ -142,6 +153,7 @@ class CacheStats:
     evictions: int = 0
     bytes_fetched: int = 0
     uncached_reads: int = 0
+    fills: int = 0  # objects fetched whole behind a random reader
 
 
 class _NoSpace(Exception):
@@ -177,6 +189,9 @@ class ObjectCache:
         self._used = 0
         self._rescanned = 0.0
         self._fetch_limit = trio.CapacityLimiter(8)
+        #: Random misses per object not (yet) filled, and the objects being filled.
+        self._random_misses: Counter[str] = Counter()
+        self._filling: set[str] = set()
         self._load()
 
     # -- persistence -------------------------------------------------------------------------
@@ -519,6 +534,7 @@ class ObjectCache:
                 start, stop = missing[0] * PAGE, min((missing[-1] + 1) * PAGE, source.size)
                 data = await self._read_uncached(source, start, stop)
                 self.stats.misses += 1
+                self._missed_randomly(source)
                 try:
                     kept, _ = await self._write_counted(sha, record, fd, [data], start,
                                                         len(data))
@@ -888,6 +904,52 @@ class ObjectCache:
                 log.debug("read-ahead of %s failed: %s", source.sha256, exc)
 
         self._spawn(f"read-ahead of {source.sha256[:12]}", run)
+
+
+    def _missed_randomly(self, source: Source) -> None:
+        """Count a random reader's miss; at the :data:`FILL_AFTER`-th, an object that fits
+        starts filling (:meth:`fill`)."""
+        sha = source.sha256
+        if sha in self._filling or source.size > self.max_bytes // FILL_SHARE:
+            return
+        if len(self._random_misses) > 10_000:  # bounded: forget the counts, not the objects
+            self._random_misses.clear()
+        self._random_misses[sha] += 1
+        if self._random_misses[sha] >= FILL_AFTER:
+            del self._random_misses[sha]
+            self.fill(source)
+
+    def fill(self, source: Source) -> None:
+        """Fetch every block of the object not here yet, in the background, one run of
+        :data:`FILL_RUN` blocks at a time (reads of a block being filled wait for it; the
+        others go on fetching pages). Stops quietly when the cache has no room; errors are
+        only logged (the reads report their own)."""
+        sha = source.sha256
+        if self._spawn is None or sha in self._filling:
+            return
+        self._filling.add(sha)
+        blocks = -(-source.size // BLOCK)
+
+        async def run() -> None:
+            try:
+                for first in range(0, blocks, FILL_RUN):
+                    await self.ensure(source, first, min(first + FILL_RUN, blocks) - 1)
+                record = self._records.get(sha)
+                if record is not None and record.complete() and not record.verified:
+                    # Checked here, behind the readers, so that none of them waits for it.
+                    await self._verify(sha, record, inline=True)
+                self.stats.fills += 1
+            except ChecksumMismatch:
+                pass  # dropped and logged; the next reads fetch it again
+            except _NoSpace:
+                pass
+            except EXPECTED as exc:
+                log.debug("fill of %s stopped: %s", sha, exc)
+            finally:
+                self._filling.discard(sha)
+
+        log.debug("random reads of %s: filling the rest of its %d bytes", sha, source.size)
+        self._spawn(f"fill of {sha[:12]}", run)
 
 
 def _from_raw(raw: Any) -> Record | None:
