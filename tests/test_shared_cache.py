@@ -329,7 +329,7 @@ async def test_a_random_reader_gets_the_rest_of_the_object_fetched_behind_it(
 async def test_a_random_reader_of_an_object_too_big_to_fill_only_fetches_pages(
         tmp_path: Path) -> None:
     """An object over a quarter of the cache's bound is never filled (a few reads of a huge
-    file must not evict everything else); neither are sequential reads counted."""
+    file must not evict everything else)."""
     from ahmount.vfs.object_cache import FILL_AFTER, PAGE
 
     source = MemorySource(blob(12, 4 * BLOCK))
