@@ -149,7 +149,10 @@ def ref_json(info: RefInfo) -> dict[str, Any]:
 
 
 def object_json(entry: ObjectEntry) -> dict[str, Any]:
-    return asdict(entry)
+    # Spelled out: a listing renders ten thousand of these, and dataclasses.asdict (which
+    # deep-copies each field) took most of a 10k-object listing's time.
+    return {"path": entry.path, "sha256": entry.sha256, "size": entry.size,
+            "mtime": entry.mtime, "content_type": entry.content_type, "mode": entry.mode}
 
 
 def authenticated(endpoint: Endpoint) -> Endpoint:

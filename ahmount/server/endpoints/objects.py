@@ -8,8 +8,9 @@ import hashlib
 import json
 from collections.abc import AsyncIterator, Iterator
 
+import pydantic_core
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
 from ahmount import errors
 from ahmount.hub.models import ObjectEntry
@@ -39,21 +40,34 @@ async def objects(request: Request) -> Response:
     delimiter = q.get("delimiter", "")
     if delimiter not in ("", "/"):
         raise errors.InvalidArgument(f"delimiter {delimiter!r} must be '/' or empty")
-    page = await call(
-        service_of(request).list_objects, actor, asset_addr(request), request.path_params["ref"],
-        q.get("prefix", ""), q.get("after", ""), query_int(request, "limit", 1000),
-        bool(delimiter),
-    )
-    etag = '"' + hashlib.sha256(f"{page.commit}?{q}".encode()).hexdigest()[:32] + '"'
-    if request.headers.get("if-none-match") == etag:
+    addr, ref = asset_addr(request), request.path_params["ref"]
+    prefix, after = q.get("prefix", ""), q.get("after", "")
+    limit = query_int(request, "limit", 1000)
+    seen = request.headers.get("if-none-match")
+
+    def listed() -> tuple[str, bytes | None]:
+        """The page's ETag and its rendering (None: the client has it), in the worker
+        thread: a page of 10,000 objects takes tens of milliseconds to render, which the
+        event loop would spend not serving."""
+        page = service_of(request).list_objects(actor, addr, ref, prefix, after, limit,
+                                                bool(delimiter))
+        etag = '"' + hashlib.sha256(f"{page.commit}?{q}".encode()).hexdigest()[:32] + '"'
+        if seen == etag:
+            return etag, None
+        body = {
+            "commit": page.commit,
+            "objects": [object_json(o) for o in page.objects],
+            "dirs": page.dirs,
+            "next_after": page.next_after,
+        }
+        # pydantic's JSON encoder (a dependency already): the same bytes as JSONResponse's
+        # json.dumps for these plain values, three times as fast.
+        return etag, pydantic_core.to_json(body)
+
+    etag, rendered = await call(listed)
+    if rendered is None:
         return Response(status_code=304, headers={"etag": etag})
-    body = {
-        "commit": page.commit,
-        "objects": [object_json(o) for o in page.objects],
-        "dirs": page.dirs,
-        "next_after": page.next_after,
-    }
-    return JSONResponse(body, headers={"etag": etag})
+    return Response(rendered, media_type="application/json", headers={"etag": etag})
 
 
 #: A range up to this size is read in the request's one worker-thread hand-off and sent as
