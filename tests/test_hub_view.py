@@ -144,3 +144,41 @@ async def test_saved_listings_come_back_expired_and_are_trusted_only_after_a_rep
         assert await third.get("changed", 60, lambda: fresh(2)) == 20  # asked again
     finally:
         store.close()
+
+
+async def test_a_listing_is_saved_behind_its_reader_and_a_full_disk_only_costs_the_save(
+        hub: tuple[HubClient, Switch, AssetAddr], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a spawner (the session's supervisor), a commit's listing is saved to disk in the
+    background, after its reader was answered; a disk that cannot take it (full) is logged
+    and leaves the listing in memory."""
+    import sqlite3
+
+    import trio
+
+    client, _switch, addr = hub
+    listings = diskcache.Cache(str(tmp_path / "listings"))
+    view = HubView(client, "alice", 60.0, listings)
+    async with client:
+        head = await view.resolve(addr, "main")
+        async with trio.open_nursery() as nursery:
+            view.set_spawner(lambda name, fn: nursery.start_soon(fn, name=name))
+            await view.index(addr, head.commit_id, head.created)
+        # The nursery waited for the save.
+        assert listings.get(head.commit_id) == []
+        blob = tmp_path / "blob"
+        blob.write_bytes(b"b")
+        sha = hashlib.sha256(b"b").hexdigest()
+        await client.upload_file(blob, sha, 1)
+        commit = await client.commit(addr, "main", "two", adds=[ObjectEntry("a/b", sha, 1, 0.0)])
+        assert commit is not None
+
+        def full(*args: object, **kwargs: object) -> None:
+            raise sqlite3.OperationalError("database or disk is full")
+
+        monkeypatch.setattr(listings, "set", full)
+        async with trio.open_nursery() as nursery:
+            view.set_spawner(lambda name, fn: nursery.start_soon(fn, name=name))
+            index = await view.index(addr, commit.id, commit.created)
+        assert index.names("") == ["a"] and listings.get(commit.id) is None
+    listings.close()

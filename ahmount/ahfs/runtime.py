@@ -139,6 +139,7 @@ class Runtime:
             stack.callback(nursery.cancel_scope.cancel)
             supervisor = Supervisor(nursery, self._bug)
             cache.set_spawner(supervisor.spawn)
+            self._view.set_spawner(supervisor.spawn)
             supervisor.spawn("cache index flusher", cache.run_flusher)
             self._stop = trio.Event()
             self._token = trio.lowlevel.current_trio_token()

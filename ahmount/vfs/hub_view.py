@@ -12,6 +12,7 @@ a mount keeps working on what it has seen; what it never saw answers ``EIO``.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 import uuid
 from collections import OrderedDict
@@ -361,11 +362,11 @@ class HubView:
             if raw is None:
                 self.listing_fetches += 1
                 _, entries = await self.hub.list_objects(addr, commit_id)
-                raw = [(e.path, e.sha256, e.size, e.mtime, e.content_type, e.mode)
-                       for e in entries]
-                await trio.to_thread.run_sync(self._listings.set, commit_id, raw)
-            index = await trio.to_thread.run_sync(
-                lambda: CommitIndex(commit_id, created, [ObjectEntry(*r) for r in raw]))
+                index = await trio.to_thread.run_sync(CommitIndex, commit_id, created, entries)
+                await self._keep_listing(commit_id, entries)
+            else:
+                index = await trio.to_thread.run_sync(
+                    lambda: CommitIndex(commit_id, created, [ObjectEntry(*r) for r in raw]))
         finally:
             del self._index_loading[commit_id]
             event.set()
@@ -373,6 +374,30 @@ class HubView:
         while len(self._indexes) > MEMORY_INDEXES:
             self._indexes.popitem(last=False)
         return index
+
+    def set_spawner(self, spawn: Callable[[str, Callable[[], Awaitable[Any]]], None]) -> None:
+        """How background work is started (the session's supervisor): commit listings are
+        then saved to disk behind the reader who asked for them, not before it is answered
+        (a 10k-object listing takes tens of milliseconds to pickle and write)."""
+        self._spawn = spawn
+
+    _spawn: Callable[[str, Callable[[], Awaitable[Any]]], None] | None = None
+
+    async def _keep_listing(self, commit_id: str, entries: list[ObjectEntry]) -> None:
+        """Save a commit's listing for later runs and offline use; a failure (a full disk) is
+        only logged: the listing is fetched again when next needed."""
+        raw = [(e.path, e.sha256, e.size, e.mtime, e.content_type, e.mode) for e in entries]
+
+        async def save() -> None:
+            try:
+                await trio.to_thread.run_sync(self._listings.set, commit_id, raw)
+            except (OSError, sqlite3.Error) as exc:
+                log.warning("listing of commit %s not saved: %s", commit_id[:12], exc)
+
+        if self._spawn is None:
+            await save()
+        else:
+            self._spawn(f"saving the listing of {commit_id[:12]}", save)
 
     # -- changes the tree makes (each expires what it may have changed) ----------------------
 

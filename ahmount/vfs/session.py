@@ -130,6 +130,7 @@ class Session:
             stack.callback(nursery.cancel_scope.cancel)  # runs first on the way out
             self._supervisor = supervisor = Supervisor(nursery, self._bug)
             cache.set_spawner(supervisor.spawn)
+            view.set_spawner(supervisor.spawn)
             self._prefetcher = Prefetcher(self._vfs, supervisor.spawn)
             self._vfs.siblings = SiblingFetcher(cache, supervisor.spawn)
             await supervisor.start("upload-ahead", writeback.run)
