@@ -85,3 +85,35 @@ def test_a_failed_batch_leaves_each_reader_its_own_fetch(vfs: VfsDriver,
     with pytest.raises(OSError) as info:
         read(vfs, "a/05.bin")
     assert info.value.errno == 5  # EIO: the one bad object, nothing else
+
+
+def test_opening_a_mid_size_file_fetches_its_next_siblings_ahead(
+        gpt2_v1: None, tmp_path: Path, vfs: VfsDriver) -> None:
+    """A cold open of a file above the batch size (up to MID_OBJECT) starts fetching the
+    directory's next uncached mid-size files, MID_AHEAD at a time; their reads are then cache
+    hits. A warm open (the file is here) starts nothing."""
+    from ahmount.vfs.sibling_fetch import MID_AHEAD
+    from tests.conftest import wait_until
+
+    files = {f"m/{i:02d}.bin": os.urandom(SMALL_OBJECT + 1000 + i) for i in range(MID_AHEAD + 4)}
+    local = {}
+    for path, data in files.items():
+        (tmp_path / "src" / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / path).write_bytes(data)
+        local[str(tmp_path / "src" / path)] = path
+    ah.commit("model/llm/gpt2:v1", msg="mid-size", add=local)
+
+    def ahead() -> int:
+        return int(vfs.session.stats()["fetched_ahead"])
+
+    assert read(vfs, "m/00.bin") == files["m/00.bin"]
+    wait_until(lambda: ahead() == MID_AHEAD, what="the read-ahead of the siblings")
+    misses = vfs.session.cache_stats()["misses"]
+    for i in range(1, MID_AHEAD + 1):  # the next ones in directory order were fetched
+        assert read(vfs, f"m/{i:02d}.bin") == files[f"m/{i:02d}.bin"]
+    assert vfs.session.cache_stats()["misses"] == misses
+    assert read(vfs, "m/00.bin") == files["m/00.bin"]  # warm: starts nothing
+    assert ahead() == MID_AHEAD
+    last = f"m/{MID_AHEAD + 3:02d}.bin"  # cold: the rest is fetched ahead
+    assert read(vfs, last) == files[last]
+    wait_until(lambda: ahead() == MID_AHEAD + 2, what="the rest of the directory")

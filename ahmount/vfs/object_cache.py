@@ -894,16 +894,18 @@ class ObjectCache:
         """Start fetching blocks in the background (read-ahead); errors are only logged."""
         if self._spawn is None:
             return
+        self._spawn(f"read-ahead of {source.sha256[:12]}",
+                    lambda: self.ensure_quietly(source, first, last))
 
-        async def run() -> None:
-            try:
-                await self.ensure(source, first, last)
-            except _NoSpace:
-                pass
-            except EXPECTED as exc:  # the read that needs the blocks reports it
-                log.debug("read-ahead of %s failed: %s", source.sha256, exc)
-
-        self._spawn(f"read-ahead of {source.sha256[:12]}", run)
+    async def ensure_quietly(self, source: Source, first: int, last: int) -> None:
+        """:meth:`ensure` for work ahead of any reader: no room is no error, and a failure is
+        only logged (the read that needs the blocks reports its own)."""
+        try:
+            await self.ensure(source, first, last)
+        except _NoSpace:
+            pass
+        except EXPECTED as exc:
+            log.debug("read-ahead of %s failed: %s", source.sha256, exc)
 
 
     def _missed_randomly(self, source: Source) -> None:

@@ -224,7 +224,8 @@ class Session:
                 "uploading": vfs.writeback.uploading,
                 "upload_failures": vfs.writeback.failures,
                 "small_batches": {"batches": siblings.batches, "objects": siblings.objects,
-                                  "failures": siblings.failures}}
+                                  "failures": siblings.failures},
+                "fetched_ahead": siblings.fetched_ahead}
 
     # -- warm-up -----------------------------------------------------------------------------
 
