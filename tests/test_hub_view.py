@@ -182,3 +182,21 @@ async def test_a_listing_is_saved_behind_its_reader_and_a_full_disk_only_costs_t
             index = await view.index(addr, commit.id, commit.created)
         assert index.names("") == ["a"] and listings.get(commit.id) is None
     listings.close()
+
+
+async def test_an_upload_whose_file_vanishes_is_the_clients_error_not_a_hub_crash(
+        hub: tuple[HubClient, Switch, AssetAddr], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The in-process transport behaves as a socket would when the client's request body
+    fails (a queued file removed while upload-ahead streams it): the hub sees the client go
+    away, and only the client sees its error."""
+    import logging
+
+    client, _switch, _addr = hub
+    gone = tmp_path / "gone"
+    sha = hashlib.sha256(b"never").hexdigest()
+    caplog.set_level(logging.ERROR, logger="ahmount.server")
+    async with client:
+        with pytest.raises(FileNotFoundError):
+            await client.upload_batch([(gone, sha, 5)])
+    assert not [r for r in caplog.records if r.name.startswith("ahmount.server")]

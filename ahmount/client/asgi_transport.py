@@ -82,6 +82,7 @@ class StreamingASGITransport(httpx.AsyncBaseTransport):
         started = anyio.Event()
         head: dict[str, Any] = {}
         failure: list[BaseException] = []
+        body_failure: list[Exception] = []
         chunk_tx, chunk_rx = anyio.create_memory_object_stream[bytes](self._buffered)
         cancel = anyio.CancelScope()
 
@@ -95,6 +96,12 @@ class StreamingASGITransport(httpx.AsyncBaseTransport):
             except StopAsyncIteration:
                 body_done = True
                 return {"type": "http.request", "body": b"", "more_body": False}
+            except Exception as exc:
+                # The client's body failed (a file it streams vanished): over a socket the
+                # server would see the client go away, and the client its own error.
+                body_done = True
+                body_failure.append(exc)
+                return {"type": "http.disconnect"}
             return {"type": "http.request", "body": data, "more_body": True}
 
         async def send(message: Message) -> None:
@@ -124,6 +131,9 @@ class StreamingASGITransport(httpx.AsyncBaseTransport):
 
         self._group.start_soon(run)
         await started.wait()
+        if body_failure:
+            cancel.cancel()
+            raise body_failure[0]
         if failure and "status" not in head:
             raise failure[0]
         return httpx.Response(
