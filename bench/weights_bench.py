@@ -3,7 +3,8 @@ with ``safetensors.safe_open`` (memory-mapped, every tensor read) from a branch 
 mount of ``ah-server`` on 127.0.0.1, against the same file on local disk and a raw httpx
 download of the same object from the same server, in one run:
 
-- cold (page cache dropped, mount cache empty) and warm, MB/s;
+- cold (page cache dropped, mount cache empty) and warm, MB/s, and the cold load's transfer
+  alone (cold minus warm: page faults stop the loader, so transfer and its own work add up);
 - 4 processes loading it at once through one mount (cold): the time, and that none hangs
   (each must finish within ``--deadline`` seconds, the hf-mount/transformers failure mode of
   memory-mapped safetensors with kernel read-ahead saturating a FUSE queue).
@@ -124,6 +125,11 @@ def main() -> None:
                       f"({mb / local_cold:,.0f} MB/s)")
                 print(f"  warm: mount {mb / warm:,.0f} MB/s = {local_warm / warm:.2f}x local "
                       f"({mb / local_warm:,.0f} MB/s)")
+                # A page fault stops the loader until its bytes are there: a cold load is the
+                # transfer and the loader's own work (a warm load's time) one after the other.
+                transfer = cold - warm
+                print(f"  cold minus warm (the transfer alone): {mb / transfer:,.0f} MB/s = "
+                      f"{raw / transfer:.2f}x the raw download")
                 print(f"  {args.procs} processes at once through one cold mount: {many:.1f} s "
                       f"({args.procs * mb / many:,.0f} MB/s together), none hung")
                 for m in mounts:
