@@ -123,13 +123,13 @@ DEFAULT_CACHE = "10G"
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?", re.IGNORECASE)
 
 
-def parse_size(text: str) -> int:
-    """``512M``, ``10G``, ``1.5T``, ``4096``: bytes."""
+def parse_size(text: str, minimum: int = 16 << 20, what: str = "cache size") -> int:
+    """``512M``, ``10G``, ``1.5T``, ``4096``: bytes (at least ``minimum``)."""
     match = _SIZE_RE.fullmatch(text.strip())
     if not match:
-        raise InvalidArgument(f"size {text!r} is not a number with an optional K/M/G/T unit")
+        raise InvalidArgument(f"{what} {text!r} is not a number with an optional K/M/G/T unit")
     number, unit = float(match.group(1)), match.group(2).upper()
     value = int(number * (1 << (10 * "_KMGT".index(unit or "_"))))
-    if value < (16 << 20):
-        raise InvalidArgument(f"cache size {text!r} is below the 16M minimum")
+    if value < minimum:
+        raise InvalidArgument(f"{what} {text!r} is below the {minimum >> 20}M minimum")
     return value

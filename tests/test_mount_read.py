@@ -420,3 +420,34 @@ def test_readdir_is_a_snapshot_while_the_branch_changes(mount_factory: Mounter,
     wait_until(lambda: "aaa-new.txt" in os.listdir(directory), timeout=10,
                what="the new listing")
     assert len(os.listdir(directory)) == 1501
+
+
+def test_random_reads_fill_the_rest_of_an_object_unless_told_not_to(
+        mount_factory: Callable[..., MountProcess], tmp_path: Path) -> None:
+    """A random reader of an object gets the rest of it fetched behind it (``ah cache``
+    counts the fill), and every byte read is the object's; ``--fill-random off`` and a
+    limit below the object's size fetch only what is read."""
+    import random
+
+    data = os.urandom(24 << 20)
+    (tmp_path / "shard.bin").write_bytes(data)
+    ah.create("dataset/shards")
+    ah.create("dataset/shards/train")
+    ah.commit("dataset/shards/train", msg="shard", add=[str(tmp_path / "shard.bin")])
+    rng = random.Random(5)
+    offsets = [rng.randrange(0, len(data) - 4096) for _ in range(64)]
+    cases = [((), 1), (("--fill-random", "off"), 0), (("--fill-random", "8M"), 0)]
+    for n, (args, fills) in enumerate(cases):
+        m = mount_factory("--cache-dir", str(tmp_path / f"cache-{n}"), *args)  # each cold
+        fd = os.open(m.mountpoint / "dataset/shards/train/main/shard.bin", os.O_RDONLY)
+        try:
+            for at in offsets:
+                assert os.pread(fd, 4096, at) == data[at:at + 4096]
+        finally:
+            os.close(fd)
+        # Counted when a fill begins: at the 16th miss, long before these reads ended.
+        assert m.control("cache")["fills"] == fills
+        if fills:  # and the whole object arrives
+            wait_until(lambda m=m: m.control("cache")["bytes_fetched"] >= len(data),
+                       what="the fill")
+        m.stop()

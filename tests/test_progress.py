@@ -152,3 +152,9 @@ def test_mounting_over_a_non_empty_directory_warns(mount_factory: Mounter,
     finally:
         MountProcess(point).stop()
     assert (point / "notes.txt").read_text() == "hidden while mounted"
+
+
+def test_a_bad_fill_random_value_is_refused_naming_it(tmp_path: Path) -> None:
+    bad = run_command("ah-mount", str(tmp_path / "mnt"), "--fill-random", "soon", check=False)
+    assert bad.returncode == 2 and "--fill-random 'soon'" in bad.stderr
+    assert not os.path.ismount(tmp_path / "mnt")

@@ -344,3 +344,21 @@ async def test_a_random_reader_of_an_object_too_big_to_fill_only_fetches_pages(
         assert source.fetched_bytes == FILL_AFTER * 2 * PAGE
     finally:
         cache.close()
+
+
+async def test_a_fill_limit_of_zero_fetches_only_what_is_read(tmp_path: Path) -> None:
+    """``ah-mount --fill-random off``: random misses never start a fill."""
+    from ahmount.vfs.object_cache import FILL_AFTER, PAGE
+
+    source = MemorySource(blob(16, 4 * BLOCK))
+    cache = ObjectCache(tmp_path, 64 << 20)
+    cache.fill_limit = 0
+    try:
+        async with trio.open_nursery() as nursery:
+            cache.set_spawner(lambda name, fn: nursery.start_soon(fn, name=name))
+            for page in range(FILL_AFTER * 2):
+                at = page * PAGE * 2 % source.size
+                assert await cache.read_pages(source, at, 100) == source.data[at:at + 100]
+        assert cache.stats.fills == 0 and source.fetched_bytes == FILL_AFTER * 2 * PAGE
+    finally:
+        cache.close()

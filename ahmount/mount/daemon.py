@@ -76,6 +76,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="upload a closed file this long after the last close, ahead of "
                         f"the commit (default {UPLOAD_AHEAD_DELAY}); 'off' keeps written "
                         "files local until 'ah sync' or 'ah commit'")
+    parser.add_argument("--fill-random", default="auto", metavar="SIZE",
+                        help="after 16 random reads of an object that missed the cache, fetch "
+                        "the rest of it in the background when it is at most SIZE (e.g. 2G; "
+                        "default 'auto': a quarter of --cache-size); 'off' fetches only what "
+                        "is read")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="where the object cache and the queued edits live (default: "
                         "the ahmount cache directory); one mount of a hub and user at a time "
@@ -127,9 +132,11 @@ class Mount:
     def __init__(self, mountpoint: Path, config: ClientConfig, cache_size: int,
                  refresh: float, allow_other: bool, cache_dir: Path | None = None,
                  follow_changes: bool = True, offline: bool = False,
-                 write_back: float | None = UPLOAD_AHEAD_DELAY) -> None:
+                 write_back: float | None = UPLOAD_AHEAD_DELAY,
+                 fill_limit: int | None = None) -> None:
         self.mountpoint = mountpoint
         self.write_back = write_back
+        self.fill_limit = fill_limit
         self.offline = offline
         self.follow_changes = follow_changes
         self.cache_dir = cache_dir or dirs().cache
@@ -153,7 +160,8 @@ class Mount:
         session = Session(hub, hub_url=self.config.ah_host, cache_base=self.cache_dir,
                           cache_size=self.cache_size, refresh=self.refresh,
                           holder=str(self.mountpoint), on_bug=self._stop_for_bug,
-                          offline=self.offline, write_back=self.write_back)
+                          offline=self.offline, write_back=self.write_back,
+                          fill_limit=self.fill_limit)
         async with session:
             self.session = session
             self.ops = ops = AssetFS(session.vfs, os.getuid(), os.getgid())
@@ -301,6 +309,16 @@ def _write_back(value: str) -> float | None:
     return seconds
 
 
+def _fill_random(value: str) -> int | None:
+    """``--fill-random``: bytes, 0 for 'off', None for 'auto'."""
+    word = value.strip().lower()
+    if word == "auto":
+        return None
+    if word == "off":
+        return 0
+    return parse_size(value, minimum=0, what="--fill-random")
+
+
 def _warn_if_not_empty(mountpoint: Path) -> None:
     """Mounting over files hides them (FUSE allows it): say so, as mount(8) users expect."""
     try:
@@ -322,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.refresh <= 0:
             raise InvalidArgument(f"--refresh {args.refresh} must be positive")
         args.write_back = _write_back(args.write_back)
+        args.fill_random = _fill_random(args.fill_random)
         config = _config_from(args)
         recover_stale(mountpoint)
         _warn_if_not_empty(mountpoint)
@@ -362,7 +381,7 @@ def _run(mountpoint: Path, config: ClientConfig, cache_size: int, args: argparse
     cache_dir = Path(os.path.abspath(args.cache_dir)) if args.cache_dir else None
     mount = Mount(mountpoint, config, cache_size, args.refresh, args.allow_other, cache_dir,
                   follow_changes=not args.no_change_feed, offline=args.offline,
-                  write_back=args.write_back)
+                  write_back=args.write_back, fill_limit=args.fill_random)
     try:
         trio.run(mount.run, ready)
     except AhError as exc:

@@ -153,7 +153,7 @@ class CacheStats:
     evictions: int = 0
     bytes_fetched: int = 0
     uncached_reads: int = 0
-    fills: int = 0  # objects fetched whole behind a random reader
+    fills: int = 0  # objects whose fetch behind a random reader began
 
 
 class _NoSpace(Exception):
@@ -189,6 +189,9 @@ class ObjectCache:
         self._used = 0
         self._rescanned = 0.0
         self._fetch_limit = trio.CapacityLimiter(8)
+        #: The largest object a random reader gets filled (:meth:`fill`); None: a
+        #: :data:`FILL_SHARE` of the bound, 0: none (``ah-mount --fill-random``).
+        self.fill_limit: int | None = None
         #: Random misses per object not (yet) filled, and the objects being filled.
         self._random_misses: Counter[str] = Counter()
         self._filling: set[str] = set()
@@ -912,7 +915,8 @@ class ObjectCache:
         """Count a random reader's miss; at the :data:`FILL_AFTER`-th, an object that fits
         starts filling (:meth:`fill`)."""
         sha = source.sha256
-        if sha in self._filling or source.size > self.max_bytes // FILL_SHARE:
+        limit = self.max_bytes // FILL_SHARE if self.fill_limit is None else self.fill_limit
+        if sha in self._filling or source.size > limit:
             return
         if len(self._random_misses) > 10_000:  # bounded: forget the counts, not the objects
             self._random_misses.clear()
@@ -940,7 +944,6 @@ class ObjectCache:
                 if record is not None and record.complete() and not record.verified:
                     # Checked here, behind the readers, so that none of them waits for it.
                     await self._verify(sha, record, inline=True)
-                self.stats.fills += 1
             except ChecksumMismatch:
                 pass  # dropped and logged; the next reads fetch it again
             except _NoSpace:
@@ -951,6 +954,7 @@ class ObjectCache:
                 self._filling.discard(sha)
 
         log.debug("random reads of %s: filling the rest of its %d bytes", sha, source.size)
+        self.stats.fills += 1
         self._spawn(f"fill of {sha[:12]}", run)
 
 

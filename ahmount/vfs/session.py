@@ -61,15 +61,19 @@ class Session:
                  cache_size: int, refresh: float, holder: str,
                  on_bug: Callable[[BaseException], None] | None = None,
                  offline: bool = False,
-                 write_back: float | None = UPLOAD_AHEAD_DELAY) -> None:
+                 write_back: float | None = UPLOAD_AHEAD_DELAY,
+                 fill_limit: int | None = None) -> None:
         """``hub`` is entered by the session; ``write_back``: seconds before a closed file
         is uploaded ahead of its commit (None: not ahead, at ``sync`` or commit only);
+        ``fill_limit``: the largest object fetched whole behind a random reader (None: the
+        cache's default, 0: none);
         ``hub_url`` keys the state directory (None for the embedded hub); ``holder`` names
         this session to a second one that finds the state directory locked (the mountpoint,
         for a mount)."""
         self._hub = hub
         self._offline = offline
         self._write_back = write_back
+        self._fill_limit = fill_limit
         self.hub_url = hub_url
         self._cache_base = cache_base
         self._cache_size = cache_size
@@ -113,6 +117,7 @@ class Session:
             stack.callback(listings.close)
             cache = ObjectCache(root / "objects", self._cache_size)
             stack.callback(cache.close)
+            cache.fill_limit = self._fill_limit
             queue = ChangeQueue(root / "queue")
             stack.callback(self._close_queue, queue)
             pending = queue.branches()
