@@ -335,11 +335,7 @@ async def test_a_random_reader_of_an_object_too_big_to_fill_only_fetches_pages(
     source = MemorySource(blob(12, 4 * BLOCK))
     cache = ObjectCache(tmp_path, 12 * BLOCK)
     try:
-        async with trio.open_nursery() as nursery:
-            cache.set_spawner(lambda name, fn: nursery.start_soon(fn, name=name))
-            for page in range(FILL_AFTER * 2):
-                at = page * PAGE * 2 % source.size
-                assert await cache.read_pages(source, at, 100) == source.data[at:at + 100]
+        await _miss_every_other_page(cache, source, FILL_AFTER * 2)
         assert cache.stats.fills == 0 and not cache.is_complete(source.sha256, source.size)
         assert source.fetched_bytes == FILL_AFTER * 2 * PAGE
     finally:
@@ -354,11 +350,19 @@ async def test_a_fill_limit_of_zero_fetches_only_what_is_read(tmp_path: Path) ->
     cache = ObjectCache(tmp_path, 64 << 20)
     cache.fill_limit = 0
     try:
-        async with trio.open_nursery() as nursery:
-            cache.set_spawner(lambda name, fn: nursery.start_soon(fn, name=name))
-            for page in range(FILL_AFTER * 2):
-                at = page * PAGE * 2 % source.size
-                assert await cache.read_pages(source, at, 100) == source.data[at:at + 100]
+        await _miss_every_other_page(cache, source, FILL_AFTER * 2)
         assert cache.stats.fills == 0 and source.fetched_bytes == FILL_AFTER * 2 * PAGE
     finally:
         cache.close()
+
+
+async def _miss_every_other_page(cache: ObjectCache, source: MemorySource, count: int) -> None:
+    """``count`` random-path reads of distinct pages (every other one), with background work
+    started in a nursery that is waited for: any fill they start has finished on return."""
+    from ahmount.vfs.object_cache import PAGE
+
+    async with trio.open_nursery() as nursery:
+        cache.set_spawner(lambda name, fn: nursery.start_soon(fn, name=name))
+        for page in range(count):
+            at = page * PAGE * 2 % source.size
+            assert await cache.read_pages(source, at, 100) == source.data[at:at + 100]

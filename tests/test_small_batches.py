@@ -27,13 +27,18 @@ def dataset(gpt2_v1: None, tmp_path: Path) -> dict[str, bytes]:
             files[f"{d}/{i:02d}.bin"] = os.urandom(4096 + i)
     files["a/big.bin"] = os.urandom(SMALL_OBJECT + 1)  # too large to travel in a batch
     files["a/twin.bin"] = files["a/00.bin"]  # the same content under two names
+    commit_files(tmp_path, files, "data")
+    return files
+
+
+def commit_files(tmp_path: Path, files: dict[str, bytes], message: str) -> None:
+    """Commit ``files`` (path -> bytes) to the branch v1 of model/llm/gpt2."""
     local = {}
     for path, data in files.items():
         (tmp_path / "src" / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "src" / path).write_bytes(data)
         local[str(tmp_path / "src" / path)] = path
-    ah.commit("model/llm/gpt2:v1", msg="data", add=local)
-    return files
+    ah.commit("model/llm/gpt2:v1", msg=message, add=local)
 
 
 @pytest.fixture
@@ -96,12 +101,7 @@ def test_opening_a_mid_size_file_fetches_its_next_siblings_ahead(
     from tests.conftest import wait_until
 
     files = {f"m/{i:02d}.bin": os.urandom(SMALL_OBJECT + 1000 + i) for i in range(MID_AHEAD + 4)}
-    local = {}
-    for path, data in files.items():
-        (tmp_path / "src" / path).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "src" / path).write_bytes(data)
-        local[str(tmp_path / "src" / path)] = path
-    ah.commit("model/llm/gpt2:v1", msg="mid-size", add=local)
+    commit_files(tmp_path, files, "mid-size")
 
     def ahead() -> int:
         return int(vfs.session.stats()["fetched_ahead"])

@@ -341,9 +341,8 @@ class HubService:
     # == access ===============================================================================
 
     def _permission(self, tx: MetaTx, actor: Actor, folder: dict[str, Any]) -> Permission | None:
-        if folder["owner_id"] == actor.id:
-            return "own"
-        return _permission_of(folder, tx.share(folder["id"], actor.id), actor)
+        owner = folder["owner_id"] == actor.id  # an owner needs no share looked up
+        return _permission_of(folder, None if owner else tx.share(folder["id"], actor.id), actor)
 
     def _folder(
         self, tx: MetaTx, actor: Actor, addr: FolderAddr, need: Permission

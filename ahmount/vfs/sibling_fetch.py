@@ -112,15 +112,13 @@ class SiblingFetcher:
         """Start fetching the next uncached mid-size siblings of ``source`` (each whole, in
         the background), until :data:`MID_AHEAD` run."""
         place = (source.commit_id, source.path.rpartition("/")[0])
-        found = self._cursors.get(place)
+        found = self._cursors.pop(place, None)  # put back last below: most recent
         if found is None:
             entries = [e for e in dirs.get(place[1], {}).values()
                        if e is not None and SMALL_OBJECT < e.size <= MID_OBJECT]
             found = (entries, 0)
             if len(self._cursors) >= MID_CURSORS:
                 self._cursors.popitem(last=False)
-        self._cursors[place] = found
-        self._cursors.move_to_end(place)
         entries, at = found
         cache = self._cache
         while self._ahead < MID_AHEAD and at < len(entries):
