@@ -93,7 +93,7 @@ async def read_batch(hub: HubClient, addr: AssetAddr, ref: str,
                 header = json.loads(await reader.readline())
                 entry = by_path[header["path"]]
                 data = await reader.readexactly(int(header["size"]))
-                digest = hashlib.sha256(data).hexdigest() if len(data) <= HASH_INLINE else \
+                digest = _sha256_of(data) if len(data) <= HASH_INLINE else \
                     await anyio.to_thread.run_sync(_sha256_of, data)
                 if digest != entry.sha256:
                     raise errors.ChecksumMismatch(

@@ -910,7 +910,6 @@ class ObjectCache:
         except EXPECTED as exc:
             log.debug("read-ahead of %s failed: %s", source.sha256, exc)
 
-
     def _missed_randomly(self, source: Source) -> None:
         """Count a random reader's miss; at the :data:`FILL_AFTER`-th, an object that fits
         starts filling (:meth:`fill`)."""
@@ -944,10 +943,8 @@ class ObjectCache:
                 if record is not None and record.complete() and not record.verified:
                     # Checked here, behind the readers, so that none of them waits for it.
                     await self._verify(sha, record, inline=True)
-            except ChecksumMismatch:
-                pass  # dropped and logged; the next reads fetch it again
-            except _NoSpace:
-                pass
+            except (ChecksumMismatch, _NoSpace):
+                pass  # a corrupt object is dropped and logged (the next reads fetch it again)
             except EXPECTED as exc:
                 log.debug("fill of %s stopped: %s", sha, exc)
             finally:

@@ -151,14 +151,16 @@ class SiblingFetcher:
         try:
             async with self._limit:
                 kept: list[tuple[str, bytes]] = []
+                kept_bytes = 0
                 try:
                     async with aclosing(read_batch(source.view.hub, source.asset,
                                                    source.commit_id, batch)) as objects:
                         async for entry, data in objects:
                             kept.append((entry.sha256, data))
-                            if sum(len(d) for _, d in kept) >= STORE_EVERY:
+                            kept_bytes += len(data)
+                            if kept_bytes >= STORE_EVERY:
                                 await self._keep(kept)
-                                kept = []
+                                kept, kept_bytes = [], 0
                 except EXPECTED as exc:  # the readers fetch their own; nothing fails
                     self.failures += 1
                     log.info("batch read of %d small objects failed (%s); reading them one by "
