@@ -123,6 +123,50 @@ async def test_a_stale_view_fetches_again_instead_of_reading_holes(tmp_path: Pat
         b.close()
 
 
+async def test_a_late_remover_leaves_the_new_file_another_leases(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A remover opens the object's file; before it locks it, another process evicts that
+    file and a third leases a new one at the same path. The late remover's lock then holds a
+    dead file: it must not unlink the new one nor delete its record (the reader's blocks
+    would land in an unlinked file, and the next process would fetch them again, or read a
+    record that lists blocks its file lacks)."""
+    import ahmount.vfs.object_cache as module
+
+    source = MemorySource(blob(8, 2 * BLOCK + 11))
+    evictor = ObjectCache(tmp_path, 64 << 20)
+    reader = ObjectCache(tmp_path, 64 << 20)
+    late = ObjectCache(tmp_path, 64 << 20)
+    real_flock = module.fcntl.flock
+    interleaved: list[bool] = []
+
+    def flock(fd: int, operation: int) -> None:
+        if operation == module.fcntl.LOCK_EX | module.fcntl.LOCK_NB and not interleaved:
+            interleaved.append(True)  # late has the old file open: the others go first
+            assert evictor.drop_all() == 1
+            reader._acquire(source.sha256)  # leases (and creates) the new file
+        real_flock(fd, operation)
+
+    try:
+        assert await evictor.read(source, 0, source.size) == source.data
+        monkeypatch.setattr(module.fcntl, "flock", flock)
+        late._drop(source.sha256)
+        monkeypatch.setattr(module.fcntl, "flock", real_flock)
+        assert interleaved
+        assert await reader.read(source, 0, source.size) == source.data
+        reader._release(source.sha256)
+        assert reader._path(source.sha256).exists()
+        fresh = ObjectCache(tmp_path, 64 << 20)
+        try:
+            again = MemorySource(source.data)
+            assert await fresh.read(again, 0, source.size) == source.data
+            assert again.fetches == 0
+        finally:
+            fresh.close()
+    finally:
+        for cache in (evictor, reader, late):
+            cache.close()
+
+
 OBJECTS = [(seed, 300_000 + seed * 97_531) for seed in range(12)]
 
 

@@ -369,6 +369,10 @@ class ObjectCache:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return False
+            if not _still_linked_at(fd, path):
+                # Another remover unlinked the file we opened, and the path (and the record)
+                # may belong to a new file some process leases now: ours is gone already.
+                return True
             if only_unrecorded and self._index.get(sha) is not None:
                 return False  # recorded meanwhile by the process that wrote it
             self._index.delete(sha)
@@ -953,6 +957,16 @@ class ObjectCache:
         log.debug("random reads of %s: filling the rest of its %d bytes", sha, source.size)
         self.stats.fills += 1
         self._spawn(f"fill of {sha[:12]}", run)
+
+
+def _still_linked_at(fd: int, path: Path) -> bool:
+    """True if ``fd`` is the file ``path`` names now (not one unlinked, or replaced)."""
+    held = os.fstat(fd)
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return held.st_nlink > 0 and (held.st_ino, held.st_dev) == (named.st_ino, named.st_dev)
 
 
 def _from_raw(raw: Any) -> Record | None:
