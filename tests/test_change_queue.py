@@ -7,6 +7,8 @@ import os
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from ahmount.vfs.change_queue import ChangeQueue
 
 BRANCH = "alice/model/llm/gpt2:main"
@@ -84,6 +86,58 @@ def test_a_queue_from_before_modes_opens_with_the_default(tmp_path: Path) -> Non
     queue.close()
 
 
+def test_seqs_only_grow_across_restarts_and_rollbacks(tmp_path: Path) -> None:
+    """The counter is written once per reservation, not per change: a reopened queue (also
+    one whose last transaction rolled back) still hands out seqs above every earlier one."""
+    from ahmount.vfs.change_queue import SEQ_RESERVE
+
+    queue = ChangeQueue(tmp_path / "q")
+    seqs = [queue.put_file(BRANCH, f"f{i}", "b", sha256="1" * 64).seq
+            for i in range(SEQ_RESERVE + 5)]  # past the first reservation
+    assert seqs == sorted(set(seqs))
+    queue.close()
+    again = ChangeQueue(tmp_path / "q")
+    after = again.put_file(BRANCH, "g", "b", sha256="2" * 64).seq
+    assert after > seqs[-1]
+    again.close()
+
+
+def test_a_rolled_back_reservation_is_made_again(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The change that passes the reservation fails inside its transaction (the counter's
+    new reservation rolls back with it): the next change reserves again, so a reopened
+    queue still hands out seqs above it."""
+    queue = ChangeQueue(tmp_path / "q")
+    last = 0
+    while queue._seq < queue._reserved:  # up to the edge of the first reservation
+        last = queue.put_file(BRANCH, f"f{last}", "b", sha256="1" * 64).seq
+    write = queue._write
+
+    def failing(*args: object) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(queue, "_write", failing)
+    with pytest.raises(sqlite3.OperationalError):
+        queue.put_file(BRANCH, "lost", "b", sha256="1" * 64)
+    monkeypatch.setattr(queue, "_write", write)
+    kept = queue.put_file(BRANCH, "kept", "b", sha256="1" * 64).seq
+    assert kept > last
+    queue.close()
+    again = ChangeQueue(tmp_path / "q")
+    assert again.put_file(BRANCH, "g", "b", sha256="2" * 64).seq > kept
+    again.close()
+
+
+def test_a_second_opener_of_an_open_queue_is_refused(tmp_path: Path) -> None:
+    """The queue's database is held exclusively by the process that opened it."""
+    queue = ChangeQueue(tmp_path / "q")
+    queue.put_file(BRANCH, "f", "b", sha256="1" * 64)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        ChangeQueue(tmp_path / "q")
+    queue.close()
+    ChangeQueue(tmp_path / "q").close()
+
+
 def test_a_row_whose_file_grew_after_its_last_record_takes_the_file_size(
         tmp_path: Path) -> None:
     queue = ChangeQueue(tmp_path / "q")
@@ -120,9 +174,14 @@ def test_spare_files_are_handed_out_and_never_outlive_the_queue(tmp_path: Path) 
     assert queue.make_spares() == SPARE_FILES
     local, fd = queue.create_local()
     os.close(fd)
-    assert local.startswith(SPARE_PREFIX) and queue.spares_taken.is_set()
+    assert local.startswith(SPARE_PREFIX) and not queue.spares_taken.is_set()
     queue.put_file("b", "kept.bin", "c0", local=local)
-    assert queue.make_spares() == 1  # topped up again
+    for _ in range(SPARE_FILES // 2):  # refilled once half of them are gone
+        taken, fd = queue.create_local()
+        os.close(fd)
+        queue.local_path(taken).unlink()
+    assert queue.spares_taken.is_set()
+    assert queue.make_spares() == SPARE_FILES // 2 + 1  # topped up again
     queue.close()
     left = sorted(p.name for p in (tmp_path / "q/files").iterdir())
     assert left == [local]  # the spares went with the close; the file with a row stays

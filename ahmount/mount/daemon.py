@@ -38,7 +38,7 @@ from ahmount.mount.fs import AssetFS
 from ahmount.mount.kernel_cache import KernelCache
 from ahmount.observability import notify_systemd, set_level, setup_logging
 from ahmount.vfs.session import Session
-from ahmount.vfs.writeback import UPLOAD_AHEAD_DELAY
+from ahmount.vfs.writeback import UPLOAD_AHEAD_DELAY, UPLOAD_AHEAD_MAX_WAIT
 
 log = logging.getLogger("ahmount.mount")
 
@@ -73,9 +73,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="do not follow the hub's change feed: poll every --refresh "
                         "seconds only")
     parser.add_argument("--write-back", default=str(UPLOAD_AHEAD_DELAY), metavar="SECONDS",
-                        help="upload a closed file this long after the last close, ahead of "
-                        f"the commit (default {UPLOAD_AHEAD_DELAY}); 'off' keeps written "
-                        "files local until 'ah sync' or 'ah commit'")
+                        help="upload closed files once no file was closed for this long "
+                        f"(default {UPLOAD_AHEAD_DELAY}; at most {UPLOAD_AHEAD_MAX_WAIT:g} s "
+                        "after the first), ahead of the commit; 'off' keeps written files "
+                        "local until 'ah sync' or 'ah commit'")
     parser.add_argument("--fill-random", default="auto", metavar="SIZE",
                         help="after 16 random reads of an object that missed the cache, fetch "
                         "the rest of it in the background when it is at most SIZE (e.g. 2G; "

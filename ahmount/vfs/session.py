@@ -275,10 +275,6 @@ class Session:
 
 
 async def _keep_spares(queue: ChangeQueue) -> None:
-    """Keep empty queue files made ahead (:meth:`ChangeQueue.make_spares`), off the trio
-    thread: a ``create`` then costs no file creation. Woken by each spare taken; the queue's
-    close wakes the waiting thread too."""
-    while True:
-        await trio.to_thread.run_sync(queue.make_spares)
-        await trio.to_thread.run_sync(queue.spares_taken.wait, abandon_on_cancel=True)
-        queue.spares_taken.clear()
+    """Keep empty queue files made ahead (:meth:`ChangeQueue.keep_spares`), in a worker
+    thread: a ``create`` then costs no file creation. The queue's close ends the thread."""
+    await trio.to_thread.run_sync(queue.keep_spares, abandon_on_cancel=True)

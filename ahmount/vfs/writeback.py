@@ -30,6 +30,10 @@ from ahmount.vfs.supervisor import EXPECTED
 log = logging.getLogger("ahmount.vfs")
 
 UPLOAD_AHEAD_DELAY = 0.5
+#: While files keep being closed, upload-ahead waits for a pause, but not longer than this
+#: after the first close it has not sent: a writer of many small files does not share the
+#: 2 cores and the trio thread with their upload, and a long stream of them still goes up.
+UPLOAD_AHEAD_MAX_WAIT = 5.0
 UPLOAD_RETRY_FIRST = 2.0  # the hub client fails fast for 2 s after giving up on a dead hub
 UPLOAD_RETRY_MAX = 60.0
 
@@ -45,6 +49,8 @@ class WriteBack:
         #: Written files closed since the runner last ran: (branch, path).
         self._closed: set[tuple[str, str]] = set()
         self._wake = trio.Event()
+        #: When the last file was closed (trio's clock): the runner waits for a pause.
+        self._last_close = 0.0
         self.bytes_uploaded = 0
         self.failures = 0
         self.uploading = False
@@ -54,6 +60,7 @@ class WriteBack:
         if self._delay is None:
             return
         self._closed.add((branch, path))
+        self._last_close = trio.current_time()
         self.uploading = True
         self._wake.set()
 
@@ -63,7 +70,10 @@ class WriteBack:
         failures = 0
         while True:
             await self._wake.wait()
-            await trio.sleep(delay)
+            if failures:
+                await trio.sleep(delay)
+            else:
+                await self._pause(first)
             self._wake = trio.Event()
             closed, self._closed = self._closed, set()
             self.uploading = True
@@ -80,6 +90,13 @@ class WriteBack:
                 self._wake.set()
             finally:
                 self.uploading = bool(self._closed)
+
+    async def _pause(self, delay: float) -> None:
+        """Wait until no file was closed for ``delay`` seconds, or
+        :data:`UPLOAD_AHEAD_MAX_WAIT` passed."""
+        deadline = trio.current_time() + UPLOAD_AHEAD_MAX_WAIT
+        while (until := min(self._last_close + delay, deadline)) > trio.current_time():
+            await trio.sleep_until(until)
 
     async def upload_branch(self, branch: str) -> tuple[int, int]:
         """Upload every queued file of ``branch`` the hub lacks now (``ah sync``): how many
