@@ -20,6 +20,7 @@ what survives a crash, and the protocol between processes. In short:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -174,7 +175,12 @@ class ObjectCache:
         self.stats = CacheStats()
         self._data = root / "data"
         self._data.mkdir(parents=True, exist_ok=True)
-        self._index = diskcache.Cache(str(root / "index"))
+        self._data_dir = str(self._data)  # joined as a str on the hot paths (see _file)
+        # The cache evicts by its own rules (leases, the byte bound): diskcache's own culling
+        # would measure the database's volume at every record saved (three more queries per
+        # small file read cold) to enforce a bound nobody set.
+        self._index = diskcache.Cache(str(root / "index"), eviction_policy="none",
+                                      cull_limit=0)
         #: What this process knows of each object. Authoritative only for leased objects;
         #: for the others a hint (LRU order, bytes used), re-read from the index at lease.
         self._records: dict[str, Record] = {}
@@ -238,15 +244,19 @@ class ObjectCache:
         """Add what this process learned of a leased object to the shared index: blocks and
         verification only ever grow under a lease (evictions need the exclusive lock)."""
         with self._index.transact():
-            known = _from_raw(self._index.get(sha))
-            if known is not None and known.size == record.size:
-                before = record.bytes_present()
-                record.blocks |= known.blocks
-                record.merge_pages(known.pages)
-                record.verified = record.verified or known.verified
-                record.last_used = max(record.last_used, known.last_used)
-                self._used += record.bytes_present() - before
-            self._index.set(sha, _to_raw(record))
+            self._merge_in_transaction(sha, record)
+
+    def _merge_in_transaction(self, sha: str, record: Record) -> None:
+        """:meth:`_merge` inside an index transaction the caller holds (one for a batch)."""
+        known = _from_raw(self._index.get(sha))
+        if known is not None and known.size == record.size:
+            before = record.bytes_present()
+            record.blocks |= known.blocks
+            record.merge_pages(known.pages)
+            record.verified = record.verified or known.verified
+            record.last_used = max(record.last_used, known.last_used)
+            self._used += record.bytes_present() - before
+        self._index.set(sha, _to_raw(record))
 
     def flush_index(self) -> None:
         """Write changed records of leased objects to the shared index (their blocks are on
@@ -290,12 +300,12 @@ class ObjectCache:
         if self._leases[sha] > 1:
             return
         try:
-            path = self._path(sha)
+            path = self._file(sha)
             while True:
                 try:
                     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
                 except FileNotFoundError:  # its fan-out directory is not made yet
-                    path.parent.mkdir(parents=True, exist_ok=True)
+                    self._path(sha).parent.mkdir(parents=True, exist_ok=True)
                     continue
                 # Exclusive holders (evicting, sweeping) hold it for a few syscalls.
                 fcntl.flock(fd, fcntl.LOCK_SH)
@@ -357,7 +367,7 @@ class ObjectCache:
         taken without waiting). False if it is in use."""
         if sha in self._leases:
             return False
-        path = self._path(sha)
+        path = self._file(sha)
         try:
             fd = os.open(path, os.O_RDWR)
         except FileNotFoundError:
@@ -376,7 +386,8 @@ class ObjectCache:
             if only_unrecorded and self._index.get(sha) is not None:
                 return False  # recorded meanwhile by the process that wrote it
             self._index.delete(sha)
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
             return True
         finally:
             os.close(fd)
@@ -385,6 +396,11 @@ class ObjectCache:
 
     def _path(self, sha: str) -> Path:
         return self._data / sha[:2] / sha
+
+    def _file(self, sha: str) -> str:
+        """:meth:`_path` as a str: leases are taken per small file read, and pathlib's
+        joining cost more than the open and the lock."""
+        return f"{self._data_dir}/{sha[:2]}/{sha}"
 
     def used_bytes(self) -> int:
         return self._used
@@ -668,7 +684,7 @@ class ObjectCache:
                     record.verified = True
             with self._index.transact():
                 for sha, record in written:
-                    self._merge(sha, record)
+                    self._merge_in_transaction(sha, record)
                     self._dirty.discard(sha)
         finally:
             for sha in leased:
@@ -959,7 +975,7 @@ class ObjectCache:
         self._spawn(f"fill of {sha[:12]}", run)
 
 
-def _still_linked_at(fd: int, path: Path) -> bool:
+def _still_linked_at(fd: int, path: str) -> bool:
     """True if ``fd`` is the file ``path`` names now (not one unlinked, or replaced)."""
     held = os.fstat(fd)
     try:
