@@ -200,3 +200,44 @@ async def test_an_upload_whose_file_vanishes_is_the_clients_error_not_a_hub_cras
         with pytest.raises(FileNotFoundError):
             await client.upload_batch([(gone, sha, 5)])
     assert not [r for r in caplog.records if r.name.startswith("ahmount.server")]
+
+
+async def test_paths_inside_a_ref_are_as_fresh_as_the_listings_they_rest_on(
+        hub: tuple[HubClient, Switch, AssetAddr], tmp_path: Path) -> None:
+    """The tree resolves a ref's folder, asset, head and listing once for all the paths in
+    it (Tree._ref_state), and never past what those listings would answer: a commit made
+    elsewhere shows after an invalidation (the change feed's, ``ah refresh``), or at once
+    where branch heads are not cached (a refresh time of 0)."""
+    from ahmount.errors import NotFound
+    from ahmount.vfs.tree import Tree
+
+    client, switch, addr = hub
+
+    async def commit(name: str) -> None:
+        blob = name.encode()
+        sha = hashlib.sha256(blob).hexdigest()
+        (tmp_path / name).write_bytes(blob)
+        await client.upload_file(tmp_path / name, sha, len(blob))
+        await client.commit(addr, "main", name, adds=[ObjectEntry(name, sha, len(blob), 0.0)])
+
+    async with client:
+        cached = Tree(HubView(client, "alice", 60.0, diskcache.Cache(str(tmp_path / "a"))),
+                      None, 0.0)
+        uncached = Tree(HubView(client, "alice", 0.0, diskcache.Cache(str(tmp_path / "b"))),
+                        None, 0.0)
+        await commit("one")
+        for tree in (cached, uncached):
+            assert (await tree.node(("model", "llm", "gpt2", "main", "one"))).size == 3
+        before = len(switch.requests)
+        for _ in range(3):  # other paths of the same ref: nothing asked again
+            with pytest.raises(NotFound):
+                await cached.node(("model", "llm", "gpt2", "main", "two"))
+        assert len(switch.requests) == before
+        await commit("two")
+        assert (await uncached.node(("model", "llm", "gpt2", "main", "two"))).size == 3
+        with pytest.raises(NotFound):  # the head stays cached for its refresh time
+            await cached.node(("model", "llm", "gpt2", "main", "two"))
+        cached.invalidate(addr)
+        assert (await cached.node(("model", "llm", "gpt2", "main", "two"))).size == 3
+        cached.view.invalidate()  # everything, as ah refresh does: still found
+        assert (await cached.node(("model", "llm", "gpt2", "main", "one"))).size == 3

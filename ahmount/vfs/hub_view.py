@@ -130,6 +130,16 @@ class TtlCache(Generic[K, V]):
         found = self._values.get(key)
         return None if found is None else found[1]
 
+    def expiry(self, key: K) -> float:
+        """When ``key``'s value stops being fresh (monotonic clock; 0 if it is not)."""
+        found = self._values.get(key)
+        return 0.0 if found is None else found[0]
+
+    @property
+    def generation(self) -> int:
+        """Raised by every invalidation."""
+        return self._generation
+
     async def get(self, key: K, ttl: float, load: Callable[[], Awaitable[V]]) -> V:
         while True:
             found = self._values.get(key)
@@ -248,6 +258,23 @@ class HubView:
     @property
     def _caches(self) -> tuple[TtlCache[Any, Any], ...]:
         return (self._folders, self._assets, self._refs, self._resolved)
+
+    @property
+    def generation(self) -> int:
+        """Raised by every invalidation of any listing that can change: what was derived
+        from the listings under one generation, before the first of them expires
+        (:meth:`fresh_until`), is what they would answer again."""
+        return sum(cache.generation for cache in self._caches)
+
+    def fresh_until(self, scope: str, owner: str, kind: str, addr: AssetAddr,
+                    ref: str) -> float:
+        """When the first of the listings a path inside ``ref`` rests on (its folder, its
+        asset, the asset's refs, the ref's commit) expires; a commit named by id never does."""
+        known = self._resolved.peek((addr, ref))
+        resolved = float("inf") if known is not None and known.type == "commit" else \
+            self._resolved.expiry((addr, ref))
+        return min(self._folders.expiry((scope, owner, kind)),
+                   self._assets.expiry(addr.folder), self._refs.expiry(addr), resolved)
 
     def restore(self) -> int:
         """What an earlier process of this state directory saw (see :class:`TtlCache`)."""

@@ -12,6 +12,7 @@ of everything).
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -94,6 +95,23 @@ def check_name(name: str, subpath: str) -> None:
                           f"{MAX_OBJECT_PATH_BYTES} bytes")
 
 
+@dataclass
+class RefState:
+    """What every path inside one ref rests on: whether its folder may be edited, the
+    ref's commit, and (once a path below the ref needed it) the commit's listing; fresh
+    while the view's generation is ``generation`` and until ``until``."""
+
+    can_edit: bool
+    resolved: Resolved
+    index: CommitIndex | None
+    generation: int
+    until: float
+
+
+#: Refs whose state is kept (:meth:`Tree._ref_state`); beyond it, all are forgotten.
+REF_STATES = 4096
+
+
 class Tree:
     """Path → :class:`Node`, children, and the branch overlay."""
 
@@ -102,6 +120,7 @@ class Tree:
         #: Queued edits of branches; without one, branches are read-only.
         self.queue = queue
         self.started = started
+        self._ref_states: dict[tuple[Any, ...], RefState] = {}
 
     @property
     def me(self) -> str:
@@ -129,20 +148,21 @@ class Tree:
             if loc.owner not in await self.view.owners(scope, loc.kind):
                 raise NotFound(f"no folders of {loc.owner!r} are {loc.scope} with you")
             return Node(loc, True, False, False, self.started)
-        folder = await self.view.folder(scope, loc.owner, loc.kind, str(loc.folder))
-        can_edit = folder.permission in ("own", "edit")
-        if place is Place.FOLDER:
-            return Node(loc, True, can_edit, False, folder.modified)
-        asset = await self.view.asset(loc.asset_addr)
-        if place is Place.ASSET:
+        if place is Place.FOLDER or place is Place.ASSET:
+            folder = await self.view.folder(scope, loc.owner, loc.kind, str(loc.folder))
+            can_edit = folder.permission in ("own", "edit")
+            if place is Place.FOLDER:
+                return Node(loc, True, can_edit, False, folder.modified)
+            asset = await self.view.asset(loc.asset_addr)
             return Node(loc, True, can_edit, False, asset.modified)
-        assert loc.ref is not None
-        resolved = await self._resolve(loc)
-        writable = can_edit and resolved.type == "branch"
+        state = await self._ref_state(loc, with_index=place is not Place.REF)
+        resolved = state.resolved
+        writable = state.can_edit and resolved.type == "branch"
         immutable = resolved.type != "branch"
         if place is Place.REF:  # its listing is loaded when it is opened, not when stat'ed
             return Node(loc, True, writable, immutable, resolved.created, resolved=resolved)
-        index = await self.view.index(loc.asset_addr, resolved.commit_id, resolved.created)
+        index = state.index
+        assert index is not None
         found = index.lookup(loc.subpath)
         if resolved.type == "branch" and self.queue is not None:
             return self._overlay(loc, writable, resolved, index, found)
@@ -231,6 +251,35 @@ class Tree:
                         parent.resolved, index)
         return Node(loc, False, parent.writable, parent.immutable, found.mtime, found,
                     parent.resolved, index)
+
+    async def _ref_state(self, loc: Location, with_index: bool) -> RefState:
+        """The folder, asset, ref and listing a path inside a ref rests on, resolved once
+        per ref while none of them expired or was invalidated: every lookup, getattr and
+        open of a file would otherwise walk the four listings again (a third of what a
+        cold small-file read costs the daemon)."""
+        assert loc.owner is not None and loc.kind is not None and loc.ref is not None
+        key = (loc.scope, loc.owner, loc.kind, loc.folder, loc.asset, loc.ref)
+        state = self._ref_states.get(key)
+        if state is not None and state.generation == self.view.generation and \
+                state.until > time.monotonic() and (state.index is not None or not with_index):
+            return state
+        generation = self.view.generation
+        scope: Any = loc.scope
+        folder = await self.view.folder(scope, loc.owner, loc.kind, str(loc.folder))
+        await self.view.asset(loc.asset_addr)  # it must still exist
+        resolved = await self._resolve(loc)
+        index = None
+        if with_index:
+            index = await self.view.index(loc.asset_addr, resolved.commit_id, resolved.created)
+        elif state is not None and state.resolved == resolved:
+            index = state.index
+        state = RefState(folder.permission in ("own", "edit"), resolved, index, generation,
+                         self.view.fresh_until(scope, loc.owner, loc.kind, loc.asset_addr,
+                                               loc.ref))
+        if len(self._ref_states) >= REF_STATES:
+            self._ref_states.clear()
+        self._ref_states[key] = state
+        return state
 
     async def _resolve(self, loc: Location) -> Resolved:
         assert loc.ref is not None
