@@ -5,7 +5,8 @@ again). Files per second, on the same data, in one run, against:
 
 - local disk (the ceiling), sshfs over an sshd on 127.0.0.1, rclone mount
   ``--vfs-cache-mode full`` over ``rclone serve webdav`` (:mod:`bench.peers`);
-- ahmount: a mount of ``ah-server`` on 127.0.0.1, the dataset on the branch ``main``;
+- ahmount: a mount of ``ah-server`` on 127.0.0.1, the dataset on the branch ``main``; and
+  the same mounted ``--read-only`` ("ahmount ro", as a training job would);
 - the do-nothing pyfuse3 floor (``bench/minimal_fs.py``, the files written into it first,
   its reads answering zeros): what any trio + pyfuse3 daemon pays per file.
 
@@ -101,14 +102,17 @@ def main() -> None:
             def local_disk(_: int) -> Iterator[Path]:
                 yield local
 
-            @contextlib.contextmanager
-            def ahmount(n: int) -> Iterator[Path]:
-                m = hub_mount(server, key, root / f"ah-mnt-{n}", root / f"ah-cache-{n}")
-                try:
-                    yield m.mountpoint / "dataset/bench/train/main"
-                finally:
-                    m.stop()
-                    shutil.rmtree(root / f"ah-cache-{n}", ignore_errors=True)
+            def ahmount(*extra: str) -> Opener:
+                @contextlib.contextmanager
+                def opened(n: int) -> Iterator[Path]:
+                    m = hub_mount(server, key, root / f"ah-mnt-{n}", root / f"ah-cache-{n}",
+                                  *extra)
+                    try:
+                        yield m.mountpoint / "dataset/bench/train/main"
+                    finally:
+                        m.stop()
+                        shutil.rmtree(root / f"ah-cache-{n}", ignore_errors=True)
+                return opened
 
             def peer(name: str) -> Opener:
                 mount = peers.MOUNTS[name]
@@ -135,7 +139,8 @@ def main() -> None:
                     process.wait(timeout=30)
 
             targets: dict[str, Opener] = {"local": local_disk, "pyfuse3 floor": floor,
-                                          "ahmount": ahmount}
+                                          "ahmount": ahmount(),
+                                          "ahmount ro": ahmount("--read-only")}
             targets |= {name: peer(name) for name in wanted}
             results: dict[tuple[str, str, str, int], float] = {}
             for name, opener in targets.items():

@@ -130,6 +130,48 @@ def test_read_only_places_and_unsupported_types(mount_factory: Mounter,
     assert subprocess.run(["test", "-w", str(tag / "config.json")]).returncode == 1
 
 
+def test_a_read_only_mount_refuses_changes_and_reopens_warm_files_quietly(
+        mount_factory: Mounter, populated: Path) -> None:
+    """``--read-only``: branches read as usual, every change answers EROFS from the kernel,
+    and a file read before is opened, stat'ed and closed again with an open and a release
+    only (a read-write mount's kernel flushes at each close and, with writeback caching,
+    asks the attributes again after a flush)."""
+    def reopen(m: MountProcess, path: Path) -> dict[str, int]:
+        with open(path, "rb") as handle:  # open() fstats it
+            assert handle.read() == (populated / "config.json").read_bytes()
+        before = m.control("stats")["fuse_ops"]
+        for _ in range(5):
+            with open(path, "rb") as handle:
+                handle.read()
+        after = m.control("stats")["fuse_ops"]
+        return {op: n - before.get(op, 0) for op, n in after.items() if n - before.get(op, 0)}
+
+    m = mount_factory("--read-only")
+    main = m.mountpoint / "model/llm/gpt2/main"
+    assert (main / "weights/model.bin").read_bytes() == \
+        (populated / "weights/model.bin").read_bytes()
+    ops_before = m.control("stats")["fuse_ops"]
+    for action in (
+        lambda: open(main / "new.txt", "w"),  # noqa: SIM115
+        lambda: open(main / "config.json", "a"),  # noqa: SIM115
+        lambda: os.mkdir(main / "new"),
+        lambda: os.unlink(main / "config.json"),
+        lambda: os.rename(main / "config.json", main / "x.json"),
+        lambda: os.setxattr(m.mountpoint / "model/llm", "user.ah.description", b"x"),
+    ):
+        with pytest.raises(OSError) as info:
+            action()
+        assert info.value.errno == errno.EROFS
+    ops_after = m.control("stats")["fuse_ops"]
+    for op in ("create", "mkdir", "unlink", "rename", "setxattr", "write", "setattr"):
+        assert ops_after.get(op, 0) == ops_before.get(op, 0), op  # refused by the kernel
+    quiet = reopen(m, main / "config.json")
+    assert quiet == {"open": 5, "release": 5}
+    m.stop()
+    m = mount_factory()  # read-write: the kernel asks again
+    assert reopen(m, m.mountpoint / "model/llm/gpt2/main/config.json").get("getattr", 0) >= 5
+
+
 def test_reading_the_end_of_a_huge_object_fetches_a_bounded_range(
         mount_factory: Mounter, tmp_path: Path) -> None:
     big = tmp_path / "huge.bin"

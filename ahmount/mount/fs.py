@@ -9,6 +9,7 @@ whether the kernel may keep its page cache, entry and attribute timeouts.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from typing import Any
@@ -39,8 +40,14 @@ class AssetFS(pyfuse3.Operations):
     enable_writeback_cache = True
     enable_acl = False
 
-    def __init__(self, vfs: VFS, uid: int, gid: int) -> None:
+    def __init__(self, vfs: VFS, uid: int, gid: int, read_only: bool = False) -> None:
         super().__init__()
+        #: A read-only mount (``ah-mount --read-only``): nothing to buffer, nothing to flush.
+        self.read_only = read_only
+        if read_only:
+            # Writeback caching marks a file's block count stale at every flush, which
+            # costs a GETATTR at the next open of a warm file; with no writes it buys nothing.
+            self.enable_writeback_cache = False
         self.vfs = vfs
         self.uid = uid
         self.gid = gid
@@ -269,6 +276,10 @@ class AssetFS(pyfuse3.Operations):
     @fuse_errors
     async def flush(self, fh: int) -> None:
         self._count("flush")
+        if self.read_only:
+            # No handle here has anything to flush: ENOSYS tells the kernel to send no more
+            # flushes, one request less per close.
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         self.vfs.flush(self._file(fh))
 
     @fuse_errors
