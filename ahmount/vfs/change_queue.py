@@ -145,8 +145,9 @@ class BranchQueue:
 
 #: How many empty local files are kept made ahead, and what their names start with.
 SPARE_FILES = 64
-SEQ_RESERVE = 1024
 SPARE_PREFIX = "spare-"
+#: How far ahead of the last seq handed out the database's counter is set (see _next_seq).
+SEQ_RESERVE = 1024
 
 
 class ChangeQueue:

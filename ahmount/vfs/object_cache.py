@@ -234,11 +234,16 @@ class ObjectCache:
         known = _from_raw(self._index.get(sha))
         if known is not None and known.size == record.size and (
                 known.blocks & ~record.blocks or known.pages):
-            before = record.bytes_present()
-            record.blocks |= known.blocks
-            record.merge_pages(known.pages)
-            record.verified = record.verified or known.verified
-            self._used += record.bytes_present() - before
+            self._absorb(record, known)
+
+    def _absorb(self, record: Record, known: Record) -> None:
+        """OR another process's record of the same object into ours (blocks, pages,
+        verification), counting the bytes that adds."""
+        before = record.bytes_present()
+        record.blocks |= known.blocks
+        record.merge_pages(known.pages)
+        record.verified = record.verified or known.verified
+        self._used += record.bytes_present() - before
 
     def _merge(self, sha: str, record: Record) -> None:
         """Add what this process learned of a leased object to the shared index: blocks and
@@ -250,12 +255,8 @@ class ObjectCache:
         """:meth:`_merge` inside an index transaction the caller holds (one for a batch)."""
         known = _from_raw(self._index.get(sha))
         if known is not None and known.size == record.size:
-            before = record.bytes_present()
-            record.blocks |= known.blocks
-            record.merge_pages(known.pages)
-            record.verified = record.verified or known.verified
+            self._absorb(record, known)
             record.last_used = max(record.last_used, known.last_used)
-            self._used += record.bytes_present() - before
         self._index.set(sha, _to_raw(record))
 
     def flush_index(self) -> None:
@@ -395,11 +396,11 @@ class ObjectCache:
     # -- bookkeeping -------------------------------------------------------------------------
 
     def _path(self, sha: str) -> Path:
-        return self._data / sha[:2] / sha
+        return Path(self._file(sha))
 
     def _file(self, sha: str) -> str:
-        """:meth:`_path` as a str: leases are taken per small file read, and pathlib's
-        joining cost more than the open and the lock."""
+        """Where the object's data file is, as a str: leases are taken per small file
+        read, and pathlib's joining cost more than the open and the lock."""
         return f"{self._data_dir}/{sha[:2]}/{sha}"
 
     def used_bytes(self) -> int:
