@@ -151,6 +151,16 @@ async def test_presigned_reads_go_straight_to_the_store(
         e = await _blob(hub, tmp_path, data)
         await hub.commit(addr, "main", "p", adds=[ObjectEntry("p.bin", e.sha256, e.size, 1.0)])
         assert await hub.read_range(addr, "main", "p.bin", 1000, 2000) == data[1000:2000]
+        # A read straight into a buffer follows the same redirect (without our key).
+        direct = bytearray()
+
+        def keep(view: memoryview, offset: int) -> bool:
+            direct.extend(view)
+            return True
+
+        await trio.to_thread.run_sync(hub.read_into, addr, "main", "p.bin", 1000, 150_000,
+                                      memoryview(bytearray(1 << 16)), keep)
+        assert direct == data[1000:150_000]
         await hub.download(addr, "main", ObjectEntry("p.bin", e.sha256, e.size, 1.0),
                            tmp_path / "out.bin")
     assert (tmp_path / "out.bin").read_bytes() == data

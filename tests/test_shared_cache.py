@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -19,14 +19,37 @@ from ahmount.vfs.object_cache import BLOCK, ObjectCache
 
 
 class MemorySource:
-    """An object's bytes from memory, counting the ranged fetches the cache makes."""
+    """An object's bytes from memory, counting the ranged fetches the cache makes; with
+    ``direct``, long runs are read into the cache's buffer in a worker thread as an HTTP
+    hub's are (``read_into``), and ``between`` runs in that thread between two pieces."""
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, direct: bool = False, sha256: str | None = None,
+                 between: Callable[[int], None] | None = None) -> None:
         self.data = data
-        self.sha256 = hashlib.sha256(data).hexdigest()
+        self.sha256 = sha256 or hashlib.sha256(data).hexdigest()
         self.size = len(data)
         self.fetches = 0
         self.fetched_bytes = 0
+        self.reads_directly = direct
+        self.direct_reads = 0
+        self._between = between
+
+    def read_into(self, start: int, end: int, buffer: memoryview,
+                  consume: Callable[[memoryview, int], bool]) -> int:
+        assert self.reads_directly
+        self.fetches += 1
+        self.direct_reads += 1
+        self.fetched_bytes += end - start
+        done = 0
+        while done < end - start:
+            if done and self._between is not None:
+                self._between(done)
+            n = min(len(buffer), end - start - done)
+            buffer[:n] = self.data[start + done:start + done + n]
+            done += n
+            if not consume(buffer[:n], done - n):
+                break
+        return done
 
     @asynccontextmanager
     async def fetch(self, start: int, end: int) -> AsyncIterator[AsyncIterator[bytes]]:
@@ -174,7 +197,8 @@ def _stress(root: str, seed: int, rounds: int) -> None:
     async def main() -> None:
         cache = ObjectCache(Path(root), 3 * BLOCK)  # far smaller than the 12 objects
         rng = random.Random(seed)
-        sources = [MemorySource(blob(s, n)) for s, n in OBJECTS]
+        # Half the processes read long runs as an HTTP hub's are read (in a thread).
+        sources = [MemorySource(blob(s, n), direct=seed % 2 == 0) for s, n in OBJECTS]
         try:
             for _ in range(rounds):
                 source = rng.choice(sources)
@@ -410,3 +434,142 @@ async def _miss_every_other_page(cache: ObjectCache, source: MemorySource, count
         for page in range(count):
             at = page * PAGE * 2 % source.size
             assert await cache.read_pages(source, at, 100) == source.data[at:at + 100]
+
+
+async def test_a_run_read_directly_is_kept_whole_and_verified_as_it_arrives(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ahmount.vfs.object_cache as module
+
+    def no_read_back(path: Path) -> str:
+        raise AssertionError(f"{path} was read back to be hashed")
+
+    monkeypatch.setattr(module, "_hash_file", no_read_back)
+    source = MemorySource(blob(20, 9 * BLOCK + 3), direct=True)
+    cache = ObjectCache(tmp_path, 64 << 20)
+    try:
+        assert await cache.read(source, 0, source.size) == source.data
+        record = cache._records[source.sha256]
+        assert source.direct_reads == 1 and record.complete() and record.verified
+        assert cache.used_bytes() == source.size == cache.stats.bytes_fetched
+        short = MemorySource(blob(21, BLOCK), direct=True)  # one block: streamed, no thread
+        assert await cache.read(short, 0, 10) == short.data[:10]
+        assert (short.direct_reads, short.fetches) == (0, 1)
+    finally:
+        cache.close()
+
+
+async def test_readers_of_a_run_read_directly_go_on_as_its_first_pieces_arrive(
+        tmp_path: Path) -> None:
+    """A long read-ahead run does not hold up the reader of its first blocks: each piece
+    is marked present (and its waiters woken) as it is written."""
+    import threading
+
+    from ahmount.vfs.object_cache import WRITE_BATCH
+
+    go_on = threading.Event()
+    source = MemorySource(blob(22, 12 * BLOCK), direct=True,
+                          between=lambda done: go_on.wait(10) or None)
+    cache = ObjectCache(tmp_path, 64 << 20)
+    cache.pin(source.sha256)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cache.ensure, source, 0, 11)
+            with trio.fail_after(10):  # not marked until the run ended: never answered
+                assert await cache.read(source, 5, 100) == source.data[5:105]
+            record = cache._records[source.sha256]
+            assert not record.complete()  # the rest is still held back by the hub
+            assert all(record.has(b) for b in range(WRITE_BATCH // BLOCK))
+            go_on.set()
+        assert cache._records[source.sha256].complete() and source.direct_reads == 1
+        assert cache.used_bytes() == source.size
+    finally:
+        go_on.set()
+        cache.unpin(source.sha256)
+        cache.close()
+
+
+async def test_a_run_read_directly_stops_when_its_reader_is_cancelled(tmp_path: Path) -> None:
+    """The worker thread stops at the next piece; what arrived stays, nothing else counts."""
+    import threading
+
+    from ahmount.vfs.object_cache import WRITE_BATCH
+
+    first_piece, go_on = threading.Event(), threading.Event()
+
+    def between(done: int) -> None:
+        first_piece.set()
+        go_on.wait(10)
+
+    source = MemorySource(blob(23, 12 * BLOCK), direct=True, between=between)
+    cache = ObjectCache(tmp_path, 64 << 20)
+    cache.pin(source.sha256)
+    try:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(cache.ensure, source, 0, 11)
+                await trio.to_thread.run_sync(first_piece.wait, 10)
+                scope.cancel()  # the thread cannot be interrupted: it sees it next piece
+                go_on.set()
+        assert scope.cancelled_caught
+        record = cache._records[source.sha256]
+        pieces = WRITE_BATCH // BLOCK
+        assert [record.has(b) for b in range(12)] == [b < pieces for b in range(12)]
+        assert cache.used_bytes() == WRITE_BATCH and not cache._inflight
+        assert await cache.read(source, 11 * BLOCK, 10) == source.data[11 * BLOCK:][:10]
+    finally:
+        go_on.set()
+        cache.unpin(source.sha256)
+        cache.close()
+
+
+async def test_a_corrupt_object_read_directly_is_not_kept(tmp_path: Path) -> None:
+    from ahmount.errors import ChecksumMismatch
+
+    data = blob(24, 3 * BLOCK)
+    source = MemorySource(data, direct=True, sha256=hashlib.sha256(b"other").hexdigest())
+    cache = ObjectCache(tmp_path, 64 << 20)
+    try:
+        with pytest.raises(ChecksumMismatch):
+            await cache.read(source, 0, source.size)
+        assert cache.used_bytes() == 0 and not cache._inflight
+        record = cache._records.get(source.sha256)
+        assert record is None or not record.blocks
+    finally:
+        cache.close()
+
+
+async def test_a_short_run_read_directly_is_an_error_and_keeps_what_came(
+        tmp_path: Path) -> None:
+    class ShortSource(MemorySource):
+        def read_into(self, start: int, end: int, buffer: memoryview,
+                      consume: Callable[[memoryview, int], bool]) -> int:
+            return super().read_into(start, min(end, start + len(buffer)), buffer, consume)
+
+    source = ShortSource(blob(25, 12 * BLOCK), direct=True)
+    cache = ObjectCache(tmp_path, 64 << 20)
+    try:
+        with pytest.raises(OSError, match="short range"):
+            await cache.ensure(source, 0, 11)
+        assert cache.used_bytes() == cache._records[source.sha256].bytes_present() > 0
+        assert not cache._inflight
+    finally:
+        cache.close()
+
+
+async def test_a_full_disk_under_a_run_read_directly_reads_from_the_hub(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import ahmount.vfs.object_cache as module
+
+    def disk_full(*args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(module, "_pwritev_all", disk_full)
+    source = MemorySource(blob(26, 3 * BLOCK), direct=True)
+    cache = ObjectCache(tmp_path, 64 << 20)
+    try:
+        assert await cache.read(source, 10, 2 * BLOCK) == source.data[10:10 + 2 * BLOCK]
+        assert cache.used_bytes() == 0 and cache.stats.uncached_reads == 1
+    finally:
+        cache.close()

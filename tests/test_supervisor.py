@@ -77,6 +77,7 @@ class LyingSource:
         self.sha256 = sha256
         self.size = len(data)
         self.data = data
+        self.reads_directly = False
 
     @asynccontextmanager
     async def fetch(self, start: int, end: int) -> AsyncIterator[AsyncIterator[bytes]]:

@@ -6,7 +6,6 @@ transfers to and from disk in :mod:`files` and :mod:`uploads`.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -19,33 +18,15 @@ import httpx
 import pydantic_core
 
 from ahmount import errors
+from ahmount.client.answers import RETRYABLE_STATUS, raise_for_response
+from ahmount.client.direct_reads import Consume, DirectReads, Retryable
 from ahmount.client.transport import LargeReadTransport
 
 log = logging.getLogger("ahmount.client")
 
 #: Bytes per read and write of a transfer.
 CHUNK = 1 << 20
-RETRYABLE_STATUS = {502, 503, 504}
 Progress = Callable[[int], None]
-
-
-def raise_for_response(response: httpx.Response, body: bytes | None = None) -> None:
-    """The one mapping from an HTTP error response to a domain exception."""
-    if response.status_code < 400:
-        return
-    raw = body if body is not None else response.content
-    code, message, path = "internal", "", None
-    try:
-        error = json.loads(raw)["error"]
-        code, message, path = error["code"], error["message"], error.get("path")
-    except (ValueError, KeyError, TypeError):
-        message = f"hub answered {response.status_code} to {response.request.method} " \
-                  f"{response.request.url.path}"
-        if response.status_code in RETRYABLE_STATUS:
-            code = "unavailable"
-    cls = errors.ERRORS_BY_CODE.get(code, errors.InternalError)
-    raise cls(message, path=path)
-
 
 
 class HttpSession:
@@ -62,6 +43,11 @@ class HttpSession:
         headers = {"user-agent": "ahmount"}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
+        #: Bulk reads straight into buffers (:mod:`direct_reads`): only over a socket.
+        self.direct: DirectReads | None = None
+        if transport is None:
+            uds = base_url[len("unix:"):] if base_url.startswith("unix:") else None
+            self.direct = DirectReads(timeout, httpx.create_ssl_context(), uds)
         if base_url.startswith("unix:"):
             transport = transport or LargeReadTransport(uds=base_url[len("unix:"):])
             base_url = "http://hub"
@@ -90,16 +76,58 @@ class HttpSession:
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self.direct is not None:
+            self.direct.close()
         await self._http.__aexit__(exc_type, exc, tb)
+
+    def _fail_fast(self, method: str, url: str) -> None:
+        if self._down_until > time.monotonic():
+            raise errors.HubUnavailable(
+                f"hub at {self.base_url} is unreachable (failing fast for a moment): "
+                f"{method} {url}", path=url)
+
+    def _given_up(self, method: str, url: str, failure: BaseException) -> errors.HubUnavailable:
+        self._down_until = time.monotonic() + self.down_for
+        self.reachable = False
+        return errors.HubUnavailable(
+            f"hub at {self.base_url} is unreachable ({method} {url}): {failure}", path=url)
+
+    def _retry_delay(self, attempt: int) -> float:
+        return float(self.backoff * 2 ** (attempt - 1) * (0.5 + random.random()))
+
+    def read_into(self, url: str, length: int, buffer: memoryview, consume: Consume, *,
+                  headers: dict[str, str], params: dict[str, str]) -> int:
+        """A ranged GET of ``length`` bytes read into ``buffer`` by :attr:`direct` (which
+        must exist), for a worker thread: the same retries, failing fast and error mapping
+        as :meth:`send`. Returns the bytes read (fewer only when ``consume`` stopped)."""
+        assert self.direct is not None
+        self._fail_fast("GET", url)
+        request = self._http.build_request("GET", url, headers=headers, params=params)
+        attempt = 0
+        while True:
+            try:
+                done = self.direct.read_into(request, length, buffer, consume)
+            except Retryable as exc:
+                attempt += 1
+                if attempt > self.retries:
+                    raise self._given_up("GET", url, exc) from exc
+                delay = self._retry_delay(attempt)
+                log.warning("GET %s failed (%s); retry %d in %.1fs", url, exc, attempt, delay)
+                time.sleep(delay)  # a worker thread's backoff (send's is anyio.sleep)
+                continue
+            except errors.AhError:
+                self.last_answer = time.time()  # an error answer is an answer
+                self.reachable = True
+                raise
+            self.last_answer = time.time()
+            self.reachable = True
+            return done
 
     async def send(self, method: str, url: str, *, stream: bool = False,
                     **kwargs: Any) -> httpx.Response:
         """Send with retries; returns a successful response (streamed if ``stream``)."""
         idempotent = method in ("GET", "HEAD", "PUT", "DELETE")
-        if self._down_until > time.monotonic():
-            raise errors.HubUnavailable(
-                f"hub at {self.base_url} is unreachable (failing fast for a moment): "
-                f"{method} {url}", path=url)
+        self._fail_fast(method, url)
         attempt = 0
         while True:
             try:
@@ -134,13 +162,8 @@ class HttpSession:
             if attempt > self.retries or ("content" in kwargs and not isinstance(
                 kwargs["content"], bytes | str
             )):
-                self._down_until = time.monotonic() + self.down_for
-                self.reachable = False
-                raise errors.HubUnavailable(
-                    f"hub at {self.base_url} is unreachable ({method} {url}): {failure}",
-                    path=url,
-                ) from failure
-            delay = self.backoff * (2 ** (attempt - 1)) * (0.5 + random.random())
+                raise self._given_up(method, url, failure) from failure
+            delay = self._retry_delay(attempt)
             log.warning("%s %s failed (%s); retry %d in %.1fs", method, url, failure,
                         attempt, delay)
             await anyio.sleep(delay)

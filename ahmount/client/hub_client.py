@@ -25,6 +25,7 @@ import httpx
 
 from ahmount import errors
 from ahmount.client import files
+from ahmount.client.direct_reads import Consume
 from ahmount.client.http import HttpSession, Progress
 from ahmount.client.uploads import UnfinishedUploads, Uploads
 from ahmount.hub.models import (
@@ -267,6 +268,21 @@ class HubClient:
             yield response
         finally:
             await response.aclose()
+
+    @property
+    def reads_directly(self) -> bool:
+        """True when :meth:`read_into` works: the hub is reached over a socket."""
+        return self._http.direct is not None
+
+    def read_into(self, addr: AssetAddr, ref: str, path: str, start: int, end: int,
+                  buffer: memoryview, consume: Consume) -> int:
+        """Bytes ``[start, end)`` of an object read into ``buffer`` (see
+        :mod:`direct_reads`), blocking: for a worker thread, when :attr:`reads_directly`.
+        Returns the bytes read; fewer only when ``consume`` returned False."""
+        return self._http.read_into(f"{self._a(addr)}/refs/{ref}/files/{path}", end - start,
+                                    buffer, consume,
+                                    headers={"range": f"bytes={start}-{end - 1}"},
+                                    params={"redirect": "1"})
 
     async def read_range(self, addr: AssetAddr, ref: str, path: str, start: int,
                          end: int) -> bytes:

@@ -15,7 +15,7 @@ Handles live on the trio thread only; nothing here is shared with worker threads
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -44,6 +44,15 @@ class HubSource:
         async with self.view.open_object(self.asset, self.commit_id, self.path,
                                          start, end) as response:
             yield response.aiter_bytes()
+
+    @property
+    def reads_directly(self) -> bool:
+        return self.view.hub.reads_directly
+
+    def read_into(self, start: int, end: int, buffer: memoryview,
+                  consume: Callable[[memoryview, int], bool]) -> int:
+        return self.view.hub.read_into(self.asset, self.commit_id, self.path, start, end,
+                                       buffer, consume)
 
 
 @dataclass(eq=False)  # handles are compared (and hashed) by identity

@@ -64,6 +64,10 @@ RESCAN_SECONDS = 5.0
 RUN_BLOCKS = 64
 #: Bytes gathered before one write to the cache file (fewer thread hand-offs).
 WRITE_BATCH = 4 * BLOCK
+#: The shortest run read straight into a buffer in a worker thread, when the source can
+#: (an HTTP hub: :mod:`ahmount.client.direct_reads`); shorter ones stream through httpx on
+#: the trio thread, where a small file's one round trip waits for no thread hand-off.
+DIRECT_MIN = 2 * BLOCK
 #: Random misses of one object after which the rest of it is fetched behind the reader
 #: (as Alluxio caches a whole block asynchronously on a partial read): each miss waits a
 #: round trip to the hub, a whole object streams at hundreds of MiB/s, and once it is here
@@ -85,6 +89,16 @@ class Source(Protocol):
 
     def fetch(self, start: int, end: int) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
         """Bytes ``[start, end)`` as an async iterator of chunks."""
+
+    @property
+    def reads_directly(self) -> bool:
+        """True when :meth:`read_into` works (long runs are then read through it)."""
+
+    def read_into(self, start: int, end: int, buffer: memoryview,
+                  consume: Callable[[memoryview, int], bool]) -> int:
+        """Bytes ``[start, end)`` read into ``buffer``, blocking (in a worker thread): each
+        filled buffer is handed to ``consume`` with its offset from ``start``; reading stops
+        early when it returns False. Returns the bytes read."""
 
 
 @dataclass
@@ -195,6 +209,8 @@ class ObjectCache:
         self._used = 0
         self._rescanned = 0.0
         self._fetch_limit = trio.CapacityLimiter(8)
+        #: Buffers of :data:`WRITE_BATCH` bytes for direct reads (one per run in flight).
+        self._buffers: list[bytearray] = []
         #: The largest object a random reader gets filled (:meth:`fill`); None: a
         #: :data:`FILL_SHARE` of the bound, 0: none (``ah-mount --fill-random``).
         self.fill_limit: int | None = None
@@ -763,6 +779,9 @@ class ObjectCache:
             and not record.blocks else None
         try:
             async with self._fetch_limit:
+                if source.reads_directly and end - start >= DIRECT_MIN:
+                    await self._fetch_run_directly(source, record, first, end, fd, hasher)
+                    return
                 pending: list[bytes | memoryview] = []
                 pending_bytes = 0
                 async with source.fetch(start, end) as chunks:
@@ -786,6 +805,53 @@ class ObjectCache:
                 event = self._inflight.pop((sha, i), None)
                 if event is not None:
                     event.set()
+
+    async def _fetch_run_directly(self, source: Source, record: Record, first: int, end: int,
+                                  fd: int, hasher: Any) -> None:
+        """:meth:`_fetch_run` for a source that reads into buffers in a worker thread
+        (:mod:`ahmount.client.direct_reads`): the thread reads each :data:`WRITE_BATCH` of
+        the run, writes it through ``fd`` (and feeds ``hasher``), and hands it to the trio
+        thread to be marked present, so readers waiting for early blocks of a long run go on
+        while the rest arrives. The run's bytes are reserved before it starts; what was not
+        written when it stops (evicted, cancelled, failed) is given back."""
+        sha = source.sha256
+        start = first * BLOCK
+        size = end - start
+        self._reserve(sha, size)
+        self._used += size
+        marked = 0
+
+        def mark(offset: int, length: int, digest: str | None) -> bool:
+            nonlocal marked
+            self.stats.bytes_fetched += length
+            if self._records.get(sha) is not record:
+                return False  # evicted meanwhile (its file is gone): stop
+            marked += length
+            self._mark_blocks(sha, record, first + offset // BLOCK, length, digest)
+            return True
+
+        def consume(view: memoryview, offset: int) -> bool:
+            trio.from_thread.check_cancelled()  # stop between pieces when the reader left
+            final = offset + len(view) == size
+            digest = _pwritev_hashing(fd, [view], start + offset, hasher, final)
+            return bool(trio.from_thread.run_sync(mark, offset, len(view), digest))
+
+        buffer = self._buffers.pop() if self._buffers else bytearray(WRITE_BATCH)
+        try:
+            await trio.to_thread.run_sync(source.read_into, start, end, memoryview(buffer),
+                                          consume)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                log.warning("cache disk full writing blob %s: reading without the cache (%s)",
+                            sha, exc)
+                raise _NoSpace() from exc
+            raise
+        finally:
+            self._buffers.append(buffer)
+            # Reserved and never marked; an eviction meanwhile took back what was marked.
+            self._used -= size - marked
+        if marked < size and self._records.get(sha) is record:
+            raise OSError(5, f"hub sent a short range for blob {sha}")
 
     async def _write_counted(self, sha: str, record: Record, fd: int,
                              buffers: list[bytes | memoryview], offset: int, size: int,
@@ -824,8 +890,14 @@ class ObjectCache:
         at the ``final`` write it decides: the object is verified, or none of it is kept."""
         kept, digest = await self._write_counted(sha, record, fd, buffers, first * BLOCK, size,
                                                  hasher, final)
-        if not kept:
-            return
+        if kept:
+            self._mark_blocks(sha, record, first, size, digest)
+
+    def _mark_blocks(self, sha: str, record: Record, first: int, size: int,
+                     digest: str | None) -> None:
+        """Blocks of ``size`` bytes from ``first``, written and counted in the bytes used,
+        are present (or, when ``digest`` says the whole object arrived corrupted, none of
+        it is kept); their waiting readers go on."""
         count = -(-size // BLOCK)
         before = record.bytes_present()
         record.blocks |= ((1 << count) - 1) << first
