@@ -156,21 +156,53 @@ async def test_commit_flow_over_http(alice: HubClient, model: AssetAddr, tmp_pat
         await alice.delete_ref(model, "main")
 
 
+@pytest.mark.parametrize("size", [1 << 20, 5 * (1 << 20) + 3], ids=["streamed", "direct"])
 async def test_download_verifies_and_is_atomic(alice: HubClient, model: AssetAddr,
-                                               tmp_path: Path) -> None:
-    data = bytes(range(256)) * 4096
+                                               tmp_path: Path, size: int,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from ahmount.client import files
+
+    direct_calls: list[str] = []
+    real = files._download_directly
+
+    def spy(*args: object) -> None:
+        direct_calls.append("x")
+        real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(files, "_download_directly", spy)
+    data = (bytes(range(256)) * (size // 256 + 1))[:size]
     e = await entry(alice, "x/data.bin", data, tmp_path)
     await alice.commit(model, "main", "x", adds=[e])
     dest = tmp_path / "out" / "data.bin"
-    await alice.download(model, "main", e, dest)
-    assert dest.read_bytes() == data
+    told: list[int] = []
+    await alice.download(model, "main", e, dest, told.append)
+    assert dest.read_bytes() == data and sum(told) == size
     assert dest.stat().st_mtime == 1000.0
+    assert len(direct_calls) == (size >= files.DIRECT_DOWNLOAD)
     # A wrong expected hash: ChecksumMismatch and no file under the final name.
     wrong = ObjectEntry(e.path, "f" * 64, e.size, e.mtime)
     bad = tmp_path / "out" / "bad.bin"
     with pytest.raises(ChecksumMismatch, match="x/data.bin"):
         await alice.download(model, "main", wrong, bad)
     assert sorted(p.name for p in bad.parent.iterdir()) == ["data.bin"]
+
+
+async def test_a_cancelled_download_stops_and_leaves_nothing(
+        alice: HubClient, model: AssetAddr, tmp_path: Path) -> None:
+    data = os.urandom(9 << 20)  # read directly, in a worker thread, 4 MiB a piece
+    e = await entry(alice, "big.bin", data, tmp_path)
+    await alice.commit(model, "main", "big", adds=[e])
+    dest = tmp_path / "out" / "big.bin"
+    told: list[int] = []
+
+    def progress(n: int) -> None:
+        told.append(n)
+        scope.cancel()
+
+    with trio.CancelScope() as scope:
+        await alice.download(model, "main", e, dest, progress)
+    assert scope.cancelled_caught and told == [4 << 20]  # stopped at the next piece
+    assert list(dest.parent.iterdir()) == []
 
 
 async def test_range_etag_and_head(hub_server: HubProcess, alice: HubClient, model: AssetAddr,
