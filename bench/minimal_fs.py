@@ -5,15 +5,21 @@ It is the floor under any Python (trio + pyfuse3) mount: what the kernel round t
 pyfuse3's request dispatch cost before a daemon does any work of its own. The write benchmark
 runs the same small-file workload on it, so its figures can be read against that floor.
 
-Usage: python bench/minimal_fs.py MOUNTPOINT   (runs in the foreground until unmounted)
+With ``--read-from FILE`` it also shows one file, ``data``, whose reads are a ``pread`` of
+the local ``FILE``: the floor under a Python mount that reads its bytes from local disk (a
+pyfuse3 passthrough), which the read benchmarks put next to ah-mount's cold reads (ah-mount
+answers a read with such a pread of its cache file, after the bytes arrived).
+
+Usage: python bench/minimal_fs.py MOUNTPOINT [--read-from FILE]
+       (runs in the foreground until unmounted)
 """
 
 from __future__ import annotations
 
+import argparse
 import errno
 import os
 import stat
-import sys
 from typing import Any
 
 import pyfuse3
@@ -25,12 +31,18 @@ class NothingFS(pyfuse3.Operations):
 
     enable_writeback_cache = True  # as in ah-mount
 
-    def __init__(self) -> None:
+    def __init__(self, read_from: str | None = None) -> None:
         super().__init__()
         self.inodes: dict[tuple[int, bytes], int] = {}
         self.dirs = {pyfuse3.ROOT_INODE}
         self.sizes: dict[int, int] = {}
         self.next_inode = pyfuse3.ROOT_INODE + 1
+        self.backing: int | None = None  # the inode of "data", read from a local file
+        self.backing_fd = -1
+        if read_from is not None:
+            self.backing_fd = os.open(read_from, os.O_RDONLY)
+            self.backing = self._new(pyfuse3.ROOT_INODE, b"data")
+            self.sizes[self.backing] = os.fstat(self.backing_fd).st_size
 
     def _attrs(self, inode: int) -> pyfuse3.EntryAttributes:
         entry = pyfuse3.EntryAttributes()
@@ -80,6 +92,8 @@ class NothingFS(pyfuse3.Operations):
         return info
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
+        if fh == self.backing:
+            return os.pread(self.backing_fd, size, offset)
         return bytes(max(0, min(size, self.sizes.get(fh, 0) - offset)))
 
     async def flush(self, fh: int) -> None:
@@ -97,8 +111,12 @@ class NothingFS(pyfuse3.Operations):
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mountpoint")
+    parser.add_argument("--read-from")
+    args = parser.parse_args()
     options = set(pyfuse3.default_options) - {"default_permissions"}  # as a private ah-mount
-    pyfuse3.init(NothingFS(), sys.argv[1], options | {"fsname=nothingfs"})
+    pyfuse3.init(NothingFS(args.read_from), args.mountpoint, options | {"fsname=nothingfs"})
     try:
         trio.run(pyfuse3.main)
     finally:

@@ -53,11 +53,12 @@ def write_big(path: Path, mib: int) -> float:
     return time.perf_counter() - start
 
 
-def start_minimal_fs(mountpoint: Path) -> subprocess.Popen[bytes]:
-    """The do-nothing pyfuse3 file system, mounted at ``mountpoint``."""
+def start_minimal_fs(mountpoint: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """The do-nothing pyfuse3 file system, mounted at ``mountpoint`` (``extra``: its
+    options, such as ``--read-from FILE``)."""
     mountpoint.mkdir()
     process = subprocess.Popen([sys.executable, str(Path(__file__).parent / "minimal_fs.py"),
-                                str(mountpoint)])
+                                str(mountpoint), *extra])
     deadline = time.monotonic() + 30
     while not os.path.ismount(mountpoint):
         if process.poll() is not None or time.monotonic() > deadline:

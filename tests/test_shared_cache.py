@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from ahmount.vfs.object_cache import BLOCK, ObjectCache
 
@@ -474,8 +475,10 @@ async def test_readers_of_a_run_read_directly_go_on_as_its_first_pieces_arrive(
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(cache.ensure, source, 0, 11)
+            await trio.testing.wait_all_tasks_blocked()  # the run is in its thread
             with trio.fail_after(10):  # not marked until the run ended: never answered
                 assert await cache.read(source, 5, 100) == source.data[5:105]
+            assert source.fetches == 1  # the reader waited for the run, fetched nothing
             record = cache._records[source.sha256]
             assert not record.complete()  # the rest is still held back by the hub
             assert all(record.has(b) for b in range(WRITE_BATCH // BLOCK))
@@ -485,6 +488,33 @@ async def test_readers_of_a_run_read_directly_go_on_as_its_first_pieces_arrive(
     finally:
         go_on.set()
         cache.unpin(source.sha256)
+        cache.close()
+
+
+async def test_a_run_read_directly_never_waits_for_the_trio_thread(tmp_path: Path) -> None:
+    """The thread posts each piece to be marked and reads on: a trio thread busy answering
+    the kernel must not stall the hub's stream (its sends stop while nobody reads)."""
+    import threading
+
+    all_read = threading.Event()
+
+    class Source(MemorySource):
+        def read_into(self, start: int, end: int, buffer: memoryview,
+                      consume: Callable[[memoryview, int], bool]) -> int:
+            done = super().read_into(start, end, buffer, consume)
+            all_read.set()
+            return done
+
+    source = Source(blob(27, 12 * BLOCK), direct=True)
+    cache = ObjectCache(tmp_path, 64 << 20)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cache.ensure, source, 0, 11)
+            await trio.testing.wait_all_tasks_blocked()  # the run is in its thread
+            assert all_read.wait(10)  # the trio thread is blocked here, the reads went on
+        assert cache._records[source.sha256].complete()
+        assert cache.used_bytes() == source.size
+    finally:
         cache.close()
 
 

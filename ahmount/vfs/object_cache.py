@@ -810,31 +810,52 @@ class ObjectCache:
                                   fd: int, hasher: Any) -> None:
         """:meth:`_fetch_run` for a source that reads into buffers in a worker thread
         (:mod:`ahmount.client.direct_reads`): the thread reads each :data:`WRITE_BATCH` of
-        the run, writes it through ``fd`` (and feeds ``hasher``), and hands it to the trio
+        the run, writes it through ``fd`` (and feeds ``hasher``), and posts it to the trio
         thread to be marked present, so readers waiting for early blocks of a long run go on
-        while the rest arrives. The run's bytes are reserved before it starts; what was not
-        written when it stops (evicted, cancelled, failed) is given back."""
+        while the rest arrives. Posting does not wait for the trio thread (busy answering the
+        kernel, it would hold the stream up: the hub's sends stall while nobody reads the
+        socket); what it finds (evicted meanwhile, a corrupt object) stops the thread at its
+        next piece. The run's bytes are reserved before it starts; what was not written when
+        it stops (evicted, cancelled, failed) is given back."""
         sha = source.sha256
         start = first * BLOCK
         size = end - start
         self._reserve(sha, size)
         self._used += size
-        marked = 0
+        token = trio.lowlevel.current_trio_token()
+        marked = posted = processed = 0
+        stop = False
+        failure: BaseException | None = None
+        caught_up: trio.Event | None = None
 
-        def mark(offset: int, length: int, digest: str | None) -> bool:
-            nonlocal marked
-            self.stats.bytes_fetched += length
-            if self._records.get(sha) is not record:
-                return False  # evicted meanwhile (its file is gone): stop
-            marked += length
-            self._mark_blocks(sha, record, first + offset // BLOCK, length, digest)
-            return True
+        def mark(offset: int, length: int, digest: str | None) -> None:  # the trio thread
+            nonlocal marked, processed, stop, failure
+            try:
+                if stop:
+                    return
+                self.stats.bytes_fetched += length
+                if self._records.get(sha) is not record:
+                    stop = True  # evicted meanwhile (its file is gone)
+                    return
+                marked += length
+                self._mark_blocks(sha, record, first + offset // BLOCK, length, digest)
+            except BaseException as exc:  # a corrupt object: raised by the awaiting task
+                failure, stop = exc, True
+            finally:
+                processed += 1
+                if caught_up is not None and processed == posted:
+                    caught_up.set()
 
-        def consume(view: memoryview, offset: int) -> bool:
+        def consume(view: memoryview, offset: int) -> bool:  # the worker thread
+            nonlocal posted
             trio.from_thread.check_cancelled()  # stop between pieces when the reader left
+            if stop:
+                return False
             final = offset + len(view) == size
             digest = _pwritev_hashing(fd, [view], start + offset, hasher, final)
-            return bool(trio.from_thread.run_sync(mark, offset, len(view), digest))
+            posted += 1
+            token.run_sync_soon(mark, offset, len(view), digest)
+            return True
 
         buffer = self._buffers.pop() if self._buffers else bytearray(WRITE_BATCH)
         try:
@@ -848,8 +869,14 @@ class ObjectCache:
             raise
         finally:
             self._buffers.append(buffer)
+            if processed < posted:  # marks still queued: they run next, shielded or not
+                caught_up = trio.Event()
+                with trio.CancelScope(shield=True):
+                    await caught_up.wait()
             # Reserved and never marked; an eviction meanwhile took back what was marked.
             self._used -= size - marked
+        if failure is not None:
+            raise failure
         if marked < size and self._records.get(sha) is record:
             raise OSError(5, f"hub sent a short range for blob {sha}")
 
