@@ -452,7 +452,7 @@ async def test_a_run_read_directly_is_kept_whole_and_verified_as_it_arrives(
         record = cache._records[source.sha256]
         assert source.direct_reads == 1 and record.complete() and record.verified
         assert cache.used_bytes() == source.size == cache.stats.bytes_fetched
-        short = MemorySource(blob(21, BLOCK), direct=True)  # one block: streamed, no thread
+        short = MemorySource(blob(21, BLOCK // 2), direct=True)  # under a block: streamed
         assert await cache.read(short, 0, 10) == short.data[:10]
         assert (short.direct_reads, short.fetches) == (0, 1)
     finally:
