@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import struct
+import warnings
 from pathlib import Path
 
 import fsspec
@@ -100,7 +101,12 @@ def test_safetensors_header_and_selected_tensors_by_range(account: Account) -> N
 
 
 def test_universal_pathlib(account: Account) -> None:
-    root = upath.UPath(f"ah://{account.root}", **options(account))
+    from ahmount.ahfs.upath import AhPath
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "filesystem not explicitly implemented" is one
+        root = upath.UPath(f"ah://{account.root}", **options(account))
+    assert isinstance(root, AhPath)
     (root / "notes").mkdir(parents=True, exist_ok=True)
     (root / "notes" / "a.txt").write_text("hello")
     assert (root / "notes" / "a.txt").read_text() == "hello"
