@@ -152,7 +152,7 @@ class VfsDriver:
 
     name = "vfs"
 
-    def __init__(self, cache_base: Path, refresh: float = 3.0) -> None:
+    def __init__(self, cache_base: Path, refresh: float = 3.0, siblings: bool = True) -> None:
         from ahmount.client.embedded import connect
         from ahmount.config import load_config
         from ahmount.vfs.session import Session
@@ -168,7 +168,8 @@ class VfsDriver:
         config = load_config()
         self.session = Session(connect(config, retries=2, down_for=2.0),
                                hub_url=config.ah_host, cache_base=cache_base,
-                               cache_size=1 << 30, refresh=refresh, holder="vfs test driver")
+                               cache_size=1 << 30, refresh=refresh, holder="vfs test driver",
+                               siblings=siblings)
         self._thread = threading.Thread(target=self._serve, name="vfs-driver", daemon=True)
         self._thread.start()
         self._ready.wait(60)

@@ -428,7 +428,8 @@ def test_bad_mount_arguments_are_refused(tmp_path: Path) -> None:
     for args, fragment in ((["--cache-size", "lots"], "size 'lots'"),
                            (["--cache-size", "1M"], "below the 16M"),
                            (["--refresh", "0"], "must be positive"),
-                           (["--hub", "ftp://x"], "ah_host")):
+                           (["--hub", "ftp://x"], "ah_host"),
+                           (["--siblings", "maybe"], "--siblings: invalid choice: 'maybe'")):
         result = subprocess.run([command("ah-mount"), str(tmp_path / "m"), *args],
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 2 and fragment in result.stderr, result.stderr
@@ -492,4 +493,23 @@ def test_random_reads_fill_the_rest_of_an_object_unless_told_not_to(
         if fills:  # and the whole object arrives
             wait_until(lambda m=m: m.control("cache")["bytes_fetched"] >= len(data),
                        what="the fill")
+        m.stop()
+
+
+def test_siblings_off_fetches_only_the_files_opened(mount_factory: Mounter,
+                                                    tmp_path: Path) -> None:
+    src = tmp_path / "shards"
+    src.mkdir()
+    for i in range(10):
+        (src / f"{i}.bin").write_bytes(os.urandom(4096))
+    ah.create("dataset/tiny")
+    ah.create("dataset/tiny/train")
+    ah.commit("dataset/tiny/train", msg="shards", add=[str(src)])
+    for n, (args, batches) in enumerate([((), 1), (("--siblings", "off"), 0)]):
+        m = mount_factory("--cache-dir", str(tmp_path / f"cache-{n}"), *args)  # each cold
+        base = m.mountpoint / "dataset/tiny/train/main/shards"
+        assert (base / "3.bin").read_bytes() == (src / "3.bin").read_bytes()
+        stats = m.control("stats")
+        assert stats["small_batches"]["batches"] == batches
+        assert stats["cache"]["objects"] == (10 if batches else 1)
         m.stop()

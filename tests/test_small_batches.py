@@ -117,3 +117,33 @@ def test_opening_a_mid_size_file_fetches_its_next_siblings_ahead(
     last = f"m/{MID_AHEAD + 3:02d}.bin"  # cold: the rest is fetched ahead
     assert read(vfs, last) == files[last]
     wait_until(lambda: ahead() == MID_AHEAD + 2, what="the rest of the directory")
+
+
+def test_with_siblings_off_only_the_opened_files_are_fetched(
+        dataset: dict[str, bytes], tmp_path: Path) -> None:
+    """``ah-mount --siblings off``: no batch, no read-ahead of mid-size siblings."""
+    mid = {f"c/{i}.bin": os.urandom(SMALL_OBJECT + 1 + i) for i in range(3)}
+    commit_files(tmp_path, mid, "mid-size")
+    driver = VfsDriver(tmp_path / "off-cache", siblings=False)
+    try:
+        assert read(driver, "a/07.bin") == dataset["a/07.bin"]
+        assert read(driver, "c/0.bin") == mid["c/0.bin"]
+        stats = driver.session.stats()
+        assert stats["small_batches"] == {"batches": 0, "objects": 0, "failures": 0}
+        assert stats["fetched_ahead"] == 0
+        before = driver.session.cache_stats()["misses"]
+        assert read(driver, "a/08.bin") == dataset["a/08.bin"]
+        assert read(driver, "c/1.bin") == mid["c/1.bin"]
+        assert driver.session.cache_stats()["misses"] == before + 2  # neither was brought
+        assert driver.session.cache_stats()["objects"] == 4
+    finally:
+        driver.close_driver()
+    from tests.conftest import wait_until
+
+    on = VfsDriver(tmp_path / "on-cache")  # the default, for contrast
+    try:
+        assert read(on, "c/0.bin") == mid["c/0.bin"]
+        wait_until(lambda: on.session.stats()["fetched_ahead"] == 2,
+                   what="the read-ahead of the siblings")
+    finally:
+        on.close_driver()

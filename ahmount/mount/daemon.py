@@ -82,6 +82,12 @@ def _parser() -> argparse.ArgumentParser:
                         "the rest of it in the background when it is at most SIZE (e.g. 2G; "
                         "default 'auto': a quarter of --cache-size); 'off' fetches only what "
                         "is read")
+    parser.add_argument("--siblings", choices=("on", "off"), default="on",
+                        help="when a file missing from the cache is opened, fetch its "
+                        "directory's other missing small files (up to 256 KiB) in the same "
+                        "request, and its next mid-size ones (up to 4 MiB) ahead, as a data "
+                        "loader reads a directory (default on); 'off' fetches only the files "
+                        "opened")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="where the object cache and the queued edits live (default: "
                         "the ahmount cache directory); one mount of a hub and user at a time "
@@ -139,8 +145,10 @@ class Mount:
                  refresh: float, allow_other: bool, cache_dir: Path | None = None,
                  follow_changes: bool = True, offline: bool = False,
                  write_back: float | None = UPLOAD_AHEAD_DELAY,
-                 fill_limit: int | None = None, read_only: bool = False) -> None:
+                 fill_limit: int | None = None, read_only: bool = False,
+                 siblings: bool = True) -> None:
         self.mountpoint = mountpoint
+        self.siblings = siblings
         self.read_only = read_only
         self.write_back = write_back
         self.fill_limit = fill_limit
@@ -168,7 +176,7 @@ class Mount:
                           cache_size=self.cache_size, refresh=self.refresh,
                           holder=str(self.mountpoint), on_bug=self._stop_for_bug,
                           offline=self.offline, write_back=self.write_back,
-                          fill_limit=self.fill_limit)
+                          fill_limit=self.fill_limit, siblings=self.siblings)
         async with session:
             self.session = session
             self.ops = ops = AssetFS(session.vfs, os.getuid(), os.getgid(), self.read_only)
@@ -394,7 +402,7 @@ def _run(mountpoint: Path, config: ClientConfig, cache_size: int, args: argparse
     mount = Mount(mountpoint, config, cache_size, args.refresh, args.allow_other, cache_dir,
                   follow_changes=not args.no_change_feed, offline=args.offline,
                   write_back=args.write_back, fill_limit=args.fill_random,
-                  read_only=args.read_only)
+                  read_only=args.read_only, siblings=args.siblings == "on")
     try:
         trio.run(mount.run, ready)
     except AhError as exc:

@@ -62,11 +62,12 @@ class Session:
                  on_bug: Callable[[BaseException], None] | None = None,
                  offline: bool = False,
                  write_back: float | None = UPLOAD_AHEAD_DELAY,
-                 fill_limit: int | None = None) -> None:
+                 fill_limit: int | None = None, siblings: bool = True) -> None:
         """``hub`` is entered by the session; ``write_back``: seconds before a closed file
         is uploaded ahead of its commit (None: not ahead, at ``sync`` or commit only);
         ``fill_limit``: the largest object fetched whole behind a random reader (None: the
-        cache's default, 0: none);
+        cache's default, 0: none); ``siblings``: an opened file's small siblings travel in its
+        batch and mid-size ones are fetched ahead (:mod:`sibling_fetch`), or not;
         ``hub_url`` keys the state directory (None for the embedded hub); ``holder`` names
         this session to a second one that finds the state directory locked (the mountpoint,
         for a mount)."""
@@ -74,6 +75,7 @@ class Session:
         self._offline = offline
         self._write_back = write_back
         self._fill_limit = fill_limit
+        self._siblings = siblings
         self.hub_url = hub_url
         self._cache_base = cache_base
         self._cache_size = cache_size
@@ -137,7 +139,7 @@ class Session:
             cache.set_spawner(supervisor.spawn)
             view.set_spawner(supervisor.spawn)
             self._prefetcher = Prefetcher(self._vfs, supervisor.spawn)
-            self._vfs.siblings = SiblingFetcher(cache, supervisor.spawn)
+            self._vfs.siblings = SiblingFetcher(cache, supervisor.spawn, self._siblings)
             await supervisor.start("upload-ahead", writeback.run)
             supervisor.spawn("cache index flusher", cache.run_flusher)
             supervisor.spawn("spare queue files", lambda: _keep_spares(queue))

@@ -61,9 +61,13 @@ Spawn = Callable[[str, Callable[[], Awaitable[Any]]], None]
 
 
 class SiblingFetcher:
-    def __init__(self, cache: ObjectCache, spawn: Spawn) -> None:
+    """Batches and mid-size read-ahead for the files opened; ``enabled=False`` (``ah-mount
+    --siblings off``): only what is opened is fetched."""
+
+    def __init__(self, cache: ObjectCache, spawn: Spawn, enabled: bool = True) -> None:
         self._cache = cache
         self._spawn = spawn
+        self.enabled = enabled
         self._limit = trio.CapacityLimiter(PARALLEL_BATCHES)
         self.batches = 0
         self.objects = 0
@@ -78,7 +82,8 @@ class SiblingFetcher:
     def opened(self, node: Node, source: HubSource) -> None:
         """``node`` (a file of a commit, read from ``source``) was opened for reading."""
         cache = self._cache
-        if node.index is None or cache.is_complete(source.sha256, source.size):
+        if not self.enabled or node.index is None or \
+                cache.is_complete(source.sha256, source.size):
             return
         if node.queued is not None or node.entry is None or node.entry.path != source.path:
             return  # a moved or re-timed queued object: its directory is not its origin's
