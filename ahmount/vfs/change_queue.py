@@ -306,6 +306,12 @@ class ChangeQueue:
     # -- reading -----------------------------------------------------------------------------
 
     def branch(self, key: str) -> BranchQueue:
+        # Read without the lock first: this runs for every entry a listing of a branch
+        # shows, and setdefault built (and dropped) a BranchQueue at each call. A dict read is
+        # atomic; the lock is for making one.
+        found = self._branches.get(key)
+        if found is not None:
+            return found
         with self._lock:
             return self._branches.setdefault(key, BranchQueue())
 
