@@ -513,3 +513,46 @@ def test_siblings_off_fetches_only_the_files_opened(mount_factory: Mounter,
         assert stats["small_batches"]["batches"] == batches
         assert stats["cache"]["objects"] == (10 if batches else 1)
         m.stop()
+
+
+def test_a_hub_killed_in_the_middle_of_a_long_read_is_eio_and_the_mount_stays(
+        mount_factory: Mounter, tmp_path: Path) -> None:
+    """Runs of a large object are read in worker threads straight into the cache; the hub
+    dying under them (kill -9) is an EIO for the reader, never a wrong byte, and the daemon
+    stays up with what it had."""
+    size = 128 << 20
+    data = os.urandom(size)
+    server = HubProcess(tmp_path / "hubdata")
+    key = server.add_user("erin")
+    server.start()
+    try:
+        async def populate() -> None:
+            async with HubClient(server.url, api_key=key) as hub:
+                folder = FolderAddr("erin", "model", "m")
+                await hub.create_folder(folder)
+                addr = AssetAddr(folder, "w")
+                await hub.create_asset(addr)
+                p = tmp_path / "weights.bin"
+                p.write_bytes(data)
+                sha = hashlib.sha256(data).hexdigest()
+                await hub.upload_file(p, sha, size)
+                await hub.commit(addr, "main", "w", adds=[ObjectEntry("w.bin", sha, size, 1.0)])
+
+        trio.run(populate)
+        m = mount_factory("--hub", server.url, "--api-key", key)
+        main = m.mountpoint / "model/m/w/main"
+        got = bytearray()
+        with open(main / "w.bin", "rb", buffering=0) as handle:
+            got += handle.read(1 << 20)
+            assert server.proc is not None
+            server.proc.kill()  # mid-stream: the read-ahead has 2 MiB asked for so far
+            server.proc.wait(10)
+            with pytest.raises(OSError) as info:
+                while chunk := handle.read(1 << 20):
+                    got += chunk
+        assert info.value.errno == errno.EIO
+        assert 0 < len(got) < size and got == data[:len(got)]
+        assert m.alive() and m.control("status")["mountpoint"] == str(m.mountpoint)
+        assert os.listdir(main) == ["w.bin"]
+    finally:
+        server.stop()
