@@ -352,31 +352,37 @@ def test_shared_and_public_folders(mount_factory: Mounter, populated: Path) -> N
         os.stat(m.mountpoint / "shared/model/bob/private")
 
 
+def commit_to(server: HubProcess, key: str, addr: AssetAddr, tmp_path: Path,
+              files: dict[str, bytes]) -> None:
+    """Make ``addr`` (and its folder) on ``server`` and commit ``files`` (path -> bytes) to
+    its main, each written under ``tmp_path`` first."""
+    async def populate() -> None:
+        async with HubClient(server.url, api_key=key) as hub:
+            await hub.create_folder(addr.folder)
+            await hub.create_asset(addr)
+            entries = []
+            for name, data in files.items():
+                p = tmp_path / name
+                p.parent.mkdir(parents=True, exist_ok=True)
+                p.write_bytes(data)
+                await hub.upload_file(p, hashlib.sha256(data).hexdigest(), len(data))
+                entries.append(ObjectEntry(name, hashlib.sha256(data).hexdigest(), len(data),
+                                           1.0))
+            await hub.commit(addr, "main", "files", adds=entries)
+
+    trio.run(populate)
+
+
 def test_hub_down_serves_cached_data_and_eio_for_the_rest(
         mount_factory: Mounter, tmp_path: Path) -> None:
     server = HubProcess(tmp_path / "hubdata")
     key = server.add_user("dora")
     server.start()
     try:
-        async def populate() -> None:
-            async with HubClient(server.url, api_key=key) as hub:
-                folder = FolderAddr("dora", "dataset", "d")
-                await hub.create_folder(folder)
-                addr = AssetAddr(folder, "x")
-                await hub.create_asset(addr)
-                entries = []
-                # In two directories: a small file's first read brings its directory's
-                # other small files too.
-                for name in ("cached.bin", "other/uncached.bin"):
-                    p = tmp_path / name
-                    p.parent.mkdir(exist_ok=True)
-                    p.write_bytes(os.urandom(100_000))
-                    sha = hashlib.sha256(p.read_bytes()).hexdigest()
-                    await hub.upload_file(p, sha, 100_000)
-                    entries.append(ObjectEntry(name, sha, 100_000, 1.0))
-                await hub.commit(addr, "main", "two", adds=entries)
-
-        trio.run(populate)
+        # In two directories: a small file's first read brings its directory's other small
+        # files too.
+        commit_to(server, key, AssetAddr(FolderAddr("dora", "dataset", "d"), "x"), tmp_path,
+                  {name: os.urandom(100_000) for name in ("cached.bin", "other/uncached.bin")})
         m = mount_factory("--hub", server.url, "--api-key", key, "--refresh", "0.2")
         main = m.mountpoint / "dataset/d/x/main"
         assert (main / "cached.bin").read_bytes() == (tmp_path / "cached.bin").read_bytes()
@@ -526,19 +532,8 @@ def test_a_hub_killed_in_the_middle_of_a_long_read_is_eio_and_the_mount_stays(
     key = server.add_user("erin")
     server.start()
     try:
-        async def populate() -> None:
-            async with HubClient(server.url, api_key=key) as hub:
-                folder = FolderAddr("erin", "model", "m")
-                await hub.create_folder(folder)
-                addr = AssetAddr(folder, "w")
-                await hub.create_asset(addr)
-                p = tmp_path / "weights.bin"
-                p.write_bytes(data)
-                sha = hashlib.sha256(data).hexdigest()
-                await hub.upload_file(p, sha, size)
-                await hub.commit(addr, "main", "w", adds=[ObjectEntry("w.bin", sha, size, 1.0)])
-
-        trio.run(populate)
+        commit_to(server, key, AssetAddr(FolderAddr("erin", "model", "m"), "w"), tmp_path,
+                  {"w.bin": data})
         m = mount_factory("--hub", server.url, "--api-key", key)
         main = m.mountpoint / "model/m/w/main"
         got = bytearray()
