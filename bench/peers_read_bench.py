@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import os
 import shutil
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -137,7 +136,7 @@ def passthrough_read(path: Path, point: Path) -> float:
         drop_caches()
         return read_all(point / "data")
     finally:
-        subprocess.run(["fusermount3", "-u", str(point)], check=True)
+        peers.unmount(point)
         process.wait(30)
 
 

@@ -7,11 +7,11 @@ trio thread busy 40% of the time on h11 and the socket alone. Here the standard 
 ``http.client`` reads the body with ``readinto`` into the caller's buffer: one copy, made
 by the kernel with the GIL released, in whichever thread calls.
 
-The request itself is httpx's: :meth:`HttpSession.direct_request` builds it (URL encoding,
-authentication, headers), and an error answer becomes the domain exception through the one
-mapping (:func:`raise_for_response`). What differs is only how the bytes travel. Used for
-block runs of an HTTP hub (:meth:`HubClient.read_into`); never for the embedded hub (no
-socket) or small reads (latency, not bytes, is their cost).
+The request itself is httpx's: :meth:`HttpSession.read_into` builds it with the session's
+client (URL encoding, authentication, headers) and retries it, and an error answer becomes
+the domain exception through the one mapping (:func:`raise_for_response`). What differs is
+only how the bytes travel. Used for block runs of an HTTP hub (:meth:`HubClient.read_into`);
+never for the embedded hub (no socket) or small reads (latency, not bytes, is their cost).
 
 Thread safety: a :class:`DirectReads` may be used from several threads at once; its idle
 connections are a locked pool.
@@ -20,7 +20,6 @@ connections are a locked pool.
 from __future__ import annotations
 
 import http.client
-import logging
 import socket
 import ssl
 import threading
@@ -31,8 +30,6 @@ import httpx
 
 from ahmount import errors
 from ahmount.client.answers import RETRYABLE_STATUS, raise_for_response
-
-log = logging.getLogger("ahmount.client")
 
 #: Idle connections kept per hub (a connection is reused only after a whole body was read),
 #: and for how long: less than servers keep one open (hypercorn: 5 s, as httpx's expiry).

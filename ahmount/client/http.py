@@ -43,13 +43,12 @@ class HttpSession:
         headers = {"user-agent": "ahmount"}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
+        uds = base_url[len("unix:"):] if base_url.startswith("unix:") else None
         #: Bulk reads straight into buffers (:mod:`direct_reads`): only over a socket.
-        self.direct: DirectReads | None = None
-        if transport is None:
-            uds = base_url[len("unix:"):] if base_url.startswith("unix:") else None
-            self.direct = DirectReads(timeout, httpx.create_ssl_context(), uds)
-        if base_url.startswith("unix:"):
-            transport = transport or LargeReadTransport(uds=base_url[len("unix:"):])
+        self.direct = DirectReads(timeout, httpx.create_ssl_context(), uds) \
+            if transport is None else None
+        if uds is not None:
+            transport = transport or LargeReadTransport(uds=uds)
             base_url = "http://hub"
         self.base_url = base_url
         self.retries = retries

@@ -42,6 +42,10 @@ from ahmount.hub.models import (
     RefInfo,
 )
 
+#: Query of an object read: a hub that lets clients read blobs from its store answers 307
+#: with a presigned URL (both ways of reading drop our API key on the way to another host).
+READ_PARAMS = {"redirect": "1"}
+
 
 def _folder(raw: dict[str, Any]) -> FolderInfo:
     return FolderInfo(**{k: v for k, v in raw.items() if k != "path"})
@@ -124,6 +128,9 @@ class HubClient:
     def _a(addr: AssetAddr) -> str:
         f = addr.folder
         return f"/api/v1/assets/{f.owner}/{f.kind}/{f.name}/{addr.name}"
+
+    def _file_url(self, addr: AssetAddr, ref: str, path: str) -> str:
+        return f"{self._a(addr)}/refs/{ref}/files/{path}"
 
     async def whoami(self) -> str:
         if self.known_user is None:
@@ -259,11 +266,9 @@ class HubClient:
         headers = {}
         if start or end is not None:
             headers["range"] = f"bytes={start}-{'' if end is None else end - 1}"
-        url = f"{self._a(addr)}/refs/{ref}/files/{path}"
-        # redirect=1: a hub that lets clients read blobs from its store answers 307 with a
-        # presigned URL (httpx drops our API key on the way to another host).
-        response = await self._http.send("GET", url, stream=True, headers=headers,
-                                    params={"redirect": "1"}, follow_redirects=True)
+        response = await self._http.send("GET", self._file_url(addr, ref, path), stream=True,
+                                         headers=headers, params=READ_PARAMS,
+                                         follow_redirects=True)
         try:
             yield response
         finally:
@@ -279,10 +284,9 @@ class HubClient:
         """Bytes ``[start, end)`` of an object read into ``buffer`` (see
         :mod:`direct_reads`), blocking: for a worker thread, when :attr:`reads_directly`.
         Returns the bytes read; fewer only when ``consume`` returned False."""
-        return self._http.read_into(f"{self._a(addr)}/refs/{ref}/files/{path}", end - start,
-                                    buffer, consume,
-                                    headers={"range": f"bytes={start}-{end - 1}"},
-                                    params={"redirect": "1"})
+        return self._http.read_into(self._file_url(addr, ref, path), end - start, buffer,
+                                    consume, headers={"range": f"bytes={start}-{end - 1}"},
+                                    params=READ_PARAMS)
 
     async def read_range(self, addr: AssetAddr, ref: str, path: str, start: int,
                          end: int) -> bytes:

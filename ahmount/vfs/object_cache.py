@@ -864,10 +864,7 @@ class ObjectCache:
             await trio.to_thread.run_sync(source.read_into, start, end, memoryview(buffer),
                                           consume)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                log.warning("cache disk full writing blob %s: reading without the cache (%s)",
-                            sha, exc)
-                raise _NoSpace() from exc
+            _raise_if_disk_full(sha, exc)
             raise
         finally:
             self._buffers.append(buffer)
@@ -898,12 +895,8 @@ class ObjectCache:
                                                    hasher, final)
         except BaseException as exc:
             self._used -= size
-            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                # The disk under the cache is full (whatever --cache-size says): readers get
-                # their bytes straight from the hub instead of an error.
-                log.warning("cache disk full writing blob %s: reading without the cache (%s)",
-                            sha, exc)
-                raise _NoSpace() from exc
+            if isinstance(exc, OSError):
+                _raise_if_disk_full(sha, exc)
             raise
         if self._records.get(sha) is not record:
             self._used -= size  # evicted while we wrote: the file is gone already
@@ -1075,6 +1068,14 @@ class ObjectCache:
         log.debug("random reads of %s: filling the rest of its %d bytes", sha, source.size)
         self.stats.fills += 1
         self._spawn(f"fill of {sha[:12]}", run)
+
+
+def _raise_if_disk_full(sha: str, exc: OSError) -> None:
+    """:class:`_NoSpace` for a write that found the disk under the cache full (whatever
+    --cache-size says): readers then get their bytes straight from the hub, not an error."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        log.warning("cache disk full writing blob %s: reading without the cache (%s)", sha, exc)
+        raise _NoSpace() from exc
 
 
 def _still_linked_at(fd: int, path: str) -> bool:
