@@ -5,11 +5,13 @@ commit's listing is fetched once, and an outage serves what was seen."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import diskcache
 import httpx
 import pytest
+import trio
 
 from ahmount.client.asgi_transport import StreamingASGITransport
 from ahmount.client.hub_client import HubClient
@@ -27,6 +29,9 @@ class Switch(httpx.AsyncBaseTransport):
         self.inner = inner
         self.down = False
         self.requests: list[str] = []
+        #: When set: a batch response's body stops after its first chunk until this is set.
+        self.hold_batches: trio.Event | None = None
+        self.first_chunks: list[bytes] = []
 
     async def __aenter__(self) -> Switch:
         await self.inner.__aenter__()
@@ -39,7 +44,32 @@ class Switch(httpx.AsyncBaseTransport):
         if self.down:
             raise httpx.ConnectError("hub unplugged", request=request)
         self.requests.append(request.url.path)
-        return await self.inner.handle_async_request(request)
+        response = await self.inner.handle_async_request(request)
+        if self.hold_batches is not None and request.url.path.endswith("/batch"):
+            response.stream = _HeldAfterFirstChunk(response.stream, self.hold_batches,
+                                                   self.first_chunks)
+        return response
+
+
+class _HeldAfterFirstChunk(httpx.AsyncByteStream):
+    def __init__(self, inner: httpx.SyncByteStream | httpx.AsyncByteStream,
+                 hold: trio.Event, first_chunks: list[bytes]) -> None:
+        assert isinstance(inner, httpx.AsyncByteStream)
+        self._inner = inner
+        self._hold = hold
+        self._first_chunks = first_chunks
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        first = True
+        async for chunk in self._inner:
+            yield chunk
+            if first:
+                self._first_chunks.append(chunk)
+                await self._hold.wait()
+                first = False
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
 
 
 @pytest.fixture
@@ -241,3 +271,49 @@ async def test_paths_inside_a_ref_are_as_fresh_as_the_listings_they_rest_on(
         assert (await cached.node(("model", "llm", "gpt2", "main", "two"))).size == 3
         cached.view.invalidate()  # everything, as ah refresh does: still found
         assert (await cached.node(("model", "llm", "gpt2", "main", "one"))).size == 3
+
+
+async def test_the_opened_file_of_a_batch_is_kept_before_its_siblings_arrive(
+        hub: tuple[HubClient, Switch, AssetAddr], tmp_path: Path) -> None:
+    """The hub sends a batch's first object (the file being opened) on its own, and the mount
+    keeps it and wakes its reader at once: opening a small file never waits for the rest of
+    its directory to travel."""
+    import os
+
+    from ahmount.vfs.handles import HubSource
+    from ahmount.vfs.object_cache import ObjectCache
+    from ahmount.vfs.sibling_fetch import SiblingFetcher
+
+    client, switch, addr = hub
+    entries = []
+    for name in ("a", "b", "c"):
+        blob = os.urandom(4096)
+        sha = hashlib.sha256(blob).hexdigest()
+        (tmp_path / name).write_bytes(blob)
+        entries.append(ObjectEntry(f"d/{name}.bin", sha, len(blob), 0.0))
+    async with client:
+        for entry in entries:
+            await client.upload_file(tmp_path / entry.path[2], entry.sha256, entry.size)
+        await client.commit(addr, "main", "three files", adds=entries)
+        view = HubView(client, "alice", 60.0, diskcache.Cache(str(tmp_path / "listings")))
+        cache = ObjectCache(tmp_path / "cache", 64 << 20)
+        try:
+            fetcher = SiblingFetcher(cache, lambda name, job: None)
+            assert len(cache.claim([(e.sha256, e.size) for e in entries])) == 3
+            opened = cache._inflight[(entries[0].sha256, 0)]
+            source = HubSource(view, addr, "main", entries[0].path, entries[0].sha256,
+                               entries[0].size)
+            switch.hold_batches = trio.Event()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fetcher._fetch, source, entries)
+                with trio.fail_after(10):
+                    await opened.wait()
+                assert cache.is_complete(entries[0].sha256, entries[0].size)
+                [chunk] = switch.first_chunks  # the first object, alone
+                assert chunk.endswith(b"\n" + (tmp_path / "a").read_bytes())
+                assert chunk.count(b'"path"') == 1
+                assert not any(cache.is_complete(e.sha256, e.size) for e in entries[1:])
+                switch.hold_batches.set()
+            assert all(cache.is_complete(e.sha256, e.size) for e in entries)
+        finally:
+            cache.close()

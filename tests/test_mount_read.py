@@ -515,6 +515,9 @@ def test_siblings_off_fetches_only_the_files_opened(mount_factory: Mounter,
         m = mount_factory("--cache-dir", str(tmp_path / f"cache-{n}"), *args)  # each cold
         base = m.mountpoint / "dataset/tiny/train/main/shards"
         assert (base / "3.bin").read_bytes() == (src / "3.bin").read_bytes()
+        if batches:  # the opened file's reader went on before the rest of its batch came
+            wait_until(lambda: m.control("stats")["small_batches"]["batches"] == batches,
+                       what="the batch of the siblings")
         stats = m.control("stats")
         assert stats["small_batches"]["batches"] == batches
         assert stats["cache"]["objects"] == (10 if batches else 1)

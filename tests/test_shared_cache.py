@@ -603,3 +603,117 @@ async def test_a_full_disk_under_a_run_read_directly_reads_from_the_hub(
         assert cache.used_bytes() == 0 and cache.stats.uncached_reads == 1
     finally:
         cache.close()
+
+
+def small_objects(seed: int, count: int) -> list[MemorySource]:
+    return [MemorySource(blob(seed * 1000 + i, 4096 + i)) for i in range(count)]
+
+
+async def test_a_stored_batch_is_whole_verified_and_shared(tmp_path: Path) -> None:
+    """Objects kept from a batch read are complete and verified, in the shared index (another
+    process reads them without a fetch), and hold no lease afterwards."""
+    sources = small_objects(30, 20)
+    first = ObjectCache(tmp_path, 64 << 20)
+    try:
+        await first.store([(s.sha256, s.data) for s in sources])
+        assert first.used_bytes() == sum(s.size for s in sources)
+        assert not first._leases and not first._lease_fds
+        assert all(first._records[s.sha256].verified for s in sources)
+        await first.store([(s.sha256, s.data) for s in sources[:3]])  # here: kept once
+        assert first.used_bytes() == sum(s.size for s in sources)
+    finally:
+        first.close()
+    second = ObjectCache(tmp_path, 64 << 20)
+    try:
+        for source in sources:
+            assert await second.read(source, 0, source.size) == source.data
+        assert sum(s.fetches for s in sources) == 0
+        assert second.used_bytes() == sum(s.size for s in sources)
+    finally:
+        second.close()
+
+
+async def test_a_full_disk_in_a_stored_batch_keeps_what_was_written_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import ahmount.vfs.object_cache as module
+
+    writes = 0
+    real = module._pwritev_all
+
+    def full_after_five(fd: int, buffers: list[bytes | memoryview], offset: int) -> None:
+        nonlocal writes
+        writes += 1
+        if writes > 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, buffers, offset)
+
+    monkeypatch.setattr(module, "_pwritev_all", full_after_five)
+    sources = small_objects(31, 12)
+    cache = ObjectCache(tmp_path, 64 << 20)
+    try:
+        await cache.store([(s.sha256, s.data) for s in sources])
+        kept = [cache.is_complete(s.sha256, s.size) for s in sources]
+        assert kept == [True] * 5 + [False] * 7
+        assert cache.used_bytes() == sum(s.size for s in sources[:5])
+        assert not cache._leases and not cache._lease_fds
+        files = {p.name for p in (tmp_path / "data").glob("*/*")}
+        assert files == {s.sha256 for s in sources[:5]}  # the one cut short was removed
+        for source in sources:  # this process has them all in memory still
+            assert await cache.read(source, 0, source.size) == source.data
+        assert sum(s.fetches for s in sources) == 0
+    finally:
+        cache.close()
+    monkeypatch.setattr(module, "_pwritev_all", real)
+    other = ObjectCache(tmp_path, 64 << 20)
+    try:
+        for source in sources:  # another process fetches what was not kept
+            assert await other.read(source, 0, source.size) == source.data
+        assert [s.fetches for s in sources] == [0] * 5 + [1] * 7
+    finally:
+        other.close()
+
+
+async def test_storing_an_object_being_read_keeps_the_readers_lease(tmp_path: Path) -> None:
+    [source] = small_objects(32, 1)
+    cache = ObjectCache(tmp_path, 64 << 20)
+    try:
+        cache._acquire(source.sha256)  # a reader holds it, nothing of it here yet
+        fd = cache._lease_fds[source.sha256]
+        await cache.store([(source.sha256, source.data)])
+        assert cache._leases[source.sha256] == 1 and cache._lease_fds[source.sha256] == fd
+        assert await cache.read(source, 0, source.size) == source.data
+        assert source.fetches == 0
+        cache._release(source.sha256)
+        assert not cache._leases and cache.is_complete(source.sha256, source.size)
+    finally:
+        cache.close()
+
+
+async def test_a_stored_object_is_read_from_memory_until_read_to_its_end(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first read of an object kept from a batch takes no lease: it is answered from
+    memory (bounded by FRESH_BYTES), and forgotten there once read to its end."""
+    import ahmount.vfs.object_cache as module
+
+    [source] = small_objects(33, 1)
+    cache = ObjectCache(tmp_path, 64 << 20)
+    try:
+        await cache.store([(source.sha256, source.data)])
+        leases = []
+        real_acquire = cache._acquire
+        monkeypatch.setattr(cache, "_acquire", lambda sha: (leases.append(sha),
+                                                            real_acquire(sha))[-1])
+        assert await cache.read(source, 0, 100) == source.data[:100]
+        assert await cache.read(source, 100, source.size) == source.data[100:]
+        assert leases == []
+        assert await cache.read(source, 0, source.size) == source.data  # from the disk now
+        assert set(leases) == {source.sha256} and source.fetches == 0
+        monkeypatch.setattr(module, "FRESH_BYTES", 10 * 4200)
+        many = small_objects(34, 30)
+        await cache.store([(s.sha256, s.data) for s in many])
+        assert cache._fresh_bytes <= 10 * 4200
+        assert set(cache._fresh) == {s.sha256 for s in many[-len(cache._fresh):]}
+    finally:
+        cache.close()

@@ -62,7 +62,10 @@ def batches(driver: VfsDriver) -> dict[str, int]:
 
 def test_the_first_read_brings_the_directorys_small_files(vfs: VfsDriver,
                                                            dataset: dict[str, bytes]) -> None:
-    assert read(vfs, "a/07.bin") == dataset["a/07.bin"]
+    from tests.conftest import wait_until
+
+    assert read(vfs, "a/07.bin") == dataset["a/07.bin"]  # its reader does not wait for it:
+    wait_until(lambda: batches(vfs)["batches"] == 1, what="the rest of the batch")
     assert batches(vfs) == {"batches": 1, "objects": 20, "failures": 0}  # twin: one copy
     cache = vfs.session.cache_stats()
     for path in sorted(dataset):
@@ -74,6 +77,7 @@ def test_the_first_read_brings_the_directorys_small_files(vfs: VfsDriver,
     assert read(vfs, "a/big.bin") == dataset["a/big.bin"]
     assert batches(vfs)["batches"] == 1  # a large file is read by blocks, alone
     assert read(vfs, "b/19.bin") == dataset["b/19.bin"]
+    wait_until(lambda: batches(vfs)["batches"] == 2, what="the batch of b/")
     assert batches(vfs) == {"batches": 2, "objects": 40, "failures": 0}
 
 

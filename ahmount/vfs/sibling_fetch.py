@@ -149,8 +149,8 @@ class SiblingFetcher:
 
     async def _fetch(self, source: HubSource, batch: list[ObjectEntry]) -> None:
         """Fetch ``batch``, keeping (and waking the readers of) what has arrived every
-        :data:`STORE_EVERY` bytes: the opened object comes first and its reader goes on
-        while the rest of the batch travels."""
+        :data:`STORE_EVERY` bytes: the opened object comes first, is kept at once, and its
+        reader goes on while the rest of the batch travels."""
         cache = self._cache
         waiting = [e.sha256 for e in batch]
         try:
@@ -163,7 +163,7 @@ class SiblingFetcher:
                         async for entry, data in objects:
                             kept.append((entry.sha256, data))
                             kept_bytes += len(data)
-                            if kept_bytes >= STORE_EVERY:
+                            if kept_bytes >= STORE_EVERY or entry is batch[0]:
                                 await self._keep(kept)
                                 kept, kept_bytes = [], 0
                 except EXPECTED as exc:  # the readers fetch their own; nothing fails

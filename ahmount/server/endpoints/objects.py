@@ -177,9 +177,13 @@ BATCH_GROUP_FILES = 256
 
 
 def _read_groups(found: list[ReadableObject]) -> Iterator[list[ReadableObject]]:
+    """The first object alone (a mount asks for the file being opened first, and its reader
+    waits for it, not for the group after it), then groups."""
+    if found:
+        yield found[:1]
     group: list[ReadableObject] = []
     size = 0
-    for each in found:
+    for each in found[1:]:
         if each.entry.size > BATCH_GROUP_OBJECT:
             if group:
                 yield group
