@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import peers
 from bench.harness import bench_dir, hub_mount, served_hub, upload_tree
 from bench.mount_bench import drop_caches
-from bench.mount_write_bench import start_minimal_fs
+from bench.mount_write_bench import copy_into, start_minimal_fs
 
 
 def _read_files(paths: list[str]) -> None:
@@ -130,9 +130,7 @@ def main() -> None:
                 process = start_minimal_fs(point)
                 try:
                     for kind_paths in sets.values():
-                        for rel in kind_paths:
-                            (point / rel).parent.mkdir(parents=True, exist_ok=True)
-                            (point / rel).write_bytes((local / rel).read_bytes())
+                        copy_into(point, local, kind_paths)
                     yield point
                 finally:
                     peers.unmount(point)

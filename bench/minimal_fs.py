@@ -1,5 +1,6 @@
 """A pyfuse3 file system that does nothing: creates, writes and flushes only answer; reads
-return zeros up to the size written (with the page cache kept, as ah-mount keeps it).
+return zeros up to the size written (with the page cache kept, as ah-mount keeps it);
+directories list what was made in them (attributes built per entry, as any daemon must).
 
 It is the floor under any Python (trio + pyfuse3) mount: what the kernel round trips and
 pyfuse3's request dispatch cost before a daemon does any work of its own. The write benchmark
@@ -35,6 +36,7 @@ class NothingFS(pyfuse3.Operations):
         super().__init__()
         self.inodes: dict[tuple[int, bytes], int] = {}
         self.dirs = {pyfuse3.ROOT_INODE}
+        self.children: dict[int, list[bytes]] = {}  # names in order of creation
         self.sizes: dict[int, int] = {}
         self.next_inode = pyfuse3.ROOT_INODE + 1
         self.backing: int | None = None  # the inode of "data", read from a local file
@@ -64,9 +66,24 @@ class NothingFS(pyfuse3.Operations):
         return self._attrs(self.inodes[parent, name])
 
     def _new(self, parent: int, name: bytes) -> int:
+        if (parent, name) not in self.inodes:
+            self.children.setdefault(parent, []).append(name)
         inode = self.inodes.setdefault((parent, name), self.next_inode)
         self.next_inode += 1
         return inode
+
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        names = self.children.get(fh, [])
+        for position in range(start_id, len(names)):
+            attrs = self._attrs(self.inodes[fh, names[position]])
+            if not pyfuse3.readdir_reply(token, names[position], attrs, position + 1):
+                return
+
+    async def releasedir(self, fh: int) -> None:
+        pass
 
     async def mkdir(self, parent: int, name: bytes, mode: int,
                     ctx: Any) -> pyfuse3.EntryAttributes:

@@ -67,6 +67,14 @@ def start_minimal_fs(mountpoint: Path, *extra: str) -> subprocess.Popen[bytes]:
     return process
 
 
+def copy_into(point: Path, local: Path, files: list[Path]) -> None:
+    """Write ``files`` (paths relative to ``local``) into the mount at ``point``: how the
+    do-nothing floor gets the names and sizes it then lists and reads."""
+    for rel in files:
+        (point / rel).parent.mkdir(parents=True, exist_ok=True)
+        (point / rel).write_bytes((local / rel).read_bytes())
+
+
 def timed_sync() -> float:
     start = time.perf_counter()
     subprocess.run(["sync"], check=True)

@@ -10,7 +10,8 @@ plus a raw httpx download of the same object from the same ``ah-server`` (the HT
 alone). Every cold figure is taken on a fresh mount with an empty cache and the page cache
 dropped. Figures: sequential read cold and warm (MiB/s), random 4 KiB reads cold and warm
 (IOPS), ``find`` and ``stat`` of the 10,000 files cold and warm (seconds); each with its
-ratio to the best peer.
+ratio to the best peer. Floors: the pyfuse3 passthrough of the local file for the cold read,
+and the do-nothing pyfuse3 file system holding the same names for ``find`` and ``stat``.
 
 Usage: python bench/peers_read_bench.py [--gib 1] [--files 10000] [--random 2000]
        [--peers sshfs,rclone]
@@ -35,7 +36,7 @@ from bench.harness import bench_dir, hub_mount, served_hub, upload_tree
 from bench.loader_bench import make_dataset
 from bench.mount_bench import drop_caches, random_reads, raw_download, read_all, stat_all
 from bench.mount_bench import timed_find as find_all
-from bench.mount_write_bench import start_minimal_fs
+from bench.mount_write_bench import copy_into, start_minimal_fs
 
 Opener = Callable[[str], contextlib.AbstractContextManager[Path]]
 #: (figure, unit, higher is better)
@@ -61,15 +62,36 @@ def measure(files: list[Path], gib: float, count: int,
         random_reads(point / "big.bin", count, size)
         out["random 4 KiB warm"] = random_reads(point / "big.bin", count, size)
     with fresh() as point:
-        drop_caches()
-        out["find cold"] = find_all(point / "small")
-        out["find warm"] = min(find_all(point / "small") for _ in range(2))
+        out |= finds(point)
     with fresh() as point:
-        drop_caches()
-        paths = [point / p for p in files]
-        out["stat cold"] = stat_all(paths)
-        out["stat warm"] = min(stat_all(paths) for _ in range(2))
+        out |= stats(point, files)
     return out
+
+
+def finds(point: Path) -> dict[str, float]:
+    """``find`` of the small files, cold (page cache and dentries dropped), then warm."""
+    drop_caches()
+    return {"find cold": find_all(point / "small"),
+            "find warm": min(find_all(point / "small") for _ in range(2))}
+
+
+def stats(point: Path, files: list[Path]) -> dict[str, float]:
+    """``stat`` of each small file, cold, then warm."""
+    drop_caches()
+    paths = [point / p for p in files]
+    return {"stat cold": stat_all(paths), "stat warm": min(stat_all(paths) for _ in range(2))}
+
+
+def listing_floor(local: Path, files: list[Path], point: Path) -> dict[str, float]:
+    """:func:`finds` and :func:`stats` on the do-nothing pyfuse3 floor, the files made in it
+    first: what any trio + pyfuse3 daemon pays to list and stat them."""
+    process = start_minimal_fs(point)
+    try:
+        copy_into(point, local, files)
+        return finds(point) | stats(point, files)
+    finally:
+        peers.unmount(point)
+        process.wait(30)
 
 
 def main() -> None:
@@ -124,7 +146,8 @@ def main() -> None:
             drop_caches()
             raw = args.gib * 1024 / raw_download(url, key)
             floor = args.gib * 1024 / passthrough_read(local / "big.bin", root / "floor")
-            _report(results, wanted, raw, floor)
+            _report(results, wanted, raw, floor,
+                    listing_floor(local, files, root / "listing-floor"))
 
 
 def passthrough_read(path: Path, point: Path) -> float:
@@ -141,7 +164,7 @@ def passthrough_read(path: Path, point: Path) -> float:
 
 
 def _report(results: dict[str, dict[str, float]], wanted: list[str], raw: float,
-            floor: float) -> None:
+            floor: float, listed: dict[str, float]) -> None:
     names = list(results)
     print(f"{'figure':<20}{'unit':<7}" + "".join(f"{n:>12}" for n in names)
           + "   ahmount vs best peer")
@@ -162,6 +185,10 @@ def _report(results: dict[str, dict[str, float]], wanted: list[str], raw: float,
           f"mount's cold read is {cold / raw:.2f}x that")
     print(f"pyfuse3 passthrough of the local file, cold: {floor:,.0f} MiB/s; the mount's cold "
           f"read is {cold / floor:.2f}x that (its reads are such a pread, after the transfer)")
+    ours = results["ahmount"]
+    print("do-nothing pyfuse3 floor, s (the mount's time is that many times it): " + ", ".join(
+        f"{figure} {listed[figure]:.3f} ({ours[figure] / listed[figure]:.2f}x)"
+        for figure in ("find cold", "find warm", "stat cold", "stat warm")))
 
 
 if __name__ == "__main__":
