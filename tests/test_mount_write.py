@@ -259,6 +259,32 @@ def test_reset_status_remote_changes_unknown_changes_and_sync(mount_factory: Mou
     assert "0 added/changed, 0 deleted" in run_ah("status", cwd=branch)
 
 
+def test_a_listing_gives_the_inode_a_lookup_gives_after_a_dropped_edit(
+        mount_factory: Mounter, tmp_path: Path) -> None:
+    """A listing of one commit's objects is answered from what an earlier listing of it
+    made (``AssetFS._listed``); a path whose inode changed meanwhile (deleted in the branch,
+    the deletion then dropped: the same commit shows again) lists with its new inode."""
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text(name)
+    ah.commit("model/llm/gpt2:v1", msg="two", add=[str(tmp_path / "a.txt"),
+                                                   str(tmp_path / "b.txt")])
+    m = mount_factory()
+    branch = m.mountpoint / "model/llm/gpt2/v1"
+
+    def listed() -> dict[str, int]:
+        with os.scandir(branch) as entries:
+            return {e.name: e.inode() for e in entries}
+
+    first = listed()
+    assert listed() == first and first["a.txt"] == os.stat(branch / "a.txt").st_ino
+    os.unlink(branch / "a.txt")
+    assert "Dropped 1 queued change" in run_ah("reset", cwd=branch)
+    again = listed()
+    assert again["a.txt"] == os.stat(branch / "a.txt").st_ino != first["a.txt"]
+    assert again["b.txt"] == first["b.txt"]
+    assert (branch / "a.txt").read_text() == "a.txt"
+
+
 def test_read_only_places_refuse_writes(mount_factory: Mounter) -> None:
     ah.create("model/llm/gpt2:t1", create_tag=True, source="v1")
     m = mount_factory()

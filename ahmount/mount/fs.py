@@ -26,7 +26,7 @@ from ahmount.vfs.handles import Handle, ReadHandle
 from ahmount.vfs.layout import Key
 from ahmount.vfs.tree import Node
 
-LISTED_ATTRS_MAX = 100_000  # listed entries of commits whose attributes are kept
+LISTED_ENTRIES_MAX = 100_000  # listed entries of commits whose replies are kept
 
 assert ROOT_INODE == pyfuse3.ROOT_INODE
 
@@ -56,7 +56,12 @@ class AssetFS(pyfuse3.Operations):
         self._files: dict[int, tuple[int, Handle]] = {}
         self._dirs: dict[int, Listing] = {}
         self._next_fh = 1
-        self._listed_attrs: dict[tuple[int, str, bool, float], pyfuse3.EntryAttributes] = {}
+        #: The readdir entries (name, attributes) of directories that show one commit's
+        #: objects, by (directory, commit, writable, kernel timeout), with the inode table's
+        #: version they were made under: a listing of them again replies from here.
+        self._listed: dict[tuple[Key, str, bool, float],
+                           tuple[int, list[tuple[bytes, pyfuse3.EntryAttributes]]]] = {}
+        self._listed_entries = 0
         self.op_counts: dict[str, int] = {}
 
     def shows_hub_file(self, ino: int) -> bool:
@@ -189,36 +194,61 @@ class AssetFS(pyfuse3.Operations):
         # An entry that shows a commit's object (in a tag, a commit, or a branch with nothing
         # queued) has attributes fixed by (inode, commit, writable, kernel timeout): a ref
         # that moves lists under another commit, a queued edit takes the branch off this path.
-        commit = parent.resolved.commit_id if parent.resolved is not None and \
-            self.vfs.shows_commit_only(parent) else None
-        timeout = self.vfs.refresh
+        if parent.resolved is not None and self.vfs.shows_commit_only(parent):
+            place = (parent.loc.key, parent.resolved.commit_id, parent.writable,
+                     self.vfs.refresh)
+            kept = self._listed.get(place)
+            if kept is None or kept[0] != self.inodes.version or \
+                    len(kept[1]) != len(listing.names):
+                kept = (self.inodes.version, await self._entries(listing))
+                self._keep_listed(place, kept)
+            entries = kept[1]
+            for position in range(start_id, len(entries)):
+                name, attrs = entries[position]
+                if not pyfuse3.readdir_reply(token, name, attrs, position + 1):
+                    return
+                self.inodes.remember(attrs.st_ino)
+            return
         for position in range(start_id, len(listing.names)):
-            name = listing.names[position]
-            key = (*parent.loc.key, name)
-            ino = self.inodes.ino(key)
-            attrs = self._listed_attrs.get((ino, commit, parent.writable, timeout)) \
-                if commit else None
-            if attrs is None:
-                child = await self.vfs.listed(listing, name)
-                if child is None:
-                    continue  # vanished since opendir: skip it, the snapshot keeps positions
-                # A file whose bytes changed elsewhere lists under a new inode, as a lookup
-                # gives it (the kernel would keep the old inode's cached size).
-                ino = self._inode_for(key, child)
-                attrs = self.attrs(child, ino)
-                if commit:
-                    self._remember_attrs((ino, commit, parent.writable, timeout), attrs)
-            if not pyfuse3.readdir_reply(token, name.encode(), attrs, position + 1):
+            entry = await self._entry(listing, listing.names[position])
+            if entry is None:
+                continue  # vanished since opendir: skip it, the snapshot keeps positions
+            if not pyfuse3.readdir_reply(token, entry[0], entry[1], position + 1):
                 return
-            self.inodes.remember(ino)
+            self.inodes.remember(entry[1].st_ino)
 
-    def _remember_attrs(self, entry: tuple[int, str, bool, float],
-                        attrs: pyfuse3.EntryAttributes) -> None:
-        """Attributes of an entry of one commit never change: repeated listings reuse them.
-        Bounded: forgotten all at once past :data:`LISTED_ATTRS_MAX` entries."""
-        if len(self._listed_attrs) >= LISTED_ATTRS_MAX:
-            self._listed_attrs.clear()
-        self._listed_attrs[entry] = attrs
+    async def _entry(self, listing: Listing, name: str
+                     ) -> tuple[bytes, pyfuse3.EntryAttributes] | None:
+        """One readdir entry of an open listing; None if it vanished since opendir."""
+        child = await self.vfs.listed(listing, name)
+        if child is None:
+            return None
+        # A file whose bytes changed elsewhere lists under a new inode, as a lookup gives it
+        # (the kernel would keep the old inode's cached size).
+        ino = self._inode_for((*listing.node.loc.key, name), child)
+        return name.encode(), self.attrs(child, ino)
+
+    async def _entries(self, listing: Listing) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
+        """Every entry of a listing of one commit's objects (none can vanish: the commit's
+        index holds them all)."""
+        out = []
+        for name in listing.names:
+            entry = await self._entry(listing, name)
+            if entry is not None:
+                out.append(entry)
+        return out
+
+    def _keep_listed(self, place: tuple[Key, str, bool, float],
+                     kept: tuple[int, list[tuple[bytes, pyfuse3.EntryAttributes]]]) -> None:
+        """Bounded: forgotten all at once past :data:`LISTED_ENTRIES_MAX` entries."""
+        if self._listed_entries + len(kept[1]) > LISTED_ENTRIES_MAX:
+            self._listed.clear()
+            self._listed_entries = 0
+        old = self._listed.pop(place, None)
+        if old is not None:
+            self._listed_entries -= len(old[1])
+        self._listed[place] = kept
+        self._listed_entries += len(kept[1])
 
     @fuse_errors
     async def releasedir(self, fh: int) -> None:

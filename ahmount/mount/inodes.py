@@ -29,6 +29,9 @@ class InodeTable:
         #: Inodes whose path is gone and that the kernel still counts.
         self._nameless: set[int] = set()
         self._next = ROOT_INODE + 1
+        #: Raised whenever a named path may have changed inode (a rename, a detach): what
+        #: was remembered of paths' inodes is valid only under the same version.
+        self.version = 0
 
     def __len__(self) -> int:
         return len(self._by_ino) + len(self._nameless)
@@ -76,6 +79,7 @@ class InodeTable:
     def rename(self, old: Key, new: Key) -> None:
         """A path (and everything below it) moved: its inodes follow it, as the kernel's
         dentries do; whatever was at the new path loses its name."""
+        self.version += 1
         depth = len(old)
         moved = [k for k in self._by_key if k[:depth] == old]
         for key in moved:
@@ -90,6 +94,7 @@ class InodeTable:
     def detach(self, key: Key) -> None:
         """``key`` lost its name: its inode no longer has a path (open handles keep using
         it, and a new file at that path gets a new inode, as on any POSIX file system)."""
+        self.version += 1
         ino = self._by_key.pop(key, None)
         if ino is not None:
             self._unname(ino)
