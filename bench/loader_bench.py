@@ -8,7 +8,8 @@ again). Files per second, on the same data, in one run, against:
 - ahmount: a mount of ``ah-server`` on 127.0.0.1, the dataset on the branch ``main``; and
   the same mounted ``--read-only`` ("ahmount ro", as a training job would);
 - the do-nothing pyfuse3 floor (``bench/minimal_fs.py``, the files written into it first,
-  its reads answering zeros): what any trio + pyfuse3 daemon pays per file.
+  its reads answering zeros): what any trio + pyfuse3 daemon pays per file; and the same
+  waiting for ``/dev/fuse`` as ah-mount does ("floor, poll": ``--ready-first``).
 
 Data sets: ``--files`` x 4 KiB in 100 directories (default 10,000, the issue's), and
 ``--large`` x 1 MiB (default 200). Each figure is printed with its ratio to sshfs.
@@ -124,19 +125,22 @@ def main() -> None:
                     shutil.rmtree(root / f"{name}-{n}", ignore_errors=True)
                 return opened
 
-            @contextlib.contextmanager
-            def floor(n: int) -> Iterator[Path]:
-                point = root / f"floor-{n}"
-                process = start_minimal_fs(point)
-                try:
-                    for kind_paths in sets.values():
-                        copy_into(point, local, kind_paths)
-                    yield point
-                finally:
-                    peers.unmount(point)
-                    process.wait(timeout=30)
+            def floor(*extra: str) -> Opener:
+                @contextlib.contextmanager
+                def opened(n: int) -> Iterator[Path]:
+                    point = root / f"floor-{n}"
+                    process = start_minimal_fs(point, *extra)
+                    try:
+                        for kind_paths in sets.values():
+                            copy_into(point, local, kind_paths)
+                        yield point
+                    finally:
+                        peers.unmount(point)
+                        process.wait(timeout=30)
+                return opened
 
-            targets: dict[str, Opener] = {"local": local_disk, "pyfuse3 floor": floor,
+            targets: dict[str, Opener] = {"local": local_disk, "pyfuse3 floor": floor(),
+                                          "floor, poll": floor("--ready-first"),
                                           "ahmount": ahmount(),
                                           "ahmount ro": ahmount("--read-only")}
             targets |= {name: peer(name) for name in wanted}

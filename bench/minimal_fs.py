@@ -11,7 +11,11 @@ the local ``FILE``: the floor under a Python mount that reads its bytes from loc
 pyfuse3 passthrough), which the read benchmarks put next to ah-mount's cold reads (ah-mount
 answers a read with such a pread of its cache file, after the bytes arrived).
 
-Usage: python bench/minimal_fs.py MOUNTPOINT [--read-from FILE]
+With ``--ready-first`` its request loop waits for ``/dev/fuse`` as ah-mount's does
+(``ahmount/mount/fuse_wait.py``: a zero-timeout poll before trio's wait): the floor under a
+daemon that does the same.
+
+Usage: python bench/minimal_fs.py MOUNTPOINT [--read-from FILE] [--ready-first]
        (runs in the foreground until unmounted)
 """
 
@@ -21,6 +25,8 @@ import argparse
 import errno
 import os
 import stat
+import sys
+from pathlib import Path
 from typing import Any
 
 import pyfuse3
@@ -131,7 +137,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("mountpoint")
     parser.add_argument("--read-from")
+    parser.add_argument("--ready-first", action="store_true")
     args = parser.parse_args()
+    if args.ready_first:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from ahmount.mount import fuse_wait
+
+        fuse_wait.install()
     options = set(pyfuse3.default_options) - {"default_permissions"}  # as a private ah-mount
     pyfuse3.init(NothingFS(args.read_from), args.mountpoint, options | {"fsname=nothingfs"})
     try:

@@ -33,6 +33,7 @@ from ahmount.client.embedded import connect
 from ahmount.config import DEFAULT_CACHE, ClientConfig, dirs, load_config, make_config, parse_size
 from ahmount.errors import AhError, InvalidArgument
 from ahmount.exit_codes import FAILURE, exit_code
+from ahmount.mount import fuse_wait
 from ahmount.mount.control import ControlServer, fuse_mounts, socket_path
 from ahmount.mount.fs import AssetFS
 from ahmount.mount.kernel_cache import KernelCache
@@ -207,7 +208,11 @@ class Mount:
                                          supervisor.spawn)
                     session.follow_changes(kernel.forget)
                 supervisor.spawn("ready reporter", lambda: self._report_ready(ready))
-                await pyfuse3.main()
+                fuse_wait.install()
+                try:
+                    await pyfuse3.main()
+                finally:
+                    fuse_wait.uninstall()
             finally:
                 with contextlib.suppress(Exception):
                     pyfuse3.close(unmount=True)
