@@ -688,8 +688,9 @@ class ObjectCache:
             wanted.append((sha, data))
         if not wanted:
             return
-        # No lease is taken before the thread: a lease's first holder reads the object's
-        # record from the index, which the merge below does for all of them at once.
+        # The thread's locks become the leases afterwards: a lease taken here first would
+        # open each file and read its record on the trio thread, and these records are
+        # whole and verified, so the index gets them as they are (one transaction).
         opened, complete, error = await trio.to_thread.run_sync(
             _create_locked, [(self._file(sha), data) for sha, data in wanted])
         leased: list[str] = []
