@@ -3,8 +3,13 @@ repairs, and a queue database from before modes were kept."""
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import sqlite3
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -118,7 +123,8 @@ def test_a_rolled_back_reservation_is_made_again(tmp_path: Path,
 
     monkeypatch.setattr(queue, "_write", failing)
     with pytest.raises(sqlite3.OperationalError):
-        queue.put_file(BRANCH, "lost", "b", sha256="1" * 64)
+        queue.add_dir(BRANCH, "lost", "b")  # a transaction (it folds the logged rows first)
+    assert "lost" not in queue.branch(BRANCH).dirs
     monkeypatch.setattr(queue, "_write", write)
     kept = queue.put_file(BRANCH, "kept", "b", sha256="1" * 64).seq
     assert kept > last
@@ -190,4 +196,150 @@ def test_spare_files_are_handed_out_and_never_outlive_the_queue(tmp_path: Path) 
     again = ChangeQueue(tmp_path / "q")
     assert not crashed.exists() and not (tmp_path / "q/lost+found").exists()
     assert again.branch("b").files["kept.bin"].local == local
+    again.close()
+
+
+# -- the log: the two changes of every written file, appended instead of a transaction -------
+
+def _killed_after(root: Path, script: str) -> None:
+    """Run ``script`` (``queue`` is a ChangeQueue at ``root``) in a process that then kills
+    itself with SIGKILL: nothing of the queue's close runs, as when the daemon is killed."""
+    code = textwrap.dedent("""
+        import os, signal, sys
+        from ahmount.vfs.change_queue import ChangeQueue
+        queue = ChangeQueue(__import__("pathlib").Path(sys.argv[1]))
+    """) + textwrap.dedent(script) + "\nos.kill(os.getpid(), signal.SIGKILL)\n"
+    done = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True,
+                          timeout=60)
+    assert done.returncode == -signal.SIGKILL, done.stderr.decode()
+
+
+def _rows_in_database(root: Path) -> dict[str, int]:
+    db = sqlite3.connect(root / "queue.db")
+    try:
+        return dict(db.execute("SELECT path, size FROM changes"))
+    finally:
+        db.close()
+
+
+def test_rows_a_killed_daemon_only_logged_are_replayed(tmp_path: Path) -> None:
+    """Creates and closes are appended to the log, not written to the database; after a
+    kill -9 the next open folds them in, the later of two records of a path winning, and
+    hands out seqs above theirs."""
+    root = tmp_path / "q"
+    _killed_after(root, """
+        for i in range(3):
+            queue.put_file("b", f"f{i}", "base", sha256=str(i) * 64)
+        queue.touch_file("b", "f1", size=7)
+    """)
+    assert _rows_in_database(root) == {}  # only the log has them
+    queue = ChangeQueue(root)
+    files = queue.branch("b").files
+    assert sorted(files) == ["f0", "f1", "f2"] and files["f1"].size == 7
+    assert files["f1"].sha256 is None and files["f0"].sha256 == "0" * 64
+    assert queue.put_file("b", "g", "base", sha256="9" * 64).seq > files["f1"].seq
+    queue.close()
+    assert _rows_in_database(root) == {"f0": 0, "f1": 7, "f2": 0, "g": 0}
+
+
+def test_a_transaction_after_logged_rows_keeps_their_order_across_a_kill(
+        tmp_path: Path) -> None:
+    """A delete after a logged create folds the create first and removes it; killed right
+    after (its log not yet emptied: that waits for the next append), the next open must not
+    bring the deleted row back. Rows logged after the delete are a new generation and are."""
+    root = tmp_path / "q"
+    _killed_after(root, """
+        queue.put_file("b", "gone", "base", sha256="1" * 64)
+        queue.put_file("b", "kept", "base", sha256="2" * 64)
+        queue.delete("b", "gone", "base", in_head=False)
+    """)
+    queue = ChangeQueue(root)
+    assert sorted(queue.branch("b").files) == ["kept"]
+    queue.close()
+    _killed_after(root, """
+        queue.put_file("b", "before", "base", sha256="3" * 64)
+        queue.delete("b", "kept", "base", in_head=False)
+        queue.put_file("b", "after", "base", sha256="4" * 64)
+        queue.touch_file("b", "before", size=5)
+    """)
+    queue = ChangeQueue(root)
+    files = queue.branch("b").files
+    assert sorted(files) == ["after", "before"] and files["before"].size == 5
+    queue.close()
+
+
+def test_a_log_cut_short_or_damaged_keeps_the_records_before(tmp_path: Path) -> None:
+    """A power loss can leave the log's last record partly written: the records before it
+    are replayed, the rest is dropped, and the log starts over."""
+    root = tmp_path / "q"
+    _killed_after(root, """
+        for name in ("a", "b", "c"):
+            queue.put_file("b", name, "base", sha256="1" * 64)
+    """)
+    log_file = root / "queue.log"
+    data = log_file.read_bytes()
+    log_file.write_bytes(data[:-3])  # c cut short
+    queue = ChangeQueue(root)
+    assert sorted(queue.branch("b").files) == ["a", "b"]
+    assert log_file.stat().st_size == 0
+    queue.close()
+    _killed_after(root, """
+        queue.put_file("b", "d", "base", sha256="1" * 64)
+        queue.put_file("b", "e", "base", sha256="1" * 64)
+    """)
+    data = bytearray(log_file.read_bytes())
+    data[-2] ^= 0xFF  # e damaged
+    log_file.write_bytes(bytes(data))
+    queue = ChangeQueue(root)
+    assert sorted(queue.branch("b").files) == ["a", "b", "d"]
+    queue.close()
+
+
+def test_a_full_disk_under_the_log_refuses_the_change_and_keeps_the_log_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An append the disk takes only part of (or none of) fails with ENOSPC, changes
+    nothing in memory, and leaves no partial record to end the log early: what comes after
+    it is replayed too."""
+    from ahmount.vfs import change_queue as module
+
+    queue = ChangeQueue(tmp_path / "q")
+    queue.put_file("b", "before", "base", sha256="1" * 64)
+    append = module._append
+
+    def partly(fd: int, data: bytes) -> None:
+        os.write(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(module, "_append", partly)
+    with pytest.raises(OSError) as refused:
+        queue.put_file("b", "refused", "base", sha256="2" * 64)
+    assert refused.value.errno == errno.ENOSPC
+    with pytest.raises(OSError):
+        queue.touch_file("b", "before", size=9)
+    assert sorted(queue.branch("b").files) == ["before"]
+    assert queue.branch("b").files["before"].size == 0
+    monkeypatch.setattr(module, "_append", append)
+    queue.put_file("b", "after", "base", sha256="3" * 64)
+    # Read as the next open would after a kill: both whole records, nothing else.
+    _, rows = module._decode_log((tmp_path / "q/queue.log").read_bytes())
+    assert [row.path for _, row in rows] == ["before", "after"]
+    queue.close()
+
+
+def test_the_log_is_folded_once_it_is_long(tmp_path: Path) -> None:
+    """Every FOLD_ROWS logged rows go into the database in one transaction and the log starts
+    over: its replay at load stays short."""
+    from ahmount.vfs.change_queue import FOLD_ROWS, _decode_log
+
+    root = tmp_path / "q"
+    queue = ChangeQueue(root)
+    for i in range(FOLD_ROWS + 2):
+        queue.put_file("b", f"f{i}", "base", sha256="1" * 64)
+    generation, rows = _decode_log((root / "queue.log").read_bytes())
+    assert generation == 2 and [row.path for _, row in rows] == [f"f{FOLD_ROWS}",
+                                                                   f"f{FOLD_ROWS + 1}"]
+    queue.close()  # folds the last two: the database has them all, the log is not replayed
+    assert len(_rows_in_database(root)) == FOLD_ROWS + 2
+    again = ChangeQueue(root)
+    assert len(again.branch("b").files) == FOLD_ROWS + 2
     again.close()

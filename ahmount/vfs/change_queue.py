@@ -8,22 +8,29 @@ What a branch directory shows is its head commit plus this queue. The queue hold
 * ``dir`` rows: empty directories made with ``mkdir`` (objects imply their directories, so
   these never reach the hub).
 
-Rows live in SQLite (``queue.db``, WAL): every change is one transaction, committed before the
-FUSE call that made it returns, so a killed daemon loses nothing that was acknowledged. Each
-change to a row raises its ``seq``; a commit removes only rows whose ``seq`` it saw, so a write
-that lands while a commit runs stays queued for the next one. See ``docs/change-queue.md``.
+Rows live in SQLite (``queue.db``, WAL). The two changes every written file makes (its row at
+``create``, its size and time at close) are appended to ``queue.log`` instead, one ``write``
+each (a transaction costs the daemon's one thread 30 times that); every other change is one
+transaction, which first folds the log's rows into the database. Either way the change is in
+the kernel before the FUSE call that made it returns, so a killed daemon loses nothing that
+was acknowledged. Each change to a row raises its ``seq``; a commit removes only rows whose
+``seq`` it saw, so a write that lands while a commit runs stays queued for the next one. See
+``docs/change-queue.md``.
 """
 
 from __future__ import annotations
 
 import bisect
+import json
 import logging
 import os
 import shutil
 import sqlite3
+import struct
 import threading
 import time
 import uuid
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,8 +55,11 @@ CREATE TABLE IF NOT EXISTS changes (
     mode INTEGER NOT NULL DEFAULT 420,  -- permission bits (0o644), committed with the object
     PRIMARY KEY (branch, path)
 );
-CREATE TABLE IF NOT EXISTS counter (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER);
-INSERT OR IGNORE INTO counter VALUES (1, 0);
+-- seq: the reservation (see ChangeQueue._next_seq); folded: the last generation of queue.log
+-- whose rows are in this database (a log of that generation or older is not replayed).
+CREATE TABLE IF NOT EXISTS counter (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER,
+                                    folded INTEGER NOT NULL DEFAULT 0);
+INSERT OR IGNORE INTO counter (id, seq) VALUES (1, 0);
 """
 
 
@@ -148,6 +158,54 @@ SPARE_FILES = 64
 SPARE_PREFIX = "spare-"
 #: How far ahead of the last seq handed out the database's counter is set (see _next_seq).
 SEQ_RESERVE = 1024
+#: Rows the log may hold before the next append folds them into the database: bounds the
+#: replay at load and the fold's stall (one transaction of this many rows, a few ms).
+FOLD_ROWS = 512
+
+#: ``queue.log``: a header (magic, generation), then records: length and CRC-32 of the
+#: payload, the payload (a JSON row). A record cut short or damaged (a power loss) ends it.
+LOG_MAGIC = b"AHQLOG1\0"
+_LOG_HEADER = struct.Struct("<8sQ")
+_RECORD_HEADER = struct.Struct("<II")
+
+
+def _encode_row(key: str, row: Row) -> bytes:
+    payload = json.dumps([key, row.path, row.kind, row.local, row.sha256, row.size, row.mtime,
+                          row.base, row.seq, row.uploaded, row.origin, row.mode],
+                         separators=(",", ":")).encode()
+    return _RECORD_HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def _decode_log(data: bytes) -> tuple[int, list[tuple[str, Row]]]:
+    """The generation and the rows of a log's bytes, up to the first record that is cut
+    short or damaged; generation 0 (nothing) for bytes without a whole header."""
+    if len(data) < _LOG_HEADER.size:
+        return 0, []
+    magic, generation = _LOG_HEADER.unpack_from(data)
+    if magic != LOG_MAGIC:
+        return 0, []
+    rows: list[tuple[str, Row]] = []
+    at = _LOG_HEADER.size
+    while at + _RECORD_HEADER.size <= len(data):
+        length, crc = _RECORD_HEADER.unpack_from(data, at)
+        payload = data[at + _RECORD_HEADER.size:at + _RECORD_HEADER.size + length]
+        if len(payload) != length or zlib.crc32(payload) != crc:
+            break
+        key, path, kind, local, sha256, size, mtime, base, seq, uploaded, origin, mode = \
+            json.loads(payload)
+        rows.append((key, Row(path, kind, local, sha256, size, mtime, base, seq, bool(uploaded),
+                              origin, mode)))
+        at += _RECORD_HEADER.size + length
+    return generation, rows
+
+
+def _append(fd: int, data: bytes) -> None:
+    """Append ``data`` with one ``write`` (the log is opened ``O_APPEND``); a short write is
+    an error, as a record cut short would end the log there."""
+    written = os.write(fd, data)
+    if written != len(data):
+        raise OSError(28, "No space left on device (the queue's log took "
+                          f"{written} of {len(data)} bytes)")
 
 
 class ChangeQueue:
@@ -171,17 +229,29 @@ class ChangeQueue:
         self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL: each change is durable across a daemon crash as soon as it commits; across a
-        # power loss once :meth:`make_durable` ran (close and fsync of a written file).
+        # power loss once :meth:`make_durable` ran (fsync of a written file).
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(changes)")}
         if "mode" not in columns:  # a queue from before modes were kept
             self._db.execute("ALTER TABLE changes ADD COLUMN mode INTEGER NOT NULL DEFAULT 420")
-        #: The last seq handed out, and the highest the database has reserved (see
-        #: :meth:`_next_seq`).
-        self._seq = self._reserved = int(
-            self._db.execute("SELECT seq FROM counter WHERE id = 1").fetchone()[0])
+        if "folded" not in {r[1] for r in self._db.execute("PRAGMA table_info(counter)")}:
+            self._db.execute("ALTER TABLE counter ADD COLUMN folded INTEGER NOT NULL DEFAULT 0")
         self._lock = threading.RLock()
+        #: Rows appended to the log since its last fold, by (branch, path): the next
+        #: transaction writes them first.
+        self._unfolded: dict[tuple[str, str], Row] = {}
+        #: The log's generation; True once its rows were folded, so that the next append
+        #: starts the next generation (the file emptied, a new header).
+        self._generation, self._log_folded = self._replay_log(), False
+        self._log_fd = os.open(self.root / "queue.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                               0o600)
+        os.ftruncate(self._log_fd, 0)  # replayed: every row of it is in the database
+        self._log_size = 0
+        #: The last seq handed out; the highest the database has reserved; the highest
+        #: reserved in memory, written by the next transaction (see :meth:`_next_seq`).
+        self._seq = self._stored_reserve = self._reserved = int(
+            self._db.execute("SELECT seq FROM counter WHERE id = 1").fetchone()[0])
         self._branches: dict[str, BranchQueue] = {}
         #: Local files a running commit reads: their rows may move on, their bytes stay until
         #: the commit lets go of them (then those in ``_doomed`` are deleted).
@@ -198,10 +268,42 @@ class ChangeQueue:
         with self._lock:
             self._closed = True
             self._drop_spares()
+            try:
+                if self._unfolded:
+                    with self._tx():
+                        pass  # the log's rows folded: the next open has nothing to replay
+            except sqlite3.Error as exc:  # e.g. a full disk: the log keeps them for replay
+                log.warning("queue: the log's %d changes stay in it (%s)", len(self._unfolded),
+                            exc)
+            os.close(self._log_fd)
             self._db.close()
         self.spares_taken.set()  # the refiller's waiting thread returns
 
     # -- loading -----------------------------------------------------------------------------
+
+    def _replay_log(self) -> int:
+        """Fold into the database the rows a log of a newer generation than the database's
+        last fold holds (a daemon that stopped without folding them); the generation the
+        next log starts with."""
+        try:
+            data = (self.root / "queue.log").read_bytes()
+        except FileNotFoundError:
+            data = b""
+        generation, rows = _decode_log(data)
+        folded, reserved = self._db.execute(
+            "SELECT folded, seq FROM counter WHERE id = 1").fetchone()
+        if generation > folded:
+            self._db.execute("BEGIN IMMEDIATE")
+            for key, row in rows:
+                self._write(self._db, key, row)
+            # Seqs the log handed out past the database's reservation: reserved now.
+            reserved = max([reserved, *(row.seq for _, row in rows)])
+            self._db.execute("UPDATE counter SET folded = ?, seq = ? WHERE id = 1",
+                             (generation, reserved))
+            self._db.execute("COMMIT")
+            if rows:
+                log.info("queue: %d changes replayed from its log", len(rows))
+        return max(generation, int(folded)) + 1
 
     def _load(self) -> None:
         rows = self._db.execute(
@@ -282,6 +384,14 @@ class ChangeQueue:
         """Make every change committed so far survive a power loss: fsync the database's
         write-ahead log (with ``synchronous=NORMAL`` SQLite leaves that to checkpoints).
         Blocking: call it from a worker thread."""
+        with self._lock:
+            if self._closed:
+                return
+            logged = os.dup(self._log_fd)  # a close meanwhile leaves this one open
+        try:
+            os.fdatasync(logged)
+        finally:
+            os.close(logged)
         wal = self.root / "queue.db-wal"
         try:
             fd = os.open(wal, os.O_RDONLY)
@@ -384,28 +494,68 @@ class ChangeQueue:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One transaction: the log's rows first (in the order they were made, so what the
+        transaction changes comes after them), then the caller's changes, then the seq
+        reservation if it moved."""
         with self._lock:
             reserved = self._reserved
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                folding = bool(self._unfolded)
+                for (key, _), row in self._unfolded.items():
+                    self._write(self._db, key, row)
                 yield self._db
+                if folding:
+                    self._db.execute("UPDATE counter SET folded = ? WHERE id = 1",
+                                     (self._generation,))
+                if self._reserved != self._stored_reserve:
+                    self._db.execute("UPDATE counter SET seq = ? WHERE id = 1",
+                                     (self._reserved,))
             except BaseException:
                 self._db.execute("ROLLBACK")
                 self._reserved = reserved  # a reservation made in it is undone too
                 raise
             self._db.execute("COMMIT")
+            self._stored_reserve = self._reserved
+            if folding:
+                self._unfolded.clear()
+                self._log_folded = True
 
-    def _next_seq(self, db: sqlite3.Connection) -> int:
+    def _log(self, key: str, row: Row) -> None:
+        """Make ``row`` durable across a daemon crash by appending it to the log (the caller
+        holds the lock and changes memory only after this returns). A failed append leaves
+        the log as it was."""
+        record = _encode_row(key, row)
+        if self._log_folded:  # its rows are in the database: the next generation starts
+            self._generation += 1
+            os.ftruncate(self._log_fd, 0)
+            self._log_size, self._log_folded = 0, False
+        if not self._log_size:
+            record = _LOG_HEADER.pack(LOG_MAGIC, self._generation) + record
+        try:
+            _append(self._log_fd, record)
+        except OSError:
+            os.ftruncate(self._log_fd, self._log_size)  # no record cut short stays
+            raise
+        self._log_size += len(record)
+        self._unfolded[(key, row.path)] = row
+
+    def _fold_if_long(self) -> None:
+        if len(self._unfolded) >= FOLD_ROWS:
+            with self._tx():
+                pass
+
+    def _next_seq(self) -> int:
         # Counted in memory (under the lock). The database holds a reservation at least as
-        # high as any seq handed out, raised by SEQ_RESERVE in the transaction of the row
-        # that passes it: one counter write per thousand changes instead of one per change
-        # (each is a page of the write-ahead log), and a restarted queue goes on from the
-        # reservation, so seqs only ever grow (skipped ones are gaps, as a rolled-back
-        # change's is).
+        # high as any seq handed out, raised by SEQ_RESERVE past the seq that passes it and
+        # written by the next transaction (the one making that change, or the next fold of
+        # the log, whose replay at load also reserves the seqs it holds): one counter write
+        # per thousand changes instead of one per change (each is a page of the write-ahead
+        # log), and a restarted queue goes on from the reservation, so seqs only ever grow
+        # (skipped ones are gaps, as a rolled-back change's is).
         self._seq += 1
         if self._seq > self._reserved:
             self._reserved = self._seq + SEQ_RESERVE
-            db.execute("UPDATE counter SET seq = ? WHERE id = 1", (self._reserved,))
         return self._seq
 
     def _write(self, db: sqlite3.Connection, key: str, row: Row) -> None:
@@ -421,15 +571,16 @@ class ChangeQueue:
         """Queue new content at ``path`` (replacing a queued file or a delete there): local
         bytes, or an existing blob (``sha256`` and the ``origin`` it can be read from), with
         its permission bits."""
-        with self._tx() as db:
+        with self._lock:
             queue = self.branch(key)
             old = queue.files.get(path)
             row = Row(path, "file", local, sha256, size, time.time() if mtime is None else mtime,
-                      old.base if old else base, self._next_seq(db), sha256 is not None,
+                      old.base if old else base, self._next_seq(), sha256 is not None,
                       origin, mode)
-            self._write(db, key, row)  # replaces a delete row of the path (same key)
+            self._log(key, row)  # replaces a delete row of the path (same key)
             queue.deleted.discard(path)
             queue.set_file(row)
+            self._fold_if_long()
         if old is not None and old.local and old.local != local:
             self._discard_local(old.local)
         return row
@@ -441,7 +592,7 @@ class ChangeQueue:
         """Record that a queued file changed (size, mtime, mode) or was hashed/uploaded. A
         content change raises its ``seq`` (so a running commit leaves it queued) and forgets
         its hash; an mtime or mode change also raises ``seq`` but keeps the hash."""
-        with self._tx() as db:
+        with self._lock:
             queue = self.branch(key)
             old = queue.files[path]
             row = replace(
@@ -451,11 +602,12 @@ class ChangeQueue:
                 sha256=sha256 if sha256 is not None else (None if content_changed else old.sha256),
                 uploaded=uploaded if sha256 is not None else (old.uploaded and not content_changed),
                 mode=old.mode if mode is None else mode,
-                seq=self._next_seq(db) if (content_changed or mtime is not None or
-                                           mode is not None) else old.seq,
+                seq=self._next_seq() if (content_changed or mtime is not None or
+                                         mode is not None) else old.seq,
             )
-            self._write(db, key, row)
+            self._log(key, row)
             queue.set_file(row)
+            self._fold_if_long()
             return row
 
     def delete(self, key: str, path: str, base: str, in_head: bool) -> None:
@@ -482,7 +634,7 @@ class ChangeQueue:
                 db.execute("DELETE FROM changes WHERE branch=? AND path=?", (key, path))
             if in_head:
                 self._write(db, key, Row(path, "delete", None, None, 0, time.time(), base,
-                                         self._next_seq(db), False))
+                                         self._next_seq(), False))
                 self._apply(queue, Row(path, "delete", None, None, 0, 0, base, 0, False))
         for local in dropped:
             self._discard_local(local)
@@ -494,7 +646,7 @@ class ChangeQueue:
             queue = self.branch(key)
             row = queue.pop_file(old)
             assert row is not None
-            moved = replace(row, path=new, seq=self._next_seq(db))
+            moved = replace(row, path=new, seq=self._next_seq())
             replaced: Row | None = queue.files.get(new)
             db.execute("DELETE FROM changes WHERE branch=? AND path IN (?, ?)", (key, old, new))
             self._write(db, key, moved)
@@ -502,7 +654,7 @@ class ChangeQueue:
             queue.set_file(moved)
             if old_in_head:
                 self._write(db, key, Row(old, "delete", None, None, 0, time.time(), base,
-                                         self._next_seq(db), False))
+                                         self._next_seq(), False))
                 queue.deleted.add(old)
         if replaced is not None and replaced.local and replaced.local != row.local:
             self._discard_local(replaced.local)
@@ -511,7 +663,7 @@ class ChangeQueue:
     def add_dir(self, key: str, path: str, base: str) -> None:
         with self._tx() as db:
             self._write(db, key, Row(path, "dir", None, None, 0, time.time(), base,
-                                     self._next_seq(db), False))
+                                     self._next_seq(), False))
             self.branch(key).add_dir(path)
 
     def remove_dir(self, key: str, path: str) -> None:

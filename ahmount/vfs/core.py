@@ -318,7 +318,7 @@ class VFS:
             writing = self.handles.dirty(branch, node.loc.subpath)
             if writing is not None and size is None:
                 # A kernel's writeback sends the new mtime just before the flush that records
-                # the size: both go into the queue in the flush's one transaction.
+                # the size: both go into the queue in the flush's one record.
                 os.utime(writing.fd, (mtime, mtime))
                 writing.mtime = mtime
                 return replace(node, mtime=mtime)
