@@ -21,7 +21,6 @@ was acknowledged. Each change to a row raises its ``seq``; a commit removes only
 from __future__ import annotations
 
 import bisect
-import json
 import logging
 import os
 import shutil
@@ -163,17 +162,28 @@ SEQ_RESERVE = 1024
 FOLD_ROWS = 512
 
 #: ``queue.log``: a header (magic, generation), then records: length and CRC-32 of the
-#: payload, the payload (a JSON row). A record cut short or damaged (a power loss) ends it.
+#: payload, the payload (a row, :func:`_encode_row`). A record cut short or damaged (a power
+#: loss) ends it.
 LOG_MAGIC = b"AHQLOG1\0"
 _LOG_HEADER = struct.Struct("<8sQ")
 _RECORD_HEADER = struct.Struct("<II")
 
 
 def _encode_row(key: str, row: Row) -> bytes:
-    payload = json.dumps([key, row.path, row.kind, row.local, row.sha256, row.size, row.mtime,
-                          row.base, row.seq, row.uploaded, row.origin, row.mode],
-                         separators=(",", ":")).encode()
+    # Fields joined by NUL, which no path, id or hash holds; None as the empty string, which
+    # no optional field is (a str.join is a tenth of what json.dumps costs per record).
+    payload = "\0".join((key, row.path, row.kind, row.local or "", row.sha256 or "",
+                         str(row.size), repr(row.mtime), row.base, str(row.seq),
+                         "1" if row.uploaded else "", row.origin or "",
+                         str(row.mode))).encode()
     return _RECORD_HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def _decode_row(payload: bytes) -> tuple[str, Row]:
+    key, path, kind, local, sha256, size, mtime, base, seq, uploaded, origin, mode = \
+        payload.decode().split("\0")
+    return key, Row(path, kind, local or None, sha256 or None, int(size), float(mtime), base,
+                    int(seq), bool(uploaded), origin or None, int(mode))
 
 
 def _decode_log(data: bytes) -> tuple[int, list[tuple[str, Row]]]:
@@ -191,10 +201,7 @@ def _decode_log(data: bytes) -> tuple[int, list[tuple[str, Row]]]:
         payload = data[at + _RECORD_HEADER.size:at + _RECORD_HEADER.size + length]
         if len(payload) != length or zlib.crc32(payload) != crc:
             break
-        key, path, kind, local, sha256, size, mtime, base, seq, uploaded, origin, mode = \
-            json.loads(payload)
-        rows.append((key, Row(path, kind, local, sha256, size, mtime, base, seq, bool(uploaded),
-                              origin, mode)))
+        rows.append(_decode_row(payload))
         at += _RECORD_HEADER.size + length
     return generation, rows
 
@@ -595,16 +602,17 @@ class ChangeQueue:
         with self._lock:
             queue = self.branch(key)
             old = queue.files[path]
-            row = replace(
-                old,
-                size=old.size if size is None else size,
-                mtime=old.mtime if mtime is None else mtime,
-                sha256=sha256 if sha256 is not None else (None if content_changed else old.sha256),
-                uploaded=uploaded if sha256 is not None else (old.uploaded and not content_changed),
-                mode=old.mode if mode is None else mode,
-                seq=self._next_seq() if (content_changed or mtime is not None or
-                                         mode is not None) else old.seq,
-            )
+            # A Row made directly: dataclasses.replace costs more than the log's append.
+            row = Row(old.path, old.kind, old.local,
+                      sha256 if sha256 is not None else (None if content_changed else old.sha256),
+                      old.size if size is None else size,
+                      old.mtime if mtime is None else mtime,
+                      old.base,
+                      self._next_seq() if (content_changed or mtime is not None or
+                                           mode is not None) else old.seq,
+                      uploaded if sha256 is not None else (old.uploaded and not content_changed),
+                      old.origin,
+                      old.mode if mode is None else mode)
             self._log(key, row)
             queue.set_file(row)
             self._fold_if_long()

@@ -224,8 +224,10 @@ class Tree:
             return row.size
 
     def local_path(self, local: str) -> str:
+        # Joined as a str: pathlib's joining costs as much as the stat that follows it on
+        # every lookup, getattr and setattr of a queued file.
         assert self.queue is not None
-        return str(self.queue.local_path(local))
+        return f"{self.queue.files_dir}/{local}"
 
     def child_in_commit(self, parent: Node, name: str, key: Key) -> Node | None:
         """A child of a directory inside a commit, straight from the parent's index (listing
