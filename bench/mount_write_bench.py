@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import os
 import shutil
 import statistics
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -75,6 +77,21 @@ def copy_into(point: Path, local: Path, files: list[Path]) -> None:
         (point / rel).write_bytes((local / rel).read_bytes())
 
 
+def round_trip_us(path: Path, count: int = 3000) -> float:
+    """Microseconds per FUSE request that libfuse answers itself (an ioctl on an open file,
+    ENOSYS in C without reaching Python): what a request costs a mount before any handler,
+    the part of each small file's requests no handler work of ours can remove."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        start = time.perf_counter()
+        for _ in range(count):
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(fd, termios.TCGETS, bytes(64))
+        return (time.perf_counter() - start) / count * 1e6
+    finally:
+        os.close(fd)
+
+
 def timed_sync() -> float:
     start = time.perf_counter()
     subprocess.run(["sync"], check=True)
@@ -122,12 +139,20 @@ def main() -> None:
         data = os.urandom(4096)
         small: dict[str, list[float]] = {t: [] for t in targets}
         big: dict[str, list[float]] = {t: [] for t in targets}
+        ops_before: dict[str, int] = mount.control("stats")["fuse_ops"]
         for i in range(args.rounds):
             for name, where in targets.items():
                 idle(mount)
                 timed_sync()  # no unrelated dirty pages in the next sync
                 small[name].append(write_files(where / f"small-{i}", args.files, data)
                                    + timed_sync())
+        ops_after: dict[str, int] = mount.control("stats")["fuse_ops"]
+        per_file = {op: (n - ops_before.get(op, 0)) / (args.rounds * args.files)
+                    for op, n in ops_after.items()
+                    if n - ops_before.get(op, 0) >= args.rounds * args.files / 2}
+        trips = {name: statistics.median(round_trip_us(targets[name] / "small-0/f00000.bin")
+                                         for _ in range(3))
+                 for name in ("pyfuse3 floor", "ahmount")}
         for i in range(args.rounds):
             for name, where in targets.items():
                 idle(mount)
@@ -178,6 +203,11 @@ def main() -> None:
               f"{statistics.median(small['ahmount']) / small_floor:.2f}x it), "
               f"{args.big_mib / big_floor:,.0f} MiB/s (ahmount "
               f"{big_floor / statistics.median(big['ahmount']):.2f}x it)")
+        print("handler calls per small file in ahmount: " + ", ".join(
+            f"{op} {n:.2f}" for op, n in sorted(per_file.items())) + " (and an ioctl, which "
+            "libfuse answers: Python's open asks whether the file is a terminal)")
+        print(f"a request libfuse answers itself: pyfuse3 floor {trips['pyfuse3 floor']:.0f} "
+              f"us, ahmount {trips['ahmount']:.0f} us per round trip")
         print(f"ah sync of the {args.rounds * args.files} small files (bytes to the hub) "
               f"{ah_sync:.2f}s; ah commit of them {commit_small:.2f}s")
         print(f"re-commit of an unchanged {args.same_gib:.0f} GiB file: {recommit:.2f}s, "

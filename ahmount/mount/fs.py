@@ -398,6 +398,7 @@ class AssetFS(pyfuse3.Operations):
 
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        self._count("getxattr")
         return await self.vfs.getxattr(self.inodes.key(inode), _decode(name))
 
     @fuse_errors
