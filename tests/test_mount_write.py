@@ -11,7 +11,9 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -426,6 +428,31 @@ def test_sha256_and_mtime_of_files_still_being_written(mount_factory: Mounter) -
     [entry] = ah.list("model/llm/gpt2:v1")
     assert entry["size_bytes"] == len(data) + 4 and entry["mtime"] == 1_600_000_000
     assert (branch / "open.bin").stat().st_mtime == 1_600_000_000
+
+
+def test_the_times_a_closing_writer_sends_answer_what_the_file_is_now(
+        mount_factory: Mounter) -> None:
+    """At the close of a written file the kernel sends its mtime (writeback caching), which
+    is answered from what the file was last shown as, not resolved again: a chmod and more
+    bytes meanwhile must show in that answer (the kernel keeps it as the file's attributes),
+    for a new file and for a head file opened for writing alike."""
+    m = mount_factory()
+    branch = m.mountpoint / "model/llm/gpt2/v1"
+    (branch / "config.json").write_bytes(b"{}")
+    run_ah("commit", "-m", "a head file", cwd=branch)
+    for name, flags in (("fresh.bin", "wb"), ("config.json", "r+b")):
+        with open(branch / name, flags) as handle:
+            handle.write(b"x" * 5000)
+            handle.flush()
+            os.chmod(branch / name, 0o600)  # through the path, while the handle writes
+            handle.write(b"y" * 3000)
+        st = os.stat(branch / name)
+        assert stat.S_IMODE(st.st_mode) == 0o600, name
+        assert st.st_size >= 8000 and abs(st.st_mtime - time.time()) < 60, name
+        with open(branch / name, "ab") as handle:  # the next writer shows the new mode too
+            handle.write(b"z")
+        assert stat.S_IMODE(os.stat(branch / name).st_mode) == 0o600, name
+    assert (branch / "fresh.bin").read_bytes() == b"x" * 5000 + b"y" * 3000 + b"z"
 
 
 def test_queued_directories_come_and_go_with_their_files(mount_factory: Mounter) -> None:

@@ -12,6 +12,7 @@ import os
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -299,3 +300,33 @@ def test_hub_resources_by_mkdir_rmdir_and_mv(fs: Driver) -> None:
     fs.rmdir("model/vision")
     assert fs.listdir("model") == ["llm"]
 
+
+
+def test_a_closing_writers_times_answer_with_its_mode_and_live_size(gpt2_v1: None,
+                                                                   tmp_path: Path) -> None:
+    """The mtime the kernel sends for a written file at its close is answered without
+    resolving the path (``writer_mtime``): from what the file was last shown as, so a chmod
+    since the open must be in it, at the bytes written so far; a writer with nothing
+    unrecorded goes the general way (None)."""
+    import trio
+
+    driver = VfsDriver(tmp_path / "vfs-cache")
+    try:
+        fd = driver.open(f"{B}/w.bin", os.O_CREAT | os.O_WRONLY, 0o644)
+        driver.pwrite(fd, b"x" * 5000, 0)
+        driver.chmod(f"{B}/w.bin", 0o600)
+        driver.pwrite(fd, b"y" * 3000, 5000)
+
+        def times(mtime: float) -> Any:
+            return trio.from_thread.run_sync(driver.vfs.writer_mtime, driver._fds[fd], mtime,
+                                             trio_token=driver._token)
+
+        shown = times(1_600_000_000.0)
+        assert shown is not None
+        assert (shown.permissions, shown.size, shown.mtime) == (0o600, 8000, 1_600_000_000.0)
+        driver.fsync(fd)  # recorded: nothing left for the fast answer
+        assert times(1_600_000_001.0) is None
+        driver.close(fd)
+        assert driver.stat(f"{B}/w.bin").st_mtime == 1_600_000_000.0
+    finally:
+        driver.close_driver()

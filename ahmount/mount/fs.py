@@ -332,6 +332,12 @@ class AssetFS(pyfuse3.Operations):
         mtime_ns = attr.st_mtime_ns if fields.update_mtime else None
         if not self.inodes.has_name(inode):
             return self._setattr_orphan(inode, size, mtime_ns, fh)
+        if mtime_ns is not None and fh is not None and fh in self._files and not (
+                fields.update_size or fields.update_mode or fields.update_uid or
+                fields.update_gid or fields.update_atime):
+            shown = self.vfs.writer_mtime(self._files[fh][1], mtime_ns / 1e9)
+            if shown is not None:
+                return self.attrs(shown, inode)
         if (fields.update_uid and attr.st_uid != self.uid) or (
             fields.update_gid and attr.st_gid != self.gid
         ):

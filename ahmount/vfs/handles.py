@@ -112,6 +112,7 @@ class WriteHandle:
     orphaned: bool = False  # its name was unlinked or replaced: the open file lives on alone
     mid_change: bool = False  # written since the writer last flushed or fsynced: a commit
     #                           leaves the file queued rather than take it half-written
+    shown: Node | None = None  # what the file was last shown as (see VFS.writer_mtime)
 
     def mark_written(self) -> None:
         self.dirty = self.written = self.mid_change = True
