@@ -21,6 +21,7 @@ was acknowledged. Each change to a row raises its ``seq``; a commit removes only
 from __future__ import annotations
 
 import bisect
+import errno
 import logging
 import os
 import shutil
@@ -211,7 +212,7 @@ def _append(fd: int, data: bytes) -> None:
     an error, as a record cut short would end the log there."""
     written = os.write(fd, data)
     if written != len(data):
-        raise OSError(28, "No space left on device (the queue's log took "
+        raise OSError(errno.ENOSPC, "No space left on device (the queue's log took "
                           f"{written} of {len(data)} bytes)")
 
 
@@ -245,20 +246,21 @@ class ChangeQueue:
         if "folded" not in {r[1] for r in self._db.execute("PRAGMA table_info(counter)")}:
             self._db.execute("ALTER TABLE counter ADD COLUMN folded INTEGER NOT NULL DEFAULT 0")
         self._lock = threading.RLock()
+        #: The last seq handed out; the highest the database has reserved; the highest
+        #: reserved in memory, written by the next transaction (see :meth:`_next_seq`).
+        self._seq = self._stored_reserve = self._reserved = int(
+            self._db.execute("SELECT seq FROM counter WHERE id = 1").fetchone()[0])
         #: Rows appended to the log since its last fold, by (branch, path): the next
         #: transaction writes them first.
         self._unfolded: dict[tuple[str, str], Row] = {}
         #: The log's generation; True once its rows were folded, so that the next append
         #: starts the next generation (the file emptied, a new header).
-        self._generation, self._log_folded = self._replay_log(), False
+        self._generation, self._log_folded = 0, False
+        self._generation = self._replay_log()
         self._log_fd = os.open(self.root / "queue.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                                0o600)
         os.ftruncate(self._log_fd, 0)  # replayed: every row of it is in the database
-        self._log_size = 0
-        #: The last seq handed out; the highest the database has reserved; the highest
-        #: reserved in memory, written by the next transaction (see :meth:`_next_seq`).
-        self._seq = self._stored_reserve = self._reserved = int(
-            self._db.execute("SELECT seq FROM counter WHERE id = 1").fetchone()[0])
+        self._log_size, self._log_folded = 0, False
         self._branches: dict[str, BranchQueue] = {}
         #: Local files a running commit reads: their rows may move on, their bytes stay until
         #: the commit lets go of them (then those in ``_doomed`` are deleted).
@@ -276,9 +278,7 @@ class ChangeQueue:
             self._closed = True
             self._drop_spares()
             try:
-                if self._unfolded:
-                    with self._tx():
-                        pass  # the log's rows folded: the next open has nothing to replay
+                self._fold()  # the next open has nothing to replay
             except sqlite3.Error as exc:  # e.g. a full disk: the log keeps them for replay
                 log.warning("queue: the log's %d changes stay in it (%s)", len(self._unfolded),
                             exc)
@@ -297,20 +297,16 @@ class ChangeQueue:
         except FileNotFoundError:
             data = b""
         generation, rows = _decode_log(data)
-        folded, reserved = self._db.execute(
-            "SELECT folded, seq FROM counter WHERE id = 1").fetchone()
-        if generation > folded:
-            self._db.execute("BEGIN IMMEDIATE")
-            for key, row in rows:
-                self._write(self._db, key, row)
-            # Seqs the log handed out past the database's reservation: reserved now.
-            reserved = max([reserved, *(row.seq for _, row in rows)])
-            self._db.execute("UPDATE counter SET folded = ?, seq = ? WHERE id = 1",
-                             (generation, reserved))
-            self._db.execute("COMMIT")
-            if rows:
-                log.info("queue: %d changes replayed from its log", len(rows))
-        return max(generation, int(folded)) + 1
+        folded = int(self._db.execute("SELECT folded FROM counter WHERE id = 1").fetchone()[0])
+        if generation > folded and rows:
+            # Folded as a running queue folds them (the later record of a path wins), with
+            # the seqs they handed out past the database's reservation reserved.
+            self._generation = generation
+            self._unfolded = {(key, row.path): row for key, row in rows}
+            self._seq = self._reserved = max([self._reserved, *(row.seq for _, row in rows)])
+            self._fold()
+            log.info("queue: %d changes replayed from its log", len(rows))
+        return max(generation, folded) + 1
 
     def _load(self) -> None:
         rows = self._db.execute(
@@ -388,8 +384,9 @@ class ChangeQueue:
                     stray.name, target, target.stat().st_size)
 
     def make_durable(self) -> None:
-        """Make every change committed so far survive a power loss: fsync the database's
-        write-ahead log (with ``synchronous=NORMAL`` SQLite leaves that to checkpoints).
+        """Make every change made so far survive a power loss: fsync the log and the
+        database's write-ahead log (with ``synchronous=NORMAL`` SQLite leaves that to
+        checkpoints).
         Blocking: call it from a worker thread."""
         with self._lock:
             if self._closed:
@@ -547,10 +544,15 @@ class ChangeQueue:
         self._log_size += len(record)
         self._unfolded[(key, row.path)] = row
 
-    def _fold_if_long(self) -> None:
-        if len(self._unfolded) >= FOLD_ROWS:
+    def _fold(self) -> None:
+        """Write the log's rows into the database now (one transaction), if it has any."""
+        if self._unfolded:
             with self._tx():
                 pass
+
+    def _fold_if_long(self) -> None:
+        if len(self._unfolded) >= FOLD_ROWS:
+            self._fold()
 
     def _next_seq(self) -> int:
         # Counted in memory (under the lock). The database holds a reservation at least as

@@ -284,6 +284,13 @@ class VFS:
 
     # -- attributes ------------------------------------------------------------------------
 
+    @staticmethod
+    def _keep_mtime(writing: WriteHandle, mtime: float) -> None:
+        """A dirty writer's new mtime: on its local bytes now, into the queue with the size
+        at its flush."""
+        os.utime(writing.fd, (mtime, mtime))
+        writing.mtime = mtime
+
     def writer_mtime(self, handle: Handle, mtime: float) -> Node | None:
         """The mtime the kernel's writeback sends for a written file just before the flush
         that records it (once per written file): kept on the handle and answered with what
@@ -293,8 +300,7 @@ class VFS:
         if not isinstance(handle, WriteHandle) or not handle.dirty or handle.orphaned or \
                 handle.shown is None or handle not in self.handles:
             return None
-        os.utime(handle.fd, (mtime, mtime))
-        handle.mtime = mtime
+        self._keep_mtime(handle, mtime)
         shown = handle.shown
         assert shown.entry is not None
         return replace(shown, mtime=mtime,
@@ -337,8 +343,7 @@ class VFS:
             if writing is not None and size is None:
                 # A kernel's writeback sends the new mtime just before the flush that records
                 # the size: both go into the queue in the flush's one record.
-                os.utime(writing.fd, (mtime, mtime))
-                writing.mtime = mtime
+                self._keep_mtime(writing, mtime)
                 return replace(node, mtime=mtime)
             node = await self.tree.node(key)
             if node.queued is not None:
