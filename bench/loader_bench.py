@@ -26,7 +26,6 @@ import contextlib
 import multiprocessing
 import os
 import random
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -112,7 +111,6 @@ def main() -> None:
                         yield m.mountpoint / "dataset/bench/train/main"
                     finally:
                         m.stop()
-                        shutil.rmtree(root / f"ah-cache-{n}", ignore_errors=True)
                 return opened
 
             def peer(name: str) -> Opener:
@@ -122,7 +120,6 @@ def main() -> None:
                 def opened(n: int) -> Iterator[Path]:
                     with mount(local, root / f"{name}-{n}") as point:
                         yield point
-                    shutil.rmtree(root / f"{name}-{n}", ignore_errors=True)
                 return opened
 
             def floor(*extra: str) -> Opener:
