@@ -10,6 +10,8 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -173,32 +175,99 @@ def test_an_interrupted_commits_copies_are_cleared_and_rows_kept(tmp_path: Path)
     again.close()
 
 
-def test_spare_files_are_handed_out_and_never_outlive_the_queue(tmp_path: Path) -> None:
-    """Files made ahead for creates: taken first; an unused one is removed at close, and
-    one a crash left (no row names it, nothing in it) is removed at the next load."""
-    from ahmount.vfs.change_queue import SPARE_FILES, SPARE_PREFIX
+def test_spare_files_are_handed_out_refilled_and_taken_up_again_at_load(tmp_path: Path) -> None:
+    """Files made ahead for creates: taken first, made back once half are gone; unused
+    ones outlive a close (and a crash) empty and are spares again at the next load."""
+    from ahmount.vfs.change_queue import SPARE_LOW, SPARE_PREFIX
 
     queue = ChangeQueue(tmp_path / "q")
-    assert queue.make_spares() == SPARE_FILES
+    assert queue.make_spares() == SPARE_LOW
     local, fd = queue.create_local()
     os.close(fd)
     assert local.startswith(SPARE_PREFIX) and not queue.spares_taken.is_set()
     queue.put_file("b", "kept.bin", "c0", local=local)
-    for _ in range(SPARE_FILES // 2):  # refilled once half of them are gone
+    for _ in range(SPARE_LOW // 2):  # refilled once half of them are gone
         taken, fd = queue.create_local()
         os.close(fd)
         queue.local_path(taken).unlink()
     assert queue.spares_taken.is_set()
-    assert queue.make_spares() == SPARE_FILES // 2 + 1  # topped up again
+    assert queue.make_spares() == SPARE_LOW // 2 + 1  # topped up again
     queue.close()
-    left = sorted(p.name for p in (tmp_path / "q/files").iterdir())
-    assert left == [local]  # the spares went with the close; the file with a row stays
+    left = {p.name for p in (tmp_path / "q/files").iterdir()}
+    assert local in left and len(left) == SPARE_LOW + 1  # the spares stay, empty
     crashed = tmp_path / "q/files" / f"{SPARE_PREFIX}crash"
     crashed.touch()  # a spare a killed daemon left
     again = ChangeQueue(tmp_path / "q")
-    assert not crashed.exists() and not (tmp_path / "q/lost+found").exists()
+    assert not (tmp_path / "q/lost+found").exists()
+    assert again.make_spares() == 0  # the pool is full from what the last one left
     assert again.branch("b").files["kept.bin"].local == local
+    handed = set()
+    for _ in range(SPARE_LOW + 1):
+        taken, fd = again.create_local()
+        os.close(fd)
+        handed.add(taken)
+    assert crashed.name in handed and local not in handed
     again.close()
+
+
+def test_a_spare_removed_behind_the_queues_back_is_made_anew(tmp_path: Path) -> None:
+    queue = ChangeQueue(tmp_path / "q")
+    queue.make_spares()
+    for spare in (tmp_path / "q/files").iterdir():
+        spare.unlink()
+    local, fd = queue.create_local()
+    assert os.fstat(fd).st_size == 0 and queue.local_path(local).exists()
+    os.close(fd)
+    queue.close()
+
+
+def test_the_spare_pool_grows_to_a_burst_and_tops_up_only_in_a_pause(tmp_path: Path) -> None:
+    """A burst of creates longer than the pool raises its target to the next power of two
+    (at most SPARE_MAX); past SPARE_LOW it is made back only once creates paused."""
+    from ahmount.vfs.change_queue import SPARE_IDLE, SPARE_LOW, SPARE_MAX
+
+    now = [100.0]
+    queue = ChangeQueue(tmp_path / "q", clock=lambda: now[0])
+    queue.make_spares()
+
+    def burst(n: int) -> None:
+        for _ in range(n):
+            now[0] += SPARE_IDLE / 10
+            os.close(queue.create_local()[1])
+
+    burst(SPARE_LOW + 10)  # more creates than the pool had: some made a file themselves
+    assert queue.spare_target == 2 * SPARE_LOW
+    assert queue.make_spares() == SPARE_LOW  # back to SPARE_LOW at once, mid-burst
+    burst(1)
+    assert queue.make_spares() == 1  # still below SPARE_LOW
+    assert queue.make_spares() == 0  # at SPARE_LOW; creates have not paused
+    now[0] += SPARE_IDLE
+    assert queue.make_spares() == SPARE_LOW  # the pause: up to the burst's size
+    now[0] += SPARE_IDLE  # a pause ends a burst: the next one counts from one
+    burst(SPARE_LOW)
+    assert queue.spare_target == 2 * SPARE_LOW
+    now[0] += SPARE_IDLE
+    burst(SPARE_MAX + 1)  # never past the cap
+    assert queue.spare_target == SPARE_MAX
+    queue.close()
+
+
+def test_keep_spares_tops_up_in_a_pause_and_returns_at_close(tmp_path: Path) -> None:
+    """The refiller thread: the pool reaches its grown target once creates pause (real
+    clock, polled with a deadline), and the thread ends when the queue closes."""
+    from ahmount.vfs.change_queue import SPARE_LOW
+
+    queue = ChangeQueue(tmp_path / "q")
+    queue.spare_target = 2 * SPARE_LOW
+    thread = threading.Thread(target=queue.keep_spares)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while len(list((tmp_path / "q/files").iterdir())) < 2 * SPARE_LOW:
+        assert time.monotonic() < deadline, "the pool never reached its target"
+        time.sleep(0.01)
+    queue.close()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
 
 
 # -- the log: the two changes of every written file, appended instead of a transaction -------

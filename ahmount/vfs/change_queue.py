@@ -32,7 +32,7 @@ import time
 import uuid
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -153,9 +153,15 @@ class BranchQueue:
         return path in self.dirs or path in self._children
 
 
-#: How many empty local files are kept made ahead, and what their names start with.
-SPARE_FILES = 64
+#: Empty local files made ahead for creates (see ChangeQueue.create_local): what their names
+#: start with; how many are made back at once when half of them were taken; the most kept,
+#: for a burst of creates that took more (the pool grows to the burst it saw); how long
+#: creates must pause, in seconds, before the pool is topped up past SPARE_LOW (one burst
+#: ends there too).
 SPARE_PREFIX = "spare-"
+SPARE_LOW = 64
+SPARE_MAX = 1024
+SPARE_IDLE = 0.25
 #: How far ahead of the last seq handed out the database's counter is set (see _next_seq).
 SEQ_RESERVE = 1024
 #: Rows the log may hold before the next append folds them into the database: bounds the
@@ -220,7 +226,7 @@ class ChangeQueue:
     """All queued changes of one mount. Methods are blocking and thread-safe (one lock); the
     daemon calls them from its trio thread (they are short) or from worker threads."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, clock: Callable[[], float] = time.monotonic) -> None:
         self.root = root
         self.files_dir = root / "files"
         self.files_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -266,9 +272,16 @@ class ChangeQueue:
         #: the commit lets go of them (then those in ``_doomed`` are deleted).
         self._pinned: Counter[str] = Counter()
         self._doomed: set[str] = set()
-        #: Empty local files made ahead by a worker thread: (name, open descriptor).
-        self._spares: list[tuple[str, int]] = []
-        #: Set when half the spares were taken (or none was left): the refiller's cue.
+        #: Names of empty local files made ahead by a worker thread (kept closed: a pool of
+        #: a thousand descriptors could exhaust a default limit of open files).
+        self._spares: list[str] = []
+        #: How many spares to keep: SPARE_LOW, grown to the longest burst of creates seen.
+        self.spare_target = SPARE_LOW
+        #: The creates of the burst going on, and when the last one came (``clock``).
+        self._burst, self._last_create = 0, float("-inf")
+        self._clock = clock
+        #: Set when half of SPARE_LOW is left, or the pool is below its target: the
+        #: refiller's cue.
         self.spares_taken = threading.Event()
         self._closed = False
         self._load()
@@ -276,7 +289,7 @@ class ChangeQueue:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            self._drop_spares()
+            self._spares.clear()  # their files stay: the next load takes them up again
             try:
                 self._fold()  # the next open has nothing to replay
             except sqlite3.Error as exc:  # e.g. a full disk: the log keeps them for replay
@@ -331,7 +344,12 @@ class ChangeQueue:
             if stray.name in known:
                 continue
             if stray.name.startswith(SPARE_PREFIX) and stray.stat().st_size == 0:
-                stray.unlink()  # made ahead and never handed out: nothing in it to keep
+                # Made ahead and never handed out (by this queue before it closed, or by a
+                # killed one): a spare again, as making one costs more than keeping it.
+                if len(self._spares) < SPARE_MAX:
+                    self._spares.append(stray.name)
+                else:
+                    stray.unlink()
             else:
                 self._to_lost_found(stray)
 
@@ -445,14 +463,28 @@ class ChangeQueue:
     def create_local(self) -> tuple[str, int]:
         """A fresh, empty local file for new bytes, open for reading and writing: one made
         ahead (:meth:`make_spares`) when there is one, as a ``create`` should not wait for the
-        disk to make a file (on these VMs 0.1 to 0.7 ms, most of a small file's write)."""
+        disk to make a file (on these VMs 20 us to 0.9 ms: their ext4 has no journal, and then
+        allocating an inode steps over every inode freed in the last minutes)."""
         with self._lock:
-            if len(self._spares) <= SPARE_FILES // 2:
+            now = self._clock()
+            if now - self._last_create > SPARE_IDLE:
+                self._burst = 0
+            self._burst += 1
+            self._last_create = now
+            if self._burst > self.spare_target:
+                # A burst longer than the pool: keep as many as it took, made in the next
+                # pause, so that the next such burst makes no file while it runs.
+                self.spare_target = min(SPARE_MAX, 1 << (self._burst - 1).bit_length())
+            if len(self._spares) <= SPARE_LOW // 2:
                 # Refilled in batches: a wake-up of the refiller per create would cost the
                 # daemon more (a thread switch and the GIL handed over) than it saves.
                 self.spares_taken.set()
-            if self._spares:
-                return self._spares.pop()
+            spare = self._spares.pop() if self._spares else None
+        if spare is not None:
+            try:
+                return spare, os.open(f"{self.files_dir}/{spare}", os.O_RDWR)
+            except FileNotFoundError:  # removed behind the queue's back: make one
+                pass
         return self._new_file(uuid.uuid4().hex)
 
     def _new_file(self, local: str) -> tuple[str, int]:
@@ -461,38 +493,43 @@ class ChangeQueue:
         fd = os.open(f"{self.files_dir}/{local}", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         return local, fd
 
+    def _spares_wanted(self) -> int:
+        """How many spares to make now (under the lock): back to SPARE_LOW at once, and on
+        to the pool's target only while creates pause (making files competes with a writer
+        for the CPU and the disk)."""
+        have = len(self._spares)
+        if self._closed or have >= self.spare_target:
+            return 0
+        if have < SPARE_LOW or self._clock() - self._last_create >= SPARE_IDLE:
+            return 1
+        return 0
+
     def make_spares(self) -> int:
-        """Make empty local files ahead until :data:`SPARE_FILES` wait; how many were made.
-        Blocking: run it in a worker thread. A spare no row names is removed at load."""
+        """Make spares (:meth:`_spares_wanted`) until none is wanted now; how many were made.
+        Blocking: run it in a worker thread. A spare is a file no row names, left empty."""
         made = 0
         while True:
             with self._lock:
-                if len(self._spares) >= SPARE_FILES or self._closed:
+                if not self._spares_wanted():
                     return made
-            spare = self._new_file(SPARE_PREFIX + uuid.uuid4().hex)
+            local, fd = self._new_file(SPARE_PREFIX + uuid.uuid4().hex)
+            os.close(fd)
             with self._lock:
-                if self._closed:
-                    os.close(spare[1])
-                    self.local_path(spare[0]).unlink(missing_ok=True)
-                    return made
-                self._spares.append(spare)
+                self._spares.append(local)  # kept after a close too: the next load takes it
             made += 1
 
     def keep_spares(self) -> None:
-        """Make spares (:meth:`make_spares`) whenever half of them were taken, until the
-        queue closes. Blocking for the whole life of the queue: one worker thread of its own,
-        so that refilling costs the trio thread nothing."""
+        """Make spares (:meth:`make_spares`) when cued, and while the pool is below its target
+        check again every SPARE_IDLE for a pause to top it up in, until the queue closes.
+        Blocking for the whole life of the queue: one worker thread of its own, so that
+        refilling costs the trio thread nothing."""
         while not self._closed:
             self.make_spares()
-            self.spares_taken.wait()
+            with self._lock:
+                short = len(self._spares) < self.spare_target
+            self.spares_taken.wait(SPARE_IDLE if short else None)
             # A cue set between the wait and here is not lost: make_spares tops up anyway.
             self.spares_taken.clear()
-
-    def _drop_spares(self) -> None:
-        for local, fd in self._spares:
-            os.close(fd)
-            self.local_path(local).unlink(missing_ok=True)
-        self._spares.clear()
 
     # -- changing ----------------------------------------------------------------------------
 
