@@ -609,18 +609,69 @@ def small_objects(seed: int, count: int) -> list[MemorySource]:
     return [MemorySource(blob(seed * 1000 + i, 4096 + i)) for i in range(count)]
 
 
+def larger_objects(seed: int, count: int) -> list[MemorySource]:
+    """Objects too large for a pack, small enough for a batch."""
+    return [MemorySource(blob(seed * 1000 + i, (300 << 10) + i)) for i in range(count)]
+
+
+async def test_a_full_disk_under_a_pack_keeps_the_batches_written_before(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import ahmount.vfs.object_packs as packs
+
+    writes = 0
+    real = packs.pwritev_all
+
+    def full_after_one(fd: int, buffers: list[bytes | memoryview], offset: int) -> None:
+        nonlocal writes
+        writes += 1
+        if writes > 1:
+            real(fd, buffers[:1], offset)  # a part reaches the disk, then it is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, buffers, offset)
+
+    monkeypatch.setattr(packs, "pwritev_all", full_after_one)
+    kept, lost = small_objects(35, 5), small_objects(36, 5)
+    cache = ObjectCache(tmp_path, 64 << 20)
+    try:
+        await cache.store([(s.sha256, s.data) for s in kept])
+        await cache.store([(s.sha256, s.data) for s in lost])
+        assert [cache.is_complete(s.sha256, s.size) for s in kept + lost] == \
+            [True] * 5 + [False] * 5
+        assert cache.used_bytes() == sum(s.size for s in kept)
+        for source in kept + lost:  # this process has them all in memory still
+            assert await cache.read(source, 0, source.size) == source.data
+        assert sum(s.fetches for s in kept + lost) == 0
+    finally:
+        cache.close()
+    monkeypatch.setattr(packs, "pwritev_all", real)
+    other = ObjectCache(tmp_path, 64 << 20)
+    try:
+        for source in kept + lost:
+            assert await other.read(source, 0, source.size) == source.data
+        assert [s.fetches for s in kept + lost] == [0] * 5 + [1] * 5
+        await other.store([(s.sha256, s.data) for s in small_objects(37, 3)])
+        assert all(other.is_complete(s.sha256, s.size) for s in small_objects(37, 3))
+    finally:
+        other.close()
+
+
 async def test_a_stored_batch_is_whole_verified_and_shared(tmp_path: Path) -> None:
-    """Objects kept from a batch read are complete and verified, in the shared index (another
-    process reads them without a fetch), and hold no lease afterwards."""
+    """Small objects kept from a batch read are complete, in one pack named by the shared
+    index (another process reads them without a fetch), with no data file and no lease."""
     sources = small_objects(30, 20)
     first = ObjectCache(tmp_path, 64 << 20)
     try:
         await first.store([(s.sha256, s.data) for s in sources])
         assert first.used_bytes() == sum(s.size for s in sources)
         assert not first._leases and not first._lease_fds
-        assert all(first._records[s.sha256].verified for s in sources)
+        assert all(first.is_complete(s.sha256, s.size) for s in sources)
+        assert list((tmp_path / "data").glob("*/*")) == []
+        assert len(list((tmp_path / "packs").glob("*.pack"))) == 1
         await first.store([(s.sha256, s.data) for s in sources[:3]])  # here: kept once
         assert first.used_bytes() == sum(s.size for s in sources)
+        assert first.object_count() == len(sources)
     finally:
         first.close()
     second = ObjectCache(tmp_path, 64 << 20)
@@ -650,7 +701,7 @@ async def test_a_full_disk_in_a_stored_batch_keeps_what_was_written_whole(
         real(fd, buffers, offset)
 
     monkeypatch.setattr(module, "_pwritev_all", full_after_five)
-    sources = small_objects(31, 12)
+    sources = larger_objects(31, 12)  # each its own data file (small ones are packed)
     cache = ObjectCache(tmp_path, 64 << 20)
     try:
         await cache.store([(s.sha256, s.data) for s in sources])
@@ -707,9 +758,9 @@ async def test_a_stored_object_is_read_from_memory_until_read_to_its_end(
                                                             real_acquire(sha))[-1])
         assert await cache.read(source, 0, 100) == source.data[:100]
         assert await cache.read(source, 100, source.size) == source.data[100:]
-        assert leases == []
-        assert await cache.read(source, 0, source.size) == source.data  # from the disk now
-        assert set(leases) == {source.sha256} and source.fetches == 0
+        assert leases == [] and source.sha256 not in cache._fresh
+        assert await cache.read(source, 0, source.size) == source.data  # from its pack now
+        assert leases == [] and source.fetches == 0
         monkeypatch.setattr(module, "FRESH_BYTES", 10 * 4200)
         many = small_objects(34, 30)
         await cache.store([(s.sha256, s.data) for s in many])

@@ -39,6 +39,10 @@ import diskcache
 import trio
 
 from ahmount.errors import ChecksumMismatch
+from ahmount.vfs.file_io import pwritev_all as _pwritev_all
+from ahmount.vfs.file_io import removal_lock
+from ahmount.vfs.file_io import split_buffers as _split
+from ahmount.vfs.object_packs import PACK_OBJECT, ObjectPacks
 from ahmount.vfs.supervisor import EXPECTED
 
 log = logging.getLogger("ahmount.cache")
@@ -227,12 +231,15 @@ class ObjectCache:
         #: Objects just stored (hash-checked), by sha256, oldest first (:data:`FRESH_BYTES`).
         self._fresh: OrderedDict[str, bytes] = OrderedDict()
         self._fresh_bytes = 0
+        #: Small whole objects from batch reads, many to a file (:mod:`.object_packs`).
+        self._packs = ObjectPacks(root / "packs")
         self._load()
 
     # -- persistence -------------------------------------------------------------------------
 
     def _load(self) -> None:
         self._rescan()
+        self._packs.sweep()
         for stray in self._data.glob("*/*"):
             if stray.name not in self._records:
                 self._remove_if_unused(stray.name, only_unrecorded=True)
@@ -251,7 +258,7 @@ class ObjectCache:
             if sha in self._records:
                 fresh[sha] = self._records[sha]
         self._records = fresh
-        self._used = sum(r.bytes_present() for r in fresh.values())
+        self._used = sum(r.bytes_present() for r in fresh.values()) + self._packs.rescan()
         self._rescanned = time.monotonic()
 
     def _learn(self, sha: str, record: Record) -> None:
@@ -312,6 +319,7 @@ class ObjectCache:
             self._leases.pop(sha, None)
             os.close(self._lease_fds.pop(sha))
         self._index.close()
+        self._packs.close()
 
     # -- leases ------------------------------------------------------------------------------
 
@@ -379,29 +387,19 @@ class ObjectCache:
         if sha in self._leases:
             return False
         path = self._file(sha)
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except FileNotFoundError:
-            if not only_unrecorded:
+        with removal_lock(path) as state:
+            if state == "missing" and not only_unrecorded:
                 self._index.delete(sha)
-            return True
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return False
-            if not _still_linked_at(fd, path):
-                # Another remover unlinked the file we opened, and the path (and the record)
-                # may belong to a new file some process leases now: ours is gone already.
-                return True
+            if state != "held":
+                # "gone": another remover unlinked the file we opened, and the path (and the
+                # record) may belong to a new file some process leases now.
+                return state != "busy"
             if only_unrecorded and self._index.get(sha) is not None:
                 return False  # recorded meanwhile by the process that wrote it
             self._index.delete(sha)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             return True
-        finally:
-            os.close(fd)
 
     # -- bookkeeping -------------------------------------------------------------------------
 
@@ -418,7 +416,8 @@ class ObjectCache:
 
     def object_count(self) -> int:
         """Objects with at least one block here."""
-        return sum(1 for r in self._records.values() if r.blocks or r.pages)
+        return sum(1 for r in self._records.values() if r.blocks or r.pages) + \
+            self._packs.count()
 
     def pin(self, sha: str) -> None:
         """Keep the object from eviction (by any process) while a handle has it open, from
@@ -465,11 +464,17 @@ class ObjectCache:
             if self._used + nbytes <= self.max_bytes:
                 return
         candidates = sorted(
-            (r.last_used, s) for s, r in self._records.items()
-            if s != sha and s not in self._leases and (r.blocks or r.pages)
+            [(r.last_used, s, False) for s, r in self._records.items()
+             if s != sha and s not in self._leases and (r.blocks or r.pages)] +
+            [(used, name, True) for used, name in self._packs.ages()]
         )
-        for _, victim in candidates:
-            if not self._drop(victim):
+        for _, victim, is_pack in candidates:
+            if is_pack:
+                freed = self._packs.evict(victim)
+                if freed is None:
+                    continue  # another process writes to it
+                self._used -= freed
+            elif not self._drop(victim):
                 continue
             self.stats.evictions += 1
             if self._used + nbytes <= self.max_bytes:
@@ -502,7 +507,10 @@ class ObjectCache:
         self._rescan()
         self._fresh.clear()
         self._fresh_bytes = 0
-        return sum(self._drop(sha) for sha in list(self._records) if sha not in self._leases)
+        packed, freed = self._packs.drop_all()
+        self._used -= freed
+        return packed + sum(self._drop(sha) for sha in list(self._records)
+                            if sha not in self._leases)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -511,18 +519,37 @@ class ObjectCache:
         end = min(offset + size, source.size)
         if offset >= end:
             return b""
+        if source.size <= PACK_OBJECT:
+            # Claimed by a batch (it goes to a pack, where the block path would not look),
+            # or fetched by another reader: wait, then look.
+            claim = self._inflight.get((source.sha256, 0))
+            if claim is not None:
+                await claim.wait()
+        else:
+            claim = None
         fresh = self._fresh.get(source.sha256)
         if fresh is not None and len(fresh) == source.size:
             if end == source.size:
                 self._forget_fresh(source.sha256)
-            self.stats.hits += 1
+            self._count_hit(waited=claim is not None)
             return fresh[offset:end]
+        packed = self._packs.read(source.sha256, source.size, offset, end)
+        if packed is not None:  # no lease: a pack's readers keep it open (object_packs)
+            self._count_hit(waited=claim is not None)
+            return packed
         self._hold_pin(source.sha256)
         try:
             return await self._read(source, offset, end)
         except ChecksumMismatch:
             self._drop(source.sha256)  # our lease is gone; unless another reader has it open
             raise
+
+    def _count_hit(self, waited: bool) -> None:
+        """A read answered from memory or a pack: a miss if it waited for the fetch."""
+        if waited:
+            self.stats.misses += 1
+        else:
+            self.stats.hits += 1
 
     async def _read(self, source: Source, offset: int, end: int) -> bytes:
         first, last = offset // BLOCK, (end - 1) // BLOCK
@@ -643,7 +670,8 @@ class ObjectCache:
         if size == 0:
             return True
         record = self._records.get(sha)
-        return record is not None and record.size == size and record.complete()
+        return (record is not None and record.size == size and record.complete()) or \
+            self._packs.has(sha, size)
 
     def claim(self, objects: list[tuple[str, int]]) -> list[str]:
         r"""Mark single-block objects (``(sha256, size)``) as being fetched by the caller, who
@@ -669,25 +697,44 @@ class ObjectCache:
 
     async def store(self, objects: list[tuple[str, bytes]]) -> None:
         """Keep objects fetched whole elsewhere (a batch read), each checked against its hash
-        by the caller, as if they had been read through the cache: one thread hand-off (that
-        creates, locks and writes the files: a file creation costs more than the rest of a
-        small object's bookkeeping) and one index transaction for all of them. With no
-        room, what does not fit is not kept."""
+        by the caller, as if they had been read through the cache. Those up to
+        :data:`PACK_OBJECT` go to a pack (:mod:`.object_packs`: one write and one index
+        transaction for all, in one thread hand-off); larger ones get their data files as
+        :meth:`_store_files` says. With no room, what does not fit is not kept."""
         self.stats.bytes_fetched += sum(len(data) for _, data in objects)
         for sha, data in objects:
             self._keep_fresh(sha, data)
         wanted: list[tuple[str, bytes]] = []
+        seen: set[str] = set()
         for sha, data in objects:
-            if not data or self.is_complete(sha, len(data)):
+            if not data or sha in seen or self.is_complete(sha, len(data)):
                 continue
+            seen.add(sha)
             try:
                 self._reserve(sha, len(data))
             except _NoSpace:
                 break
             self._used += len(data)
             wanted.append((sha, data))
-        if not wanted:
-            return
+        packable = [(sha, data) for sha, data in wanted if len(data) <= PACK_OBJECT]
+        if packable:
+            await self._store_packed(packable)
+        larger = [(sha, data) for sha, data in wanted if len(data) > PACK_OBJECT]
+        if larger:
+            await self._store_files(larger)
+
+    async def _store_packed(self, objects: list[tuple[str, bytes]]) -> None:
+        """Append reserved objects to this process's pack."""
+        placed, error = await trio.to_thread.run_sync(self._packs.append, objects)
+        lost = set(self._packs.kept(placed))
+        kept = {sha for sha, _ in placed} - lost
+        self._used -= sum(len(data) for sha, data in objects if sha not in kept)
+        if error is not None:
+            log.warning("cache disk: %d small objects not kept (%s)", len(objects), error)
+
+    async def _store_files(self, wanted: list[tuple[str, bytes]]) -> None:
+        """Give reserved objects a data file each: one thread hand-off (that creates, locks
+        and writes the files) and one index transaction for all of them."""
         # The thread's locks become the leases afterwards: a lease taken here first would
         # open each file and read its record on the trio thread, and these records are
         # whole and verified, so the index gets them as they are (one transaction).
@@ -1009,6 +1056,10 @@ class ObjectCache:
     async def copy_to(self, source: Source, dest: Path) -> None:
         """Write the whole object to ``dest`` (copy-on-write of a branch file): through the
         cache when it fits, else streamed from the hub."""
+        packed = self._packs.read(source.sha256, source.size, 0, source.size)
+        if packed is not None:
+            await trio.to_thread.run_sync(dest.write_bytes, packed)
+            return
         try:
             async with self._leased(source.sha256):
                 if source.size:
@@ -1102,14 +1153,6 @@ def _raise_if_disk_full(sha: str, exc: OSError) -> None:
         raise _NoSpace() from exc
 
 
-def _still_linked_at(fd: int, path: str) -> bool:
-    """True if ``fd`` is the file ``path`` names now (not one unlinked, or replaced)."""
-    held = os.fstat(fd)
-    try:
-        named = os.stat(path)
-    except FileNotFoundError:
-        return False
-    return held.st_nlink > 0 and (held.st_ino, held.st_dev) == (named.st_ino, named.st_dev)
 
 
 def _from_raw(raw: Any) -> Record | None:
@@ -1143,43 +1186,13 @@ def _to_raw(record: Record) -> dict[str, Any]:
     return raw
 
 
-def _split(buffers: list[bytes | memoryview], size: int
-           ) -> tuple[list[bytes | memoryview], list[bytes | memoryview]]:
-    """The first ``size`` bytes of ``buffers`` and the rest, cutting one buffer at most
-    (by memoryview: nothing is copied)."""
-    head: list[bytes | memoryview] = []
-    taken = 0
-    for i, buffer in enumerate(buffers):
-        if taken + len(buffer) <= size:
-            head.append(buffer)
-            taken += len(buffer)
-            continue
-        cut = size - taken
-        view = memoryview(buffer)
-        if cut:
-            head.append(view[:cut])
-        return head, [view[cut:], *buffers[i + 1:]]
-    return head, []
 
 
-def _pwritev_all(fd: int, buffers: list[bytes | memoryview], offset: int) -> None:
-    """pwritev of every buffer, in batches under IOV_MAX, retrying short writes."""
-    for start in range(0, len(buffers), 512):
-        batch = buffers[start:start + 512]
-        expected = sum(len(b) for b in batch)
-        written = os.pwritev(fd, batch, offset)
-        if written != expected:  # rare: finish the rest plainly
-            rest = b"".join(bytes(b) for b in batch)[written:]
-            while rest:
-                n = os.pwrite(fd, rest, offset + written)
-                written += n
-                rest = rest[n:]
-        offset += expected
 
 
 def _pwritev_hashing(fd: int, buffers: list[bytes | memoryview], offset: int,
                      hasher: Any, final: bool) -> str | None:
-    """:func:`_pwritev_all`, feeding ``hasher`` too; its digest after the ``final`` part."""
+    """:func:`pwritev_all`, feeding ``hasher`` too; its digest after the ``final`` part."""
     _pwritev_all(fd, buffers, offset)
     if hasher is None:
         return None

@@ -1,0 +1,78 @@
+"""File writes and checks shared by the object cache's data files and its packs."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from typing import Literal
+
+
+def split_buffers(buffers: list[bytes | memoryview], size: int
+                  ) -> tuple[list[bytes | memoryview], list[bytes | memoryview]]:
+    """The first ``size`` bytes of ``buffers`` and the rest, cutting one buffer at most
+    (by memoryview: nothing is copied)."""
+    head: list[bytes | memoryview] = []
+    taken = 0
+    for i, buffer in enumerate(buffers):
+        if taken + len(buffer) <= size:
+            head.append(buffer)
+            taken += len(buffer)
+            continue
+        cut = size - taken
+        view = memoryview(buffer)
+        if cut:
+            head.append(view[:cut])
+        return head, [view[cut:], *buffers[i + 1:]]
+    return head, []
+
+
+def pwritev_all(fd: int, buffers: list[bytes | memoryview], offset: int) -> None:
+    """pwritev of every buffer, in batches under IOV_MAX, retrying short writes."""
+    for start in range(0, len(buffers), 512):
+        batch = buffers[start:start + 512]
+        expected = sum(len(b) for b in batch)
+        written = os.pwritev(fd, batch, offset)
+        if written != expected:  # rare: finish the rest plainly
+            rest = b"".join(bytes(b) for b in batch)[written:]
+            while rest:
+                n = os.pwrite(fd, rest, offset + written)
+                written += n
+                rest = rest[n:]
+        offset += expected
+
+
+def still_linked_at(fd: int, path: str) -> bool:
+    """True if ``fd`` is the file ``path`` names now (not one unlinked, or replaced)."""
+    held = os.fstat(fd)
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return held.st_nlink > 0 and (held.st_ino, held.st_dev) == (named.st_ino, named.st_dev)
+
+
+Removal = Literal["missing", "busy", "gone", "held"]
+
+
+@contextlib.contextmanager
+def removal_lock(path: str) -> Iterator[Removal]:
+    """An exclusive ``flock`` on ``path`` taken without waiting, for removing the file:
+    ``"missing"`` (no such file), ``"busy"`` (another holds a lock on it), ``"gone"`` (locked,
+    but another remover unlinked it first, and the path may name a new file now: leave it),
+    or ``"held"``: locked, and still the file the path names (remove it within the block)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        yield "missing"
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield "busy"
+            return
+        yield "held" if still_linked_at(fd, path) else "gone"
+    finally:
+        os.close(fd)

@@ -1,0 +1,228 @@
+"""Small objects kept in packs (``ahmount.vfs.object_packs``), through the object cache that
+uses them, two caches on one directory standing for two processes: what one packs the other
+reads without fetching; a pack torn by a power cut is caught at the first read; packs are
+evicted whole, least recently read first, never while a live writer holds one; a crashed
+writer's pack is swept; a reader keeps what it has open. And a model check: any sequence of
+stores, reads and drops by two processes on a tiny cache reads only true bytes, within the
+bound."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ahmount.vfs.object_packs as packs_module
+from ahmount.vfs.object_cache import ObjectCache
+from tests.test_shared_cache import MemorySource, blob, small_objects
+
+
+def pack_files(root: Path) -> list[Path]:
+    return sorted((root / "packs").glob("*.pack"))
+
+
+async def store(cache: ObjectCache, sources: list[MemorySource]) -> None:
+    await cache.store([(s.sha256, s.data) for s in sources])
+
+
+async def test_a_pack_torn_by_a_power_cut_is_caught_at_the_first_read(tmp_path: Path) -> None:
+    sources = small_objects(40, 4)
+    first = ObjectCache(tmp_path, 64 << 20)
+    try:
+        await store(first, sources)
+    finally:
+        first.close()
+    [pack] = pack_files(tmp_path)
+    torn = sources[2]
+    with pack.open("r+b") as handle:  # its bytes never reached the disk: zeros
+        handle.seek(sum(s.size for s in sources[:2]))
+        handle.write(bytes(torn.size))
+    second = ObjectCache(tmp_path, 64 << 20)
+    try:
+        for source in sources:
+            assert await second.read(source, 0, source.size) == source.data
+        assert [s.fetches for s in sources] == [0, 0, 1, 0]
+        assert second._packs.mismatches == 1
+        assert await second.read(torn, 0, torn.size) == torn.data  # kept again: no fetch
+        assert torn.fetches == 1
+    finally:
+        second.close()
+    third = ObjectCache(tmp_path, 64 << 20)
+    try:
+        assert not third._packs.has(torn.sha256, torn.size)  # its row went with the check
+        assert await third.read(torn, 0, torn.size) == torn.data and torn.fetches == 1
+    finally:
+        third.close()
+
+
+async def test_packs_are_evicted_whole_least_recently_read_first(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(packs_module, "PACK_BYTES", 10 * 4096)
+    monkeypatch.setattr(packs_module, "LRU_RESOLUTION", 0.0)
+    batches = [[MemorySource(blob(41_000 + 100 * b + i, 4096)) for i in range(10)]
+               for b in range(4)]
+    cache = ObjectCache(tmp_path, 3 * 10 * 4096)
+    try:
+        for batch in batches[:3]:
+            await store(cache, batch)
+        assert len(pack_files(tmp_path)) == 3 and cache.used_bytes() == 3 * 10 * 4096
+        first = batches[0][0]
+        cache._fresh.clear()  # read from its pack, not from memory
+        assert await cache.read(first, 0, first.size) == first.data  # pack 0: read last
+        await store(cache, batches[3])
+        assert cache.used_bytes() <= cache.max_bytes and cache.stats.evictions == 1
+        assert [all(cache.is_complete(s.sha256, s.size) for s in batch)
+                for batch in batches] == [True, False, True, True]
+        assert len(pack_files(tmp_path)) == 3
+        lost = batches[1][5]
+        assert await cache.read(lost, 0, lost.size) == lost.data and lost.fetches == 1
+    finally:
+        cache.close()
+
+
+async def test_a_pack_being_written_is_neither_swept_nor_evicted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    writer = ObjectCache(tmp_path, 64 << 20)
+    try:
+        mine = small_objects(42, 5)
+        await store(writer, mine)
+        [written] = pack_files(tmp_path)
+        other = ObjectCache(tmp_path, 8 * 4200)  # starts (and sweeps) while it is written
+        try:
+            assert written.exists()
+            theirs = small_objects(43, 6)
+            await store(other, theirs)  # over the bound: evicting would need the writer's
+            assert written.exists() and other.stats.evictions == 0
+            assert all(other.is_complete(s.sha256, s.size) for s in mine)
+            for source in mine:
+                assert await other.read(source, 0, source.size) == source.data
+            assert sum(s.fetches for s in mine) == 0
+        finally:
+            other.close()
+    finally:
+        writer.close()
+    later = ObjectCache(tmp_path, 8 * 4200)
+    try:  # the writer ended: its pack is evictable now
+        await store(later, small_objects(44, 6))
+        assert later.stats.evictions >= 1 and later.used_bytes() <= later.max_bytes
+    finally:
+        later.close()
+
+
+async def test_a_crashed_writers_unnamed_pack_is_swept(tmp_path: Path) -> None:
+    cache = ObjectCache(tmp_path, 64 << 20)
+    try:
+        await store(cache, small_objects(45, 3))
+    finally:
+        cache.close()
+    [named] = pack_files(tmp_path)
+    crashed = tmp_path / "packs" / "1-deadbeef0000.pack"
+    crashed.write_bytes(os.urandom(9000))  # written, never named in the index
+    reopened = ObjectCache(tmp_path, 64 << 20)
+    try:
+        assert pack_files(tmp_path) == [named]
+        assert reopened.object_count() == 3 and reopened.used_bytes() == sum(
+            s.size for s in small_objects(45, 3))
+    finally:
+        reopened.close()
+
+
+async def test_a_reader_keeps_reading_a_pack_another_process_evicted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(packs_module, "PACK_BYTES", 1)  # each batch its own pack, closed after
+    sources = small_objects(46, 3)
+    reader = ObjectCache(tmp_path, 64 << 20)
+    try:
+        await store(reader, sources)
+        reader._fresh.clear()  # read from the pack, not from memory
+        assert await reader.read(sources[0], 0, 10) == sources[0].data[:10]
+        dropper = ObjectCache(tmp_path, 64 << 20)
+        try:
+            assert dropper.drop_all() == 3 and pack_files(tmp_path) == []
+        finally:
+            dropper.close()
+        for source in sources:  # its open pack still reads, unlinked
+            assert await reader.read(source, 0, source.size) == source.data
+        assert sum(s.fetches for s in sources) == 0
+    finally:
+        reader.close()
+    fresh = ObjectCache(tmp_path, 64 << 20)
+    try:
+        assert fresh.used_bytes() == 0
+        assert await fresh.read(sources[1], 0, sources[1].size) == sources[1].data
+        assert sources[1].fetches == 1
+    finally:
+        fresh.close()
+
+
+async def test_a_packed_object_copies_out_and_drops(tmp_path: Path) -> None:
+    [source] = small_objects(47, 1)
+    cache = ObjectCache(tmp_path, 64 << 20)
+    try:
+        await store(cache, [source])
+        dest = tmp_path / "copy"
+        await cache.copy_to(source, dest)
+        assert dest.read_bytes() == source.data and source.fetches == 0
+        assert cache.drop_all() == 1 and cache.used_bytes() == 0
+        assert not cache.is_complete(source.sha256, source.size)
+        await store(cache, [source])  # a new pack after its own was dropped
+        assert cache.is_complete(source.sha256, source.size) and len(pack_files(tmp_path)) == 1
+    finally:
+        cache.close()
+
+
+# -- model check -------------------------------------------------------------------------------
+
+OBJECTS = [MemorySource(blob(48_000 + i, 1000 + 97 * i)) for i in range(12)]
+step = st.one_of(
+    st.tuples(st.just("store"), st.integers(0, 1),
+              st.lists(st.integers(0, len(OBJECTS) - 1), min_size=1, max_size=6)),
+    st.tuples(st.just("read"), st.integers(0, 1), st.integers(0, len(OBJECTS) - 1)),
+    st.tuples(st.just("forget"), st.integers(0, 1), st.just(0)),  # memory copies dropped
+    st.tuples(st.just("drop"), st.integers(0, 1), st.just(0)),
+    st.tuples(st.just("restart"), st.integers(0, 1), st.just(0)),
+)
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(step, max_size=30))
+def test_two_processes_on_a_tiny_cache_read_only_true_bytes(
+        tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[str, int, object]]) -> None:
+    root = tmp_path_factory.mktemp("packs")
+    bound = 6000
+
+    async def run() -> None:
+        caches = [ObjectCache(root, bound), ObjectCache(root, bound)]
+        try:
+            for op, who, arg in steps:
+                cache = caches[who]
+                if op == "store":
+                    assert isinstance(arg, list)
+                    await store(cache, [OBJECTS[i] for i in arg])
+                    assert cache.used_bytes() <= bound
+                elif op == "read":
+                    assert isinstance(arg, int)
+                    source = OBJECTS[arg]
+                    assert await cache.read(source, 0, source.size) == source.data
+                elif op == "forget":
+                    cache._fresh.clear()
+                    cache._fresh_bytes = 0
+                elif op == "drop":
+                    cache.drop_all()
+                else:
+                    cache.close()
+                    caches[who] = ObjectCache(root, bound)
+            for cache in caches:
+                cache._fresh.clear()
+                for source in OBJECTS:
+                    assert await cache.read(source, 0, source.size) == source.data
+        finally:
+            for cache in caches:
+                cache.close()
+
+    trio.run(run)
