@@ -692,3 +692,22 @@ def test_commits_to_one_branch_take_turns_in_one_process() -> None:
     for t in threads:
         t.join()
     assert most[0] == 1 and locks._locks == {}  # one at a time, nothing left behind
+
+
+def test_small_objects_are_read_together_in_order(service: HubService, alice: Actor,
+                                                   dataset: AssetAddr) -> None:
+    """A batch's objects come back whole and in order from either store, past the number a
+    local store opens at once, empty ones included; a blob gone from the store is NotFound."""
+    from ahmount.hub.blobs import READ_TOGETHER
+    from ahmount.hub.service import ReadableObject
+
+    contents = [b"", *(os.urandom(100 + i) for i in range(READ_TOGETHER + 6))]
+    service.commit(alice, dataset, "main", "many", adds=[
+        obj(service, alice, f"d/{i:03d}.bin", data) for i, data in enumerate(contents)])
+    wanted = [f"d/{i:03d}.bin" for i in reversed(range(len(contents)))]
+    _, objects = service.open_objects(alice, dataset, "main", wanted)
+    assert ReadableObject.read_all(objects) == list(reversed(contents))
+    assert ReadableObject.read_all([]) == []
+    service.blobs.delete(objects[0].entry.sha256)
+    with pytest.raises(NotFound, match=objects[0].entry.sha256):
+        ReadableObject.read_all(objects)

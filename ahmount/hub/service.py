@@ -253,6 +253,13 @@ class ReadableObject:
         check_range(self.entry.sha256, self.entry.size, start, stop)
         return self._blobs.read(self.entry.sha256, start, stop)
 
+    @staticmethod
+    def read_all(objects: list[ReadableObject]) -> list[bytes]:
+        """The whole bytes of each (small) object, read together (:meth:`BlobStore.read_small`)."""
+        if not objects:
+            return []
+        return objects[0]._blobs.read_small([(o.entry.sha256, o.entry.size) for o in objects])
+
     def presigned_url(self) -> str | None:
         """A URL that reads the blob straight from the blob store, when the store can make one
         and the operator allowed it (``--s3-presign``)."""

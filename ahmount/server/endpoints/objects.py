@@ -161,7 +161,7 @@ async def files_batch(request: Request) -> Response:
                 async for chunk in iterate(await call(each.read)):
                     yield chunk
                 continue
-            contents = await call(_read_whole, group)
+            contents = await call(ReadableObject.read_all, group)
             yield b"".join(part for each, data in zip(group, contents, strict=True)
                            for part in (header(each.entry), data))
 
@@ -198,10 +198,6 @@ def _read_groups(found: list[ReadableObject]) -> Iterator[list[ReadableObject]]:
         size += each.entry.size
     if group:
         yield group
-
-
-def _read_whole(group: list[ReadableObject]) -> list[bytes]:
-    return [b"".join(each.read()) if each.entry.size else b"" for each in group]
 
 
 A = API + "/assets/{owner}/{kind}/{folder}/{asset}"
