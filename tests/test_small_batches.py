@@ -151,3 +151,34 @@ def test_with_siblings_off_only_the_opened_files_are_fetched(
                    what="the read-ahead of the siblings")
     finally:
         on.close_driver()
+
+
+@pytest.mark.parametrize("batch_files", [256, 15])
+def test_a_reader_across_directories_gets_other_directories_in_its_batches(
+        gpt2_v1: None, tmp_path: Path, vfs: VfsDriver, monkeypatch: pytest.MonkeyPatch,
+        batch_files: int) -> None:
+    """Once cold small files of SPREAD_AFTER directories were opened (a loader walking a
+    dataset), batches also carry the small files of the commit's other directories, up to a
+    batch's bounds, each object in one batch only."""
+    import ahmount.vfs.sibling_fetch as sibling_fetch
+    from tests.conftest import wait_until
+
+    monkeypatch.setattr(sibling_fetch, "BATCH_FILES", batch_files)
+    files = {f"s/c{d}/{i:02d}.bin": os.urandom(1000 + 10 * d + i)
+             for d in range(6) for i in range(10)}
+    commit_files(tmp_path, files, "spread")
+    assert read(vfs, "s/c0/03.bin") == files["s/c0/03.bin"]
+    wait_until(lambda: batches(vfs)["batches"] == 1, what="the batch of s/c0")
+    assert batches(vfs)["objects"] == 10  # one directory opened: only its own
+    assert read(vfs, "s/c3/07.bin") == files["s/c3/07.bin"]
+    wait_until(lambda: batches(vfs)["batches"] == 2, what="the spread batch")
+    assert batches(vfs)["objects"] == 10 + min(batch_files, 50)
+    misses = vfs.session.cache_stats()["misses"]
+    for path in sorted(files):
+        assert read(vfs, path) == files[path]
+    wait_until(lambda: batches(vfs)["objects"] == len(files), what="every batch")
+    if batch_files >= 50:  # all of it came in the spread batch: every read was a hit
+        assert batches(vfs)["batches"] == 2 and vfs.session.cache_stats()["misses"] == misses
+    else:
+        assert batches(vfs)["batches"] > 2
+    assert batches(vfs)["failures"] == 0
