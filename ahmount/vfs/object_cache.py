@@ -533,7 +533,11 @@ class ObjectCache:
                 self._forget_fresh(source.sha256)
             self._count_hit(waited=claim is not None)
             return fresh[offset:end]
-        packed = self._packs.read(source.sha256, source.size, offset, end)
+        record = self._records.get(source.sha256)
+        # A data file holding it whole answers without asking the pack index (a query per
+        # read of a small file that was fetched by itself).
+        packed = None if record is not None and record.size == source.size and \
+            record.complete() else self._packs.read(source.sha256, source.size, offset, end)
         if packed is not None:  # no lease: a pack's readers keep it open (object_packs)
             self._count_hit(waited=claim is not None)
             return packed
@@ -1153,8 +1157,6 @@ def _raise_if_disk_full(sha: str, exc: OSError) -> None:
         raise _NoSpace() from exc
 
 
-
-
 def _from_raw(raw: Any) -> Record | None:
     if not isinstance(raw, dict):
         return None
@@ -1184,10 +1186,6 @@ def _to_raw(record: Record) -> dict[str, Any]:
     if record.pages:
         raw["pages"] = {str(k): v for k, v in record.pages.items()}
     return raw
-
-
-
-
 
 
 def _pwritev_hashing(fd: int, buffers: list[bytes | memoryview], offset: int,

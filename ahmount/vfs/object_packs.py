@@ -293,9 +293,11 @@ class ObjectPacks:
         pack = self._packs.get(name)
         if pack is None:
             return 0
-        with self._lock:
-            if self._writer is not None and self._writer.name == name:
-                self._close_writer()
+        writer = self._writer  # an append only ever starts a new pack, never this one
+        if writer is not None and writer.name == name:
+            with self._lock:  # after the append under way, if any
+                if self._writer is writer:
+                    self._close_writer()
         if not self._remove_file(name):
             return None
         with self._index.transact():
