@@ -119,6 +119,11 @@ class LocalBlobStore:
             raise NotFound(f"blob {sha256} is not stored") from None
         with handle:
             check_range(sha256, os.fstat(handle.fileno()).st_size, start, end)
+            # The first chunk asked of the disk at once, not a read-ahead window at a time
+            # (a cold 1 MiB read here: 1.35-1.59 ms -> 0.79-1.15 ms; 200 cold 1 MiB GETs
+            # from ah-server, 6 at a time: 209-213 -> 216-235 a second).
+            os.posix_fadvise(handle.fileno(), start, min(end - start, READ_CHUNK),
+                             os.POSIX_FADV_WILLNEED)
             handle.seek(start)
             remaining = end - start
             while remaining > 0:
