@@ -9,7 +9,7 @@ import hashlib
 import multiprocessing
 import random
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -61,7 +61,9 @@ class MemorySource:
             for at in range(start, end, 256 << 10):
                 yield self.data[at:min(end, at + (256 << 10))]
 
-        yield chunks()
+        # Closed with the response, as a hub's stream is, also when the cache stops early.
+        async with aclosing(chunks()) as stream:
+            yield stream
 
 
 def blob(seed: int, size: int) -> bytes:
