@@ -5,12 +5,14 @@ holes; and a stress run of several real processes on a tiny cache reads only tru
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import multiprocessing
 import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import trio
@@ -68,6 +70,27 @@ class MemorySource:
 
 def blob(seed: int, size: int) -> bytes:
     return random.Random(seed).randbytes(size)
+
+
+def fill_the_disk(monkeypatch: pytest.MonkeyPatch, module: ModuleType, name: str,
+                  after: int = 0, in_part: bool = False) -> Callable[[], None]:
+    """Make ``module.<name>`` (the cache's ``pwritev_all``) fail with ENOSPC from its call
+    ``after + 1`` on; ``in_part``: each failing call writes its first buffer first (the disk
+    took part of it). Returns what gives the disk its room back."""
+    real = getattr(module, name)
+    calls = 0
+
+    def full(fd: int, buffers: list[bytes | memoryview], offset: int) -> None:
+        nonlocal calls
+        calls += 1
+        if calls > after:
+            if in_part:
+                real(fd, buffers[:1], offset)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, buffers, offset)
+
+    monkeypatch.setattr(module, name, full)
+    return lambda: monkeypatch.setattr(module, name, real)
 
 
 async def test_what_one_process_cached_another_reads_without_fetching(tmp_path: Path) -> None:
@@ -349,15 +372,10 @@ async def test_a_full_disk_serves_random_reads_from_the_hub(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Pages share the block path's write: a disk that is full under the cache answers the
     read from what arrived (not EIO), and keeps nothing."""
-    import errno
-
     import ahmount.vfs.object_cache as module
     from ahmount.vfs.object_cache import PAGE
 
-    def disk_full(*args: object) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(module, "_pwritev_all", disk_full)
+    fill_the_disk(monkeypatch, module, "_pwritev_all")
     source = MemorySource(blob(10, 2 * BLOCK))
     cache = ObjectCache(tmp_path, 64 << 20)
     try:
@@ -590,14 +608,9 @@ async def test_a_short_run_read_directly_is_an_error_and_keeps_what_came(
 
 async def test_a_full_disk_under_a_run_read_directly_reads_from_the_hub(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import errno
-
     import ahmount.vfs.object_cache as module
 
-    def disk_full(*args: object) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(module, "_pwritev_all", disk_full)
+    fill_the_disk(monkeypatch, module, "_pwritev_all")
     source = MemorySource(blob(26, 3 * BLOCK), direct=True)
     cache = ObjectCache(tmp_path, 64 << 20)
     try:
@@ -618,22 +631,10 @@ def larger_objects(seed: int, count: int) -> list[MemorySource]:
 
 async def test_a_full_disk_under_a_pack_keeps_the_batches_written_before(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import errno
-
     import ahmount.vfs.object_packs as packs
 
-    writes = 0
-    real = packs.pwritev_all
-
-    def full_after_one(fd: int, buffers: list[bytes | memoryview], offset: int) -> None:
-        nonlocal writes
-        writes += 1
-        if writes > 1:
-            real(fd, buffers[:1], offset)  # a part reaches the disk, then it is full
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(fd, buffers, offset)
-
-    monkeypatch.setattr(packs, "pwritev_all", full_after_one)
+    # After the first batch, a part reaches the disk, then it is full.
+    room_again = fill_the_disk(monkeypatch, packs, "pwritev_all", after=1, in_part=True)
     kept, lost = small_objects(35, 5), small_objects(36, 5)
     cache = ObjectCache(tmp_path, 64 << 20)
     try:
@@ -647,7 +648,7 @@ async def test_a_full_disk_under_a_pack_keeps_the_batches_written_before(
         assert sum(s.fetches for s in kept + lost) == 0
     finally:
         cache.close()
-    monkeypatch.setattr(packs, "pwritev_all", real)
+    room_again()
     other = ObjectCache(tmp_path, 64 << 20)
     try:
         for source in kept + lost:
@@ -688,21 +689,9 @@ async def test_a_stored_batch_is_whole_verified_and_shared(tmp_path: Path) -> No
 
 async def test_a_full_disk_in_a_stored_batch_keeps_what_was_written_whole(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import errno
-
     import ahmount.vfs.object_cache as module
 
-    writes = 0
-    real = module._pwritev_all
-
-    def full_after_five(fd: int, buffers: list[bytes | memoryview], offset: int) -> None:
-        nonlocal writes
-        writes += 1
-        if writes > 5:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(fd, buffers, offset)
-
-    monkeypatch.setattr(module, "_pwritev_all", full_after_five)
+    room_again = fill_the_disk(monkeypatch, module, "_pwritev_all", after=5)
     sources = larger_objects(31, 12)  # each its own data file (small ones are packed)
     cache = ObjectCache(tmp_path, 64 << 20)
     try:
@@ -718,7 +707,7 @@ async def test_a_full_disk_in_a_stored_batch_keeps_what_was_written_whole(
         assert sum(s.fetches for s in sources) == 0
     finally:
         cache.close()
-    monkeypatch.setattr(module, "_pwritev_all", real)
+    room_again()
     other = ObjectCache(tmp_path, 64 << 20)
     try:
         for source in sources:  # another process fetches what was not kept
