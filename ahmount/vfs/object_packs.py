@@ -57,6 +57,11 @@ LRU_RESOLUTION = 60.0
 Place = tuple[str, int, int]
 
 
+def _as_place(raw: object) -> Place | None:
+    """An index row as a :data:`Place`; None for anything else (a row of another version)."""
+    return raw if isinstance(raw, tuple) and len(raw) == 3 else None
+
+
 @dataclass
 class Pack:
     name: str
@@ -104,8 +109,8 @@ class ObjectPacks:
         where: dict[str, Place] = {}
         packs: dict[str, Pack] = {}
         for sha in list(self._index.iterkeys()):
-            place = self._index.get(sha)
-            if not isinstance(place, tuple) or len(place) != 3:
+            place = _as_place(self._index.get(sha))
+            if place is None:
                 continue
             name, _, size = place
             pack = packs.get(name)
@@ -148,10 +153,9 @@ class ObjectPacks:
         packed (another process may have packed it since)."""
         place = self._where.get(sha)
         if place is None:
-            found = self._index.get(sha)
-            if not isinstance(found, tuple) or len(found) != 3:
+            place = _as_place(self._index.get(sha))
+            if place is None:
                 return None
-            place = found
             self._learn(sha, place)
         return place if place[2] == size else None
 
