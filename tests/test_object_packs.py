@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import ahmount.vfs.object_packs as packs_module
@@ -226,6 +226,10 @@ step = st.one_of(
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(steps=st.lists(step, max_size=30))
+# Two processes passed the bound together (each saw the other's packs as of its last look),
+# and the one that restarted kept the cache over it.
+@example(steps=[("store", 0, [0, 5]), ("store", 1, [6, 10]), ("restart", 0, 0),
+                ("store", 0, [0])])
 def test_two_processes_on_a_tiny_cache_read_only_true_bytes(
         tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[str, int, object]]) -> None:
     root = tmp_path_factory.mktemp("packs")

@@ -240,6 +240,10 @@ class ObjectCache:
     def _load(self) -> None:
         self._rescan()
         self._packs.sweep()
+        # Other processes may have passed the bound together (each sees the others' objects
+        # as of its last rescan): a process that finds it passed brings it back under.
+        with contextlib.suppress(_NoSpace):
+            self._reserve("", 0)
         for stray in self._data.glob("*/*"):
             if stray.name not in self._records:
                 self._remove_if_unused(stray.name, only_unrecorded=True)
