@@ -13,9 +13,11 @@ what survives a crash, and the protocol between processes. In short:
   threads. A block is written to its file *before* the index says it is present, and the
   index is written under a lease, so the index can only under-report blocks.
 * Concurrent readers of a block in one process wait for the one download in flight.
-* The cache never holds more than ``max_bytes`` of blocks: space is reserved before a block is
-  written, evicting whole objects in least-recently-used order; leased objects are never
-  evicted. When nothing can be evicted, a read is served straight from the hub, uncached.
+* The cache never holds more than ``max_bytes``, all processes together: bytes are charged to
+  the shared :class:`~ahmount.vfs.cache_ledger.CacheLedger` before they are written,
+  evicting whole objects in least-recently-used order until they fit, and credited when
+  removed; leased objects are never evicted. When nothing can be evicted, a read is served
+  straight from the hub, uncached.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import diskcache
 import trio
 
 from ahmount.errors import ChecksumMismatch
+from ahmount.vfs.cache_ledger import CacheLedger
 from ahmount.vfs.file_io import pwritev_all as _pwritev_all
 from ahmount.vfs.file_io import removal_lock
 from ahmount.vfs.file_io import split_buffers as _split
@@ -217,7 +220,6 @@ class ObjectCache:
         self._leases: Counter[str] = Counter()
         self._lease_fds: dict[str, int] = {}  # O_RDWR, flock(LOCK_SH) held: reads and writes
         self._verifying: set[str] = set()
-        self._used = 0
         self._rescanned = 0.0
         self._fetch_limit = trio.CapacityLimiter(8)
         #: Buffers of :data:`WRITE_BATCH` bytes for direct reads (one per run in flight).
@@ -233,22 +235,34 @@ class ObjectCache:
         self._fresh_bytes = 0
         #: Small whole objects from batch reads, many to a file (:mod:`.object_packs`).
         self._packs = ObjectPacks(root / "packs")
+        self._ledger: CacheLedger | None = None
         self._load()
 
     # -- persistence -------------------------------------------------------------------------
 
     def _load(self) -> None:
         self._rescan()
-        self._packs.sweep()
-        # Other processes may have passed the bound together (each sees the others' objects
-        # as of its last rescan): a process that finds it passed brings it back under.
+        self._ledger = CacheLedger(self.root, self.max_bytes, self._measure)
+        self._ledger.credit(self._packs.sweep())
+        # A smaller --cache-size than the last process had: brought under it now.
         with contextlib.suppress(_NoSpace):
             self._reserve("", 0)
         for stray in self._data.glob("*/*"):
             if stray.name not in self._records:
                 self._remove_if_unused(stray.name, only_unrecorded=True)
         log.info("cache at %s: %d objects, %.1f MiB of %.1f MiB", self.root,
-                 len(self._records), self._used / (1 << 20), self.max_bytes / (1 << 20))
+                 len(self._records), self.used_bytes() / (1 << 20), self.max_bytes / (1 << 20))
+
+    def _measure(self) -> int:
+        """The bytes the cache holds as the index and the packs say (just rescanned): what
+        the ledger is set to by a process that has the directory to itself."""
+        return sum(r.bytes_present() for r in self._records.values()) + \
+            self._packs.disk_bytes()
+
+    @property
+    def ledger(self) -> CacheLedger:
+        assert self._ledger is not None, "opened in __init__"
+        return self._ledger
 
     def _rescan(self) -> None:
         """Refresh what this process knows of unleased objects from the shared index (other
@@ -262,7 +276,7 @@ class ObjectCache:
             if sha in self._records:
                 fresh[sha] = self._records[sha]
         self._records = fresh
-        self._used = sum(r.bytes_present() for r in fresh.values()) + self._packs.rescan()
+        self._packs.rescan()
         self._rescanned = time.monotonic()
 
     def _learn(self, sha: str, record: Record) -> None:
@@ -275,12 +289,10 @@ class ObjectCache:
 
     def _absorb(self, record: Record, known: Record) -> None:
         """OR another process's record of the same object into ours (blocks, pages,
-        verification), counting the bytes that adds."""
-        before = record.bytes_present()
+        verification): bytes that process counted in the ledger when it wrote them."""
         record.blocks |= known.blocks
         record.merge_pages(known.pages)
         record.verified = record.verified or known.verified
-        self._used += record.bytes_present() - before
 
     def _merge(self, sha: str, record: Record) -> None:
         """Add what this process learned of a leased object to the shared index: blocks and
@@ -324,6 +336,7 @@ class ObjectCache:
             os.close(self._lease_fds.pop(sha))
         self._index.close()
         self._packs.close()
+        self.ledger.close()
 
     # -- leases ------------------------------------------------------------------------------
 
@@ -338,9 +351,7 @@ class ObjectCache:
             fd, stat = _open_locked(self._file(sha))
             self._lease_fds[sha] = fd
             self._dirty.discard(sha)
-            stale = self._records.pop(sha, None)
-            if stale is not None:
-                self._used -= stale.bytes_present()
+            self._records.pop(sha, None)
             record = _from_raw(self._index.get(sha))
             if record is not None:
                 if stat.st_size < min(record.size, record.blocks.bit_length() * BLOCK):
@@ -350,7 +361,6 @@ class ObjectCache:
                     record.verified = False
                 record.pages = _pages_within(record, stat.st_size)
                 self._records[sha] = record
-                self._used += record.bytes_present()
         except BaseException:
             self._leases[sha] -= 1
             if not self._leases[sha]:
@@ -387,23 +397,33 @@ class ObjectCache:
 
     def _remove_if_unused(self, sha: str, only_unrecorded: bool = False) -> bool:
         """Delete the object's file and record if no process leases it (an exclusive lock
-        taken without waiting). False if it is in use."""
+        taken without waiting), crediting the ledger with the bytes its record (complete:
+        records are saved before their lease ends) says it held. False if it is in use."""
         if sha in self._leases:
             return False
         path = self._file(sha)
         with removal_lock(path) as state:
             if state == "missing" and not only_unrecorded:
-                self._index.delete(sha)
+                self._delete_record(sha)
             if state != "held":
                 # "gone": another remover unlinked the file we opened, and the path (and the
                 # record) may belong to a new file some process leases now.
                 return state != "busy"
             if only_unrecorded and self._index.get(sha) is not None:
                 return False  # recorded meanwhile by the process that wrote it
-            self._index.delete(sha)
+            self._delete_record(sha)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             return True
+
+    def _delete_record(self, sha: str) -> None:
+        """Remove an object's record from the index (its file is gone or going, under the
+        removal lock), crediting the ledger with its bytes."""
+        with self._index.transact():
+            record = _from_raw(self._index.get(sha))
+            self._index.delete(sha)
+        if record is not None:
+            self.ledger.credit(record.bytes_present())
 
     # -- bookkeeping -------------------------------------------------------------------------
 
@@ -416,7 +436,8 @@ class ObjectCache:
         return f"{self._data_dir}/{sha[:2]}/{sha}"
 
     def used_bytes(self) -> int:
-        return self._used
+        """The bytes the cache holds, counting every process that shares it."""
+        return self.ledger.used()
 
     def object_count(self) -> int:
         """Objects with at least one block here."""
@@ -450,8 +471,6 @@ class ObjectCache:
         record = self._records.get(sha)
         if record is not None and record.size == size:
             return record
-        if record is not None:
-            self._used -= record.bytes_present()
         record = Record(size)
         self._records[sha] = record
         record.last_used = time.time()
@@ -459,14 +478,13 @@ class ObjectCache:
         return record
 
     def _reserve(self, sha: str, nbytes: int) -> None:
-        """Make room for ``nbytes`` more, evicting least-recently-used objects that no
-        process uses (a fresh look at the shared index first)."""
-        if self._used + nbytes <= self.max_bytes:
+        """Charge the ledger ``nbytes`` about to be written, making room if they do not fit:
+        evicting least-recently-used objects that no process uses (a fresh look at the shared
+        index first, at most every RESCAN_SECONDS, to see the other processes' objects)."""
+        if self.ledger.charge(nbytes):
             return
         if time.monotonic() - self._rescanned > RESCAN_SECONDS:
             self._rescan()
-            if self._used + nbytes <= self.max_bytes:
-                return
         candidates = sorted(
             [(r.last_used, s, False) for s, r in self._records.items()
              if s != sha and s not in self._leases and (r.blocks or r.pages)] +
@@ -477,11 +495,11 @@ class ObjectCache:
                 freed = self._packs.evict(victim)
                 if freed is None:
                     continue  # another process writes to it
-                self._used -= freed
+                self.ledger.credit(freed)
             elif not self._drop(victim):
                 continue
             self.stats.evictions += 1
-            if self._used + nbytes <= self.max_bytes:
+            if self.ledger.charge(nbytes):
                 return
         raise _NoSpace()
 
@@ -489,16 +507,14 @@ class ObjectCache:
         """Evict one object, unless some process uses it."""
         if not self._remove_if_unused(sha):
             return False
-        record = self._records.pop(sha, None)
-        if record is not None:
-            self._used -= record.bytes_present()
+        self._records.pop(sha, None)
         self._dirty.discard(sha)
         return True
 
     def _forget_blocks(self, sha: str, record: Record) -> None:
         """A leased object that failed its hash: no block of it counts as present any more
         (its file stays, for the other processes that have it open; fetches overwrite it)."""
-        self._used -= record.bytes_present()
+        self.ledger.credit(record.bytes_present())
         record.blocks = 0
         record.pages.clear()
         record.verified = False
@@ -512,7 +528,7 @@ class ObjectCache:
         self._fresh.clear()
         self._fresh_bytes = 0
         packed, freed = self._packs.drop_all()
-        self._used -= freed
+        self.ledger.credit(freed)
         return packed + sum(self._drop(sha) for sha in list(self._records)
                             if sha not in self._leases)
 
@@ -624,8 +640,8 @@ class ObjectCache:
                     return await self._read_uncached(source, offset, end)
                 before = record.bytes_present()
                 record.add_pages(missing[0], missing[-1])
-                # Pages already here inside the fetched run were counted twice above.
-                self._used += record.bytes_present() - before - len(data)
+                # Pages already here inside the fetched run were charged twice above.
+                self.ledger.credit(len(data) - (record.bytes_present() - before))
                 self._dirty.add(sha)
                 if record.complete() and not record.verified:
                     await self._verify(sha, record, inline=source.size <= VERIFY_INLINE)
@@ -722,7 +738,6 @@ class ObjectCache:
                 self._reserve(sha, len(data))
             except _NoSpace:
                 break
-            self._used += len(data)
             wanted.append((sha, data))
         packable = [(sha, data) for sha, data in wanted if len(data) <= PACK_OBJECT]
         if packable:
@@ -733,10 +748,11 @@ class ObjectCache:
 
     async def _store_packed(self, objects: list[tuple[str, bytes]]) -> None:
         """Append reserved objects to this process's pack."""
-        placed, error = await trio.to_thread.run_sync(self._packs.append, objects)
-        lost = set(self._packs.kept(placed))
-        kept = {sha for sha, _ in placed} - lost
-        self._used -= sum(len(data) for sha, data in objects if sha not in kept)
+        placed, grown, error = await trio.to_thread.run_sync(self._packs.append, objects)
+        # What the pack file grew by stays charged (kept or not, it is on disk until the pack
+        # is evicted, which credits the file's size); the rest was never written.
+        self.ledger.credit(sum(len(data) for _, data in objects) - grown)
+        self._packs.kept(placed)
         if error is not None:
             log.warning("cache disk: %d small objects not kept (%s)", len(objects), error)
 
@@ -760,12 +776,12 @@ class ObjectCache:
             written: list[tuple[str, Record]] = []
             for sha, data in wanted[:complete]:
                 record = self._record(sha, len(data))
-                self._used -= record.bytes_present()  # reserved above as a whole
+                self.ledger.credit(record.bytes_present())  # charged above as a whole
                 record.blocks = (1 << record.block_count()) - 1
                 record.verified = True
                 written.append((sha, record))
             if error is not None:
-                self._used -= sum(len(data) for _, data in wanted[complete:])
+                self.ledger.credit(sum(len(data) for _, data in wanted[complete:]))
                 log.warning("cache disk: %d of %d objects not kept (%s)",
                             len(wanted) - complete, len(wanted), error)
             with self._index.transact():
@@ -902,7 +918,6 @@ class ObjectCache:
         start = first * BLOCK
         size = end - start
         self._reserve(sha, size)
-        self._used += size
         token = trio.lowlevel.current_trio_token()
         marked = posted = processed = 0
         stop = False
@@ -951,8 +966,8 @@ class ObjectCache:
                 caught_up = trio.Event()
                 with trio.CancelScope(shield=True):
                     await caught_up.wait()
-            # Reserved and never marked; an eviction meanwhile took back what was marked.
-            self._used -= size - marked
+            # Charged and never marked.
+            self.ledger.credit(size - marked)
         if failure is not None:
             raise failure
         if marked < size and self._records.get(sha) is record:
@@ -967,18 +982,17 @@ class ObjectCache:
         ``final`` part), counted in the bytes used for the caller to mark present. False
         when the object was evicted while it was written (then nothing stays counted); no
         room, or a full disk under the cache, raises ``_NoSpace``."""
-        self._reserve(sha, size)
-        self._used += size  # reserved now, before the thread yields control
+        self._reserve(sha, size)  # charged now, before the thread yields control
         try:
             digest = await trio.to_thread.run_sync(_pwritev_hashing, fd, buffers, offset,
                                                    hasher, final)
         except BaseException as exc:
-            self._used -= size
+            self.ledger.credit(size)
             if isinstance(exc, OSError):
                 _raise_if_disk_full(sha, exc)
             raise
         if self._records.get(sha) is not record:
-            self._used -= size  # evicted while we wrote: the file is gone already
+            self.ledger.credit(size)  # evicted while we wrote: the file is gone already
             return False, None
         return True, digest
 
@@ -1002,8 +1016,8 @@ class ObjectCache:
         count = -(-size // BLOCK)
         before = record.bytes_present()
         record.blocks |= ((1 << count) - 1) << first
-        # Pages of these blocks that random reads kept were counted already.
-        self._used += record.bytes_present() - before - size
+        # Pages of these blocks that random reads kept were charged already.
+        self.ledger.credit(size - (record.bytes_present() - before))
         for index in range(first, first + count):
             record.pages.pop(index, None)
         self._dirty.add(sha)

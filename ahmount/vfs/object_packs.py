@@ -66,7 +66,6 @@ def _as_place(raw: object) -> Place | None:
 class Pack:
     name: str
     shas: set[str] = field(default_factory=set)
-    nbytes: int = 0
     last_used: float = 0.0
     fd: int | None = None  # O_RDONLY, opened at the first read from it
 
@@ -103,23 +102,22 @@ class ObjectPacks:
 
     # -- what is where (the trio thread) -----------------------------------------------------
 
-    def rescan(self) -> int:
-        """Re-read the shared index (other processes add and evict packs); the bytes of the
-        objects it names. Packs no longer named are closed."""
+    def rescan(self) -> None:
+        """Re-read the shared index (other processes add and evict packs). Packs no longer
+        named are closed."""
         where: dict[str, Place] = {}
         packs: dict[str, Pack] = {}
         for sha in list(self._index.iterkeys()):
             place = _as_place(self._index.get(sha))
             if place is None:
                 continue
-            name, _, size = place
+            name = place[0]
             pack = packs.get(name)
             if pack is None:
                 known = self._packs.get(name)
                 pack = packs[name] = Pack(name, fd=known.fd if known else None,
                                           last_used=known.last_used if known else 0.0)
             pack.shas.add(sha)
-            pack.nbytes += size
             where[sha] = place
         for name, pack in self._packs.items():
             if name not in packs and pack.fd is not None:
@@ -131,15 +129,29 @@ class ObjectPacks:
                 except FileNotFoundError:
                     pack.last_used = 0.0  # a stale row: its reads find no file, and drop it
         self._where, self._packs = where, packs
-        return sum(p.nbytes for p in packs.values())
 
-    def sweep(self) -> None:
+    def _pack_files(self) -> list[os.DirEntry[str]]:
+        return [entry for entry in os.scandir(self._dir) if entry.name.endswith(".pack")]
+
+    def disk_bytes(self) -> int:
+        """The bytes of every pack file: what the packs hold on disk (objects, and the bytes
+        of any no row names any more), as the cache's ledger counts them."""
+        total = 0
+        for entry in self._pack_files():
+            with contextlib.suppress(FileNotFoundError):
+                total += entry.stat().st_size
+        return total
+
+    def sweep(self) -> int:
         """Remove packs the index names nothing in (a crashed writer's, or all of whose
-        objects were packed again elsewhere), unless a live writer holds one."""
-        for entry in os.scandir(self._dir):
-            name, dot, ext = entry.name.rpartition(".")
-            if dot and ext == "pack" and name not in self._packs:
-                self._remove_file(name)
+        objects were packed again elsewhere), unless a live writer holds one; the bytes that
+        freed."""
+        freed = 0
+        for entry in self._pack_files():
+            name = entry.name.removesuffix(".pack")
+            if name not in self._packs:
+                freed += self._remove_file(name) or 0
+        return freed
 
     def has(self, sha: str, size: int) -> bool:
         place = self._where.get(sha)
@@ -164,9 +176,7 @@ class ObjectPacks:
         pack = self._packs.get(place[0])
         if pack is None:
             pack = self._packs[place[0]] = Pack(place[0], last_used=time.time())
-        if sha not in pack.shas:
-            pack.shas.add(sha)
-            pack.nbytes += place[2]
+        pack.shas.add(sha)
 
     def read(self, sha: str, size: int, offset: int, end: int) -> bytes | None:
         """Bytes ``[offset, end)`` of the object if it is packed (and true: the first read
@@ -210,7 +220,6 @@ class ObjectPacks:
         pack = self._packs.get(place[0])
         if pack is not None and sha in pack.shas:
             pack.shas.discard(sha)
-            pack.nbytes -= place[2]
         self._verified.discard(sha)
         if drop_row:
             with self._index.transact():
@@ -219,17 +228,20 @@ class ObjectPacks:
 
     # -- keeping (worker threads) ------------------------------------------------------------
 
-    def append(self, objects: list[tuple[str, bytes]]) -> tuple[list[tuple[str, Place]],
-                                                                 OSError | None]:
+    def append(self, objects: list[tuple[str, bytes]]
+               ) -> tuple[list[tuple[str, Place]], int, OSError | None]:
         """Write ``objects`` (each checked against its sha256 by the caller) to the end of
         this process's pack, then name them in the index: in a worker thread. Returns what
-        was kept, and the error (a full disk) that kept the rest out."""
+        was kept, how many bytes the pack file grew by (a write cut short by a full disk
+        leaves part of it), and the error that kept the rest out."""
         if not objects:
-            return [], None
+            return [], 0, None
         with self._lock:
+            writer: _Writer | None = None
+            start = 0
             try:
                 writer = self._writable()
-                at = writer.end
+                start = at = writer.end
                 placed: list[tuple[str, Place]] = []
                 for sha, data in objects:
                     placed.append((sha, (writer.name, at, len(data))))
@@ -242,10 +254,10 @@ class ObjectPacks:
                     for sha, place in placed:
                         self._index.set(sha, place)
             except OSError as exc:
-                return [], exc
+                return [], (writer.end - start if writer is not None else 0), exc
             if writer.end >= PACK_BYTES:
                 self._close_writer()
-            return placed, None
+            return placed, writer.end - start, None
 
     def _writable(self) -> _Writer:
         """The current pack, made (and locked) if there is none."""
@@ -292,8 +304,8 @@ class ObjectPacks:
         return [(p.last_used, p.name) for p in self._packs.values() if p.shas]
 
     def evict(self, name: str) -> int | None:
-        """Remove a pack and its objects; the bytes that freed, or None while another
-        process writes to it. Its readers keep reading what they have open."""
+        """Remove a pack and its objects; the bytes that freed (its file's size), or None
+        while another process writes to it. Its readers keep reading what they have open."""
         pack = self._packs.get(name)
         if pack is None:
             return 0
@@ -302,7 +314,8 @@ class ObjectPacks:
             with self._lock:  # after the append under way, if any
                 if self._writer is writer:
                     self._close_writer()
-        if not self._remove_file(name):
+        freed = self._remove_file(name)
+        if freed is None:
             return None
         with self._index.transact():
             for sha in pack.shas:
@@ -317,16 +330,23 @@ class ObjectPacks:
         self._evicted.add(name)
         if pack.fd is not None:
             os.close(pack.fd)
-        return pack.nbytes
+        return freed
 
-    def _remove_file(self, name: str) -> bool:
-        """Unlink a pack unless a writer holds its lock; True if it is gone."""
+    def _remove_file(self, name: str) -> int | None:
+        """Unlink a pack unless a writer holds its lock; the bytes that freed (0 if another
+        remover took it first), None if a writer holds it."""
         path = self._path(name)
         with removal_lock(path) as state:
-            if state == "held":
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-            return state != "busy"
+            if state == "busy":
+                return None
+            if state != "held":
+                return 0
+            try:
+                size = os.stat(path).st_size
+                os.unlink(path)
+            except FileNotFoundError:
+                return 0
+            return size
 
     def drop_all(self) -> tuple[int, int]:
         """Evict every pack nobody writes to; how many objects and bytes that dropped."""
