@@ -731,14 +731,18 @@ class ObjectCache:
         wanted: list[tuple[str, bytes]] = []
         seen: set[str] = set()
         for sha, data in objects:
-            if not data or sha in seen or self.is_complete(sha, len(data)):
-                continue
-            seen.add(sha)
-            try:
-                self._reserve(sha, len(data))
-            except _NoSpace:
-                break
-            wanted.append((sha, data))
+            if data and sha not in seen and not self.is_complete(sha, len(data)):
+                seen.add(sha)
+                wanted.append((sha, data))
+        # One charge for the batch when it fits (the usual case), else one per object,
+        # making room for each, keeping those before the first that finds none.
+        if not self.ledger.charge(sum(len(data) for _, data in wanted)):
+            for count, (sha, data) in enumerate(wanted):
+                try:
+                    self._reserve(sha, len(data))
+                except _NoSpace:
+                    del wanted[count:]
+                    break
         packable = [(sha, data) for sha, data in wanted if len(data) <= PACK_OBJECT]
         if packable:
             await self._store_packed(packable)
