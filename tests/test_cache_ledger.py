@@ -1,12 +1,15 @@
 """The shared byte count of a cache directory (``ahmount.vfs.cache_ledger``): a charge past the
 bound is refused and counts nothing; credits never take it below zero; the first opener of a
 directory nobody has open sets it to what is there (a crash's leftovers), later openers keep
-it; and through the object cache, several processes on one directory stay within one bound
+it; a process killed -9 between a charge and its write is counted again by the next one
+alone; and through the object cache, several processes on one directory stay within one bound
 together (DataLoader workers each opening the cache of one user)."""
 
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
 from pathlib import Path
 
 import trio
@@ -115,5 +118,33 @@ def test_processes_storing_at_once_stay_within_one_bound_together(tmp_path: Path
     after = ObjectCache(tmp_path, 40_000)
     try:
         assert after.used_bytes() == counted  # nothing charged twice, nothing lost
+    finally:
+        after.close()
+
+
+def _killed_mid_write(root: str) -> None:
+    """Store two objects, then die as kill -9 would between a charge and its write."""
+    async def main() -> None:
+        cache = ObjectCache(Path(root), 40_000)
+        await cache.store([(s.sha256, s.data) for s in (MemorySource(blob(90, 3000)),
+                                                         MemorySource(blob(91, 4000)))])
+        cache._reserve("", 5000)  # charged; the process dies before writing anything
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    trio.run(main)
+
+
+def test_a_process_killed_between_a_charge_and_its_write_is_counted_again(
+        tmp_path: Path) -> None:
+    child = multiprocessing.get_context("fork").Process(target=_killed_mid_write,
+                                                        args=(str(tmp_path),))
+    child.start()
+    child.join(60)
+    assert child.exitcode == -signal.SIGKILL
+    assert held_bytes(tmp_path) == 7000
+    after = ObjectCache(tmp_path, 40_000)  # alone: counts what is there, not what was charged
+    try:
+        assert after.used_bytes() == 7000
+        assert after.ledger.charge(33_000) and not after.ledger.charge(1)
     finally:
         after.close()
