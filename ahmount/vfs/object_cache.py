@@ -235,15 +235,15 @@ class ObjectCache:
         self._fresh_bytes = 0
         #: Small whole objects from batch reads, many to a file (:mod:`.object_packs`).
         self._packs = ObjectPacks(root / "packs")
-        self._ledger: CacheLedger | None = None
+        self._rescan()
+        #: What every process on this directory holds together (``--cache-size`` bounds it).
+        self.ledger = CacheLedger(root, max_bytes, self._measure)
         self._load()
 
     # -- persistence -------------------------------------------------------------------------
 
     def _load(self) -> None:
-        self._rescan()
-        self._ledger = CacheLedger(self.root, self.max_bytes, self._measure)
-        self._ledger.credit(self._packs.sweep())
+        self.ledger.credit(self._packs.sweep())
         # A smaller --cache-size than the last process had: brought under it now.
         with contextlib.suppress(_NoSpace):
             self._reserve("", 0)
@@ -258,11 +258,6 @@ class ObjectCache:
         the ledger is set to by a process that has the directory to itself."""
         return sum(r.bytes_present() for r in self._records.values()) + \
             self._packs.disk_bytes()
-
-    @property
-    def ledger(self) -> CacheLedger:
-        assert self._ledger is not None, "opened in __init__"
-        return self._ledger
 
     def _rescan(self) -> None:
         """Refresh what this process knows of unleased objects from the shared index (other

@@ -278,9 +278,10 @@ class ObjectPacks:
             os.close(self._writer.fd)  # the lock goes with it
             self._writer = None
 
-    def kept(self, placed: list[tuple[str, Place]]) -> list[str]:
-        """Record what :meth:`append` kept (the trio thread): those objects are true. Returns
-        the ones lost to an eviction of their pack meanwhile."""
+    def kept(self, placed: list[tuple[str, Place]]) -> None:
+        """Record what :meth:`append` kept (the trio thread): those objects are true, but for
+        the ones lost to an eviction of their pack meanwhile (the eviction counted their
+        bytes freed with the pack file's)."""
         lost = [(sha, place) for sha, place in placed if place[0] in self._evicted]
         if lost:
             with self._index.transact():
@@ -295,7 +296,6 @@ class ObjectPacks:
                 self._forget(sha, old, drop_row=False)
             self._learn(sha, place)
             self._verified.add(sha)
-        return [sha for sha, _ in lost]
 
     # -- eviction (the trio thread) ----------------------------------------------------------
 
