@@ -439,6 +439,88 @@ async def test_a_random_reader_gets_the_rest_of_the_object_fetched_behind_it(
         cache.close()
 
 
+class _RunsAtOnce(MemorySource):
+    """Counts the fetches in flight at once (each yields between its chunks); with
+    ``fail_at``, the fetch of whole blocks (a fill's run, not a reader's pages) starting at
+    that block fails as a dead hub's."""
+
+    def __init__(self, data: bytes, fail_at: int | None = None) -> None:
+        super().__init__(data)
+        self.in_flight = self.most_in_flight = self.failed = 0
+        self._fail_at = fail_at
+
+    @asynccontextmanager
+    async def fetch(self, start: int, end: int) -> AsyncIterator[AsyncIterator[bytes]]:
+        from ahmount.errors import HubUnavailable
+
+        if self._fail_at is not None and start == self._fail_at * BLOCK and \
+                end - start >= BLOCK:
+            self.failed += 1
+            raise HubUnavailable("the hub went away")
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            async with super().fetch(start, end) as chunks:
+                async def slow() -> AsyncIterator[bytes]:
+                    async for chunk in chunks:
+                        await trio.sleep(0)
+                        yield chunk
+
+                async with aclosing(slow()) as stream:
+                    yield stream
+        finally:
+            self.in_flight -= 1
+
+
+async def _fill_by_random_reads(cache: ObjectCache, source: MemorySource) -> None:
+    from ahmount.vfs.object_cache import FILL_AFTER
+
+    rng = random.Random(5)
+    async with trio.open_nursery() as nursery:
+        cache.set_spawner(lambda name, fn: nursery.start_soon(fn, name=name))
+        for _ in range(FILL_AFTER):
+            at = rng.randrange(0, source.size - 4096)
+            assert await cache.read_pages(source, at, 4096) == source.data[at:at + 4096]
+
+
+async def test_a_fill_runs_several_streams_and_fetches_each_block_once(
+        tmp_path: Path) -> None:
+    """The runs of a fill are shared by FILL_STREAMS streams in flight at once (a fill that
+    ends sooner leaves more random reads local), and no run is fetched twice."""
+    from ahmount.vfs.object_cache import FILL_AFTER, FILL_RUN, FILL_STREAMS, PAGE
+
+    source = _RunsAtOnce(blob(17, (2 * FILL_STREAMS * FILL_RUN + 5) * BLOCK + 11))
+    cache = ObjectCache(tmp_path, 4 * source.size)
+    try:
+        await _fill_by_random_reads(cache, source)
+        assert cache.is_complete(source.sha256, source.size)
+        assert cache._records[source.sha256].verified and cache.stats.fills == 1
+        assert source.most_in_flight == FILL_STREAMS
+        assert source.fetched_bytes <= source.size + FILL_AFTER * 2 * PAGE
+        assert cache.used_bytes() == source.size
+    finally:
+        cache.close()
+
+
+async def test_a_fill_whose_hub_fails_stops_every_stream_quietly(tmp_path: Path) -> None:
+    """A failed fetch ends the whole fill (logged, never an error of anyone's): the other
+    streams stop too, rather than fetch the rest of an object the hub fails on; the object
+    can be filled again later."""
+    from ahmount.vfs.object_cache import FILL_AFTER, FILL_RUN, FILL_STREAMS, PAGE
+
+    runs = 4 * FILL_STREAMS
+    source = _RunsAtOnce(blob(18, runs * FILL_RUN * BLOCK), fail_at=FILL_RUN)
+    cache = ObjectCache(tmp_path, 4 * source.size)
+    try:
+        await _fill_by_random_reads(cache, source)  # the nursery ends: nothing escaped
+        assert cache.stats.fills == 1 and not cache.is_complete(source.sha256, source.size)
+        assert source.failed == 1 and not cache._filling  # another fill may start later
+        # The runs in flight when it failed, at most: not the rest of the object.
+        assert source.fetched_bytes <= FILL_STREAMS * FILL_RUN * BLOCK + FILL_AFTER * 2 * PAGE
+    finally:
+        cache.close()
+
+
 async def test_a_random_reader_of_an_object_too_big_to_fill_only_fetches_pages(
         tmp_path: Path) -> None:
     """An object over a quarter of the cache's bound is never filled (a few reads of a huge
