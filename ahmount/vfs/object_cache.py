@@ -1152,19 +1152,16 @@ class ObjectCache:
         blocks = -(-source.size // BLOCK)
 
         runs = iter(range(0, blocks, FILL_RUN))  # shared: each run is taken by one stream
-        stopped = False
+        #: The first stream's failure: it stops the others, and the fill ends with it below.
+        failed: list[BaseException] = []
+        stops: tuple[type[BaseException], ...] = (ChecksumMismatch, _NoSpace, *EXPECTED)
 
         async def stream(all_streams: trio.CancelScope) -> None:
-            nonlocal stopped
             try:
                 for first in runs:
                     await self.ensure(source, first, min(first + FILL_RUN, blocks) - 1)
-            except (ChecksumMismatch, _NoSpace):
-                stopped = True  # dropped and logged; the next reads fetch it again
-                all_streams.cancel()
-            except EXPECTED as exc:
-                log.debug("fill of %s stopped: %s", sha, exc)
-                stopped = True
+            except stops as exc:
+                failed.append(exc)
                 all_streams.cancel()
 
         async def run() -> None:
@@ -1172,9 +1169,10 @@ class ObjectCache:
                 async with trio.open_nursery() as nursery:
                     for _ in range(FILL_STREAMS):
                         nursery.start_soon(stream, nursery.cancel_scope)
+                if failed:
+                    raise failed[0]
                 record = self._records.get(sha)
-                if not stopped and record is not None and record.complete() and \
-                        not record.verified:
+                if record is not None and record.complete() and not record.verified:
                     # Checked here, behind the readers, so that none of them waits for it.
                     await self._verify(sha, record, inline=True)
             except (ChecksumMismatch, _NoSpace):
