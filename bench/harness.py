@@ -107,6 +107,20 @@ def upload_tree(server: HubProcess, key: str, local: Path, dest: str, cache: Pat
         fs.put(str(local), dest)
 
 
+def machine_busy() -> float:
+    """CPU seconds the whole machine has spent busy (every core, every process, the kernel's
+    own threads: a FUSE peer's ssh or WebDAV server as much as ours) since boot."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) the process ``pid`` has used, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def hub_mount(server: HubProcess, key: str, point: Path, cache: Path,
               *extra: str) -> MountProcess:
     """A started mount of ``server`` at ``point`` with its own cache directory."""

@@ -9,10 +9,17 @@ again). Files per second, on the same data, in one run, against:
   the same mounted ``--read-only`` ("ahmount ro", as a training job would);
 - the do-nothing pyfuse3 floor (``bench/minimal_fs.py``, the files written into it first,
   its reads answering zeros): what any trio + pyfuse3 daemon pays per file; and the same
-  waiting for ``/dev/fuse`` as ah-mount does ("floor, poll": ``--ready-first``).
+  waiting for ``/dev/fuse`` as ah-mount does ("floor, poll": ``--ready-first``);
+- for the 1 MiB files, the hub alone ("hub, GET each"): the same workers asking
+  ``ah-server`` for each file with one GET (``http.client``, the body read into a buffer and
+  its sha256 checked), no FUSE and no cache. That is the ceiling of any reader that fetches
+  these files one request each, as the mount does (small files travel in batches instead).
 
 Data sets: ``--files`` x 4 KiB in 100 directories (default 10,000, the issue's), and
-``--large`` x 1 MiB (default 200). Each figure is printed with its ratio to sshfs.
+``--large`` x 1 MiB (default 200). Each figure is printed with its ratio to sshfs, and then
+what it cost: the CPU time of the whole machine per file (busy time of every process and the
+kernel during the run, divided by the files read), and for ahmount the part of it spent in
+the daemon and in ``ah-server``. On 2 cores, files/s can be at most 2,000 / (ms per file).
 
 Usage: python bench/loader_bench.py [--files 10000] [--large 200] [--workers 1,2,4,8]
        [--peers sshfs,rclone]
@@ -23,18 +30,29 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import hashlib
+import http.client
 import multiprocessing
 import os
 import random
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import peers
-from bench.harness import bench_dir, hub_mount, served_hub, upload_tree
+from bench.harness import (
+    bench_dir,
+    hub_mount,
+    machine_busy,
+    process_cpu,
+    served_hub,
+    upload_tree,
+)
 from bench.mount_bench import drop_caches
 from bench.mount_write_bench import copy_into, start_minimal_fs
 
@@ -46,22 +64,60 @@ def _read_files(paths: list[str]) -> None:
                 pass
 
 
+HUB_ALONE = "hub, GET each"
+
+
+def _fetch_files(files_url: str, key: str, paths: list[str]) -> None:
+    """One GET per file from the hub at ``files_url`` (a ref's ``/files``), each body read
+    into a buffer and hashed: the least a reader that fetches each file whole must do."""
+    url = urllib.parse.urlsplit(files_url)
+    conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port)
+    buffer = memoryview(bytearray(1 << 20))
+    try:
+        for path in paths:
+            conn.request("GET", f"{url.path}/{urllib.parse.quote(path)}",
+                         headers={"authorization": f"Bearer {key}"})
+            response = conn.getresponse()
+            if response.status != 200:
+                raise RuntimeError(f"GET {path}: {response.status} {response.read()[:200]!r}")
+            digest = hashlib.sha256()
+            while n := response.readinto(buffer):
+                digest.update(buffer[:n])
+            if digest.hexdigest() != response.getheader("x-ah-sha256"):
+                raise RuntimeError(f"GET {path}: the body does not hash to its sha256")
+    finally:
+        conn.close()
+
+
+def hub_loader(files_url: str, key: str, paths: list[Path], workers: int) -> float:
+    """:func:`loader`'s order and split, each file fetched from the hub by
+    :func:`_fetch_files` instead of read through a mount."""
+    return _split_run(_fetch_files, [str(p) for p in paths], workers, files_url, key)
+
+
 def loader(paths: list[Path], workers: int) -> float:
     """Files per second of ``workers`` processes reading ``paths`` in one shuffled order,
     each worker taking every ``workers``-th file (a sampler's split)."""
-    order = [str(p) for p in paths]
+    return _split_run(_read_files, [str(p) for p in paths], workers)
+
+
+def _split_run(work: Callable[..., None], order: list[str], workers: int,
+               *args: str) -> float:
+    """Files per second of ``workers`` processes each running ``work(*args, share)`` on
+    every ``workers``-th item of ``order`` shuffled."""
+    order = list(order)
     random.Random(7).shuffle(order)
     shares = [order[i::workers] for i in range(workers)]
     context = multiprocessing.get_context("fork")
     start = time.perf_counter()
-    procs = [context.Process(target=_read_files, args=(share,)) for share in shares]
+    procs = [context.Process(target=work, args=(*args, share)) for share in shares]
     for proc in procs:
         proc.start()
     for proc in procs:
         proc.join()
         if proc.exitcode != 0:
             raise RuntimeError(f"a loader worker failed ({proc.exitcode})")
-    return len(paths) / (time.perf_counter() - start)
+    return len(order) / (time.perf_counter() - start)
 
 
 def make_dataset(root: Path, files: int, large: int) -> dict[str, list[Path]]:
@@ -80,6 +136,28 @@ def make_dataset(root: Path, files: int, large: int) -> dict[str, list[Path]]:
 
 
 Opener = Callable[[int], contextlib.AbstractContextManager[Path]]
+#: (target, data set, cold or warm, workers)
+Key = tuple[str, str, str, int]
+
+
+class Costs:
+    """What each run cost, in CPU milliseconds per file: the machine's, and named processes'
+    (the mount daemon, ``ah-server``) while they are known."""
+
+    def __init__(self) -> None:
+        self.pids: dict[str, int] = {}
+        self.per_file: dict[Key, dict[str, float]] = {}
+
+    def measure(self, key: Key, files: int, run: Callable[[], float]) -> float:
+        """``run()`` (files per second), its costs recorded under ``key``."""
+        pids = dict(self.pids)
+        before = {name: process_cpu(pid) for name, pid in pids.items()}
+        busy = machine_busy()
+        rate = run()
+        spent = {"machine": machine_busy() - busy}
+        spent |= {name: process_cpu(pid) - before[name] for name, pid in pids.items()}
+        self.per_file[key] = {name: seconds * 1000 / files for name, seconds in spent.items()}
+        return rate
 
 
 def main() -> None:
@@ -97,6 +175,8 @@ def main() -> None:
         with served_hub(root) as (server, key):
             upload_tree(server, key, local, "dataset/bench/train", root / "fs-cache")
             rounds = iter(range(1_000_000))
+            costs = Costs()
+            assert server.proc is not None
 
             @contextlib.contextmanager
             def local_disk(_: int) -> Iterator[Path]:
@@ -107,9 +187,12 @@ def main() -> None:
                 def opened(n: int) -> Iterator[Path]:
                     m = hub_mount(server, key, root / f"ah-mnt-{n}", root / f"ah-cache-{n}",
                                   *extra)
+                    assert m.pid is not None and server.proc is not None
+                    costs.pids = {"daemon": m.pid, "server": server.proc.pid}
                     try:
                         yield m.mountpoint / "dataset/bench/train/main"
                     finally:
+                        costs.pids = {}
                         m.stop()
                 return opened
 
@@ -141,7 +224,7 @@ def main() -> None:
                                           "ahmount": ahmount(),
                                           "ahmount ro": ahmount("--read-only")}
             targets |= {name: peer(name) for name in wanted}
-            results: dict[tuple[str, str, str, int], float] = {}
+            results: dict[Key, float] = {}
             for name, opener in targets.items():
                 for workers in counts:
                     with opener(next(rounds)) as base:
@@ -149,31 +232,68 @@ def main() -> None:
                             if not paths:
                                 continue
                             drop_caches()
-                            results[(name, kind, "cold", workers)] = loader(
-                                [base / p for p in paths], workers)
-                            results[(name, kind, "warm", workers)] = loader(
-                                [base / p for p in paths], workers)
-            _report(results, targets, sets, counts, args)
+                            for temp in ("cold", "warm"):
+                                results[(name, kind, temp, workers)] = costs.measure(
+                                    (name, kind, temp, workers), len(paths),
+                                    functools.partial(loader, [base / p for p in paths],
+                                                      workers))
+            files_url = f"{server.url}/api/v1/assets/bench/dataset/bench/train/refs/main/files"
+            costs.pids = {"server": server.proc.pid}
+            for workers in counts:
+                if sets["large"]:
+                    drop_caches()
+                    for temp in ("cold", "warm"):
+                        results[(HUB_ALONE, "large", temp, workers)] = costs.measure(
+                            (HUB_ALONE, "large", temp, workers), len(sets["large"]),
+                            functools.partial(hub_loader, files_url, key, sets["large"],
+                                              workers))
+            _report(results, [*targets, HUB_ALONE], sets, counts)
+            _report_costs(costs, [*targets, HUB_ALONE], sets, counts)
 
 
-def _report(results: dict[tuple[str, str, str, int], float], targets: dict[str, Opener],
-            sets: dict[str, list[Path]], counts: list[int], args: argparse.Namespace) -> None:
+def _report(results: dict[Key, float], targets: list[str], sets: dict[str, list[Path]],
+            counts: list[int]) -> None:
     base = "sshfs" if "sshfs" in targets else "local"
     for kind, paths in sets.items():
         if not paths:
             continue
         size = "4 KiB" if kind == "small" else "1 MiB"
         print(f"\n{len(paths)} x {size}, shuffled, files/s (ratio to {base})")
-        print(f"{'':<14}" + "".join(f"{f'{t} {w}w':>22}" for t in ("cold", "warm")
+        print(f"{'':<16}" + "".join(f"{f'{t} {w}w':>22}" for t in ("cold", "warm")
                                    for w in counts))
         for name in targets:
+            if (name, kind, "cold", counts[0]) not in results:
+                continue  # the hub alone is measured for the 1 MiB files only
             cells = []
             for temp in ("cold", "warm"):
                 for w in counts:
                     value = results[(name, kind, temp, w)]
                     ratio = value / results[(base, kind, temp, w)]
                     cells.append(f"{value:>12,.0f} ({ratio:5.2f}x)")
-            print(f"{name:<14}" + "".join(f"{c:>22}" for c in cells))
+            print(f"{name:<16}" + "".join(f"{c:>22}" for c in cells))
+
+
+def _report_costs(costs: Costs, targets: list[str], sets: dict[str, list[Path]],
+                  counts: list[int]) -> None:
+    for kind, paths in sets.items():
+        if not paths:
+            continue
+        size = "4 KiB" if kind == "small" else "1 MiB"
+        print(f"\n{len(paths)} x {size}: CPU ms per file, the whole machine (for ahmount: "
+              "daemon + ah-server of it)")
+        print(f"{'':<16}" + "".join(f"{f'{t} {w}w':>22}" for t in ("cold", "warm")
+                                   for w in counts))
+        for name in targets:
+            if (name, kind, "cold", counts[0]) not in costs.per_file:
+                continue
+            cells = []
+            for temp in ("cold", "warm"):
+                for w in counts:
+                    spent = costs.per_file[(name, kind, temp, w)]
+                    parts = "+".join(f"{spent[p]:.2f}" for p in ("daemon", "server")
+                                     if p in spent)
+                    cells.append(f"{spent['machine']:.2f}" + (f" ({parts})" if parts else ""))
+            print(f"{name:<16}" + "".join(f"{c:>22}" for c in cells))
 
 
 if __name__ == "__main__":
