@@ -572,6 +572,34 @@ async def test_no_key_is_401_before_any_validation(hub_server: HubProcess, path:
                 assert answer.json()["error"]["code"] == "unauthenticated"
 
 
+async def test_an_answer_before_the_body_was_read_closes_the_connection(
+        hub_server: HubProcess) -> None:
+    """The hub answers 401 without reading the body, so it cannot reuse the connection: it
+    says so (``Connection: close``) rather than let a keep-alive client send its next request
+    into a connection being closed (that request then gets no answer at all)."""
+    host, port = "127.0.0.1", hub_server.port
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(f"POST /api/v1/blobs/missing HTTP/1.1\r\nHost: {host}\r\n"
+                     "Content-Type: application/json\r\nContent-Length: 9\r\n\r\n".encode())
+        answer = b""  # the body is never sent: the answer must not wait for it
+        while chunk := sock.recv(65536):  # ends when the hub closes the connection
+            answer += chunk
+    head = answer.decode("latin-1").lower()
+    assert head.startswith("http/1.1 401"), head[:200]
+    assert "\r\nconnection: close\r\n" in head
+    key = {"authorization": f"Bearer {hub_server.keys['alice']}"}
+    async with httpx.AsyncClient(base_url=hub_server.url, headers=key) as raw:
+        read = await raw.post("/api/v1/blobs/missing", json={"hashes": []})  # body read
+        plain = await raw.get("/api/v1/whoami")  # no body
+        early = await raw.request("GET", "/api/v1/whoami", content=b"{not json",
+                                  headers={"authorization": "Bearer nope"})
+        after = await raw.get("/api/v1/whoami")  # a new connection, answered
+    assert (read.status_code, plain.status_code, early.status_code, after.status_code) == \
+        (200, 200, 401, 200)
+    assert "connection" not in read.headers and "connection" not in plain.headers
+    assert early.headers["connection"] == "close"
+
+
 async def test_folder_listings_of_unknown_users_look_empty(alice: HubClient) -> None:
     assert await alice.list_folders("nosuchuser", "model") == []
 

@@ -1,5 +1,12 @@
-"""ASGI middleware around the hub app: request ids, one access-log line per request, and
-Prometheus metrics served at ``/metrics``.
+"""ASGI middleware around the hub app: request ids, one access-log line per request,
+Prometheus metrics served at ``/metrics``, and ``Connection: close`` on an answer given
+before its request's body was read.
+
+The hub answers some requests without reading their bodies (401 before anything of the
+request is read, 413 on a declared length over the limit). The server then cannot reuse
+the connection (the unread body is still on it) and closes it after the answer; said
+nothing, a keep-alive client sends its next request on that connection and, when the close
+wins the race, gets no answer at all. The header tells the client up front.
 
 Metrics (one registry per app, so tests and embedded hubs never share counters):
 ``ah_requests_total{endpoint,method,status}``, ``ah_request_seconds{endpoint}`` (histogram),
@@ -71,19 +78,24 @@ class ObservedApp:
         start = time.perf_counter()
         status = 500
         sent = received = 0
+        body_unread = _has_body(headers)
 
         async def counting_receive() -> Message:
-            nonlocal received
+            nonlocal received, body_unread
             message: Message = await receive()
             received += len(message.get("body", b""))
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_unread = False  # read to its end (or the client went away)
             return message
 
         async def tagging_send(message: Message) -> None:
             nonlocal status, sent
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message = {**message, "headers": [*message.get("headers", []),
-                                                  (b"x-request-id", rid.encode("latin-1"))]}
+                extra = [(b"x-request-id", rid.encode("latin-1"))]
+                if body_unread:
+                    extra.append((b"connection", b"close"))
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
             await send(message)
@@ -104,3 +116,10 @@ class ObservedApp:
                 "method": scope["method"], "path": scope["path"], "status": status,
                 "ms": round(elapsed * 1000, 1), "bytes_in": received, "bytes_out": sent}})
             request_id.reset(token)
+
+
+def _has_body(headers: dict[bytes, bytes]) -> bool:
+    """Whether the request declares a body (HTTP/1.1: a length above 0, or chunks)."""
+    if headers.get(b"transfer-encoding", b"").strip().lower() not in (b"", b"identity"):
+        return True
+    return headers.get(b"content-length", b"0").strip() not in (b"", b"0")
