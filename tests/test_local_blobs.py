@@ -1,0 +1,103 @@
+"""The local blob store on its own: where blobs lie on disk (``ROOT/ab/<sha256>``), and that
+blobs a hub wrote in the layout before (``ROOT/ab/cd/<sha256>``) stay readable, listed and
+deletable next to new ones."""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ahmount.errors import NotFound
+from ahmount.hub.blobs import LocalBlobStore
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def upload(store: LocalBlobStore, data: bytes, name: str = "u1") -> str:
+    """``data`` stored as the hub stores a blob: an upload, finished under its hash."""
+    store.start_upload(name)
+    store.append(name, 0, data)
+    store.finish_upload(name, sha(data), len(data))
+    return sha(data)
+
+
+def place_legacy(store: LocalBlobStore, data: bytes) -> str:
+    """``data`` where a hub from before the one-level layout put its blobs."""
+    digest = sha(data)
+    path = store.root / digest[:2] / digest[2:4] / digest
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return digest
+
+
+def test_a_finished_upload_lies_one_directory_deep(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    digest = upload(store, b"weights")
+    assert (tmp_path / "blobs" / digest[:2] / digest).read_bytes() == b"weights"
+    assert not (tmp_path / "blobs" / digest[:2] / digest[2:4]).exists()
+    assert store.size(digest) == 7
+    assert b"".join(store.read(digest, 2, 7)) == b"ights"
+    assert list(store.hashes()) == [digest]
+
+
+def test_blobs_of_the_layout_before_are_read_listed_and_deleted(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    old = place_legacy(store, b"old bytes")
+    new = upload(store, b"new bytes")
+    assert store.size(old) == 9
+    assert b"".join(store.read(old, 0, 9)) == b"old bytes"
+    assert store.read_small([(new, 9), (old, 9)]) == [b"new bytes", b"old bytes"]
+    assert sorted(store.hashes()) == sorted([old, new])
+    store.delete(old)
+    assert store.size(old) is None
+    assert list(store.hashes()) == [new]
+
+
+def test_a_missing_blob_is_not_found_by_name(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    here = upload(store, b"here")
+    gone = sha(b"gone")
+    assert store.size(gone) is None
+    with pytest.raises(NotFound, match=gone):
+        list(store.read(gone, 0, 1))
+    with pytest.raises(NotFound, match=gone):
+        store.read_small([(here, 4), (gone, 4)])
+    store.delete(gone)  # no error
+    assert list(store.hashes()) == [here]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.binary(min_size=1, max_size=64), st.booleans(), st.booleans()),
+                max_size=12))
+def test_any_mix_of_layouts_reads_lists_and_deletes_as_one_store(
+        blobs: list[tuple[bytes, bool, bool]]) -> None:
+    """Model check: blobs put in either layout (``legacy``), some then deleted (``gone``);
+    the store lists exactly the ones kept, reads them back whole in one batch, and knows
+    none of the deleted ones."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = LocalBlobStore(Path(tmp) / "blobs")
+        stored: dict[str, bytes] = {}
+        for count, (data, legacy, _) in enumerate(blobs):
+            digest = sha(data)
+            if digest in stored:
+                continue
+            if legacy:
+                place_legacy(store, data)
+            else:
+                upload(store, data, f"u{count}")
+            stored[digest] = data
+        deleted = {sha(data) for data, _, gone in blobs if gone}
+        for digest in deleted:
+            store.delete(digest)
+            stored.pop(digest, None)
+        assert sorted(store.hashes()) == sorted(stored)
+        kept = sorted(stored.items())
+        assert store.read_small([(d, len(b)) for d, b in kept]) == [b for _, b in kept]
+        assert all(store.size(digest) is None for digest in deleted)
