@@ -113,20 +113,19 @@ class LocalBlobStore:
         """Where the blob is written, and looked for first."""
         return f"{self.root}/{sha256[:2]}/{sha256}"  # a str: pathlib's joining costs more
 
-    def _legacy_path(self, sha256: str) -> str:
-        """Where a hub before the one-level layout put it."""
-        return f"{self.root}/{sha256[:2]}/{sha256[2:4]}/{sha256}"
+    def _places(self, sha256: str) -> tuple[str, str]:
+        """Where the blob may lie, in the order to look: this layout's place, then where a
+        hub before the one-level layout put it."""
+        return self._path(sha256), f"{self.root}/{sha256[:2]}/{sha256[2:4]}/{sha256}"
 
     def _open(self, sha256: str) -> int:
         """The blob's file, opened for reading, wherever it lies. Raises NotFound."""
-        try:
-            return os.open(self._path(sha256), os.O_RDONLY)
-        except FileNotFoundError:
-            pass
-        try:
-            return os.open(self._legacy_path(sha256), os.O_RDONLY)
-        except FileNotFoundError:
-            raise NotFound(f"blob {sha256} is not stored") from None
+        for path in self._places(sha256):
+            try:
+                return os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                pass
+        raise NotFound(f"blob {sha256} is not stored")
 
     def _upload_path(self, upload_id: str) -> Path:
         if not upload_id.replace("-", "").isalnum():
@@ -134,7 +133,7 @@ class LocalBlobStore:
         return self._uploads / upload_id
 
     def size(self, sha256: str) -> int | None:
-        for path in (self._path(sha256), self._legacy_path(sha256)):
+        for path in self._places(sha256):
             try:
                 return os.stat(path).st_size
             except FileNotFoundError:
@@ -265,7 +264,7 @@ class LocalBlobStore:
         self._upload_path(upload_id).unlink(missing_ok=True)
 
     def delete(self, sha256: str) -> None:
-        for path in (self._path(sha256), self._legacy_path(sha256)):
+        for path in self._places(sha256):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 
