@@ -39,7 +39,7 @@ import random
 import sys
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -177,6 +177,7 @@ def main() -> None:
             rounds = iter(range(1_000_000))
             costs = Costs()
             assert server.proc is not None
+            server_pid = server.proc.pid
 
             @contextlib.contextmanager
             def local_disk(_: int) -> Iterator[Path]:
@@ -187,8 +188,8 @@ def main() -> None:
                 def opened(n: int) -> Iterator[Path]:
                     m = hub_mount(server, key, root / f"ah-mnt-{n}", root / f"ah-cache-{n}",
                                   *extra)
-                    assert m.pid is not None and server.proc is not None
-                    costs.pids = {"daemon": m.pid, "server": server.proc.pid}
+                    assert m.pid is not None
+                    costs.pids = {"daemon": m.pid, "server": server_pid}
                     try:
                         yield m.mountpoint / "dataset/bench/train/main"
                     finally:
@@ -238,7 +239,7 @@ def main() -> None:
                                     functools.partial(loader, [base / p for p in paths],
                                                       workers))
             files_url = f"{server.url}/api/v1/assets/bench/dataset/bench/train/refs/main/files"
-            costs.pids = {"server": server.proc.pid}
+            costs.pids = {"server": server_pid}
             for workers in counts:
                 if sets["large"]:
                     drop_caches()
@@ -254,47 +255,41 @@ def main() -> None:
 def _report(results: dict[Key, float], targets: list[str], sets: dict[str, list[Path]],
             counts: list[int]) -> None:
     base = "sshfs" if "sshfs" in targets else "local"
-    for kind, paths in sets.items():
-        if not paths:
-            continue
-        size = "4 KiB" if kind == "small" else "1 MiB"
-        print(f"\n{len(paths)} x {size}, shuffled, files/s (ratio to {base})")
-        print(f"{'':<16}" + "".join(f"{f'{t} {w}w':>22}" for t in ("cold", "warm")
-                                   for w in counts))
-        for name in targets:
-            if (name, kind, "cold", counts[0]) not in results:
-                continue  # the hub alone is measured for the 1 MiB files only
-            cells = []
-            for temp in ("cold", "warm"):
-                for w in counts:
-                    value = results[(name, kind, temp, w)]
-                    ratio = value / results[(base, kind, temp, w)]
-                    cells.append(f"{value:>12,.0f} ({ratio:5.2f}x)")
-            print(f"{name:<16}" + "".join(f"{c:>22}" for c in cells))
+
+    def cell(key: Key) -> str:
+        value = results[key]
+        return f"{value:>12,.0f} ({value / results[(base, *key[1:])]:5.2f}x)"
+
+    _tables(f"shuffled, files/s (ratio to {base})", results, cell, targets, sets, counts)
 
 
 def _report_costs(costs: Costs, targets: list[str], sets: dict[str, list[Path]],
                   counts: list[int]) -> None:
+    def cell(key: Key) -> str:
+        spent = costs.per_file[key]
+        parts = "+".join(f"{spent[p]:.2f}" for p in ("daemon", "server") if p in spent)
+        return f"{spent['machine']:.2f}" + (f" ({parts})" if parts else "")
+
+    _tables("CPU ms per file, the whole machine (for ahmount: daemon + ah-server of it)",
+            costs.per_file, cell, targets, sets, counts)
+
+
+def _tables(title: str, measured: Mapping[Key, object], cell: Callable[[Key], str],
+            targets: list[str], sets: dict[str, list[Path]], counts: list[int]) -> None:
+    """A table per data set: a row per target that was ``measured`` on it (the hub alone is
+    measured for the 1 MiB files only), a column per cold/warm and worker count."""
     for kind, paths in sets.items():
         if not paths:
             continue
         size = "4 KiB" if kind == "small" else "1 MiB"
-        print(f"\n{len(paths)} x {size}: CPU ms per file, the whole machine (for ahmount: "
-              "daemon + ah-server of it)")
+        print(f"\n{len(paths)} x {size}, {title}")
         print(f"{'':<16}" + "".join(f"{f'{t} {w}w':>22}" for t in ("cold", "warm")
                                    for w in counts))
         for name in targets:
-            if (name, kind, "cold", counts[0]) not in costs.per_file:
+            if (name, kind, "cold", counts[0]) not in measured:
                 continue
-            cells = []
-            for temp in ("cold", "warm"):
-                for w in counts:
-                    spent = costs.per_file[(name, kind, temp, w)]
-                    parts = "+".join(f"{spent[p]:.2f}" for p in ("daemon", "server")
-                                     if p in spent)
-                    cells.append(f"{spent['machine']:.2f}" + (f" ({parts})" if parts else ""))
-            print(f"{name:<16}" + "".join(f"{c:>22}" for c in cells))
-
+            print(f"{name:<16}" + "".join(f"{cell((name, kind, temp, w)):>22}"
+                                         for temp in ("cold", "warm") for w in counts))
 
 if __name__ == "__main__":
     main()
