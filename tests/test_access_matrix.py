@@ -23,7 +23,7 @@ A = API + "/assets/{owner}/{kind}/{folder}/{asset}"
 #: What each (route, method) needs. open: anyone; any: any authenticated caller (acting on
 #: their own things); namespace: being the user named in the path (nobody creates folders
 #: for another); read/write/own: that permission on the folder; uploader: the user who
-#: started the upload.
+#: started the upload; grant: a read URL (signed, from an object read), whoever holds it.
 NEEDS: dict[tuple[str, str], str] = {
     ("/healthz", "GET"): "open",
     (API + "/openapi.json", "GET"): "open",
@@ -55,6 +55,8 @@ NEEDS: dict[tuple[str, str], str] = {
     (API + "/blobs/missing", "POST"): "any",
     (API + "/blobs/batch", "POST"): "any",
     (API + "/blobs/{sha256}", "PUT"): "any",
+    (API + "/blobs/{sha256}/content", "GET"): "grant",
+    (API + "/blobs/{sha256}/content", "HEAD"): "grant",
     (API + "/uploads", "POST"): "any",
     (API + "/uploads/{upload_id}", "GET"): "uploader",
     (API + "/uploads/{upload_id}", "PATCH"): "uploader",
@@ -156,6 +158,31 @@ def hub(matrix_server: HubProcess) -> Hub:
     return found
 
 
+@pytest.mark.parametrize("caller", CALLERS)
+def test_a_blob_reads_only_through_a_read_url_the_hub_signed(hub: Hub, caller: str) -> None:
+    """Knowing a blob's hash reads nothing: without a read URL, or with one whose any part
+    was changed, every caller (the blob's owner too) is refused, told why, and sent no
+    byte."""
+    good = httpx.URL(hub.owner_call("GET", hub.asset_url("private") + "/refs/main/files/f.txt"
+                                    ).headers["x-ah-read-url"])
+    params = dict(good.params)
+    other = hashlib.sha256(b"other").hexdigest()
+    forged = [
+        ({}, good.path),
+        ({**params, "signature": "0" * 64}, good.path),
+        ({**params, "expires": str(int(params["expires"]) + 1)}, good.path),
+        ({**params, "user": hub.names["stranger"]}, good.path),
+        (params, good.path.replace(hub.sha, other)),
+    ]
+    with hub.client(caller) as client:
+        for query, path in forged:
+            answer = client.get(path, params=query)
+            assert answer.status_code == 403, (query, path, answer.text)
+            assert answer.json()["error"]["message"].startswith("read URL of blob"), answer.text
+            assert b"matrix" not in answer.content
+        assert client.get(good).content == b"matrix"
+
+
 @pytest.mark.parametrize("caller", ["owner", "viewer", "editor", "reader", "stranger"])
 def test_the_feed_shows_each_caller_what_they_may_read(hub: Hub, caller: str) -> None:
     """A caller hears of a folder's changes exactly when they may read it (public folders:
@@ -221,6 +248,10 @@ def request_for(hub: Hub, path: str, method: str, folder: str,
         (API + "/blobs/missing", "POST"): {"hashes": [hub.sha]},
         (API + "/uploads", "POST"): {"sha256": "b" * 64, "size": 1},
     }
+    if path.endswith("/content"):
+        # The read URL the owner's read of the private file came with.
+        url = hub.owner_call("GET", hub.asset_url(folder) + "/refs/main/files/f.txt"
+                             ).headers["x-ah-read-url"]
     kwargs: dict[str, Any] = {}
     if (path, method) in bodies:
         kwargs["json"] = bodies[(path, method)]
@@ -237,7 +268,7 @@ def request_for(hub: Hub, path: str, method: str, folder: str,
 
 def expected(need: str, caller: str, folder: str) -> set[int] | str:
     """``"ok"`` (any 2xx) or the set of statuses a refusal may have."""
-    if need == "open":
+    if need in ("open", "grant"):
         return "ok"
     if caller in ("anonymous", "bad key"):
         return {401}

@@ -512,6 +512,43 @@ def test_schema_upgrade_is_logged_and_applied(tmp_path: Path,
         MetadataStore(url)
 
 
+def test_a_v5_hub_upgrades_and_its_replicas_share_the_read_grant_key(tmp_path: Path) -> None:
+    """Schema v6 adds the settings table; the key read grants are signed with is made on
+    first use and kept there, so a grant one replica issued checks on another."""
+    from ahmount.hub.blobs import LocalBlobStore
+    from ahmount.hub.metadata import MetadataStore
+    from ahmount.hub.migrations import SCHEMA_VERSION
+
+    url = f"sqlite:///{tmp_path / 'v5.db'}"
+    store = MetadataStore(url)
+    with store.write() as tx:  # make it look like a v5 database
+        tx._c.execute(sa.text("DROP TABLE settings"))
+        tx._c.execute(sa.text("UPDATE schema_info SET version = 5"))
+    store.close()
+    first, second = MetadataStore(url), MetadataStore(url)
+    with first.read() as tx:
+        assert tx.setting("read_grant_key") is None
+    blobs = LocalBlobStore(tmp_path / "blobs")
+    data = b"shared bytes"
+    sha = hashlib.sha256(data).hexdigest()
+    one, other = HubService(first, blobs), HubService(second, blobs)
+    alice = one.ensure_user("alice")
+    folder = FolderAddr("alice", "model", "m")
+    one.create_folder(alice, folder)
+    addr = AssetAddr(folder, "a")
+    one.create_asset(alice, addr)
+    one.commit(alice, addr, "main", "c", adds=[obj(one, alice, "f", data)])
+    grant = one.read_grant(alice, one.open_object(alice, addr, "main", "f"))
+    blob = other.open_granted_blob(sha, grant.user, str(grant.expires), grant.signature)
+    assert b"".join(blob.read(0, blob.size)) == data
+    with second.read() as tx:
+        assert len(bytes.fromhex(tx.setting("read_grant_key") or "")) == 32
+        assert tx._c.execute(sa.text("SELECT version FROM schema_info")).scalar() == \
+            SCHEMA_VERSION
+    first.close()
+    second.close()
+
+
 def test_a_blob_is_no_capability(service: HubService, alice: Actor, bob: Actor,
                                  model: AssetAddr) -> None:
     """Knowing a sha256 gives nothing: a commit may name a blob only if the caller sent its

@@ -36,6 +36,10 @@ class BlobStore(Protocol):
     """What the hub needs from a blob store. Every method is blocking; callers in async code
     run them in a worker thread."""
 
+    #: Reads are reads of local files: a small one (a page a random reader misses) costs
+    #: less than a thread hand-off, so a server may make it on its event loop.
+    local_reads: bool
+
     def size(self, sha256: str) -> int | None:
         """The blob's size, or ``None`` if it is not stored."""
 
@@ -102,6 +106,8 @@ class LocalBlobStore:
     one. Blobs that a hub wrote before, under ``ROOT/ab/cd/<sha256>``, are read, listed and
     deleted where they are.
     """
+
+    local_reads = True
 
     def __init__(self, root: Path) -> None:
         self.root = root

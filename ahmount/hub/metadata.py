@@ -177,6 +177,13 @@ events = sa.Table(
     sa.Column("payload", sa.Text, nullable=False),
     sa.Index("ix_events_created", "created"),
 )
+#: The hub's own values (schema v6): the key that signs read grants, made on first use.
+settings = sa.Table(
+    "settings",
+    meta,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
 #: The lock that orders event ids across replicas (PostgreSQL advisory lock key).
 EVENT_LOCK = 4243
 
@@ -248,6 +255,17 @@ class MetaTx:
         else:
             stmt = sqlite.insert(table).on_conflict_do_nothing(index_elements=keys)
         self._c.execute(stmt, rows)
+
+    # -- settings ----------------------------------------------------------------------------
+
+    def setting(self, name: str) -> str | None:
+        value: str | None = self._c.execute(
+            sa.select(settings.c.value).where(settings.c.name == name)).scalar()
+        return value
+
+    def insert_setting_if_absent(self, name: str, value: str) -> None:
+        """Sets ``name`` unless it is set (replicas starting together keep the first)."""
+        self._insert_ignore(settings, [{"name": name, "value": value}], "name")
 
     # -- users and keys ----------------------------------------------------------------------
 

@@ -38,11 +38,17 @@ def _v5_events(conn: Connection) -> None:
     changed before the upgrade is not replayed: subscribers start at the newest event)."""
 
 
+def _v6_settings(conn: Connection) -> None:
+    """The ``settings`` table (the read-grant key) is made by ``create_all``; the key is
+    made on first use."""
+
+
 #: STEPS[n] upgrades version n to n + 1.
 STEPS: dict[int, Callable[[Connection], None]] = {1: _v2_blobs_created_index,
                                                   2: _v3_blob_possession,
                                                   3: _v4_staged_modes,
-                                                  4: _v5_events}
+                                                  4: _v5_events,
+                                                  5: _v6_settings}
 SCHEMA_VERSION = max(STEPS) + 1
 
 

@@ -52,6 +52,8 @@ class S3Location:
 class S3BlobStore:
     """A :class:`~ahmount.hub.blobs.BlobStore` on S3. ``client`` is a boto3 S3 client."""
 
+    local_reads = False
+
     def __init__(self, client: Any, location: S3Location, presign: bool = False) -> None:
         self.client = client
         self.bucket = location.bucket

@@ -8,6 +8,7 @@ thread-safe; the HTTP layer calls them from worker threads. Every failure is an
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import json
@@ -50,6 +51,7 @@ from ahmount.hub.models import (
     Permission,
     RefInfo,
 )
+from ahmount.hub.read_grants import Grant, ReadGrants
 from ahmount.hub.trees import TreeStore
 from ahmount.names import (
     Kind,
@@ -83,6 +85,8 @@ UPLOAD_TTL = 24 * 3600.0
 MAX_OPEN_UPLOADS = 256
 COMMIT_RETRIES = 50
 SHARED_OWNER = "shared"
+#: The setting that holds the key read grants are signed with (hex).
+GRANT_KEY = "read_grant_key"
 _RANK: dict[str, int] = {"view": 1, "edit": 2, "own": 3}
 
 
@@ -264,6 +268,25 @@ class ReadableObject:
         """A URL that reads the blob straight from the blob store, when the store can make one
         and the operator allowed it (``--s3-presign``)."""
         return self._blobs.presign(self.entry.sha256)
+
+
+@dataclass(frozen=True)
+class GrantedBlob:
+    """A blob a signed read grant lets anyone read (made only by
+    :meth:`HubService.open_granted_blob`): its size, and its bytes on demand."""
+
+    sha256: str
+    size: int
+    _blobs: BlobStore
+
+    @property
+    def local(self) -> bool:
+        """Its bytes are a local file's (a small read costs less than a thread hand-off)."""
+        return self._blobs.local_reads
+
+    def read(self, start: int, end: int) -> Iterator[bytes]:
+        check_range(self.sha256, self.size, start, end)
+        return self._blobs.read(self.sha256, start, end)
 
 
 class HubService:
@@ -818,6 +841,36 @@ class HubService:
         """Many objects of one commit, for ``actor`` to read (one resolution, one check)."""
         commit, entries = self.stat_objects(actor, addr, ref, paths)
         return commit, [ReadableObject(commit, e, self.blobs) for e in entries]
+
+    # == read grants (ahmount.hub.read_grants) ===============================================
+
+    @functools.cached_property
+    def _grants(self) -> ReadGrants:
+        """The grants signed with this hub's key, made on first use and kept in the
+        metadata store (every replica checks every other's grants). Two threads may both
+        load it the first time: they load the same key."""
+        with self.metadata.write() as tx:
+            tx.insert_setting_if_absent(GRANT_KEY, secrets.token_hex(32))
+            key = tx.setting(GRANT_KEY)
+        assert key is not None
+        return ReadGrants(bytes.fromhex(key))
+
+    def read_grant(self, actor: Actor, found: ReadableObject) -> Grant:
+        """A grant to read ``found``'s blob without a key, for a caller that was just let
+        read it (:meth:`open_object`)."""
+        return self._grants.issue(found.entry.sha256, actor.id)
+
+    def open_granted_blob(self, sha256: str, user: str, expires: str,
+                          signature: str) -> GrantedBlob:
+        """The blob a read grant names, once its signature and expiry check out: no lookup
+        in the metadata store. Raises PermissionDenied (a bad or expired grant) or NotFound
+        (a blob collected since)."""
+        check_sha256(sha256)
+        self._grants.check(sha256, user, expires, signature)
+        size = self.blobs.size(sha256)
+        if size is None:
+            raise NotFound(f"blob {sha256} is not stored")
+        return GrantedBlob(sha256, size, self.blobs)
 
     def check_health(self) -> None:
         """Raises unless the metadata store answers (readiness)."""

@@ -69,8 +69,9 @@ ROUTES: Routes = [
 ]
 BODIES: Bodies = {**folders.BODIES, **assets.BODIES, **objects.BODIES, **commits.BODIES,
           **blobs.BODIES}
-#: Routes anyone may call; every other one authenticates before it reads the request.
-OPEN = frozenset({"/healthz", API + "/openapi.json"})
+#: Routes anyone may call; every other one authenticates before it reads the request (a
+#: read URL's signature is its caller's authentication).
+OPEN = frozenset({"/healthz", API + "/openapi.json", API + "/blobs/{sha256}/content"})
 
 
 def create_app(service: HubService | None = None, trusted_user: str | None = None, *,

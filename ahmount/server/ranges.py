@@ -32,6 +32,20 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
+def answer_range(header: str | None, size: int,
+                 headers: dict[str, str]) -> tuple[int, int, int]:
+    """``(status, start, end)`` of a read of a ``size``-byte object with the Range
+    ``header``: 200 for the whole, 206 for a range (``Content-Range`` added to ``headers``);
+    ``Content-Length`` added either way."""
+    byte_range = parse_range(header, size)
+    start, end = byte_range or (0, size)
+    headers["content-length"] = str(end - start)
+    if byte_range is None:
+        return 200, start, end
+    headers["content-range"] = f"bytes {start}-{end - 1}/{size}"
+    return 206, start, end
+
+
 async def iterate(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
     sentinel = b""
     while True:

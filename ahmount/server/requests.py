@@ -25,6 +25,7 @@ from ahmount.hub.models import (
     ObjectEntry,
     RefInfo,
 )
+from ahmount.hub.read_grants import Grant
 from ahmount.hub.service import Actor, HubService
 from ahmount.names import check_kind, check_name
 from ahmount.server import schemas
@@ -146,6 +147,12 @@ def commit_json(info: CommitInfo | None) -> dict[str, Any] | None:
 
 def ref_json(info: RefInfo) -> dict[str, Any]:
     return {"type": info.type, "name": info.name, "commit": commit_json(info.commit)}
+
+
+def blob_read_url(request: Request, grant: Grant) -> str:
+    """The read URL of a grant (``blob_content``), as a path of this server."""
+    root = request.scope.get("root_path", "")
+    return f"{root}{API}/blobs/{grant.sha256}/content?{grant.query()}"
 
 
 def object_json(entry: ObjectEntry) -> dict[str, Any]:

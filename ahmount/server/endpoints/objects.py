@@ -14,16 +14,18 @@ from starlette.responses import Response, StreamingResponse
 
 from ahmount import errors
 from ahmount.hub.models import ObjectEntry
+from ahmount.hub.read_grants import Grant
 from ahmount.hub.service import Actor, ReadableObject
 from ahmount.server import schemas
 from ahmount.server.bodies import json_body
-from ahmount.server.ranges import iterate, parse_range
+from ahmount.server.ranges import answer_range, iterate, parse_range
 from ahmount.server.requests import (
     API,
     Bodies,
     Routes,
     asset_addr,
     authenticates_itself,
+    blob_read_url,
     call,
     call_as,
     caller,
@@ -79,29 +81,34 @@ WHOLE_BODY = 4 << 20
 async def file(request: Request) -> Response:
     """GET/HEAD an object's bytes; honours Range and If-None-Match (the ETag is the sha256).
     A small object (a block a mount misses, a file of a small-file dataset) costs one
-    worker-thread hand-off: authentication, resolution and the read together."""
+    worker-thread hand-off: authentication, resolution and the read together. A GET served
+    here also hands out a read URL of the object's blob (`X-Ah-Read-Url`, valid until
+    `X-Ah-Read-Expires`) for its later ranges: see ``blob_content``."""
     service = service_of(request)
     name, path = request.path_params["ref"], request.path_params["path"]
     get = request.method == "GET"
     redirect = request.query_params.get("redirect") == "1"
 
-    def open_and_read(actor: Actor) -> tuple[ReadableObject, str | None, bytes | None]:
-        """The object, the presigned URL to redirect to (None: serve it here), and its
-        requested bytes when they are few (None: stream them, or send none)."""
+    def open_and_read(actor: Actor) -> tuple[ReadableObject, str | None, bytes | None,
+                                             Grant | None]:
+        """The object, the presigned URL to redirect to (None: serve it here), its
+        requested bytes when they are few (None: stream them, or send none), and the grant
+        of a read URL when its bytes are served here."""
         found = service.open_object(actor, asset_addr(request), name, path)
         entry = found.entry
         if not get or request.headers.get("if-none-match") == f'"{entry.sha256}"':
-            return found, None, None
+            return found, None, None, None
         # Computed locally, no I/O: the client then reads from the blob store (data plane).
         url = found.presigned_url() if redirect and entry.size else None
         if url is not None:
-            return found, url, None
+            return found, url, None, None
+        grant = service.read_grant(actor, found)
         start, end = parse_range(request.headers.get("range"), entry.size) or (0, entry.size)
         if end - start > WHOLE_BODY:
-            return found, None, None
-        return found, None, b"".join(found.read(start, end))
+            return found, None, None, grant
+        return found, None, b"".join(found.read(start, end)), grant
 
-    found, url, body = await call_as(request, open_and_read)
+    found, url, body, grant = await call_as(request, open_and_read)
     commit, entry = found.commit, found.entry
     etag = f'"{entry.sha256}"'
     headers = {
@@ -116,13 +123,10 @@ async def file(request: Request) -> Response:
         return Response(status_code=304, headers=headers)
     if url is not None:
         return Response(status_code=307, headers={**headers, "location": url})
-    byte_range = parse_range(request.headers.get("range"), entry.size)
-    start, end = byte_range or (0, entry.size)
-    headers["content-length"] = str(end - start)
-    status = 200
-    if byte_range is not None:
-        status = 206
-        headers["content-range"] = f"bytes {start}-{end - 1}/{entry.size}"
+    if grant is not None:
+        headers["x-ah-read-url"] = blob_read_url(request, grant)
+        headers["x-ah-read-expires"] = str(grant.expires)
+    status, start, end = answer_range(request.headers.get("range"), entry.size, headers)
     if request.method == "HEAD" or end == start:
         return Response(status_code=status, headers=headers)
     if body is not None:
