@@ -44,18 +44,25 @@ def read(hub: HubClient, addr: AssetAddr, path: str, start: int, end: int,
     return bytes(got), offsets, done
 
 
-@pytest.fixture
-async def stored(hub_server: HubProcess, unique: str, tmp_path: Path) -> AssetAddr:
-    async with HubClient(hub_server.url, api_key=hub_server.keys["alice"]) as hub:
-        folder = FolderAddr("alice", "dataset", unique)
+async def store_object(server: HubProcess, folder_name: str, tmp_path: Path, data: bytes,
+                       path: str) -> tuple[AssetAddr, str]:
+    """alice's asset ``d`` in a new folder, holding ``data`` at ``path``: (asset, sha256)."""
+    async with HubClient(server.url, api_key=server.keys["alice"]) as hub:
+        folder = FolderAddr("alice", "dataset", folder_name)
         await hub.create_folder(folder)
         addr = AssetAddr(folder, "d")
         await hub.create_asset(addr)
         local = tmp_path / "blob"
-        local.write_bytes(DATA)
+        local.write_bytes(data)
         sha, size = hash_file(local)
         await hub.upload_file(local, sha, size)
-        await hub.commit(addr, "main", "c", adds=[ObjectEntry("dir/a b.bin", sha, size, 1.0)])
+        await hub.commit(addr, "main", "c", adds=[ObjectEntry(path, sha, size, 1.0)])
+    return addr, sha
+
+
+@pytest.fixture
+async def stored(hub_server: HubProcess, unique: str, tmp_path: Path) -> AssetAddr:
+    addr, _ = await store_object(hub_server, unique, tmp_path, DATA, "dir/a b.bin")
     return addr
 
 

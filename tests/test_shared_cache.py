@@ -327,13 +327,16 @@ async def test_an_object_fetched_whole_arrives_verified_without_a_second_read(
         cache.close()
 
 
-async def test_random_reads_fetch_pages_and_keep_them(tmp_path: Path) -> None:
+@pytest.mark.parametrize("direct", [False, True], ids=["streamed", "direct"])
+async def test_random_reads_fetch_pages_and_keep_them(tmp_path: Path, direct: bool) -> None:
     """A 4 KiB read at a random offset fetches its 64 KiB page, not the 1 MiB block; pages
     are kept, and a block whose pages all came becomes whole (and the object verified when
-    every block is here)."""
+    every block is here). From a hub behind a socket, pages are read in a worker thread
+    (``read_into``) as runs are."""
     from ahmount.vfs.object_cache import PAGE
 
-    source = MemorySource(blob(7, 2 * BLOCK + 3 * PAGE + 100))  # the last block is short
+    # The last block is short.
+    source = MemorySource(blob(7, 2 * BLOCK + 3 * PAGE + 100), direct=direct)
     cache = ObjectCache(tmp_path, 64 << 20)
     try:
         cache.pin(source.sha256)
@@ -353,6 +356,7 @@ async def test_random_reads_fetch_pages_and_keep_them(tmp_path: Path) -> None:
         assert record.complete() and record.pages == {} and record.verified
         assert cache.used_bytes() == source.size
         assert source.fetched_bytes == source.size  # nothing fetched twice
+        assert source.direct_reads == (source.fetches if direct else 0)
         cache.unpin(source.sha256)
         assert await cache.read(source, 0, source.size) == source.data  # a whole read: hits
         assert source.fetched_bytes == source.size
@@ -392,20 +396,41 @@ async def test_a_block_fetched_whole_over_kept_pages_is_counted_once(tmp_path: P
         cache.close()
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["streamed", "direct"])
 async def test_a_full_disk_serves_random_reads_from_the_hub(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool) -> None:
     """Pages share the block path's write: a disk that is full under the cache answers the
     read from what arrived (not EIO), and keeps nothing."""
     import ahmount.vfs.object_cache as module
     from ahmount.vfs.object_cache import PAGE
 
     fill_the_disk(monkeypatch, module, "_pwritev_all")
-    source = MemorySource(blob(10, 2 * BLOCK))
+    source = MemorySource(blob(10, 2 * BLOCK), direct=direct)
     cache = ObjectCache(tmp_path, 64 << 20)
     try:
         at = BLOCK + 3 * PAGE + 7
         assert await cache.read_pages(source, at, 4096) == source.data[at:at + 4096]
         assert cache.used_bytes() == 0 and cache.stats.uncached_reads == 1
+        assert source.fetches == 1  # the bytes that arrived answered the read
+    finally:
+        cache.close()
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["streamed", "direct"])
+async def test_a_random_read_with_no_room_in_the_cache_still_answers(
+        tmp_path: Path, direct: bool) -> None:
+    """A page that does not fit the cache's bound (everything else in use) is read from the
+    hub and answered, uncounted and unkept, and the next read of it asks the hub again."""
+    from ahmount.vfs.object_cache import PAGE
+
+    source = MemorySource(blob(12, 2 * BLOCK), direct=direct)
+    cache = ObjectCache(tmp_path, PAGE // 2)  # not even one page fits
+    try:
+        at = BLOCK + 5 * PAGE + 11
+        for fetches in (1, 2):
+            assert await cache.read_pages(source, at, 4096) == source.data[at:at + 4096]
+            assert source.fetches == fetches and cache.used_bytes() == 0
+        assert cache.stats.uncached_reads == 2
     finally:
         cache.close()
 

@@ -19,6 +19,7 @@ connections are a locked pool.
 
 from __future__ import annotations
 
+import functools
 import http.client
 import socket
 import ssl
@@ -39,6 +40,10 @@ REDIRECTS = 3
 #: Called with (the bytes read so far into the buffer, their offset in the range); returns
 #: False to stop reading.
 Consume = Callable[[memoryview, int], bool]
+#: Looks up a header of an answer by its (case-insensitive) name.
+Header = Callable[[str], str | None]
+#: Shown an answer's headers before its body is read.
+HeadSeen = Callable[[Header], None]
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -132,11 +137,12 @@ class DirectReads:
             raise Retryable(f"{request.method} {request.url.path}: {exc}") from exc
 
     def read_into(self, request: httpx.Request, length: int, buffer: memoryview,
-                  consume: Consume) -> int:
+                  consume: Consume, on_head: HeadSeen | None = None) -> int:
         """Send ``request`` (a ranged GET of ``length`` bytes), following redirects, and read
         its body into ``buffer``, handing each filled buffer (the last one partly) to
         ``consume``. Returns the bytes read; fewer than ``length`` only when ``consume``
-        stopped it. Errors: the hub's answer as its domain exception, a network failure as
+        stopped it; ``on_head`` is shown the final answer's headers before its body is read.
+        Errors: the hub's answer as its domain exception, a network failure as
         :class:`HubUnavailable` (:class:`Retryable` when no byte of the body was read)."""
         for _hop in range(REDIRECTS + 1):
             url = request.url
@@ -158,6 +164,8 @@ class DirectReads:
                     body = response.read()
                     reusable = not response.will_close
                     _raise_for(response, body, request)
+                if on_head is not None and response.status in (200, 206):
+                    on_head(functools.partial(_header, response))
                 done = _read_body(response, length, buffer, consume, request)
                 reusable = done == length and not response.will_close
                 return done
@@ -175,6 +183,10 @@ class DirectReads:
 class Retryable(errors.HubUnavailable):
     """The request failed before the hub answered, or it answered 502/503/504: safe to
     send again."""
+
+
+def _header(response: http.client.HTTPResponse, name: str) -> str | None:
+    return response.getheader(name)
 
 
 def _redirected(request: httpx.Request, location: str) -> httpx.Request:

@@ -19,7 +19,7 @@ import pydantic_core
 
 from ahmount import errors
 from ahmount.client.answers import RETRYABLE_STATUS, raise_for_response
-from ahmount.client.direct_reads import Consume, DirectReads, Retryable
+from ahmount.client.direct_reads import Consume, DirectReads, HeadSeen, Retryable
 from ahmount.client.transport import LargeReadTransport
 
 log = logging.getLogger("ahmount.client")
@@ -95,17 +95,19 @@ class HttpSession:
         return float(self.backoff * 2 ** (attempt - 1) * (0.5 + random.random()))
 
     def read_into(self, url: str, length: int, buffer: memoryview, consume: Consume, *,
-                  headers: dict[str, str], params: dict[str, str]) -> int:
+                  headers: dict[str, str], params: dict[str, str] | None = None,
+                  on_head: HeadSeen | None = None) -> int:
         """A ranged GET of ``length`` bytes read into ``buffer`` by :attr:`direct` (which
         must exist), for a worker thread: the same retries, failing fast and error mapping
-        as :meth:`send`. Returns the bytes read (fewer only when ``consume`` stopped)."""
+        as :meth:`send`. Returns the bytes read (fewer only when ``consume`` stopped).
+        ``on_head`` is shown the answer's headers before its body is read."""
         assert self.direct is not None
         self._fail_fast("GET", url)
         request = self._http.build_request("GET", url, headers=headers, params=params)
         attempt = 0
         while True:
             try:
-                done = self.direct.read_into(request, length, buffer, consume)
+                done = self.direct.read_into(request, length, buffer, consume, on_head)
             except Retryable as exc:
                 attempt += 1
                 if attempt > self.retries:

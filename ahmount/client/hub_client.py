@@ -27,6 +27,7 @@ from ahmount import errors
 from ahmount.client import files
 from ahmount.client.direct_reads import Consume
 from ahmount.client.http import HttpSession, Progress
+from ahmount.client.read_urls import ReadUrls
 from ahmount.client.uploads import UnfinishedUploads, Uploads
 from ahmount.hub.models import (
     AssetAddr,
@@ -41,6 +42,11 @@ from ahmount.hub.models import (
     ObjectEntry,
     RefInfo,
 )
+
+#: What a hub answers to a read URL it no longer honours (expired, signed with another key,
+#: the blob collected): the read then goes through the object's path.
+_REFUSED_URL = (errors.PermissionDenied, errors.Unauthenticated, errors.NotFound,
+                errors.InvalidArgument)
 
 #: Query of an object read: a hub that lets clients read blobs from its store answers 307
 #: with a presigned URL (both ways of reading drop our API key on the way to another host).
@@ -103,6 +109,8 @@ class HubClient:
         self._uploads = Uploads(self._http, self._unfinished)
         #: The caller's user name once known (``whoami`` fills it; callers may preset it).
         self.known_user: str | None = None
+        #: Blobs' read URLs, learnt from object reads (:mod:`read_urls`).
+        self.read_urls = ReadUrls()
 
     @property
     def http(self) -> HttpSession:
@@ -260,15 +268,26 @@ class HubClient:
 
     @contextlib.asynccontextmanager
     async def open_object(
-        self, addr: AssetAddr, ref: str, path: str, start: int = 0, end: int | None = None
+        self, addr: AssetAddr, ref: str, path: str, start: int = 0, end: int | None = None,
+        sha256: str | None = None,
     ) -> AsyncIterator[httpx.Response]:
-        """A streamed response with bytes ``[start, end)`` of an object."""
+        """A streamed response with bytes ``[start, end)`` of an object. Given the object's
+        ``sha256``, through its blob's read URL when one is known (:mod:`read_urls`)."""
         headers = {}
         if start or end is not None:
             headers["range"] = f"bytes={start}-{'' if end is None else end - 1}"
-        response = await self._http.send("GET", self._file_url(addr, ref, path), stream=True,
-                                         headers=headers, params=READ_PARAMS,
-                                         follow_redirects=True)
+        response = None
+        url = self.read_urls.get(sha256)
+        if url is not None:
+            try:
+                response = await self._http.send("GET", url, stream=True, headers=headers)
+            except _REFUSED_URL:
+                self.read_urls.forget(sha256 or "")
+        if response is None:
+            response = await self._http.send("GET", self._file_url(addr, ref, path),
+                                             stream=True, headers=headers, params=READ_PARAMS,
+                                             follow_redirects=True)
+            self.read_urls.learn(response.headers.get)
         try:
             yield response
         finally:
@@ -280,13 +299,23 @@ class HubClient:
         return self._http.direct is not None
 
     def read_into(self, addr: AssetAddr, ref: str, path: str, start: int, end: int,
-                  buffer: memoryview, consume: Consume) -> int:
+                  buffer: memoryview, consume: Consume, sha256: str | None = None) -> int:
         """Bytes ``[start, end)`` of an object read into ``buffer`` (see
         :mod:`direct_reads`), blocking: for a worker thread, when :attr:`reads_directly`.
-        Returns the bytes read; fewer only when ``consume`` returned False."""
+        Returns the bytes read; fewer only when ``consume`` returned False. Given the
+        object's ``sha256``, through its blob's read URL when one is known."""
+        headers = {"range": f"bytes={start}-{end - 1}"}
+        url = self.read_urls.get(sha256)
+        if url is not None:
+            try:
+                # No params: httpx would drop the URL's own query for them.
+                return self._http.read_into(url, end - start, buffer, consume,
+                                            headers=headers)
+            except _REFUSED_URL:
+                self.read_urls.forget(sha256 or "")  # no byte was consumed: the head failed
         return self._http.read_into(self._file_url(addr, ref, path), end - start, buffer,
-                                    consume, headers={"range": f"bytes={start}-{end - 1}"},
-                                    params=READ_PARAMS)
+                                    consume, headers=headers, params=READ_PARAMS,
+                                    on_head=self.read_urls.learn)
 
     async def read_range(self, addr: AssetAddr, ref: str, path: str, start: int,
                          end: int) -> bytes:

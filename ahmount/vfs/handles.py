@@ -42,7 +42,7 @@ class HubSource:
     @asynccontextmanager
     async def fetch(self, start: int, end: int) -> AsyncIterator[AsyncIterator[bytes]]:
         async with self.view.open_object(self.asset, self.commit_id, self.path,
-                                         start, end) as response:
+                                         start, end, self.sha256) as response:
             yield response.aiter_bytes()
 
     @property
@@ -52,7 +52,7 @@ class HubSource:
     def read_into(self, start: int, end: int, buffer: memoryview,
                   consume: Callable[[memoryview, int], bool]) -> int:
         return self.view.hub.read_into(self.asset, self.commit_id, self.path, start, end,
-                                       buffer, consume)
+                                       buffer, consume, self.sha256)
 
 
 @dataclass(eq=False)  # handles are compared (and hashed) by identity

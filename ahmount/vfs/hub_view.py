@@ -429,9 +429,11 @@ class HubView:
     # -- changes the tree makes (each expires what it may have changed) ----------------------
 
     def open_object(self, addr: AssetAddr, commit_id: str, path: str, start: int,
-                    end: int) -> AbstractAsyncContextManager[httpx.Response]:
-        """A streamed byte range of one object at one commit."""
-        return self.hub.open_object(addr, commit_id, path, start, end)
+                    end: int, sha256: str | None = None
+                    ) -> AbstractAsyncContextManager[httpx.Response]:
+        """A streamed byte range of one object at one commit (``sha256``: its hash, which
+        lets it be read through the blob's read URL)."""
+        return self.hub.open_object(addr, commit_id, path, start, end, sha256)
 
     async def create_folder(self, addr: FolderAddr) -> None:
         await self.hub.create_folder(addr)
