@@ -14,6 +14,7 @@ import hashlib
 import os
 import re
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -22,13 +23,15 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ahmount.client.files import hash_file
 from ahmount.client.hub_client import HubClient
 from ahmount.client.read_urls import KEEP, MARGIN, ReadUrls
 from ahmount.errors import NotFound, PermissionDenied
-from ahmount.hub.models import AssetAddr, FolderAddr
+from ahmount.hub.models import AssetAddr, FolderAddr, ObjectEntry
 from ahmount.hub.read_grants import ReadGrants
 from ahmount.hub.service import Actor, HubService
 from tests.conftest import HubProcess
+from tests.test_ahfs import requests_seen
 from tests.test_direct_reads import store_object
 from tests.test_service import obj
 
@@ -146,20 +149,9 @@ async def stored(hub_server: HubProcess, unique: str, tmp_path: Path) -> tuple[A
     return await store_object(hub_server, unique, tmp_path, DATA, "big.bin")
 
 
-def served(server: HubProcess) -> dict[str, float]:
-    """GETs the hub answered so far, by endpoint."""
-    text = httpx.get(server.url + "/metrics").text
-    out: dict[str, float] = {}
-    for endpoint, count in re.findall(
-            r'^ah_requests_total\{endpoint="(\w+)",method="GET",status="20[06]"\} (\S+)$',
-            text, re.M):
-        out[endpoint] = out.get(endpoint, 0) + float(count)
-    return out
-
-
-def counted(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
-    return {k: int(after.get(k, 0) - before.get(k, 0))
-            for k in ("file", "blob_content") if after.get(k, 0) != before.get(k, 0)}
+def counted(before: Counter[str], after: Counter[str]) -> dict[str, int]:
+    """The object reads the hub answered between two looks at its metrics, by route."""
+    return {k: n for k, n in (after - before).items() if k in ("file", "blob_content")}
 
 
 def read_into(hub: HubClient, addr: AssetAddr, sha: str, start: int, end: int) -> bytes:
@@ -178,18 +170,18 @@ async def test_later_ranges_of_a_blob_go_through_its_read_url(
         hub_server: HubProcess, stored: tuple[AssetAddr, str]) -> None:
     addr, sha = stored
     async with HubClient(hub_server.url, api_key=hub_server.keys["alice"]) as hub:
-        before = served(hub_server)
+        before = requests_seen(hub_server)
         async with hub.open_object(addr, "main", "big.bin", 10, 5000, sha) as first:
             assert await first.aread() == DATA[10:5000]
-        assert counted(before, served(hub_server)) == {"file": 1}
-        before = served(hub_server)
+        assert counted(before, requests_seen(hub_server)) == {"file": 1}
+        before = requests_seen(hub_server)
         for start, end in ((0, 1), (65536, 200_000), (len(DATA) - 9, len(DATA))):
             async with hub.open_object(addr, "main", "big.bin", start, end, sha) as later:
                 assert await later.aread() == DATA[start:end]
         # The worker-thread path (http.client) takes the same URL.
         got = await trio.to_thread.run_sync(read_into, hub, addr, sha, 1 << 20, len(DATA))
         assert got == DATA[1 << 20:]
-        assert counted(before, served(hub_server)) == {"blob_content": 4}
+        assert counted(before, requests_seen(hub_server)) == {"blob_content": 4}
         # Without the hash, the object's path as ever.
         assert await hub.read_range(addr, "main", "big.bin", 0, 3) == DATA[:3]
         # The URL needs no key: anyone holding it reads that blob (a bearer capability).
@@ -212,12 +204,51 @@ async def test_a_url_the_hub_refuses_costs_a_fallback_not_a_failed_read(
         forged = re.sub(r"signature=\w+", "signature=" + "0" * 64, good)
         for reader in ("stream", "direct"):
             hub.read_urls._urls[sha] = (forged, time.time() + 900)
-            before = served(hub_server)
+            before = requests_seen(hub_server)
             if reader == "stream":
                 async with hub.open_object(addr, "main", "big.bin", 7, 70_000, sha) as got:
                     assert await got.aread() == DATA[7:70_000]
             else:
                 got_bytes = await trio.to_thread.run_sync(read_into, hub, addr, sha, 7, 70_000)
                 assert got_bytes == DATA[7:70_000]
-            assert counted(before, served(hub_server)) == {"file": 1}
+            # The refused URL, then the object's path.
+            assert counted(before, requests_seen(hub_server)) == {"blob_content": 1, "file": 1}
             assert hub.read_urls.get(sha) not in (None, forged)  # a fresh one, learnt again
+
+
+async def test_a_listing_hands_out_read_urls_of_the_objects_read_one_by_one(
+        hub_server: HubProcess, stored: tuple[AssetAddr, str], tmp_path: Path) -> None:
+    """``read_urls_over``: the objects larger than that come with their blob's read URL, so
+    that their first read too goes there; smaller ones (read in batches) and listings that
+    do not ask carry none, and such a page is never answered "not modified"."""
+    addr, sha = stored
+    small = b"small object"
+    async with HubClient(hub_server.url, api_key=hub_server.keys["alice"]) as hub:
+        local = tmp_path / "small"
+        local.write_bytes(small)
+        small_sha, size = hash_file(local)
+        await hub.upload_file(local, small_sha, size)
+        await hub.commit(addr, "main", "more", adds=[ObjectEntry("small", small_sha, size, 1.0)])
+        await hub.list_objects(addr, "main")
+        assert hub.read_urls.get(sha) is None  # not asked: none
+        before = requests_seen(hub_server)
+        _, entries = await hub.list_objects(addr, "main", read_urls_over=len(small))
+        assert {e.path for e in entries} == {"big.bin", "small"}
+        assert hub.read_urls.get(small_sha) is None and hub.read_urls.get(sha) is not None
+        got = await trio.to_thread.run_sync(read_into, hub, addr, sha, 0, 4096)
+        assert got == DATA[:4096]
+        assert counted(before, requests_seen(hub_server)) == {"blob_content": 1}
+    url = f"{hub_server.url}/api/v1/assets/alice/dataset/{addr.folder.name}/d/refs/main/objects"
+    auth = {"authorization": f"Bearer {hub_server.keys['alice']}"}
+    plain = httpx.get(url, headers=auth)
+    assert "read_url" not in plain.text and "read_expires" not in plain.json()
+    assert httpx.get(url, headers={**auth, "if-none-match": plain.headers["etag"]}
+                     ).status_code == 304
+    asked = httpx.get(url, params={"read_urls_over": 0}, headers=auth)
+    again = httpx.get(url, params={"read_urls_over": 0},
+                      headers={**auth, "if-none-match": asked.headers["etag"]})
+    assert again.status_code == 200 and again.json()["read_expires"] > time.time()
+    # A stranger's listing is refused before any grant is made.
+    stranger = httpx.get(url, params={"read_urls_over": 0},
+                         headers={"authorization": f"Bearer {hub_server.keys['bob']}"})
+    assert stranger.status_code == 404 and "read_url" not in stranger.text

@@ -246,23 +246,35 @@ class HubClient:
     # -- objects -----------------------------------------------------------------------------
 
     async def list_page(self, addr: AssetAddr, ref: str, prefix: str = "", after: str = "",
-                        limit: int = 1000, delimiter: bool = False) -> ListingPage:
+                        limit: int = 1000, delimiter: bool = False,
+                        read_urls_over: int | None = None) -> ListingPage:
+        """One page of a ref's objects. ``read_urls_over``: the read URLs of the objects
+        larger than that many bytes come with it and are kept (:attr:`read_urls`)."""
         params: dict[str, Any] = {"prefix": prefix, "after": after, "limit": limit}
         if delimiter:
             params["delimiter"] = "/"
+        if read_urls_over is not None:
+            params["read_urls_over"] = read_urls_over
         body = await self._http.json("GET", f"{self._a(addr)}/refs/{ref}/objects", params=params)
+        expires = body.get("read_expires")
+        for raw in body["objects"]:
+            url = raw.pop("read_url", None)
+            if isinstance(url, str) and isinstance(expires, int):
+                self.read_urls.keep(raw["sha256"], url, expires)
         return ListingPage(body["commit"], [_entry(o) for o in body["objects"]], body["dirs"],
                            body["next_after"])
 
-    async def list_objects(self, addr: AssetAddr, ref: str,
-                           prefix: str = "") -> tuple[str, list[ObjectEntry]]:
+    async def list_objects(self, addr: AssetAddr, ref: str, prefix: str = "",
+                           read_urls_over: int | None = None) -> tuple[str, list[ObjectEntry]]:
         """Every object under ``prefix`` of one commit: ``(commit_id, entries)``. Pages after
         the first are read from the commit the first page resolved, so a branch that moves
         meanwhile cannot mix two trees."""
-        page = await self.list_page(addr, ref, prefix, limit=10_000)
+        page = await self.list_page(addr, ref, prefix, limit=10_000,
+                                    read_urls_over=read_urls_over)
         commit, out = page.commit, list(page.objects)
         while page.next_after is not None:
-            page = await self.list_page(addr, commit, prefix, page.next_after, limit=10_000)
+            page = await self.list_page(addr, commit, prefix, page.next_after, limit=10_000,
+                                        read_urls_over=read_urls_over)
             out.extend(page.objects)
         return commit, out
 

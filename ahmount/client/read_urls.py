@@ -38,6 +38,11 @@ class ReadUrls:
                                 header("x-ah-read-expires"))
         if not sha256 or not url or not expires or not (expires.isascii() and expires.isdigit()):
             return
+        self.keep(sha256, url, int(expires))
+
+    def keep(self, sha256: str, url: str, expires: int) -> None:
+        """Keep ``url`` as the blob's read URL until ``expires`` (Unix time), if it is a
+        path of this hub."""
         if not url.startswith("/") or url.startswith("//"):
             return  # not a path of this hub
         with self._lock:

@@ -860,6 +860,17 @@ class HubService:
         read it (:meth:`open_object`)."""
         return self._grants.issue(found.entry.sha256, actor.id)
 
+    @property
+    def local_blob_reads(self) -> bool:
+        """Blob reads are local file reads (a small one costs less than a thread hand-off)."""
+        return self.blobs.local_reads
+
+    def read_grants_listed(self, actor: Actor, hashes: Sequence[str]) -> dict[str, Grant]:
+        """Grants for blobs of objects ``actor`` was just shown in a listing (which checked
+        that they may read them): a client then reads each object's bytes without an
+        authentication, resolution and lookup, the first time too."""
+        return {sha: self._grants.issue(sha, actor.id) for sha in hashes}
+
     def open_granted_blob(self, sha256: str, user: str, expires: str,
                           signature: str) -> GrantedBlob:
         """The blob a read grant names, once its signature and expiry check out: no lookup

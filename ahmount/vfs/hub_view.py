@@ -388,7 +388,8 @@ class HubView:
             raw: Any = await trio.to_thread.run_sync(self._listings.get, commit_id)
             if raw is None:
                 self.listing_fetches += 1
-                _, entries = await self.hub.list_objects(addr, commit_id)
+                _, entries = await self.hub.list_objects(addr, commit_id,
+                                                         read_urls_over=self.read_urls_over)
                 index = await trio.to_thread.run_sync(CommitIndex, commit_id, created, entries)
                 await self._keep_listing(commit_id, entries)
             else:
@@ -409,6 +410,9 @@ class HubView:
         self._spawn = spawn
 
     _spawn: Callable[[str, Callable[[], Awaitable[Any]]], None] | None = None
+    #: Commit listings ask the read URLs of objects larger than this (those the reader
+    #: fetches one request each: their first read then costs the hub no lookup).
+    read_urls_over: int | None = None
 
     async def _keep_listing(self, commit_id: str, entries: list[ObjectEntry]) -> None:
         """Save a commit's listing for later runs and offline use; a failure (a full disk) is

@@ -42,7 +42,7 @@ from ahmount.vfs.core import VFS
 from ahmount.vfs.hub_view import HubView, hub_state, utc_time
 from ahmount.vfs.object_cache import ObjectCache
 from ahmount.vfs.prefetch import Prefetcher
-from ahmount.vfs.sibling_fetch import SiblingFetcher
+from ahmount.vfs.sibling_fetch import SMALL_OBJECT, SiblingFetcher
 from ahmount.vfs.supervisor import Supervisor
 from ahmount.vfs.writeback import UPLOAD_AHEAD_DELAY, WriteBack
 
@@ -127,6 +127,7 @@ class Session:
                 log.info("queued changes kept from before on %d branch(es): %s",
                          len(pending), ", ".join(pending))
             view = HubView(hub, self.me, self._refresh, listings)
+            view.read_urls_over = SMALL_OBJECT  # smaller ones travel in batches
             restored = view.restore()
             if restored:
                 log.info("%d listing(s) kept from earlier runs (as of %s)", restored,

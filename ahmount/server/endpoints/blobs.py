@@ -138,7 +138,7 @@ async def blob_content(request: Request) -> Response:
         return service.open_granted_blob(request.path_params["sha256"], q.get("user", ""),
                                          q.get("expires", ""), q.get("signature", ""))
 
-    blob = opened() if service.blobs.local_reads else await call(opened)
+    blob = opened() if service.local_blob_reads else await call(opened)
     headers = {"etag": f'"{blob.sha256}"', "accept-ranges": "bytes",
                "content-type": "application/octet-stream", "cache-control": "private"}
     status, start, end = answer_range(request.headers.get("range"), blob.size, headers)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pydantic_core
 from starlette.requests import Request
@@ -36,7 +37,10 @@ from ahmount.server.requests import (
 
 
 async def objects(request: Request) -> Response:
-    """A page of a reference's objects: `prefix`, `after` (cursor), `limit`, `delimiter=/`."""
+    """A page of a reference's objects: `prefix`, `after` (cursor), `limit`, `delimiter=/`;
+    `read_urls_over=N`: each object larger than N bytes comes with the read URL of its blob
+    (`read_url`, valid until the page's `read_expires`), so that its first read too costs
+    no lookup (a client reading such files one request each)."""
     actor = await caller(request)
     q = request.query_params
     delimiter = q.get("delimiter", "")
@@ -45,23 +49,35 @@ async def objects(request: Request) -> Response:
     addr, ref = asset_addr(request), request.path_params["ref"]
     prefix, after = q.get("prefix", ""), q.get("after", "")
     limit = query_int(request, "limit", 1000)
+    over = query_int(request, "read_urls_over", -1)
     seen = request.headers.get("if-none-match")
+
+    service = service_of(request)
 
     def listed() -> tuple[str, bytes | None]:
         """The page's ETag and its rendering (None: the client has it), in the worker
         thread: a page of 10,000 objects takes tens of milliseconds to render, which the
-        event loop would spend not serving."""
-        page = service_of(request).list_objects(actor, addr, ref, prefix, after, limit,
-                                                bool(delimiter))
+        event loop would spend not serving. A page with read URLs is never "not modified":
+        its URLs expire."""
+        page = service.list_objects(actor, addr, ref, prefix, after, limit, bool(delimiter))
         etag = '"' + hashlib.sha256(f"{page.commit}?{q}".encode()).hexdigest()[:32] + '"'
-        if seen == etag:
+        if seen == etag and over < 0:
             return etag, None
-        body = {
+        grants = service.read_grants_listed(
+            actor, [o.sha256 for o in page.objects if o.size > over]) if over >= 0 else {}
+        objects = [object_json(o) for o in page.objects]
+        for shown, entry in zip(objects, page.objects, strict=True):
+            grant = grants.get(entry.sha256)
+            if grant is not None:
+                shown["read_url"] = blob_read_url(request, grant)
+        body: dict[str, Any] = {
             "commit": page.commit,
-            "objects": [object_json(o) for o in page.objects],
+            "objects": objects,
             "dirs": page.dirs,
             "next_after": page.next_after,
         }
+        if grants:
+            body["read_expires"] = min(g.expires for g in grants.values())
         # pydantic's JSON encoder (a dependency already): the same bytes as JSONResponse's
         # json.dumps for these plain values, three times as fast.
         return etag, pydantic_core.to_json(body)
