@@ -11,6 +11,10 @@ import anyio.to_thread
 
 from ahmount import errors
 
+#: A range up to this size is read in one worker-thread hand-off and sent as one body;
+#: larger ones stream (a chunk per hand-off).
+WHOLE_BODY = 4 << 20
+
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if not header:

@@ -13,7 +13,7 @@ from ahmount.hub.service import Actor, GrantedBlob, HubService
 from ahmount.names import check_sha256
 from ahmount.server import schemas
 from ahmount.server.bodies import UPLOAD_BUFFER, BodyReader, json_body
-from ahmount.server.ranges import answer_range, iterate
+from ahmount.server.ranges import WHOLE_BODY, answer_range, iterate
 from ahmount.server.requests import (
     API,
     Bodies,
@@ -146,6 +146,9 @@ async def blob_content(request: Request) -> Response:
         return Response(status_code=status, headers=headers)
     if blob.local and end - start <= INLINE_READ:
         return Response(b"".join(blob.read(start, end)), status_code=status, headers=headers)
+    if end - start <= WHOLE_BODY:  # one hand-off, not one per chunk and one for the end
+        body = await call(lambda: b"".join(blob.read(start, end)))
+        return Response(body, status_code=status, headers=headers)
     chunks = await call(blob.read, start, end)
     return StreamingResponse(iterate(chunks), status_code=status, headers=headers)
 

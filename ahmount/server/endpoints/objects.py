@@ -19,7 +19,7 @@ from ahmount.hub.read_grants import Grant
 from ahmount.hub.service import Actor, ReadableObject
 from ahmount.server import schemas
 from ahmount.server.bodies import json_body
-from ahmount.server.ranges import answer_range, iterate, parse_range
+from ahmount.server.ranges import WHOLE_BODY, answer_range, iterate, parse_range
 from ahmount.server.requests import (
     API,
     Bodies,
@@ -88,9 +88,6 @@ async def objects(request: Request) -> Response:
     return Response(rendered, media_type="application/json", headers={"etag": etag})
 
 
-#: A range up to this size is read in the request's one worker-thread hand-off and sent as
-#: one body; larger ones stream.
-WHOLE_BODY = 4 << 20
 
 
 @authenticates_itself
