@@ -257,10 +257,11 @@ class HubClient:
             params["read_urls_over"] = read_urls_over
         body = await self._http.json("GET", f"{self._a(addr)}/refs/{ref}/objects", params=params)
         expires = body.get("read_expires")
-        for raw in body["objects"]:
-            url = raw.pop("read_url", None)
-            if isinstance(url, str) and isinstance(expires, int):
-                self.read_urls.keep(raw["sha256"], url, expires)
+        if expires is not None:  # the page carries read URLs (a 10k listing of small files: none)
+            for raw in body["objects"]:
+                url = raw.pop("read_url", None)
+                if isinstance(url, str) and isinstance(expires, int):
+                    self.read_urls.keep(raw["sha256"], url, expires)
         return ListingPage(body["commit"], [_entry(o) for o in body["objects"]], body["dirs"],
                            body["next_after"])
 
