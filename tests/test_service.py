@@ -487,17 +487,27 @@ def test_large_blob_through_a_resumable_upload(service: HubService, alice: Actor
     assert sorted(service.blobs.hashes()) == [sha]
 
 
+def older_database(path: Path, version: int, undo: str) -> str:
+    """A SQLite metadata store made now and then made to look like one at schema
+    ``version`` (``undo``: the statement that takes away what later versions added); its
+    URL."""
+    from ahmount.hub.metadata import MetadataStore
+
+    url = f"sqlite:///{path}"
+    store = MetadataStore(url)
+    with store.write() as tx:
+        tx._c.execute(sa.text(undo))
+        tx._c.execute(sa.text(f"UPDATE schema_info SET version = {version}"))
+    store.close()
+    return url
+
+
 def test_schema_upgrade_is_logged_and_applied(tmp_path: Path,
                                               caplog: pytest.LogCaptureFixture) -> None:
     from ahmount.hub.metadata import MetadataStore
     from ahmount.hub.migrations import SCHEMA_VERSION
 
-    url = f"sqlite:///{tmp_path / 'old.db'}"
-    store = MetadataStore(url)
-    with store.write() as tx:  # make it look like a v1 database
-        tx._c.execute(sa.text("DROP INDEX ix_blobs_created"))
-        tx._c.execute(sa.text("UPDATE schema_info SET version = 1"))
-    store.close()
+    url = older_database(tmp_path / "old.db", 1, "DROP INDEX ix_blobs_created")
     with caplog.at_level(logging.WARNING, "ahmount.hub"):
         store = MetadataStore(url)
     assert f"from schema v1 to v{SCHEMA_VERSION}" in caplog.text
@@ -519,12 +529,7 @@ def test_a_v5_hub_upgrades_and_its_replicas_share_the_read_grant_key(tmp_path: P
     from ahmount.hub.metadata import MetadataStore
     from ahmount.hub.migrations import SCHEMA_VERSION
 
-    url = f"sqlite:///{tmp_path / 'v5.db'}"
-    store = MetadataStore(url)
-    with store.write() as tx:  # make it look like a v5 database
-        tx._c.execute(sa.text("DROP TABLE settings"))
-        tx._c.execute(sa.text("UPDATE schema_info SET version = 5"))
-    store.close()
+    url = older_database(tmp_path / "v5.db", 5, "DROP TABLE settings")
     first, second = MetadataStore(url), MetadataStore(url)
     with first.read() as tx:
         assert tx.setting("read_grant_key") is None

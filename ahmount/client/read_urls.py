@@ -18,12 +18,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+from ahmount.client.direct_reads import Header
+
 #: Blobs whose URL is kept (the least recently used go first): a URL is ~250 bytes.
 KEEP = 16_384
 #: A URL this close to its expiry is not used: a run read through it may take a while.
 MARGIN = 60.0
-
-Header = Callable[[str], str | None]
 
 
 class ReadUrls:

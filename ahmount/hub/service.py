@@ -279,11 +279,6 @@ class GrantedBlob:
     size: int
     _blobs: BlobStore
 
-    @property
-    def local(self) -> bool:
-        """Its bytes are a local file's (a small read costs less than a thread hand-off)."""
-        return self._blobs.local_reads
-
     def read(self, start: int, end: int) -> Iterator[bytes]:
         check_range(self.sha256, self.size, start, end)
         return self._blobs.read(self.sha256, start, end)

@@ -138,13 +138,14 @@ async def blob_content(request: Request) -> Response:
         return service.open_granted_blob(request.path_params["sha256"], q.get("user", ""),
                                          q.get("expires", ""), q.get("signature", ""))
 
-    blob = opened() if service.local_blob_reads else await call(opened)
+    local = service.local_blob_reads
+    blob = opened() if local else await call(opened)
     headers = {"etag": f'"{blob.sha256}"', "accept-ranges": "bytes",
                "content-type": "application/octet-stream", "cache-control": "private"}
     status, start, end = answer_range(request.headers.get("range"), blob.size, headers)
     if request.method == "HEAD" or end == start:
         return Response(status_code=status, headers=headers)
-    if blob.local and end - start <= INLINE_READ:
+    if local and end - start <= INLINE_READ:
         return Response(b"".join(blob.read(start, end)), status_code=status, headers=headers)
     if end - start <= WHOLE_BODY:  # one hand-off, not one per chunk and one for the end
         body = await call(lambda: b"".join(blob.read(start, end)))

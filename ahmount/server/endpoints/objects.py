@@ -88,8 +88,6 @@ async def objects(request: Request) -> Response:
     return Response(rendered, media_type="application/json", headers={"etag": etag})
 
 
-
-
 @authenticates_itself
 async def file(request: Request) -> Response:
     """GET/HEAD an object's bytes; honours Range and If-None-Match (the ETag is the sha256).
