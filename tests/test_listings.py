@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -57,3 +58,23 @@ def test_a_directory_first_seen_deep_is_listed_in_its_parent() -> None:
     assert index.names("") == ["top", "x"]
     assert index.names("x") == ["y"]
     assert index.names("x/y") == ["z"]
+
+
+@given(st.builds(ObjectEntry, path_strategy, st.text(min_size=64, max_size=64),
+                 st.integers(0, 1 << 40), st.floats(0, 2e9), st.text(max_size=20),
+                 st.integers(0, 0o777)))
+def test_a_listed_object_parses_to_the_entry_it_was(entry: ObjectEntry) -> None:
+    """The client's fast construction of a listed object equals the dataclass's own."""
+    from ahmount.client.hub_client import _entry
+    from ahmount.server.requests import object_json
+    parsed = _entry(object_json(entry))
+    assert parsed == entry and hash(parsed) == hash(entry) and type(parsed) is ObjectEntry
+
+
+def test_a_listed_object_with_a_field_left_out_or_unknown() -> None:
+    from ahmount.client.hub_client import _entry
+    sha = "0" * 64
+    assert _entry({"path": "a", "sha256": sha, "size": 1, "mtime": 2.0}) == \
+        ObjectEntry("a", sha, 1, 2.0)  # the defaults
+    with pytest.raises(TypeError, match="surprise"):
+        _entry({"path": "a", "sha256": sha, "size": 1, "mtime": 2.0, "surprise": 1})

@@ -314,6 +314,64 @@ def test_listing_100k_objects_asks_the_hub_once(mount_factory: Mounter) -> None:
     assert m.control("stats")["listing_fetches"] == 1
 
 
+def test_listed_attributes_are_what_lookups_give(mount_factory: Mounter,
+                                                 tmp_path: Path) -> None:
+    """A listing's attributes (readdirplus: the kernel keeps them, so a ``stat`` after an
+    ``ls`` asks nothing more) are the ones a lookup gives, on a branch and a tag, for
+    files of any mode and size and for directories."""
+    files = {"a.bin": (os.urandom(5000), 0o644), "run.sh": (b"#!/bin/sh\n", 0o755),
+             "sub/secret.txt": (b"s", 0o600), "sub/deeper/x": (b"", 0o640)}
+
+    async def populate() -> None:
+        async with embedded_client() as hub:
+            folder = FolderAddr(ME, "model", "modes")
+            await hub.create_folder(folder)
+            addr = AssetAddr(folder, "m")
+            await hub.create_asset(addr)
+            entries = []
+            for i, (name, (data, mode)) in enumerate(files.items()):
+                local = tmp_path / f"blob{i}"
+                local.write_bytes(data)
+                sha = hashlib.sha256(data).hexdigest()
+                await hub.upload_file(local, sha, len(data))
+                entries.append(ObjectEntry(name, sha, len(data), 1_700_000_000.5 + i,
+                                           mode=mode))
+            await hub.commit(addr, "main", "modes", adds=entries)
+            await hub.create_tag(addr, "t", "main")
+
+    def walk(root: Path, listed: bool) -> dict[str, tuple[int, int, int, int]]:
+        """(mode, size, mtime_ns, nlink) of every path below ``root``; ``listed``: each
+        directory listed before its entries are stat'ed."""
+        out = {}
+        todo = [""]
+        while todo:
+            rel = todo.pop()
+            names = os.listdir(root / rel) if listed else []
+            if not listed:
+                names = sorted({n.split("/")[len(rel.split("/")) - (0 if rel else 1)]
+                                for n in files if n.startswith(f"{rel}/" if rel else "")})
+            for name in names:
+                path = f"{rel}/{name}" if rel else name
+                st = os.stat(root / path)
+                out[path] = (st.st_mode, st.st_size, st.st_mtime_ns, st.st_nlink)
+                if stat.S_ISDIR(st.st_mode):
+                    todo.append(path)
+        return out
+
+    run_sync(populate)
+    lists = mount_factory().mountpoint / "model/modes/m"
+    looks = mount_factory("--cache-dir", str(tmp_path / "cache2")).mountpoint / "model/modes/m"
+    for ref in ("main", "t"):
+        listed = walk(lists / ref, listed=True)
+        looked_up = walk(looks / ref, listed=False)
+        assert listed == looked_up
+        write = 0o777 if ref == "main" else 0o555
+        for name, (data, mode) in files.items():
+            assert listed[name][:2] == (stat.S_IFREG | mode & write, len(data))
+        assert listed["sub"][0] == stat.S_IFDIR | (0o755 if ref == "main" else 0o555)
+        assert set(listed) == set(files) | {"sub", "sub/deeper"}
+
+
 def test_branch_moved_elsewhere_shows_within_the_refresh_delay(
         mount_factory: Mounter, populated: Path) -> None:
     m = mount_factory("--refresh", "0.5")

@@ -18,18 +18,24 @@ IMMUTABLE_TIMEOUT = 3600.0
 def node_attributes(node: Node, ino: int, uid: int, gid: int,
                     refresh: float) -> pyfuse3.EntryAttributes:
     """``node`` as inode ``ino``: what may change is cached for ``refresh`` seconds."""
+    return attributes(ino, node.is_dir, node.permissions, node.size, node.mtime,
+                      IMMUTABLE_TIMEOUT if node.immutable else refresh, uid, gid)
+
+
+def attributes(ino: int, is_dir: bool, permissions: int, size: int, mtime: float,
+               timeout: float, uid: int, gid: int) -> pyfuse3.EntryAttributes:
+    """Inode ``ino`` as the kernel is told it, cached for ``timeout`` seconds."""
     entry = pyfuse3.EntryAttributes()
     entry.st_ino = ino
     entry.generation = 0
-    timeout = IMMUTABLE_TIMEOUT if node.immutable else refresh
     entry.entry_timeout = timeout
     entry.attr_timeout = timeout
-    entry.st_mode = (stat.S_IFDIR if node.is_dir else stat.S_IFREG) | node.permissions
-    entry.st_nlink = 2 if node.is_dir else 1
-    entry.st_size = node.size
+    entry.st_mode = (stat.S_IFDIR if is_dir else stat.S_IFREG) | permissions
+    entry.st_nlink = 2 if is_dir else 1
+    entry.st_size = size
     entry.st_blksize = BLOCK
-    entry.st_blocks = -(-entry.st_size // 512)
-    ns = int(node.mtime * 1e9)
+    entry.st_blocks = -(-size // 512)
+    ns = int(mtime * 1e9)
     entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = ns
     entry.st_uid = uid
     entry.st_gid = gid

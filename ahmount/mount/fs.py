@@ -17,16 +17,22 @@ from typing import Any
 import pyfuse3
 
 from ahmount.errors import NotFound
-from ahmount.mount.attrs import nameless_attributes, node_attributes
+from ahmount.mount.attrs import (
+    IMMUTABLE_TIMEOUT,
+    attributes,
+    nameless_attributes,
+    node_attributes,
+)
 from ahmount.mount.errno_map import fuse_errors
 from ahmount.mount.inodes import ROOT_INODE, InodeTable
 from ahmount.vfs.core import VFS, Listing
 from ahmount.vfs.errors import BadHandle, InvalidName, NotPermitted
 from ahmount.vfs.handles import Handle, ReadHandle
 from ahmount.vfs.layout import Key
-from ahmount.vfs.tree import Node
+from ahmount.vfs.tree import Node, shown_permissions
 
 LISTED_ENTRIES_MAX = 100_000  # listed entries of commits whose replies are kept
+_MISSING: Any = object()
 
 assert ROOT_INODE == pyfuse3.ROOT_INODE
 
@@ -92,8 +98,12 @@ class AssetFS(pyfuse3.Operations):
     def _inode_for(self, key: Key, node: Node) -> int:
         """The inode ``key`` shows ``node`` under: a new one when it is a hub file whose
         bytes differ from what its inode showed (see :meth:`_reply`)."""
+        return self._inode_showing(
+            key, "" if node.is_dir or node.queued is not None else node.sha256)
+
+    def _inode_showing(self, key: Key, sha: str) -> int:
+        """The inode ``key`` shows the hub file ``sha`` under ('': not a hub file)."""
         ino = self.inodes.ino(key)
-        sha = "" if node.is_dir or node.queued is not None else node.sha256
         if sha:
             served = self._served_sha.get(ino)
             if served is not None and served != sha:
@@ -230,12 +240,36 @@ class AssetFS(pyfuse3.Operations):
 
     async def _entries(self, listing: Listing) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
         """Every entry of a listing of one commit's objects (none can vanish: the commit's
-        index holds them all)."""
+        index holds them all). Made straight from the index's entries, no :class:`Node`
+        each: a cold ``find`` of 10,000 files spent a third of the daemon's time here."""
+        parent = listing.node
+        children = self.vfs.commit_children(parent)
         out = []
+        if children is None:
+            for name in listing.names:
+                entry = await self._entry(listing, name)
+                if entry is not None:
+                    out.append(entry)
+            return out
+        base = parent.loc.key
+        timeout = IMMUTABLE_TIMEOUT if parent.immutable else self.vfs.refresh
+        uid, gid, writable = self.uid, self.gid, parent.writable
+        directory = shown_permissions(None, writable)
         for name in listing.names:
-            entry = await self._entry(listing, name)
-            if entry is not None:
-                out.append(entry)
+            found = children.get(name, _MISSING)
+            if found is _MISSING:
+                entry = await self._entry(listing, name)
+                if entry is not None:
+                    out.append(entry)
+            elif found is None:
+                ino = self.inodes.ino((*base, name))
+                out.append((name.encode(), attributes(ino, True, directory, 0, parent.mtime,
+                                                      timeout, uid, gid)))
+            else:
+                ino = self._inode_showing((*base, name), found.sha256)
+                out.append((name.encode(), attributes(
+                    ino, False, shown_permissions(found, writable), found.size, found.mtime,
+                    timeout, uid, gid)))
         return out
 
     def _keep_listed(self, place: tuple[Key, str, bool, float],

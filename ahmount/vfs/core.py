@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 import trio
 
 from ahmount.errors import AlreadyExists, NotFound
+from ahmount.hub.models import ObjectEntry
 from ahmount.names import MAX_SEGMENT_BYTES
 from ahmount.transfer.hashes import hash_files
 from ahmount.transfer.plan import LocalFile
@@ -136,6 +137,12 @@ class VFS:
         branch = node.branch_key
         return node.immutable or branch is None or self.queue is None or \
             self.queue.branch(branch).empty()
+
+    def commit_children(self, node: Node) -> dict[str, ObjectEntry | None] | None:
+        """What a directory inside a commit lists, straight from the commit's index (each
+        child's entry, ``None`` for a subdirectory); None where the queue's overlay or a
+        fresh resolution decides (see :meth:`listed`)."""
+        return self.tree.commit_children(node)
 
     async def listed(self, listing: Listing, name: str) -> Node | None:
         """One entry of an open listing (None if it vanished since the listing was taken)."""

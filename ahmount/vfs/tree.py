@@ -60,11 +60,7 @@ class Node:
 
     @property
     def permissions(self) -> int:
-        """The permission bits shown: a file's own (no write bits where nothing may change),
-        0755/0555 for directories."""
-        if self.is_dir or self.entry is None:
-            return 0o755 if self.writable else 0o555
-        return self.entry.mode if self.writable else self.entry.mode & ~0o222
+        return shown_permissions(None if self.is_dir else self.entry, self.writable)
 
     @property
     def sha256(self) -> str:
@@ -72,6 +68,14 @@ class Node:
         if self.entry is not None and self.entry.sha256:
             return self.entry.sha256
         return (self.queued.sha256 or "") if self.queued is not None else ""
+
+
+def shown_permissions(entry: ObjectEntry | None, writable: bool) -> int:
+    """The permission bits shown for a file's ``entry`` (``None``: a directory): the file's
+    own, without write bits where nothing may change; 0755/0555 for directories."""
+    if entry is None:
+        return 0o755 if writable else 0o555
+    return entry.mode if writable else entry.mode & ~0o222
 
 
 def child_path(parent: Node, name: str) -> str:
@@ -229,10 +233,10 @@ class Tree:
         assert self.queue is not None
         return f"{self.queue.files_dir}/{local}"
 
-    def child_in_commit(self, parent: Node, name: str, key: Key) -> Node | None:
-        """A child of a directory inside a commit, straight from the parent's index (listing
-        a 100,000-object tree must not resolve every entry from the top again); None when
-        the overlay or a fresh resolution must decide."""
+    def commit_children(self, parent: Node) -> dict[str, ObjectEntry | None] | None:
+        """The children of a directory inside a commit, straight from the parent's index
+        (each child's entry, ``None`` for a subdirectory); None when the overlay or a fresh
+        resolution must decide (no index, or a branch with queued changes)."""
         index = parent.index
         if index is None:
             return None
@@ -240,8 +244,14 @@ class Tree:
         if branch is not None and self.queue is not None and \
                 not self.queue.branch(branch).empty():
             return None
-        children = index.dirs.get(parent.loc.subpath, {})
-        if name not in children:
+        return index.dirs.get(parent.loc.subpath, {})
+
+    def child_in_commit(self, parent: Node, name: str, key: Key) -> Node | None:
+        """A child of a directory inside a commit, straight from the parent's index (listing
+        a 100,000-object tree must not resolve every entry from the top again); None when
+        the overlay or a fresh resolution must decide."""
+        children = self.commit_children(parent)
+        if children is None or name not in children:
             return None
         found = children[name]
         p = parent.loc
@@ -250,9 +260,9 @@ class Tree:
                        child_path(parent, name))
         if found is None:
             return Node(loc, True, parent.writable, parent.immutable, parent.mtime, None,
-                        parent.resolved, index)
+                        parent.resolved, parent.index)
         return Node(loc, False, parent.writable, parent.immutable, found.mtime, found,
-                    parent.resolved, index)
+                    parent.resolved, parent.index)
 
     async def _ref_state(self, loc: Location, with_index: bool) -> RefState:
         """The folder, asset, ref and listing a path inside a ref rests on, resolved once
