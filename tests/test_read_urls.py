@@ -30,6 +30,7 @@ from ahmount.errors import NotFound, PermissionDenied
 from ahmount.hub.models import AssetAddr, FolderAddr, ObjectEntry
 from ahmount.hub.read_grants import ReadGrants
 from ahmount.hub.service import Actor, HubService
+from ahmount.server.rendered_pages import RenderedPages
 from tests.conftest import HubProcess
 from tests.test_ahfs import requests_seen
 from tests.test_direct_reads import store_object
@@ -252,3 +253,69 @@ async def test_a_listing_hands_out_read_urls_of_the_objects_read_one_by_one(
     stranger = httpx.get(url, params={"read_urls_over": 0},
                          headers={"authorization": f"Bearer {hub_server.keys['bob']}"})
     assert stranger.status_code == 404 and "read_url" not in stranger.text
+
+
+def listing_pages(server: HubProcess) -> Counter[str]:
+    """Listing pages the server has served so far, rendered or kept (its /metrics)."""
+    text = httpx.get(server.url + "/metrics").text
+    return Counter({m.group(1): int(float(m.group(2))) for m in re.finditer(
+        r'^ah_listing_pages_total\{source="(\w+)"\} (\S+)$', text, re.MULTILINE)})
+
+
+async def test_a_listing_page_is_rendered_once_and_never_shown_to_another_user(
+        hub_server: HubProcess, stored: tuple[AssetAddr, str]) -> None:
+    """A page of a commit's listing is kept once rendered and sent again to whoever may
+    view it; one with read URLs only to the user they were issued to; a caller who may not
+    view the asset gets nothing from what was kept."""
+    addr, sha = stored
+    url = f"{hub_server.url}/api/v1/assets/alice/dataset/{addr.folder.name}/d/refs/main/objects"
+
+    def get(user: str, **params: object) -> httpx.Response:
+        return httpx.get(url, params=params,
+                         headers={"authorization": f"Bearer {hub_server.keys[user]}"})
+
+    def user_of(page: httpx.Response) -> str:
+        [shown] = page.json()["objects"]
+        return str(httpx.URL(shown["read_url"]).params["user"])
+
+    before = listing_pages(hub_server)
+    first, second = get("alice"), get("alice")
+    assert first.content == second.content and "read_url" not in first.text
+    assert listing_pages(hub_server) - before == Counter(rendered=1, kept=1)
+    assert get("alice", limit=5).json() == first.json()  # another query: rendered again
+    assert get("bob").status_code == 404  # may not view it: nothing kept is sent
+    assert get("bob", read_urls_over=0).status_code == 404
+    async with HubClient(hub_server.url, api_key=hub_server.keys["alice"]) as hub:
+        await hub.share_folder(addr.folder, "bob", "view")
+    assert get("bob").content == first.content  # now bob may: the same bytes
+    before = listing_pages(hub_server)
+    alice = [get("alice", read_urls_over=0) for _ in range(2)]
+    bob = get("bob", read_urls_over=0)
+    assert alice[0].content == alice[1].content
+    assert listing_pages(hub_server) - before == Counter(rendered=2, kept=1)
+    assert user_of(alice[0]) != user_of(bob)
+    # Each URL reads the blob; bob's names bob (a grant is signed for its user).
+    for page in (alice[0], bob):
+        read = httpx.get(hub_server.url + page.json()["objects"][0]["read_url"],
+                         headers={"range": "bytes=0-9"})
+        assert read.status_code == 206 and read.content == DATA[:10]
+    assert sha
+
+
+def test_kept_pages_are_bounded_in_bytes_and_those_with_read_urls_in_time() -> None:
+    now = [1000.0]
+    pages = RenderedPages(keep_bytes=100, clock=lambda: now[0])
+    pages.keep("a", b"x" * 40)
+    pages.keep("b", b"y" * 40, until=1010.0)
+    assert pages.get("a") == b"x" * 40  # now the most recently used
+    pages.keep("c", b"z" * 40)  # over 100 bytes: b, the least recently used, goes
+    assert pages.get("b") is None and pages.get("a") and pages.get("c")
+    pages.keep("b", b"y" * 10, until=1010.0)
+    now[0] = 1009.9
+    assert pages.get("b") == b"y" * 10
+    now[0] = 1010.0
+    assert pages.get("b") is None and len(pages) == 2  # its URLs would have too little left
+    pages.keep("huge", b"h" * 101)
+    assert pages.get("huge") is None and len(pages) == 2
+    pages.keep("a", b"q")  # kept again: replaced, counted once
+    assert pages.get("a") == b"q" and pages._bytes == 41

@@ -788,14 +788,26 @@ class HubService:
         limit: int = 1000,
         delimiter: bool = False,
     ) -> ListingPage:
-        prefix = check_prefix(prefix)
-        limit = _limit(limit)
+        commit = self.listed_commit(actor, addr, ref, prefix, after, limit)
+        return self.list_commit(commit, prefix, after, limit, delimiter)
+
+    def listed_commit(self, actor: Actor, addr: AssetAddr, ref: str, prefix: str, after: str,
+                      limit: int) -> CommitInfo:
+        """The commit a listing of ``ref`` shows, once ``actor`` may view it and the
+        listing's query is valid (what :meth:`list_objects` checks before it lists)."""
+        check_prefix(prefix)
+        _limit(limit)
         if not isinstance(after, str) or "\x00" in after:
             raise InvalidArgument("listing cursor 'after' must be a string without NUL")
         with self.metadata.read() as tx:
             asset, _ = self._asset(tx, actor, addr, "view")
-            commit = self._resolve(tx, asset, addr, ref).commit
-        objects, dirs, cursor = self.trees.list_page(commit.tree, prefix, after, limit, delimiter)
+            return self._resolve(tx, asset, addr, ref).commit
+
+    def list_commit(self, commit: CommitInfo, prefix: str = "", after: str = "",
+                    limit: int = 1000, delimiter: bool = False) -> ListingPage:
+        """A page of the objects of a commit :meth:`listed_commit` gave."""
+        objects, dirs, cursor = self.trees.list_page(
+            commit.tree, check_prefix(prefix), after, _limit(limit), delimiter)
         return ListingPage(commit.id, objects, dirs, cursor)
 
     def stat_object(

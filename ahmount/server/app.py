@@ -30,6 +30,7 @@ from ahmount.server.http_errors import (
 )
 from ahmount.server.observed import HubMetrics, ObservedApp
 from ahmount.server.openapi import openapi_document
+from ahmount.server.rendered_pages import RenderedPages
 from ahmount.server.requests import (
     API,
     Bodies,
@@ -114,6 +115,7 @@ def create_app(service: HubService | None = None, trusted_user: str | None = Non
     app.state.openapi = openapi_document(ROUTES, BODIES, OPEN)
     app.state.started = time.time()
     app.state.metrics = HubMetrics()
+    app.state.rendered_pages = RenderedPages()
     return app
 
 

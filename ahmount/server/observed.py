@@ -53,6 +53,9 @@ class HubMetrics:
                               ["endpoint"], registry=self.registry)
         self.commits = Counter("ah_commits", "Commits created (including merges)",
                                registry=self.registry)
+        self.listing_pages = Counter(
+            "ah_listing_pages", "Listing pages served: rendered, or kept from an earlier "
+            "rendering of the same commit's page", ["source"], registry=self.registry)
 
 
 class ObservedApp:

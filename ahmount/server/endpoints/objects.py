@@ -20,6 +20,7 @@ from ahmount.hub.service import Actor, ReadableObject
 from ahmount.server import schemas
 from ahmount.server.bodies import json_body
 from ahmount.server.ranges import WHOLE_BODY, answer_range, iterate, parse_range
+from ahmount.server.rendered_pages import URLS_LEFT, RenderedPages
 from ahmount.server.requests import (
     API,
     Bodies,
@@ -53,16 +54,26 @@ async def objects(request: Request) -> Response:
     seen = request.headers.get("if-none-match")
 
     service = service_of(request)
+    rendered_pages: RenderedPages = request.app.state.rendered_pages
+    served = request.app.state.metrics.listing_pages
 
     def listed() -> tuple[str, bytes | None]:
         """The page's ETag and its rendering (None: the client has it), in the worker
         thread: a page of 10,000 objects takes tens of milliseconds to render, which the
         event loop would spend not serving. A page with read URLs is never "not modified":
-        its URLs expire."""
-        page = service.list_objects(actor, addr, ref, prefix, after, limit, bool(delimiter))
-        etag = '"' + hashlib.sha256(f"{page.commit}?{q}".encode()).hexdigest()[:32] + '"'
+        its URLs expire. A page rendered before for this query of this commit is sent again
+        (:mod:`rendered_pages`), once the caller was found allowed to view it."""
+        commit = service.listed_commit(actor, addr, ref, prefix, after, limit)
+        etag = '"' + hashlib.sha256(f"{commit.id}?{q}".encode()).hexdigest()[:32] + '"'
         if seen == etag and over < 0:
             return etag, None
+        # Grants name their user: a page with read URLs is kept for its caller alone.
+        key = (commit.id, prefix, after, limit, delimiter, over, actor.id if over >= 0 else "")
+        kept = rendered_pages.get(key)
+        if kept is not None:
+            served.labels("kept").inc()
+            return etag, kept
+        page = service.list_commit(commit, prefix, after, limit, bool(delimiter))
         grants = service.read_grants_listed(
             actor, [o.sha256 for o in page.objects if o.size > over]) if over >= 0 else {}
         objects = [object_json(o) for o in page.objects]
@@ -76,11 +87,16 @@ async def objects(request: Request) -> Response:
             "dirs": page.dirs,
             "next_after": page.next_after,
         }
+        until = float("inf")
         if grants:
             body["read_expires"] = min(g.expires for g in grants.values())
+            until = body["read_expires"] - URLS_LEFT
         # pydantic's JSON encoder (a dependency already): the same bytes as JSONResponse's
         # json.dumps for these plain values, three times as fast.
-        return etag, pydantic_core.to_json(body)
+        rendered = pydantic_core.to_json(body)
+        rendered_pages.keep(key, rendered, until)
+        served.labels("rendered").inc()
+        return etag, rendered
 
     etag, rendered = await call(listed)
     if rendered is None:
