@@ -41,6 +41,7 @@ from ahmount.vfs.errors import (
     NotPermitted,
     ReadOnly,
 )
+from ahmount.vfs.file_io import start_writeout
 from ahmount.vfs.handles import (
     Handle,
     Handles,
@@ -56,6 +57,10 @@ from ahmount.vfs.object_cache import BLOCK, ObjectCache
 from ahmount.vfs.sibling_fetch import SiblingFetcher
 from ahmount.vfs.tree import Node, Tree, check_name, child_path
 from ahmount.vfs.writeback import WriteBack
+
+#: A written file's bytes are handed to the disk every this many bytes written
+#: (:func:`start_writeout`), not all at the writer's sync.
+WRITEOUT_EVERY = 8 << 20
 
 
 @dataclass
@@ -239,7 +244,12 @@ class VFS:
         if not isinstance(handle, WriteHandle) or not handle.may_write:
             raise BadHandle("the file is not open for writing")
         handle.mark_written()
-        return os.pwrite(handle.fd, data, offset)
+        done = os.pwrite(handle.fd, data, offset)
+        handle.unwritten += done
+        if handle.unwritten >= WRITEOUT_EVERY:
+            handle.unwritten = 0
+            start_writeout(handle.fd, max(0, offset + done - WRITEOUT_EVERY), WRITEOUT_EVERY)
+        return done
 
     def flush(self, handle: Handle) -> None:
         if isinstance(handle, WriteHandle):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 
@@ -76,3 +78,29 @@ def removal_lock(path: str) -> Iterator[Removal]:
         yield "held" if still_linked_at(fd, path) else "gone"
     finally:
         os.close(fd)
+
+
+#: sync_file_range(2)'s flag: start writing the range's dirty pages out, do not wait.
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+@functools.cache
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's ``sync_file_range`` (the standard library has no binding), None where absent."""
+    try:
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    call.restype = ctypes.c_int
+    return call
+
+
+def start_writeout(fd: int, offset: int, length: int) -> None:
+    """Start writing ``[offset, offset + length)`` of ``fd`` to its disk, without waiting:
+    a large file written through the mount then reaches the disk while it is still being
+    written, instead of all at the writer's ``fsync``/``sync``. Best effort: nothing is
+    promised about durability (that is still fsync's), and a failure changes nothing."""
+    call = _sync_file_range()
+    if call is not None:
+        call(fd, offset, length, _SYNC_FILE_RANGE_WRITE)

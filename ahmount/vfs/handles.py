@@ -113,6 +113,7 @@ class WriteHandle:
     mid_change: bool = False  # written since the writer last flushed or fsynced: a commit
     #                           leaves the file queued rather than take it half-written
     shown: Node | None = None  # what the file was last shown as (see VFS.writer_mtime)
+    unwritten: int = 0  # bytes written since the last start_writeout
 
     def mark_written(self) -> None:
         self.dirty = self.written = self.mid_change = True
