@@ -182,3 +182,23 @@ def test_a_reader_across_directories_gets_other_directories_in_its_batches(
     else:
         assert batches(vfs)["batches"] > 2
     assert batches(vfs)["failures"] == 0
+
+
+def test_a_file_opened_cold_is_a_miss_even_when_its_batch_beats_the_read(
+        vfs: VfsDriver, dataset: dict[str, bytes]) -> None:
+    """Its open started the fetch: a read after the batch landed still counts a miss (``ah
+    stats`` said 0 misses after a first read that came late); its siblings are hits."""
+    from tests.conftest import wait_until
+
+    before = vfs.session.cache_stats()
+    fd = vfs.open(f"{B}/a/03.bin", os.O_RDONLY)
+    try:
+        wait_until(lambda: batches(vfs)["batches"] == 1, what="the batch to land first")
+        assert vfs.pread(fd, 1 << 20, 0) == dataset["a/03.bin"]
+    finally:
+        vfs.close(fd)
+    after = vfs.session.cache_stats()
+    assert (after["misses"] - before["misses"], after["hits"] - before["hits"]) == (1, 0)
+    assert read(vfs, "a/04.bin") == dataset["a/04.bin"]
+    last = vfs.session.cache_stats()
+    assert (last["misses"] - after["misses"], last["hits"] - after["hits"]) == (0, 1)

@@ -97,6 +97,9 @@ FILL_STREAMS = 3
 #: small file, then costs no lease (a file open, a lock, an index read) and no pread,
 #: which were a fifth of the trio thread's time in a cold shuffled read of 4 KiB files.
 FRESH_BYTES = 32 << 20
+#: Objects remembered as opened cold until their first read (an open never read is
+#: forgotten, the oldest first).
+COLD_OPENS = 4096
 
 
 class Source(Protocol):
@@ -236,6 +239,8 @@ class ObjectCache:
         self._filling: set[str] = set()
         #: Objects just stored (hash-checked), by sha256, oldest first (:data:`FRESH_BYTES`).
         self._fresh: OrderedDict[str, bytes] = OrderedDict()
+        #: Objects whose fetch a reader's open started (:meth:`note_cold_open`).
+        self._cold_opens: OrderedDict[str, bool] = OrderedDict()
         self._fresh_bytes = 0
         #: Small whole objects from batch reads, many to a file (:mod:`.object_packs`).
         self._packs = ObjectPacks(root / "packs")
@@ -550,7 +555,7 @@ class ObjectCache:
         if fresh is not None and len(fresh) == source.size:
             if end == source.size:
                 self._forget_fresh(source.sha256)
-            self._count_hit(waited=claim is not None)
+            self._count_hit(source.sha256, waited=claim is not None)
             return fresh[offset:end]
         record = self._records.get(source.sha256)
         # A data file holding it whole answers without asking the pack index (a query per
@@ -558,7 +563,7 @@ class ObjectCache:
         packed = None if record is not None and record.size == source.size and \
             record.complete() else self._packs.read(source.sha256, source.size, offset, end)
         if packed is not None:  # no lease: a pack's readers keep it open (object_packs)
-            self._count_hit(waited=claim is not None)
+            self._count_hit(source.sha256, waited=claim is not None)
             return packed
         self._hold_pin(source.sha256)
         try:
@@ -567,9 +572,17 @@ class ObjectCache:
             self._drop(source.sha256)  # our lease is gone; unless another reader has it open
             raise
 
-    def _count_hit(self, waited: bool) -> None:
-        """A read answered from memory or a pack: a miss if it waited for the fetch."""
-        if waited:
+    def note_cold_open(self, sha: str) -> None:
+        """An open of the object started its fetch (in a batch): its first read is a miss,
+        even when the bytes arrived before the read asked."""
+        self._cold_opens[sha] = True
+        while len(self._cold_opens) > COLD_OPENS:
+            self._cold_opens.popitem(last=False)
+
+    def _count_hit(self, sha: str, waited: bool) -> None:
+        """A read answered from memory or a pack: a miss if it waited for the fetch, or if
+        its open started the fetch."""
+        if self._cold_opens.pop(sha, False) or waited:
             self.stats.misses += 1
         else:
             self.stats.hits += 1

@@ -129,6 +129,8 @@ class SiblingFetcher:
         if len(batched) >= SPREAD_AFTER:
             total = self._spread(node.index.dirs, batched, wanted, total)
         claimed = set(cache.claim([(e.sha256, e.size) for e in wanted]))
+        if source.sha256 in claimed:
+            cache.note_cold_open(source.sha256)
         batch = [e for e in wanted if e.sha256 in claimed]
         batch = list({e.sha256: e for e in batch}.values())  # one copy of each content
         if not batch:
