@@ -128,8 +128,9 @@ def test_the_service_opens_a_granted_blob_without_the_caller(service: HubService
     service.create_asset(alice, addr)
     service.commit(alice, addr, "main", "c", adds=[obj(service, alice, "f", data)])
     found = service.open_object(alice, addr, "main", "f")
+    assert not service.grant_key_loaded  # a read URL's route then checks it in a thread
     grant = service.read_grant(alice, found)
-    assert grant.user == alice.id
+    assert grant.user == alice.id and service.grant_key_loaded
     blob = service.open_granted_blob(sha, grant.user, str(grant.expires), grant.signature)
     assert blob.size == len(data)
     assert b"".join(blob.read(100, 2000)) == data[100:2000]

@@ -872,6 +872,12 @@ class HubService:
         """Blob reads are local file reads (a small one costs less than a thread hand-off)."""
         return self.blobs.local_reads
 
+    @property
+    def grant_key_loaded(self) -> bool:
+        """True once the read-grant key is in memory: checking a grant then touches no store
+        (before, the first check reads, or makes, the key in a write transaction)."""
+        return "_grants" in self.__dict__  # where functools.cached_property keeps it
+
     def read_grants_listed(self, actor: Actor, hashes: Sequence[str]) -> dict[str, Grant]:
         """Grants for blobs of objects ``actor`` was just shown in a listing (which checked
         that they may read them): a client then reads each object's bytes without an

@@ -139,7 +139,10 @@ async def blob_content(request: Request) -> Response:
                                          q.get("expires", ""), q.get("signature", ""))
 
     local = service.local_blob_reads
-    blob = opened() if local else await call(opened)
+    # On the event loop only when nothing can wait: a local blob and the key in memory (the
+    # first read URL a restarted hub sees loads the key in a write transaction, which may
+    # wait for another replica's).
+    blob = opened() if local and service.grant_key_loaded else await call(opened)
     headers = {"etag": f'"{blob.sha256}"', "accept-ranges": "bytes",
                "content-type": "application/octet-stream", "cache-control": "private"}
     status, start, end = answer_range(request.headers.get("range"), blob.size, headers)
