@@ -22,6 +22,7 @@ from ahmount.client.embedded import embedded_client
 from ahmount.client.hub_client import HubClient
 from ahmount.config import dirs
 from ahmount.hub.models import AssetAddr, FolderAddr, ObjectEntry
+from ahmount.names import Kind
 from ahmount.sync_runner import run_sync
 from ahmount.vfs.cache_dir import state_dir
 from tests.conftest import HubProcess, MountProcess, command, wait_until
@@ -287,13 +288,18 @@ def test_cache_is_bounded_lru_and_survives_restart(mount_factory: Mounter,
     assert m2.control("cache")["used_bytes"] == 0
 
 
+async def new_asset(hub: HubClient, kind: Kind, folder: str, name: str) -> AssetAddr:
+    """A new folder of ours holding a new asset ``name``."""
+    addr = AssetAddr(FolderAddr(ME, kind, folder), name)
+    await hub.create_folder(addr.folder)
+    await hub.create_asset(addr)
+    return addr
+
+
 def test_listing_100k_objects_asks_the_hub_once(mount_factory: Mounter) -> None:
     async def populate() -> None:
         async with embedded_client() as hub:
-            folder = FolderAddr(ME, "dataset", "huge")
-            await hub.create_folder(folder)
-            addr = AssetAddr(folder, "many")
-            await hub.create_asset(addr)
+            addr = await new_asset(hub, "dataset", "huge", "many")
             empty = hashlib.sha256(b"").hexdigest()
             await hub.upload_batch([])
             path = Path(os.environ["AHMOUNT_HOME"]) / "empty"
@@ -324,10 +330,7 @@ def test_listed_attributes_are_what_lookups_give(mount_factory: Mounter,
 
     async def populate() -> None:
         async with embedded_client() as hub:
-            folder = FolderAddr(ME, "model", "modes")
-            await hub.create_folder(folder)
-            addr = AssetAddr(folder, "m")
-            await hub.create_asset(addr)
+            addr = await new_asset(hub, "model", "modes", "m")
             entries = []
             for i, (name, (data, mode)) in enumerate(files.items()):
                 local = tmp_path / f"blob{i}"
