@@ -320,3 +320,16 @@ def test_kept_pages_are_bounded_in_bytes_and_those_with_read_urls_in_time() -> N
     assert pages.get("huge") is None and len(pages) == 2
     pages.keep("a", b"q")  # kept again: replaced, counted once
     assert pages.get("a") == b"q" and pages._bytes == 41
+
+
+def test_the_embedded_hub_keeps_few_pages_in_the_process_it_serves(tmp_path: Path) -> None:
+    """The embedded hub runs inside its client (a mount's daemon): its kept pages are
+    bounded by EMBEDDED_KEEP_PAGES, not the shared hub's KEEP_BYTES."""
+    from ahmount.client.embedded import EMBEDDED_KEEP_PAGES, embedded_app
+    from ahmount.server.rendered_pages import KEEP_BYTES
+
+    pages: RenderedPages = embedded_app(tmp_path / "hub").state.rendered_pages
+    assert EMBEDDED_KEEP_PAGES < KEEP_BYTES
+    pages.keep("over", bytes(EMBEDDED_KEEP_PAGES + 1))
+    pages.keep("under", bytes(EMBEDDED_KEEP_PAGES // 2))
+    assert pages.get("over") is None and pages.get("under") is not None

@@ -34,6 +34,10 @@ def _close_at_exit() -> None:
         _OPEN.close()
 
 
+#: Bytes of rendered listing pages the embedded hub keeps.
+EMBEDDED_KEEP_PAGES = 8 << 20
+
+
 def embedded_app(data_dir: Path) -> Any:
     """The process-wide ASGI app of the embedded hub under ``data_dir``."""
     from ahmount.hub.open import open_hub
@@ -51,7 +55,10 @@ def embedded_app(data_dir: Path) -> Any:
             if not _APPS:
                 atexit.register(_close_at_exit)
             service = _OPEN.enter_context(open_hub(data_dir))
-            _APPS[data_dir] = create_app(service, trusted_user=getpass.getuser())
+            # Its clients are this process's, and a mount keeps listings itself: a few
+            # pages kept, not the 64 MiB a shared hub keeps (a daemon's memory).
+            _APPS[data_dir] = create_app(service, trusted_user=getpass.getuser(),
+                                         keep_pages=EMBEDDED_KEEP_PAGES)
         return _APPS[data_dir]
 
 

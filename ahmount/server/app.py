@@ -30,7 +30,7 @@ from ahmount.server.http_errors import (
 )
 from ahmount.server.observed import HubMetrics, ObservedApp
 from ahmount.server.openapi import openapi_document
-from ahmount.server.rendered_pages import RenderedPages
+from ahmount.server.rendered_pages import KEEP_BYTES, RenderedPages
 from ahmount.server.requests import (
     API,
     Bodies,
@@ -76,13 +76,16 @@ OPEN = frozenset({"/healthz", API + "/openapi.json", API + "/blobs/{sha256}/cont
 
 
 def create_app(service: HubService | None = None, trusted_user: str | None = None, *,
-               open_service: OpenService | None = None) -> Starlette:
+               open_service: OpenService | None = None,
+               keep_pages: int = KEEP_BYTES) -> Starlette:
     """The ASGI app serving a hub: ``service`` (owned by the caller), or the one
     ``open_service()`` opens in the app's lifespan and closes when the app stops (what
     ``ah-server`` does: the stores live exactly as long as the server).
 
     ``trusted_user`` (the embedded hub's OS user) is the caller of every request that carries
     no API key; without it such requests are refused.
+
+    ``keep_pages``: bytes of rendered listing pages kept (:mod:`rendered_pages`).
     """
     if (service is None) == (open_service is None):
         raise ValueError("create_app needs a service or open_service, not both")
@@ -115,7 +118,7 @@ def create_app(service: HubService | None = None, trusted_user: str | None = Non
     app.state.openapi = openapi_document(ROUTES, BODIES, OPEN)
     app.state.started = time.time()
     app.state.metrics = HubMetrics()
-    app.state.rendered_pages = RenderedPages()
+    app.state.rendered_pages = RenderedPages(keep_pages)
     return app
 
 
