@@ -19,7 +19,13 @@ def node_attributes(node: Node, ino: int, uid: int, gid: int,
                     refresh: float) -> pyfuse3.EntryAttributes:
     """``node`` as inode ``ino``: what may change is cached for ``refresh`` seconds."""
     return attributes(ino, node.is_dir, node.permissions, node.size, node.mtime,
-                      IMMUTABLE_TIMEOUT if node.immutable else refresh, uid, gid)
+                      kernel_timeout(node.immutable, refresh), uid, gid)
+
+
+def kernel_timeout(immutable: bool, refresh: float) -> float:
+    """How long the kernel may keep what a path shows: a tag's or commit's for long, what
+    may change for ``refresh`` seconds."""
+    return IMMUTABLE_TIMEOUT if immutable else refresh
 
 
 def attributes(ino: int, is_dir: bool, permissions: int, size: int, mtime: float,

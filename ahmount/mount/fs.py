@@ -18,8 +18,8 @@ import pyfuse3
 
 from ahmount.errors import NotFound
 from ahmount.mount.attrs import (
-    IMMUTABLE_TIMEOUT,
     attributes,
+    kernel_timeout,
     nameless_attributes,
     node_attributes,
 )
@@ -243,16 +243,10 @@ class AssetFS(pyfuse3.Operations):
         index holds them all). Made straight from the index's entries, no :class:`Node`
         each: a cold ``find`` of 10,000 files spent a third of the daemon's time here."""
         parent = listing.node
-        children = self.vfs.commit_children(parent)
+        children = self.vfs.commit_children(parent) or {}  # None: each entry resolved
         out = []
-        if children is None:
-            for name in listing.names:
-                entry = await self._entry(listing, name)
-                if entry is not None:
-                    out.append(entry)
-            return out
         base = parent.loc.key
-        timeout = IMMUTABLE_TIMEOUT if parent.immutable else self.vfs.refresh
+        timeout = kernel_timeout(parent.immutable, self.vfs.refresh)
         uid, gid, writable = self.uid, self.gid, parent.writable
         directory = shown_permissions(None, writable)
         for name in listing.names:
