@@ -19,6 +19,7 @@ from ahmount.client.hub_client import HubClient
 from ahmount.errors import (
     AlreadyExists,
     ChecksumMismatch,
+    HubUnavailable,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -516,6 +517,64 @@ async def test_a_batch_mixes_grouped_small_and_streamed_large_objects(
     await alice.commit(model, "main", "mix", adds=entries)
     got = [(e.path, data) async for e, data in read_batch(alice, model, "main", entries)]
     assert got == list(blobs.items())
+
+
+async def test_a_grouped_batch_has_a_header_line_per_group(
+        hub_server: HubProcess, alice: HubClient, model: AssetAddr, tmp_path: Path) -> None:
+    """Asked with `x-ah-batch: grouped`, the hub sends the first object alone, then the
+    small ones under one header line, a large one alone; asked without, a line per object.
+    The client reads both answers to the same objects."""
+    from ahmount.client.files import read_batch_groups
+
+    sizes = [10, 20, 30, 300 << 10, 40, 0]
+    blobs = {f"grp/{i}.bin": os.urandom(n) for i, n in enumerate(sizes)}
+    entries = [await entry(alice, p, data, tmp_path) for p, data in blobs.items()]
+    await alice.commit(model, "main", "groups", adds=entries)
+    url = f"/api/v1/assets/alice/model/{model.folder.name}/gpt2/refs/main/batch"
+    headers = {"authorization": f"Bearer {hub_server.keys['alice']}"}
+    async with httpx.AsyncClient(base_url=hub_server.url, headers=headers) as raw:
+        grouped = await raw.post(url, json={"paths": list(blobs)},
+                                 headers={"x-ah-batch": "grouped"})
+        plain = await raw.post(url, json={"paths": list(blobs)})
+    assert grouped.headers["x-ah-batch"] == "grouped" and "x-ah-batch" not in plain.headers
+    body, groups = grouped.content, []
+    while body:
+        line, _, body = body.partition(b"\n")
+        group = json.loads(line)
+        size = sum(h["size"] for h in group)
+        groups.append(([h["path"] for h in group], body[:size]))
+        body = body[size:]
+    names = list(blobs)
+    assert groups == [(names[:1], blobs[names[0]]),
+                      (names[1:3], blobs[names[1]] + blobs[names[2]]),
+                      (names[3:4], blobs[names[3]]),
+                      (names[4:], blobs[names[4]] + blobs[names[5]])]
+    first = json.loads(plain.content.partition(b"\n")[0])
+    assert first["path"] == names[0] and first["sha256"] == entries[0].sha256
+    for ask_grouped, shapes in ((True, [1, 2, 1, 2]), (False, [1] * 6)):
+        got = [group async for group in read_batch_groups(alice, model, "main", entries,
+                                                          grouped=ask_grouped)]
+        assert [len(group) for group in got] == shapes
+        assert [(e.path, data) for group in got for e, data in group] == list(blobs.items())
+
+
+@pytest.mark.parametrize(("line", "grouped", "named"), [
+    (b"{nope", False, "bad header line"),
+    (b'{"path": "a"}', False, "bad header line"),
+    (b'{"path": "a", "size": 1}', True, "bad header line"),
+    (b'[{"path": "a", "size": "x"}]', True, "bad header line"),
+    (b'[{"path": "a", "size": 1}, {"path": "b", "size": 2}]', True, "'b', which was not asked"),
+])
+def test_a_bad_batch_header_is_the_hub_failing(line: bytes, grouped: bool,
+                                               named: str) -> None:
+    """An answer the request did not ask for fails the batch as the hub's fault (its readers
+    fetch their own), never as a bug that would end the mount."""
+    from ahmount.client.files import _batch_headers
+
+    asked = {"a": ObjectEntry("a", "0" * 64, 1, 0.0)}
+    with pytest.raises(HubUnavailable, match=named):
+        _batch_headers(line, grouped, asked)
+    assert _batch_headers(b'[{"path": "a", "size": 1}]', True, asked) == [("a", 1)]
 
 
 async def test_knowing_a_hash_reads_nothing_over_http(hub_server: HubProcess, alice: HubClient,

@@ -110,22 +110,58 @@ async def read_batch(hub: HubClient, addr: AssetAddr, ref: str,
                      ) -> AsyncGenerator[tuple[ObjectEntry, bytes], None]:
     """Many (small) objects of one commit from one request, each as ``(entry, bytes)`` once
     its sha256 checked out, in the order the hub sends them."""
+    groups = read_batch_groups(hub, addr, ref, entries)
+    async with contextlib.aclosing(groups) as arriving:
+        async for group in arriving:
+            for each in group:
+                yield each
+
+
+async def read_batch_groups(hub: HubClient, addr: AssetAddr, ref: str,
+                            entries: Sequence[ObjectEntry], grouped: bool = True
+                            ) -> AsyncGenerator[list[tuple[ObjectEntry, bytes]], None]:
+    """:func:`read_batch` a group at a time, as the hub sends them (the first object alone,
+    then the small ones by the hundred): one header to parse and one hand-over per group,
+    not per object. A hub that predates groups (or ``grouped=False``) sends a header line
+    per object: groups of one."""
     by_path = {e.path: e for e in entries}
-    async with hub.open_batch(addr, ref, [e.path for e in entries]) as response:
+    async with hub.open_batch(addr, ref, list(by_path), grouped=grouped) as response:
+        grouped = response.headers.get("x-ah-batch") == "grouped"
         chunks = cast("AsyncGenerator[bytes, None]", response.aiter_raw())
         async with contextlib.aclosing(chunks) as raw:
             reader = _StreamReader(raw)
-            for _ in range(len(by_path)):
-                header = json.loads(await reader.readline())
-                entry = by_path[header["path"]]
-                data = await reader.readexactly(int(header["size"]))
-                digest = _sha256_of(data) if len(data) <= HASH_INLINE else \
-                    await anyio.to_thread.run_sync(_sha256_of, data)
-                if digest != entry.sha256:
-                    raise errors.ChecksumMismatch(
-                        f"download of {entry.path!r} did not hash to {entry.sha256}",
-                        path=entry.path)
-                yield entry, data
+            left = len(by_path)
+            while left > 0:
+                headers = _batch_headers(await reader.readline(), grouped, by_path)
+                wanted = [(by_path[path], size) for path, size in headers]
+                group = list(zip([entry for entry, _ in wanted],
+                                 await reader.read_each([size for _, size in wanted]),
+                                 strict=True))
+                for entry, data in group:
+                    digest = _sha256_of(data) if len(data) <= HASH_INLINE else \
+                        await anyio.to_thread.run_sync(_sha256_of, data)
+                    if digest != entry.sha256:
+                        raise errors.ChecksumMismatch(
+                            f"download of {entry.path!r} did not hash to {entry.sha256}",
+                            path=entry.path)
+                left -= len(group)
+                yield group
+
+
+def _batch_headers(line: bytes, grouped: bool,
+                   asked: dict[str, ObjectEntry]) -> list[tuple[str, int]]:
+    """``(path, size)`` of each object a header line announces; an answer that is not one
+    the request asked for is the hub failing (the caller's reads fetch their own)."""
+    try:
+        found = json.loads(line)
+        items = found if grouped else [found]
+        headers = [(str(item["path"]), int(item["size"])) for item in items]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise errors.HubUnavailable(f"a batch answer has a bad header line ({exc})") from None
+    for path, _ in headers:
+        if path not in asked:
+            raise errors.HubUnavailable(f"a batch answer sent {path!r}, which was not asked for")
+    return headers
 
 
 async def download_batch(hub: HubClient, addr: AssetAddr, ref: str,
@@ -172,13 +208,20 @@ class _StreamReader:
         self._pos = end + 1
         return line
 
-    async def readexactly(self, size: int) -> bytes:
-        while len(self._buffer) - self._pos < size:
+    async def read_each(self, sizes: list[int]) -> list[bytes]:
+        """The next ``sum(sizes)`` bytes, cut into one piece per size (one copy each)."""
+        total = sum(sizes)
+        while len(self._buffer) - self._pos < total:
             if not await self._fill():
                 raise errors.HubUnavailable("batch download ended early")
-        data = bytes(self._buffer[self._pos:self._pos + size])
-        self._pos += size
-        return data
+        pieces = []
+        with memoryview(self._buffer) as view:  # released before the buffer next changes
+            at = self._pos
+            for size in sizes:
+                pieces.append(view[at:at + size].tobytes())
+                at += size
+        self._pos = at
+        return pieces
 
 
 def partial_path(dest: Path) -> Path:

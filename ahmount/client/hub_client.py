@@ -347,12 +347,14 @@ class HubClient:
             return await response.aread()
 
     @contextlib.asynccontextmanager
-    async def open_batch(self, addr: AssetAddr, ref: str,
-                         paths: Sequence[str]) -> AsyncIterator[httpx.Response]:
+    async def open_batch(self, addr: AssetAddr, ref: str, paths: Sequence[str],
+                         grouped: bool = False) -> AsyncIterator[httpx.Response]:
         """One streamed response carrying many objects of one commit, each a JSON header
-        line (path, size) followed by its bytes."""
+        line (path, size) followed by its bytes; ``grouped``: a header line per group of
+        objects, if the hub answers ``x-ah-batch: grouped`` (one that predates it does not)."""
         response = await self._http.send("POST", f"{self._a(addr)}/refs/{ref}/batch",
-                                         json={"paths": list(paths)}, stream=True)
+                                         json={"paths": list(paths)}, stream=True,
+                                         headers={"x-ah-batch": "grouped"} if grouped else None)
         try:
             yield response
         finally:

@@ -37,7 +37,7 @@ from typing import Any
 
 import trio
 
-from ahmount.client.files import read_batch
+from ahmount.client.files import read_batch_groups
 from ahmount.hub.models import ObjectEntry
 from ahmount.vfs.handles import HubSource
 from ahmount.vfs.object_cache import BLOCK, ObjectCache
@@ -202,8 +202,8 @@ class SiblingFetcher:
 
     async def _fetch(self, source: HubSource, batch: list[ObjectEntry]) -> None:
         """Fetch ``batch``, keeping (and waking the readers of) what has arrived every
-        :data:`STORE_EVERY` bytes: the opened object comes first, is kept at once, and its
-        reader goes on while the rest of the batch travels."""
+        :data:`STORE_EVERY` bytes, a group at a time: the opened object comes first, alone,
+        is kept at once, and its reader goes on while the rest of the batch travels."""
         cache = self._cache
         waiting = [e.sha256 for e in batch]
         try:
@@ -211,12 +211,13 @@ class SiblingFetcher:
                 kept: list[tuple[str, bytes]] = []
                 kept_bytes = 0
                 try:
-                    async with aclosing(read_batch(source.view.hub, source.asset,
-                                                   source.commit_id, batch)) as objects:
-                        async for entry, data in objects:
-                            kept.append((entry.sha256, data))
-                            kept_bytes += len(data)
-                            if kept_bytes >= STORE_EVERY or entry is batch[0]:
+                    async with aclosing(read_batch_groups(source.view.hub, source.asset,
+                                                          source.commit_id, batch)) as groups:
+                        async for group in groups:
+                            for entry, data in group:
+                                kept.append((entry.sha256, data))
+                                kept_bytes += len(data)
+                            if kept_bytes >= STORE_EVERY or group[0][0] is batch[0]:
                                 await self._keep(kept)
                                 kept, kept_bytes = [], 0
                 except EXPECTED as exc:  # the readers fetch their own; nothing fails

@@ -167,9 +167,14 @@ MAX_BATCH_READ = 256 << 20
 
 async def files_batch(request: Request) -> Response:
     """POST {paths: [...]}: many objects of one commit in one response — for each, a JSON
-    line `{path, size, sha256, mtime}` and then exactly `size` bytes."""
+    line `{path, size, sha256, mtime}` and then exactly `size` bytes. Asked with the header
+    `x-ah-batch: grouped`: for each group of objects a JSON line that is the array of their
+    headers, then their bytes back to back (answered with `x-ah-batch: grouped`)."""
     actor = await caller(request)
     paths = (await json_body(request, schemas.Paths)).paths
+    # Asked for in a header: a hub that predates it ignores the header (a body field
+    # would be refused as unknown) and answers a line per object.
+    grouped = request.headers.get("x-ah-batch") == "grouped"
     commit, found = await call(service_of(request).open_objects, actor, asset_addr(request),
                                request.path_params["ref"], paths)
     total = sum(f.entry.size for f in found)
@@ -178,26 +183,38 @@ async def files_batch(request: Request) -> Response:
             f"a batch read of {total} bytes is over {MAX_BATCH_READ}; fetch large objects one "
             "by one")
 
-    def header(entry: ObjectEntry) -> bytes:
-        return json.dumps({"path": entry.path, "size": entry.size, "sha256": entry.sha256,
-                           "mtime": entry.mtime}).encode() + b"\n"
+    def header(group: list[ReadableObject]) -> bytes:
+        if grouped:
+            return json.dumps([_header_fields(each.entry) for each in group]).encode() + b"\n"
+        return b"".join(json.dumps(_header_fields(each.entry)).encode() + b"\n"
+                        for each in group)
 
     async def stream() -> AsyncIterator[bytes]:
         # Small objects are read a group at a time in one worker thread (a thread hand-off
         # per object and per chunk cost more than reading 100 bytes); large ones stream.
         for group in _read_groups(found):
             if len(group) == 1 and group[0].entry.size > BATCH_GROUP_OBJECT:
-                each = group[0]
-                yield header(each.entry)
-                async for chunk in iterate(await call(each.read)):
+                yield header(group)
+                async for chunk in iterate(await call(group[0].read)):
                     yield chunk
                 continue
             contents = await call(ReadableObject.read_all, group)
-            yield b"".join(part for each, data in zip(group, contents, strict=True)
-                           for part in (header(each.entry), data))
+            if grouped:
+                yield b"".join((header(group), *contents))
+            else:
+                yield b"".join(part for data, each in zip(contents, group, strict=True)
+                               for part in (header([each]), data))
 
-    return StreamingResponse(stream(), headers={"x-ah-commit": commit.id},
+    headers = {"x-ah-commit": commit.id}
+    if grouped:
+        headers["x-ah-batch"] = "grouped"
+    return StreamingResponse(stream(), headers=headers,
                              media_type="application/octet-stream")
+
+
+def _header_fields(entry: ObjectEntry) -> dict[str, Any]:
+    return {"path": entry.path, "size": entry.size, "sha256": entry.sha256,
+            "mtime": entry.mtime}
 
 
 #: Objects up to this size travel in groups read by one worker thread each, up to
