@@ -391,6 +391,39 @@ def test_branch_moved_elsewhere_shows_within_the_refresh_delay(
         (populated / "weights/model.bin").read_bytes()
 
 
+def test_the_kernel_keeps_a_listing_while_it_shows_the_same_commit(
+        mount_factory: Mounter, populated: Path, tmp_path: Path) -> None:
+    """A directory listed again is answered by the kernel (no readdir reaches the mount)
+    while it shows the same commit: on a tag and on a branch with nothing queued. What is
+    written or removed through the mount, and a commit made elsewhere, show at once."""
+    m = mount_factory("--refresh", "0.5")
+    tag = m.mountpoint / "model/llm/gpt2/t1/weights"
+    branch = m.mountpoint / "model/llm/gpt2/main/weights"
+
+    def readdirs() -> int:
+        return int(m.control("stats")["fuse_ops"].get("readdir", 0))
+
+    def listed_by_kernel(directory: Path, names: list[str]) -> None:
+        assert sorted(os.listdir(directory)) == names
+        before = readdirs()
+        assert sorted(os.listdir(directory)) == names
+        assert readdirs() == before, f"{directory} was read from the mount again"
+
+    listed_by_kernel(tag, ["model.bin"])
+    listed_by_kernel(branch, ["model.bin"])
+    (branch / "new.bin").write_bytes(b"new")
+    assert sorted(os.listdir(branch)) == ["model.bin", "new.bin"]
+    os.unlink(branch / "new.bin")
+    assert sorted(os.listdir(branch)) == ["model.bin"]
+    (tmp_path / "other.bin").write_bytes(b"other")
+    ah.commit("model/llm/gpt2", msg="elsewhere", add={str(tmp_path / "other.bin"):
+                                                      "weights/other.bin"})
+    wait_until(lambda: sorted(os.listdir(branch)) == ["model.bin", "other.bin"], timeout=10,
+               what="the commit made elsewhere to show")
+    listed_by_kernel(branch, ["model.bin", "other.bin"])
+    listed_by_kernel(tag, ["model.bin"])
+
+
 def test_shared_and_public_folders(mount_factory: Mounter, populated: Path) -> None:
     from ahmount.client.embedded import embedded_app
     from ahmount.config import dirs

@@ -33,7 +33,7 @@ from ahmount.client.embedded import connect
 from ahmount.config import DEFAULT_CACHE, ClientConfig, dirs, load_config, make_config, parse_size
 from ahmount.errors import AhError, InvalidArgument
 from ahmount.exit_codes import FAILURE, exit_code
-from ahmount.mount import fuse_wait
+from ahmount.mount import dir_cache, fuse_wait
 from ahmount.mount.control import ControlServer, fuse_mounts, socket_path
 from ahmount.mount.fs import AssetFS
 from ahmount.mount.kernel_cache import KernelCache
@@ -209,10 +209,12 @@ class Mount:
                     session.follow_changes(kernel.forget)
                 supervisor.spawn("ready reporter", lambda: self._report_ready(ready))
                 fuse_wait.install()
+                dir_cache.install()
                 try:
                     await pyfuse3.main()
                 finally:
                     fuse_wait.uninstall()
+                    dir_cache.uninstall()
             finally:
                 with contextlib.suppress(Exception):
                     pyfuse3.close(unmount=True)
