@@ -263,8 +263,10 @@ class HubView:
     def generation(self) -> int:
         """Raised by every invalidation of any listing that can change: what was derived
         from the listings under one generation, before the first of them expires
-        (:meth:`fresh_until`), is what they would answer again."""
-        return sum(cache.generation for cache in self._caches)
+        (:meth:`fresh_until`), is what they would answer again. Asked at every lookup,
+        getattr and open: four attribute reads, no tuple or generator."""
+        return self._folders.generation + self._assets.generation + \
+            self._refs.generation + self._resolved.generation
 
     def fresh_until(self, scope: str, owner: str, kind: str, addr: AssetAddr,
                     ref: str) -> float:
