@@ -327,6 +327,38 @@ async def test_an_object_fetched_whole_arrives_verified_without_a_second_read(
         cache.close()
 
 
+async def test_a_large_object_is_verified_once_however_many_reads_ask(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An object too large to hash before its last read is hashed in the background once
+    it is whole. Every read of it until then asks for that check; the reads that come
+    before the first check has started must not start more (each is a whole read-back of
+    the file: 1 GiB read cold hashed twice over, 0.6 s of CPU each, while it was read)."""
+    import ahmount.vfs.object_cache as module
+
+    hashed: list[Path] = []
+    real = module._hash_file
+
+    def counted(path: Path) -> str:
+        hashed.append(path)
+        return real(path)
+
+    monkeypatch.setattr(module, "_hash_file", counted)
+    monkeypatch.setattr(module, "VERIFY_INLINE", BLOCK)
+    source = MemorySource(blob(8, 3 * BLOCK + 5))
+    cache = ObjectCache(tmp_path, 64 << 20)
+    try:
+        async with trio.open_nursery() as nursery:
+            cache.set_spawner(lambda name, work: nursery.start_soon(work))
+            for block in range(4):  # the object whole, then read again and again
+                await cache.read(source, block * BLOCK, BLOCK)
+            for _ in range(5):
+                assert await cache.read(source, 0, 4096) == source.data[:4096]
+        assert len(hashed) == 1
+        assert cache._records[source.sha256].verified
+    finally:
+        cache.close()
+
+
 @pytest.mark.parametrize("direct", [False, True], ids=["streamed", "direct"])
 async def test_random_reads_fetch_pages_and_keep_them(tmp_path: Path, direct: bool) -> None:
     """A 4 KiB read at a random offset fetches its 64 KiB page, not the 1 MiB block; pages

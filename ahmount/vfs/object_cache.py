@@ -1104,9 +1104,12 @@ class ObjectCache:
     async def _verify(self, sha: str, record: Record, inline: bool) -> None:
         if sha in self._verifying:
             return  # one hash of an object at a time; readers do not wait for a background one
+        # Marked now, not when the check starts: every read of a whole, unverified object
+        # asks for it, and those until a spawned check first runs must not start more (a
+        # 1 GiB object read cold was hashed twice over while it was read, 0.6 s each).
+        self._verifying.add(sha)
 
         async def check() -> None:
-            self._verifying.add(sha)
             try:
                 async with self._leased(sha):
                     # Re-read under this lease: the object may have been evicted (and its
@@ -1141,7 +1144,13 @@ class ObjectCache:
         if inline:
             await check()
         elif self._spawn is not None:
-            self._spawn(f"verification of {sha[:12]}", check_in_background)
+            try:
+                self._spawn(f"verification of {sha[:12]}", check_in_background)
+            except BaseException:
+                self._verifying.discard(sha)
+                raise
+        else:
+            self._verifying.discard(sha)
 
     async def copy_to(self, source: Source, dest: Path) -> None:
         """Write the whole object to ``dest`` (copy-on-write of a branch file): through the
