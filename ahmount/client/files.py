@@ -133,10 +133,8 @@ async def read_batch_groups(hub: HubClient, addr: AssetAddr, ref: str,
             left = len(by_path)
             while left > 0:
                 headers = _batch_headers(await reader.readline(), grouped, by_path)
-                wanted = [(by_path[path], size) for path, size in headers]
-                group = list(zip([entry for entry, _ in wanted],
-                                 await reader.read_each([size for _, size in wanted]),
-                                 strict=True))
+                pieces = await reader.read_each([size for _, size in headers])
+                group = list(zip([by_path[path] for path, _ in headers], pieces, strict=True))
                 for entry, data in group:
                     digest = _sha256_of(data) if len(data) <= HASH_INLINE else \
                         await anyio.to_thread.run_sync(_sha256_of, data)

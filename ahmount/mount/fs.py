@@ -208,14 +208,23 @@ class AssetFS(pyfuse3.Operations):
         releasedir per directory, where it was 10,000 entries made and sent again. Any
         other listing (a branch with queued changes, the places above refs) is read afresh
         on each open, and the kernel drops what it kept of it."""
-        node = listing.node
-        shown = None
-        if node.resolved is not None and self.vfs.shows_commit_only(node):
-            shown = (node.resolved.commit_id, node.writable, self.vfs.refresh,
-                     self.inodes.version)
+        commit = self._commit_shown(listing.node)
         before = self._kernel_listings.pop(inode, None)
-        if shown is not None and keep_listing(inode, reuse=before == shown):
+        if commit is None:
+            return
+        shown = (*commit, self.inodes.version)
+        if keep_listing(inode, reuse=before == shown):
             self._kernel_listings[inode] = shown
+
+    def _commit_shown(self, node: Node) -> tuple[str, bool, float] | None:
+        """For a directory that shows one commit's objects (in a tag, a commit, or a branch
+        with nothing queued): what fixes its entries' attributes besides their inodes, the
+        commit, the write permission and the kernel timeout. None for any other directory:
+        a ref that moves lists under another commit, a queued edit takes the branch off
+        this path."""
+        if node.resolved is None or not self.vfs.shows_commit_only(node):
+            return None
+        return node.resolved.commit_id, node.writable, self.vfs.refresh
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -223,13 +232,9 @@ class AssetFS(pyfuse3.Operations):
         listing = self._dirs.get(fh)
         if listing is None:
             raise BadHandle(f"directory handle {fh} is not open")
-        parent = listing.node
-        # An entry that shows a commit's object (in a tag, a commit, or a branch with nothing
-        # queued) has attributes fixed by (inode, commit, writable, kernel timeout): a ref
-        # that moves lists under another commit, a queued edit takes the branch off this path.
-        if parent.resolved is not None and self.vfs.shows_commit_only(parent):
-            place = (parent.loc.key, parent.resolved.commit_id, parent.writable,
-                     self.vfs.refresh)
+        commit = self._commit_shown(listing.node)
+        if commit is not None:
+            place = (listing.node.loc.key, *commit)
             kept = self._listed.get(place)
             if kept is None or kept[0] != self.inodes.version or \
                     len(kept[1]) != len(listing.names):
