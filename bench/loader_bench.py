@@ -10,6 +10,9 @@ again). Files per second, on the same data, in one run, against:
 - the do-nothing pyfuse3 floor (``bench/minimal_fs.py``, the files written into it first,
   its reads answering zeros): what any trio + pyfuse3 daemon pays per file; and the same
   waiting for ``/dev/fuse`` as ah-mount does ("floor, poll": ``--ready-first``);
+- "ahmount, kept cache": a new mount on the cache a previous one filled, with the page
+  cache dropped ("cold"): a second epoch in a new job, or after a restart. Every byte is on
+  local disk and none in memory;
 - for the 1 MiB files, the hub alone ("hub, GET each"): the same workers asking
   ``ah-server`` for each file with one GET (``http.client``, the body read into a buffer and
   its sha256 checked), no FUSE and no cache. That is the ceiling of any reader that fetches
@@ -65,6 +68,7 @@ def _read_files(paths: list[str]) -> None:
 
 
 HUB_ALONE = "hub, GET each"
+KEPT = "ahmount, kept cache"
 
 
 def _fetch_files(files_url: str, key: str, paths: list[str]) -> None:
@@ -183,11 +187,14 @@ def main() -> None:
             def local_disk(_: int) -> Iterator[Path]:
                 yield local
 
-            def ahmount(*extra: str) -> Opener:
+            caches: list[Path] = []
+
+            def ahmount(*extra: str, kept: bool = False) -> Opener:
                 @contextlib.contextmanager
                 def opened(n: int) -> Iterator[Path]:
-                    m = hub_mount(server, key, root / f"ah-mnt-{n}", root / f"ah-cache-{n}",
-                                  *extra)
+                    if not kept:
+                        caches.append(root / f"ah-cache-{n}")
+                    m = hub_mount(server, key, root / f"ah-mnt-{n}", caches[-1], *extra)
                     assert m.pid is not None
                     costs.pids = {"daemon": m.pid, "server": server_pid}
                     try:
@@ -223,7 +230,8 @@ def main() -> None:
             targets: dict[str, Opener] = {"local": local_disk, "pyfuse3 floor": floor(),
                                           "floor, poll": floor("--ready-first"),
                                           "ahmount": ahmount(),
-                                          "ahmount ro": ahmount("--read-only")}
+                                          "ahmount ro": ahmount("--read-only"),
+                                          KEPT: ahmount(kept=True)}
             targets |= {name: peer(name) for name in wanted}
             results: dict[Key, float] = {}
             for name, opener in targets.items():

@@ -7,7 +7,86 @@ import errno
 import os
 from pathlib import Path
 
-from ahmount.vfs.file_io import _sync_file_range, split_buffers, start_writeout
+import trio
+import trio.testing
+
+from ahmount.vfs.file_io import (
+    _sync_file_range,
+    in_page_cache,
+    pread_unstalled,
+    split_buffers,
+    start_writeout,
+)
+
+
+def evict_from_memory(path: Path) -> None:
+    """Let the page cache drop ``path``'s bytes (written out first: dirty pages stay)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_a_range_is_in_the_page_cache_once_read_and_not_once_dropped(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(1 << 20))
+    evict_from_memory(path)
+    plain = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(plain, 0, 0, os.POSIX_FADV_RANDOM)  # no read-around either
+        assert not in_page_cache(plain, 0, 4096)
+        os.pread(plain, 4096, 0)  # the first page only
+        assert in_page_cache(plain, 0, 4096) and in_page_cache(plain, 100, 200)
+        assert not in_page_cache(plain, 0, 8192)  # its last page is not
+        assert not in_page_cache(plain, 8192, 12288)
+        assert in_page_cache(plain, 1 << 20, (1 << 20) + 10)  # past the end: nothing to wait
+    finally:
+        os.close(plain)
+
+
+async def test_a_read_that_must_wait_for_the_disk_waits_in_a_thread(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    data = os.urandom(3 << 20)
+    path.write_bytes(data)
+    evict_from_memory(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        assert await pread_unstalled(fd, 5000, 1 << 20) == (data[1 << 20:(1 << 20) + 5000],
+                                                            True)
+        assert await pread_unstalled(fd, 5000, 1 << 20) == (data[1 << 20:(1 << 20) + 5000],
+                                                            False)
+        assert await pread_unstalled(fd, 10, len(data) - 4) == (data[-4:], True)
+        assert await pread_unstalled(fd, 0, 0) == (b"", False)
+    finally:
+        os.close(fd)
+
+
+async def test_the_caller_may_close_its_descriptor_while_a_disk_read_waits(
+        tmp_path: Path) -> None:
+    """The read in the thread uses a duplicate: a pack closed by a rescan meanwhile (or a
+    number reused by a file opened since) cannot change what it reads."""
+    path, other = tmp_path / "f", tmp_path / "other"
+    data = os.urandom(1 << 20)
+    path.write_bytes(data)
+    other.write_bytes(bytes(1 << 20))
+    evict_from_memory(path)
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+    got: list[tuple[bytes, bool]] = []
+
+    async def reader() -> None:
+        got.append(await pread_unstalled(fd, 1 << 20, 0))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        os.close(fd)
+        reused = os.open(other, os.O_RDONLY)  # most likely the number just freed
+    os.close(reused)
+    assert got == [(data, True)]
 
 
 def test_the_writeout_binding_reaches_the_system_call(tmp_path: Path) -> None:

@@ -210,6 +210,47 @@ async def test_a_packed_object_copies_out_and_drops(tmp_path: Path) -> None:
         cache.close()
 
 
+async def test_reads_of_a_cache_the_page_cache_dropped_wait_for_the_disk_in_threads(
+        tmp_path: Path) -> None:
+    """A new process on a kept cache whose bytes are only on disk (a second epoch after a
+    restart): its reads of packs and data files wait in worker threads, many at once, not in
+    the event loop one after the other, and return the true bytes. Once read, they are
+    answered in place."""
+    from tests.test_file_io import evict_from_memory
+    from tests.test_shared_cache import larger_objects
+
+    small, large = small_objects(49, 30), larger_objects(49, 3)
+    first = ObjectCache(tmp_path, 64 << 20)
+    try:
+        await store(first, small)
+        for source in large:  # each fetched into its own data file
+            assert await first.read(source, 0, source.size) == source.data
+    finally:
+        first.close()
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            evict_from_memory(path)
+    second = ObjectCache(tmp_path, 64 << 20)
+    try:
+        got: dict[str, bytes] = {}
+
+        async def read(source: MemorySource) -> None:
+            got[source.sha256] = await second.read(source, 0, source.size)
+
+        async with trio.open_nursery() as nursery:
+            for source in [*small, *large]:
+                nursery.start_soon(read, source)
+        assert got == {s.sha256: s.data for s in [*small, *large]}
+        assert sum(s.fetches for s in small) == 0 and [s.fetches for s in large] == [1] * 3
+        waited = second.disk_reads()
+        assert second.stats.disk_reads > 0 and waited > second.stats.disk_reads  # both kinds
+        for source in [*small, *large]:
+            assert await second.read(source, 0, source.size) == source.data
+        assert second.disk_reads() == waited
+    finally:
+        second.close()
+
+
 # -- model check -------------------------------------------------------------------------------
 
 OBJECTS = [MemorySource(blob(48_000 + i, 1000 + 97 * i)) for i in range(12)]

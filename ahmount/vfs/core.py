@@ -41,7 +41,7 @@ from ahmount.vfs.errors import (
     NotPermitted,
     ReadOnly,
 )
-from ahmount.vfs.file_io import start_writeout
+from ahmount.vfs.file_io import pread_unstalled, start_writeout
 from ahmount.vfs.handles import (
     Handle,
     Handles,
@@ -236,7 +236,7 @@ class VFS:
     async def read(self, handle: Handle, offset: int, size: int) -> bytes:
         handle = self._live(handle)
         if isinstance(handle, WriteHandle):
-            return os.pread(handle.fd, size, offset)
+            return (await pread_unstalled(handle.fd, size, offset))[0]
         return await handle.read(self.cache, offset, size)
 
     def write(self, handle: Handle, offset: int, data: bytes) -> int:

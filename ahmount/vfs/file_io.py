@@ -10,6 +10,11 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Literal
 
+import trio
+
+#: The unit the page cache keeps a file's bytes in.
+_PAGE = os.sysconf("SC_PAGESIZE")
+
 
 def split_buffers(buffers: list[bytes | memoryview], size: int
                   ) -> tuple[list[bytes | memoryview], list[bytes | memoryview]]:
@@ -43,6 +48,40 @@ def pwritev_all(fd: int, buffers: list[bytes | memoryview], offset: int) -> None
                 written += n
                 rest = rest[n:]
         offset += expected
+
+
+def in_page_cache(fd: int, offset: int, end: int) -> bool:
+    """Whether reading ``[offset, end)`` of ``fd`` would be answered from memory, without
+    waiting for the disk: its first and last pages are in the page cache (a one-byte
+    ``preadv`` with ``RWF_NOWAIT`` each, which fails rather than wait). A page between them
+    may still be out; that read then waits, as every read did before. True where the kernel
+    cannot tell (the read itself then reports any error)."""
+    probe = bytearray(1)
+    pages = (offset,) if offset // _PAGE == (end - 1) // _PAGE else (offset, end - 1)
+    for at in pages:
+        try:
+            os.preadv(fd, [probe], at, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+    return True
+
+
+async def pread_unstalled(fd: int, size: int, offset: int) -> tuple[bytes, bool]:
+    """``os.pread(fd, size, offset)`` for the trio thread, and whether it waited for the
+    disk. In place when the bytes are in memory (the usual case: just written, or read
+    before); else in a worker thread, on a duplicate of ``fd`` (the caller may close its own
+    meanwhile). A read that waits for the disk in place stops every other request of the
+    loop: 8 loader workers over a cache whose pages were dropped then read one at a time,
+    at the disk's latency each, instead of 8 at once."""
+    if size <= 0 or in_page_cache(fd, offset, offset + size):
+        return os.pread(fd, size, offset), False
+    copy = os.dup(fd)
+    try:
+        return await trio.to_thread.run_sync(os.pread, copy, size, offset), True
+    finally:
+        os.close(copy)
 
 
 def still_linked_at(fd: int, path: str) -> bool:

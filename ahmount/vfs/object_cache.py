@@ -42,8 +42,8 @@ import trio
 
 from ahmount.errors import ChecksumMismatch
 from ahmount.vfs.cache_ledger import CacheLedger
+from ahmount.vfs.file_io import pread_unstalled, removal_lock
 from ahmount.vfs.file_io import pwritev_all as _pwritev_all
-from ahmount.vfs.file_io import removal_lock
 from ahmount.vfs.file_io import split_buffers as _split
 from ahmount.vfs.object_packs import PACK_OBJECT, ObjectPacks
 from ahmount.vfs.supervisor import EXPECTED
@@ -190,6 +190,7 @@ class CacheStats:
     bytes_fetched: int = 0
     uncached_reads: int = 0
     fills: int = 0  # objects whose fetch behind a random reader began
+    disk_reads: int = 0  # reads of data files that waited for the disk (in a worker thread)
 
 
 class _NoSpace(Exception):
@@ -448,6 +449,10 @@ class ObjectCache:
         return sum(1 for r in self._records.values() if r.blocks or r.pages) + \
             self._packs.count()
 
+    def disk_reads(self) -> int:
+        """Reads that waited for the disk (in a worker thread), of data files and packs."""
+        return self.stats.disk_reads + self._packs.disk_reads
+
     def pin(self, sha: str) -> None:
         """Keep the object from eviction (by any process) while a handle has it open, from
         the handle's first read on: an open whose reads the kernel's page cache answers (a
@@ -561,7 +566,8 @@ class ObjectCache:
         # A data file holding it whole answers without asking the pack index (a query per
         # read of a small file that was fetched by itself).
         packed = None if record is not None and record.size == source.size and \
-            record.complete() else self._packs.read(source.sha256, source.size, offset, end)
+            record.complete() else await self._packs.read(source.sha256, source.size, offset,
+                                                         end)
         if packed is not None:  # no lease: a pack's readers keep it open (object_packs)
             self._count_hit(source.sha256, waited=claim is not None)
             return packed
@@ -610,9 +616,7 @@ class ObjectCache:
                 self._dirty.add(sha)
             if record.complete() and not record.verified:
                 await self._verify(sha, record, inline=source.size <= VERIFY_INLINE)
-            # Read in the event loop, without a thread hand-off: the block was just written
-            # or is on local disk, and a pread of a FUSE-sized piece costs less than that.
-            return os.pread(fd, end - offset, offset)
+            return await self._pread(fd, end - offset, offset)
 
     async def read_pages(self, source: Source, offset: int, size: int) -> bytes:
         """:meth:`read` for a random reader: what is missing of ``[offset, offset+size)`` is
@@ -664,7 +668,15 @@ class ObjectCache:
                     await self._verify(sha, record, inline=source.size <= VERIFY_INLINE)
             else:
                 self.stats.hits += 1
-            return os.pread(fd, end - offset, offset)
+            return await self._pread(fd, end - offset, offset)
+
+    async def _pread(self, fd: int, size: int, offset: int) -> bytes:
+        """Read a data file's bytes: in the event loop when they are in memory (just written,
+        or read before: a pread of a FUSE-sized piece costs less than a thread hand-off),
+        in a worker thread when they must come from the disk."""
+        data, waited = await pread_unstalled(fd, size, offset)
+        self.stats.disk_reads += waited
+        return data
 
     async def _fetch_pages_directly(self, source: Source, record: Record, fd: int,
                                     start: int, stop: int) -> tuple[bytearray, bool]:
@@ -1155,7 +1167,7 @@ class ObjectCache:
     async def copy_to(self, source: Source, dest: Path) -> None:
         """Write the whole object to ``dest`` (copy-on-write of a branch file): through the
         cache when it fits, else streamed from the hub."""
-        packed = self._packs.read(source.sha256, source.size, 0, source.size)
+        packed = await self._packs.read(source.sha256, source.size, 0, source.size)
         if packed is not None:
             await trio.to_thread.run_sync(dest.write_bytes, packed)
             return

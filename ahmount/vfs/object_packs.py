@@ -42,7 +42,12 @@ from pathlib import Path
 
 import diskcache
 
-from ahmount.vfs.file_io import pwritev_all, removal_lock, still_linked_at
+from ahmount.vfs.file_io import (
+    pread_unstalled,
+    pwritev_all,
+    removal_lock,
+    still_linked_at,
+)
 
 log = logging.getLogger("ahmount.cache")
 
@@ -96,6 +101,9 @@ class ObjectPacks:
         #: Packs this process evicted: an append that was under way then kept nothing.
         self._evicted: set[str] = set()
         self.mismatches = 0
+        #: Reads that waited for the disk (in a worker thread): the page cache had dropped
+        #: their bytes.
+        self.disk_reads = 0
 
     def _path(self, name: str) -> str:
         return f"{self._dir}/{name}.pack"
@@ -178,9 +186,10 @@ class ObjectPacks:
             pack = self._packs[place[0]] = Pack(place[0], last_used=time.time())
         pack.shas.add(sha)
 
-    def read(self, sha: str, size: int, offset: int, end: int) -> bytes | None:
+    async def read(self, sha: str, size: int, offset: int, end: int) -> bytes | None:
         """Bytes ``[offset, end)`` of the object if it is packed (and true: the first read
-        of it in this process checks its hash), else None."""
+        of it in this process checks its hash), else None. A read that must wait for the
+        disk waits in a worker thread (:func:`pread_unstalled`)."""
         if size > PACK_OBJECT:
             return None
         place = self._find(sha, size)
@@ -200,11 +209,13 @@ class ObjectPacks:
             with contextlib.suppress(OSError):
                 os.utime(pack.fd)
         if sha in self._verified:
-            data = os.pread(pack.fd, end - offset, at + offset)
+            data, waited = await pread_unstalled(pack.fd, end - offset, at + offset)
+            self.disk_reads += waited
             if len(data) == end - offset:
                 return data
         else:
-            whole = os.pread(pack.fd, size, at)
+            whole, waited = await pread_unstalled(pack.fd, size, at)
+            self.disk_reads += waited
             if len(whole) == size and hashlib.sha256(whole).hexdigest() == sha:
                 self._verified.add(sha)
                 return whole[offset:end]

@@ -211,7 +211,8 @@ class Session:
         return {"used_bytes": cache.used_bytes(), "max_bytes": cache.max_bytes,
                 "objects": cache.object_count(), "hits": s.hits, "misses": s.misses,
                 "evictions": s.evictions, "bytes_fetched": s.bytes_fetched,
-                "uncached_reads": s.uncached_reads, "fills": s.fills}
+                "uncached_reads": s.uncached_reads, "fills": s.fills,
+                "disk_reads": cache.disk_reads()}
 
     def drop_cache(self) -> int:
         """Drop every cached object not open now; how many went."""
