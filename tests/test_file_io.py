@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import trio.testing
 from ahmount.vfs.file_io import (
     _sync_file_range,
     in_page_cache,
+    load_into_memory,
     pread_unstalled,
     split_buffers,
     start_writeout,
@@ -29,6 +31,25 @@ def evict_from_memory(path: Path) -> None:
         os.close(fd)
 
 
+def pages_in_memory(path: Path) -> list[bool]:
+    """Which pages of ``path`` the page cache holds (``mincore`` of a mapping no page of
+    which is touched: unlike a read, even a ``RWF_NOWAIT`` one, it starts no read-ahead)."""
+    size = path.stat().st_size
+    count = -(-size // mmap.PAGESIZE)
+    libc = ctypes.CDLL(None, use_errno=True)
+    with path.open("rb") as handle, \
+            mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_COPY) as mapped:
+        start = ctypes.c_char.from_buffer(mapped)
+        try:
+            vector = (ctypes.c_ubyte * count)()
+            if libc.mincore(ctypes.c_void_p(ctypes.addressof(start)), ctypes.c_size_t(size),
+                            vector) != 0:
+                raise OSError(ctypes.get_errno(), "mincore")
+            return [bool(v & 1) for v in vector]
+        finally:
+            del start  # the mapping closes only once no buffer of it is exported
+
+
 def test_a_range_is_in_the_page_cache_once_read_and_not_once_dropped(tmp_path: Path) -> None:
     path = tmp_path / "f"
     path.write_bytes(os.urandom(1 << 20))
@@ -36,8 +57,10 @@ def test_a_range_is_in_the_page_cache_once_read_and_not_once_dropped(tmp_path: P
     plain = os.open(path, os.O_RDONLY)
     try:
         os.posix_fadvise(plain, 0, 0, os.POSIX_FADV_RANDOM)  # no read-around either
+        assert not any(pages_in_memory(path))
         assert not in_page_cache(plain, 0, 4096)
         os.pread(plain, 4096, 0)  # the first page only
+        assert pages_in_memory(path)[:3] == [True, False, False]
         assert in_page_cache(plain, 0, 4096) and in_page_cache(plain, 100, 200)
         assert not in_page_cache(plain, 0, 8192)  # its last page is not
         assert not in_page_cache(plain, 8192, 12288)
@@ -110,3 +133,16 @@ def test_split_buffers_cuts_one_buffer_at_most() -> None:
     head, rest = split_buffers([b"abc", b"defg", b"h"], 5)
     assert b"".join(bytes(b) for b in head) == b"abcde"
     assert b"".join(bytes(b) for b in rest) == b"fgh" and len(rest) == 2
+
+
+def test_a_whole_file_is_brought_into_memory_past_one_read_ahead(tmp_path: Path) -> None:
+    """One ``POSIX_FADV_WILLNEED`` of a whole file reads only the kernel's read-ahead size
+    of it (8 MiB of 32 here); piece by piece, all of it."""
+    from tests.conftest import wait_until
+
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(32 << 20))
+    evict_from_memory(path)
+    load_into_memory(str(path))
+    wait_until(lambda: all(pages_in_memory(path)), timeout=15, what="every page in memory")
+    load_into_memory(str(tmp_path / "gone"))  # advice: a missing file changes nothing

@@ -251,6 +251,37 @@ async def test_reads_of_a_cache_the_page_cache_dropped_wait_for_the_disk_in_thre
         second.close()
 
 
+async def test_the_first_read_of_a_pack_from_disk_brings_the_whole_pack_into_memory(
+        tmp_path: Path) -> None:
+    """A pack holds a batch of siblings, what a loader reads all of: once one of its reads
+    waits for the disk, the kernel is asked to read the rest (30 MiB here, past its own
+    read-ahead of a 256 KiB read), so the loader's next reads in it do not wait one by one."""
+    from tests.conftest import wait_until
+    from tests.test_file_io import evict_from_memory, pages_in_memory
+
+    sources = [MemorySource(blob(50_000 + i, 256 << 10)) for i in range(120)]
+    first = ObjectCache(tmp_path, 64 << 20)
+    try:
+        await store(first, sources)
+    finally:
+        first.close()
+    [pack] = pack_files(tmp_path)
+    evict_from_memory(pack)
+    second = ObjectCache(tmp_path, 64 << 20)
+    try:
+        async with trio.open_nursery() as nursery:
+            second.set_spawner(lambda _, work: nursery.start_soon(work))
+            assert await second.read(sources[0], 0, 100) == sources[0].data[:100]
+            assert second.disk_reads() == 1
+        wait_until(lambda: all(pages_in_memory(pack)), timeout=15,
+                   what="every page of the pack in memory")
+        for source in sources[1:]:
+            assert await second.read(source, 0, source.size) == source.data
+        assert second.disk_reads() == 1
+    finally:
+        second.close()
+
+
 # -- model check -------------------------------------------------------------------------------
 
 OBJECTS = [MemorySource(blob(48_000 + i, 1000 + 97 * i)) for i in range(12)]

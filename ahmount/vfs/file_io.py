@@ -84,6 +84,26 @@ async def pread_unstalled(fd: int, size: int, offset: int) -> tuple[bytes, bool]
         os.close(copy)
 
 
+#: The piece of a file :func:`load_into_memory` asks for at a time: the kernel reads at most
+#: its read-ahead size (128 KiB by default) of each ``POSIX_FADV_WILLNEED``.
+_LOAD_PIECE = 128 << 10
+
+
+def load_into_memory(path: str) -> None:
+    """Ask the kernel to read the whole file at ``path`` into the page cache, without
+    waiting for the reads (``POSIX_FADV_WILLNEED`` piece by piece: one advice of a whole
+    file reads only its first read-ahead's worth). Blocking for a few ms while the reads
+    are queued (7-9 ms for 32 MiB here): call it in a worker thread. A file gone, or any
+    other error, changes nothing: it is advice."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for offset in range(0, os.fstat(fd).st_size, _LOAD_PIECE):
+                os.posix_fadvise(fd, offset, _LOAD_PIECE, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+
+
 def still_linked_at(fd: int, path: str) -> bool:
     """True if ``fd`` is the file ``path`` names now (not one unlinked, or replaced)."""
     held = os.fstat(fd)

@@ -1193,6 +1193,7 @@ class ObjectCache:
         """How background work (read-ahead, verification) is started, by name: the daemon's
         supervisor (expected failures contained, bugs shut the mount down)."""
         self._spawn = spawn
+        self._packs.spawn = spawn
 
     def prefetch(self, source: Source, first: int, last: int) -> None:
         """Start fetching blocks in the background (read-ahead); errors are only logged."""

@@ -37,12 +37,16 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import diskcache
+import trio
 
 from ahmount.vfs.file_io import (
+    load_into_memory,
     pread_unstalled,
     pwritev_all,
     removal_lock,
@@ -58,6 +62,8 @@ PACK_BYTES = 32 << 20
 #: How stale a pack's last-read time (its mtime) may be.
 LRU_RESOLUTION = 60.0
 
+#: Starts background work by name (the session supervisor's ``spawn``).
+Spawn = Callable[[str, Callable[[], Awaitable[Any]]], None]
 #: Where a packed object is: (pack name, offset, size).
 Place = tuple[str, int, int]
 
@@ -73,6 +79,8 @@ class Pack:
     shas: set[str] = field(default_factory=set)
     last_used: float = 0.0
     fd: int | None = None  # O_RDONLY, opened at the first read from it
+    #: This process asked the kernel to bring the whole pack into memory.
+    loading: bool = False
 
 
 @dataclass
@@ -101,6 +109,9 @@ class ObjectPacks:
         #: Packs this process evicted: an append that was under way then kept nothing.
         self._evicted: set[str] = set()
         self.mismatches = 0
+        #: How background work is started (the session's supervisor); none: packs are not
+        #: brought into memory ahead of their reads.
+        self.spawn: Spawn | None = None
         #: Reads that waited for the disk (in a worker thread): the page cache had dropped
         #: their bytes.
         self.disk_reads = 0
@@ -210,20 +221,37 @@ class ObjectPacks:
                 os.utime(pack.fd)
         if sha in self._verified:
             data, waited = await pread_unstalled(pack.fd, end - offset, at + offset)
-            self.disk_reads += waited
-            if len(data) == end - offset:
-                return data
+            checked = len(data) == end - offset
         else:
-            whole, waited = await pread_unstalled(pack.fd, size, at)
-            self.disk_reads += waited
-            if len(whole) == size and hashlib.sha256(whole).hexdigest() == sha:
+            data, waited = await pread_unstalled(pack.fd, size, at)
+            checked = len(data) == size and hashlib.sha256(data).hexdigest() == sha
+            if checked:
                 self._verified.add(sha)
-                return whole[offset:end]
+                data = data[offset:end]
+        if waited:
+            self.disk_reads += 1
+            self._load(pack)
+        if checked:
+            return data
         self.mismatches += 1
         log.warning("cache pack %s: object %s is not what its hash says (a write lost to a "
                     "power cut?); fetching it again", name, sha[:12])
         self._forget(sha, place, drop_row=True)
         return None
+
+    def _load(self, pack: Pack) -> None:
+        """Bring ``pack`` into memory in the background (once per process), its first read
+        having waited for the disk: a pack holds a batch of one directory's small files (or
+        a dataset's), what a loader reads all of, and each of their reads in shuffled order
+        would otherwise wait for the disk by itself (a new mount on a kept cache: a second
+        epoch after a restart). 8 loader workers over 10,000 x 4 KiB: 3,968 -> 5,043
+        files/s (medians of 5 alternated rounds)."""
+        if pack.loading or self.spawn is None:
+            return
+        pack.loading = True
+        path = self._path(pack.name)
+        self.spawn(f"loading of cache pack {pack.name}",
+                   lambda: trio.to_thread.run_sync(load_into_memory, path))
 
     def _forget(self, sha: str, place: Place, drop_row: bool) -> None:
         if self._where.get(sha) == place:
