@@ -29,13 +29,18 @@ async def store(cache: ObjectCache, sources: list[MemorySource]) -> None:
     await cache.store([(s.sha256, s.data) for s in sources])
 
 
-async def test_a_pack_torn_by_a_power_cut_is_caught_at_the_first_read(tmp_path: Path) -> None:
-    sources = small_objects(40, 4)
-    first = ObjectCache(tmp_path, 64 << 20)
+async def stored_by_another_process(root: Path, sources: list[MemorySource]) -> None:
+    """``sources`` kept in the cache at ``root`` by a process that then ended."""
+    first = ObjectCache(root, 64 << 20)
     try:
         await store(first, sources)
     finally:
         first.close()
+
+
+async def test_a_pack_torn_by_a_power_cut_is_caught_at_the_first_read(tmp_path: Path) -> None:
+    sources = small_objects(40, 4)
+    await stored_by_another_process(tmp_path, sources)
     [pack] = pack_files(tmp_path)
     torn = sources[2]
     with pack.open("r+b") as handle:  # its bytes never reached the disk: zeros
@@ -260,11 +265,7 @@ async def test_the_first_read_of_a_pack_from_disk_brings_the_whole_pack_into_mem
     from tests.test_file_io import evict_from_memory, pages_in_memory
 
     sources = [MemorySource(blob(50_000 + i, 256 << 10)) for i in range(120)]
-    first = ObjectCache(tmp_path, 64 << 20)
-    try:
-        await store(first, sources)
-    finally:
-        first.close()
+    await stored_by_another_process(tmp_path, sources)
     [pack] = pack_files(tmp_path)
     evict_from_memory(pack)
     second = ObjectCache(tmp_path, 64 << 20)
