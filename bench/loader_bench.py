@@ -18,14 +18,15 @@ again). Files per second, on the same data, in one run, against:
   its sha256 checked), no FUSE and no cache. That is the ceiling of any reader that fetches
   these files one request each, as the mount does (small files travel in batches instead).
 
-Data sets: ``--files`` x 4 KiB in 100 directories (default 10,000, the issue's), and
+Data sets: ``--files`` x 4 KiB in ``--dirs`` directories (default 10,000 in 100, the
+issue's; ``--dirs 10`` is a class directory of 1,000 images each), and
 ``--large`` x 1 MiB (default 200). Each figure is printed with its ratio to sshfs, and then
 what it cost: the CPU time of the whole machine per file (busy time of every process and the
 kernel during the run, divided by the files read), and for ahmount the part of it spent in
 the daemon and in ``ah-server``. On 2 cores, files/s can be at most 2,000 / (ms per file).
 
-Usage: python bench/loader_bench.py [--files 10000] [--large 200] [--workers 1,2,4,8]
-       [--peers sshfs,rclone]
+Usage: python bench/loader_bench.py [--files 10000] [--dirs 100] [--large 200]
+       [--workers 1,2,4,8] [--peers sshfs,rclone]
 Needs root (drop_caches) and /dev/fuse.
 """
 
@@ -124,10 +125,11 @@ def _split_run(work: Callable[..., None], order: list[str], workers: int,
     return len(order) / (time.perf_counter() - start)
 
 
-def make_dataset(root: Path, files: int, large: int) -> dict[str, list[Path]]:
+def make_dataset(root: Path, files: int, large: int, dirs: int = 100
+                 ) -> dict[str, list[Path]]:
     sets: dict[str, list[Path]] = {"small": [], "large": []}
     for i in range(files):
-        p = root / "small" / f"d{i * 100 // max(files, 1):03d}" / f"{i:05d}.bin"
+        p = root / "small" / f"d{i * dirs // max(files, 1):03d}" / f"{i:05d}.bin"
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(os.urandom(4096))
         sets["small"].append(p.relative_to(root))
@@ -168,6 +170,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--files", type=int, default=10_000)
     parser.add_argument("--large", type=int, default=200)
+    parser.add_argument("--dirs", type=int, default=100,
+                        help="directories the small files are spread over")
     parser.add_argument("--workers", default="1,2,4,8")
     parser.add_argument("--peers", default="sshfs,rclone")
     args = parser.parse_args()
@@ -175,7 +179,7 @@ def main() -> None:
     wanted = peers.wanted(args.peers)
     with bench_dir() as root:
         local = root / "local"
-        sets = make_dataset(local, args.files, args.large)
+        sets = make_dataset(local, args.files, args.large, args.dirs)
         with served_hub(root) as (server, key):
             upload_tree(server, key, local, "dataset/bench/train", root / "fs-cache")
             rounds = iter(range(1_000_000))

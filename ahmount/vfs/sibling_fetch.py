@@ -13,7 +13,9 @@ bounds), so a request carries a batch's worth even where directories are small.
 
 Bounded: only objects up to :data:`SMALL_OBJECT`, at most :data:`BATCH_FILES` and
 :data:`BATCH_BYTES` per batch, the opened object always first; :data:`PARALLEL_BATCHES` in
-flight. Larger files do not travel together: a loader reading a directory of 1 MiB files
+flight. A directory larger than a batch (a class directory of 1,000 images) is taken in
+directory order from where its last batch stopped, so each of its batches carries new files.
+Larger files do not travel together: a loader reading a directory of 1 MiB files
 in shuffled order would wait behind megabytes of siblings it does not want yet (measured:
 1 MiB batches of 8 were 20% slower than one request per file). Instead, opening a mid-size
 object (up to :data:`MID_OBJECT`) that is not cached starts fetching the directory's next
@@ -92,9 +94,14 @@ class SiblingFetcher:
             OrderedDict()
         self._ahead = 0
         self.fetched_ahead = 0
-        #: Per commit: the directories whose small files are all here or on their way (or
-        #: were opened cold), for batches that spread (:data:`SPREAD_AFTER`).
+        #: Per commit: the directories whose small files are all here or on their way, which
+        #: batches that spread (:data:`SPREAD_AFTER`) skip; and those small files were opened
+        #: cold in, which make them spread.
         self._batched: OrderedDict[str, set[str]] = OrderedDict()
+        self._opened_in: OrderedDict[str, set[str]] = OrderedDict()
+        #: Per (commit, directory): its small entries, and how far its batches got.
+        self._small_cursors: OrderedDict[tuple[str, str], tuple[list[ObjectEntry], int]] = \
+            OrderedDict()
 
     def opened(self, node: Node, source: HubSource) -> None:
         """``node`` (a file of a commit, read from ``source``) was opened for reading."""
@@ -112,21 +119,19 @@ class SiblingFetcher:
             return
         parent = source.path.rpartition("/")[0]
         wanted = [ObjectEntry(source.path, source.sha256, source.size, 0.0)]
-        total = source.size
-        for entry in node.index.dirs.get(parent, {}).values():
-            if len(wanted) >= BATCH_FILES:
-                break
-            if entry is None or entry.path == source.path or \
-                    not 0 < entry.size <= SMALL_OBJECT or total + entry.size > BATCH_BYTES:
-                continue
-            wanted.append(entry)
-            total += entry.size
+        whole, total = self._siblings(node.index.dirs, source, wanted)
         batched = self._batched.pop(source.commit_id, None) or set()
         self._batched[source.commit_id] = batched  # most recent last
         if len(self._batched) > SPREAD_COMMITS:
             self._batched.popitem(last=False)
-        batched.add(parent)
-        if len(batched) >= SPREAD_AFTER:
+        opened = self._opened_in.pop(source.commit_id, None) or set()
+        self._opened_in[source.commit_id] = opened
+        if len(self._opened_in) > SPREAD_COMMITS:
+            self._opened_in.popitem(last=False)
+        opened.add(parent)
+        if whole:
+            batched.add(parent)
+        if len(opened) >= SPREAD_AFTER and len(wanted) < BATCH_FILES:
             total = self._spread(node.index.dirs, batched, wanted, total)
         claimed = set(cache.claim([(e.sha256, e.size) for e in wanted]))
         if source.sha256 in claimed:
@@ -137,6 +142,37 @@ class SiblingFetcher:
             return
         self._spawn(f"batch of {len(batch)} small objects",
                     lambda: self._fetch(source, batch))
+
+    def _siblings(self, dirs: dict[str, dict[str, ObjectEntry | None]], source: HubSource,
+                  wanted: list[ObjectEntry]) -> tuple[bool, int]:
+        """Add to ``wanted`` (the opened object) the small files of its directory that are
+        neither here nor on their way, up to a batch, in directory order from where the
+        last batch of that directory stopped (a cursor per directory: every batch of a
+        directory larger than a batch carries new files, and none rescans those before it);
+        whether they now all are here or on their way, and the batch's bytes."""
+        cache = self._cache
+        place = (source.commit_id, source.path.rpartition("/")[0])
+        found = self._small_cursors.pop(place, None)  # put back last below: most recent
+        if found is None:
+            found = ([e for e in dirs.get(place[1], {}).values()
+                      if e is not None and 0 < e.size <= SMALL_OBJECT], 0)
+            if len(self._small_cursors) >= MID_CURSORS:
+                self._small_cursors.popitem(last=False)
+        entries, at = found
+        total = source.size
+        while at < len(entries) and len(wanted) < BATCH_FILES:
+            entry = entries[at]
+            if entry.path == source.path or cache.in_flight(entry.sha256) or \
+                    cache.is_complete(entry.sha256, entry.size):
+                at += 1
+                continue
+            if total + entry.size > BATCH_BYTES:
+                break
+            wanted.append(entry)
+            total += entry.size
+            at += 1
+        self._small_cursors[place] = (entries, at)
+        return at == len(entries), total
 
     def _spread(self, dirs: dict[str, dict[str, ObjectEntry | None]], batched: set[str],
                 wanted: list[ObjectEntry], total: int) -> int:
