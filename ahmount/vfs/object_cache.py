@@ -42,6 +42,7 @@ import trio
 
 from ahmount.errors import ChecksumMismatch
 from ahmount.vfs.cache_ledger import CacheLedger
+from ahmount.vfs.disk_index import all_rows
 from ahmount.vfs.file_io import pread_unstalled, removal_lock
 from ahmount.vfs.file_io import pwritev_all as _pwritev_all
 from ahmount.vfs.file_io import split_buffers as _split
@@ -273,8 +274,8 @@ class ObjectCache:
         """Refresh what this process knows of unleased objects from the shared index (other
         processes add and evict them), and the bytes used."""
         fresh: dict[str, Record] = {}
-        for sha in list(self._index.iterkeys()):
-            record = _from_raw(self._index.get(sha))
+        for sha, raw in all_rows(self._index):
+            record = _from_raw(raw)
             if record is not None:
                 fresh[sha] = record
         for sha in self._leases:

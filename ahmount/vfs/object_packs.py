@@ -45,6 +45,7 @@ from typing import Any
 import diskcache
 import trio
 
+from ahmount.vfs.disk_index import all_rows
 from ahmount.vfs.file_io import (
     load_into_memory,
     pread_unstalled,
@@ -126,8 +127,8 @@ class ObjectPacks:
         named are closed."""
         where: dict[str, Place] = {}
         packs: dict[str, Pack] = {}
-        for sha in list(self._index.iterkeys()):
-            place = _as_place(self._index.get(sha))
+        for sha, raw in all_rows(self._index):
+            place = _as_place(raw)
             if place is None:
                 continue
             name = place[0]

@@ -1,0 +1,53 @@
+"""Reading a whole diskcache index in one query (``ahmount.vfs.disk_index``): the same rows
+as diskcache's own key-by-key walk, whatever the keys and values."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import diskcache
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ahmount.vfs.disk_index import all_rows
+
+keys = st.one_of(st.text(max_size=70), st.binary(max_size=40), st.integers(),
+                 st.floats(allow_nan=False))
+values = st.one_of(
+    st.none(), st.integers(), st.text(max_size=30), st.binary(max_size=100),
+    st.tuples(st.text(max_size=20), st.integers(0, 1 << 40), st.integers(0, 1 << 20)),
+    st.dictionaries(st.text(max_size=8), st.integers(), max_size=4),
+    st.binary(min_size=40_000, max_size=40_001),  # over diskcache's 32 KiB: kept in a file
+)
+
+
+def walked(index: diskcache.Cache) -> Counter[str]:
+    """Each row as diskcache's walk gives it (a key, then a get of it)."""
+    return Counter(repr((key, index.get(key))) for key in index.iterkeys())
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.dictionaries(keys, values, max_size=25), dropped=st.sets(keys, max_size=5))
+def test_every_row_is_what_a_get_of_its_key_gives(
+        tmp_path_factory: pytest.TempPathFactory, rows: dict[object, object],
+        dropped: set[object]) -> None:
+    with diskcache.Cache(str(tmp_path_factory.mktemp("index")), eviction_policy="none",
+                         cull_limit=0) as index:
+        for key, value in rows.items():
+            index.set(key, value)
+        for key in dropped:
+            index.delete(key)
+        assert Counter(repr(row) for row in all_rows(index)) == walked(index)
+
+
+def test_a_row_whose_value_file_is_gone_is_left_out(tmp_path: Path) -> None:
+    with diskcache.Cache(str(tmp_path), eviction_policy="none", cull_limit=0) as index:
+        index.set("small", (1, 2, 3))
+        index.set("large", b"x" * 100_000)
+        [value_file] = [p for p in tmp_path.rglob("*.val")]
+        value_file.unlink()
+        assert dict(all_rows(index)) == {"small": (1, 2, 3)}
+        assert index.get("large") is None  # as a get misses it
