@@ -61,6 +61,10 @@ MID_OBJECT = 4 << 20
 MID_AHEAD = 6
 #: Directories whose read-ahead cursor is kept.
 MID_CURSORS = 64
+#: Directories whose batch cursor is kept: a loader over ImageNet's layout walks 1,000 class
+#: directories at once. A cursor is a list of the directory's small entries (8 bytes each);
+#: one dropped is rebuilt from the listing, and walks past what is here again.
+SMALL_CURSORS = 1024
 #: A reader that has opened cold small files in this many directories of a commit (a loader
 #: walking a dataset) gets the small files of the commit's other directories in its batches
 #: too, once its own directory's are all on their way: each request costs the hub a few ms
@@ -156,7 +160,7 @@ class SiblingFetcher:
         if found is None:
             found = ([e for e in dirs.get(place[1], {}).values()
                       if e is not None and 0 < e.size <= SMALL_OBJECT], 0)
-            if len(self._small_cursors) >= MID_CURSORS:
+            if len(self._small_cursors) >= SMALL_CURSORS:
                 self._small_cursors.popitem(last=False)
         entries, at = found
         total = source.size
