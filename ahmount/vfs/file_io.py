@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import fcntl
 import functools
+import mmap
 import os
 from collections.abc import Callable, Iterator
 from typing import Literal
@@ -13,7 +14,7 @@ from typing import Literal
 import trio
 
 #: The unit the page cache keeps a file's bytes in.
-_PAGE = os.sysconf("SC_PAGESIZE")
+_PAGE = mmap.PAGESIZE
 
 
 def split_buffers(buffers: list[bytes | memoryview], size: int
