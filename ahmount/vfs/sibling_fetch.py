@@ -35,6 +35,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -80,6 +81,21 @@ SPREAD_COMMITS = 16
 Spawn = Callable[[str, Callable[[], Awaitable[Any]]], None]
 
 
+@dataclass
+class _CommitBatches:
+    """What the batches of one commit have taken."""
+
+    #: The commit's directories in listing order; spreads take them from ``spread_at`` on,
+    #: every one before it being all here or on its way.
+    names: list[str]
+    spread_at: int = 0
+    #: Directories whose small files are all here or on their way (spreads skip them).
+    batched: set[str] = field(default_factory=set)
+    #: Directories small files were opened cold in: from SPREAD_AFTER of them, batches
+    #: spread.
+    opened_in: set[str] = field(default_factory=set)
+
+
 class SiblingFetcher:
     """Batches and mid-size read-ahead for the files opened; ``enabled=False`` (``ah-mount
     --siblings off``): only what is opened is fetched."""
@@ -98,13 +114,8 @@ class SiblingFetcher:
             OrderedDict()
         self._ahead = 0
         self.fetched_ahead = 0
-        #: Per commit: the directories whose small files are all here or on their way, which
-        #: batches that spread (:data:`SPREAD_AFTER`) skip; and those small files were opened
-        #: cold in, which make them spread.
-        self._batched: OrderedDict[str, set[str]] = OrderedDict()
-        self._opened_in: OrderedDict[str, set[str]] = OrderedDict()
-        #: Per commit: its directories in listing order, and how far spreads took them all.
-        self._spread_cursors: OrderedDict[str, tuple[list[str], int]] = OrderedDict()
+        #: Per commit, what its batches have taken (most recent commit last).
+        self._commits: OrderedDict[str, _CommitBatches] = OrderedDict()
         #: Per (commit, directory): its small entries, and how far its batches got.
         self._small_cursors: OrderedDict[tuple[str, str], tuple[list[ObjectEntry], int]] = \
             OrderedDict()
@@ -125,20 +136,18 @@ class SiblingFetcher:
             return
         parent = source.path.rpartition("/")[0]
         wanted = [ObjectEntry(source.path, source.sha256, source.size, 0.0)]
-        whole, total = self._siblings(node.index.dirs, source, wanted)
-        batched = self._batched.pop(source.commit_id, None) or set()
-        self._batched[source.commit_id] = batched  # most recent last
-        if len(self._batched) > SPREAD_COMMITS:
-            self._batched.popitem(last=False)
-        opened = self._opened_in.pop(source.commit_id, None) or set()
-        self._opened_in[source.commit_id] = opened
-        if len(self._opened_in) > SPREAD_COMMITS:
-            self._opened_in.popitem(last=False)
-        opened.add(parent)
+        dirs = node.index.dirs
+        whole, total, _ = self._take(source.commit_id, dirs, parent, wanted, source.size,
+                                     skip=source.path)
+        taken = self._commits.pop(source.commit_id, None) or _CommitBatches(list(dirs))
+        self._commits[source.commit_id] = taken  # most recent last
+        if len(self._commits) > SPREAD_COMMITS:
+            self._commits.popitem(last=False)
+        taken.opened_in.add(parent)
         if whole:
-            batched.add(parent)
-        if len(opened) >= SPREAD_AFTER and len(wanted) < BATCH_FILES:
-            total = self._spread(node.index.dirs, batched, wanted, total, source.commit_id)
+            taken.batched.add(parent)
+        if len(taken.opened_in) >= SPREAD_AFTER and len(wanted) < BATCH_FILES:
+            total = self._spread(source.commit_id, dirs, taken, wanted, total)
         claimed = set(cache.claim([(e.sha256, e.size) for e in wanted]))
         if source.sha256 in claimed:
             cache.note_cold_open(source.sha256)
@@ -149,26 +158,24 @@ class SiblingFetcher:
         self._spawn(f"batch of {len(batch)} small objects",
                     lambda: self._fetch(source, batch))
 
-    def _siblings(self, dirs: dict[str, dict[str, ObjectEntry | None]], source: HubSource,
-                  wanted: list[ObjectEntry]) -> tuple[bool, int]:
-        """Add to ``wanted`` (the opened object) the small files of its directory that are
-        neither here nor on their way, up to a batch, in directory order from where the
-        last batch of that directory stopped (a cursor per directory: every batch of a
-        directory larger than a batch carries new files, and none rescans those before it);
-        whether they now all are here or on their way, and the batch's bytes."""
+    def _take(self, commit_id: str, dirs: dict[str, dict[str, ObjectEntry | None]],
+              directory: str, wanted: list[ObjectEntry], total: int, skip: str = ""
+              ) -> tuple[bool, int, int]:
+        """Add to ``wanted`` (``total`` bytes so far) the small files of ``directory`` that
+        are neither here nor on their way, up to a batch, in directory order from where the
+        directory's last batch stopped (a cursor per directory: every batch of a directory
+        larger than a batch carries new files, and none walks again past those before it).
+        Returns whether they now all are here or on their way, the batch's bytes, and how
+        many entries were looked at."""
         cache = self._cache
-        place = (source.commit_id, source.path.rpartition("/")[0])
+        place = (commit_id, directory)
         found = self._small_cursors.pop(place, None)  # put back last below: most recent
-        if found is None:
-            found = ([e for e in dirs.get(place[1], {}).values()
-                      if e is not None and 0 < e.size <= SMALL_OBJECT], 0)
-            if len(self._small_cursors) >= SMALL_CURSORS:
-                self._small_cursors.popitem(last=False)
-        entries, at = found
-        total = source.size
+        entries, at = found or ([e for e in dirs.get(directory, {}).values()
+                                 if e is not None and 0 < e.size <= SMALL_OBJECT], 0)
+        start = at
         while at < len(entries) and len(wanted) < BATCH_FILES:
             entry = entries[at]
-            if entry.path == source.path or cache.in_flight(entry.sha256) or \
+            if entry.path == skip or cache.in_flight(entry.sha256) or \
                     cache.is_complete(entry.sha256, entry.size):
                 at += 1
                 continue
@@ -177,50 +184,38 @@ class SiblingFetcher:
             wanted.append(entry)
             total += entry.size
             at += 1
-        self._small_cursors[place] = (entries, at)
-        return at == len(entries), total
+        whole = at == len(entries)
+        if not whole:  # a directory all taken is not batched again: no cursor to keep
+            if len(self._small_cursors) >= SMALL_CURSORS:
+                self._small_cursors.popitem(last=False)
+            self._small_cursors[place] = (entries, at)
+        return whole, total, at - start
 
-    def _spread(self, dirs: dict[str, dict[str, ObjectEntry | None]], batched: set[str],
-                wanted: list[ObjectEntry], total: int, commit_id: str) -> int:
+    def _spread(self, commit_id: str, dirs: dict[str, dict[str, ObjectEntry | None]],
+                taken: _CommitBatches, wanted: list[ObjectEntry], total: int) -> int:
         """Fill ``wanted`` up to a batch with the small files not here and not on their way
-        of directories not in ``batched`` (adding those it takes whole); the new total.
+        of directories not taken whole yet (marking those it takes whole); the new total.
 
         Directories are taken in listing order from a cursor per commit, which moves past
         those all taken: each spread once walked every directory from the first, skipping
         those taken, so a dataset of a directory per sample cost each batch a walk of all of
         them (200,000 directories of one file: 14 s of the event loop over the epoch's
         batches, 36 ms each at the end)."""
-        cache = self._cache
-        found = self._spread_cursors.pop(commit_id, None)  # put back last below: most recent
-        if found is None:
-            found = (list(dirs), 0)
-            if len(self._spread_cursors) >= SPREAD_COMMITS:
-                self._spread_cursors.popitem(last=False)
-        names, at = found
+        names, at = taken.names, taken.spread_at
         scanned = 0
         for i in range(at, len(names)):
             if len(wanted) >= BATCH_FILES or scanned >= SPREAD_SCAN:
                 break
             directory = names[i]
-            whole = directory in batched
+            whole = directory in taken.batched
             if not whole:
-                whole = True
-                for entry in dirs.get(directory, {}).values():
-                    scanned += 1
-                    if entry is None or not 0 < entry.size <= SMALL_OBJECT or \
-                            cache.in_flight(entry.sha256) or \
-                            cache.is_complete(entry.sha256, entry.size):
-                        continue
-                    if len(wanted) >= BATCH_FILES or total + entry.size > BATCH_BYTES:
-                        whole = False
-                        break
-                    wanted.append(entry)
-                    total += entry.size
+                whole, total, looked = self._take(commit_id, dirs, directory, wanted, total)
+                scanned += looked
                 if whole:
-                    batched.add(directory)
+                    taken.batched.add(directory)
             if whole and i == at:
                 at = i + 1  # every directory before the cursor is taken
-        self._spread_cursors[commit_id] = (names, at)
+        taken.spread_at = at
         return total
 
     def _fetch_ahead(self, dirs: dict[str, dict[str, ObjectEntry | None]],
