@@ -17,11 +17,14 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, cast
 
+import anyio
 import httpx
 
 from ahmount import errors
@@ -31,6 +34,7 @@ from ahmount.client.http import HttpSession, Progress
 from ahmount.client.read_urls import ReadUrls
 from ahmount.client.uploads import UnfinishedUploads, Uploads
 from ahmount.hub.models import (
+    MAX_CHANGES_PER_CALL,
     AssetAddr,
     AssetInfo,
     Change,
@@ -43,6 +47,11 @@ from ahmount.hub.models import (
     ObjectEntry,
     RefInfo,
 )
+
+log = logging.getLogger("ahmount.client")
+
+#: How long a commit that did not finish spends dropping what it staged.
+UNDO_SECONDS = 30.0
 
 #: What a hub answers to a read URL it no longer honours (expired, signed with another key,
 #: the blob collected): the read then goes through the object's path.
@@ -389,15 +398,50 @@ class HubClient:
             for c in body["changes"]
         ]
 
-    async def reset(self, addr: AssetAddr, branch: str) -> int:
-        body = await self._http.json("DELETE", f"{self._a(addr)}/branches/{branch}/changes")
+    async def reset(self, addr: AssetAddr, branch: str, session: str | None = None) -> int:
+        """Drop the branch's uncommitted changes (only those staged under ``session``, if
+        given); how many were dropped."""
+        params = {} if session is None else {"session": session}
+        body = await self._http.json("DELETE", f"{self._a(addr)}/branches/{branch}/changes",
+                                     params=params)
         return int(body["dropped"])
 
     async def commit(self, addr: AssetAddr, branch: str, message: str, *, session: str = "",
                      deletes: Sequence[str] = (), adds: Sequence[ObjectEntry] = (),
                      force: bool = False,
                      metadata: dict[str, Any] | None = None) -> CommitInfo | None:
-        body = {"message": message, "session": session, "deletes": list(deletes),
+        """One atomic commit of ``deletes`` then ``adds`` (plus what ``session`` staged).
+
+        More changes than one call may carry (:data:`MAX_CHANGES_PER_CALL`: a dataset of a
+        million files) are staged under the session a call's worth at a time, deletes first,
+        and the commit then takes them all at once. If that does not finish (an error, a
+        cancel), what this call staged is dropped again, so the branch is left as it was."""
+        deletes, adds = list(deletes), list(adds)
+        if len(deletes) + len(adds) <= MAX_CHANGES_PER_CALL:
+            return await self._commit(addr, branch, message, session, deletes, adds, force,
+                                      metadata)
+        session = session or f"ah-{uuid.uuid4().hex}"
+        try:
+            for start in range(0, len(deletes), MAX_CHANGES_PER_CALL):
+                await self.stage(addr, branch, session,
+                                 deletes=deletes[start:start + MAX_CHANGES_PER_CALL])
+            for start in range(0, len(adds), MAX_CHANGES_PER_CALL):
+                await self.stage(addr, branch, session,
+                                 adds=adds[start:start + MAX_CHANGES_PER_CALL])
+            return await self._commit(addr, branch, message, session, [], [], force, metadata)
+        except BaseException:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(UNDO_SECONDS):
+                try:
+                    await self.reset(addr, branch, session=session)
+                except errors.AhError as exc:  # the hub is gone: the staged rows stay
+                    log.warning("could not drop the changes staged for a commit of %s: %s",
+                                addr.at(branch), exc)
+            raise
+
+    async def _commit(self, addr: AssetAddr, branch: str, message: str, session: str,
+                      deletes: list[str], adds: list[ObjectEntry], force: bool,
+                      metadata: dict[str, Any] | None) -> CommitInfo | None:
+        body = {"message": message, "session": session, "deletes": deletes,
                 "adds": [e.__dict__ for e in adds], "force": force, "metadata": metadata or {}}
         result = await self._http.json("POST", f"{self._a(addr)}/branches/{branch}/commits",
                                   json=body)

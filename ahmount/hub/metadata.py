@@ -490,11 +490,13 @@ class MetaTx:
             deleted += self._c.execute(staging.delete().where(staging.c.id.in_(chunk))).rowcount
         return deleted
 
-    def clear_changes(self, asset_id: str, branch: str) -> int:
-        result = self._c.execute(
-            staging.delete().where(staging.c.asset_id == asset_id, staging.c.branch == branch)
-        )
-        return int(result.rowcount)
+    def clear_changes(self, asset_id: str, branch: str, session: str | None = None) -> int:
+        """Drop the branch's staged changes (only ``session``'s, if given); how many."""
+        query = staging.delete().where(staging.c.asset_id == asset_id,
+                                       staging.c.branch == branch)
+        if session is not None:
+            query = query.where(staging.c.session == session)
+        return int(self._c.execute(query).rowcount)
 
     def staged_hashes(self) -> set[str]:
         query = sa.select(staging.c.sha256).where(staging.c.sha256.is_not(None)).distinct()

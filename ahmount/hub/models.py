@@ -13,6 +13,10 @@ RefType = Literal["branch", "tag", "commit"]
 EMPTY_COMMIT_MESSAGE = "Repository created"
 PUBLIC_OWNER = "public"
 HUB_SEGMENT = "t9k-assethub"
+#: Changes one call may stage or commit (and items of any list one request carries): it
+#: bounds a request's body. A client with more stages them in several calls under one
+#: session and commits that session, still one atomic commit.
+MAX_CHANGES_PER_CALL = 100_000
 
 
 def folder_path(owner: str, kind: str, folder: str) -> str:

@@ -37,6 +37,7 @@ from ahmount.hub.metadata import MetadataStore, MetaTx
 from ahmount.hub.models import (
     DEFAULT_MODE,
     EMPTY_COMMIT_MESSAGE,
+    MAX_CHANGES_PER_CALL,
     PUBLIC_OWNER,
     AssetAddr,
     AssetInfo,
@@ -74,7 +75,6 @@ from ahmount.names import (
 log = logging.getLogger("ahmount.hub")
 
 MAX_LIST_LIMIT = 10_000
-MAX_CHANGES_PER_CALL = 100_000
 MAX_LABELS = 64
 MAX_DESCRIPTION = 10_000
 MAX_METADATA_DEPTH = 16
@@ -986,11 +986,16 @@ class HubService:
             asset, ref = self._branch(tx, actor, addr, branch)
             return [_change(r) for r in tx.changes(asset["id"], ref["name"])]
 
-    def reset(self, actor: Actor, addr: AssetAddr, branch: str) -> int:
-        """Drop every uncommitted change of the branch; returns how many were dropped."""
+    def reset(self, actor: Actor, addr: AssetAddr, branch: str,
+              session: str | None = None) -> int:
+        """Drop every uncommitted change of the branch, or only those staged under
+        ``session`` (a client undoing what it staged for a commit that did not happen);
+        returns how many were dropped."""
+        if session is not None:
+            _check_session(session)
         with self.metadata.write() as tx:
             asset, ref = self._branch(tx, actor, addr, branch)
-            return tx.clear_changes(asset["id"], ref["name"])
+            return tx.clear_changes(asset["id"], ref["name"], session)
 
     def commit(
         self,

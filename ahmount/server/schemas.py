@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from ahmount.errors import InvalidArgument
+from ahmount.hub.models import MAX_CHANGES_PER_CALL
 from ahmount.names import (
     MAX_BLOB_BYTES,
     MAX_MTIME,
@@ -33,7 +34,7 @@ from ahmount.names import (
 )
 
 #: Items one call may carry (paths to fetch, hashes to ask about, changes to commit).
-MAX_ITEMS = 100_000
+MAX_ITEMS = MAX_CHANGES_PER_CALL
 
 
 def _text(what: str, multiline: bool = False, max_len: int = 65536) -> AfterValidator:

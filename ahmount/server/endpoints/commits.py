@@ -24,7 +24,7 @@ from ahmount.server.requests import (
 
 async def changes(request: Request) -> Response:
     """GET: the branch's uncommitted changes. POST {session, deletes, adds}: stage changes.
-    DELETE: reset (drop every uncommitted change)."""
+    DELETE: reset (drop every uncommitted change; with `?session=S` only those staged under S)."""
     actor = await caller(request)
     addr = asset_addr(request)
     branch = request.path_params["branch"]
@@ -37,7 +37,8 @@ async def changes(request: Request) -> Response:
             for c in found
         ]})
     if request.method == "DELETE":
-        dropped = await call(svc.reset, actor, addr, branch)
+        dropped = await call(svc.reset, actor, addr, branch,
+                             request.query_params.get("session"))
         return JSONResponse({"dropped": dropped})
     body = await json_body(request, schemas.Stage)
     staged = await call(svc.stage, actor, addr, branch, body.session, body.deletes,
