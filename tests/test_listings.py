@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -64,11 +66,14 @@ def test_a_directory_first_seen_deep_is_listed_in_its_parent() -> None:
                  st.integers(0, 1 << 40), st.floats(0, 2e9), st.text(max_size=20),
                  st.integers(0, 0o777)))
 def test_a_listed_object_parses_to_the_entry_it_was(entry: ObjectEntry) -> None:
-    """The client's fast construction of a listed object equals the dataclass's own."""
+    """The client's fast construction of a listed object equals the dataclass's own, holds
+    no instance dict (a mount keeps one per object listed), and survives a pickle (a
+    DataLoader worker's)."""
     from ahmount.client.hub_client import _entry
-    from ahmount.server.requests import object_json
-    parsed = _entry(object_json(entry))
+    parsed = _entry(entry.as_json())
     assert parsed == entry and hash(parsed) == hash(entry) and type(parsed) is ObjectEntry
+    assert not hasattr(parsed, "__dict__")
+    assert pickle.loads(pickle.dumps(parsed)) == entry
 
 
 def test_a_listed_object_with_a_field_left_out_or_unknown() -> None:

@@ -22,7 +22,6 @@ from ahmount.hub.models import (
     CommitInfo,
     FolderAddr,
     FolderInfo,
-    ObjectEntry,
     RefInfo,
 )
 from ahmount.hub.read_grants import Grant
@@ -153,13 +152,6 @@ def blob_read_url(request: Request, grant: Grant) -> str:
     """The read URL of a grant (``blob_content``), as a path of this server."""
     root = request.scope.get("root_path", "")
     return f"{root}{API}/blobs/{grant.sha256}/content?{grant.query()}"
-
-
-def object_json(entry: ObjectEntry) -> dict[str, Any]:
-    # Spelled out: a listing renders ten thousand of these, and dataclasses.asdict (which
-    # deep-copies each field) took most of a 10k-object listing's time.
-    return {"path": entry.path, "sha256": entry.sha256, "size": entry.size,
-            "mtime": entry.mtime, "content_type": entry.content_type, "mode": entry.mode}
 
 
 def authenticated(endpoint: Endpoint) -> Endpoint:

@@ -17,7 +17,6 @@ from ahmount.server.requests import (
     call,
     caller,
     commit_json,
-    object_json,
     service_of,
 )
 
@@ -33,7 +32,7 @@ async def changes(request: Request) -> Response:
         found = await call(svc.list_changes, actor, addr, branch)
         return JSONResponse({"changes": [
             {"id": c.id, "op": c.op, "path": c.path, "session": c.session, "created": c.created,
-             "entry": None if c.entry is None else object_json(c.entry)}
+             "entry": None if c.entry is None else c.entry.as_json()}
             for c in found
         ]})
     if request.method == "DELETE":

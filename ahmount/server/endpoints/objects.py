@@ -31,7 +31,6 @@ from ahmount.server.requests import (
     call,
     call_as,
     caller,
-    object_json,
     query_int,
     service_of,
 )
@@ -76,7 +75,7 @@ async def objects(request: Request) -> Response:
         page = service.list_commit(commit, prefix, after, limit, bool(delimiter))
         grants = service.read_grants_listed(
             actor, [o.sha256 for o in page.objects if o.size > over]) if over >= 0 else {}
-        objects = [object_json(o) for o in page.objects]
+        objects = [o.as_json() for o in page.objects]
         for shown, entry in zip(objects, page.objects, strict=True):
             grant = grants.get(entry.sha256)
             if grant is not None:
