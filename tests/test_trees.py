@@ -31,7 +31,7 @@ def entry(path: str, n: int = 0) -> ObjectEntry:
 
 def test_apply_matches_a_dict_model() -> None:
     rng = random.Random(7)
-    store = TreeStore(DictNodes(), cache_nodes=16)
+    store = TreeStore(DictNodes(), cache_entries=2000)
     tree = store.empty_tree()
     model: dict[str, ObjectEntry] = {}
     for step in range(60):
@@ -51,6 +51,24 @@ def test_apply_matches_a_dict_model() -> None:
             model[e.path] = e
         assert list(store.iter_entries(tree)) == [model[k] for k in sorted(model)]
     assert store.count(tree) == len(model)
+
+
+def test_the_node_cache_is_bounded_by_the_entries_it_holds() -> None:
+    """Ranges hold up to thousands of objects each: a bound in nodes was none in memory."""
+    nodes = DictNodes()
+    tree = TreeStore(nodes).build(entry(f"data/{i:06d}.png", i) for i in range(50_000))
+    reader = TreeStore(nodes, cache_entries=5_000)
+    assert sum(1 for _ in reader.iter_entries(tree)) == 50_000
+    ranges = len(reader.metarange(tree))
+    assert 5_000 - 4096 <= reader.cached_entries() <= 5_000
+    # What it keeps is what was read last, and it answers as the store does.
+    assert reader.get(tree, "data/049999.png") == entry("data/049999.png", 49_999)
+    assert reader.get(tree, "data/000000.png") == entry("data/000000.png", 0)
+    assert reader.cached_entries() <= 5_000 and len(reader.metarange(tree)) == ranges
+    # A node larger than the whole bound is still kept alone (it is being read).
+    tiny = TreeStore(nodes, cache_entries=1)
+    assert tiny.get(tree, "data/000001.png") == entry("data/000001.png", 1)
+    assert tiny.cached_entries() >= 1
 
 
 def test_small_change_rewrites_few_nodes() -> None:
