@@ -479,9 +479,13 @@ class MetaTx:
         if rows:
             self._c.execute(staging.insert(), rows)
 
-    def changes(self, asset_id: str, branch: str) -> list[dict[str, Any]]:
+    def changes(self, asset_id: str, branch: str) -> Iterator[dict[str, Any]]:
+        """The branch's staged changes in the order staged, one row at a time (consumed
+        within the transaction): a commit of a million staged changes then never holds them
+        all as rows besides what it makes of them."""
         query = sa.select(staging).where(staging.c.asset_id == asset_id, staging.c.branch == branch)
-        return _rows(self._c.execute(query.order_by(staging.c.id)))
+        for row in self._c.execute(query.order_by(staging.c.id)):
+            yield dict(row._mapping)
 
     def delete_changes(self, ids: Sequence[int]) -> int:
         deleted = 0

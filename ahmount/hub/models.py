@@ -131,7 +131,7 @@ class ObjectEntry:
                 "mtime": self.mtime, "content_type": self.content_type, "mode": self.mode}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Change:
     """One staged (uncommitted) change of a branch.
 
