@@ -334,6 +334,19 @@ async def test_batch_upload_keeps_the_intact_blobs(hub_server: HubProcess,
         assert bad_manifest.status_code == 400
     hashes = [b["sha256"] for b in manifest["blobs"]]
     assert await alice.missing_blobs(hashes) == {hashes[3]}
+    # A bad blob between good ones: those before it stay, it and those after it do not.
+    later = [os.urandom(64) for _ in range(2)]
+    middle = {"blobs": [{"sha256": hashlib.sha256(d).hexdigest(), "size": len(d)}
+                        for d in [later[0], bad, later[1]]]}
+    body = json.dumps(middle).encode() + b"\n" + later[0] + b"corrupt it" + later[1]
+    async with httpx.AsyncClient(base_url=hub_server.url, headers=headers) as raw:
+        assert (await raw.post("/api/v1/blobs/batch", content=body)).status_code == 422
+        # Truncated: the blobs that arrived whole stay.
+        cut = json.dumps(middle).encode() + b"\n" + later[0]
+        response = await raw.post("/api/v1/blobs/batch", content=cut)
+        assert response.status_code == 400 and "truncated" in response.text
+    assert await alice.missing_blobs([b["sha256"] for b in middle["blobs"]]) == {
+        hashes[3], middle["blobs"][2]["sha256"]}
     # Through the client: files travel in one request.
     paths = []
     for i in range(5):

@@ -47,6 +47,27 @@ def test_a_finished_upload_lies_one_directory_deep(tmp_path: Path) -> None:
     assert list(store.hashes()) == [digest]
 
 
+def test_small_blobs_stored_at_once_lie_where_uploads_do(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    blobs = [(sha(data), data) for data in (b"a", b"bb", b"", b"weights" * 1000)]
+    store.store_small(blobs)
+    store.store_small(blobs[:1])  # again: the same bytes under the same name
+    for digest, data in blobs:
+        assert (tmp_path / "blobs" / digest[:2] / digest).read_bytes() == data
+        assert store.size(digest) == len(data)
+    assert sorted(store.hashes()) == sorted(digest for digest, _ in blobs)
+    assert list((tmp_path / "blobs" / "uploads").iterdir()) == []  # no temp file left
+
+
+def test_a_small_blob_that_cannot_be_written_leaves_no_temp_file(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    digest = sha(b"x")
+    (tmp_path / "blobs" / digest[:2]).write_bytes(b"a file where its directory goes")
+    with pytest.raises(NotADirectoryError):
+        store.store_small([(digest, b"x")])
+    assert list((tmp_path / "blobs" / "uploads").iterdir()) == []
+
+
 def test_blobs_of_the_layout_before_are_read_listed_and_deleted(tmp_path: Path) -> None:
     store = LocalBlobStore(tmp_path / "blobs")
     old = place_legacy(store, b"old bytes")

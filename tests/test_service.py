@@ -364,6 +364,24 @@ def test_blob_hash_mismatch_and_truncation_leave_nothing(service: HubService,
     assert b"".join(service.blobs.read(sha, 10, 20)) == data[10:20]
 
 
+def test_small_blobs_stored_at_once_keep_those_before_a_mismatch(service: HubService,
+                                                                 alice: Actor) -> None:
+    first, second, after = b"first" * 10, b"second", b"after it"
+    blobs = [(hashlib.sha256(d).hexdigest(), d) for d in (first, second, after)]
+    bad = [blobs[0], (blobs[1][0], b"not " + second), blobs[2]]
+    kept, failure = service.store_small_blobs(alice, bad)
+    assert kept == [(blobs[0][0], len(first))]
+    assert isinstance(failure, ChecksumMismatch) and blobs[1][0] in str(failure)
+    service.register_blobs(alice, kept)
+    assert service.missing_blobs(alice, [s for s, _ in blobs]) == [blobs[1][0], blobs[2][0]]
+    assert sorted(service.blobs.hashes()) == [blobs[0][0]]
+    kept, failure = service.store_small_blobs(alice, blobs[1:])
+    assert failure is None and kept == [(blobs[1][0], len(second)), (blobs[2][0], len(after))]
+    service.register_blobs(alice, kept)
+    assert service.missing_blobs(alice, [s for s, _ in blobs]) == []
+    assert b"".join(service.blobs.read(blobs[2][0], 0, len(after))) == after
+
+
 def test_a_blob_write_belongs_to_the_actor_who_began_it(service: HubService, alice: Actor,
                                                         bob: Actor) -> None:
     data = b"alice's bytes"

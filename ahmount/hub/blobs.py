@@ -14,6 +14,7 @@ import ctypes
 import ctypes.util
 import hashlib
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -49,6 +50,10 @@ class BlobStore(Protocol):
     def read_small(self, blobs: list[tuple[str, int]]) -> list[bytes]:
         """The whole bytes of each ``(sha256, size)``, in order, in one call (a batch of small
         files): the store fetches them together. Raises NotFound."""
+
+    def store_small(self, blobs: list[tuple[str, bytes]]) -> None:
+        """Publish whole blobs whose bytes the caller hashed to their sha256 (a batch
+        upload's small files), many in one call; durable only after :meth:`sync`."""
 
     def start_upload(self, upload_id: str, local: bool = False) -> None:
         """Prepare an empty upload under ``upload_id``. ``local``: it will be written and
@@ -199,6 +204,32 @@ class LocalBlobStore:
             for fd in fds:
                 if fd >= 0:
                     os.close(fd)
+
+    def store_small(self, blobs: list[tuple[str, bytes]]) -> None:
+        """Each blob written to a private temp file and renamed into place: four system calls
+        a blob, where an upload's start, append and finish (a file touched, reopened, read
+        back to hash it) took a dozen and a worker-thread hand-off each. Uploading 30,000
+        small files cost ah-server ~700 us of CPU a blob that way."""
+        for sha256, data in blobs:
+            temp = f"{self._uploads}/{uuid.uuid4().hex}"
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                finally:
+                    os.close(fd)
+                final = self._path(sha256)
+                try:
+                    os.replace(temp, final)
+                except FileNotFoundError:  # the first blob of its directory
+                    os.makedirs(os.path.dirname(final), exist_ok=True)
+                    os.replace(temp, final)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temp)
+                raise
 
     def start_upload(self, upload_id: str, local: bool = False) -> None:
         self._upload_path(upload_id).touch(mode=0o600)

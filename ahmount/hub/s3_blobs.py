@@ -123,6 +123,10 @@ class S3BlobStore:
 
     # -- uploads -----------------------------------------------------------------------------
 
+    def store_small(self, blobs: list[tuple[str, bytes]]) -> None:
+        for sha256, data in blobs:  # an object is visible once its PUT completes
+            self.client.put_object(Bucket=self.bucket, Key=self._blob_key(sha256), Body=data)
+
     def start_upload(self, upload_id: str, local: bool = False) -> None:
         if local:
             # Closed by finish_upload or abort_upload, whichever ends the upload.

@@ -25,6 +25,7 @@ from typing import Any
 
 from ahmount.errors import (
     AlreadyExists,
+    ChecksumMismatch,
     Conflict,
     InvalidArgument,
     NotFound,
@@ -1277,6 +1278,25 @@ class HubService:
         except BaseException:
             self.drop_blob_write(actor, token)
             raise
+
+    def store_small_blobs(self, actor: Actor, blobs: list[tuple[str, bytes]]
+                          ) -> tuple[list[tuple[str, int]], ChecksumMismatch | None]:
+        """Verify and publish whole small blobs already in memory (a batch upload's), many
+        in one worker-thread hand-off. Those before the first whose bytes do not hash to its
+        name are published (not yet durable nor recorded: :meth:`register_blobs` does
+        both); returns them, and the mismatch that stopped the rest, if one did."""
+        good: list[tuple[str, bytes]] = []
+        failure: ChecksumMismatch | None = None
+        for sha256, data in blobs:
+            check_sha256(sha256)
+            actual = hashlib.sha256(data).hexdigest()
+            if actual != sha256:
+                failure = ChecksumMismatch(
+                    f"uploaded bytes hash to {actual}, not to blob {sha256}")
+                break
+            good.append((sha256, data))
+        self.blobs.store_small(good)
+        return [(sha256, len(data)) for sha256, data in good], failure
 
     def drop_blob_write(self, actor: Actor, token: str) -> None:
         """Discard a blob write (no error if it is gone)."""

@@ -94,6 +94,11 @@ async def _write_one_blob(svc: HubService, actor: Actor, body: BodyReader, sha25
         raise
 
 
+#: A batch upload keeps its small blobs in groups of up to this many, or bytes.
+GROUP_BLOBS = 256
+GROUP_BYTES = 8 << 20
+
+
 async def blob_batch(request: Request) -> Response:
     """POST many small blobs in one body: a JSON line `{"blobs": [{sha256, size}, ...]}`, then
     their bytes back to back. Each is verified; those that arrive intact are kept even when a
@@ -105,14 +110,41 @@ async def blob_batch(request: Request) -> Response:
     items = [(b.sha256, b.size) for b in manifest.blobs]
     missing = set(await call(svc.missing_blobs, actor, [s for s, _ in items]))
     stored: list[tuple[str, int]] = []
+    # Small blobs are kept a group at a time, in one worker-thread hand-off per group.
+    group: list[tuple[str, bytes]] = []
+    group_bytes = 0
+
+    async def keep_group() -> None:
+        nonlocal group_bytes
+        kept, failure = await call(svc.store_small_blobs, actor, list(group))
+        stored.extend(kept)
+        group.clear()
+        group_bytes = 0
+        if failure is not None:
+            raise failure
+
     try:
         for sha256, size in items:
-            if sha256 in missing:
+            if sha256 not in missing:
+                await body.read(size)  # already stored: skip its bytes
+                continue
+            missing.discard(sha256)  # a second copy in the body is skipped
+            if size > UPLOAD_BUFFER:
+                await keep_group()
                 await _write_one_blob(svc, actor, body, sha256, size, durable=False)
                 stored.append((sha256, size))
-                missing.discard(sha256)
-            else:
-                await body.read(size)  # already stored: skip its bytes
+                continue
+            data = await body.read(size)
+            if len(data) < size:
+                await keep_group()  # those before it arrived whole
+                raise errors.InvalidArgument(
+                    f"upload of blob {sha256} is truncated: {len(data)} of {size} bytes "
+                    "arrived")
+            group.append((sha256, data))
+            group_bytes += size
+            if len(group) >= GROUP_BLOBS or group_bytes >= GROUP_BYTES:
+                await keep_group()
+        await keep_group()
         await body.drain()
     finally:
         with anyio.CancelScope(shield=True):
