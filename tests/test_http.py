@@ -357,6 +357,32 @@ async def test_batch_upload_keeps_the_intact_blobs(hub_server: HubProcess,
     assert await alice.missing_blobs([sha for _, sha, _ in paths]) == set()
 
 
+async def test_a_batch_of_many_files_travels_whole_and_a_shrunk_file_is_named(
+        alice: HubClient, model: AssetAddr, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(uploads, "READ_TOGETHER_FILES", 7)  # groups of the read, not of 64
+    files = []
+    for i in range(150):
+        p = tmp_path / f"f{i}"
+        p.write_bytes(os.urandom(i * 13))
+        files.append((p, *hash_file(p)))
+    sent: list[int] = []
+    await alice.upload_batch(files, sent.append)
+    assert sum(sent) == sum(size for _, _, size in files)
+    assert await alice.missing_blobs([sha for _, sha, _ in files]) == set()
+    adds = [ObjectEntry(f"d/{p.name}", sha, size, 1.0) for p, sha, size in files]
+    await alice.commit(model, "main", "many", adds=adds)
+    assert await alice.read_range(model, "main", "d/f149", 0, 149 * 13) == \
+        files[149][0].read_bytes()
+    # A file that shrank after it was hashed: refused, naming it.
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"x" * 100)
+    entry_of = (victim, *hash_file(victim))
+    victim.write_bytes(b"x" * 10)
+    with pytest.raises(InvalidArgument, match="victim shrank"):
+        await alice.upload_batch([files[0], entry_of])
+
+
 async def test_resumable_upload_of_a_large_blob(alice: HubClient, model: AssetAddr,
                                                 tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:

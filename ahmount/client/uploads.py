@@ -6,7 +6,6 @@ next process, whose unfinished upload ids :class:`UnfinishedUploads` keeps).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
@@ -148,14 +147,43 @@ class UnfinishedUploads:
             self._disk.close()
 
 
+#: The small files of a batch read per worker-thread hand-off. Reading each through its own
+#: hand-offs (open, seek, read) cost the client more than the bytes: 30,000 files of a few
+#: bytes took ~400 us of CPU each, most of it waking threads.
+READ_TOGETHER_FILES = 64
+READ_TOGETHER_BYTES = 4 << 20
+
+
 async def _batch_body(files: Sequence[tuple[Path, str, int]],
                       progress: Progress | None) -> AsyncIterator[bytes]:
     manifest = {"blobs": [{"sha256": sha, "size": size} for _, sha, size in files]}
     yield json.dumps(manifest).encode() + b"\n"
-    for path, _, size in files:
-        async with contextlib.aclosing(_file_chunks(path, 0, size, progress)) as chunks:
-            async for chunk in chunks:
-                yield chunk
+    group: list[tuple[Path, int]] = []
+    group_bytes = 0
+    for index, (path, _, size) in enumerate(files):
+        group.append((path, size))
+        group_bytes += size
+        if len(group) < READ_TOGETHER_FILES and group_bytes < READ_TOGETHER_BYTES and \
+                index + 1 < len(files):
+            continue
+        data = await anyio.to_thread.run_sync(_read_whole, list(group))
+        group.clear()
+        group_bytes = 0
+        if progress:
+            progress(len(data))
+        yield data
+
+
+def _read_whole(files: list[tuple[Path, int]]) -> bytes:
+    """The first ``size`` bytes of each file, back to back."""
+    parts = []
+    for path, size in files:
+        with path.open("rb") as handle:
+            data = handle.read(size)
+        if len(data) < size:
+            raise errors.InvalidArgument(f"{path} shrank while it was being uploaded")
+        parts.append(data)
+    return b"".join(parts)
 
 
 async def _file_chunks(path: Path, start: int, end: int,
