@@ -5,8 +5,10 @@ One commit of ``--files`` objects (default 200,000) in directories of ``--per-di
 cold (page cache dropped): ``find`` over the commit, ``stat`` of every file, and a
 shuffled read of ``--read`` of them by one reader. The same tree of empty files on local
 disk, and over sshfs on 127.0.0.1 (:mod:`bench.peers`) when ``--peers sshfs``, is timed
-the same way. Printed: each time and its ratio to local disk and to sshfs, and the
-daemon's memory (RSS, and its anonymous part) after each step, per object listed.
+the same way. Printed: each time and its ratio to local disk and to sshfs, the daemon's
+memory (RSS, and its anonymous part) after each step, per object listed, how long the
+first ``ls`` of the commit's root takes on a new mount (it waits for the whole listing),
+and ``ah-server``'s peak memory during the upload and the commit.
 
 The objects share a blob per 50 (only those read have their own bytes): the commit, the
 listing and the inodes are what is measured, not an upload of 200,000 blobs.
@@ -23,6 +25,7 @@ import contextlib
 import os
 import random
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +40,7 @@ from ahmount.hub.models import AssetAddr, FolderAddr, ObjectEntry
 from ahmount.transfer.plan import LocalFile
 from ahmount.transfer.upload import upload_files
 from bench.harness import bench_dir, hub_mount, served_hub
-from bench.mount_bench import drop_caches
+from bench.mount_bench import drop_caches, peak_rss_while
 from bench.peers import sshfs_mount, wanted
 
 SHARED_BLOB_EVERY = 50
@@ -121,10 +124,24 @@ def main() -> None:
         local = root / "local"
         local_tree(local, args.files, args.per_dir)
         with served_hub(root) as (server, key):
-            trio.run(fill, server.url, key, root / "blobs", args.files, args.per_dir,
-                     args.read)
+            assert server.proc is not None
+            filling = threading.Thread(target=trio.run, args=(
+                fill, server.url, key, root / "blobs", args.files, args.per_dir, args.read))
+            hub_peak = peak_rss_while(server.proc.pid, filling)
             print(f"{args.files:,} objects in directories of {args.per_dir:,}; set up in "
-                  f"{time.perf_counter() - started:.0f} s", flush=True)
+                  f"{time.perf_counter() - started:.0f} s; ah-server's peak RSS during the "
+                  f"upload and commit {hub_peak / (1 << 20):,.0f} MiB, "
+                  f"{memory(server.proc.pid)[0]:,.0f} MiB after", flush=True)
+            # The first answer on a new mount waits for the commit's whole listing.
+            first = hub_mount(server, key, root / "first", root / "first-cache")
+            try:
+                drop_caches()
+                started = time.perf_counter()
+                os.listdir(first.mountpoint / "dataset/scale/set/main")
+                print(f"first ls of the commit's root on a new mount: "
+                      f"{time.perf_counter() - started:.2f} s", flush=True)
+            finally:
+                first.stop()
             results: dict[str, dict[str, float]] = {}
             for name, top in (("local", local),):
                 drop_caches()
