@@ -1,6 +1,6 @@
 """The local blob store on its own: where blobs lie on disk (``ROOT/ab/<sha256>``), and that
 blobs a hub wrote in the layout before (``ROOT/ab/cd/<sha256>``) stay readable, listed and
-deletable next to new ones."""
+deletable next to new ones; and the groups a batch upload stores small blobs in."""
 
 from __future__ import annotations
 
@@ -122,3 +122,37 @@ def test_any_mix_of_layouts_reads_lists_and_deletes_as_one_store(
         kept = sorted(stored.items())
         assert store.read_small([(d, len(b)) for d, b in kept]) == [b for _, b in kept]
         assert all(store.size(digest) is None for digest in deleted)
+
+
+async def test_a_batch_upload_keeps_its_blobs_in_bounded_groups(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedded hub's batch endpoint: every blob kept, in groups of at most
+    GROUP_BLOBS blobs and GROUP_BYTES bytes (what a request holds in memory)."""
+    from ahmount.client.embedded import embedded_client
+    from ahmount.client.files import hash_file
+    from ahmount.hub.service import HubService
+    from ahmount.server.endpoints import blobs as endpoint
+
+    monkeypatch.setattr(endpoint, "GROUP_BLOBS", 3)
+    monkeypatch.setattr(endpoint, "GROUP_BYTES", 100)
+    groups: list[list[int]] = []
+    store = HubService.store_small_blobs
+
+    def recorded(self: HubService, actor: object, blobs: list[tuple[str, bytes]]) -> object:
+        groups.append([len(data) for _, data in blobs])
+        return store(self, actor, blobs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(HubService, "store_small_blobs", recorded)
+    files = []
+    for i, size in enumerate([40, 40, 40, 10, 10, 10, 10, 99, 1, 100, 0]):
+        path = tmp_path / f"f{i}"
+        path.write_bytes(bytes([i]) * size)
+        files.append((path, *hash_file(path)))
+    async with embedded_client(tmp_path / "hub") as hub:
+        await hub.whoami()
+        await hub.upload_batch(files)
+        assert await hub.missing_blobs([sha for _, sha, _ in files]) == set()
+    kept = [size for group in groups for size in group]
+    assert sorted(kept) == sorted(size for _, _, size in files)
+    assert all(len(g) <= 3 and sum(g) <= 100 for g in groups), groups
+    assert len(groups) >= 5

@@ -94,9 +94,10 @@ async def _write_one_blob(svc: HubService, actor: Actor, body: BodyReader, sha25
         raise
 
 
-#: A batch upload keeps its small blobs in groups of up to this many, or bytes.
+#: A batch upload keeps its small blobs in groups of up to this many, or bytes (what one
+#: request holds in memory: a blob of the group is at most UPLOAD_BUFFER, the same).
 GROUP_BLOBS = 256
-GROUP_BYTES = 8 << 20
+GROUP_BYTES = UPLOAD_BUFFER
 
 
 async def blob_batch(request: Request) -> Response:
@@ -134,6 +135,8 @@ async def blob_batch(request: Request) -> Response:
                 await _write_one_blob(svc, actor, body, sha256, size, durable=False)
                 stored.append((sha256, size))
                 continue
+            if group_bytes + size > GROUP_BYTES:
+                await keep_group()  # a request holds at most GROUP_BYTES of blobs
             data = await body.read(size)
             if len(data) < size:
                 await keep_group()  # those before it arrived whole
@@ -142,7 +145,7 @@ async def blob_batch(request: Request) -> Response:
                     "arrived")
             group.append((sha256, data))
             group_bytes += size
-            if len(group) >= GROUP_BLOBS or group_bytes >= GROUP_BYTES:
+            if len(group) >= GROUP_BLOBS:
                 await keep_group()
         await keep_group()
         await body.drain()
