@@ -27,7 +27,6 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import trio
@@ -40,7 +39,7 @@ from ahmount.hub.models import AssetAddr, FolderAddr, ObjectEntry
 from ahmount.transfer.plan import LocalFile
 from ahmount.transfer.upload import upload_files
 from bench.harness import bench_dir, hub_mount, served_hub
-from bench.mount_bench import drop_caches, peak_rss_while
+from bench.mount_bench import drop_caches, peak_rss_while, stat_all, timed_find
 from bench.peers import sshfs_mount, wanted
 
 SHARED_BLOB_EVERY = 50
@@ -84,29 +83,13 @@ def local_tree(root: Path, files: int, per_dir: int) -> None:
         (root / object_path(i, per_dir)).touch()
 
 
-def timed(run: Iterator[None]) -> float:
+def read_files(paths: list[Path]) -> float:
+    """Seconds to open, read and close each file in turn (one reader)."""
     started = time.perf_counter()
-    for _ in run:
-        pass
-    return time.perf_counter() - started
-
-
-def walk(top: Path) -> Iterator[None]:
-    for _root, _dirs, _files in os.walk(top):
-        yield None
-
-
-def stat_all(top: Path, paths: list[str]) -> Iterator[None]:
     for path in paths:
-        os.stat(top / path)
-        yield None
-
-
-def read_all(top: Path, paths: list[str]) -> Iterator[None]:
-    for path in paths:
-        with open(top / path, "rb") as handle:
+        with open(path, "rb") as handle:
             handle.read()
-        yield None
+    return time.perf_counter() - started
 
 
 def main() -> None:
@@ -145,23 +128,24 @@ def main() -> None:
             results: dict[str, dict[str, float]] = {}
             for name, top in (("local", local),):
                 drop_caches()
-                results[name] = {"find": timed(walk(top)), "stat": timed(stat_all(top, paths))}
+                results[name] = {"find": timed_find(top),
+                                 "stat": stat_all([top / p for p in paths])}
             if "sshfs" in wanted(args.peers):
                 with sshfs_mount(local, root / "sshfs") as point:
                     drop_caches()
-                    results["sshfs"] = {"find": timed(walk(point)),
-                                        "stat": timed(stat_all(point, paths))}
+                    results["sshfs"] = {"find": timed_find(point),
+                                        "stat": stat_all([point / p for p in paths])}
             mount = hub_mount(server, key, root / "mnt", root / "cache")
             try:
                 top = mount.mountpoint / "dataset/scale/set/main"
                 assert mount.pid is not None
                 before = memory(mount.pid)
                 drop_caches()
-                ours = {"find": timed(walk(top))}
+                ours = {"find": timed_find(top)}
                 after_find = memory(mount.pid)
-                ours["stat"] = timed(stat_all(top, paths))
+                ours["stat"] = stat_all([top / p for p in paths])
                 after_stat = memory(mount.pid)
-                ours["read"] = timed(read_all(top, readable))
+                ours["read"] = read_files([top / p for p in readable])
                 after_read = memory(mount.pid)
                 results["ahmount"] = ours
             finally:
