@@ -89,6 +89,11 @@ class BlobStore(Protocol):
         it."""
 
 
+def hash_mismatch(actual: str, sha256: str) -> ChecksumMismatch:
+    """The error for uploaded bytes that hash to ``actual``, sent as blob ``sha256``."""
+    return ChecksumMismatch(f"uploaded bytes hash to {actual}, not to blob {sha256}")
+
+
 def check_range(sha256: str, size: int, start: int, end: int) -> None:
     empty_read_of_empty_blob = size == 0 and start == 0 and end == 0
     if (start < 0 or end < start or (size > 0 and start >= size) or end > size) and not (
@@ -279,9 +284,7 @@ class LocalBlobStore:
                 os.fsync(handle.fileno())
         if digest.hexdigest() != sha256:
             self.abort_upload(upload_id)
-            raise ChecksumMismatch(
-                f"uploaded bytes hash to {digest.hexdigest()}, not to blob {sha256}"
-            )
+            raise hash_mismatch(digest.hexdigest(), sha256)
         final = Path(self._path(sha256))
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(path, final)

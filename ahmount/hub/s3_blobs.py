@@ -24,8 +24,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
-from ahmount.errors import ChecksumMismatch, Conflict, InvalidArgument, NotFound
-from ahmount.hub.blobs import check_range
+from ahmount.errors import Conflict, InvalidArgument, NotFound
+from ahmount.hub.blobs import check_range, hash_mismatch
 
 log = logging.getLogger("ahmount.hub")
 
@@ -210,8 +210,7 @@ class S3BlobStore:
                 data = b"".join(self._stream(upload_id))
                 digest.update(data)
                 if digest.hexdigest() != sha256:
-                    raise ChecksumMismatch(
-                        f"uploaded bytes hash to {digest.hexdigest()}, not to blob {sha256}")
+                    raise hash_mismatch(digest.hexdigest(), sha256)
                 self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
             else:
                 self._multipart(upload_id, sha256, key, digest)
@@ -233,8 +232,7 @@ class S3BlobStore:
             if buffer:
                 parts.append(self._put_part(key, mpu["UploadId"], len(parts) + 1, bytes(buffer)))
             if digest.hexdigest() != sha256:
-                raise ChecksumMismatch(
-                    f"uploaded bytes hash to {digest.hexdigest()}, not to blob {sha256}")
+                raise hash_mismatch(digest.hexdigest(), sha256)
             self.client.complete_multipart_upload(
                 Bucket=self.bucket, Key=key, UploadId=mpu["UploadId"],
                 MultipartUpload={"Parts": parts})

@@ -33,7 +33,7 @@ from ahmount.errors import (
     Unauthenticated,
     UnknownChanges,
 )
-from ahmount.hub.blobs import BlobStore, check_range
+from ahmount.hub.blobs import BlobStore, check_range, hash_mismatch
 from ahmount.hub.metadata import MetadataStore, MetaTx
 from ahmount.hub.models import (
     DEFAULT_MODE,
@@ -1291,8 +1291,7 @@ class HubService:
             check_sha256(sha256)
             actual = hashlib.sha256(data).hexdigest()
             if actual != sha256:
-                failure = ChecksumMismatch(
-                    f"uploaded bytes hash to {actual}, not to blob {sha256}")
+                failure = hash_mismatch(actual, sha256)
                 break
             good.append((sha256, data))
         self.blobs.store_small(good)
