@@ -117,6 +117,8 @@ async def blob_batch(request: Request) -> Response:
 
     async def keep_group() -> None:
         nonlocal group_bytes
+        if not group:
+            return  # no hand-off for nothing (before each large blob, at the end)
         kept, failure = await call(svc.store_small_blobs, actor, list(group))
         stored.extend(kept)
         group.clear()
