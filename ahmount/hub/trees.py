@@ -63,7 +63,11 @@ def _decode(data: bytes) -> object:
 EMPTY_TREE_ID, _EMPTY_TREE_DATA = _encode({"ranges": []})
 
 
-def _materialize(raw: object) -> object:
+#: A decoded node as cached: a metarange's ranges, or a range's (paths, entries).
+Node = list[RangeRef] | tuple[list[str], list[ObjectEntry]]
+
+
+def _materialize(raw: object) -> Node:
     """Turn a decoded node into its cached form (see :meth:`TreeStore._load`)."""
     assert isinstance(raw, dict)
     if "ranges" in raw:
@@ -117,17 +121,17 @@ class TreeStore:
 
     def __init__(self, nodes: NodeStore, cache_entries: int = CACHE_ENTRIES) -> None:
         self._nodes = nodes
-        self._cache: OrderedDict[str, tuple[int, object]] = OrderedDict()  # LRU by insertion
+        self._cache: OrderedDict[str, tuple[int, Node]] = OrderedDict()  # LRU by insertion
         self._cache_limit = cache_entries
         self._cached_entries = 0
         self._cache_lock = threading.Lock()
 
     # -- node access -------------------------------------------------------------------------
 
-    def _load(self, ids: Sequence[str]) -> dict[str, object]:
+    def _load(self, ids: Sequence[str]) -> dict[str, Node]:
         """Decoded nodes by id: a metarange as ``list[RangeRef]``, a range as
         ``(paths, entries)``; both are kept in the LRU in that form."""
-        found: dict[str, object] = {}
+        found: dict[str, Node] = {}
         missing: list[str] = []
         for node_id in ids:
             cached = self._cache.get(node_id)
@@ -146,12 +150,10 @@ class TreeStore:
                     self._keep(node_id, found[node_id])
         return found
 
-    def _keep(self, node_id: str, value: object) -> None:
+    def _keep(self, node_id: str, value: Node) -> None:
         """Cache a decoded node, dropping the oldest past the entry limit (under the lock)."""
-        if isinstance(value, tuple):  # a range: (paths, entries)
-            size = len(value[1])
-        else:  # a metarange: its ranges
-            size = len(value) if isinstance(value, list) else 1
+        # A range holds its entries; a metarange, its ranges.
+        size = len(value[1]) if isinstance(value, tuple) else len(value)
         old = self._cache.pop(node_id, None)
         if old is not None:
             self._cached_entries -= old[0]
