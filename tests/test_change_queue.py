@@ -49,6 +49,29 @@ def test_a_commit_takes_only_rows_it_saw(tmp_path: Path) -> None:
     again.close()
 
 
+def test_a_commit_drops_the_directories_made_here_that_its_files_now_fill(
+        tmp_path: Path) -> None:
+    """``mkdir -p d/e && cp x d/e/`` then a commit: the head shows ``d`` and ``d/e`` now, so
+    they are no longer queued (they stayed, and ``ah reset`` then counted changes no status
+    showed). A directory still empty, or holding only files written during the commit,
+    stays queued: it exists only here."""
+    queue = ChangeQueue(tmp_path / "q")
+    for directory in ("d", "d/e", "empty", "late"):
+        queue.add_dir(BRANCH, directory, "base")
+    queue.put_file(BRANCH, "d/e/x", "base", local=write_local(queue, b"x"), size=1)
+    queue.put_file(BRANCH, "late/y", "base", local=write_local(queue, b"y"), size=1)
+    taken = queue.snapshot(BRANCH)
+    queue.touch_file(BRANCH, "late/y", size=2)  # written while the commit ran
+    assert queue.committed(BRANCH, taken) == 1
+    assert queue.branch(BRANCH).dirs == {"empty", "late"}
+    queue.close()
+    again = ChangeQueue(tmp_path / "q")  # and durable as such
+    assert again.branch(BRANCH).dirs == {"empty", "late"}
+    assert sorted(again.branch(BRANCH).files) == ["late/y"]
+    assert again.reset(BRANCH) == 3
+    again.close()
+
+
 def test_a_pinned_local_file_outlives_its_row_until_unpinned(tmp_path: Path) -> None:
     queue = ChangeQueue(tmp_path / "q")
     old = write_local(queue, b"old bytes")

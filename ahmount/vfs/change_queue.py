@@ -732,6 +732,8 @@ class ChangeQueue:
         here). Returns how many rows were dropped."""
         dropped_locals: list[str] = []
         count = 0
+        #: Directories the commit's files lie in: the head now shows them.
+        implied: set[str] = set()
         with self._tx() as db:
             queue = self.branch(key)
             for path, row in taken.files.items():
@@ -742,6 +744,17 @@ class ChangeQueue:
                     if current.local:
                         dropped_locals.append(current.local)
                     count += 1
+                    parent = path.rpartition("/")[0]
+                    while parent and parent not in implied:
+                        implied.add(parent)
+                        parent = parent.rpartition("/")[0]
+            # A directory made here that now holds committed files is the head's too: kept
+            # queued, it would leave the branch with changes no status shows and a reset
+            # would count (and the kernel would not keep the branch's listings).
+            for path in [d for d in taken.dirs if d in implied and d in queue.dirs]:
+                queue.discard_dir(path)
+                db.execute("DELETE FROM changes WHERE branch=? AND path=? AND kind='dir'",
+                           (key, path))
             for path in [*taken.deleted, *taken.deleted_dirs]:
                 kept: set[str] | list[str] = (
                     queue.deleted_dirs if path.endswith("/") else queue.deleted)
