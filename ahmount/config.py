@@ -6,6 +6,7 @@ be hermetic); otherwise the XDG base directories are used.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -82,6 +83,15 @@ def make_config(
         _check_host(ah_host, "ah_host"), _check_host(ais_host, "ais_host"), api_key,
         None if timeout is None else float(timeout),
     )
+
+
+def hub_identity(config: ClientConfig) -> str:
+    """Who a client of ``config`` is, as a digest of the hub it talks to (the embedded one:
+    its data directory) and the key it uses. A mount and the CLI with the same identity see
+    the same branches by the same names (a relative path's owner is the key's user), so the
+    CLI may hand a mount's branches to it; the key itself never leaves the process."""
+    hub = config.ah_host or f"embedded:{dirs().data}"
+    return hashlib.sha256(f"{hub}\n{config.api_key or ''}".encode()).hexdigest()[:32]
 
 
 def load_config() -> ClientConfig:

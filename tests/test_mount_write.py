@@ -55,7 +55,6 @@ def test_write_then_commit_from_the_branch_directory(mount_factory: Mounter,
     out = run_ah("commit", "-m", "new weights", cwd=branch / "configs")
     assert "Commit" in out
     assert objects("model/llm/gpt2:v1") == {"w.pt": 300_000, "configs/a.json": 8}
-    assert "nothing" not in run_ah("status", cwd=branch) or True
     assert "0 added/changed, 0 deleted" in run_ah("status", cwd=branch)
     # Visible at once through the mount itself and through a second mount.
     assert (branch / "w.pt").read_bytes() == (tmp_path / "w.pt").read_bytes()
@@ -259,6 +258,52 @@ def test_reset_status_remote_changes_unknown_changes_and_sync(mount_factory: Mou
     assert "Dropped 2 queued changes" in run_ah("reset", cwd=branch)
     assert sorted(os.listdir(branch)) == ["local.txt", "shared.txt"]
     assert "0 added/changed, 0 deleted" in run_ah("status", cwd=branch)
+
+
+def test_branch_commands_run_elsewhere_act_on_the_queue_of_the_mount(
+        mount_factory: Mounter, tmp_path: Path) -> None:
+    """``ah status|sync|commit|reset model/llm/gpt2:v1`` run outside the mount act on what a
+    running mount queued for that branch. They asked the hub alone, and said "nothing to
+    commit" and "0 dropped" while the mount held the user's edits."""
+    m = mount_factory()
+    branch = m.mountpoint / "model/llm/gpt2/v1"
+    me = ah.list("model")[0]["path"].split("/")[1]
+    assert "nothing to commit" in run_ah("status", "model/llm/gpt2:v1", cwd=tmp_path)
+    (branch / "made-here").mkdir()  # only a directory: nothing a commit would take
+    assert "nothing to commit" in run_ah("status", "model/llm/gpt2:v1", cwd=tmp_path)
+    (branch / "made-here/a.txt").write_text("a")
+    for address in ("model/llm/gpt2:v1", f"/{me}/t9k-assethub/model/llm/gpt2:v1"):
+        out = run_ah("status", address, cwd=tmp_path)
+        assert "1 added/changed" in out and "made-here/a.txt" in out, out
+        assert f"queued in the ah-mount at {m.mountpoint}" in out
+    # Another branch of the asset has nothing queued: the hub answers, as before.
+    assert "nothing to commit" in run_ah("status", "model/llm/gpt2:main", cwd=tmp_path)
+    assert "no running ah-mount has queued changes" in run_ah(
+        "sync", "model/llm/gpt2:main", cwd=tmp_path, check=False)
+    assert re.search(r"\d+ files? uploaded ahead", run_ah("sync", "model/llm/gpt2:v1",
+                                                          cwd=tmp_path))
+    assert "Commit" in run_ah("commit", "-m", "elsewhere", "model/llm/gpt2:v1", cwd=tmp_path)
+    assert objects("model/llm/gpt2:v1") == {"made-here/a.txt": 1}
+    assert "nothing to commit" in run_ah("status", "model/llm/gpt2:v1", cwd=tmp_path)
+    (branch / "b.txt").write_text("b")
+    assert "Dropped 1 queued change" in run_ah("reset", "model/llm/gpt2:v1", cwd=tmp_path)
+    assert not (branch / "b.txt").exists()
+    # A mount of another hub or key is never asked which branches hold changes.
+    from ahmount.config import hub_identity, load_config
+    from ahmount.mount.control import call
+
+    (branch / "c.txt").write_text("c")
+    asked = {"address": "model/llm/gpt2:v1", "identity": hub_identity(load_config())}
+    assert call(m.mountpoint, "queued_branch", asked) == {
+        "path": ["model", "llm", "gpt2", "v1"]}
+    assert call(m.mountpoint, "queued_branch", {**asked, "identity": "0" * 32}) == {
+        "path": None}
+    # Two mounts holding changes of the branch: neither is guessed.
+    other = mount_factory("--cache-dir", str(tmp_path / "second-cache"))
+    (other.mountpoint / "model/llm/gpt2/v1/d.txt").write_text("d")
+    refused = run_ah("commit", "-m", "which", "model/llm/gpt2:v1", cwd=tmp_path, check=False)
+    assert "queued changes in 2 mounts" in refused and str(other.mountpoint) in refused
+    assert objects("model/llm/gpt2:v1") == {"made-here/a.txt": 1}
 
 
 def test_a_listing_gives_the_inode_a_lookup_gives_after_a_dropped_edit(

@@ -23,7 +23,13 @@ from ahmount.cli import completion
 from ahmount.cli.tables import date, printable, render, table_for
 from ahmount.client.embedded import connect
 from ahmount.client.hub_client import HubClient
-from ahmount.config import load_config, make_config, remove_config, save_config
+from ahmount.config import (
+    hub_identity,
+    load_config,
+    make_config,
+    remove_config,
+    save_config,
+)
 from ahmount.errors import Conflict, InvalidArgument, NotFound
 from ahmount.exit_codes import EXIT_CODE_MEANINGS, USAGE, exit_code
 from ahmount.paths import parse
@@ -149,6 +155,18 @@ def _in_mount(path: str | None) -> tuple[Path, list[str]] | None:
     return found[0], list(found[1])
 
 
+def _mount_queuing(address: str) -> tuple[Path, list[str]] | None:
+    """The running mount (of this hub and key) holding queued changes of the branch the API
+    path ``address`` names, and the branch's path in it: ``ah status|commit|reset|sync
+    model/llm/gpt2:main`` run anywhere acts on what a mount queued, as it would inside it."""
+    from ahmount.mount.control import mount_queuing
+
+    if parse(address).level not in ("asset", "ref"):
+        return None
+    found = mount_queuing(address, hub_identity(load_config()))
+    return None if found is None else (found[0], list(found[1]))
+
+
 def _mount_branch_op(args: argparse.Namespace, op: str, transfers: bool = False,
                      **extra: Any) -> dict[str, Any] | None:
     """Run ``op`` on the mounted branch ``args.path`` is in; None if it is not in a mount.
@@ -161,7 +179,11 @@ def _mount_branch_op(args: argparse.Namespace, op: str, transfers: bool = False,
         if args.path is None:
             raise InvalidArgument(f"ah {args.command} needs a path: the current directory is "
                                   "not inside a branch of an ah-mount")
-        return None
+        found = _mount_queuing(args.path)
+        if found is None:
+            return None
+        if not args.quiet:
+            print(f"(the changes queued in the ah-mount at {found[0]})", file=sys.stderr)
     progress = RemoteProgress() if transfers else None
     try:
         result = call(found[0], op, {"path": found[1], **extra}, progress=progress)
@@ -235,7 +257,8 @@ def cmd_reset(args: argparse.Namespace) -> int:
 def cmd_sync(args: argparse.Namespace) -> int:
     done = _mount_branch_op(args, "sync", transfers=True)
     if done is None:
-        raise InvalidArgument(f"{args.path} is not inside a branch of an ah-mount")
+        raise InvalidArgument(f"{args.path} is not inside a branch of an ah-mount, and no "
+                              "running ah-mount has queued changes of it")
     if not args.quiet:
         print(f"{plural(done['uploaded'], 'file')} uploaded ahead "
               f"({human_size(done['bytes'])} sent)", file=sys.stderr)

@@ -275,3 +275,32 @@ def find_mount(path: Path) -> tuple[Path, tuple[str, ...]] | None:
     if best is None:
         return None
     return best, target.relative_to(best).parts
+
+
+def mount_queuing(address: str, identity: str,
+                  timeout: float = 10.0) -> tuple[Path, tuple[str, ...]] | None:
+    """The mount of this user on the same hub with the same key (``identity``, see
+    :func:`ahmount.config.hub_identity`) that holds queued changes of the branch the API path
+    ``address`` names, and the branch's path in it; None when no mount does. A mount that
+    does not answer (gone, hung past ``timeout``, or too old to know the question) is passed
+    over: the caller then asks the hub, as without mounts. Two that both hold changes of it:
+    :class:`Conflict` naming them, since only one of them may be meant."""
+    holding: list[tuple[Path, tuple[str, ...]]] = []
+    for point in dict.fromkeys(point for point, _ in fuse_mounts()):
+        if not socket_path(point).exists():
+            continue
+        try:
+            answer = call(point, "queued_branch", {"address": address, "identity": identity},
+                          timeout=timeout)
+        except (errors.AhError, OSError) as exc:
+            log.debug("ah-mount at %s not asked about %s: %s", point, address, exc)
+            continue
+        found = answer.get("path") if isinstance(answer, dict) else None
+        if isinstance(found, list) and all(isinstance(p, str) for p in found):
+            holding.append((point, tuple(found)))
+    if len(holding) > 1:
+        raise errors.Conflict(
+            f"{address} has queued changes in {len(holding)} mounts ("
+            + ", ".join(str(point) for point, _ in holding)
+            + "): run the command inside the one you mean")
+    return holding[0] if holding else None

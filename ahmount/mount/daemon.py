@@ -30,7 +30,15 @@ import trio
 
 from ahmount import __version__
 from ahmount.client.embedded import connect
-from ahmount.config import DEFAULT_CACHE, ClientConfig, dirs, load_config, make_config, parse_size
+from ahmount.config import (
+    DEFAULT_CACHE,
+    ClientConfig,
+    dirs,
+    hub_identity,
+    load_config,
+    make_config,
+    parse_size,
+)
 from ahmount.errors import AhError, InvalidArgument
 from ahmount.exit_codes import FAILURE, exit_code
 from ahmount.mount import dir_cache, fuse_wait
@@ -200,7 +208,8 @@ class Mount:
                 supervisor = session.supervisor
                 supervisor.spawn("signal watcher", self._watch_signals)
                 control = ControlServer(socket_path(self.mountpoint),
-                                        control_ops(self.mountpoint, session, ops),
+                                        control_ops(self.mountpoint, session, ops,
+                                                    hub_identity(self.config)),
                                         os.getuid())
                 await supervisor.start("control server", control.serve)
                 if self.follow_changes:
@@ -242,8 +251,11 @@ class Mount:
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
 
-def control_ops(mountpoint: Path, session: Session, ops: AssetFS) -> dict[str, Handler]:
-    """What the control socket answers: the session's public methods, by name."""
+def control_ops(mountpoint: Path, session: Session, ops: AssetFS,
+                identity: str) -> dict[str, Handler]:
+    """What the control socket answers: the session's public methods, by name. ``identity``
+    is the mount's (:func:`hub_identity`): only a caller with the same one is told which of
+    its branches hold queued changes."""
 
     async def status(args: dict[str, Any]) -> dict[str, Any]:
         return {"mountpoint": str(mountpoint), **session.status()}
@@ -267,6 +279,11 @@ def control_ops(mountpoint: Path, session: Session, ops: AssetFS) -> dict[str, H
 
     async def log_level(args: dict[str, Any]) -> dict[str, Any]:
         return {"level": set_level(args.get("level", "info"))}
+
+    async def queued_branch(args: dict[str, Any]) -> dict[str, Any]:
+        if args.get("identity") != identity:  # another hub or key: its names are not ours
+            return {"path": None}
+        return {"path": await session.queued_branch(args.get("address"))}
 
     async def branch_status(args: dict[str, Any]) -> dict[str, Any]:
         return await session.branch_status(args.get("path"))
@@ -296,6 +313,7 @@ def control_ops(mountpoint: Path, session: Session, ops: AssetFS) -> dict[str, H
 
     return {"status": status, "refresh": refresh, "cache": cache, "stats": stats,
             "log_level": log_level, "unmount": unmount, "branch_status": branch_status,
+            "queued_branch": queued_branch,
             "commit": commit, "reset": reset, "sync": sync, "merge": merge,
             "prefetch": prefetch, "prefetch_status": prefetch_status}
 

@@ -32,14 +32,16 @@ import diskcache
 import trio
 
 from ahmount.client.hub_client import HubClient
-from ahmount.errors import HubUnavailable, InvalidArgument
+from ahmount.errors import HubUnavailable, InvalidArgument, NotFound
 from ahmount.nurseries import open_nursery
+from ahmount.paths import parse
 from ahmount.vfs import branch_ops
 from ahmount.vfs.cache_dir import claim, last_user, remember_user
 from ahmount.vfs.change_feed import Changed, ChangeFeed
 from ahmount.vfs.change_queue import ChangeQueue
 from ahmount.vfs.core import VFS
 from ahmount.vfs.hub_view import HubView, hub_state, utc_time
+from ahmount.vfs.layout import locate, places_of
 from ahmount.vfs.object_cache import ObjectCache
 from ahmount.vfs.prefetch import Prefetcher
 from ahmount.vfs.sibling_fetch import SMALL_OBJECT, SiblingFetcher
@@ -259,6 +261,32 @@ class Session:
 
     async def _branch(self, path: Any) -> branch_ops.BranchRef:
         return await branch_ops.branch_at(self.vfs, path)
+
+    async def queued_branch(self, address: Any) -> list[str] | None:
+        """The mount path of the branch ``address`` names (an API path: ``model/llm/gpt2:v1``,
+        whose owner is this session's user when it names none; no ref is ``main``) when this
+        mount has queued changes of it, for ``ah status|commit|reset|sync`` run outside the
+        mount; None when it has none (or shows no such branch)."""
+        parsed = parse(address)
+        queue = self.vfs.queue
+        if parsed.level not in ("asset", "ref") or queue is None:
+            return None
+        parsed = parsed.with_owner(self.me)
+        folder, ref = parsed.folder_addr(), parsed.ref or "main"
+        places = places_of(folder, parsed.asset, ref, self.me)
+        key = locate(places[0], self.me).ref_key  # every place of it has the same key
+        if key not in queue.branches():
+            return None
+        pending = queue.branch(key)
+        if not (pending.files or pending.deleted or pending.deleted_dirs):
+            return None  # only directories made here: nothing a commit or reset would take
+        for place in places:  # the first place that shows it as a branch
+            try:
+                await branch_ops.branch_at(self.vfs, list(place))
+            except (NotFound, InvalidArgument):
+                continue
+            return list(place)
+        return None
 
     async def branch_status(self, path: Any) -> dict[str, Any]:
         return await branch_ops.status(self.vfs, await self._branch(path))
