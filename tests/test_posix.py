@@ -192,6 +192,34 @@ def test_unlink_rmdir_mkdir_errnos(fs: Driver) -> None:
     assert fs.listdir(B) == []
 
 
+def test_a_committed_tree_is_removed_deepest_first_as_rm_r_does(fs: Driver) -> None:
+    """``rm -r`` of a directory the head has (and ``mv`` across branches, which copies and
+    then runs it): every file unlinked, then each directory removed, deepest first. An
+    emptied directory of the head stayed listed after its rmdir (nothing was queued for it),
+    so rmdir of its parent failed with ENOTEMPTY."""
+    fs.mkdir(f"{B}/x")
+    fs.mkdir(f"{B}/x/y")
+    for path in ("x/y/z", "x/y/w", "x/v", "keep"):
+        write_bytes(fs, f"{B}/{path}", path.encode())
+    assert commit(fs)["commit"]
+    for path in ("x/y/z", "x/y/w"):
+        fs.unlink(f"{B}/{path}")
+    assert fs.listdir(f"{B}/x/y") == []  # emptied: there until removed
+    fails(errno.ENOTEMPTY, lambda: fs.rmdir(f"{B}/x"))
+    fs.rmdir(f"{B}/x/y")
+    assert fs.listdir(f"{B}/x") == ["v"]
+    fails(errno.ENOENT, lambda: fs.stat(f"{B}/x/y"))
+    fs.unlink(f"{B}/x/v")
+    fs.rmdir(f"{B}/x")
+    assert fs.listdir(B) == ["keep"]
+    fs.mkdir(f"{B}/x")  # made again: a new directory, none of the head's files in it
+    assert fs.listdir(f"{B}/x") == []
+    write_bytes(fs, f"{B}/x/new", b"n")
+    assert commit(fs)["commit"]
+    assert {o["path"] for o in ah.list("model/llm/gpt2:v1")} == {"keep", "x/new"}
+    assert tree(fs, B) == {"keep": b"keep", "x": None, "x/new": b"n"}
+
+
 def test_names_the_hub_could_never_store_are_refused(fs: Driver) -> None:
     fails(errno.ENAMETOOLONG, lambda: write_bytes(fs, f"{B}/{'n' * 256}", b""))
     fails(errno.ENAMETOOLONG, lambda: fs.mkdir(f"{B}/{'n' * 256}"))

@@ -10,6 +10,7 @@ stay queued for the next commit.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,25 @@ async def status(vfs: VFS, ref: BranchRef) -> dict[str, Any]:
             "hub": hub_state(vfs.view)}
 
 
+def _filled(head: CommitIndex, taken: BranchQueue) -> Callable[[str], bool]:
+    """Whether the head has an object in a directory that ``taken``'s deletes leave there
+    (the commit of ``taken`` keeps that directory in the head it makes)."""
+    def filled(directory: str) -> bool:
+        stack = [directory]
+        while stack:
+            below = stack.pop()
+            if any((below + "/").startswith(gone) for gone in taken.deleted_dirs):
+                continue
+            for name, entry in head.dirs.get(below, {}).items():
+                path = f"{below}/{name}" if below else name
+                if entry is None:
+                    stack.append(path)
+                elif path not in taken.deleted:
+                    return True
+        return False
+    return filled
+
+
 async def commit(vfs: VFS, ref: BranchRef, message: str, force: bool) -> dict[str, Any]:
     """Commit the branch's queue. Each file is taken as its writer last left it (closed,
     flushed or fsynced), at one instant: files no handle may write are pinned (a writer that
@@ -173,7 +193,7 @@ async def commit(vfs: VFS, ref: BranchRef, message: str, force: bool) -> dict[st
         still_open = [p for p in taken.files if vfs.open_for_writing(ref.key, p)]
         for path in still_open:
             del taken.files[path]
-        dropped = vfs.queue.committed(ref.key, taken)
+        dropped = vfs.queue.committed(ref.key, taken, _filled(head, taken))
         if info is not None:
             vfs.queue.rebase(ref.key, [*taken.files, *still_open], info.id)
     finally:

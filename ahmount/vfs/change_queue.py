@@ -683,8 +683,21 @@ class ChangeQueue:
                 self._write(db, key, Row(path, "delete", None, None, 0, time.time(), base,
                                          self._next_seq(), False))
                 self._apply(queue, Row(path, "delete", None, None, 0, 0, base, 0, False))
+                self._keep_parent(db, key, queue, path, base)
         for local in dropped:
             self._discard_local(local)
+
+    def _keep_parent(self, db: sqlite3.Connection, key: str, queue: BranchQueue, path: str,
+                     base: str) -> None:
+        """The head's object (or directory) at ``path`` is deleted: its directory stays, as
+        a local directory outlives its files, even once a commit took the last of them (the
+        head then has no such directory). It is queued as made here; the commit that leaves
+        objects in it drops it again (:meth:`committed`)."""
+        parent = path.rstrip("/").rpartition("/")[0]
+        if parent and parent not in queue.dirs and not queue.hides(parent):
+            self._write(db, key, Row(parent, "dir", None, None, 0, time.time(), base,
+                                     self._next_seq(), False))
+            queue.add_dir(parent)
 
     def move_file(self, key: str, old: str, new: str, base: str, old_in_head: bool) -> Row:
         """Move a queued file to ``new`` (its bytes go along); the head's object at ``old``,
@@ -703,6 +716,7 @@ class ChangeQueue:
                 self._write(db, key, Row(old, "delete", None, None, 0, time.time(), base,
                                          self._next_seq(), False))
                 queue.deleted.add(old)
+                self._keep_parent(db, key, queue, old, base)
         if replaced is not None and replaced.local and replaced.local != row.local:
             self._discard_local(replaced.local)
         return moved
@@ -726,10 +740,13 @@ class ChangeQueue:
             return BranchQueue(dict(queue.files), set(queue.deleted), list(queue.deleted_dirs),
                                set(queue.dirs))
 
-    def committed(self, key: str, taken: BranchQueue) -> int:
+    def committed(self, key: str, taken: BranchQueue,
+                  filled: Callable[[str], bool] | None = None) -> int:
         """Drop what a commit took: rows whose ``seq`` is unchanged since ``snapshot``.
         Local files of dropped rows are returned to the caller as adopted bytes (deleted
-        here). Returns how many rows were dropped."""
+        here). Directories made here are dropped too once the new head shows them: those
+        the commit's files lie in, and those ``filled`` says the head still has objects in.
+        Returns how many rows were dropped (directories not counted)."""
         dropped_locals: list[str] = []
         count = 0
         #: Directories the commit's files lie in: the head now shows them.
@@ -748,10 +765,12 @@ class ChangeQueue:
                     while parent and parent not in implied:
                         implied.add(parent)
                         parent = parent.rpartition("/")[0]
-            # A directory made here that now holds committed files is the head's too: kept
-            # queued, it would leave the branch with changes no status shows and a reset
-            # would count (and the kernel would not keep the branch's listings).
-            for path in [d for d in taken.dirs if d in implied and d in queue.dirs]:
+            # A directory made here that the new head shows is the head's: kept queued, it
+            # would leave the branch with changes no status shows (and the kernel would not
+            # keep the branch's listings).
+            shown = [d for d in taken.dirs if d in queue.dirs and (
+                d in implied or (filled is not None and filled(d)))]
+            for path in shown:
                 queue.discard_dir(path)
                 db.execute("DELETE FROM changes WHERE branch=? AND path=? AND kind='dir'",
                            (key, path))
@@ -780,10 +799,13 @@ class ChangeQueue:
                     queue.set_file(row)
 
     def reset(self, key: str) -> int:
-        """Drop every queued change of the branch; returns how many."""
+        """Drop every queued change of the branch; returns how many files and deletes."""
         with self._tx() as db:
             queue = self._branches.pop(key, BranchQueue())
-            count = db.execute("DELETE FROM changes WHERE branch=?", (key,)).rowcount
+            # Counted as status counts: directories made here are no change of their own.
+            count = db.execute("SELECT count(*) FROM changes WHERE branch=? AND kind != 'dir'",
+                               (key,)).fetchone()[0]
+            db.execute("DELETE FROM changes WHERE branch=?", (key,))
         for row in queue.files.values():
             if row.local:
                 self._discard_local(row.local)

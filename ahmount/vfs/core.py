@@ -451,7 +451,13 @@ class VFS:
             await resources.delete(self.view, parent, node)
             return key
         branch = self.tree.writable_branch(parent, "rmdir")
-        self._queue.remove_dir(branch, path)
+        if node.in_head:
+            # A directory of the head whose objects are all deleted here still shows, as a
+            # local directory outlives its files: removing it is a queued delete of it.
+            assert parent.resolved is not None
+            self._queue.delete(branch, path + "/", parent.resolved.commit_id, in_head=True)
+        else:
+            self._queue.remove_dir(branch, path)
         return key
 
     async def rename(self, old_parent_key: Key, old_name: str, new_parent_key: Key,
