@@ -72,6 +72,28 @@ def test_a_commit_drops_the_directories_made_here_that_its_files_now_fill(
     again.close()
 
 
+def test_a_deleted_head_objects_directory_stays_until_a_commit_shows_it(
+        tmp_path: Path) -> None:
+    """Deleting an object of the head queues its directory (it outlives its last file, as
+    a local directory does); the commit drops that row once the new head still has objects
+    there (``filled``), and keeps it where the commit took the last of them."""
+    queue = ChangeQueue(tmp_path / "q")
+    queue.delete(BRANCH, "full/a", "base", in_head=True)
+    queue.delete(BRANCH, "emptied/b", "base", in_head=True)
+    queue.delete(BRANCH, "top", "base", in_head=True)  # the root needs no row
+    queue.delete(BRANCH, "gone/c", "base", in_head=True)
+    queue.delete(BRANCH, "gone/", "base", in_head=True)  # rmdir: no row for a deleted dir
+    queue.delete(BRANCH, "local-only/d", "base", in_head=False)
+    assert queue.branch(BRANCH).dirs == {"full", "emptied"}
+    taken = queue.snapshot(BRANCH)
+    assert queue.committed(BRANCH, taken, filled=lambda d: d == "full") == 5
+    assert queue.branch(BRANCH).dirs == {"emptied"}
+    queue.close()
+    again = ChangeQueue(tmp_path / "q")  # and durable as such
+    assert again.branch(BRANCH).dirs == {"emptied"} and again.reset(BRANCH) == 0
+    again.close()
+
+
 def test_a_pinned_local_file_outlives_its_row_until_unpinned(tmp_path: Path) -> None:
     queue = ChangeQueue(tmp_path / "q")
     old = write_local(queue, b"old bytes")

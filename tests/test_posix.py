@@ -220,6 +220,24 @@ def test_a_committed_tree_is_removed_deepest_first_as_rm_r_does(fs: Driver) -> N
     assert tree(fs, B) == {"keep": b"keep", "x": None, "x/new": b"n"}
 
 
+def test_a_directory_outlives_its_last_file_across_a_commit(fs: Driver) -> None:
+    """As on a local disk, a directory stays until rmdir: also once a commit took the last
+    of its files away (the head then has no such directory)."""
+    fs.mkdir(f"{B}/d")
+    fs.mkdir(f"{B}/e")
+    for path in ("d/f", "e/1", "e/2"):
+        write_bytes(fs, f"{B}/{path}", b"x")
+    assert commit(fs)["commit"]
+    fs.unlink(f"{B}/d/f")
+    fs.unlink(f"{B}/e/1")
+    assert commit(fs)["commit"]
+    assert {o["path"] for o in ah.list("model/llm/gpt2:v1")} == {"e/2"}
+    assert tree(fs, B) == {"d": None, "e": None, "e/2": b"x"}
+    fs.rmdir(f"{B}/d")
+    assert fs.listdir(B) == ["e"]
+    assert fs.control("reset", path=SEGMENTS)["dropped_local"] == 0
+
+
 def test_names_the_hub_could_never_store_are_refused(fs: Driver) -> None:
     fails(errno.ENAMETOOLONG, lambda: write_bytes(fs, f"{B}/{'n' * 256}", b""))
     fails(errno.ENAMETOOLONG, lambda: fs.mkdir(f"{B}/{'n' * 256}"))
