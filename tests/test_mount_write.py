@@ -306,6 +306,46 @@ def test_branch_commands_run_elsewhere_act_on_the_queue_of_the_mount(
     assert objects("model/llm/gpt2:v1") == {"made-here/a.txt": 1}
 
 
+def test_a_reset_is_seen_at_once_by_what_the_kernel_kept(mount_factory: Mounter,
+                                                         tmp_path: Path) -> None:
+    """After ``ah reset`` the branch is its head again at once: the kernel's kept entries,
+    attributes and pages of the dropped edits are forgotten (``stat`` showed a dropped new
+    file, and ``cat`` the dropped bytes of a reset file, until ``--refresh`` ran out)."""
+    (tmp_path / "kept.txt").write_text("head bytes\n")
+    ah.commit("model/llm/gpt2:v1", msg="base", add={str(tmp_path / "kept.txt"): "d/kept.txt"})
+    m = mount_factory("--refresh", "3600", "--no-change-feed")
+    branch = m.mountpoint / "model/llm/gpt2/v1"
+    (branch / "new.txt").write_text("dropped")
+    (branch / "d/kept.txt").write_text("edited, then dropped, bytes\n")
+    (branch / "made").mkdir()
+    assert os.stat(branch / "new.txt").st_size == 7  # all in the kernel's caches now
+    assert (branch / "d/kept.txt").read_text() == "edited, then dropped, bytes\n"
+    assert sorted(os.listdir(branch)) == ["d", "made", "new.txt"]
+    assert "Dropped 2 queued changes" in run_ah("reset", cwd=branch)
+    assert not (branch / "new.txt").exists() and not (branch / "made").exists()
+    assert os.stat(branch / "d/kept.txt").st_size == 11
+    assert (branch / "d/kept.txt").read_text() == "head bytes\n"
+    assert sorted(os.listdir(branch)) == ["d"]
+
+
+def test_a_merge_through_the_mount_shows_on_main_at_once(mount_factory: Mounter,
+                                                         tmp_path: Path) -> None:
+    """``ah merge`` run in a mount changes ``main`` through no request of the kernel's; main
+    shows the merge at once, not after ``--refresh``, also with no change feed (its
+    listing is asked again, and an opened file that shows other bytes drops its pages)."""
+    (tmp_path / "w.txt").write_text("main's")
+    ah.commit("model/llm/gpt2:main", msg="base", add={str(tmp_path / "w.txt"): "w.txt"})
+    m = mount_factory("--refresh", "3600", "--no-change-feed")  # no event invalidates it
+    main, branch = (m.mountpoint / "model/llm/gpt2" / ref for ref in ("main", "v1"))
+    assert (main / "w.txt").read_text() == "main's" and os.listdir(main) == ["w.txt"]
+    (branch / "w.txt").write_text("the branch's, longer")
+    (branch / "x.txt").write_text("x")
+    run_ah("commit", "-m", "on v1", cwd=branch)
+    assert "merged into main" in run_ah("merge", cwd=branch)
+    assert sorted(os.listdir(main)) == ["w.txt", "x.txt"]
+    assert (main / "w.txt").read_text() == "the branch's, longer"
+
+
 def test_a_listing_gives_the_inode_a_lookup_gives_after_a_dropped_edit(
         mount_factory: Mounter, tmp_path: Path) -> None:
     """A listing of one commit's objects is answered from what an earlier listing of it

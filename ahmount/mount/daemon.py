@@ -212,9 +212,10 @@ class Mount:
                                                     hub_identity(self.config)),
                                         os.getuid())
                 await supervisor.start("control server", control.serve)
+                kernel = KernelCache(ops.inodes, session.me, ops.shows_hub_file,
+                                     supervisor.spawn)
+                session.on_shown_changed = kernel.forget_paths
                 if self.follow_changes:
-                    kernel = KernelCache(ops.inodes, session.me, ops.shows_hub_file,
-                                         supervisor.spawn)
                     session.follow_changes(kernel.forget)
                 supervisor.spawn("ready reporter", lambda: self._report_ready(ready))
                 fuse_wait.install()

@@ -18,9 +18,10 @@ from typing import Any
 import pyfuse3
 import trio
 
+from ahmount.hub.models import AssetAddr
 from ahmount.mount.inodes import InodeTable
 from ahmount.vfs.change_feed import Changed
-from ahmount.vfs.layout import places_of
+from ahmount.vfs.layout import Key, places_of
 
 #: When the second pass runs: a lookup the kernel sent before the change, answered after the
 #: first pass, may have put the old entry back; it is forgotten again by then.
@@ -50,17 +51,51 @@ class KernelCache:
         self._spawn("kernel cache second pass", again)
         return touched
 
+    async def forget_paths(self, asset: AssetAddr, branch: str, paths: list[str],
+                           replaced: list[str]) -> int:
+        """Invalidate ``paths`` of one branch, which show otherwise now
+        through no request of the kernel's (:attr:`Session.on_shown_changed`), now and once
+        more a moment later; how many inodes the first pass touched. The files at
+        ``replaced`` show other bytes (or none) now: their paths get new inodes, as a file
+        replaced by ``mv`` would (with writeback caching the kernel keeps a cached file's
+        size whatever getattr says), and the kernel forgets their names."""
+        places = places_of(asset.folder, asset.name, branch, self._me)
+        keys = [(*place, *path.split("/")) for place in places for path in paths]
+        files = {(*place, *path.split("/")) for place in places for path in replaced}
+        targets = self._targets(keys, files)
+        for key in files:  # after the targets were taken: a detached inode has no name
+            self._inodes.detach(key)
+        if targets:
+            await trio.to_thread.run_sync(_forget_all, targets)
+
+        async def again() -> None:
+            await trio.sleep(SECOND_PASS)
+            await self._invalidate(keys)
+
+        self._spawn("kernel cache second pass", again)
+        return len(targets)
+
     async def _pass(self, changed: Changed) -> int:
         asset = changed.asset.name if changed.asset is not None else None
-        places = places_of(changed.folder, asset, changed.ref, self._me)
-        # Directories keep their names (a process may have its cwd in one: dropping the
-        # dentry would break its getcwd); their listings and attributes are forgotten. A
-        # file's name is forgotten too: it may name a new inode now, or nothing.
-        targets = [(ino, parent if self._is_file(ino) else None, name)
-                   for ino, parent, name in self._inodes.under(places)]
+        return await self._invalidate(places_of(changed.folder, asset, changed.ref, self._me))
+
+    async def _invalidate(self, places: list[Key]) -> int:
+        targets = self._targets(places, set())
         if targets:
             await trio.to_thread.run_sync(_forget_all, targets)
         return len(targets)
+
+    def _targets(self, places: list[Key], files: set[Key]) -> list[tuple[int, int | None, str]]:
+        """What to invalidate for ``places``: each inode at or below them and its name.
+        Directories keep their names (a process may have its cwd in one: dropping the
+        dentry would break its getcwd); their listings and attributes are forgotten. A
+        file's name is forgotten too (one the hub showed, or one of ``files``): it may name
+        a new inode now, or nothing."""
+        targets: list[tuple[int, int | None, str]] = []
+        for ino, parent, name in self._inodes.under(places):
+            is_file = self._is_file(ino) or self._inodes.key(ino) in files
+            targets.append((ino, parent if is_file else None, name))
+        return targets
 
 
 def _forget_all(targets: list[tuple[int, int | None, str]]) -> None:

@@ -33,6 +33,7 @@ import trio
 
 from ahmount.client.hub_client import HubClient
 from ahmount.errors import HubUnavailable, InvalidArgument, NotFound
+from ahmount.hub.models import AssetAddr
 from ahmount.nurseries import open_nursery
 from ahmount.paths import parse
 from ahmount.vfs import branch_ops
@@ -94,6 +95,12 @@ class Session:
         self._client: HubClient | None = None
         self.feed: ChangeFeed | None = None
         self._prefetcher: Prefetcher | None = None
+        #: The front end's hook for paths of a branch that show otherwise now through no
+        #: request of its own (``ah reset``): ``(asset, branch, paths, replaced)``, the
+        #: paths inside the branch, and those of them that were files and show other bytes
+        #: or none now. A mount makes the kernel forget what it kept of them.
+        self.on_shown_changed: Callable[[AssetAddr, str, list[str], list[str]],
+                                        Awaitable[object]] | None = None
 
     # -- lifetime --------------------------------------------------------------------------
 
@@ -297,13 +304,26 @@ class Session:
         return await branch_ops.commit(self.vfs, await self._branch(path), message, force)
 
     async def reset(self, path: Any) -> dict[str, Any]:
-        return await branch_ops.reset(self.vfs, await self._branch(path))
+        ref = await self._branch(path)
+        assert self.vfs.queue is not None
+        dropped = self.vfs.queue.snapshot(ref.key)
+        try:
+            return await branch_ops.reset(self.vfs, ref)
+        finally:  # the queue's rows are gone even when the hub's staging could not be reset
+            await self._shown_changed(ref.asset, ref.branch, [
+                *dropped.files, *dropped.deleted, *dropped.dirs,
+                *(d.rstrip("/") for d in dropped.deleted_dirs)], list(dropped.files))
 
     async def sync(self, path: Any) -> dict[str, Any]:
         return await branch_ops.sync(self.vfs, await self._branch(path))
 
     async def merge(self, path: Any) -> dict[str, Any]:
         return await branch_ops.merge(self.vfs, await self._branch(path))
+
+    async def _shown_changed(self, asset: AssetAddr, branch: str, paths: list[str],
+                             replaced: list[str]) -> None:
+        if self.on_shown_changed is not None and paths:
+            await self.on_shown_changed(asset, branch, paths, replaced)
 
 
 async def _keep_spares(queue: ChangeQueue) -> None:
