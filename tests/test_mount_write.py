@@ -269,8 +269,9 @@ def test_branch_commands_run_elsewhere_act_on_the_queue_of_the_mount(
     branch = m.mountpoint / "model/llm/gpt2/v1"
     me = ah.list("model")[0]["path"].split("/")[1]
     assert "nothing to commit" in run_ah("status", "model/llm/gpt2:v1", cwd=tmp_path)
-    (branch / "made-here").mkdir()  # only a directory: nothing a commit would take
-    assert "nothing to commit" in run_ah("status", "model/llm/gpt2:v1", cwd=tmp_path)
+    (branch / "made-here").mkdir()  # a directory the hub does not have: the mount's
+    out = run_ah("status", "model/llm/gpt2:v1", cwd=tmp_path)
+    assert "0 added/changed" in out and f"ah-mount at {m.mountpoint}" in out
     (branch / "made-here/a.txt").write_text("a")
     for address in ("model/llm/gpt2:v1", f"/{me}/t9k-assethub/model/llm/gpt2:v1"):
         out = run_ah("status", address, cwd=tmp_path)

@@ -281,12 +281,10 @@ class Session:
         parsed = parsed.with_owner(self.me)
         folder, ref = parsed.folder_addr(), parsed.ref or "main"
         places = places_of(folder, parsed.asset, ref, self.me)
-        key = locate(places[0], self.me).ref_key  # every place of it has the same key
-        if key not in queue.branches():
+        # Every place of it has the same key. A directory made here and still empty counts:
+        # the hub has no such directory, and a reset drops it.
+        if locate(places[0], self.me).ref_key not in queue.branches():
             return None
-        pending = queue.branch(key)
-        if not (pending.files or pending.deleted or pending.deleted_dirs):
-            return None  # only directories made here: nothing a commit or reset would take
         for place in places:  # the first place that shows it as a branch
             try:
                 await branch_ops.branch_at(self.vfs, list(place))
