@@ -441,6 +441,22 @@ def test_branch_moved_elsewhere_shows_within_the_refresh_delay(
         (populated / "weights/model.bin").read_bytes()
 
 
+def test_ah_refresh_shows_a_file_changed_elsewhere_at_once_and_whole(
+        mount_factory: Mounter, populated: Path, tmp_path: Path) -> None:
+    """``ah refresh`` shows changes made elsewhere now, also in the kernel: a file whose
+    bytes changed read as the new bytes cut to the old size (the kernel kept its name and,
+    with writeback caching, its size) until the name timed out, here for an hour."""
+    m = mount_factory("--refresh", "3600", "--no-change-feed")
+    branch = m.mountpoint / "model/llm/gpt2/v1"
+    assert (branch / "v1.json").read_bytes() == b'{"layers": 12}'
+    (tmp_path / "longer.json").write_bytes(b'{"layers": 24, "heads": 16}')
+    ah.commit("model/llm/gpt2:v1", msg="elsewhere",
+              add={str(tmp_path / "longer.json"): "v1.json"})
+    m.control("refresh")
+    assert (branch / "v1.json").read_bytes() == b'{"layers": 24, "heads": 16}'
+    assert os.stat(branch / "v1.json").st_size == 27
+
+
 def test_the_kernel_keeps_a_listing_while_it_shows_the_same_commit(
         mount_factory: Mounter, populated: Path, tmp_path: Path) -> None:
     """A directory listed again is answered by the kernel (no readdir reaches the mount)

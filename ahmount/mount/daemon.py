@@ -46,6 +46,7 @@ from ahmount.mount.control import ControlServer, fuse_mounts, socket_path
 from ahmount.mount.fs import AssetFS
 from ahmount.mount.kernel_cache import KernelCache
 from ahmount.observability import notify_systemd, set_level, setup_logging
+from ahmount.vfs.change_feed import Changed
 from ahmount.vfs.session import Session
 from ahmount.vfs.writeback import UPLOAD_AHEAD_DELAY, UPLOAD_AHEAD_MAX_WAIT
 
@@ -207,14 +208,14 @@ class Mount:
             try:
                 supervisor = session.supervisor
                 supervisor.spawn("signal watcher", self._watch_signals)
-                control = ControlServer(socket_path(self.mountpoint),
-                                        control_ops(self.mountpoint, session, ops,
-                                                    hub_identity(self.config)),
-                                        os.getuid())
-                await supervisor.start("control server", control.serve)
                 kernel = KernelCache(ops.inodes, session.me, ops.shows_hub_file,
                                      supervisor.spawn)
                 session.on_shown_changed = kernel.forget_paths
+                control = ControlServer(socket_path(self.mountpoint),
+                                        control_ops(self.mountpoint, session, ops, kernel,
+                                                    hub_identity(self.config)),
+                                        os.getuid())
+                await supervisor.start("control server", control.serve)
                 if self.follow_changes:
                     session.follow_changes(kernel.forget)
                 supervisor.spawn("ready reporter", lambda: self._report_ready(ready))
@@ -252,7 +253,7 @@ class Mount:
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
 
-def control_ops(mountpoint: Path, session: Session, ops: AssetFS,
+def control_ops(mountpoint: Path, session: Session, ops: AssetFS, kernel: KernelCache,
                 identity: str) -> dict[str, Handler]:
     """What the control socket answers: the session's public methods, by name. ``identity``
     is the mount's (:func:`hub_identity`): only a caller with the same one is told which of
@@ -263,6 +264,11 @@ def control_ops(mountpoint: Path, session: Session, ops: AssetFS,
 
     async def refresh(args: dict[str, Any]) -> dict[str, Any]:
         session.refresh()
+        # And what the kernel kept: a file whose bytes changed elsewhere and that the kernel
+        # still has a name for would keep its old size (writeback caching) until that name
+        # timed out, cut the new bytes to it (up to --refresh, or for as long as a change
+        # feed is up). Forgetting the names makes the kernel look each path up again.
+        await kernel.forget(Changed())
         return {"refreshed": True}
 
     async def cache(args: dict[str, Any]) -> dict[str, Any]:
