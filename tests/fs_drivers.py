@@ -419,6 +419,10 @@ class VfsDriver:
 
         self._run(f"symlink {path}", go)
 
+    async def _refresh(self) -> dict[str, Any]:
+        self.session.refresh()  # no kernel here to forget anything
+        return {"refreshed": True}
+
     def control(self, op: str, **args: Any) -> dict[str, Any]:
         """What the control socket would answer: the session's public method of that name."""
         session = self.session
@@ -428,6 +432,7 @@ class VfsDriver:
             "reset": lambda: session.reset(args.get("path")),
             "sync": lambda: session.sync(args.get("path")),
             "branch_status": lambda: session.branch_status(args.get("path")),
+            "refresh": self._refresh,
         }
         assert self._token is not None
         result = trio.from_thread.run(calls[op], trio_token=self._token)

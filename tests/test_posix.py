@@ -348,6 +348,27 @@ def test_hub_resources_by_mkdir_rmdir_and_mv(fs: Driver) -> None:
 
 
 
+def test_a_branch_removed_by_rmdir_leaves_nothing_queued_to_a_new_one_of_its_name(
+        fs: Driver, tmp_path: Path) -> None:
+    """A branch emptied here (its objects deleted) and removed by rmdir takes its queued
+    deletes with it: a branch made again under its name showed none of its objects, and
+    its next commit would have deleted them."""
+    (tmp_path / "a").write_bytes(b"a")
+    fs.mkdir("model/llm/gpt2/dev")
+    ah.commit("model/llm/gpt2:dev", msg="base", add={str(tmp_path / "a"): "x/a"})
+    dev = "model/llm/gpt2/dev"
+    fs.control("refresh")
+    fs.unlink(f"{dev}/x/a")
+    fs.rmdir(f"{dev}/x")
+    fs.rmdir(dev)
+    assert fs.listdir("model/llm/gpt2") == ["main", "t1", "v1"]
+    fs.mkdir(dev)
+    ah.commit("model/llm/gpt2:dev", msg="again", add={str(tmp_path / "a"): "x/a"})
+    fs.control("refresh")
+    assert tree(fs, dev) == {"x": None, "x/a": b"a"}
+    assert fs.control("reset", path=dev.split("/"))["dropped_local"] == 0
+
+
 def test_a_closing_writers_times_answer_with_its_mode_and_live_size(gpt2_v1: None,
                                                                    tmp_path: Path) -> None:
     """The mtime the kernel sends for a written file at its close is answered without

@@ -449,6 +449,10 @@ class VFS:
             raise NotEmpty(f"{node.loc.api_path()} is not empty")
         if node.loc.place in resources.RESOURCES:
             await resources.delete(self.view, parent, node)
+            if node.loc.place is Place.REF and self.queue is not None:
+                # What was queued for it (deletes: it looked empty) went with the branch; a
+                # branch made again under its name starts from its own head.
+                self.queue.reset(node.loc.ref_key)
             return key
         branch = self.tree.writable_branch(parent, "rmdir")
         if node.in_head:
