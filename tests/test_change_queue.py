@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ahmount.errors import Conflict
 from ahmount.vfs.change_queue import ChangeQueue, Row, _decode_log, _encode_row
 
 BRANCH = "alice/model/llm/gpt2:main"
@@ -91,6 +92,27 @@ def test_a_deleted_head_objects_directory_stays_until_a_commit_shows_it(
     queue.close()
     again = ChangeQueue(tmp_path / "q")  # and durable as such
     assert again.branch(BRANCH).dirs == {"emptied"} and again.reset(BRANCH) == 0
+    again.close()
+
+
+def test_renamed_branches_take_their_rows_along_or_are_refused(tmp_path: Path) -> None:
+    """A folder (or asset) renamed: its branches' rows move to the new keys in one
+    transaction, durably; with rows under the new name already, nothing moves."""
+    queue = ChangeQueue(tmp_path / "q")
+    for key in ("alice/model/llm/gpt2:main", "alice/model/llm/gpt2:dev",
+                "alice/model/llm2/x:main", "alice/model/vision/vit:main"):
+        queue.put_file(key, "f", "base", local=write_local(queue, key.encode()), size=1)
+    queue.delete("alice/model/llm/gpt2:dev", "old", "base", in_head=True)
+    assert queue.rename_branches("alice/model/llm/", "alice/model/lang/") == 3
+    assert queue.branches() == ["alice/model/lang/gpt2:dev", "alice/model/lang/gpt2:main",
+                                "alice/model/llm2/x:main", "alice/model/vision/vit:main"]
+    with pytest.raises(Conflict, match="queued under alice/model/vision/vit already"):
+        queue.rename_branches("alice/model/lang/gpt2:", "alice/model/vision/vit:")
+    queue.close()
+    again = ChangeQueue(tmp_path / "q")  # durable, and the refused rename changed nothing
+    assert again.branches() == ["alice/model/lang/gpt2:dev", "alice/model/lang/gpt2:main",
+                                "alice/model/llm2/x:main", "alice/model/vision/vit:main"]
+    assert again.branch("alice/model/lang/gpt2:dev").deleted == {"old"}
     again.close()
 
 

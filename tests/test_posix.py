@@ -369,6 +369,26 @@ def test_a_branch_removed_by_rmdir_leaves_nothing_queued_to_a_new_one_of_its_nam
     assert fs.control("reset", path=dev.split("/"))["dropped_local"] == 0
 
 
+def test_queued_changes_follow_their_folder_and_asset_through_a_rename(fs: Driver) -> None:
+    """``mv`` of a folder or an asset takes what its branches queued along, as files of a
+    renamed local directory go along (it stayed queued under the old name: it showed
+    nowhere, and a commit took nothing)."""
+    fs.mkdir("dataset/proj")
+    fs.mkdir("dataset/proj/imgs")
+    write_bytes(fs, "dataset/proj/imgs/main/q.txt", b"queued")
+    fd = fs.open("dataset/proj/imgs/main/open.txt", os.O_WRONLY | os.O_CREAT)
+    fs.rename("dataset/proj", "dataset/proj2")
+    fs.pwrite(fd, b"written after", 0)  # an open file goes along too
+    fs.close(fd)
+    assert fs.listdir("dataset/proj2/imgs/main") == ["open.txt", "q.txt"]
+    fs.rename("dataset/proj2/imgs", "dataset/proj2/images")
+    place = "dataset/proj2/images/main"
+    assert tree(fs, place) == {"open.txt": b"written after", "q.txt": b"queued"}
+    result = fs.control("commit", path=place.split("/"), message="renamed", force=False)
+    assert result["taken"] == 2
+    assert {o["path"] for o in ah.list("dataset/proj2/images:main")} == {"open.txt", "q.txt"}
+
+
 def test_a_closing_writers_times_answer_with_its_mode_and_live_size(gpt2_v1: None,
                                                                    tmp_path: Path) -> None:
     """The mtime the kernel sends for a written file at its close is answered without

@@ -37,6 +37,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ahmount.errors import Conflict
+
 log = logging.getLogger("ahmount.vfs")
 
 SCHEMA = """
@@ -732,6 +734,27 @@ class ChangeQueue:
             db.execute("DELETE FROM changes WHERE branch=? AND path=? AND kind='dir'",
                        (key, path))
             self.branch(key).discard_dir(path)
+
+    def rename_branches(self, old: str, new: str) -> int:
+        """The branches whose key starts with ``old`` (a folder's or an asset's, see
+        ``Location.keys_prefix``) were renamed to start with ``new``: their rows follow, in
+        one transaction. How many rows moved. Refused (:class:`Conflict`, nothing changed)
+        when rows are queued under ``new`` already (left by a rename made elsewhere)."""
+        with self._tx() as db:
+            found = db.execute(
+                "SELECT count(*) FROM changes WHERE substr(branch, 1, ?) = ?",
+                (len(new), new)).fetchone()[0]
+            if found:
+                raise Conflict(f"{found} change(s) are queued under {new.rstrip(':/')} "
+                               "already; commit or reset them first")
+            moved = db.execute(
+                "UPDATE changes SET branch = ? || substr(branch, ?) "
+                "WHERE substr(branch, 1, ?) = ?",
+                (new, len(old) + 1, len(old), old)).rowcount
+            with self._lock:
+                for key in [k for k in self._branches if k.startswith(old)]:
+                    self._branches[new + key[len(old):]] = self._branches.pop(key)
+        return int(moved)
 
     def snapshot(self, key: str) -> BranchQueue:
         """A copy of the branch's queue, for a commit that runs while writes go on."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 
 import trio
 
-from ahmount.errors import AlreadyExists, NotFound
+from ahmount.errors import AlreadyExists, Conflict, NotFound
 from ahmount.hub.models import ObjectEntry
 from ahmount.names import MAX_SEGMENT_BYTES
 from ahmount.transfer.hashes import hash_files
@@ -485,7 +485,18 @@ class VFS:
         if target is not None and noreplace:
             raise AlreadyExists(f"{target.loc.api_path()} exists")
         if node.loc.place in (Place.FOLDER, Place.ASSET):
+            # What is queued in its branches follows it, as files in a renamed local
+            # directory do (queued under the old name, it showed nowhere).
+            old_keys = node.loc.keys_prefix
+            new_keys = node.loc.renamed(new_name).keys_prefix
+            if self.queue is not None and any(k.startswith(new_keys)
+                                              for k in self.queue.branches()):
+                raise Conflict(f"changes are queued under {new_keys.rstrip(':/')} already; "
+                               "commit or reset them first")
             await resources.rename(self.view, node, old_parent, new_parent, new_name)
+            if self.queue is not None:
+                self.queue.rename_branches(old_keys, new_keys)
+                self.handles.rebranch(old_keys, new_keys)
             return old_key, new_key
         branch = self.tree.writable_branch(old_parent, "rename")
         if new_parent.branch_key != branch:

@@ -169,6 +169,13 @@ class Handles:
             elif handle.path.startswith(old + "/"):
                 handle.path = new + handle.path[len(old):]
 
+    def rebranch(self, old: str, new: str) -> None:
+        """Open handles follow their branches when a folder or an asset is renamed (branch
+        keys starting with ``old`` now start with ``new``)."""
+        for handle in self._open:
+            if isinstance(handle, WriteHandle) and handle.branch.startswith(old):
+                handle.branch = new + handle.branch[len(old):]
+
     def dirty(self, branch: str, path: str) -> WriteHandle | None:
         """An open handle with writes the queue has not recorded yet, if any."""
         return next((h for h in self.writers(branch, path) if h.dirty), None)

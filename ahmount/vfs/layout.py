@@ -14,7 +14,7 @@ exactly one API path; an API path maps back to the first of these places that sh
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from functools import cached_property, lru_cache
 
@@ -70,6 +70,21 @@ class Location:
         """``owner/kind/folder/asset:ref``: the change queue's key of this path's ref (a
         branch's, when the ref is a branch)."""
         return f"{self.owner}/{self.kind}/{self.folder}/{self.asset}:{self.ref}"
+
+    @property
+    def keys_prefix(self) -> str:
+        """What the :attr:`ref_key` of every ref in this folder (``owner/kind/folder/``) or
+        asset (``owner/kind/folder/asset:``) starts with."""
+        if self.asset is None:
+            return f"{self.owner}/{self.kind}/{self.folder}/"
+        return f"{self.owner}/{self.kind}/{self.folder}/{self.asset}:"
+
+    def renamed(self, name: str) -> Location:
+        """This folder or asset under another name."""
+        if self.place is Place.FOLDER:
+            return replace(self, key=(*self.key[:-1], name), folder=name)
+        assert self.place is Place.ASSET
+        return replace(self, key=(*self.key[:-1], name), asset=name)
 
     def api_path(self) -> str:
         """The API path this mount path names (``''`` for places above a kind)."""
