@@ -101,7 +101,7 @@ async def status(vfs: VFS, ref: BranchRef) -> dict[str, Any]:
     head = await _head(vfs, ref, fresh=False)
     changes: list[dict[str, Any]] = []
     for path, row in sorted(queue.files.items()):
-        if await _same_as_head(vfs, row, head):
+        if not queue.hides(path) and await _same_as_head(vfs, row, head):
             continue
         op = "modified" if isinstance(head.lookup(path), ObjectEntry) else "new"
         changes.append({"op": op, "path": path, "size": row.size})
@@ -180,8 +180,11 @@ async def commit(vfs: VFS, ref: BranchRef, message: str, force: bool) -> dict[st
         uploaded, _ = await writeback.send(files)
         # The queue file's own mode is the queue's (0600); the object's is the row's.
         uploaded = [replace(e, mode=taken.files[e.path].mode) for e in uploaded]
-        # Files that hold exactly the head's bytes are no change (git's rule): left out.
-        adds = [e for e in [*uploaded, *blob_refs] if not _in_head(e, head)]
+        # Files that hold exactly the head's bytes are no change (git's rule): left out,
+        # unless a delete of the commit removes them from the head (a directory moved away
+        # and made again, its file written back as it was).
+        adds = [e for e in [*uploaded, *blob_refs]
+                if not _in_head(e, head) or taken.hides(e.path)]
         info = None
         if adds or deletes:
             info = await vfs.view.commit(ref.asset, ref.branch, message, deletes=deletes,
