@@ -38,9 +38,11 @@ from tests.fs_drivers import Driver, OsDriver, VfsDriver, tree, write_bytes
 PATHS = ["a", "b", "d/a", "d/b", "d/e/a", "e"]
 DIRS = ["d", "d/e", "e", "f"]
 #: Examples per driver (``AHMOUNT_MODEL_EXAMPLES`` sets both): the in-process driver runs
-#: many more in the same time. A bug needing six steps in order (a tree written, committed,
-#: then removed deepest first) took ~400 to find; 10 had let it through.
-EXAMPLES = {"vfs": 60, "mount": 10}
+#: many more in the same time (~0.3 s each). Bugs needing six or seven steps in order took
+#: ~400 (a tree written, committed, then removed deepest first) and ~1,500 (a directory
+#: moved away, made again, its file written back as it was, committed) to find; 10 let
+#: both through. A long run: ``AHMOUNT_MODEL_EXAMPLES=2000 pytest -n0 tests/test_model.py``.
+EXAMPLES = {"vfs": 150, "mount": 10}
 if os.environ.get("AHMOUNT_MODEL_EXAMPLES"):
     EXAMPLES = dict.fromkeys(EXAMPLES, int(os.environ["AHMOUNT_MODEL_EXAMPLES"]))
 _branches = itertools.count()
