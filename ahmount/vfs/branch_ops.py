@@ -121,13 +121,13 @@ def _filled(head: CommitIndex, taken: BranchQueue) -> Callable[[str], bool]:
         stack = [directory]
         while stack:
             below = stack.pop()
-            if any((below + "/").startswith(gone) for gone in taken.deleted_dirs):
+            if taken.hides(below):
                 continue
             for name, entry in head.dirs.get(below, {}).items():
                 path = f"{below}/{name}" if below else name
                 if entry is None:
                     stack.append(path)
-                elif path not in taken.deleted:
+                elif not taken.hides(path):
                     return True
         return False
     return filled
