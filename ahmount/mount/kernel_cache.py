@@ -42,48 +42,42 @@ class KernelCache:
     async def forget(self, changed: Changed) -> int:
         """Invalidate what ``changed`` may have changed, now and once more a moment later;
         how many inodes the first pass touched."""
-        touched = await self._pass(changed)
-
-        async def again() -> None:
-            await trio.sleep(SECOND_PASS)
-            await self._pass(changed)
-
-        self._spawn("kernel cache second pass", again)
-        return touched
+        asset = changed.asset.name if changed.asset is not None else None
+        return await self._forget(places_of(changed.folder, asset, changed.ref, self._me),
+                                  set())
 
     async def forget_paths(self, asset: AssetAddr, branch: str, paths: list[str],
                            replaced: list[str]) -> int:
-        """Invalidate ``paths`` of one branch, which show otherwise now
-        through no request of the kernel's (:attr:`Session.on_shown_changed`), now and once
-        more a moment later; how many inodes the first pass touched. The files at
-        ``replaced`` show other bytes (or none) now: their paths get new inodes, as a file
-        replaced by ``mv`` would (with writeback caching the kernel keeps a cached file's
-        size whatever getattr says), and the kernel forgets their names."""
+        """Invalidate ``paths`` of one branch, which show otherwise now through no request
+        of the kernel's (:attr:`Session.on_shown_changed`), as :meth:`forget` does. The
+        files at ``replaced`` show other bytes (or none) now: their paths get new inodes,
+        as a file replaced by ``mv`` would (with writeback caching the kernel keeps a
+        cached file's size whatever getattr says), and the kernel forgets their names."""
         places = places_of(asset.folder, asset.name, branch, self._me)
-        keys = [(*place, *path.split("/")) for place in places for path in paths]
-        files = {(*place, *path.split("/")) for place in places for path in replaced}
-        targets = self._targets(keys, files)
-        for key in files:  # after the targets were taken: a detached inode has no name
+        return await self._forget(
+            [(*place, *path.split("/")) for place in places for path in paths],
+            {(*place, *path.split("/")) for place in places for path in replaced})
+
+    async def _forget(self, places: list[Key], replaced: set[Key]) -> int:
+        """Invalidate everything at or below ``places``, giving the paths in ``replaced`` new
+        inodes; once more :data:`SECOND_PASS` later. How many inodes the first pass
+        touched."""
+        targets = self._targets(places, replaced)
+        for key in replaced:  # after the targets were taken: a detached inode has no name
             self._inodes.detach(key)
-        if targets:
-            await trio.to_thread.run_sync(_forget_all, targets)
+        await self._send(targets)
 
         async def again() -> None:
             await trio.sleep(SECOND_PASS)
-            await self._invalidate(keys)
+            await self._send(self._targets(places, set()))
 
         self._spawn("kernel cache second pass", again)
         return len(targets)
 
-    async def _pass(self, changed: Changed) -> int:
-        asset = changed.asset.name if changed.asset is not None else None
-        return await self._invalidate(places_of(changed.folder, asset, changed.ref, self._me))
-
-    async def _invalidate(self, places: list[Key]) -> int:
-        targets = self._targets(places, set())
+    @staticmethod
+    async def _send(targets: list[tuple[int, int | None, str]]) -> None:
         if targets:
             await trio.to_thread.run_sync(_forget_all, targets)
-        return len(targets)
 
     def _targets(self, places: list[Key], files: set[Key]) -> list[tuple[int, int | None, str]]:
         """What to invalidate for ``places``: each inode at or below them and its name.
