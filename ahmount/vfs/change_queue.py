@@ -735,18 +735,22 @@ class ChangeQueue:
                        (key, path))
             self.branch(key).discard_dir(path)
 
+    def check_free(self, prefix: str) -> None:
+        """Refuse (:class:`Conflict`) when changes are queued in a branch whose key starts
+        with ``prefix`` (a folder's or an asset's, see ``Location.keys_prefix``): what a
+        rename to that name must not mix its own rows into (left there by a rename made
+        elsewhere)."""
+        found = sum(1 for key in self.branches() if key.startswith(prefix))
+        if found:
+            raise Conflict(f"changes are queued under {prefix.rstrip(':/')} already, in "
+                           f"{found} branch(es); commit or reset them first")
+
     def rename_branches(self, old: str, new: str) -> int:
-        """The branches whose key starts with ``old`` (a folder's or an asset's, see
-        ``Location.keys_prefix``) were renamed to start with ``new``: their rows follow, in
-        one transaction. How many rows moved. Refused (:class:`Conflict`, nothing changed)
-        when rows are queued under ``new`` already (left by a rename made elsewhere)."""
+        """The branches whose key starts with ``old`` were renamed to start with ``new``:
+        their rows follow, in one transaction. How many rows moved. Refused
+        (:meth:`check_free`, nothing changed) when rows are queued under ``new`` already."""
         with self._tx() as db:
-            found = db.execute(
-                "SELECT count(*) FROM changes WHERE substr(branch, 1, ?) = ?",
-                (len(new), new)).fetchone()[0]
-            if found:
-                raise Conflict(f"{found} change(s) are queued under {new.rstrip(':/')} "
-                               "already; commit or reset them first")
+            self.check_free(new)
             moved = db.execute(
                 "UPDATE changes SET branch = ? || substr(branch, ?) "
                 "WHERE substr(branch, 1, ?) = ?",

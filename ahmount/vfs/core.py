@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 
 import trio
 
-from ahmount.errors import AlreadyExists, Conflict, NotFound
+from ahmount.errors import AlreadyExists, NotFound
 from ahmount.hub.models import ObjectEntry
 from ahmount.names import MAX_SEGMENT_BYTES
 from ahmount.transfer.hashes import hash_files
@@ -489,10 +489,8 @@ class VFS:
             # directory do (queued under the old name, it showed nowhere).
             old_keys = node.loc.keys_prefix
             new_keys = node.loc.renamed(new_name).keys_prefix
-            if self.queue is not None and any(k.startswith(new_keys)
-                                              for k in self.queue.branches()):
-                raise Conflict(f"changes are queued under {new_keys.rstrip(':/')} already; "
-                               "commit or reset them first")
+            if self.queue is not None:  # refused before the hub renames anything
+                self.queue.check_free(new_keys)
             await resources.rename(self.view, node, old_parent, new_parent, new_name)
             if self.queue is not None:
                 self.queue.rename_branches(old_keys, new_keys)
