@@ -152,12 +152,15 @@ class VfsDriver:
 
     name = "vfs"
 
-    def __init__(self, cache_base: Path, refresh: float = 3.0, siblings: bool = True) -> None:
+    def __init__(self, cache_base: Path, refresh: float = 3.0, siblings: bool = True,
+                 follow: bool = False) -> None:
+        """``follow``: follow the hub's change feed, as a mount does by default."""
         from ahmount.client.embedded import connect
         from ahmount.config import load_config
         from ahmount.vfs.session import Session
 
         self._ready = threading.Event()
+        self._follow = follow
         self._token: trio.lowlevel.TrioToken | None = None
         self._stop: trio.Event | None = None
         self._failure: BaseException | None = None
@@ -182,6 +185,8 @@ class VfsDriver:
             self._token = trio.lowlevel.current_trio_token()
             self._stop = trio.Event()
             async with self.session:
+                if self._follow:
+                    self.session.follow_changes()
                 self._ready.set()
                 await self._stop.wait()
 
@@ -419,6 +424,9 @@ class VfsDriver:
 
         self._run(f"symlink {path}", go)
 
+    async def _stats(self) -> dict[str, Any]:
+        return self.session.stats()
+
     async def _refresh(self) -> dict[str, Any]:
         self.session.refresh()  # no kernel here to forget anything
         return {"refreshed": True}
@@ -433,6 +441,7 @@ class VfsDriver:
             "sync": lambda: session.sync(args.get("path")),
             "branch_status": lambda: session.branch_status(args.get("path")),
             "refresh": self._refresh,
+            "stats": self._stats,
         }
         assert self._token is not None
         result = trio.from_thread.run(calls[op], trio_token=self._token)

@@ -4,6 +4,7 @@ repairs, and a queue database from before modes were kept."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import sqlite3
@@ -113,6 +114,67 @@ def test_renamed_branches_take_their_rows_along_or_are_refused(tmp_path: Path) -
     assert again.branches() == ["alice/model/lang/gpt2:dev", "alice/model/lang/gpt2:main",
                                 "alice/model/llm2/x:main", "alice/model/vision/vit:main"]
     assert again.branch("alice/model/lang/gpt2:dev").deleted == {"old"}
+    again.close()
+
+
+def test_the_feeds_report_of_a_rename_made_here_is_not_followed_again(
+        tmp_path: Path) -> None:
+    now = [0.0]
+    queue = ChangeQueue(tmp_path / "q", clock=lambda: now[0])
+    queue.put_file("alice/model/a/x:main", "f", "base", local=write_local(queue, b"1"), size=1)
+    queue.rename_branches("alice/model/a/", "alice/model/b/")  # made here: mv a b
+    queue.rename_branches("alice/model/b/", "alice/model/a/")  # and back: mv b a
+    # The feed reports both, in order: neither moves anything (the rows moved then).
+    assert queue.follow_rename("alice/model/a/", "alice/model/b/") == 0
+    assert queue.follow_rename("alice/model/b/", "alice/model/a/") == 0
+    assert queue.branches() == ["alice/model/a/x:main"]
+    # A rename made elsewhere is followed, once.
+    assert queue.follow_rename("alice/model/a/", "alice/model/c/") == 1
+    assert queue.branches() == ["alice/model/c/x:main"]
+    assert queue.follow_rename("alice/model/a/", "alice/model/c/") == 0
+    # One made here whose report never came is not waited for forever.
+    queue.rename_branches("alice/model/c/", "alice/model/d/")
+    now[0] += 601
+    queue.rename_branches("alice/model/d/", "alice/model/c/", here=False)
+    assert queue.follow_rename("alice/model/c/", "alice/model/d/") == 1
+    # Rows under both names: none move (the old name's are set aside by the caller).
+    queue.put_file("alice/model/e/x:main", "g", "base", local=write_local(queue, b"2"), size=1)
+    assert queue.follow_rename("alice/model/d/", "alice/model/e/") is None
+    assert queue.branches() == ["alice/model/d/x:main", "alice/model/e/x:main"]
+    queue.close()
+
+
+def test_a_stranded_branch_leaves_its_bytes_and_a_list_in_lost_found(
+        tmp_path: Path) -> None:
+    queue = ChangeQueue(tmp_path / "q")
+    other = "alice/model/llm/gpt2:dev"
+    new = write_local(queue, b"new bytes")
+    queue.put_file(BRANCH, "sub/new.txt", "c1", local=new, size=9, mode=0o600)
+    queue.put_file(BRANCH, "moved.bin", "c1", sha256="a" * 64, size=5, origin="c1/old.bin")
+    queue.delete(BRANCH, "gone.txt", "c1", in_head=True)
+    queue.delete(BRANCH, "olddir/", "c1", in_head=True)
+    queue.add_dir(BRANCH, "empty", "c1")
+    queue.put_file(other, "kept", "c1", local=write_local(queue, b"k"), size=1)
+    where = queue.strand(BRANCH, "deleted on the hub")
+    assert where is not None and where.parent == tmp_path / "q" / "lost+found"
+    assert (where / "sub/new.txt").read_bytes() == b"new bytes"
+    assert not queue.local_path(new).exists()
+    manifest = json.loads((where / "changes.json").read_text())
+    assert manifest["branch"] == BRANCH and manifest["why"] == "deleted on the hub"
+    files = {f["path"]: f for f in manifest["files"]}
+    assert files["sub/new.txt"]["bytes"] == "sub/new.txt" and files["sub/new.txt"]["mode"] == 0o600
+    assert files["moved.bin"]["bytes"] is None and files["moved.bin"]["origin"] == "c1/old.bin"
+    assert files["moved.bin"]["sha256"] == "a" * 64
+    assert manifest["deleted"] == ["gone.txt", "olddir/"]
+    assert "empty" in manifest["directories"]
+    # The branch starts from nothing (made again under its name, it inherits nothing), the
+    # other branch keeps its rows, and so does the next start.
+    assert queue.branches() == [other] and queue.branch(BRANCH).empty()
+    assert queue.strand(BRANCH, "again") is None
+    queue.close()
+    again = ChangeQueue(tmp_path / "q")
+    assert again.branches() == [other]
+    assert (where / "sub/new.txt").read_bytes() == b"new bytes"  # not taken as a stray
     again.close()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import stat
 from collections.abc import Callable, Iterator
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 
 from ahmount import ah
-from tests.conftest import MountProcess
+from tests.conftest import MountProcess, wait_until
 from tests.fs_drivers import (
     Driver,
     OsDriver,
@@ -40,7 +41,7 @@ def fs(request: pytest.FixtureRequest, gpt2_v1: None, tmp_path: Path) -> Iterato
     ah.commit("model/llm/gpt2:main", msg="seed", add={_seed_file(tmp_path): "seed.txt"})
     ah.create("model/llm/gpt2:t1", create_tag=True, source="main")
     if request.param == "vfs":
-        driver: Driver = VfsDriver(tmp_path / "vfs-cache")
+        driver: Driver = VfsDriver(tmp_path / "vfs-cache", follow=True)  # as a mount does
     else:
         mounter: Callable[..., MountProcess] = request.getfixturevalue("mount_factory")
         m = mounter()
@@ -433,5 +434,75 @@ def test_a_closing_writers_times_answer_with_its_mode_and_live_size(gpt2_v1: Non
         assert times(1_600_000_001.0) is None
         driver.close(fd)
         assert driver.stat(f"{B}/w.bin").st_mtime == 1_600_000_000.0
+    finally:
+        driver.close_driver()
+
+
+def shown_dir(fs: Driver, path: str) -> bool:
+    try:
+        return is_dir(fs, path)
+    except FileNotFoundError:
+        return False
+
+
+def set_aside(fs: Driver) -> dict[str, Any]:
+    found: dict[str, Any] = fs.control("stats")["queue_set_aside"]
+    return found
+
+
+def test_a_branch_deleted_elsewhere_sets_its_queued_changes_aside(fs: Driver) -> None:
+    """Rows of a branch the hub no longer has would show nowhere, and a branch made again
+    under its name would inherit them: they leave the queue for lost+found, bytes and a
+    list, and an open writer goes on writing into the set-aside copy."""
+    write_bytes(fs, f"{B}/queued.txt", b"queued bytes")
+    fs.mkdir(f"{B}/made")
+    fd = fs.open(f"{B}/open.bin", os.O_CREAT | os.O_WRONLY)
+    fs.pwrite(fd, b"first ", 0)
+    ah.delete("model/llm/gpt2:v1")  # elsewhere: the API, not the mount
+    wait_until(lambda: set_aside(fs)["branches"] == 1, what="the rows set aside")
+    fs.pwrite(fd, b"and after", 6)
+    fs.close(fd)
+    ah.create("model/llm/gpt2:v1")  # made again under its name: its own head, nothing else
+    wait_until(lambda: shown_dir(fs, B), what="the new branch shown")
+    assert fs.listdir(B) == []
+    assert fs.control("branch_status", path=SEGMENTS)["changes"] == []
+    where = [p for p in Path(set_aside(fs)["where"]).iterdir() if p.is_dir()]
+    assert len(where) == 1
+    manifest = json.loads((where[0] / "changes.json").read_text())
+    assert manifest["branch"].endswith("/model/llm/gpt2:v1")
+    assert "no longer has it" in manifest["why"]
+    assert {f["path"] for f in manifest["files"]} == {"queued.txt", "open.bin"}
+    assert "made" in manifest["directories"]
+    assert (where[0] / "queued.txt").read_bytes() == b"queued bytes"
+    assert (where[0] / "open.bin").read_bytes() == b"first and after"
+
+
+def test_a_folder_renamed_elsewhere_takes_its_queued_changes_along(fs: Driver) -> None:
+    write_bytes(fs, f"{B}/queued.txt", b"queued bytes")
+    ah.update("model/llm", name="lang")  # elsewhere: the API, not the mount
+    renamed = "model/lang/gpt2/v1"
+    wait_until(lambda: shown_dir(fs, renamed), what="the renamed folder shown")
+    assert read_bytes(fs, f"{renamed}/queued.txt") == b"queued bytes"
+    status = fs.control("branch_status", path=renamed.split("/"))
+    assert [c["path"] for c in status["changes"]] == ["queued.txt"]
+    assert set_aside(fs)["branches"] == 0
+    assert fs.control("commit", path=renamed.split("/"), message="after the rename")["commit"]
+    assert {o["path"] for o in ah.list("model/lang/gpt2:v1")} == {"queued.txt"}
+
+
+def test_a_branch_deleted_while_no_session_ran_is_found_at_the_next_start(
+        gpt2_v1: None, tmp_path: Path) -> None:
+    driver = VfsDriver(tmp_path / "vfs-cache")
+    write_bytes(driver, f"{B}/queued.txt", b"queued bytes")
+    driver.close_driver()
+    ah.delete("model/llm/gpt2:v1")  # no session runs: no feed tells anyone
+    driver = VfsDriver(tmp_path / "vfs-cache")  # no feed followed: the start's check
+    try:
+        wait_until(lambda: set_aside(driver)["branches"] == 1, what="the rows set aside")
+        ah.create("model/llm/gpt2:v1")
+        driver.control("refresh")
+        assert driver.listdir(B) == []
+        where = next(p for p in Path(set_aside(driver)["where"]).iterdir() if p.is_dir())
+        assert (where / "queued.txt").read_bytes() == b"queued bytes"
     finally:
         driver.close_driver()

@@ -400,11 +400,18 @@ class AssetFS(pyfuse3.Operations):
             # Chowning to the owner it already shows (tar, rsync -a) is a no-op.
             raise NotPermitted(f"chown of {'/'.join(self.inodes.key(inode))} refused: assets "
                                "have no owners per file")
-        node = await self.vfs.setattr(
-            self.inodes.key(inode), size=size,
-            mtime=None if mtime_ns is None else mtime_ns / 1e9,
-            mode=stat.S_IMODE(attr.st_mode) if fields.update_mode else None,
-            atime=bool(fields.update_atime))
+        try:
+            node = await self.vfs.setattr(
+                self.inodes.key(inode), size=size,
+                mtime=None if mtime_ns is None else mtime_ns / 1e9,
+                mode=stat.S_IMODE(attr.st_mode) if fields.update_mode else None,
+                atime=bool(fields.update_atime))
+        except NotFound:
+            # Gone on the hub while open (its branch deleted elsewhere, say): like getattr,
+            # an open file answers for itself (the kernel's flush of a writer's times).
+            if not self._handles_of(inode):
+                raise
+            return self._setattr_orphan(inode, size, mtime_ns, fh)
         return self.attrs(node, inode)
 
     def _setattr_orphan(self, inode: int, size: int | None, mtime_ns: int | None,

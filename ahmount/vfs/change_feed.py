@@ -69,8 +69,14 @@ def changed_by(event: Event) -> Changed:
 
 class ChangeFeed:
     def __init__(self, hub: HubClient, tree: Tree, view: HubView,
-                 on_change: Callable[[Changed], Awaitable[object]] | None = None) -> None:
+                 on_change: Callable[[Changed], Awaitable[object]] | None = None,
+                 on_event: Callable[[Event | None], Awaitable[object]] | None = None
+                 ) -> None:
+        """``on_change``: the front end's invalidation; ``on_event``: the session's (what
+        an event means for the change queue), given each event before its invalidation,
+        and None when events were lost (anything may have changed)."""
         self._hub = hub
+        self._on_event = on_event
         self._tree = tree
         self._view = view
         self._refresh = view.refresh
@@ -94,12 +100,11 @@ class ChangeFeed:
                 async with aclosing(self._hub.watch(after=self.cursor)) as feed:
                     async for page in feed:
                         if page.reset:
-                            await self._apply(Changed())
+                            await self._lost()
                         self._go_live()
                         delay = RETRY_FIRST
                         for event in page.events:
-                            await self._apply(changed_by(event))
-                            self.applied += 1
+                            await self._follow(event)
                         self._advance(page.cursor)
             except NotFound:
                 if not told_polling:
@@ -122,11 +127,10 @@ class ChangeFeed:
             before = self.cursor
             page = await self._hub.event_page(after=before)
             if page.reset:
-                await self._apply(Changed())
+                await self._lost()
                 restored_ok = False
             for event in page.events:
-                await self._apply(changed_by(event))
-                self.applied += 1
+                await self._follow(event)
             self._advance(page.cursor)
             if page.cursor == before:  # nothing after it: caught up
                 break
@@ -158,6 +162,18 @@ class ChangeFeed:
             self._tree.invalidate()
             log.warning("change feed lost (%s): polling the hub every %.1f s until it is "
                         "back", exc or type(exc).__name__, self._refresh)
+
+    async def _follow(self, event: Event) -> None:
+        if self._on_event is not None:
+            await self._on_event(event)
+        await self._apply(changed_by(event))
+        self.applied += 1
+
+    async def _lost(self) -> None:
+        """Events after the cursor are gone (pruned): anything may have changed."""
+        if self._on_event is not None:
+            await self._on_event(None)
+        await self._apply(Changed())
 
     async def _apply(self, changed: Changed) -> None:
         if changed.asset is not None and changed.ref is not None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import errno
+import json
 import logging
 import os
 import shutil
@@ -36,10 +37,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import quote
 
 from ahmount.errors import Conflict
 
 log = logging.getLogger("ahmount.vfs")
+
+#: Seconds the change feed's report of a rename made through this mount is waited for.
+ECHO_WAIT = 600.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS changes (
@@ -215,6 +220,19 @@ def _decode_log(data: bytes) -> tuple[int, list[tuple[str, Row]]]:
     return generation, rows
 
 
+def _sync_tree(root: Path) -> None:
+    """fsync ``root``, the directories below it and its ``changes.json``: the names made
+    there survive a power loss (the bytes of hard-linked files are as durable as they
+    were)."""
+    below = [p for p in root.rglob("*") if p.is_dir()]
+    for path in [*sorted(below, reverse=True), root / "changes.json", root]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def _append(fd: int, data: bytes) -> None:
     """Append ``data`` with one ``write`` (the log is opened ``O_APPEND``); a short write is
     an error, as a record cut short would end the log there."""
@@ -286,6 +304,9 @@ class ChangeQueue:
         #: refiller's cue.
         self.spares_taken = threading.Event()
         self._closed = False
+        #: Renames made through this mount, (old prefix, new prefix) -> until when the
+        #: change feed's report of them is expected (:meth:`follow_rename`).
+        self._renamed_here: dict[tuple[str, str], float] = {}
         self._load()
 
     def close(self) -> None:
@@ -745,10 +766,15 @@ class ChangeQueue:
             raise Conflict(f"changes are queued under {prefix.rstrip(':/')} already, in "
                            f"{found} branch(es); commit or reset them first")
 
-    def rename_branches(self, old: str, new: str) -> int:
+    def rename_branches(self, old: str, new: str, *, here: bool = True) -> int:
         """The branches whose key starts with ``old`` were renamed to start with ``new``:
         their rows follow, in one transaction. How many rows moved. Refused
-        (:meth:`check_free`, nothing changed) when rows are queued under ``new`` already."""
+        (:meth:`check_free`, nothing changed) when rows are queued under ``new`` already.
+        ``here``: the rename was made through this mount, so the change feed's report of it
+        is not to be followed again (:meth:`follow_rename`)."""
+        if here:
+            with self._lock:
+                self._renamed_here[(old, new)] = self._clock() + ECHO_WAIT
         with self._tx() as db:
             self.check_free(new)
             moved = db.execute(
@@ -759,6 +785,69 @@ class ChangeQueue:
                 for key in [k for k in self._branches if k.startswith(old)]:
                     self._branches[new + key[len(old):]] = self._branches.pop(key)
         return int(moved)
+
+    def follow_rename(self, old: str, new: str) -> int | None:
+        """A folder or an asset was renamed on the hub (the change feed said so): the rows
+        of its branches move from keys starting with ``old`` to ``new``, as they do for a
+        rename made here. Nothing moves for the feed's report of a rename made here (its
+        rows moved then; following it again would undo a rename back made meanwhile).
+        Returns how many rows moved, or None when rows are queued under both names (they
+        stay where they are: see :meth:`strand`)."""
+        with self._lock:
+            now = self._clock()
+            self._renamed_here = {k: t for k, t in self._renamed_here.items() if t > now}
+            if self._renamed_here.pop((old, new), None) is not None:
+                return 0
+            if not any(key.startswith(old) for key in self._branches):
+                return 0
+            try:
+                return self.rename_branches(old, new, here=False)
+            except Conflict:
+                return None
+
+    def strand(self, key: str, why: str) -> Path | None:
+        """The branch ``key`` is gone from the hub (deleted, or renamed or unshared
+        elsewhere): its rows would show nowhere, and would be laid over a branch made
+        again under its name. They leave the queue for ``lost+found/<time>-<branch>/``:
+        the bytes of each queued file at its path there, and ``changes.json`` listing
+        every row (deletes, directories, and blob references with the commit their bytes
+        can be read from). Nothing is deleted before the copy is on disk: a crash
+        meanwhile leaves the rows queued, and the next check strands them again. The
+        directory, or None when nothing was queued."""
+        with self._lock:
+            queue = self._branches.get(key)
+            if queue is None or queue.empty():
+                return None
+            lost = self.root / "lost+found"
+            lost.mkdir(mode=0o700, exist_ok=True)
+            target = lost / f"{time.strftime('%Y%m%dT%H%M%S')}-{quote(key, safe='')}"
+            target.mkdir(mode=0o700, exist_ok=True)
+            rows = sorted(queue.files.values(), key=lambda r: r.path)
+            for row in rows:
+                if row.local is None:
+                    continue
+                copy = target / row.path
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                copy.unlink(missing_ok=True)
+                os.link(self.local_path(row.local), copy)
+            manifest = {
+                "branch": key, "why": why, "stranded": time.time(),
+                "files": [{"path": r.path, "size": r.size, "mtime": r.mtime, "mode": r.mode,
+                           "sha256": r.sha256, "base": r.base,
+                           "bytes": r.path if r.local is not None else None,
+                           "origin": r.origin} for r in rows],
+                "deleted": sorted(queue.deleted | set(queue.deleted_dirs)),
+                "directories": sorted(queue.dirs),
+            }
+            (target / "changes.json").write_text(json.dumps(manifest, indent=1) + "\n")
+            _sync_tree(target)  # on disk before the rows go
+            with self._tx() as db:
+                db.execute("DELETE FROM changes WHERE branch=?", (key,))
+                self._branches.pop(key, None)
+        for row in rows:
+            if row.local is not None:
+                self._discard_local(row.local)
+        return target
 
     def snapshot(self, key: str) -> BranchQueue:
         """A copy of the branch's queue, for a commit that runs while writes go on."""

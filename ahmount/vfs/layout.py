@@ -20,7 +20,7 @@ from functools import cached_property, lru_cache
 
 from ahmount.errors import NotFound
 from ahmount.hub.models import HUB_SEGMENT, AssetAddr, FolderAddr
-from ahmount.names import KINDS, Kind
+from ahmount.names import KINDS, Kind, check_kind
 
 SCOPES = ("shared", "public")
 
@@ -76,8 +76,8 @@ class Location:
         """What the :attr:`ref_key` of every ref in this folder (``owner/kind/folder/``) or
         asset (``owner/kind/folder/asset:``) starts with."""
         if self.asset is None:
-            return f"{self.owner}/{self.kind}/{self.folder}/"
-        return f"{self.owner}/{self.kind}/{self.folder}/{self.asset}:"
+            return folder_keys_prefix(self.folder_addr)
+        return asset_keys_prefix(self.asset_addr)
 
     def renamed(self, name: str) -> Location:
         """This folder or asset under another name."""
@@ -103,6 +103,23 @@ class Location:
         if self.subpath:
             out += f"/{self.subpath}"
         return out
+
+
+def branch_of_key(key: str) -> tuple[AssetAddr, str]:
+    """The asset and branch a change-queue key (:attr:`Location.ref_key`) names."""
+    place, _, ref = key.rpartition(":")
+    owner, kind, folder, asset = place.split("/")
+    return AssetAddr(FolderAddr(owner, check_kind(kind), folder), asset), ref
+
+
+def folder_keys_prefix(folder: FolderAddr) -> str:
+    """What the key of every branch in ``folder`` starts with (:attr:`Location.keys_prefix`)."""
+    return f"{folder.owner}/{folder.kind}/{folder.name}/"
+
+
+def asset_keys_prefix(asset: AssetAddr) -> str:
+    """What the key of every branch of ``asset`` starts with."""
+    return f"{folder_keys_prefix(asset.folder)}{asset.name}:"
 
 
 @lru_cache(maxsize=1 << 16)

@@ -45,6 +45,7 @@ from ahmount.vfs.hub_view import HubView, hub_state, utc_time
 from ahmount.vfs.layout import locate, places_of
 from ahmount.vfs.object_cache import ObjectCache
 from ahmount.vfs.prefetch import Prefetcher
+from ahmount.vfs.queue_follow import QueueFollower
 from ahmount.vfs.sibling_fetch import SMALL_OBJECT, SiblingFetcher
 from ahmount.vfs.supervisor import Supervisor
 from ahmount.vfs.writeback import UPLOAD_AHEAD_DELAY, WriteBack
@@ -95,6 +96,7 @@ class Session:
         self._client: HubClient | None = None
         self.feed: ChangeFeed | None = None
         self._prefetcher: Prefetcher | None = None
+        self._follower: QueueFollower | None = None
         #: The front end's hook for paths of a branch that show otherwise now through no
         #: request of its own (``ah reset``): ``(asset, branch, paths, replaced)``, the
         #: paths inside the branch, and those of them that were files and show other bytes
@@ -150,6 +152,9 @@ class Session:
             view.set_spawner(supervisor.spawn)
             self._prefetcher = Prefetcher(self._vfs, supervisor.spawn)
             self._vfs.siblings = SiblingFetcher(cache, supervisor.spawn, self._siblings)
+            self._follower = follower = QueueFollower(hub, queue, self._vfs.handles)
+            if pending and not self._offline:
+                supervisor.spawn("queued branches check", follower.check)
             await supervisor.start("upload-ahead", writeback.run)
             supervisor.spawn("cache index flusher", cache.run_flusher)
             supervisor.spawn("spare queue files", lambda: _keep_spares(queue))
@@ -181,7 +186,9 @@ class Session:
         after the tree's); until it connects, and whenever it is down, listings expire
         after ``refresh`` seconds as before."""
         assert self._client is not None and self.feed is None
-        self.feed = ChangeFeed(self._client, self.vfs.tree, self.vfs.view, on_change)
+        assert self._follower is not None
+        self.feed = ChangeFeed(self._client, self.vfs.tree, self.vfs.view, on_change,
+                               self._follower.on_event)
         self.supervisor.spawn("change feed", self.feed.run)
         return self.feed
 
@@ -211,8 +218,12 @@ class Session:
                 "changes_cursor": self.feed.cursor if self.feed else None}
 
     def refresh(self) -> None:
-        """Forget every listing that can change (``ah refresh``)."""
+        """Forget every listing that can change (``ah refresh``), and check that the
+        branches with queued changes are still on the hub (:mod:`queue_follow`)."""
         self.vfs.tree.invalidate()
+        assert self._follower is not None
+        if self.vfs.queue is not None and self.vfs.queue.branches():
+            self.supervisor.spawn("queued branches check", self._follower.check)
 
     def cache_stats(self) -> dict[str, Any]:
         cache = self.vfs.cache
@@ -238,6 +249,9 @@ class Session:
                      for b in vfs.queue.branches())
         return {"cache": self.cache_stats(), "listing_fetches": vfs.view.listing_fetches,
                 "queue_length": queued, "open_handles": len(vfs.handles),
+                # Branches gone from the hub whose queued changes were set aside, and where.
+                "queue_set_aside": {"branches": self._follower.stranded if self._follower
+                                    else 0, "where": str(vfs.queue.root / "lost+found")},
                 "bytes_uploaded": vfs.writeback.bytes_uploaded,
                 "uploading": vfs.writeback.uploading,
                 "upload_failures": vfs.writeback.failures,
