@@ -29,6 +29,7 @@ from ahmount.errors import (
 )
 from ahmount.hub.models import AssetAddr, FolderAddr, ObjectEntry
 from tests.conftest import HubProcess
+from tests.test_file_io import evict_from_memory
 
 
 def client(server: HubProcess, user: str) -> HubClient:
@@ -231,6 +232,43 @@ async def test_range_etag_and_head(hub_server: HubProcess, alice: HubClient, mod
         assert again.status_code == 304
     with pytest.raises(RangeNotSatisfiable):
         await alice.read_range(model, "main", "r.bin", 20, 30)
+
+
+def evict_blobs(server: HubProcess) -> None:
+    """Drop the hub's blob files from the page cache: the next read waits for the disk."""
+    for path in (server.data_dir / "blobs").rglob("*"):
+        if path.is_file():
+            evict_from_memory(path)
+
+
+async def test_bodies_read_cached_or_waiting_are_the_same_bytes(
+        hub_server: HubProcess, alice: HubClient, model: AssetAddr, tmp_path: Path) -> None:
+    """Object and read-URL bodies of each size class (read with the lookup; one body read on
+    the event loop when the page cache holds it, or in a worker thread; streamed), warm and
+    evicted: the hub reads on its event loop only what cannot wait, and gives the same
+    bytes either way."""
+    sizes = {"small.bin": 100 << 10, "mid.bin": (1 << 20) + 7, "big.bin": (5 << 20) + 3}
+    datas = {name: os.urandom(size) for name, size in sizes.items()}
+    entries = [await entry(alice, name, data, tmp_path) for name, data in datas.items()]
+    assert await alice.commit(model, "main", "sizes", adds=entries) is not None
+    base = f"/api/v1/assets/alice/model/{model.folder.name}/gpt2/refs/main/files"
+    headers = {"authorization": f"Bearer {hub_server.keys['alice']}"}
+    async with httpx.AsyncClient(base_url=hub_server.url, headers=headers) as raw:
+        for evicted in (False, True):
+            for name, data in datas.items():
+                if evicted:
+                    evict_blobs(hub_server)
+                whole = await raw.get(f"{base}/{name}")
+                assert whole.status_code == 200 and whole.content == data, (name, evicted)
+                if evicted:
+                    evict_blobs(hub_server)
+                part = await raw.get(f"{base}/{name}", headers={"range": "bytes=3-"})
+                assert part.content == data[3:], (name, evicted)
+                if evicted:
+                    evict_blobs(hub_server)
+                granted = await raw.get(whole.headers["x-ah-read-url"],
+                                        headers={"range": f"bytes=1-{len(data) - 2}"})
+                assert granted.content == data[1:-1], (name, evicted)
 
 
 async def test_permissions_over_http(alice: HubClient, bob: HubClient, model: AssetAddr,

@@ -5,6 +5,7 @@ deletable next to new ones; and the groups a batch upload stores small blobs in.
 from __future__ import annotations
 
 import hashlib
+import os
 import tempfile
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ahmount.errors import NotFound
+from ahmount.errors import NotFound, RangeNotSatisfiable
 from ahmount.hub.blobs import LocalBlobStore
 
 
@@ -156,3 +157,26 @@ async def test_a_batch_upload_keeps_its_blobs_in_bounded_groups(
     assert sorted(kept) == sorted(size for _, _, size in files)
     assert all(len(g) <= 3 and sum(g) <= 100 for g in groups), groups
     assert len(groups) >= 5
+
+
+def test_a_cached_read_answers_only_from_the_page_cache(tmp_path: Path) -> None:
+    """``read_cached`` (what a server reads on its event loop) gives the bytes the page
+    cache holds, and None for bytes that would wait for the disk, never other bytes."""
+    store = LocalBlobStore(tmp_path / "blobs")
+    data = os.urandom(3 << 20)
+    digest = upload(store, data)
+    fd = store._open(digest)
+    try:
+        os.pread(fd, len(data), 0)  # in the page cache
+        assert store.read_cached(digest, 0, len(data)) == data
+        assert store.read_cached(digest, 5, 1 << 20) == data[5:1 << 20]
+        os.fsync(fd)  # clean pages, which the kernel may then drop
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert store.read_cached(digest, 0, len(data)) is None
+        assert b"".join(store.read(digest, 0, len(data))) == data  # the waiting read
+    finally:
+        os.close(fd)
+    with pytest.raises(RangeNotSatisfiable):
+        store.read_cached(digest, 0, len(data) + 1)
+    with pytest.raises(NotFound):
+        store.read_cached(sha(b"never stored"), 0, 1)

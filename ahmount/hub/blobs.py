@@ -47,6 +47,11 @@ class BlobStore(Protocol):
     def read(self, sha256: str, start: int, end: int) -> Iterator[bytes]:
         """Yield bytes ``[start, end)`` of the blob in chunks. Raises NotFound."""
 
+    def read_cached(self, sha256: str, start: int, end: int) -> bytes | None:
+        """Bytes ``[start, end)`` of the blob when the page cache holds them all (no wait
+        for a disk: a server may read them on its event loop); None otherwise, or when the
+        store cannot tell. Raises NotFound."""
+
     def read_small(self, blobs: list[tuple[str, int]]) -> list[bytes]:
         """The whole bytes of each ``(sha256, size)``, in order, in one call (a batch of small
         files): the store fetches them together. Raises NotFound."""
@@ -172,6 +177,20 @@ class LocalBlobStore:
                     raise NotFound(f"blob {sha256} is shorter than its record")
                 remaining -= len(chunk)
                 yield chunk
+
+    def read_cached(self, sha256: str, start: int, end: int) -> bytes | None:
+        fd = self._open(sha256)
+        try:
+            check_range(sha256, os.fstat(fd).st_size, start, end)
+            buffer = bytearray(end - start)
+            try:
+                # RWF_NOWAIT: EAGAIN, or a short count, rather than a wait for the disk.
+                done = os.preadv(fd, [buffer], start, os.RWF_NOWAIT)
+            except OSError:  # not cached (EAGAIN), or a file system without it
+                return None
+            return bytes(buffer) if done == len(buffer) else None
+        finally:
+            os.close(fd)
 
     def read_small(self, blobs: list[tuple[str, int]]) -> list[bytes]:
         contents: list[bytes] = []

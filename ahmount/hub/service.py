@@ -258,6 +258,11 @@ class ReadableObject:
         check_range(self.entry.sha256, self.entry.size, start, stop)
         return self._blobs.read(self.entry.sha256, start, stop)
 
+    def read_cached(self, start: int, end: int) -> bytes | None:
+        """Bytes ``[start, end)`` if the page cache holds them (:meth:`BlobStore.read_cached`)."""
+        check_range(self.entry.sha256, self.entry.size, start, end)
+        return self._blobs.read_cached(self.entry.sha256, start, end)
+
     @staticmethod
     def read_all(objects: list[ReadableObject]) -> list[bytes]:
         """The whole bytes of each (small) object, read together (:meth:`BlobStore.read_small`)."""
@@ -283,6 +288,10 @@ class GrantedBlob:
     def read(self, start: int, end: int) -> Iterator[bytes]:
         check_range(self.sha256, self.size, start, end)
         return self._blobs.read(self.sha256, start, end)
+
+    def read_cached(self, start: int, end: int) -> bytes | None:
+        check_range(self.sha256, self.size, start, end)
+        return self._blobs.read_cached(self.sha256, start, end)
 
 
 class HubService:
@@ -872,6 +881,14 @@ class HubService:
     def local_blob_reads(self) -> bool:
         """Blob reads are local file reads (a small one costs less than a thread hand-off)."""
         return self.blobs.local_reads
+
+    @property
+    def local_reads(self) -> bool:
+        """Reading an object touches only local files (SQLite metadata, a blob directory):
+        a read of a few of its bytes costs less than a worker-thread hand-off, which under
+        concurrent requests costs as much again as the read (the thread and the event loop
+        contend for the GIL)."""
+        return self.metadata.local and self.blobs.local_reads
 
     @property
     def grant_key_loaded(self) -> bool:

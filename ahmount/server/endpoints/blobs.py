@@ -13,7 +13,7 @@ from ahmount.hub.service import Actor, GrantedBlob, HubService
 from ahmount.names import check_sha256
 from ahmount.server import schemas
 from ahmount.server.bodies import UPLOAD_BUFFER, BodyReader, json_body
-from ahmount.server.ranges import WHOLE_BODY, answer_range, iterate
+from ahmount.server.ranges import WHOLE_BODY, answer_range, iterate, whole_body
 from ahmount.server.requests import (
     API,
     Bodies,
@@ -158,11 +158,6 @@ async def blob_batch(request: Request) -> Response:
     return JSONResponse({"stored": len(stored)}, status_code=201)
 
 
-#: A range of a blob on local disk up to this size is read on the event loop: a page a
-#: random reader missed costs less to read than the thread hand-off would (~0.2 ms here).
-INLINE_READ = 256 << 10
-
-
 async def blob_content(request: Request) -> Response:
     """GET/HEAD a blob's bytes through a read URL (`user`, `expires` and `signature`, as an
     object read's `X-Ah-Read-Url` gave them): no API key, no metadata lookup, the signature
@@ -185,11 +180,9 @@ async def blob_content(request: Request) -> Response:
     status, start, end = answer_range(request.headers.get("range"), blob.size, headers)
     if request.method == "HEAD" or end == start:
         return Response(status_code=status, headers=headers)
-    if local and end - start <= INLINE_READ:
-        return Response(b"".join(blob.read(start, end)), status_code=status, headers=headers)
-    if end - start <= WHOLE_BODY:  # one hand-off, not one per chunk and one for the end
-        body = await call(lambda: b"".join(blob.read(start, end)))
-        return Response(body, status_code=status, headers=headers)
+    if end - start <= WHOLE_BODY:  # one body, not a hand-off per chunk and one for the end
+        return Response(await whole_body(blob, start, end, local), status_code=status,
+                        headers=headers)
     chunks = await call(blob.read, start, end)
     return StreamingResponse(iterate(chunks), status_code=status, headers=headers)
 

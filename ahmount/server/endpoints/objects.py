@@ -19,7 +19,14 @@ from ahmount.hub.read_grants import Grant
 from ahmount.hub.service import Actor, ReadableObject
 from ahmount.server import schemas
 from ahmount.server.bodies import json_body
-from ahmount.server.ranges import WHOLE_BODY, answer_range, iterate, parse_range
+from ahmount.server.ranges import (
+    INLINE_READ,
+    WHOLE_BODY,
+    answer_range,
+    iterate,
+    parse_range,
+    whole_body,
+)
 from ahmount.server.rendered_pages import URLS_LEFT, RenderedPages
 from ahmount.server.requests import (
     API,
@@ -114,6 +121,11 @@ async def file(request: Request) -> Response:
     name, path = request.path_params["ref"], request.path_params["path"]
     get = request.method == "GET"
     redirect = request.query_params.get("redirect") == "1"
+    # Local stores: the lookup (and a small read) on the event loop, as blob_content does.
+    # Under concurrent requests a hand-off doubled what each cost the hub (4 KiB GETs from
+    # 8 clients: 2.1 ms of CPU each against 1.1 inline).
+    inline = service.local_reads
+    read_now = INLINE_READ if inline else WHOLE_BODY  # read with the lookup
 
     def open_and_read(actor: Actor) -> tuple[ReadableObject, str | None, bytes | None,
                                              Grant | None]:
@@ -130,11 +142,11 @@ async def file(request: Request) -> Response:
             return found, url, None, None
         grant = service.read_grant(actor, found)
         start, end = parse_range(request.headers.get("range"), entry.size) or (0, entry.size)
-        if end - start > WHOLE_BODY:
+        if end - start > read_now:
             return found, None, None, grant
         return found, None, b"".join(found.read(start, end)), grant
 
-    found, url, body, grant = await call_as(request, open_and_read)
+    found, url, body, grant = await call_as(request, open_and_read, inline)
     commit, entry = found.commit, found.entry
     etag = f'"{entry.sha256}"'
     headers = {
@@ -155,6 +167,8 @@ async def file(request: Request) -> Response:
     status, start, end = answer_range(request.headers.get("range"), entry.size, headers)
     if request.method == "HEAD" or end == start:
         return Response(status_code=status, headers=headers)
+    if body is None and end - start <= WHOLE_BODY:  # one body, not a hand-off per chunk
+        body = await whole_body(found, start, end, inline)
     if body is not None:
         return Response(body, status_code=status, headers=headers)
     chunks = await call(found.read, start, end)
