@@ -841,12 +841,7 @@ class ChangeQueue:
             }
             (target / "changes.json").write_text(json.dumps(manifest, indent=1) + "\n")
             _sync_tree(target)  # on disk before the rows go
-            with self._tx() as db:
-                db.execute("DELETE FROM changes WHERE branch=?", (key,))
-                self._branches.pop(key, None)
-        for row in rows:
-            if row.local is not None:
-                self._discard_local(row.local)
+            self.reset(key)  # under the lock still: exactly the rows copied
         return target
 
     def snapshot(self, key: str) -> BranchQueue:

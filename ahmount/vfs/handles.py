@@ -156,8 +156,9 @@ class Handles:
         return [h for h in self._open if isinstance(h, WriteHandle) and not h.orphaned and
                 h.branch == branch and (path is None or h.path == path)]
 
-    def orphan(self, branch: str, path: str) -> None:
-        """The file at ``path`` lost its name (unlink, or a rename over it)."""
+    def orphan(self, branch: str, path: str | None = None) -> None:
+        """The file at ``path`` lost its name (unlink, or a rename over it); without a
+        ``path``, every file of the branch did (its queued changes were set aside)."""
         for handle in self.writers(branch, path):
             handle.orphaned = True
 

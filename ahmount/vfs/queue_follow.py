@@ -103,8 +103,7 @@ class QueueFollower:
             # On this thread, with nothing awaited in between: no write handle of the
             # branch opens meanwhile. Those open now live on alone (their bytes are the
             # set-aside copy's: a hard link of the same file).
-            for handle in self._handles.writers(key):
-                handle.orphaned = True
+            self._handles.orphan(key)
             where = self._queue.strand(key, why)
             if where is not None:
                 count += 1
