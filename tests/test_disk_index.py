@@ -3,6 +3,7 @@ as diskcache's own key-by-key walk, whatever the keys and values."""
 
 from __future__ import annotations
 
+import pickle
 from collections import Counter
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ahmount.vfs.disk_index import all_rows
+from ahmount.vfs.disk_index import all_rows, set_rows
 
 keys = st.one_of(st.text(max_size=70), st.binary(max_size=40), st.integers(),
                  st.floats(allow_nan=False))
@@ -51,3 +52,51 @@ def test_a_row_whose_value_file_is_gone_is_left_out(tmp_path: Path) -> None:
         value_file.unlink()
         assert dict(all_rows(index)) == {"small": (1, 2, 3)}
         assert index.get("large") is None  # as a get misses it
+
+
+def table(index: diskcache.Cache) -> tuple[Counter[str], list[tuple[object, ...]]]:
+    """What a reader of ``index`` sees: its rows by key (the stored columns but for times
+    and value file names), and diskcache's own count and size."""
+    rows = index._sql("SELECT key, raw, expire_time, access_count, tag, size, mode, value,"
+                      " filename IS NULL FROM Cache").fetchall()
+    settings = index._sql(
+        "SELECT key, value FROM Settings WHERE key IN ('count', 'size') ORDER BY key").fetchall()
+    return Counter(repr(row) for row in rows), settings
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(before=st.dictionaries(keys, values.filter(lambda v: not isinstance(v, bytes) or
+                                                  len(v) < 40_000), max_size=10),
+       items=st.lists(st.tuples(keys, values), max_size=25))
+def test_set_rows_writes_what_a_set_of_each_would(
+        tmp_path_factory: pytest.TempPathFactory, before: dict[object, object],
+        items: list[tuple[object, object]]) -> None:
+    """Over any rows already there (small values: a row it replaces must have no file),
+    keys given twice (the last wins) and values kept in files of their own."""
+    indexes = [diskcache.Cache(str(tmp_path_factory.mktemp("index")), eviction_policy="none",
+                               cull_limit=0) for _ in range(2)]
+    try:
+        for index in indexes:
+            for key, value in before.items():
+                index.set(key, value)
+        one_by_one, together = indexes
+        for key, value in items:
+            one_by_one.set(key, value)
+        set_rows(together, items)
+        assert walked(together) == walked(one_by_one)
+        assert table(together) == table(one_by_one)
+        assert len(together) == len(one_by_one)
+        files = [sorted(p.name for p in Path(i.directory).rglob("*.val")) for i in indexes]
+        assert len(files[0]) == len(files[1])  # no value file left behind, none missing
+    finally:
+        for index in indexes:
+            index.close()
+
+
+def test_set_rows_with_a_value_that_cannot_be_stored_changes_nothing(tmp_path: Path) -> None:
+    with diskcache.Cache(str(tmp_path), eviction_policy="none", cull_limit=0) as index:
+        index.set("kept", 1)
+        with pytest.raises((pickle.PicklingError, AttributeError)):
+            set_rows(index, [("a", 1), ("kept", 2), ("b", lambda: None)])
+        assert dict(all_rows(index)) == {"kept": 1}

@@ -42,7 +42,7 @@ import trio
 
 from ahmount.errors import ChecksumMismatch
 from ahmount.vfs.cache_ledger import CacheLedger
-from ahmount.vfs.disk_index import all_rows
+from ahmount.vfs.disk_index import all_rows, set_rows
 from ahmount.vfs.file_io import pread_unstalled, removal_lock
 from ahmount.vfs.file_io import pwritev_all as _pwritev_all
 from ahmount.vfs.file_io import split_buffers as _split
@@ -865,11 +865,9 @@ class ObjectCache:
                 self.ledger.credit(sum(len(data) for _, data in wanted[complete:]))
                 log.warning("cache disk: %d of %d objects not kept (%s)",
                             len(wanted) - complete, len(wanted), error)
-            with self._index.transact():
-                for sha, record in written:
-                    # Whole and verified: another process's record of it has nothing to add.
-                    self._index.set(sha, _to_raw(record))
-                    self._dirty.discard(sha)
+            # Whole and verified: another process's record of one has nothing to add.
+            set_rows(self._index, [(sha, _to_raw(record)) for sha, record in written])
+            self._dirty.difference_update(sha for sha, _ in written)
         finally:
             for sha in leased:
                 self._release(sha)

@@ -45,7 +45,7 @@ from typing import Any
 import diskcache
 import trio
 
-from ahmount.vfs.disk_index import all_rows
+from ahmount.vfs.disk_index import all_rows, set_rows
 from ahmount.vfs.file_io import (
     load_into_memory,
     pread_unstalled,
@@ -290,9 +290,7 @@ class ObjectPacks:
                     pwritev_all(writer.fd, [data for _, data in objects], writer.end)
                 finally:
                     writer.end = max(writer.end, os.fstat(writer.fd).st_size)
-                with self._index.transact():
-                    for sha, place in placed:
-                        self._index.set(sha, place)
+                set_rows(self._index, placed)
             except OSError as exc:
                 return [], (writer.end - start if writer is not None else 0), exc
             if writer.end >= PACK_BYTES:
