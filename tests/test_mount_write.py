@@ -95,10 +95,18 @@ def test_ordinary_tools_on_a_branch(mount_factory: Mounter, tmp_path: Path) -> N
     (src / "d").mkdir(parents=True)
     for i in range(5):
         (src / "d" / f"{i}.txt").write_text(str(i))
+    # Directory modes as datasets come: group-writable (umask 002), private, sticky. tar x
+    # and rsync -a set each; they are accepted (not kept): both exit 0.
+    (src / "d").chmod(0o775)
+    (src / "private").mkdir(mode=0o700)
+    (src / "private" / "p.txt").write_text("p")
+    (src / "scratch").mkdir()
+    (src / "scratch").chmod(0o1777)
     subprocess.run(["rsync", "-a", f"{src}/", f"{branch}/synced/"], check=True)
     subprocess.run(["tar", "-C", str(tmp_path), "-cf", str(tmp_path / "t.tar"), "tree"],
                    check=True)
     subprocess.run(["tar", "-C", str(branch), "-xf", str(tmp_path / "t.tar")], check=True)
+    assert (branch / "tree/private/p.txt").read_text() == "p"
     repo = tmp_path / "repo"
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
     (repo / "README").write_text("repo\n")
@@ -617,3 +625,14 @@ def test_listed_attributes_on_a_branch_follow_edits_commits_and_moves(
     (tmp_path / "a.txt").write_text("x" * 20)
     ah.commit("model/llm/gpt2:v1", msg="elsewhere", add=[str(tmp_path / "a.txt")])
     wait_until(lambda: listed_size() == 20, what="the listing to show the commit made elsewhere")
+
+
+def test_with_allow_other_a_directory_chmod_is_refused(mount_factory: Mounter) -> None:
+    """Others see the mount and the kernel checks mode bits for them: a directory's chmod,
+    which would not be kept, is EPERM instead of a mode that keeps no one out."""
+    m = mount_factory("--allow-other")
+    branch = m.mountpoint / "model/llm/gpt2/v1"
+    (branch / "d").mkdir()
+    with pytest.raises(PermissionError):
+        (branch / "d").chmod(0o700)
+    assert stat.S_IMODE((branch / "d").stat().st_mode) == 0o755

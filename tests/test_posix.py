@@ -259,6 +259,41 @@ def test_a_move_across_branches_is_refused(fs: Driver) -> None:
 # -- attributes ------------------------------------------------------------------------------
 
 
+def test_a_directory_chmod_is_accepted_and_not_kept(fs: Driver) -> None:
+    """tar x and rsync -a set the mode of each directory they make (0750, 0775, 1777): it
+    keeps no one out of a mount only its user sees, so it is accepted, like the directory's
+    times, and the directory shows what it did. Where nothing may change it is EROFS."""
+    fs.mkdir(f"{B}/extracted")
+    write_bytes(fs, f"{B}/extracted/f", b"f")
+    shown = {path: stat.S_IMODE(fs.stat(path).st_mode) for path in (B, f"{B}/extracted")}
+    for path in shown:
+        for mode in (0o750, 0o700, 0o775, 0o1777):
+            fs.chmod(path, mode)
+        fs.utime(path, 1_600_000_000.0)
+        assert stat.S_IMODE(fs.stat(path).st_mode) == shown[path]
+    fails(errno.EPERM, lambda: fs.chmod(f"{B}/extracted/f", 0o4755))  # a file's: kept, or not
+    fails(errno.EROFS, lambda: fs.chmod("model/llm/gpt2/t1", 0o700))
+    commit(fs)
+    assert read_bytes(fs, f"{B}/extracted/f") == b"f"
+
+
+def test_where_others_see_the_tree_a_directory_chmod_is_refused(tmp_path: Path,
+                                                                  gpt2_v1: None) -> None:
+    """A mount with ``--allow-other``: the kernel checks mode bits for everyone, and a
+    directory shows 0755 whatever it is told, so a chmod meant to keep others out is EPERM
+    rather than silently not done. (The mount sets ``private`` from ``--allow-other``: see
+    test_mount_write.)"""
+    driver = VfsDriver(tmp_path / "vfs-cache")
+    try:
+        driver.session.vfs.private = False
+        driver.mkdir(f"{B}/d")
+        fails(errno.EPERM, lambda: driver.chmod(f"{B}/d", 0o700))
+        fails(errno.EPERM, lambda: driver.chmod(B, 0o750))
+        driver.chmod(B, stat.S_IMODE(driver.stat(B).st_mode))  # to what it shows: no change
+    finally:
+        driver.close_driver()
+
+
 def test_modes_and_times_are_kept_and_committed(fs: Driver) -> None:
     write_bytes(fs, f"{B}/run.sh", b"#!/bin/sh\n")
     fs.chmod(f"{B}/run.sh", 0o755)
@@ -266,7 +301,6 @@ def test_modes_and_times_are_kept_and_committed(fs: Driver) -> None:
     st = fs.stat(f"{B}/run.sh")
     assert stat.S_IMODE(st.st_mode) == 0o755 and st.st_mtime == 1_700_000_000.0
     fails(errno.EPERM, lambda: fs.chmod(f"{B}/run.sh", 0o4755))
-    fails(errno.EPERM, lambda: fs.chmod(B, 0o700))
     head = str(commit(fs)["commit"])
     st = fs.stat(f"model/llm/gpt2/{head[:12]}/run.sh")
     assert stat.S_IMODE(st.st_mode) == 0o555  # no write bits where nothing may change

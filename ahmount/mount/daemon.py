@@ -190,6 +190,7 @@ class Mount:
         async with session:
             self.session = session
             self.ops = ops = AssetFS(session.vfs, os.getuid(), os.getgid(), self.read_only)
+            session.vfs.private = not self.allow_other
             options = {"fsname=ahmount", "subtype=ahmount", "noatime"}
             if self.allow_other:
                 # Other users are let in: the kernel checks mode bits for them. A private

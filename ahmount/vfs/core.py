@@ -15,6 +15,7 @@ object's blob and copy nothing.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import stat
@@ -58,6 +59,8 @@ from ahmount.vfs.sibling_fetch import SiblingFetcher
 from ahmount.vfs.tree import Node, Tree, check_name, child_path
 from ahmount.vfs.writeback import WriteBack
 
+log = logging.getLogger("ahmount.vfs")
+
 #: A written file's bytes are handed to the disk every this many bytes written
 #: (:func:`start_writeout`), not all at the writer's sync.
 WRITEOUT_EVERY = 8 << 20
@@ -92,6 +95,11 @@ class VFS:
         #: Fetches small files with their directory's other small files (set by a session
         #: with a supervisor to run the batches under; None: one request per file).
         self.siblings: SiblingFetcher | None = None
+        #: Only the user of this session sees its tree (a mount without ``--allow-other``):
+        #: a directory's mode then keeps no one out, and a chmod of one is accepted and not
+        #: kept, as its times are. Where others see it, that chmod is refused.
+        self.private = True
+        self._dir_modes_noted: set[str] = set()
 
     @property
     def refresh(self) -> float:
@@ -334,10 +342,12 @@ class VFS:
         chmod = mode is not None and stat.S_IMODE(mode) != node.permissions
         if chmod:
             assert mode is not None
-            if node.is_dir:
+            if node.is_dir and not self.private:
                 raise NotPermitted(f"chmod of directory {node.loc.api_path()} refused: "
-                                   "directories are implied by object paths and keep no mode")
-            if stat.S_IMODE(mode) & ~0o777:
+                                   "directories are implied by object paths and keep no mode, "
+                                   "and other users see this tree (a mode they would be "
+                                   "kept out by cannot be shown)")
+            if not node.is_dir and stat.S_IMODE(mode) & ~0o777:
                 raise NotPermitted(f"chmod of {node.loc.api_path()} refused: only permission "
                                    "bits are kept (no setuid, setgid or sticky)")
         if size is None and mtime is None and mode is None and not atime:
@@ -345,6 +355,13 @@ class VFS:
         branch = self.tree.writable_branch(node, "setattr")
         queue = self._queue
         if node.is_dir:
+            if chmod and branch not in self._dir_modes_noted:
+                # As a directory's times are: tar x and rsync -a set both on every directory
+                # they make, and failing them fails the whole extraction.
+                self._dir_modes_noted.add(branch)
+                log.info("chmod of directory %s to %o accepted but not kept: directories are "
+                         "implied by object paths (noted once per branch)",
+                         node.loc.api_path(), mode)
             return node
         if chmod:
             assert mode is not None
