@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -61,6 +62,21 @@ def run_command(name: str, *args: str, cwd: Path | None = None, stderr_tty: bool
         raise AssertionError(f"{name} {' '.join(args)} exited {result.returncode}: "
                              f"{result.stderr}")
     return result
+
+
+@contextlib.contextmanager
+def small_disk(where: Path, size: str) -> Iterator[Path]:
+    """A real disk of ``size`` (a tmpfs, ``"4m"``) mounted at ``where``, unmounted after:
+    what a full disk does, for tests run as root (skipped otherwise)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    where.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                   check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def wait_until(predicate: object, timeout: float = 20.0, what: str = "condition") -> None:

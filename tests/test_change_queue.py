@@ -3,6 +3,7 @@ repairs, and a queue database from before modes were kept."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -13,6 +14,8 @@ import sys
 import textwrap
 import threading
 import time
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,7 @@ from hypothesis import strategies as st
 
 from ahmount.errors import Conflict
 from ahmount.vfs.change_queue import ChangeQueue, Row, _decode_log, _encode_row
+from tests.conftest import small_disk
 
 BRANCH = "alice/model/llm/gpt2:main"
 
@@ -220,6 +224,7 @@ def test_a_queue_from_before_modes_opens_with_the_default(tmp_path: Path) -> Non
     db.close()
     queue = ChangeQueue(root)
     assert queue.branch(BRANCH).files["old"].mode == 0o644
+    assert queue.branch(BRANCH).files["old"].failed is None
     assert queue.put_file(BRANCH, "new", "b", sha256="1" * 64).seq == 8  # counter kept
     queue.close()
 
@@ -555,7 +560,7 @@ _text = st.text(st.characters(blacklist_characters="\0", blacklist_categories=("
                                                          max_size=64),
     size=st.integers(0, 2**63), mtime=st.floats(allow_nan=False, allow_infinity=False),
     base=_text, seq=st.integers(0, 2**62), uploaded=st.booleans(), origin=st.none() | _text,
-    mode=st.integers(0, 0o777)), _text)
+    mode=st.integers(0, 0o777), failed=st.none() | _text), _text)
 def test_every_row_reads_back_from_the_log_as_it_was_written(row: Row, key: str) -> None:
     """Any path (no NUL: POSIX has none), id, size, time and mode survives the log's
     encoding unchanged, two records in a row included."""
@@ -563,3 +568,124 @@ def test_every_row_reads_back_from_the_log_as_it_was_written(row: Row, key: str)
 
     data = _LOG_HEADER.pack(LOG_MAGIC, 3) + _encode_row(key, row) + _encode_row("k", row)
     assert _decode_log(data) == (3, [(key, row), ("k", row)])
+
+
+def test_an_incomplete_file_stays_so_across_a_kill_and_a_reopen_until_it_starts_over(
+        tmp_path: Path) -> None:
+    """A failed write marks its file (``failed``): in the log first (a kill replays it),
+    then the database; a rename takes it along; a size or time change keeps it; a new
+    start (truncated to nothing: ``failed=""``) or new content (``put_file``) ends it."""
+    root = tmp_path / "q"
+    queue = ChangeQueue(root)
+    local = write_local(queue, b"half")
+    queue.put_file(BRANCH, "w.bin", "base", local=local, size=4)
+    queue.touch_file(BRANCH, "w.bin", failed="a write failed: No space left on device")
+    queue.touch_file(BRANCH, "w.bin", size=4, mtime=5.0)  # the writer's close
+    assert queue.branch(BRANCH).files["w.bin"].failed == \
+        "a write failed: No space left on device"
+    _, logged = _decode_log((root / "queue.log").read_bytes())  # what a kill leaves
+    assert logged[-1][1].failed == "a write failed: No space left on device"
+    queue.move_file(BRANCH, "w.bin", "moved.bin", "base", old_in_head=False)
+    queue.close()
+    again = ChangeQueue(root)
+    assert again.branch(BRANCH).files["moved.bin"].failed == \
+        "a write failed: No space left on device"
+    again.touch_file(BRANCH, "moved.bin", size=0, failed="")
+    assert again.branch(BRANCH).files["moved.bin"].failed is None
+    again.touch_file(BRANCH, "moved.bin", failed="a write failed: Input/output error")
+    again.put_file(BRANCH, "moved.bin", "base", local=write_local(again, b"whole"), size=5)
+    assert again.branch(BRANCH).files["moved.bin"].failed is None
+    again.close()
+
+
+def test_a_log_record_from_before_failed_writes_reads_as_complete() -> None:
+    from ahmount.vfs.change_queue import _LOG_HEADER, _RECORD_HEADER, LOG_MAGIC
+
+    payload = "\0".join((BRANCH, "p", "file", "local-1", "", "3", "1.5", "base", "9", "",
+                         "", "420")).encode()  # twelve fields: no ``failed``
+    record = _RECORD_HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+    _, [(key, row)] = _decode_log(_LOG_HEADER.pack(LOG_MAGIC, 1) + record)
+    assert key == BRANCH and row == Row("p", "file", "local-1", None, 3, 1.5, "base", 9,
+                                        False, None, 0o644, None)
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 4 MiB disk."""
+    with small_disk(tmp_path / "disk", "4m") as mounted:
+        yield mounted
+
+
+def fill(disk: Path) -> Path:
+    """Take every free byte of ``disk`` with one file; returns it (delete it to free them)."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"z" * 4096)
+    finally:
+        os.close(fd)
+    return filler
+
+
+def overlay(queue: ChangeQueue) -> tuple[object, ...]:
+    """What the branch shows: its files, deletes and directories."""
+    shown = queue.branch(BRANCH)
+    return (sorted(shown.files), sorted(shown.deleted), list(shown.deleted_dirs),
+            sorted(shown.dirs))
+
+
+def test_on_a_full_disk_a_change_that_cannot_be_recorded_is_not_made(
+        disk: Path) -> None:
+    """A transaction whose commit the full disk refuses (SQLite rolls it back) changes
+    nothing in memory either, and says ENOSPC: the rm of a queued file shows it still there,
+    as a restart would; once there is room the same rm works."""
+    queue = ChangeQueue(disk / "q")
+    for i in range(40):
+        queue.put_file(BRANCH, f"f{i}", "base", sha256=f"{i:064x}")
+    queue.delete(BRANCH, "f0", "base", in_head=True)  # folds the log's rows
+    filler = fill(disk)
+    with pytest.raises(OSError) as refused:
+        for i in range(1, 40):  # a transaction each; the disk refuses one of them
+            queue.delete(BRANCH, f"f{i}/", "base", in_head=True)
+            queue.remove_dir(BRANCH, "x")
+            queue.add_dir(BRANCH, f"made-{i}" * 20, "base")
+    assert refused.value.errno == errno.ENOSPC
+    shown = overlay(queue)
+    filler.unlink()
+    queue.close()
+    again = ChangeQueue(disk / "q")
+    assert overlay(again) == shown
+    again.delete(BRANCH, "f39", "base", in_head=True)
+    assert "f39" not in again.branch(BRANCH).files
+    again.close()
+
+
+def test_written_bytes_leave_the_disk_its_headroom(disk: Path) -> None:
+    """A writer that asks ``room_for`` before each write fills a small disk up to its last
+    twentieth (the queue's records need it) and no further; once room is made it may write
+    again. Free space is looked at again once half of what was left is written, so a disk
+    others filled is noticed within that."""
+    queue = ChangeQueue(disk / "q")
+    local, fd = queue.create_local()
+    chunk = b"w" * (64 << 10)
+    written = 0
+    while queue.room_for(len(chunk)):
+        written += os.write(fd, chunk)
+    os.close(fd)
+    room = os.statvfs(disk)
+    free = room.f_bavail * room.f_frsize
+    headroom = room.f_blocks * room.f_frsize // 20
+    assert headroom <= free < headroom + 2 * len(chunk)
+    assert written > 3 << 20
+    queue.local_path(local).unlink()
+    assert queue.room_for(1 << 20)
+    filler = fill(disk)
+    asked = 0
+    while queue.room_for(len(chunk)):
+        asked += 1
+        assert asked * len(chunk) < 4 << 20
+    filler.unlink()
+    assert queue.room_for(len(chunk))
+    queue.close()

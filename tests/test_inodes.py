@@ -49,6 +49,27 @@ def test_a_nameless_inode_lives_while_the_kernel_counts_it() -> None:
     assert dropped == [ino, unseen]
 
 
+def test_a_replaced_inode_remembers_its_path_while_the_kernel_counts_it() -> None:
+    """A file whose path shows other bytes now (``ah reset``, a write the disk refused) gets
+    a new inode at its path; the old one, which the kernel may still ask about until its
+    entry is invalidated, answers for that path instead of ENOENT, and only until the
+    kernel forgets it. An unlinked file's inode has no path to answer for."""
+    table = InodeTable()
+    old = table.ino(("b", "f"))
+    table.remember(old)
+    gone = table.ino(("b", "g"))
+    table.remember(gone)
+    table.detach(("b", "f"), replaced=True)
+    table.detach(("b", "g"))
+    assert table.former(old) == ("b", "f") and table.former(gone) is None
+    assert table.ino(("b", "f")) != old
+    table.forget(old, 1)
+    assert table.former(old) is None
+    unseen = table.ino(("b", "h"))  # never handed to the kernel: dropped at once
+    table.detach(("b", "h"), replaced=True)
+    assert table.former(unseen) is None
+
+
 @given(st.lists(st.tuples(st.sampled_from(["new", "lookup", "forget", "unlink"]),
                           st.integers(0, 5)), max_size=200))
 def test_the_table_holds_only_named_or_counted_inodes(steps: list[tuple[str, int]]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import getpass
 import hashlib
 import mmap
 import os
@@ -21,7 +22,8 @@ import pytest
 import trio
 
 from ahmount import ah
-from tests.conftest import HubProcess, MountProcess, command, wait_until
+from ahmount.vfs.cache_dir import state_dir
+from tests.conftest import HubProcess, MountProcess, command, small_disk, wait_until
 
 Mounter = Callable[..., MountProcess]
 
@@ -636,3 +638,40 @@ def test_with_allow_other_a_directory_chmod_is_refused(mount_factory: Mounter) -
     with pytest.raises(PermissionError):
         (branch / "d").chmod(0o700)
     assert stat.S_IMODE((branch / "d").stat().st_mode) == 0o755
+
+
+def test_a_write_the_full_disk_refuses_leaves_an_incomplete_file_no_commit_takes(
+        mount_factory: Mounter, tmp_path: Path) -> None:
+    """The cache disk fills while a file is written (queue files, queue log and all on one
+    small disk). The writer hears ENOSPC; the file then shows the bytes it really holds (the
+    kernel had kept the larger size it was written to); ``ah status`` calls it incomplete
+    and ``ah commit`` refuses it, until it is written again or removed; the mount stays."""
+    with small_disk(tmp_path / "small", "24m") as small:
+        m = mount_factory("--cache-dir", str(small / "cache"))
+        branch = m.mountpoint / "model/llm/gpt2/v1"
+        data = os.urandom(48 << 20)
+        with pytest.raises(OSError) as refused, open(branch / "big.bin", "wb") as handle:
+            first_ino = os.fstat(handle.fileno()).st_ino
+            handle.write(data)
+        assert refused.value.errno == errno.ENOSPC
+        # The kernel is told in the background of the first failed write (it waits for that
+        # write's answer): the name then leads to what the queue holds, which is less than
+        # was written (a later write the page cache sent may have landed past a refused one,
+        # leaving a hole: the size is the queue file's, and so are the bytes).
+        queued = state_dir(small / "cache", None, getpass.getuser()) / "queue" / "files"
+        real = max((p.stat() for p in queued.iterdir()), key=lambda st: st.st_size)
+        assert real.st_blocks * 512 < len(data)  # not all of it is there
+        wait_until(lambda: (branch / "big.bin").stat().st_ino != first_ino, timeout=10)
+        assert (branch / "big.bin").stat().st_size == real.st_size
+        assert len((branch / "big.bin").read_bytes()) == real.st_size
+        status = run_ah("status", cwd=branch)
+        assert re.search(r"big\.bin\s+\(incomplete: a write failed: No space left", status)
+        refusal = run_ah("commit", "-m", "half a file", cwd=branch, check=False)
+        assert "big.bin is incomplete" in refusal and "--force" in refusal
+        assert "big.bin" not in objects("model/llm/gpt2:v1")
+        (branch / "big.bin").unlink()  # the room comes back
+        (branch / "small.bin").write_bytes(b"fits")
+        run_ah("commit", "-m", "what fits", cwd=branch)
+        assert objects("model/llm/gpt2:v1")["small.bin"] == 4
+        assert m.alive()
+        m.stop()

@@ -293,6 +293,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         remote = set(mounted["changed_remotely"])
         for change in mounted["changes"]:
             note = "  (also changed on the hub)" if change["path"] in remote else ""
+            if change.get("incomplete"):
+                note += f"  (incomplete: {change['incomplete']})"
             word = _STATUS_WORDS.get(change["op"], change["op"] + ":")
             print(f"  {word:<10} {printable(change['path'])}{note}")
         return 0

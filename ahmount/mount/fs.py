@@ -150,9 +150,12 @@ class AssetFS(pyfuse3.Operations):
             return self.attrs(await self.vfs.stat(self.inodes.key(inode)), inode)
         except NotFound:
             orphan = self._orphan_attrs(inode)
-            if orphan is None:
+            if orphan is not None:
+                return orphan
+            former = self.inodes.former(inode)
+            if former is None:
                 raise
-            return orphan
+            return self.attrs(await self.vfs.stat(former), inode)
 
     def _handles_of(self, inode: int) -> list[Handle]:
         return [h for ino, h in self._files.values() if ino == inode]

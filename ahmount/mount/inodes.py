@@ -28,6 +28,9 @@ class InodeTable:
         self._lookups: dict[int, int] = {}
         #: Inodes whose path is gone and that the kernel still counts.
         self._nameless: set[int] = set()
+        #: Of those, the ones replaced by other bytes at the same path (not unlinked): the
+        #: path they had, for the kernel's getattr of them until it forgets the name.
+        self._former: dict[int, Key] = {}
         self._next = ROOT_INODE + 1
         #: Raised whenever a named path may have changed inode (a rename, a detach): what
         #: was remembered of paths' inodes is valid only under the same version.
@@ -91,13 +94,22 @@ class InodeTable:
             self._by_key[target] = ino
             self._by_ino[ino] = target
 
-    def detach(self, key: Key) -> None:
+    def detach(self, key: Key, replaced: bool = False) -> None:
         """``key`` lost its name: its inode no longer has a path (open handles keep using
-        it, and a new file at that path gets a new inode, as on any POSIX file system)."""
+        it, and a new file at that path gets a new inode, as on any POSIX file system).
+        ``replaced``: the path shows other bytes now, not nothing; until the kernel hears
+        that (its entry is invalidated right after), it may still ask the old inode's
+        attributes, which then are the path's (:meth:`former`), not ENOENT."""
         self.version += 1
         ino = self._by_key.pop(key, None)
         if ino is not None:
             self._unname(ino)
+            if replaced and ino in self._nameless:
+                self._former[ino] = key
+
+    def former(self, ino: int) -> Key | None:
+        """The path a replaced inode had (see :meth:`detach`), while the kernel counts it."""
+        return self._former.get(ino)
 
     def _unname(self, ino: int) -> None:
         self._by_ino.pop(ino, None)
@@ -116,6 +128,7 @@ class InodeTable:
             self._lookups[ino] = left
             return
         self._lookups.pop(ino, None)
+        self._former.pop(ino, None)
         if ino in self._nameless:
             self._nameless.discard(ino)
             if self._on_drop is not None:

@@ -64,7 +64,7 @@ class KernelCache:
         touched."""
         targets = self._targets(places, replaced)
         for key in replaced:  # after the targets were taken: a detached inode has no name
-            self._inodes.detach(key)
+            self._inodes.detach(key, replaced=True)
         await self._send(targets)
 
         async def again() -> None:

@@ -104,7 +104,8 @@ async def status(vfs: VFS, ref: BranchRef) -> dict[str, Any]:
         if not queue.hides(path) and await _same_as_head(vfs, row, head):
             continue
         op = "modified" if isinstance(head.lookup(path), ObjectEntry) else "new"
-        changes.append({"op": op, "path": path, "size": row.size})
+        changes.append({"op": op, "path": path, "size": row.size,
+                        "incomplete": vfs.incomplete(row)})
     deletes = sorted([*queue.deleted, *queue.deleted_dirs])
     changes += [{"op": "delete", "path": p} for p in deletes]
     files = [c for c in changes if c["op"] != "delete"]
@@ -154,6 +155,16 @@ async def commit(vfs: VFS, ref: BranchRef, message: str, force: bool) -> dict[st
     busy = [p for p in taken.files if vfs.being_written(ref.key, p)]
     for path in busy:  # mid-write: its writer has not closed or fsynced it yet
         del taken.files[path]
+    incomplete = sorted(p for p, row in taken.files.items() if vfs.incomplete(row))
+    if incomplete and not force:
+        reason = vfs.incomplete(taken.files[incomplete[0]])
+        named = ", ".join(incomplete[:5]) + (f" and {len(incomplete) - 5} more"
+                                             if len(incomplete) > 5 else "")
+        verb = "is" if len(incomplete) == 1 else "are"
+        raise Conflict(f"{ref.asset.at(ref.branch)}: {named} {verb} incomplete ({reason}): "
+                       "each holds only what was written before the failure; write it again "
+                       "or remove it, or commit with --force to commit it as it is",
+                       path=ref.asset.at(ref.branch))
     for path, row in taken.files.items():
         if row.local is None:
             continue

@@ -45,6 +45,11 @@ log = logging.getLogger("ahmount.vfs")
 
 #: Seconds the change feed's report of a rename made through this mount is waited for.
 ECHO_WAIT = 600.0
+#: Free space on the queue's disk that written bytes may not take (:meth:`ChangeQueue.
+#: room_for`), at most this and a twentieth of the disk: what the queue's own records (its
+#: log, its database) need, so that on a full disk an ``rm``, which frees space, and a
+#: writer's close can still be recorded.
+HEADROOM = 16 << 20
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS changes (
@@ -60,6 +65,7 @@ CREATE TABLE IF NOT EXISTS changes (
     uploaded INTEGER NOT NULL DEFAULT 0,
     origin TEXT,                 -- for a blob reference: "<commit id>/<path>" it was read from
     mode INTEGER NOT NULL DEFAULT 420,  -- permission bits (0o644), committed with the object
+    failed TEXT,                 -- why its bytes are incomplete: a write to it failed
     PRIMARY KEY (branch, path)
 );
 -- seq: the reservation (see ChangeQueue._next_seq); folded: the last generation of queue.log
@@ -83,6 +89,10 @@ class Row:
     uploaded: bool
     origin: str | None = None
     mode: int = 0o644
+    #: Why the file's bytes are incomplete (a write to it failed: "No space left on device");
+    #: a commit refuses it unless forced. Until its content starts over (created again,
+    #: truncated to nothing) or it is deleted.
+    failed: str | None = None
 
     def origin_parts(self) -> tuple[str, str]:
         """``(commit id, path)`` where a blob reference's bytes can be read."""
@@ -189,15 +199,16 @@ def _encode_row(key: str, row: Row) -> bytes:
     payload = "\0".join((key, row.path, row.kind, row.local or "", row.sha256 or "",
                          str(row.size), repr(row.mtime), row.base, str(row.seq),
                          "1" if row.uploaded else "", row.origin or "",
-                         str(row.mode))).encode()
+                         str(row.mode), row.failed or "")).encode()
     return _RECORD_HEADER.pack(len(payload), zlib.crc32(payload)) + payload
 
 
 def _decode_row(payload: bytes) -> tuple[str, Row]:
-    key, path, kind, local, sha256, size, mtime, base, seq, uploaded, origin, mode = \
+    key, path, kind, local, sha256, size, mtime, base, seq, uploaded, origin, mode, *rest = \
         payload.decode().split("\0")
+    failed = rest[0] if rest else ""  # a log written before failed writes were kept: none
     return key, Row(path, kind, local or None, sha256 or None, int(size), float(mtime), base,
-                    int(seq), bool(uploaded), origin or None, int(mode))
+                    int(seq), bool(uploaded), origin or None, int(mode), failed or None)
 
 
 def _decode_log(data: bytes) -> tuple[int, list[tuple[str, Row]]]:
@@ -231,6 +242,16 @@ def _sync_tree(root: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _raise_as_disk_error(exc: BaseException) -> None:
+    """A full disk under a failed queue transaction is raised as the ENOSPC it is (what
+    the writer of a file on a full local disk hears); anything else returns, for the
+    caller to raise as it came."""
+    if isinstance(exc, sqlite3.Error) and \
+            getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        raise OSError(errno.ENOSPC,
+                      "No space left on device (the change queue's database)") from exc
 
 
 def _append(fd: int, data: bytes) -> None:
@@ -269,6 +290,8 @@ class ChangeQueue:
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(changes)")}
         if "mode" not in columns:  # a queue from before modes were kept
             self._db.execute("ALTER TABLE changes ADD COLUMN mode INTEGER NOT NULL DEFAULT 420")
+        if "failed" not in columns:  # a queue from before failed writes were kept
+            self._db.execute("ALTER TABLE changes ADD COLUMN failed TEXT")
         if "folded" not in {r[1] for r in self._db.execute("PRAGMA table_info(counter)")}:
             self._db.execute("ALTER TABLE counter ADD COLUMN folded INTEGER NOT NULL DEFAULT 0")
         self._lock = threading.RLock()
@@ -307,6 +330,8 @@ class ChangeQueue:
         #: Renames made through this mount, (old prefix, new prefix) -> until when the
         #: change feed's report of them is expected (:meth:`follow_rename`).
         self._renamed_here: dict[tuple[str, str], float] = {}
+        #: Bytes that may be written before the disk's free space is looked at again.
+        self._room_budget = 0
         self._load()
 
     def close(self) -> None:
@@ -344,13 +369,17 @@ class ChangeQueue:
             log.info("queue: %d changes replayed from its log", len(rows))
         return max(generation, folded) + 1
 
-    def _load(self) -> None:
+    def _stored_rows(self) -> Iterator[tuple[str, Row]]:
         rows = self._db.execute(
             "SELECT branch, path, kind, local, sha256, size, mtime, base, seq, uploaded, "
-            "origin, mode FROM changes").fetchall()
+            "origin, mode, failed FROM changes").fetchall()
         for branch, *values in rows:
-            row = Row(values[0], values[1], values[2], values[3], values[4], values[5],
-                      values[6], values[7], bool(values[8]), values[9], values[10])
+            yield branch, Row(values[0], values[1], values[2], values[3], values[4], values[5],
+                              values[6], values[7], bool(values[8]), values[9], values[10],
+                              values[11])
+
+    def _load(self) -> None:
+        for branch, row in self._stored_rows():
             if row.kind == "file" and row.local is not None:
                 # A daemon killed between writes and release: the local file is the truth.
                 try:
@@ -375,6 +404,19 @@ class ChangeQueue:
                     stray.unlink()
             else:
                 self._to_lost_found(stray)
+
+    def room_for(self, size: int) -> bool:
+        """Whether ``size`` more bytes of queued files leave the queue's disk its
+        :data:`HEADROOM`. The free space is looked at again once half of what lay above the
+        headroom was written (every write, near the end), not at each write."""
+        self._room_budget -= size
+        if self._room_budget >= 0:
+            return True
+        disk = os.statvfs(self.files_dir)
+        headroom = min(HEADROOM, disk.f_blocks * disk.f_frsize // 20)
+        above = disk.f_bavail * disk.f_frsize - headroom
+        self._room_budget = max(0, above // 2)
+        return above >= size
 
     def _discard_local(self, local: str) -> None:
         """A local file no row needs any more: deleted now, or when the last commit reading
@@ -575,15 +617,41 @@ class ChangeQueue:
                 if self._reserved != self._stored_reserve:
                     self._db.execute("UPDATE counter SET seq = ? WHERE id = 1",
                                      (self._reserved,))
-            except BaseException:
+            except BaseException as exc:
                 self._db.execute("ROLLBACK")
                 self._reserved = reserved  # a reservation made in it is undone too
+                if isinstance(exc, sqlite3.Error | OSError):
+                    self._storage_failed(exc)
+                    _raise_as_disk_error(exc)
                 raise
-            self._db.execute("COMMIT")
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                # A full disk: SQLite rolled the transaction back itself.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                self._reserved = reserved
+                self._storage_failed(exc)
+                _raise_as_disk_error(exc)
+                raise
             self._stored_reserve = self._reserved
             if folding:
                 self._unfolded.clear()
                 self._log_folded = True
+
+    def _storage_failed(self, exc: BaseException) -> None:
+        """A transaction failed in the database or on the disk (full, say) after its body
+        changed the rows in memory: memory is made what the database and the log hold
+        again, so what shows is what a restart would show. A full disk is raised as
+        ENOSPC (:func:`_raise_as_disk_error`)."""
+        log.warning("queue: a change could not be recorded (%s); it is not made", exc)
+        self._branches = {}
+        for branch, row in self._stored_rows():
+            self._apply(self._branches.setdefault(branch, BranchQueue()), row)
+        for (branch, _), row in self._unfolded.items():  # newer than the database's rows
+            queue = self._branches.setdefault(branch, BranchQueue())
+            queue.deleted.discard(row.path)
+            self._apply(queue, row)
 
     def _log(self, key: str, row: Row) -> None:
         """Make ``row`` durable across a daemon crash by appending it to the log (the caller
@@ -630,22 +698,24 @@ class ChangeQueue:
     def _write(self, db: sqlite3.Connection, key: str, row: Row) -> None:
         db.execute(
             "INSERT OR REPLACE INTO changes (branch, path, kind, local, sha256, size, mtime, "
-            "base, seq, uploaded, origin, mode) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "base, seq, uploaded, origin, mode, failed) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (key, row.path, row.kind, row.local, row.sha256, row.size, row.mtime, row.base,
-             row.seq, int(row.uploaded), row.origin, row.mode))
+             row.seq, int(row.uploaded), row.origin, row.mode, row.failed))
 
     def put_file(self, key: str, path: str, base: str, *, local: str | None = None,
                  sha256: str | None = None, size: int = 0, mtime: float | None = None,
-                 origin: str | None = None, mode: int = 0o644) -> Row:
+                 origin: str | None = None, mode: int = 0o644,
+                 failed: str | None = None) -> Row:
         """Queue new content at ``path`` (replacing a queued file or a delete there): local
         bytes, or an existing blob (``sha256`` and the ``origin`` it can be read from), with
-        its permission bits."""
+        its permission bits (and :attr:`Row.failed` for a copy of incomplete bytes)."""
         with self._lock:
             queue = self.branch(key)
             old = queue.files.get(path)
             row = Row(path, "file", local, sha256, size, time.time() if mtime is None else mtime,
                       old.base if old else base, self._next_seq(), sha256 is not None,
-                      origin, mode)
+                      origin, mode, failed)
             self._log(key, row)  # replaces a delete row of the path (same key)
             queue.deleted.discard(path)
             queue.set_file(row)
@@ -657,10 +727,12 @@ class ChangeQueue:
     def touch_file(self, key: str, path: str, *, size: int | None = None,
                    mtime: float | None = None, sha256: str | None = None,
                    uploaded: bool = False, content_changed: bool = True,
-                   mode: int | None = None) -> Row:
+                   mode: int | None = None, failed: str | None = None) -> Row:
         """Record that a queued file changed (size, mtime, mode) or was hashed/uploaded. A
         content change raises its ``seq`` (so a running commit leaves it queued) and forgets
-        its hash; an mtime or mode change also raises ``seq`` but keeps the hash."""
+        its hash; an mtime or mode change also raises ``seq`` but keeps the hash. ``failed``:
+        why its bytes are now incomplete (see :attr:`Row.failed`); ``""`` clears that (its
+        content starts over), None keeps it."""
         with self._lock:
             queue = self.branch(key)
             old = queue.files[path]
@@ -674,7 +746,8 @@ class ChangeQueue:
                                            mode is not None) else old.seq,
                       uploaded if sha256 is not None else (old.uploaded and not content_changed),
                       old.origin,
-                      old.mode if mode is None else mode)
+                      old.mode if mode is None else mode,
+                      old.failed if failed is None else (failed or None))
             self._log(key, row)
             queue.set_file(row)
             self._fold_if_long()
@@ -835,7 +908,7 @@ class ChangeQueue:
                 "files": [{"path": r.path, "size": r.size, "mtime": r.mtime, "mode": r.mode,
                            "sha256": r.sha256, "base": r.base,
                            "bytes": r.path if r.local is not None else None,
-                           "origin": r.origin} for r in rows],
+                           "origin": r.origin, "failed": r.failed} for r in rows],
                 "deleted": sorted(queue.deleted | set(queue.deleted_dirs)),
                 "directories": sorted(queue.dirs),
             }

@@ -15,11 +15,13 @@ object's blob and copy nothing.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import trio
@@ -100,6 +102,14 @@ class VFS:
         #: kept, as its times are. Where others see it, that chmod is refused.
         self.private = True
         self._dir_modes_noted: set[str] = set()
+        #: The front end's hook for a file a write to which just failed: ``(queue key,
+        #: path)``. Its bytes fall short of what the writer wrote; a mount makes the kernel
+        #: forget the size and pages it kept, which it would show. Called in the failing
+        #: request: it must not wait (the kernel waits for that request's answer).
+        self.on_incomplete: Callable[[str, str], None] | None = None
+        #: Failed writes the queue could not record yet, by the queue file written (which
+        #: follows a rename of its path; a file created again has a new one).
+        self._unrecorded_failures: dict[str, str] = {}
 
     @property
     def refresh(self) -> float:
@@ -252,7 +262,14 @@ class VFS:
         if not isinstance(handle, WriteHandle) or not handle.may_write:
             raise BadHandle("the file is not open for writing")
         handle.mark_written()
-        done = os.pwrite(handle.fd, data, offset)
+        try:
+            if self.queue is not None and not self.queue.room_for(len(data)):
+                raise OSError(errno.ENOSPC, "No space left on device (the cache disk's last "
+                              "MiBs are kept for the change queue's records)")
+            done = os.pwrite(handle.fd, data, offset)
+        except OSError as exc:
+            self._write_failed(handle, exc)
+            raise
         handle.unwritten += done
         if handle.unwritten >= WRITEOUT_EVERY:
             handle.unwritten = 0
@@ -266,7 +283,11 @@ class VFS:
 
     async def fsync(self, handle: Handle) -> None:
         if isinstance(handle, WriteHandle):
-            await trio.to_thread.run_sync(os.fsync, handle.fd)
+            try:
+                await trio.to_thread.run_sync(os.fsync, handle.fd)
+            except OSError as exc:  # written bytes that never reached the disk: lost
+                self._write_failed(handle, exc)
+                raise
             self._settle(handle)
             handle.mid_change = False
             await trio.to_thread.run_sync(self._queue.make_durable)
@@ -590,9 +611,10 @@ class VFS:
         if row is not None and row.local is not None:
             if queue.is_pinned(row.local):
                 return await self._copy_pinned(branch, node, row, truncate)
-            if truncate:
+            if truncate:  # its content starts over: no longer incomplete
                 os.truncate(self.tree.local_path(row.local), 0)
-                row = queue.touch_file(branch, path, size=0, mtime=time.time())
+                self._unrecorded_failures.pop(row.local, None)
+                row = queue.touch_file(branch, path, size=0, mtime=time.time(), failed="")
             return row
         local, local_path = queue.new_local()
         size = 0
@@ -619,11 +641,14 @@ class VFS:
             local_path.unlink(missing_ok=True)
             if truncate:
                 os.truncate(self.tree.local_path(current.local), 0)
-                return queue.touch_file(branch, node.loc.subpath, size=0, mtime=time.time())
+                self._unrecorded_failures.pop(current.local, None)
+                return queue.touch_file(branch, node.loc.subpath, size=0, mtime=time.time(),
+                                        failed="")
             return current
         size = 0 if truncate else os.stat(local_path).st_size
         return queue.put_file(branch, node.loc.subpath, row.base, local=local, size=size,
-                              mtime=time.time() if truncate else row.mtime, mode=row.mode)
+                              mtime=time.time() if truncate else row.mtime, mode=row.mode,
+                              failed=None if truncate else row.failed)
 
     def _undo_copy(self, handle: WriteHandle) -> None:
         """A head object opened for writing and closed unwritten (``sqlite3 db 'select'``)
@@ -652,9 +677,45 @@ class VFS:
             return
         size = os.fstat(handle.fd).st_size
         mtime = time.time() if handle.mtime is None else handle.mtime
-        self.queue.touch_file(handle.branch, handle.path, size=size, mtime=mtime)
+        failed = local = None
+        if self._unrecorded_failures:
+            local = self.queue.branch(handle.branch).files[handle.path].local
+            failed = self._unrecorded_failures.get(local) if local is not None else None
+        self.queue.touch_file(handle.branch, handle.path, size=size, mtime=mtime,
+                              failed=failed)
+        if failed is not None and local is not None:
+            del self._unrecorded_failures[local]
         handle.dirty = False
         handle.mtime = None
+
+    def _write_failed(self, handle: WriteHandle, exc: OSError) -> None:
+        """A write or fsync of ``handle`` failed (a full disk, an I/O error): its file keeps
+        what was written before, so it is queued as incomplete (:attr:`Row.failed`), which a
+        commit refuses unless forced. Recorded at once if the queue can; if not (its own log
+        on the same full disk), kept in memory for this session (:meth:`incomplete`) and
+        recorded at the file's next settle."""
+        first = handle.failed is None
+        handle.failed = f"a write failed: {exc.strerror or exc}"
+        if first:  # a writer's page cache may fail a write request per MiB from here on
+            log.warning("%s of %s: %s; the file is incomplete until written again",
+                        handle.path, handle.branch, handle.failed)
+            if self.on_incomplete is not None and not handle.orphaned:
+                self.on_incomplete(handle.branch, handle.path)
+        queue = self.queue
+        row = None if handle.orphaned or queue is None else \
+            queue.branch(handle.branch).files.get(handle.path)
+        if queue is None or row is None or row.local is None:
+            return
+        try:
+            queue.touch_file(handle.branch, handle.path, failed=handle.failed)
+        except OSError:
+            self._unrecorded_failures[row.local] = handle.failed
+
+    def incomplete(self, row: Row) -> str | None:
+        """Why the queued file ``row`` is incomplete, or None."""
+        if row.failed or row.local is None:
+            return row.failed
+        return self._unrecorded_failures.get(row.local)
 
     # -- what a commit needs to know -------------------------------------------------------
 

@@ -114,6 +114,9 @@ class WriteHandle:
     #                           leaves the file queued rather than take it half-written
     shown: Node | None = None  # what the file was last shown as (see VFS.writer_mtime)
     unwritten: int = 0  # bytes written since the last start_writeout
+    #: Why a write (or fsync) through this handle failed, once one did: the file's bytes are
+    #: incomplete (see :meth:`VFS._write_failed`).
+    failed: str | None = None
 
     def mark_written(self) -> None:
         self.dirty = self.written = self.mid_change = True

@@ -115,7 +115,10 @@ class WriteBack:
         pending: list[tuple[str, str, Row]] = []
         for branch, path in wanted:
             row = self._queue.branch(branch).files.get(path)
-            if row is not None and row.local is not None and not row.uploaded:
+            # An incomplete file (a write to it failed) is not sent: no commit takes it as
+            # it is but a forced one, which sends it itself.
+            if row is not None and row.local is not None and not row.uploaded and \
+                    not row.failed:
                 pending.append((branch, path, row))
         if not pending:
             return 0, 0
