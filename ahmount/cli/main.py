@@ -695,7 +695,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "ending in / is a directory); repeatable")
     p.add_argument("-d", "--delete", action="append", default=[], metavar="PATH",
                    help="an object (or, ending in /, a directory) to delete; repeatable")
-    p.add_argument("--force", action="store_true", help="include unknown staged changes")
+    p.add_argument("--force", action="store_true",
+                   help="include unknown staged changes; in a mount, also files changed on "
+                        "the hub since queued and incomplete files (a write failed)")
     p.add_argument("--json", action="store_true", help=JSON_HELP)
 
     p = _sub(subs, "download", cmd_download, "download objects of a branch, tag or commit",

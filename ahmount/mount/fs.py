@@ -9,12 +9,14 @@ whether the kernel may keep its page cache, entry and attribute timeouts.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
 from typing import Any
 
 import pyfuse3
+import trio
 
 from ahmount.errors import NotFound
 from ahmount.mount.attrs import (
@@ -28,7 +30,7 @@ from ahmount.mount.errno_map import fuse_errors
 from ahmount.mount.inodes import ROOT_INODE, InodeTable
 from ahmount.vfs.core import VFS, Listing
 from ahmount.vfs.errors import BadHandle, InvalidName, NotPermitted
-from ahmount.vfs.handles import Handle, ReadHandle
+from ahmount.vfs.handles import Handle, ReadHandle, WriteHandle
 from ahmount.vfs.layout import Key
 from ahmount.vfs.tree import Node, shown_permissions
 
@@ -360,7 +362,30 @@ class AssetFS(pyfuse3.Operations):
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         self._count("write")
-        return self.vfs.write(self._file(fh), off, buf)
+        handle = self._file(fh)
+        try:
+            return self.vfs.write(handle, off, buf)
+        except OSError:
+            if isinstance(handle, WriteHandle) and handle.failed is not None and \
+                    not handle.failed_shown:
+                handle.failed_shown = True
+                await self._forget_name(self._files[fh][0])
+            raise
+
+    async def _forget_name(self, inode: int) -> None:
+        """A write to the file at ``inode`` failed (a full disk): its bytes fall short of
+        the size and pages the kernel kept (writeback caching), which it would go on
+        showing. Its path gets a new inode and the kernel forgets the name before this
+        write is answered, so no ``stat`` after the writer's ``close`` sees the old one.
+        (Only the name: dropping the inode's pages would wait for this very write.)"""
+        if not self.inodes.has_name(inode):
+            return
+        key = self.inodes.key(inode)
+        self.inodes.detach(key, replaced=True)
+        parent = self.inodes.ino(key[:-1])
+        with contextlib.suppress(OSError):
+            await trio.to_thread.run_sync(pyfuse3.invalidate_entry, parent,
+                                          os.fsencode(key[-1]))
 
     @fuse_errors
     async def flush(self, fh: int) -> None:

@@ -94,9 +94,12 @@ class KernelCache:
 
 def _forget_all(targets: list[tuple[int, int | None, str]]) -> None:
     for ino, parent, name in targets:
-        # ENOENT: the kernel had already forgotten it; nothing to do
-        with contextlib.suppress(OSError):
-            pyfuse3.invalidate_inode(ino, attr_only=False)
+        # ENOENT: the kernel had already forgotten it; nothing to do. The name first: the
+        # inode's pages are dropped only once its writeback is done, which for a file still
+        # being written (a write the disk refused) is when its writer stops, and until the
+        # name is forgotten it leads to that inode.
         if parent is not None and name:
             with contextlib.suppress(OSError):
                 pyfuse3.invalidate_entry(parent, os.fsencode(name))
+        with contextlib.suppress(OSError):
+            pyfuse3.invalidate_inode(ino, attr_only=False)

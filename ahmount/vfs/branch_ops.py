@@ -160,10 +160,11 @@ async def commit(vfs: VFS, ref: BranchRef, message: str, force: bool) -> dict[st
         reason = vfs.incomplete(taken.files[incomplete[0]])
         named = ", ".join(incomplete[:5]) + (f" and {len(incomplete) - 5} more"
                                              if len(incomplete) > 5 else "")
-        verb = "is" if len(incomplete) == 1 else "are"
-        raise Conflict(f"{ref.asset.at(ref.branch)}: {named} {verb} incomplete ({reason}): "
-                       "each holds only what was written before the failure; write it again "
-                       "or remove it, or commit with --force to commit it as it is",
+        one = len(incomplete) == 1
+        raise Conflict(f"{ref.asset.at(ref.branch)}: {named} {'is' if one else 'are'} "
+                       f"incomplete ({reason}): {'it holds' if one else 'each holds'} only "
+                       "what was written before the failure; write it again or remove it, or "
+                       "commit with --force to commit it as it is",
                        path=ref.asset.at(ref.branch))
     for path, row in taken.files.items():
         if row.local is None:

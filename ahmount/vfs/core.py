@@ -21,7 +21,6 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import trio
@@ -102,11 +101,6 @@ class VFS:
         #: kept, as its times are. Where others see it, that chmod is refused.
         self.private = True
         self._dir_modes_noted: set[str] = set()
-        #: The front end's hook for a file a write to which just failed: ``(queue key,
-        #: path)``. Its bytes fall short of what the writer wrote; a mount makes the kernel
-        #: forget the size and pages it kept, which it would show. Called in the failing
-        #: request: it must not wait (the kernel waits for that request's answer).
-        self.on_incomplete: Callable[[str, str], None] | None = None
         #: Failed writes the queue could not record yet, by the queue file written (which
         #: follows a rename of its path; a file created again has a new one).
         self._unrecorded_failures: dict[str, str] = {}
@@ -699,8 +693,6 @@ class VFS:
         if first:  # a writer's page cache may fail a write request per MiB from here on
             log.warning("%s of %s: %s; the file is incomplete until written again",
                         handle.path, handle.branch, handle.failed)
-            if self.on_incomplete is not None and not handle.orphaned:
-                self.on_incomplete(handle.branch, handle.path)
         queue = self.queue
         row = None if handle.orphaned or queue is None else \
             queue.branch(handle.branch).files.get(handle.path)

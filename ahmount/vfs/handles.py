@@ -117,6 +117,7 @@ class WriteHandle:
     #: Why a write (or fsync) through this handle failed, once one did: the file's bytes are
     #: incomplete (see :meth:`VFS._write_failed`).
     failed: str | None = None
+    failed_shown: bool = False  # the front end made what it shows of the file follow
 
     def mark_written(self) -> None:
         self.dirty = self.written = self.mid_change = True

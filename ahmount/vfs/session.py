@@ -42,7 +42,7 @@ from ahmount.vfs.change_feed import Changed, ChangeFeed
 from ahmount.vfs.change_queue import ChangeQueue
 from ahmount.vfs.core import VFS
 from ahmount.vfs.hub_view import HubView, hub_state, utc_time
-from ahmount.vfs.layout import branch_of_key, locate, places_of
+from ahmount.vfs.layout import locate, places_of
 from ahmount.vfs.object_cache import ObjectCache
 from ahmount.vfs.prefetch import Prefetcher
 from ahmount.vfs.queue_follow import QueueFollower
@@ -145,7 +145,6 @@ class Session:
                          _as_of(view))
             writeback = WriteBack(hub, queue, self._write_back)
             self._vfs = VFS(view, cache, queue, writeback, self.started)
-            self._vfs.on_incomplete = self._incomplete
             self._nursery = nursery = await stack.enter_async_context(open_nursery())
             stack.callback(nursery.cancel_scope.cancel)  # runs first on the way out
             self._supervisor = supervisor = Supervisor(nursery, self._bug)
@@ -332,15 +331,6 @@ class Session:
 
     async def merge(self, path: Any) -> dict[str, Any]:
         return await branch_ops.merge(self.vfs, await self._branch(path))
-
-    def _incomplete(self, key: str, path: str) -> None:
-        """A file a write to which failed shows the bytes it holds (fewer than the kernel,
-        which kept what was written, would show): in the background, as the failing request
-        must be answered first."""
-        asset, branch = branch_of_key(key)
-        if self._supervisor is not None:
-            self._supervisor.spawn(f"forgetting incomplete {path}",
-                                   lambda: self._shown_changed(asset, branch, [path], [path]))
 
     async def _shown_changed(self, asset: AssetAddr, branch: str, paths: list[str],
                              replaced: list[str]) -> None:
