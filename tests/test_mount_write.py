@@ -649,6 +649,9 @@ def test_a_write_the_full_disk_refuses_leaves_an_incomplete_file_no_commit_takes
     with small_disk(tmp_path / "small", "24m") as small:
         m = mount_factory("--cache-dir", str(small / "cache"))
         branch = m.mountpoint / "model/llm/gpt2/v1"
+        # df tells of the room the disk has, not of the 10 GiB cache's.
+        shown, disk = os.statvfs(branch), os.statvfs(small)
+        assert 0 < shown.f_bavail * shown.f_frsize <= disk.f_bavail * disk.f_frsize
         data = os.urandom(48 << 20)
         with pytest.raises(OSError) as refused, open(branch / "big.bin", "wb") as handle:
             first_ino = os.fstat(handle.fileno()).st_ino

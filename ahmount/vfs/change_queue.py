@@ -244,6 +244,13 @@ def _sync_tree(root: Path) -> None:
             os.close(fd)
 
 
+def room_on(path: Path) -> int:
+    """Bytes files may still take on the disk of ``path``: its free space less the
+    :data:`HEADROOM` the queue's records keep (negative when they eat into it)."""
+    disk = os.statvfs(path)
+    return disk.f_bavail * disk.f_frsize - min(HEADROOM, disk.f_blocks * disk.f_frsize // 20)
+
+
 def _raise_as_disk_error(exc: BaseException) -> None:
     """A full disk under a failed queue transaction is raised as the ENOSPC it is (what
     the writer of a file on a full local disk hears); anything else returns, for the
@@ -412,9 +419,7 @@ class ChangeQueue:
         self._room_budget -= size
         if self._room_budget >= 0:
             return True
-        disk = os.statvfs(self.files_dir)
-        headroom = min(HEADROOM, disk.f_blocks * disk.f_frsize // 20)
-        above = disk.f_bavail * disk.f_frsize - headroom
+        above = room_on(self.files_dir)
         self._room_budget = max(0, above // 2)
         return above >= size
 

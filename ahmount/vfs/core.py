@@ -31,7 +31,7 @@ from ahmount.names import MAX_SEGMENT_BYTES
 from ahmount.transfer.hashes import hash_files
 from ahmount.transfer.plan import LocalFile
 from ahmount.vfs import resources
-from ahmount.vfs.change_queue import ChangeQueue, Row
+from ahmount.vfs.change_queue import ChangeQueue, Row, room_on
 from ahmount.vfs.errors import (
     BadHandle,
     CrossBranch,
@@ -183,7 +183,12 @@ class VFS:
         return out
 
     def statfs(self) -> FsStats:
+        """The cache's size and use; free: what the cache has left, and never more than
+        files may still take on its disk (``df`` before writing a checkpoint, or a
+        downloader's free-space check, must not be told of room the disk lacks)."""
         free = max(self.cache.max_bytes - self.cache.used_bytes(), 0)
+        disk = self.queue.files_dir if self.queue is not None else self.cache.root
+        free = max(min(free, room_on(disk)), 0)
         return FsStats(BLOCK, max(self.cache.max_bytes // BLOCK, 1), free // BLOCK,
                        MAX_SEGMENT_BYTES)
 
