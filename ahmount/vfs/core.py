@@ -701,8 +701,9 @@ class VFS:
         queue = self.queue
         row = None if handle.orphaned or queue is None else \
             queue.branch(handle.branch).files.get(handle.path)
-        if queue is None or row is None or row.local is None:
-            return
+        if queue is None or row is None or row.local is None or \
+                (row.failed == handle.failed and not first):
+            return  # recorded already (the rest of a writer's page cache failing too)
         try:
             queue.touch_file(handle.branch, handle.path, failed=handle.failed)
         except OSError:
