@@ -622,22 +622,14 @@ class ChangeQueue:
                 if self._reserved != self._stored_reserve:
                     self._db.execute("UPDATE counter SET seq = ? WHERE id = 1",
                                      (self._reserved,))
+                self._db.execute("COMMIT")
             except BaseException as exc:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # a COMMIT the disk refused SQLite rolled back
+                    self._db.execute("ROLLBACK")
                 self._reserved = reserved  # a reservation made in it is undone too
                 if isinstance(exc, sqlite3.Error | OSError):
                     self._storage_failed(exc)
                     _raise_as_disk_error(exc)
-                raise
-            try:
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                # A full disk: SQLite rolled the transaction back itself.
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                self._reserved = reserved
-                self._storage_failed(exc)
-                _raise_as_disk_error(exc)
                 raise
             self._stored_reserve = self._reserved
             if folding:

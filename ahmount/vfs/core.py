@@ -610,10 +610,8 @@ class VFS:
         if row is not None and row.local is not None:
             if queue.is_pinned(row.local):
                 return await self._copy_pinned(branch, node, row, truncate)
-            if truncate:  # its content starts over: no longer incomplete
-                os.truncate(self.tree.local_path(row.local), 0)
-                self._unrecorded_failures.pop(row.local, None)
-                row = queue.touch_file(branch, path, size=0, mtime=time.time(), failed="")
+            if truncate:
+                row = self._emptied(branch, path, row.local)
             return row
         local, local_path = queue.new_local()
         size = 0
@@ -623,6 +621,13 @@ class VFS:
         return queue.put_file(branch, path, node.resolved.commit_id, local=local, size=size,
                               mtime=time.time() if truncate else node.mtime,
                               mode=node.entry.mode)
+
+    def _emptied(self, branch: str, path: str, local: str) -> Row:
+        """Truncate the queued file ``path`` (bytes in ``local``) to nothing: its content
+        starts over, so it is no longer incomplete."""
+        os.truncate(self.tree.local_path(local), 0)
+        self._unrecorded_failures.pop(local, None)
+        return self._queue.touch_file(branch, path, size=0, mtime=time.time(), failed="")
 
     async def _copy_pinned(self, branch: str, node: Node, row: Row, truncate: bool) -> Row:
         """A write to a file that a running commit is reading: the writer gets bytes of its
@@ -639,10 +644,7 @@ class VFS:
             # Another writer made its copy while this one was copying: share it.
             local_path.unlink(missing_ok=True)
             if truncate:
-                os.truncate(self.tree.local_path(current.local), 0)
-                self._unrecorded_failures.pop(current.local, None)
-                return queue.touch_file(branch, node.loc.subpath, size=0, mtime=time.time(),
-                                        failed="")
+                return self._emptied(branch, node.loc.subpath, current.local)
             return current
         size = 0 if truncate else os.stat(local_path).st_size
         return queue.put_file(branch, node.loc.subpath, row.base, local=local, size=size,

@@ -47,29 +47,29 @@ def set_rows(index: diskcache.Cache, items: Iterable[tuple[Any, Any]]) -> None:
     and a row replaced here must not have had one (its file would be left behind)."""
     disk = index._disk  # diskcache's own encoding: see the module's docstring
     now = time.time()
-    # The last of a key given twice: the row to insert, or the item that goes through set.
-    last: dict[tuple[Any, Any], tuple[Any, ...]] = {}
+    # By (db key, raw): the last of a key given twice, as a row to insert or, for a value
+    # kept in a file of its own, an item that goes through set.
+    rows: dict[tuple[Any, Any], tuple[Any, ...]] = {}
+    large: dict[tuple[Any, Any], tuple[Any, Any]] = {}
     for key, value in items:
         db_key, raw = disk.put(key)
         size, mode, filename, db_value = disk.store(value, False, key=key)
-        last.pop((db_key, raw), None)
+        rows.pop((db_key, raw), None)
+        large.pop((db_key, raw), None)
         if filename is not None:
             disk.remove(filename)
-            last[db_key, raw] = (key, value)
+            large[db_key, raw] = (key, value)
         else:
-            last[db_key, raw] = (db_key, raw, now, None, now, 0, None, size, mode, None,
+            rows[db_key, raw] = (db_key, raw, now, None, now, 0, None, size, mode, None,
                                  db_value)
-    rows = [row for row in last.values() if len(row) == 11]
     with index.transact():
         con = index._con
         # A delete, not INSERT OR REPLACE: SQLite runs no delete trigger for the rows a
         # REPLACE removes, and diskcache's count would drift.
-        con.executemany("DELETE FROM Cache WHERE key = ? AND raw = ?",
-                        [row[:2] for row in rows])
+        con.executemany("DELETE FROM Cache WHERE key = ? AND raw = ?", list(rows))
         con.executemany(
             "INSERT INTO Cache(key, raw, store_time, expire_time, access_time, access_count,"
             " tag, size, mode, filename, value) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            rows)
-        for item in last.values():
-            if len(item) == 2:
-                index.set(*item)
+            list(rows.values()))
+        for key, value in large.values():
+            index.set(key, value)
