@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from ahmount import ah
+from ahmount.errors import Conflict
 from tests.conftest import MountProcess, wait_until
 from tests.fs_drivers import (
     Driver,
@@ -468,6 +469,38 @@ def test_a_closing_writers_times_answer_with_its_mode_and_live_size(gpt2_v1: Non
         assert times(1_600_000_001.0) is None
         driver.close(fd)
         assert driver.stat(f"{B}/w.bin").st_mtime == 1_600_000_000.0
+    finally:
+        driver.close_driver()
+
+
+def test_a_failure_only_the_session_knows_keeps_its_file_from_going_up(
+        gpt2_v1: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed write the queue could not record (its log on the same full disk too) is
+    known to the session alone (``VFS.incomplete``): the upload that ``ah sync`` and
+    upload-ahead share must skip that file, as it skips one the queue marks, instead of
+    sending the bytes it has (it sent them: only ``ah commit`` asked the session)."""
+    driver = VfsDriver(tmp_path / "vfs-cache")
+    try:
+        queue = driver.vfs.queue
+        fd = driver.open(f"{B}/w.bin", os.O_CREAT | os.O_WRONLY, 0o644)
+        driver.pwrite(fd, b"x" * 5000, 0)
+
+        def refused(*args: Any, **kwargs: Any) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        with monkeypatch.context() as full:
+            full.setattr(queue, "room_for", lambda size: False)
+            full.setattr(queue, "touch_file", refused)
+            with pytest.raises(OSError) as refusal:
+                driver.pwrite(fd, b"y" * 3000, 5000)
+            assert refusal.value.errno == errno.ENOSPC
+            [branch] = queue.branches()
+            row = queue.branch(branch).files["w.bin"]
+            assert row.failed is None and driver.vfs.incomplete(row)
+            assert driver.control("sync", path=SEGMENTS) == {"uploaded": 0, "bytes": 0}
+        driver.close(fd)  # the disk has room again: the close records the failure
+        with pytest.raises(Conflict, match="w.bin is incomplete"):
+            driver.control("commit", path=SEGMENTS, message="m", force=False)
     finally:
         driver.close_driver()
 

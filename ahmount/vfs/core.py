@@ -91,6 +91,8 @@ class VFS:
         self.cache = cache
         self.queue = queue
         self.writeback = writeback
+        if writeback is not None:
+            writeback.incomplete = self.incomplete
         self.tree = Tree(view, queue, time.time() if started is None else started)
         self.handles = Handles()
         #: Fetches small files with their directory's other small files (set by a session

@@ -16,6 +16,7 @@ file gone, disk full) is contained here, anything else is a bug and stops the se
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -54,6 +55,10 @@ class WriteBack:
         self.bytes_uploaded = 0
         self.failures = 0
         self.uploading = False
+        #: Why a queued file is incomplete, or None. The queue's mark by default; the VFS
+        #: puts its own here, which also knows failures the queue could not record (its log
+        #: on the same full disk).
+        self.incomplete: Callable[[Row], str | None] = lambda row: row.failed
 
     def closed(self, branch: str, path: str) -> None:
         """A written file of ``branch`` was closed: upload it soon."""
@@ -118,7 +123,7 @@ class WriteBack:
             # An incomplete file (a write to it failed) is not sent: no commit takes it as
             # it is but a forced one, which sends it itself.
             if row is not None and row.local is not None and not row.uploaded and \
-                    not row.failed:
+                    not self.incomplete(row):
                 pending.append((branch, path, row))
         if not pending:
             return 0, 0
