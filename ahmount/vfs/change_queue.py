@@ -76,7 +76,7 @@ INSERT OR IGNORE INTO counter (id, seq) VALUES (1, 0);
 """
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Row:
     path: str
     kind: str
