@@ -9,9 +9,11 @@ import multiprocessing
 import os
 import pickle
 import re
+import threading
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -172,6 +174,42 @@ def test_each_write_is_one_commit_with_its_message(account: Account) -> None:
     assert fs.find(account.root) == [f"{account.root}/a.txt", f"{account.root}/c.txt"]
 
 
+@pytest.mark.parametrize("how", ["open", "pipe"])
+def test_writes_from_many_threads_each_commit_their_own_file(account: Account,
+                                                             how: str) -> None:
+    """Threads sharing one file system (pyarrow's dataset writer, a thread pool saving
+    shards) each write a file at once: every file is committed, each write its own commit.
+    A write's implicit commit was the file system's one transaction, so a write from
+    another thread joined it, after it had taken its files: lost, and reported written."""
+    fs = account.fs
+    n = len(account.commits())
+    threads = 8
+    barrier = threading.Barrier(threads)
+
+    def write(i: int) -> None:
+        path = f"{account.root}/shards/{i}/part-0.bin"
+        data = f"shard {i}".encode() * 100
+        barrier.wait()
+        if how == "pipe":
+            fs.pipe(path, data)
+        else:
+            with fs.open(path, "wb") as f:
+                barrier.wait()  # every file open at once, then all closed at once
+                f.write(data)
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(write, range(threads)))
+    fs.invalidate_cache()
+    assert sorted(fs.find(f"{account.root}/shards")) == sorted(
+        f"{account.root}/shards/{i}/part-0.bin" for i in range(threads))
+    assert all(fs.cat(f"{account.root}/shards/{i}/part-0.bin") == f"shard {i}".encode() * 100
+               for i in range(threads))
+    log = account.commits()
+    assert len(log) == n + threads
+    assert all(c.message == "Write shards/{}/part-0.bin through ah://".format(
+        c.message.split("/")[1]) for c in log[:threads])
+
+
 def test_put_of_a_tree_is_one_commit(account: Account, tmp_path: Path) -> None:
     local = tmp_path / "local"
     (local / "d").mkdir(parents=True)
@@ -207,6 +245,20 @@ def test_transaction_is_one_commit_and_nothing_on_error(account: Account) -> Non
     assert not fs.exists(f"{account.root}/3.txt") and not fs.exists(f"{account.root}/4.txt")
     spool = state_dir(account.cache, account.server.url, account.name) / "spool"
     assert list(spool.iterdir()) == []  # spooled bytes of the dropped writes are gone
+
+
+def test_a_file_left_open_in_a_transaction_is_committed_whole(account: Account) -> None:
+    """A file still open when its transaction ends had only the bytes it had spooled (its
+    buffer's not yet): the commit took part of the file. It is closed first now."""
+    fs = account.fs
+    data = os.urandom(10 << 20)
+    with fs.transaction:
+        left = fs.open(f"{account.root}/left-open.bin", "wb")
+        left.write(data[:9 << 20])  # over the writer's 4 MiB block: spooled
+        left.write(data[9 << 20:])  # under it: buffered
+    assert fs.cat(f"{account.root}/left-open.bin") == data
+    left.close()  # closed already: nothing more happens
+    assert fs.cat(f"{account.root}/left-open.bin") == data
 
 
 def test_exclusive_and_append_modes(account: Account) -> None:

@@ -67,6 +67,22 @@ def test_pyarrow_dataset_with_a_filter_and_columns(account: Account) -> None:
     assert result.column("value").to_pylist() == list(range(100, 200))
 
 
+def test_a_partitioned_dataset_written_by_pyarrow_keeps_every_partition(
+        account: Account) -> None:
+    """``pq.write_to_dataset`` writes its partitions' files from several threads at once,
+    each named alike in its own directory. It kept only one partition's (the report: 100 of
+    300 rows back, the commit message naming all three files): the other writes joined one
+    write's commit after that commit had taken its files."""
+    fs = account.fs
+    table = pa.table({"k": [i % 3 for i in range(300)], "v": list(range(300))})
+    pq.write_to_dataset(table, f"{account.root}/parts", partition_cols=["k"], filesystem=fs)
+    written = fs.find(f"{account.root}/parts")
+    assert sorted(p.split("/")[-2] for p in written) == ["k=0", "k=1", "k=2"]
+    back = ds.dataset(f"{account.root}/parts", filesystem=fs, format="parquet",
+                      partitioning="hive").to_table()
+    assert sorted(back.column("v").to_pylist()) == list(range(300))
+
+
 def test_numpy_load_of_an_npy(account: Account) -> None:
     array = np.arange(12, dtype=np.float32).reshape(3, 4)
     url = f"ah://{account.root}/w.npy"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -94,9 +95,12 @@ class AhTransaction(Transaction):  # type: ignore[misc]
             while self.files:
                 f = self.files.popleft()
                 if commit:
+                    # A file still open has bytes not yet spooled: it ends here, whole.
+                    f.close()
                     f.commit()  # joins this transaction: see AhFile.commit
                 else:
                     f.discard()
+            self.pending.shut()
             if commit:
                 fs._commit_pending(self.pending)
         finally:
@@ -138,6 +142,9 @@ class AhFileSystem(AbstractFileSystem):  # type: ignore[misc]
         self._use_listings_cache = bool(use_listings_cache)
         self._pins: dict[tuple[AssetAddr, str], Resolved] = {}
         self._me: str | None = None
+        #: Per thread: the changes of the write call running in it, when it runs outside a
+        #: transaction (see :meth:`_batch`).
+        self._calls = threading.local()
 
     # -- pickling and processes ------------------------------------------------------------
 
@@ -559,30 +566,49 @@ class AhFileSystem(AbstractFileSystem):  # type: ignore[misc]
         return addr, url.ref_or_default
 
     def changes_for(self, path: str) -> tuple[BranchChanges, str]:
-        """The pending changes of ``path``'s branch in the current transaction (one is
-        started by :meth:`_batch` for a single call), and the object path."""
+        """The pending changes of ``path``'s branch in the write call or transaction this
+        thread is in (see :meth:`_batch`), and the object path."""
         url = self._parse(path)
         addr, branch = cast("tuple[AssetAddr, str]",
                             self._call(self._check_writable, url, path))
-        transaction = cast("AhTransaction", self.transaction)
-        return transaction.pending.of(addr, branch, url.asset_root()), url.path
+        pending: Pending | None = getattr(self._calls, "pending", None)
+        assert pending is not None, "a change outside a write call"
+        return pending.of(addr, branch, url.asset_root()), url.path
 
     @contextmanager
     def _batch(self, message: str | None) -> Iterator[None]:
-        """One commit per branch for what runs inside: joins the open transaction, or
-        starts one for this call alone."""
-        if self._intrans:
-            if message and self.transaction.message is None:
-                self.transaction.message = message
+        """One commit per branch for what runs inside: it joins the write call this thread
+        is in (a ``put``'s files), else the open transaction, else it is this call's own.
+
+        A call's own changes are this thread's alone, not the file system's transaction:
+        threads share a file system (pyarrow writes a dataset's partitions from several at
+        once), and a write that joined another thread's call joined it after that call's
+        commit had taken its files, and was lost. A transaction is the file system's, as
+        fsspec has it: a change that comes after its commit began is refused
+        (:class:`~ahmount.ahfs.pending.Gate`)."""
+        if getattr(self._calls, "pending", None) is not None:
             yield
             return
-        transaction = self.start_transaction(message)
+        if self._intrans:
+            transaction = cast("AhTransaction", self.transaction)
+            if message and transaction.message is None:
+                transaction.message = message
+            self._calls.pending = transaction.pending
+            try:
+                yield
+            finally:
+                self._calls.pending = None
+            return
+        pending = self._calls.pending = Pending(message)
         try:
-            yield
-        except BaseException:
-            transaction.complete(commit=False)
-            raise
-        transaction.complete(commit=True)
+            try:
+                yield
+            finally:
+                self._calls.pending = None
+            pending.shut()
+            self._commit_pending(pending)
+        finally:
+            pending.discard()  # the spooled bytes, committed or dropped
 
     def start_transaction(self, message: str | None = None) -> AhTransaction:
         """Begin a transaction (``message``: its commit message)."""

@@ -7,10 +7,37 @@ the entry is sent, no bytes). Each branch's changes become one atomic commit.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ahmount.hub.models import AssetAddr, ObjectEntry
+
+
+class Gate:
+    """Shuts a transaction's changes when its commit begins: threads share a file system
+    and so its transaction, and a change another thread makes after that is refused, not
+    left out of the commit while its writer is told it was made."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._shut = False
+
+    @contextmanager
+    def change(self) -> Iterator[None]:
+        with self._lock:
+            if self._shut:
+                raise RuntimeError("this change joined an ah:// transaction whose commit had "
+                                   "begun (another thread's?): nothing of it was made; "
+                                   "write again, or finish writing before the transaction "
+                                   "ends")
+            yield
+
+    def shut(self) -> None:
+        with self._lock:
+            self._shut = True
 
 
 @dataclass
@@ -19,6 +46,7 @@ class BranchChanges:
     branch: str
     #: The URL of the asset root as the user wrote it (for messages and read-your-writes).
     root: str
+    gate: Gate = field(default_factory=Gate, repr=False, compare=False)
     files: dict[str, Path] = field(default_factory=dict)
     entries: dict[str, ObjectEntry] = field(default_factory=dict)
     deletes: set[str] = field(default_factory=set)
@@ -26,21 +54,24 @@ class BranchChanges:
     spooled: set[Path] = field(default_factory=set)
 
     def add_file(self, path: str, local: Path, spooled: bool) -> None:
-        self._forget(path)
-        self.files[path] = local
-        if spooled:
-            self.spooled.add(local)
+        with self.gate.change():
+            self._forget(path)
+            self.files[path] = local
+            if spooled:
+                self.spooled.add(local)
 
     def add_entry(self, entry: ObjectEntry) -> None:
-        self._forget(entry.path)
-        self.entries[entry.path] = entry
+        with self.gate.change():
+            self._forget(entry.path)
+            self.entries[entry.path] = entry
 
     def delete(self, path: str, exists_on_hub: bool) -> None:
         """Remove ``path``: a change made earlier in this batch is undone, and the object
         is deleted from the branch if its head holds it."""
-        self._forget(path)
-        if exists_on_hub:
-            self.deletes.add(path)
+        with self.gate.change():
+            self._forget(path)
+            if exists_on_hub:
+                self.deletes.add(path)
 
     def _forget(self, path: str) -> None:
         local = self.files.pop(path, None)
@@ -81,12 +112,19 @@ class Pending:
 
     message: str | None = None
     branches: dict[tuple[AssetAddr, str], BranchChanges] = field(default_factory=dict)
+    gate: Gate = field(default_factory=Gate, repr=False, compare=False)
 
     def of(self, addr: AssetAddr, branch: str, root: str) -> BranchChanges:
-        found = self.branches.get((addr, branch))
-        if found is None:
-            found = self.branches[(addr, branch)] = BranchChanges(addr, branch, root)
-        return found
+        with self.gate.change():
+            found = self.branches.get((addr, branch))
+            if found is None:
+                found = self.branches[(addr, branch)] = BranchChanges(addr, branch, root,
+                                                                      self.gate)
+            return found
+
+    def shut(self) -> None:
+        """No change from here on (:class:`Gate`): the commit begins."""
+        self.gate.shut()
 
     def discard(self) -> None:
         for changes in self.branches.values():
