@@ -261,6 +261,25 @@ def test_a_file_left_open_in_a_transaction_is_committed_whole(account: Account) 
     assert fs.cat(f"{account.root}/left-open.bin") == data
 
 
+def test_rm_of_what_is_not_there_is_file_not_found_and_changes_nothing(
+        account: Account) -> None:
+    """As a local ``rm`` and HfFileSystem's: a mistyped path raises, it does not pass as
+    deleted. Inside a transaction, a file written earlier in it is there to remove."""
+    fs = account.fs
+    fs.pipe(f"{account.root}/kept.txt", b"k")
+    n = len(account.commits())
+    with pytest.raises(FileNotFoundError, match="no such object"):
+        fs.rm(f"{account.root}/kept.txtt")
+    with pytest.raises(FileNotFoundError):
+        fs.rm([f"{account.root}/kept.txt", f"{account.root}/missing.txt"])
+    assert len(account.commits()) == n and fs.cat(f"{account.root}/kept.txt") == b"k"
+    with fs.transaction:
+        fs.pipe(f"{account.root}/scratch.txt", b"s")
+        fs.rm(f"{account.root}/scratch.txt")
+        fs.pipe(f"{account.root}/other.txt", b"o")
+    assert fs.find(account.root) == [f"{account.root}/kept.txt", f"{account.root}/other.txt"]
+
+
 def test_exclusive_and_append_modes(account: Account) -> None:
     fs = account.fs
     path = f"{account.root}/x.txt"

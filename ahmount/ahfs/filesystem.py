@@ -685,6 +685,10 @@ class AhFileSystem(AbstractFileSystem):  # type: ignore[misc]
                 if info is not None and info["type"] == "directory":
                     continue
                 changes, object_path = self.changes_for(p)
+                if info is None and object_path not in changes.files and \
+                        object_path not in changes.entries:
+                    # As a local rm (and HfFileSystem's): a typo does not pass as done.
+                    raise FileNotFoundError(errno.ENOENT, f"ah://{p}: no such object")
                 changes.delete(object_path, exists_on_hub=info is not None)
 
     def _info_or_none(self, path: str) -> dict[str, Any] | None:
