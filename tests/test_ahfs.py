@@ -294,6 +294,52 @@ def test_exclusive_and_append_modes(account: Account) -> None:
         assert text.read() == "one+two"
 
 
+def test_appends_from_threads_and_from_a_file_system_with_an_old_pin_all_land(
+        account: Account) -> None:
+    """Each append adds its bytes to the file as it is when it commits. An append copied
+    the file at its open and committed that copy plus its bytes, so appends of several
+    threads at once overwrote each other (11 of 40 lines kept), and a file system whose
+    pin was older than another's append dropped it."""
+    fs = account.fs
+    log = f"{account.root}/log.txt"
+    fs.pipe(log, b"")
+    old_pin = account.filesystem()
+    assert old_pin.cat(log) == b""  # pinned at this commit
+
+    def append(i: int) -> None:
+        for j in range(5):
+            with fs.open(log, "ab") as f:
+                f.write(f"{i}-{j}\n".encode())
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(append, range(4)))
+    with old_pin.open(log, "ab") as f:
+        f.write(b"late\n")
+    fs.invalidate_cache()
+    lines = fs.cat(log).decode().splitlines()
+    assert sorted(lines) == sorted([f"{i}-{j}" for i in range(4) for j in range(5)] +
+                                   ["late"])
+    assert lines[-1] == "late"
+    for i in range(4):  # each thread's lines in its order
+        assert [x for x in lines if x.startswith(f"{i}-")] == [f"{i}-{j}" for j in range(5)]
+
+
+def test_appends_in_a_transaction_add_to_what_it_wrote(account: Account) -> None:
+    fs = account.fs
+    log = f"{account.root}/t.txt"
+    fs.pipe(log, b"hub\n")
+    fs.pipe(f"{account.root}/gone.txt", b"old\n")
+    with fs.transaction:
+        for line in (b"one\n", b"two\n"):
+            with fs.open(log, "ab") as f:
+                f.write(line)
+        fs.rm(f"{account.root}/gone.txt")
+        with fs.open(f"{account.root}/gone.txt", "ab") as f:
+            f.write(b"new\n")
+    assert fs.cat(log) == b"hub\none\ntwo\n"
+    assert fs.cat(f"{account.root}/gone.txt") == b"new\n"
+
+
 # -- pinning, pickling and processes -----------------------------------------------------
 
 def test_branches_are_pinned_until_invalidate_cache(account: Account) -> None:

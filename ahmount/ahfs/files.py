@@ -13,6 +13,7 @@ transaction's commit).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -32,9 +33,12 @@ class AhFile(AbstractBufferedFile):  # type: ignore[misc]
     def __init__(self, fs: AhFileSystem, path: str, mode: str = "rb",
                  block_size: int | None = None, autocommit: bool = True,
                  spool: Path | None = None, message: str | None = None,
-                 cache_type: str = "none", **kwargs: Any) -> None:
+                 cache_type: str = "none", appending: tuple[int, bytes] | None = None,
+                 **kwargs: Any) -> None:
         self._spool = spool
         self._message = message
+        #: An append's start: the length and sha256 of the bytes it was opened on.
+        self._appending = appending
         self._handle: IO[bytes] | None = None
         self._pinned_by: Runtime | None = None
         if "r" in mode:
@@ -112,12 +116,39 @@ class AhFile(AbstractBufferedFile):  # type: ignore[misc]
         fs: AhFileSystem = self.fs
         spool, self._spool = self._spool, None
         try:
-            with fs._batch(self._message):
-                changes, object_path = fs.changes_for(self.path)
-                changes.add_file(object_path, spool, spooled=True)
+            if self._appending is None:
+                self._hand_over(spool)
+                return
+            # An append adds its bytes to the file as it is when committed, so appends of
+            # several threads (or of this one, in a transaction) all land, as O_APPEND
+            # writes do locally; between processes the re-read and the commit are not one
+            # step (docs/ahfs.md).
+            with fs.append_lock(self.path):
+                self._rebase(spool, fs.append_base(self.path))
+                self._hand_over(spool)
         except BaseException:
             spool.unlink(missing_ok=True)
             raise
+
+    def _hand_over(self, spool: Path) -> None:
+        fs: AhFileSystem = self.fs
+        with fs._batch(self._message):
+            changes, object_path = fs.changes_for(self.path)
+            changes.add_file(object_path, spool, spooled=True)
+
+    def _rebase(self, spool: Path, now: bytes) -> None:
+        """Put this append's bytes after ``now`` (the file as it is), if it changed since
+        the append began."""
+        assert self._appending is not None
+        length, digest = self._appending
+        if hashlib.sha256(now).digest() == digest:
+            return
+        with spool.open("r+b") as handle:
+            handle.seek(length)
+            added = handle.read()
+            handle.seek(0)
+            handle.write(now + added)
+            handle.truncate()
 
     def discard(self) -> None:
         if self._handle is not None and not self._handle.closed:

@@ -16,6 +16,7 @@ ids are pinned for good (until ``invalidate_cache``).
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import tempfile
 import threading
@@ -70,6 +71,12 @@ def _domain_errors() -> Iterator[None]:
         yield
     except AhError as exc:
         raise os_error(exc) from exc
+
+
+#: Locks for appends in this process, by (hub identity, asset, branch, object path): see
+#: :meth:`AhFileSystem.append_lock`. A few bytes per path ever appended to.
+_APPEND_LOCKS: dict[tuple[Any, ...], threading.Lock] = {}
+_APPEND_LOCKS_GUARD = threading.Lock()
 
 
 class AhTransaction(Transaction):  # type: ignore[misc]
@@ -537,10 +544,57 @@ class AhFileSystem(AbstractFileSystem):  # type: ignore[misc]
         if "x" in mode and self.exists(path):
             raise FileExistsError(errno.EEXIST, f"ah://{url} exists")
         spool = self._spool_path()
-        if "a" in mode and self.exists(path):
-            spool.write_bytes(self.cat_file(path))
+        appending = None
+        if "a" in mode:
+            base = self.append_base(path)
+            spool.write_bytes(base)
+            appending = (len(base), hashlib.sha256(base).digest())
         return AhFile(self, path, mode, block_size=block_size, autocommit=autocommit,
-                      spool=spool, message=kwargs.get("message"), **_file_kwargs(kwargs))
+                      spool=spool, message=kwargs.get("message"), appending=appending,
+                      **_file_kwargs(kwargs))
+
+    # -- appends ---------------------------------------------------------------------------
+
+    def append_base(self, path: str) -> bytes:
+        """The bytes an append to ``path`` adds to, now: the file as this thread's call or
+        transaction has written it so far, else as the branch's head has it (resolved now,
+        not at the pinned commit: an append to an old pin would drop what others appended
+        since). Nothing if there is no such file."""
+        url = self._parse(path)
+        addr, branch = cast("tuple[AssetAddr, str]",
+                            self._call(self._check_writable, url, path))
+        pending: Pending | None = getattr(self._calls, "pending", None)
+        if pending is None and self._intrans:
+            pending = cast("AhTransaction", self.transaction).pending
+        changes = None if pending is None else pending.branches.get((addr, branch))
+        if changes is not None:
+            if url.path in changes.files:
+                return changes.files[url.path].read_bytes()
+            if url.path in changes.entries:
+                raise OSError(errno.EOPNOTSUPP, f"ah://{url}: appending to a file copied "
+                              "earlier in the same transaction is not supported; append to "
+                              "its source, or after the transaction")
+            if url.path in changes.deletes:
+                return b""
+        self._call(self._forget_head, addr, branch)
+        try:
+            return self.cat_file(path)
+        except FileNotFoundError:
+            return b""
+
+    async def _forget_head(self, addr: AssetAddr, branch: str) -> None:
+        self._view.invalidate_asset(addr)
+        self._pins.pop((addr, branch), None)
+
+    def append_lock(self, path: str) -> threading.Lock:
+        """This process's lock for appends to ``path`` (every file system of the same hub
+        and cache shares it): an append re-reads the file and commits under it."""
+        url = self._parse(path)
+        addr, branch = cast("tuple[AssetAddr, str]",
+                            self._call(self._check_writable, url, path))
+        key = (self._key, addr, branch, url.path)
+        with _APPEND_LOCKS_GUARD:
+            return _APPEND_LOCKS.setdefault(key, threading.Lock())
 
     # -- writing ---------------------------------------------------------------------------
 
