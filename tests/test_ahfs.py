@@ -324,6 +324,48 @@ def test_appends_from_threads_and_from_a_file_system_with_an_old_pin_all_land(
         assert [x for x in lines if x.startswith(f"{i}-")] == [f"{i}-{j}" for j in range(5)]
 
 
+@pytest.mark.parametrize("how", ["open", "pipe"])
+def test_an_exclusive_create_is_made_once_among_threads_and_old_pins(account: Account,
+                                                                     how: str) -> None:
+    """``open(path, "xb")`` and ``pipe_file(path, mode="create")`` make the file once, as
+    O_EXCL does: of threads creating it at once one wins and the others get
+    FileExistsError; a file system pinned before the file was made sees it. Both looked at
+    the file once, before writing (and at the pinned commit): every creator committed, the
+    last one's bytes won."""
+    fs = account.fs
+    path = f"{account.root}/lock-{how}"
+    old_pin = account.filesystem()
+    assert old_pin.find(account.root) == []  # pinned before the file exists
+    threads = 6
+    barrier = threading.Barrier(threads)
+
+    def create(i: int) -> str:
+        try:
+            if how == "pipe":
+                barrier.wait()
+                fs.pipe_file(path, f"writer {i}".encode(), mode="create")
+            else:
+                with fs.open(path, "xb") as f:
+                    barrier.wait()  # every writer past its open's look, then all close
+                    f.write(f"writer {i}".encode())
+        except FileExistsError:
+            return "refused"
+        return "made"
+
+    with ThreadPoolExecutor(threads) as pool:
+        outcomes = list(pool.map(create, range(threads)))
+    assert sorted(outcomes) == ["made"] + ["refused"] * (threads - 1)
+    fs.invalidate_cache()
+    winner = fs.cat(path)
+    assert winner == f"writer {outcomes.index('made')}".encode()
+    with pytest.raises(FileExistsError), old_pin.open(path, "xb") as f:
+        f.write(b"late")
+    with pytest.raises(FileExistsError):
+        old_pin.pipe_file(path, b"late", mode="create")
+    fs.invalidate_cache()
+    assert fs.cat(path) == winner
+
+
 def test_appends_in_a_transaction_add_to_what_it_wrote(account: Account) -> None:
     fs = account.fs
     log = f"{account.root}/t.txt"

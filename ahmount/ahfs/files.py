@@ -13,6 +13,7 @@ transaction's commit).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from dataclasses import replace
@@ -34,11 +35,13 @@ class AhFile(AbstractBufferedFile):  # type: ignore[misc]
                  block_size: int | None = None, autocommit: bool = True,
                  spool: Path | None = None, message: str | None = None,
                  cache_type: str = "none", appending: tuple[int, bytes] | None = None,
-                 **kwargs: Any) -> None:
+                 exclusive: bool = False, **kwargs: Any) -> None:
         self._spool = spool
         self._message = message
         #: An append's start: the length and sha256 of the bytes it was opened on.
         self._appending = appending
+        #: Opened with "x": committed only if no one made the file meanwhile.
+        self._exclusive = exclusive
         self._handle: IO[bytes] | None = None
         self._pinned_by: Runtime | None = None
         if "r" in mode:
@@ -116,15 +119,22 @@ class AhFile(AbstractBufferedFile):  # type: ignore[misc]
         fs: AhFileSystem = self.fs
         spool, self._spool = self._spool, None
         try:
-            if self._appending is None:
+            if self._appending is None and not self._exclusive:
                 self._hand_over(spool)
                 return
             # An append adds its bytes to the file as it is when committed, so appends of
             # several threads (or of this one, in a transaction) all land, as O_APPEND
-            # writes do locally; between processes the re-read and the commit are not one
-            # step (docs/ahfs.md).
-            with fs.append_lock(self.path):
-                self._rebase(spool, fs.append_base(self.path))
+            # writes do locally; an exclusive create commits only if no one made the file
+            # since its open, as O_EXCL. Between processes the look and the commit are not
+            # one step (docs/ahfs.md).
+            with fs.path_lock(self.path):
+                if self._exclusive and fs.exists_now(self.path):
+                    raise FileExistsError(
+                        errno.EEXIST, f"ah://{self.path} was made by another writer while "
+                        "this one (opened with 'x') wrote it: nothing of this one was "
+                        "committed")
+                if self._appending is not None:
+                    self._rebase(spool, fs.append_base(self.path))
                 self._hand_over(spool)
         except BaseException:
             spool.unlink(missing_ok=True)

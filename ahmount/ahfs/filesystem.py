@@ -73,10 +73,10 @@ def _domain_errors() -> Iterator[None]:
         raise os_error(exc) from exc
 
 
-#: Locks for appends in this process, by (hub identity, asset, branch, object path): see
-#: :meth:`AhFileSystem.append_lock`. A few bytes per path ever appended to.
-_APPEND_LOCKS: dict[tuple[Any, ...], threading.Lock] = {}
-_APPEND_LOCKS_GUARD = threading.Lock()
+#: Locks of this process's appends and exclusive creates, by (hub identity, asset, branch,
+#: object path): see :meth:`AhFileSystem.path_lock`. A few bytes per path so written.
+_PATH_LOCKS: dict[tuple[Any, ...], threading.Lock] = {}
+_PATH_LOCKS_GUARD = threading.Lock()
 
 
 class AhTransaction(Transaction):  # type: ignore[misc]
@@ -541,7 +541,7 @@ class AhFileSystem(AbstractFileSystem):  # type: ignore[misc]
             return AhFile(self, path, mode, block_size=block_size, **kwargs)
         url = self._parse(path)
         self._call(self._check_writable, url, path)
-        if "x" in mode and self.exists(path):
+        if "x" in mode and self.exists_now(path):
             raise FileExistsError(errno.EEXIST, f"ah://{url} exists")
         spool = self._spool_path()
         appending = None
@@ -551,22 +551,28 @@ class AhFileSystem(AbstractFileSystem):  # type: ignore[misc]
             appending = (len(base), hashlib.sha256(base).digest())
         return AhFile(self, path, mode, block_size=block_size, autocommit=autocommit,
                       spool=spool, message=kwargs.get("message"), appending=appending,
-                      **_file_kwargs(kwargs))
+                      exclusive="x" in mode, **_file_kwargs(kwargs))
 
-    # -- appends ---------------------------------------------------------------------------
+    # -- appends and exclusive creates -------------------------------------------------------
 
-    def append_base(self, path: str) -> bytes:
-        """The bytes an append to ``path`` adds to, now: the file as this thread's call or
-        transaction has written it so far, else as the branch's head has it (resolved now,
-        not at the pinned commit: an append to an old pin would drop what others appended
-        since). Nothing if there is no such file."""
+    def _written_here(self, path: str) -> tuple[AhUrl, AssetAddr, str, BranchChanges | None]:
+        """``path``'s URL, asset and branch, and the changes of its branch that this
+        thread's write call or the open transaction holds (None: none yet)."""
         url = self._parse(path)
         addr, branch = cast("tuple[AssetAddr, str]",
                             self._call(self._check_writable, url, path))
         pending: Pending | None = getattr(self._calls, "pending", None)
         if pending is None and self._intrans:
             pending = cast("AhTransaction", self.transaction).pending
-        changes = None if pending is None else pending.branches.get((addr, branch))
+        return url, addr, branch, None if pending is None else pending.branches.get(
+            (addr, branch))
+
+    def append_base(self, path: str) -> bytes:
+        """The bytes an append to ``path`` adds to, now: the file as this thread's call or
+        the open transaction has written it so far, else as the branch's head has it
+        (resolved now, not at the pinned commit: an append to an old pin would drop what
+        others appended since). Nothing if there is no such file."""
+        url, addr, branch, changes = self._written_here(path)
         if changes is not None:
             if url.path in changes.files:
                 return changes.files[url.path].read_bytes()
@@ -582,19 +588,32 @@ class AhFileSystem(AbstractFileSystem):  # type: ignore[misc]
         except FileNotFoundError:
             return b""
 
+    def exists_now(self, path: str) -> bool:
+        """Whether ``path`` is there now, for an exclusive create: written by this thread's
+        call or the open transaction, or in the branch's head resolved now."""
+        url, addr, branch, changes = self._written_here(path)
+        if changes is not None:
+            if url.path in changes.files or url.path in changes.entries:
+                return True
+            if url.path in changes.deletes:
+                return False
+        self._call(self._forget_head, addr, branch)
+        return bool(self.exists(path))
+
     async def _forget_head(self, addr: AssetAddr, branch: str) -> None:
         self._view.invalidate_asset(addr)
         self._pins.pop((addr, branch), None)
 
-    def append_lock(self, path: str) -> threading.Lock:
-        """This process's lock for appends to ``path`` (every file system of the same hub
-        and cache shares it): an append re-reads the file and commits under it."""
+    def path_lock(self, path: str) -> threading.Lock:
+        """This process's lock for ``path`` (every file system of the same hub and cache
+        shares it): an append or an exclusive create looks at the file again and commits
+        under it, so threads doing either take turns."""
         url = self._parse(path)
         addr, branch = cast("tuple[AssetAddr, str]",
                             self._call(self._check_writable, url, path))
         key = (self._key, addr, branch, url.path)
-        with _APPEND_LOCKS_GUARD:
-            return _APPEND_LOCKS.setdefault(key, threading.Lock())
+        with _PATH_LOCKS_GUARD:
+            return _PATH_LOCKS.setdefault(key, threading.Lock())
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -692,9 +711,16 @@ class AhFileSystem(AbstractFileSystem):  # type: ignore[misc]
 
     def pipe_file(self, path: str, value: bytes, mode: str = "overwrite",
                   **kwargs: Any) -> None:
-        if mode == "create" and self.exists(path):
-            raise FileExistsError(errno.EEXIST, f"ah://{urls.strip_protocol(path)} exists")
-        with self._batch(kwargs.get("message")):
+        if mode != "create":
+            self._pipe_one(path, value, kwargs.get("message"))
+            return
+        with self.path_lock(path):  # the check and the commit, one turn among threads
+            if self.exists_now(path):
+                raise FileExistsError(errno.EEXIST, f"ah://{urls.strip_protocol(path)} exists")
+            self._pipe_one(path, value, kwargs.get("message"))
+
+    def _pipe_one(self, path: str, value: bytes, message: str | None) -> None:
+        with self._batch(message):
             changes, object_path = self.changes_for(path)
             spool = self._spool_path()
             spool.write_bytes(bytes(value))
