@@ -247,6 +247,37 @@ def test_transaction_is_one_commit_and_nothing_on_error(account: Account) -> Non
     assert list(spool.iterdir()) == []  # spooled bytes of the dropped writes are gone
 
 
+def test_a_second_transaction_while_one_is_open_is_refused_and_loses_nothing(
+        account: Account) -> None:
+    """fsspec gives every ``with fs.transaction:`` of a file system its one open
+    transaction; entering it again (nested, or from another thread) started it over and
+    dropped the files it had deferred. It is refused now, before its body runs."""
+    fs = account.fs
+    with fs.transaction:
+        with fs.open(f"{account.root}/outer.bin", "wb") as f:
+            f.write(b"outer")
+        with pytest.raises(RuntimeError, match="already open"), fs.transaction:
+            fs.pipe(f"{account.root}/inner.bin", b"never")
+        errors: list[BaseException] = []
+
+        def other_thread() -> None:
+            try:
+                with fs.transaction:
+                    fs.pipe(f"{account.root}/thread.bin", b"never")
+            except RuntimeError as exc:
+                errors.append(exc)
+
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join()
+        assert len(errors) == 1 and "already open" in str(errors[0])
+    assert fs.find(account.root) == [f"{account.root}/outer.bin"]
+    assert fs.cat(f"{account.root}/outer.bin") == b"outer"
+    with fs.transaction:  # a new one after the last ended
+        fs.pipe(f"{account.root}/after.bin", b"a")
+    assert fs.cat(f"{account.root}/after.bin") == b"a"
+
+
 def test_a_file_left_open_in_a_transaction_is_committed_whole(account: Account) -> None:
     """A file still open when its transaction ends had only the bytes it had spooled (its
     buffer's not yet): the commit took part of the file. It is closed first now."""

@@ -87,6 +87,19 @@ class AhTransaction(Transaction):  # type: ignore[misc]
         super().__init__(fs, **kwargs)
         self.fs: AhFileSystem | None = fs
         self.pending = Pending(message)
+        self._open = False
+
+    def start(self) -> None:
+        # fsspec hands every `with fs.transaction:` of a file system the one open
+        # transaction, and starting it again dropped the files it had deferred: a second
+        # one (nested, or another thread's) is refused before its body runs.
+        if self._open:
+            raise RuntimeError(
+                "an ah:// transaction is already open on this file system (a transaction "
+                "belongs to the file system, as in fsspec): do not nest them; for one per "
+                "thread, give each thread its own AhFileSystem(..., skip_instance_cache=True)")
+        self._open = True
+        super().start()
 
     @property
     def message(self) -> str | None:
