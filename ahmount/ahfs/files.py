@@ -108,8 +108,11 @@ class AhFile(AbstractBufferedFile):  # type: ignore[misc]
         self._handle.write(self.buffer.getvalue())
         if final:
             self._handle.close()
-            if self.autocommit:
-                self.commit()
+            # Inside a transaction too (fsspec would wait for its end): there a commit only
+            # hands the bytes to the transaction's changes, and from the close on the
+            # transaction's later writes see the file (an append adds to it, an exclusive
+            # create finds it there).
+            self.commit()
         return True
 
     def commit(self) -> None:

@@ -778,9 +778,10 @@ class AhFileSystem(AbstractFileSystem):  # type: ignore[misc]
                 if info is not None and info["type"] == "directory":
                     continue
                 changes, object_path = self.changes_for(p)
-                if info is None and object_path not in changes.files and \
-                        object_path not in changes.entries:
-                    # As a local rm (and HfFileSystem's): a typo does not pass as done.
+                written = object_path in changes.files or object_path in changes.entries
+                if not written and (info is None or object_path in changes.deletes):
+                    # As a local rm (and HfFileSystem's): a typo, or a file this call or
+                    # transaction removed already, does not pass as removed now.
                     raise FileNotFoundError(errno.ENOENT, f"ah://{p}: no such object")
                 changes.delete(object_path, exists_on_hub=info is not None)
 
