@@ -5,8 +5,10 @@ or are dropped, on a real ah-server, compared with a dict of path -> bytes.
 A write must fail exactly when the model says (``FileExistsError`` for an exclusive create
 of a file there is, ``FileNotFoundError`` for ``rm``/``cp``/``mv`` of one there is not, at
 the state the write sees: inside a transaction, what the transaction wrote so far). After
-every step outside a transaction, the branch as this file system and as a new one (no pins)
-list and read it must be the model; inside one, the branch must still be as it was.
+every step the branch, as a new file system (no pins) lists and reads it, must be the
+committed model: inside a transaction, still as it was. Another
+writer (a file system of its own) changes the branch between steps, so the pins of the one
+under test fall behind: what depends on the files as they are must not use them.
 
 The bugs this layer was added for were each a sequence: threads writing at once, an append
 after another, a second transaction, an ``rm`` of what a transaction removed. The threads
@@ -145,17 +147,31 @@ class AhfsMachine(RuleBasedStateMachine):
 
     # -- what the branch holds -------------------------------------------------------------
 
+    # -- another writer: the file system above keeps its pins, now older than the branch --
+
+    @precondition(lambda self: self.staged is None)
+    @rule(path=st.sampled_from(PATHS), data=_data, remove=st.booleans())
+    def another_writer(self, path: str, data: bytes, remove: bool) -> None:
+        """Another process's write (a file system of its own). The one under test is not
+        told: its pinned commit is older from here on, and its appends, exclusive creates,
+        ``rm``, copies and moves must still act on the branch as it is."""
+        other = self.account.filesystem()
+        if remove and path in self.committed:
+            other.rm(self.url(path))
+            del self.committed[path]
+        else:
+            other.pipe(self.url(path), data)
+            self.committed[path] = data
+
     @invariant()
     def branch_is_the_model(self) -> None:
-        """The branch holds the committed model, for this file system and for a new one;
-        a transaction under way has changed nothing on it yet."""
+        """The branch holds the committed model, as a new file system (no pins) lists and
+        reads it; a transaction under way has changed nothing on it yet."""
         fresh = self.account.filesystem()
-        for fs in (self.fs, fresh):
-            fs.invalidate_cache()
-            listed = sorted(p[len(self.root) + 1:] for p in fs.find(self.root))
-            assert listed == sorted(self.committed)
-            got = fs.cat([self.url(p) for p in listed]) if listed else {}
-            assert {p[len(self.root) + 1:]: v for p, v in got.items()} == self.committed
+        listed = sorted(p[len(self.root) + 1:] for p in fresh.find(self.root))
+        assert listed == sorted(self.committed)
+        got = fresh.cat([self.url(p) for p in listed]) if listed else {}
+        assert {p[len(self.root) + 1:]: v for p, v in got.items()} == self.committed
 
     def teardown(self) -> None:
         if self.transaction is not None:

@@ -617,6 +617,19 @@ class AhFileSystem(AbstractFileSystem):  # type: ignore[misc]
         self._view.invalidate_asset(addr)
         self._pins.pop((addr, branch), None)
 
+    def _look_now(self, paths: Any) -> None:
+        """The refs of ``paths`` resolved again at their next use: an ``rm``, a copy or a
+        move acts on the files as they are now, not at the pinned commit (a move of an old
+        pin's copy deleted the newer file it stood for; an ``rm`` missed a file made since
+        the pin)."""
+        for path in paths if isinstance(paths, list) else [paths]:
+            url = self._parse(path)
+            if url.asset is not None:
+                self._call(self._forget_ref, url)
+
+    async def _forget_ref(self, url: AhUrl) -> None:
+        await self._forget_head(url.asset_addr(self._runtime_me()), url.ref_or_default)
+
     def path_lock(self, path: str) -> threading.Lock:
         """This process's lock for ``path`` (every file system of the same hub and cache
         shares it): an append or an exclusive create looks at the file again and commits
@@ -771,6 +784,7 @@ class AhFileSystem(AbstractFileSystem):  # type: ignore[misc]
                 raise PermissionError(
                     errno.EPERM, f"ah://{url} is not inside an asset: rm deletes objects; "
                     "delete folders and assets with rmdir or ah delete")
+        self._look_now(path)
         expanded = self.expand_path(path, recursive=recursive, maxdepth=maxdepth)
         with self._batch(kwargs.get("message")):
             for p in expanded:
@@ -809,12 +823,14 @@ class AhFileSystem(AbstractFileSystem):  # type: ignore[misc]
 
     def copy(self, path1: Any, path2: Any, recursive: bool = False,
              maxdepth: int | None = None, on_error: str | None = None, **kwargs: Any) -> None:
+        self._look_now(path1)
         with self._batch(kwargs.pop("message", None)):
             super().copy(path1, path2, recursive=recursive, maxdepth=maxdepth,
                          on_error=on_error, **kwargs)
 
     def mv(self, path1: Any, path2: Any, recursive: bool = False,
            maxdepth: int | None = None, **kwargs: Any) -> None:
+        self._look_now(path1)
         with self._batch(kwargs.pop("message", None)):
             super().mv(path1, path2, recursive=recursive, maxdepth=maxdepth, **kwargs)
 
