@@ -397,6 +397,23 @@ def test_an_exclusive_create_is_made_once_among_threads_and_old_pins(account: Ac
     assert fs.cat(path) == winner
 
 
+def test_rm_cp_and_mv_from_an_old_pin_act_on_the_files_as_they_are(account: Account) -> None:
+    """A file system pinned before another one rewrote a file moved the pinned copy's bytes
+    and deleted the newer file (found by tests/test_ahfs_model.py)."""
+    fs = account.fs
+    fs.pipe(f"{account.root}/a", b"old")
+    old_pin = account.filesystem()
+    assert old_pin.cat(f"{account.root}/a") == b"old"  # pinned here
+    fs.pipe(f"{account.root}/a", b"new")
+    fs.pipe(f"{account.root}/made-since", b"m")
+    old_pin.cp(f"{account.root}/a", f"{account.root}/copy")
+    old_pin.mv(f"{account.root}/a", f"{account.root}/moved")
+    old_pin.rm(f"{account.root}/made-since")
+    fresh = account.filesystem()
+    assert fresh.find(account.root) == [f"{account.root}/copy", f"{account.root}/moved"]
+    assert fresh.cat(f"{account.root}/copy") == fresh.cat(f"{account.root}/moved") == b"new"
+
+
 def test_appends_in_a_transaction_add_to_what_it_wrote(account: Account) -> None:
     fs = account.fs
     log = f"{account.root}/t.txt"
