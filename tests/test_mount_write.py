@@ -259,7 +259,8 @@ def test_reset_status_remote_changes_unknown_changes_and_sync(mount_factory: Mou
     run_sync(stage)
     # Both a remote change to a queued path and the foreign staged change refuse it.
     refused = run_ah("commit", "-m", "mine", cwd=branch, check=False)
-    assert "shared.txt changed on the hub" in refused
+    assert "shared.txt changed on the hub since it was queued" in refused
+    assert "overwrite it" in refused
     run_ah("commit", "-m", "mine", "--force", cwd=branch)
     assert (branch / "shared.txt").read_text() == "mine"  # queued changes go on top
     assert objects("model/llm/gpt2:v1") == {"shared.txt": 4, "local.txt": 5}

@@ -158,8 +158,7 @@ async def commit(vfs: VFS, ref: BranchRef, message: str, force: bool) -> dict[st
     incomplete = sorted(p for p, row in taken.files.items() if vfs.incomplete(row))
     if incomplete and not force:
         reason = vfs.incomplete(taken.files[incomplete[0]])
-        named = ", ".join(incomplete[:5]) + (f" and {len(incomplete) - 5} more"
-                                             if len(incomplete) > 5 else "")
+        named = _some(incomplete)
         one = len(incomplete) == 1
         raise Conflict(f"{ref.asset.at(ref.branch)}: {named} {'is' if one else 'are'} "
                        f"incomplete ({reason}): {'it holds' if one else 'each holds'} only "
@@ -180,10 +179,11 @@ async def commit(vfs: VFS, ref: BranchRef, message: str, force: bool) -> dict[st
         if not force:
             remote = await _changed_remotely(vfs, ref, taken, head)
             if remote:
+                one = len(remote) == 1
                 raise Conflict(
-                    f"{ref.asset.at(ref.branch)}: {', '.join(remote)} changed on the hub since "
-                    "they were queued; commit with --force to overwrite them",
-                    path=ref.asset.at(ref.branch))
+                    f"{ref.asset.at(ref.branch)}: {_some(remote)} changed on the hub since "
+                    f"{'it was' if one else 'they were'} queued; commit with --force to "
+                    f"overwrite {'it' if one else 'them'}", path=ref.asset.at(ref.branch))
         log.info("committing %d queued change(s) of %s", len(taken.files) + len(taken.deleted)
                  + len(taken.deleted_dirs), ref.asset.at(ref.branch))
         blob_refs = [ObjectEntry(p, str(r.sha256), r.size, r.mtime, mode=r.mode)
@@ -242,3 +242,8 @@ async def sync(vfs: VFS, ref: BranchRef) -> dict[str, Any]:
 async def merge(vfs: VFS, ref: BranchRef) -> dict[str, Any]:
     info = await vfs.view.merge(ref.asset, ref.branch)
     return {"commit": info.id if info else None}
+
+
+def _some(paths: list[str]) -> str:
+    """``paths`` for a message: the first five, and how many more."""
+    return ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
