@@ -221,6 +221,35 @@ def test_put_of_a_tree_is_one_commit(account: Account, tmp_path: Path) -> None:
     assert account.fs.cat(f"{account.root}/up/3.txt") == b"3"
 
 
+def test_put_of_a_tree_with_a_fifo_is_refused_and_commits_nothing(account: Account,
+                                                                     tmp_path: Path) -> None:
+    """The upload read the FIFO and waited for a writer forever. (If it waits again, the
+    test opens the FIFO's other end, so it fails rather than hangs.)"""
+    local = tmp_path / "withfifo"
+    local.mkdir()
+    (local / "a.txt").write_text("a")
+    os.mkfifo(local / "pipe")
+    n = len(account.commits())
+    outcome: list[BaseException | None] = []
+
+    def put() -> None:
+        try:
+            account.fs.put(str(local) + "/", f"{account.root}/up/", recursive=True)
+            outcome.append(None)
+        except BaseException as exc:  # reported below
+            outcome.append(exc)
+
+    worker = threading.Thread(target=put)
+    worker.start()
+    worker.join(30)
+    if worker.is_alive():
+        os.close(os.open(local / "pipe", os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(30)
+        pytest.fail("put waited on the FIFO")
+    assert isinstance(outcome[0], ValueError) and "is a FIFO" in str(outcome[0])
+    assert len(account.commits()) == n
+
+
 def test_transaction_is_one_commit_and_nothing_on_error(account: Account) -> None:
     fs = account.fs
     fs.pipe(f"{account.root}/keep.txt", b"k")

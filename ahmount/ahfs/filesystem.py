@@ -41,7 +41,7 @@ from ahmount.config import DEFAULT_CACHE, ClientConfig, dirs, load_config, make_
 from ahmount.errors import AhError, InvalidArgument, NotFound
 from ahmount.hub.models import AssetAddr, ObjectEntry
 from ahmount.nurseries import open_nursery
-from ahmount.transfer.plan import LocalFile
+from ahmount.transfer.plan import LocalFile, check_regular
 from ahmount.transfer.upload import upload_files
 from ahmount.vfs.errno_map import errno_for
 from ahmount.vfs.handles import HubSource, ReadHandle
@@ -761,7 +761,9 @@ class AhFileSystem(AbstractFileSystem):  # type: ignore[misc]
                  **kwargs: Any) -> None:
         if os.path.isdir(lpath):
             return  # directories are implied by the objects in them
-        if mode == "create" and self.exists(rpath):
+        with _domain_errors():
+            check_regular(Path(lpath))  # a FIFO in a tree put held its upload forever
+        if mode == "create" and self.exists_now(rpath):
             raise FileExistsError(errno.EEXIST, f"ah://{urls.strip_protocol(rpath)} exists")
         with self._batch(kwargs.get("message")):
             changes, object_path = self.changes_for(rpath)

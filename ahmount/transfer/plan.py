@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import os
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +25,41 @@ class LocalFile:
     target: str
 
 
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+          stat.S_IFBLK: "a block device", stat.S_IFDIR: "a directory"}
+
+
+def check_regular(local: Path) -> None:
+    """Refuse what is not a regular file once symlinks are followed: a FIFO or a device
+    would hold the upload's read forever, a socket cannot be read, a symlink to nothing has
+    nothing to send. Raises InvalidArgument naming the path and what it is."""
+    try:
+        mode = local.stat().st_mode
+    except FileNotFoundError:
+        raise InvalidArgument(f"local path {str(local)!r} is a symbolic link to nothing",
+                              path=str(local)) from None
+    if not stat.S_ISREG(mode):
+        kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise InvalidArgument(f"local path {str(local)!r} is {kind}: only regular files are "
+                              "committed; leave it out", path=str(local))
+
+
 def _walk(directory: Path, target_dir: str) -> list[LocalFile]:
+    """Every file below ``directory``, all of them regular files (:func:`check_regular`).
+    A symbolic link to a directory is refused rather than followed (a loop) or skipped (its
+    files silently missing from the commit)."""
     out: list[LocalFile] = []
     for root, subdirs, files in os.walk(directory):
         subdirs.sort()
+        for name in subdirs:
+            if (Path(root) / name).is_symlink():
+                raise InvalidArgument(
+                    f"local path {str(Path(root) / name)!r} is a symbolic link to a "
+                    "directory, which is not followed: add its target itself",
+                    path=str(Path(root) / name))
         rel = Path(root).relative_to(directory)
         for name in sorted(files):
+            check_regular(Path(root) / name)
             parts = [p for p in (target_dir, *rel.parts, name) if p and p != "."]
             out.append(LocalFile(Path(root) / name, "/".join(parts)))
     return out
@@ -39,6 +69,8 @@ def _place(local: Path, target: str | None) -> list[LocalFile]:
     """Where one local file or directory goes. ``target`` None: under its own name at the root.
     A target ending in ``/`` is a directory to put it in; ``[name]`` keeps the name."""
     if not local.exists():
+        if local.is_symlink():
+            check_regular(local)  # says it is a link to nothing
         raise InvalidArgument(f"local path {str(local)!r} does not exist", path=str(local))
     if target is None:
         target = local.name if local.is_file() else local.resolve().name
@@ -50,9 +82,7 @@ def _place(local: Path, target: str | None) -> list[LocalFile]:
     target = target.strip("/")
     if local.is_dir():
         return _walk(local, target)
-    if not local.is_file():
-        raise InvalidArgument(f"local path {str(local)!r} is not a regular file or directory",
-                              path=str(local))
+    check_regular(local)
     return [LocalFile(local, target)]
 
 
