@@ -300,6 +300,8 @@ def test_a_second_transaction_while_one_is_open_is_refused_and_loses_nothing(
         worker.start()
         worker.join()
         assert len(errors) == 1 and "already open" in str(errors[0])
+        with pytest.raises(RuntimeError, match="already open"):
+            fs.start_transaction("fsspec's call for it")
     assert fs.find(account.root) == [f"{account.root}/outer.bin"]
     assert fs.cat(f"{account.root}/outer.bin") == b"outer"
     with fs.transaction:  # a new one after the last ended

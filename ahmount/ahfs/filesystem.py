@@ -79,6 +79,12 @@ _PATH_LOCKS: dict[tuple[Any, ...], threading.Lock] = {}
 _PATH_LOCKS_GUARD = threading.Lock()
 
 
+_ONE_TRANSACTION = (
+    "an ah:// transaction is already open on this file system (a transaction belongs to the "
+    "file system, as in fsspec): do not nest them; for one per thread, give each thread its "
+    "own AhFileSystem(..., skip_instance_cache=True)")
+
+
 class AhTransaction(Transaction):  # type: ignore[misc]
     """Everything written inside ``with fs.transaction:`` becomes one commit per branch on a
     clean exit, and nothing on an error. ``message`` sets the commit message."""
@@ -94,10 +100,7 @@ class AhTransaction(Transaction):  # type: ignore[misc]
         # transaction, and starting it again dropped the files it had deferred: a second
         # one (nested, or another thread's) is refused before its body runs.
         if self._open:
-            raise RuntimeError(
-                "an ah:// transaction is already open on this file system (a transaction "
-                "belongs to the file system, as in fsspec): do not nest them; for one per "
-                "thread, give each thread its own AhFileSystem(..., skip_instance_cache=True)")
+            raise RuntimeError(_ONE_TRANSACTION)
         self._open = True
         super().start()
 
@@ -711,6 +714,8 @@ class AhFileSystem(AbstractFileSystem):  # type: ignore[misc]
 
     def start_transaction(self, message: str | None = None) -> AhTransaction:
         """Begin a transaction (``message``: its commit message)."""
+        if self._intrans:  # a new one would orphan the open one's deferred files
+            raise RuntimeError(_ONE_TRANSACTION)
         transaction = AhTransaction(self, message)
         transaction.start()
         self._transaction = transaction
