@@ -78,6 +78,18 @@ class UnknownChanges(Conflict):
     code = "unknown_changes"
 
 
+class DirectoryInTheWay(Conflict):
+    """An object would be added where a directory of objects is (EISDIR to a writer)."""
+
+    code = "directory_in_the_way"
+
+
+class FileInTheWay(Conflict):
+    """Objects would be added under a path that is an object (ENOTDIR to a writer)."""
+
+    code = "file_in_the_way"
+
+
 class RangeNotSatisfiable(InvalidArgument):
     """A byte range lies outside the object."""
 
@@ -117,6 +129,8 @@ ERRORS_BY_CODE: dict[str, type[AhError]] = {
         Unauthenticated,
         Conflict,
         UnknownChanges,
+        DirectoryInTheWay,
+        FileInTheWay,
         RangeNotSatisfiable,
         TooLarge,
         HubUnavailable,

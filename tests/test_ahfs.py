@@ -250,6 +250,20 @@ def test_put_of_a_tree_with_a_fifo_is_refused_and_commits_nothing(account: Accou
     assert len(account.commits()) == n
 
 
+def test_a_write_onto_a_directory_or_under_a_file_is_the_local_error(account: Account) -> None:
+    """As ``open()`` on a local disk says: IsADirectoryError, NotADirectoryError. The hub's
+    refusal crossed HTTP as a plain conflict and arrived as EBUSY."""
+    fs = account.fs
+    fs.pipe(f"{account.root}/d/x.txt", b"x")
+    fs.pipe(f"{account.root}/f", b"f")
+    n = len(account.commits())
+    with pytest.raises(IsADirectoryError, match="directory of that name"):
+        fs.pipe(f"{account.root}/d", b"1")
+    with pytest.raises(NotADirectoryError, match="'f' is a file"):
+        fs.pipe(f"{account.root}/f/sub.txt", b"1")
+    assert len(account.commits()) == n
+
+
 def test_transaction_is_one_commit_and_nothing_on_error(account: Account) -> None:
     fs = account.fs
     fs.pipe(f"{account.root}/keep.txt", b"k")

@@ -21,6 +21,8 @@ from ahmount.mount.errno_map import errno_for, fuse_errors
         (errors.AlreadyExists("x"), errno.EEXIST),
         (errors.PermissionDenied("x"), errno.EACCES),
         (errors.UnknownChanges("x"), errno.EBUSY),
+        (errors.DirectoryInTheWay("x"), errno.EISDIR),
+        (errors.FileInTheWay("x"), errno.ENOTDIR),
         (errors.InvalidArgument("x"), errno.EINVAL),
         (errors.ChecksumMismatch("x"), errno.EIO),
         (errors.HubUnavailable("x"), errno.EIO),

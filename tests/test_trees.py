@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from ahmount.errors import Conflict
+from ahmount.errors import DirectoryInTheWay, FileInTheWay
 from ahmount.hub.models import ObjectEntry
 from ahmount.hub.trees import TreeStore
 
@@ -108,9 +108,9 @@ def test_listing_with_delimiter_and_cursor() -> None:
 def test_file_and_directory_of_one_name_conflict() -> None:
     store = TreeStore(DictNodes())
     tree = store.build([entry("a/b")])
-    with pytest.raises(Conflict, match="'a' is a file|directory of that name"):
+    with pytest.raises(DirectoryInTheWay, match="directory of that name"):
         store.apply(tree, [], [entry("a")])
-    with pytest.raises(Conflict, match="'a/b' is a file"):
+    with pytest.raises(FileInTheWay, match="'a/b' is a file"):
         store.apply(tree, [], [entry("a/b/c")])
     # Deleting first makes room, as commit does: deletes, then adds.
     replaced = store.apply(tree, ["a/"], [entry("a")])

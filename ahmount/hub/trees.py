@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from ahmount.errors import Conflict, InternalError
+from ahmount.errors import DirectoryInTheWay, FileInTheWay, InternalError
 from ahmount.hub.models import DEFAULT_MODE, ObjectEntry
 
 TARGET_RANGE = 1024
@@ -328,13 +328,13 @@ class TreeStore:
         parents: set[str] = set()
         for path in added:
             if self.has_prefix(tree_id, path + "/"):
-                raise Conflict(f"cannot add object {path!r}: a directory of that name exists",
-                               path=path)
+                raise DirectoryInTheWay(f"cannot add object {path!r}: a directory of that "
+                                        "name exists", path=path)
             parts = path.split("/")
             parents.update("/".join(parts[:n]) for n in range(1, len(parts)))
         for parent in sorted(parents):
             if self.get(tree_id, parent) is not None:
-                raise Conflict(
+                raise FileInTheWay(
                     f"cannot add objects under {parent + '/'!r}: {parent!r} is a file",
                     path=parent,
                 )

@@ -32,6 +32,8 @@ _ERRNO: list[tuple[type[BaseException], int]] = [
     (errors.PermissionDenied, errno.EACCES),
     (errors.Unauthenticated, errno.EACCES),
     (errors.UnknownChanges, errno.EBUSY),
+    (errors.DirectoryInTheWay, errno.EISDIR),
+    (errors.FileInTheWay, errno.ENOTDIR),
     (errors.Conflict, errno.EBUSY),
     (errors.RangeNotSatisfiable, errno.EINVAL),
     (errors.ChecksumMismatch, errno.EIO),
