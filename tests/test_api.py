@@ -373,6 +373,13 @@ def test_seed_download(backend: Backend, work: Path, tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="no object 'nope'"):
         ah.download("model/llm/gpt2:v1", objects=["nope"], save_dir="none")
     assert not (out / "none").exists()
+    # A local directory where an object goes: refused by name before its bytes travel
+    # (it was found at the rename, after a whole download, as a bare EISDIR).
+    (out / "blocked" / "model.pt").mkdir(parents=True)
+    with pytest.raises(ValueError, match="model.pt.*a local directory is in the way"):
+        ah.download("model/llm/gpt2:v1", objects=["model.pt"], save_dir="blocked")
+    assert [p.name for p in (out / "blocked").iterdir()] == ["model.pt"]
+    assert list((out / "blocked" / "model.pt").iterdir()) == []
 
 
 def test_seed_merge(backend: Backend, work: Path) -> None:

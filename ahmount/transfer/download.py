@@ -41,6 +41,9 @@ async def download_objects(
             dest = (root / e.path).resolve()
         if root not in dest.parents:
             raise InvalidArgument(f"object {e.path!r} would be written outside {root}")
+        if dest.is_dir():  # found before its bytes travel, not at the rename after them
+            raise InvalidArgument(f"object {e.path!r} cannot be written to {dest}: a local "
+                                  "directory is in the way", path=str(dest))
         return dest
 
     async def fetch(e: ObjectEntry) -> None:
