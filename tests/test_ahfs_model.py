@@ -103,22 +103,14 @@ class AhfsMachine(RuleBasedStateMachine):
     # -- copies and moves read the branch's head: outside transactions -----------------------
 
     @precondition(lambda self: self.staged is None)
-    @rule(source=st.sampled_from(PATHS), dest=st.sampled_from(PATHS))
-    def cp(self, source: str, dest: str) -> None:
+    @rule(source=st.sampled_from(PATHS), dest=st.sampled_from(PATHS), move=st.booleans())
+    def copy_or_move(self, source: str, dest: str, move: bool) -> None:
         if source == dest:
             return
+        act = self.fs.mv if move else self.fs.cp
         if self.expect(None if source in self.view else FileNotFoundError,
-                       lambda: self.fs.cp(self.url(source), self.url(dest))):
-            self.view[dest] = self.view[source]
-
-    @precondition(lambda self: self.staged is None)
-    @rule(source=st.sampled_from(PATHS), dest=st.sampled_from(PATHS))
-    def mv(self, source: str, dest: str) -> None:
-        if source == dest:
-            return
-        if self.expect(None if source in self.view else FileNotFoundError,
-                       lambda: self.fs.mv(self.url(source), self.url(dest))):
-            self.view[dest] = self.view.pop(source)
+                       lambda: act(self.url(source), self.url(dest))):
+            self.view[dest] = self.view.pop(source) if move else self.view[source]
 
     # -- transactions ----------------------------------------------------------------------
 
