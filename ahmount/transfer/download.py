@@ -39,9 +39,10 @@ async def download_objects(
     def destination(e: ObjectEntry) -> Path:
         with local_names(e.path, root / e.path):
             dest = (root / e.path).resolve()
+            in_the_way = dest.is_dir()  # found before the bytes travel, not at the rename
         if root not in dest.parents:
             raise InvalidArgument(f"object {e.path!r} would be written outside {root}")
-        if dest.is_dir():  # found before its bytes travel, not at the rename after them
+        if in_the_way:
             raise InvalidArgument(f"object {e.path!r} cannot be written to {dest}: a local "
                                   "directory is in the way", path=str(dest))
         return dest
