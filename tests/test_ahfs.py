@@ -459,6 +459,28 @@ def test_rm_cp_and_mv_from_an_old_pin_act_on_the_files_as_they_are(account: Acco
     assert fresh.cat(f"{account.root}/copy") == fresh.cat(f"{account.root}/moved") == b"new"
 
 
+def test_an_append_no_one_raced_reads_its_file_once(account: Account,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The append reads the file at its open; at its commit the listing's sha256 says the
+    file is unchanged, so it is not read again (a large log was read twice per append)."""
+    fs = account.fs
+    log = f"{account.root}/once.txt"
+    fs.pipe(log, b"x" * (3 << 20))
+    reads: list[str] = []
+    real = fs.cat_file
+
+    def counted(path: str, *args: Any, **kwargs: Any) -> Any:
+        reads.append(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "cat_file", counted)
+    with fs.open(log, "ab") as f:
+        f.write(b"y")
+    assert len(reads) == 1
+    monkeypatch.undo()
+    assert fs.cat(log) == b"x" * (3 << 20) + b"y"
+
+
 def test_appends_in_a_transaction_add_to_what_it_wrote(account: Account) -> None:
     fs = account.fs
     log = f"{account.root}/t.txt"

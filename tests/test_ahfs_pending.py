@@ -40,4 +40,6 @@ def test_changes_before_the_gate_shuts_are_all_kept(tmp_path: Path) -> None:
     changes.add_entry(ObjectEntry("b.bin", "1" * 64, 2, 0.0))
     changes.delete("c.bin", exists_on_hub=True)
     assert pending.of(ADDR, "main", "model/f/a") is changes
+    assert [changes.says(p) for p in ("a.bin", "b.bin", "c.bin", "d.bin")] == \
+        [True, True, False, None]
     assert changes.describe() == "Write a.bin, b.bin and delete c.bin through ah://"

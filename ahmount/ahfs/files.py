@@ -137,7 +137,9 @@ class AhFile(AbstractBufferedFile):  # type: ignore[misc]
                         "this one (opened with 'x') wrote it: nothing of this one was "
                         "committed")
                 if self._appending is not None:
-                    self._rebase(spool, fs.append_base(self.path))
+                    now = fs.append_base(self.path, unless=self._appending[1])
+                    if now is not None:
+                        self._rebase(spool, now)
                 self._hand_over(spool)
         except BaseException:
             spool.unlink(missing_ok=True)

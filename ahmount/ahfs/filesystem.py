@@ -93,15 +93,15 @@ class AhTransaction(Transaction):  # type: ignore[misc]
         super().__init__(fs, **kwargs)
         self.fs: AhFileSystem | None = fs
         self.pending = Pending(message)
-        self._open = False
 
     def start(self) -> None:
         # fsspec hands every `with fs.transaction:` of a file system the one open
-        # transaction, and starting it again dropped the files it had deferred: a second
-        # one (nested, or another thread's) is refused before its body runs.
-        if self._open:
+        # transaction, and starting it again dropped the files it had deferred; a new one
+        # (start_transaction) orphaned them: a second one (nested, or another thread's) is
+        # refused before its body runs.
+        assert self.fs is not None
+        if self.fs._intrans:
             raise RuntimeError(_ONE_TRANSACTION)
-        self._open = True
         super().start()
 
     @property
@@ -118,9 +118,9 @@ class AhTransaction(Transaction):  # type: ignore[misc]
             while self.files:
                 f = self.files.popleft()
                 if commit:
-                    # A file still open has bytes not yet spooled: it ends here, whole.
+                    # Its close hands it to this transaction (AhFile._upload_chunk); a file
+                    # still open has bytes not yet spooled, so it ends here, whole.
                     f.close()
-                    f.commit()  # joins this transaction: see AhFile.commit
                 else:
                     f.discard()
             self.pending.shut()
@@ -563,6 +563,7 @@ class AhFileSystem(AbstractFileSystem):  # type: ignore[misc]
         appending = None
         if "a" in mode:
             base = self.append_base(path)
+            assert base is not None
             spool.write_bytes(base)
             appending = (len(base), hashlib.sha256(base).digest())
         return AhFile(self, path, mode, block_size=block_size, autocommit=autocommit,
@@ -571,23 +572,31 @@ class AhFileSystem(AbstractFileSystem):  # type: ignore[misc]
 
     # -- appends and exclusive creates -------------------------------------------------------
 
-    def _written_here(self, path: str) -> tuple[AhUrl, AssetAddr, str, BranchChanges | None]:
-        """``path``'s URL, asset and branch, and the changes of its branch that this
-        thread's write call or the open transaction holds (None: none yet)."""
+    def _writable(self, path: str) -> tuple[AhUrl, AssetAddr, str]:
+        """``path``'s URL and the asset and branch it writes to (PermissionError for a tag
+        or a commit)."""
         url = self._parse(path)
         addr, branch = cast("tuple[AssetAddr, str]",
                             self._call(self._check_writable, url, path))
+        return url, addr, branch
+
+    def _written_here(self, path: str) -> tuple[AhUrl, AssetAddr, str, BranchChanges | None]:
+        """``path``'s URL, asset and branch, and the changes of its branch that this
+        thread's write call or the open transaction holds (None: none yet)."""
+        url, addr, branch = self._writable(path)
         pending: Pending | None = getattr(self._calls, "pending", None)
         if pending is None and self._intrans:
             pending = cast("AhTransaction", self.transaction).pending
         return url, addr, branch, None if pending is None else pending.branches.get(
             (addr, branch))
 
-    def append_base(self, path: str) -> bytes:
+    def append_base(self, path: str, unless: bytes | None = None) -> bytes | None:
         """The bytes an append to ``path`` adds to, now: the file as this thread's call or
         the open transaction has written it so far, else as the branch's head has it
         (resolved now, not at the pinned commit: an append to an old pin would drop what
-        others appended since). Nothing if there is no such file."""
+        others appended since). Nothing if there is no such file. With ``unless`` (a
+        sha256 digest), None if the head's file still hashes to it, as its listing says:
+        an append's commit then reads nothing of it again."""
         url, addr, branch, changes = self._written_here(path)
         if changes is not None:
             if url.path in changes.files:
@@ -599,6 +608,14 @@ class AhFileSystem(AbstractFileSystem):  # type: ignore[misc]
             if url.path in changes.deletes:
                 return b""
         self._call(self._forget_head, addr, branch)
+        if unless is not None:
+            info = self._info_or_none(path)
+            if info is None:
+                listed: bytes | None = hashlib.sha256(b"").digest()
+            else:
+                listed = bytes.fromhex(info["sha256"]) if info.get("sha256") else None
+            if listed == unless:
+                return None
         try:
             return self.cat_file(path)
         except FileNotFoundError:
@@ -608,11 +625,9 @@ class AhFileSystem(AbstractFileSystem):  # type: ignore[misc]
         """Whether ``path`` is there now, for an exclusive create: written by this thread's
         call or the open transaction, or in the branch's head resolved now."""
         url, addr, branch, changes = self._written_here(path)
-        if changes is not None:
-            if url.path in changes.files or url.path in changes.entries:
-                return True
-            if url.path in changes.deletes:
-                return False
+        said = None if changes is None else changes.says(url.path)
+        if said is not None:
+            return said
         self._call(self._forget_head, addr, branch)
         return bool(self.exists(path))
 
@@ -637,9 +652,7 @@ class AhFileSystem(AbstractFileSystem):  # type: ignore[misc]
         """This process's lock for ``path`` (every file system of the same hub and cache
         shares it): an append or an exclusive create looks at the file again and commits
         under it, so threads doing either take turns."""
-        url = self._parse(path)
-        addr, branch = cast("tuple[AssetAddr, str]",
-                            self._call(self._check_writable, url, path))
+        url, addr, branch = self._writable(path)
         key = (self._key, addr, branch, url.path)
         with _PATH_LOCKS_GUARD:
             return _PATH_LOCKS.setdefault(key, threading.Lock())
@@ -670,9 +683,7 @@ class AhFileSystem(AbstractFileSystem):  # type: ignore[misc]
     def changes_for(self, path: str) -> tuple[BranchChanges, str]:
         """The pending changes of ``path``'s branch in the write call or transaction this
         thread is in (see :meth:`_batch`), and the object path."""
-        url = self._parse(path)
-        addr, branch = cast("tuple[AssetAddr, str]",
-                            self._call(self._check_writable, url, path))
+        url, addr, branch = self._writable(path)
         pending: Pending | None = getattr(self._calls, "pending", None)
         assert pending is not None, "a change outside a write call"
         return pending.of(addr, branch, url.asset_root()), url.path
@@ -714,8 +725,6 @@ class AhFileSystem(AbstractFileSystem):  # type: ignore[misc]
 
     def start_transaction(self, message: str | None = None) -> AhTransaction:
         """Begin a transaction (``message``: its commit message)."""
-        if self._intrans:  # a new one would orphan the open one's deferred files
-            raise RuntimeError(_ONE_TRANSACTION)
         transaction = AhTransaction(self, message)
         transaction.start()
         self._transaction = transaction
@@ -799,8 +808,10 @@ class AhFileSystem(AbstractFileSystem):  # type: ignore[misc]
                 if info is not None and info["type"] == "directory":
                     continue
                 changes, object_path = self.changes_for(p)
-                written = object_path in changes.files or object_path in changes.entries
-                if not written and (info is None or object_path in changes.deletes):
+                there = changes.says(object_path)
+                if there is None:  # this call or transaction has not touched it
+                    there = info is not None
+                if not there:
                     # As a local rm (and HfFileSystem's): a typo, or a file this call or
                     # transaction removed already, does not pass as removed now.
                     raise FileNotFoundError(errno.ENOENT, f"ah://{p}: no such object")

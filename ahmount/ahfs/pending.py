@@ -73,6 +73,13 @@ class BranchChanges:
             if exists_on_hub:
                 self.deletes.add(path)
 
+    def says(self, path: str) -> bool | None:
+        """Whether these changes leave ``path`` there: True (written), False (deleted), or
+        None (they do not touch it: the branch's head says)."""
+        if path in self.files or path in self.entries:
+            return True
+        return False if path in self.deletes else None
+
     def _forget(self, path: str) -> None:
         local = self.files.pop(path, None)
         if local is not None and local in self.spooled:
