@@ -90,6 +90,13 @@ class FileInTheWay(Conflict):
     code = "file_in_the_way"
 
 
+class Changed(Conflict):
+    """A commit's precondition failed: an object it expected as the committer last saw it
+    (``expect``) is not so in the branch's head any more; nothing was committed."""
+
+    code = "changed"
+
+
 class RangeNotSatisfiable(InvalidArgument):
     """A byte range lies outside the object."""
 
@@ -129,6 +136,7 @@ ERRORS_BY_CODE: dict[str, type[AhError]] = {
         Unauthenticated,
         Conflict,
         UnknownChanges,
+        Changed,
         DirectoryInTheWay,
         FileInTheWay,
         RangeNotSatisfiable,

@@ -497,6 +497,77 @@ def test_appends_in_a_transaction_add_to_what_it_wrote(account: Account) -> None
     assert fs.cat(f"{account.root}/gone.txt") == b"new\n"
 
 
+def test_a_transaction_keeps_what_another_writer_did_before_its_commit(
+        account: Account) -> None:
+    """A transaction's append and exclusive create are committed later than they looked at
+    the file: the hub commits them only if the file is still as seen (``expect``). Before,
+    the other writer's append in between was overwritten, and the other writer's file was
+    replaced by the 'exclusive' one."""
+    fs, other, fresh = account.fs, account.filesystem(), account.filesystem()
+    log, lock, side = (f"{account.root}/{name}" for name in ("log.txt", "lock", "side"))
+    fs.pipe(log, b"hub\n")
+    with fs.transaction:
+        with fs.open(log, "ab") as f:
+            f.write(b"mine\n")
+        with other.open(log, "ab") as f:  # its own commit, before the transaction's
+            f.write(b"theirs\n")
+    assert fresh.cat(log) == b"hub\ntheirs\nmine\n"
+    with pytest.raises(FileExistsError, match="made by another writer"), fs.transaction:
+        fs.pipe(side, b"s")
+        with fs.open(lock, "xb") as f:
+            f.write(b"mine")
+        other.pipe_file(lock, b"theirs", mode="create")
+    fresh.invalidate_cache()
+    assert fresh.cat(lock) == b"theirs" and not fresh.exists(side)
+
+
+def _child_writes(fs: AhFileSystem, path: str, child: int, start: Any, out: Any) -> None:
+    start.wait()
+    try:
+        if path.endswith(".log"):
+            for j in range(5):
+                with fs.open(path, "ab") as f:
+                    f.write(f"{child}-{j}\n".encode())
+            out.put("appended")
+        else:
+            fs.pipe_file(path, f"writer {child}".encode(), mode="create")
+            out.put("made")
+    except FileExistsError:
+        out.put("refused")
+    except BaseException as exc:  # the parent names it, not a timeout
+        out.put(repr(exc))
+
+
+def test_appends_and_exclusive_creates_of_processes_all_land_once(account: Account) -> None:
+    """Processes share no lock: the hub's conditional commit is what keeps each append and
+    makes a file once (before it, 4 processes appending lost lines, and several creators
+    each 'made' the file)."""
+    fs = account.fs
+    log, lock = f"{account.root}/p.log", f"{account.root}/p.lock"
+    fs.pipe(log, b"")
+    ctx = multiprocessing.get_context("fork")
+    for path in (log, lock):
+        start, out = ctx.Barrier(4), ctx.Queue()
+        workers = [ctx.Process(target=_child_writes, args=(fs, path, i, start, out))
+                   for i in range(4)]
+        for w in workers:
+            w.start()
+        outcomes = sorted(out.get(timeout=120) for _ in workers)
+        for w in workers:
+            w.join(30)
+            assert w.exitcode == 0
+        if path == log:
+            assert outcomes == ["appended"] * 4
+        else:
+            assert outcomes == ["made"] + ["refused"] * 3
+    fresh = account.filesystem()
+    lines = fresh.cat(log).decode().splitlines()
+    assert sorted(lines) == sorted(f"{i}-{j}" for i in range(4) for j in range(5))
+    for i in range(4):
+        assert [x for x in lines if x.startswith(f"{i}-")] == [f"{i}-{j}" for j in range(5)]
+    assert fresh.cat(lock).startswith(b"writer ")
+
+
 # -- pinning, pickling and processes -----------------------------------------------------
 
 def test_branches_are_pinned_until_invalidate_cache(account: Account) -> None:

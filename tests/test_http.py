@@ -18,6 +18,7 @@ from ahmount.client.files import hash_file
 from ahmount.client.hub_client import HubClient
 from ahmount.errors import (
     AlreadyExists,
+    Changed,
     ChecksumMismatch,
     HubUnavailable,
     InvalidArgument,
@@ -156,6 +157,26 @@ async def test_commit_flow_over_http(alice: HubClient, model: AssetAddr, tmp_pat
     await alice.delete_ref(model, "v1")
     with pytest.raises(InvalidArgument, match="cannot be deleted"):
         await alice.delete_ref(model, "main")
+
+
+async def test_a_stale_expectation_is_refused_over_http(hub_server: HubProcess,
+                                                        alice: HubClient, model: AssetAddr,
+                                                        tmp_path: Path) -> None:
+    a = await entry(alice, "log", b"1\n", tmp_path)
+    b = await entry(alice, "log", b"1\n2\n", tmp_path)
+    await alice.commit(model, "main", "first", adds=[a])
+    with pytest.raises(Changed, match="'log' holds other bytes since"):
+        await alice.commit(model, "main", "stale", adds=[b], expect={"log": b.sha256})
+    with pytest.raises(Changed, match="'log' was made since"):
+        await alice.commit(model, "main", "create", adds=[b], expect={"log": None})
+    assert [o.sha256 for o in (await alice.list_objects(model, "main"))[1]] == [a.sha256]
+    assert await alice.commit(model, "main", "append", adds=[b], expect={"log": a.sha256})
+    async with httpx.AsyncClient(base_url=hub_server.url) as raw:  # what any client sees
+        response = await raw.post(
+            f"{alice._a(model)}/branches/main/commits",
+            json={"message": "m", "adds": [], "expect": {"log": a.sha256}},
+            headers={"authorization": f"Bearer {hub_server.keys['alice']}"})
+    assert (response.status_code, response.json()["error"]["code"]) == (412, "changed")
 
 
 @pytest.mark.parametrize("size", [1 << 20, 5 * (1 << 20) + 3], ids=["streamed", "direct"])

@@ -14,6 +14,7 @@ import sqlalchemy as sa
 
 from ahmount.errors import (
     AlreadyExists,
+    Changed,
     ChecksumMismatch,
     Conflict,
     InvalidArgument,
@@ -152,6 +153,46 @@ def test_staging_unknown_changes_force_and_reset(service: HubService, alice: Act
     assert own == 1
     assert service.commit(alice, model, "main", "own session", session="s") is not None
     assert paths(service, alice, model, "main") == ["y"]
+
+
+def test_a_commit_with_expectations_lands_only_if_they_hold(service: HubService, alice: Actor,
+                                                           model: AssetAddr) -> None:
+    first = obj(service, alice, "log.txt", b"one\n")
+    service.commit(alice, model, "main", "first", adds=[first])
+    two = obj(service, alice, "log.txt", b"one\ntwo\n")
+    other = obj(service, alice, "other", b"o")
+    # Expected as it is: the commit lands (with a change elsewhere that nobody expected).
+    done = service.commit(alice, model, "main", "append", adds=[two],
+                          expect={"log.txt": first["sha256"], "new": None})
+    assert done is not None
+    # Expected as it was: refused, and nothing of the commit is made.
+    for expect, says in [({"log.txt": first["sha256"]}, "'log.txt' holds other bytes"),
+                         ({"log.txt": None}, "'log.txt' was made"),
+                         ({"gone": first["sha256"]}, "'gone' is gone")]:
+        with pytest.raises(Changed, match=f"gpt2:main: {says} since"):
+            service.commit(alice, model, "main", "stale", adds=[other], expect=expect)
+        assert paths(service, alice, model, "main") == ["log.txt"]
+    # Staged changes of the refused commit stay staged: a retry can take them.
+    service.stage(alice, model, "main", "s", adds=[other])
+    with pytest.raises(Changed):
+        service.commit(alice, model, "main", "stale", session="s", expect={"other": two["sha256"]})
+    assert [c.path for c in service.list_changes(alice, model, "main")] == ["other"]
+    assert service.commit(alice, model, "main", "now", session="s",
+                          expect={"other": None, "log.txt": two["sha256"]}) is not None
+    assert paths(service, alice, model, "main") == ["log.txt", "other"]
+
+
+@pytest.mark.parametrize("expect, says", [
+    ({"/abs": None}, "'/abs'"),
+    ({"a": "XYZ"}, "'XYZ' is not a sha256"),
+    ([("a", None)], "expect must map"),
+])
+def test_bad_expectations_are_named(service: HubService, alice: Actor, model: AssetAddr,
+                                    expect: object, says: str) -> None:
+    with pytest.raises(InvalidArgument, match=says):
+        service.commit(alice, model, "main", "m", adds=[obj(service, alice, "a", b"a")],
+                       expect=expect)  # type: ignore[arg-type]
+    assert paths(service, alice, model, "main") == []
 
 
 def test_branches_tags_and_commit_prefixes(service: HubService, alice: Actor,

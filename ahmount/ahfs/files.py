@@ -22,6 +22,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from fsspec.spec import AbstractBufferedFile
 
+from ahmount.ahfs.pending import rebase_append
 from ahmount.vfs.handles import ReadHandle
 from ahmount.vfs.object_cache import BLOCK
 
@@ -128,42 +129,41 @@ class AhFile(AbstractBufferedFile):  # type: ignore[misc]
             # An append adds its bytes to the file as it is when committed, so appends of
             # several threads (or of this one, in a transaction) all land, as O_APPEND
             # writes do locally; an exclusive create commits only if no one made the file
-            # since its open, as O_EXCL. Between processes the look and the commit are not
-            # one step (docs/ahfs.md).
+            # since its open, as O_EXCL. Threads of this process take turns here; other
+            # processes are caught by the hub, which commits only if the file is still
+            # as seen here (the commit's ``expect``; docs/ahfs.md).
             with fs.path_lock(self.path):
-                if self._exclusive and fs.exists_now(self.path):
-                    raise FileExistsError(
-                        errno.EEXIST, f"ah://{self.path} was made by another writer while "
-                        "this one (opened with 'x') wrote it: nothing of this one was "
-                        "committed")
-                if self._appending is not None:
-                    now = fs.append_base(self.path, unless=self._appending[1])
-                    if now is not None:
-                        self._rebase(spool, now)
-                self._hand_over(spool)
+                if self._exclusive:
+                    if fs.exists_now(self.path):
+                        raise FileExistsError(
+                            errno.EEXIST, f"ah://{self.path} was made by another writer "
+                            "while this one (opened with 'x') wrote it: nothing of this one "
+                            "was committed")
+                    self._hand_over(spool, exclusive=True)
+                    return
+                assert self._appending is not None
+                length, digest = self._appending
+                base = fs.append_base(self.path, unless=digest)
+                if base.data is not None and hashlib.sha256(base.data).digest() != digest:
+                    rebase_append(spool, length, base.data)
+                    length = len(base.data)
+                self._hand_over(spool, head=(base.head_sha, length) if base.from_head
+                                else None)
         except BaseException:
             spool.unlink(missing_ok=True)
             raise
 
-    def _hand_over(self, spool: Path) -> None:
+    def _hand_over(self, spool: Path, exclusive: bool = False,
+                   head: tuple[str | None, int] | None = None) -> None:
         fs: AhFileSystem = self.fs
         with fs._batch(self._message):
             changes, object_path = fs.changes_for(self.path)
-            changes.add_file(object_path, spool, spooled=True)
-
-    def _rebase(self, spool: Path, now: bytes) -> None:
-        """Put this append's bytes after ``now`` (the file as it is), if it changed since
-        the append began."""
-        assert self._appending is not None
-        length, digest = self._appending
-        if hashlib.sha256(now).digest() == digest:
-            return
-        with spool.open("r+b") as handle:
-            handle.seek(length)
-            added = handle.read()
-            handle.seek(0)
-            handle.write(now + added)
-            handle.truncate()
+            if exclusive:
+                changes.add_exclusive(object_path, spool, spooled=True)
+            elif self._appending is not None:
+                changes.add_append(object_path, spool, head)
+            else:
+                changes.add_file(object_path, spool, spooled=True)
 
     def discard(self) -> None:
         if self._handle is not None and not self._handle.closed:

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import os
+import random
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -33,12 +36,12 @@ from fsspec.transaction import Transaction
 
 from ahmount.ahfs import urls
 from ahmount.ahfs.files import AhFile
-from ahmount.ahfs.pending import BranchChanges, Pending
+from ahmount.ahfs.pending import AppendBase, BranchChanges, Pending, rebase_append
 from ahmount.ahfs.runtime import Runtime, RuntimeKey, runtime_for
 from ahmount.ahfs.urls import AhUrl
 from ahmount.client.files import read_batch
 from ahmount.config import DEFAULT_CACHE, ClientConfig, dirs, load_config, make_config, parse_size
-from ahmount.errors import AhError, InvalidArgument, NotFound
+from ahmount.errors import AhError, Changed, InvalidArgument, NotFound
 from ahmount.hub.models import AssetAddr, ObjectEntry
 from ahmount.nurseries import open_nursery
 from ahmount.transfer.plan import LocalFile, check_regular
@@ -72,6 +75,12 @@ def _domain_errors() -> Iterator[None]:
     except AhError as exc:
         raise os_error(exc) from exc
 
+
+#: How long a batch keeps catching up with other writers' appends and creates
+#: (:meth:`AhFileSystem._catch_up`) before the hub's refusal reaches the writer, and the
+#: longest pause between tries (random, growing: writers that collided spread out).
+CATCH_UP_SECONDS = 60.0
+CATCH_UP_PAUSE = 0.5
 
 #: Locks of this process's appends and exclusive creates, by (hub identity, asset, branch,
 #: object path): see :meth:`AhFileSystem.path_lock`. A few bytes per path so written.
@@ -562,7 +571,7 @@ class AhFileSystem(AbstractFileSystem):  # type: ignore[misc]
         spool = self._spool_path()
         appending = None
         if "a" in mode:
-            base = self.append_base(path)
+            base = self.append_base(path).data
             assert base is not None
             spool.write_bytes(base)
             appending = (len(base), hashlib.sha256(base).digest())
@@ -590,36 +599,39 @@ class AhFileSystem(AbstractFileSystem):  # type: ignore[misc]
         return url, addr, branch, None if pending is None else pending.branches.get(
             (addr, branch))
 
-    def append_base(self, path: str, unless: bytes | None = None) -> bytes | None:
-        """The bytes an append to ``path`` adds to, now: the file as this thread's call or
-        the open transaction has written it so far, else as the branch's head has it
-        (resolved now, not at the pinned commit: an append to an old pin would drop what
-        others appended since). Nothing if there is no such file. With ``unless`` (a
-        sha256 digest), None if the head's file still hashes to it, as its listing says:
-        an append's commit then reads nothing of it again."""
+    def append_base(self, path: str, unless: bytes | None = None) -> AppendBase:
+        """What an append to ``path`` adds to, now: the file as this thread's call or the
+        open transaction has written it so far, else as the branch's head has it (resolved
+        now, not at the pinned commit: an append to an old pin would drop what others
+        appended since); no bytes if there is no such file. With ``unless`` (a sha256
+        digest), the head's file is not read if it still hashes to that, as its listing
+        says (``data`` None): an append's commit then reads nothing of it again."""
         url, addr, branch, changes = self._written_here(path)
         if changes is not None:
             if url.path in changes.files:
-                return changes.files[url.path].read_bytes()
+                return AppendBase(changes.files[url.path].read_bytes())
             if url.path in changes.entries:
                 raise OSError(errno.EOPNOTSUPP, f"ah://{url}: appending to a file copied "
                               "earlier in the same transaction is not supported; append to "
                               "its source, or after the transaction")
             if url.path in changes.deletes:
-                return b""
+                return AppendBase(b"")
         self._call(self._forget_head, addr, branch)
         if unless is not None:
             info = self._info_or_none(path)
-            if info is None:
-                listed: bytes | None = hashlib.sha256(b"").digest()
-            else:
-                listed = bytes.fromhex(info["sha256"]) if info.get("sha256") else None
-            if listed == unless:
-                return None
+            listed = None if info is None else info.get("sha256")
+            if (listed or hashlib.sha256(b"").hexdigest()) == unless.hex():
+                return AppendBase(None, from_head=True, head_sha=listed)
+        return self._head_file(path)
+
+    def _head_file(self, path: str) -> AppendBase:
+        """``path``'s bytes in the branch's head as resolved last, and their sha256 (None:
+        no such file)."""
         try:
-            return self.cat_file(path)
+            data = self.cat_file(path)
         except FileNotFoundError:
-            return b""
+            return AppendBase(b"", from_head=True, head_sha=None)
+        return AppendBase(data, from_head=True, head_sha=hashlib.sha256(data).hexdigest())
 
     def exists_now(self, path: str) -> bool:
         """Whether ``path`` is there now, for an exclusive create: written by this thread's
@@ -732,22 +744,52 @@ class AhFileSystem(AbstractFileSystem):  # type: ignore[misc]
 
     def _commit_pending(self, pending: Pending) -> None:
         for changes in list(pending.branches.values()):
-            if changes.files or changes.entries or changes.deletes:
-                self._call(self._commit_branch, changes, pending.message)
+            if not (changes.files or changes.entries or changes.deletes):
+                continue
+            deadline = time.monotonic() + CATCH_UP_SECONDS
+            for attempt in itertools.count():
+                try:
+                    self._runtime().call(self._commit_branch, changes, pending.message)
+                    break
+                except Changed as exc:
+                    if time.monotonic() > deadline:
+                        raise os_error(exc) from exc
+                except AhError as exc:
+                    raise os_error(exc) from exc
+                time.sleep(random.uniform(0, min(CATCH_UP_PAUSE, 0.005 * 2 ** attempt)))
+                self._catch_up(changes)
+
+    def _catch_up(self, changes: BranchChanges) -> None:
+        """After the hub refused a commit because a file it expected changed (another
+        process's append or create): each append is put after the file as it is now; an
+        exclusive create of a file made meanwhile fails, as O_EXCL does."""
+        for path, sha in list(changes.expect.items()):
+            where = f"{changes.root}/{path}"
+            now = self._head_file(where)
+            if now.head_sha == sha:
+                continue
+            if path in changes.exclusive:
+                raise FileExistsError(
+                    errno.EEXIST, f"ah://{where} was made by another writer while this one "
+                    "(an exclusive create) wrote it: nothing of this commit was made")
+            assert now.data is not None
+            rebase_append(changes.files[path], changes.appended[path], now.data)
+            changes.expect[path], changes.appended[path] = now.head_sha, len(now.data)
 
     async def _commit_branch(self, changes: BranchChanges, message: str | None) -> None:
         hub = self._runtime().hub
         files = [LocalFile(local, path) for path, local in changes.files.items()]
         adds, _ = await upload_files(hub, files) if files else ([], 0)
-        commit = await hub.commit(changes.addr, changes.branch, message or changes.describe(),
-                                  session=f"ah-fsspec-{uuid.uuid4().hex}",
-                                  deletes=sorted(changes.deletes),
-                                  adds=[*adds, *changes.entries.values()])
-        self._view.invalidate_asset(changes.addr)
-        key = (changes.addr, changes.branch)
-        self._pins.pop(key, None)
+        try:
+            commit = await hub.commit(
+                changes.addr, changes.branch, message or changes.describe(),
+                session=f"ah-fsspec-{uuid.uuid4().hex}", deletes=sorted(changes.deletes),
+                adds=[*adds, *changes.entries.values()], expect=changes.expect)
+        finally:
+            await self._forget_head(changes.addr, changes.branch)
         if commit is not None:
-            self._pins[key] = Resolved("branch", commit.id, commit.created)
+            self._pins[(changes.addr, changes.branch)] = Resolved("branch", commit.id,
+                                                                  commit.created)
 
     def pipe_file(self, path: str, value: bytes, mode: str = "overwrite",
                   **kwargs: Any) -> None:
@@ -757,14 +799,18 @@ class AhFileSystem(AbstractFileSystem):  # type: ignore[misc]
         with self.path_lock(path):  # the check and the commit, one turn among threads
             if self.exists_now(path):
                 raise FileExistsError(errno.EEXIST, f"ah://{urls.strip_protocol(path)} exists")
-            self._pipe_one(path, value, kwargs.get("message"))
+            self._pipe_one(path, value, kwargs.get("message"), exclusive=True)
 
-    def _pipe_one(self, path: str, value: bytes, message: str | None) -> None:
+    def _pipe_one(self, path: str, value: bytes, message: str | None,
+                  exclusive: bool = False) -> None:
         with self._batch(message):
             changes, object_path = self.changes_for(path)
             spool = self._spool_path()
             spool.write_bytes(bytes(value))
-            changes.add_file(object_path, spool, spooled=True)
+            if exclusive:
+                changes.add_exclusive(object_path, spool, spooled=True)
+            else:
+                changes.add_file(object_path, spool, spooled=True)
 
     def pipe(self, path: Any, value: bytes | None = None, **kwargs: Any) -> None:
         """``pipe({path: bytes, ...})`` is one commit per branch, not one per file."""
@@ -781,7 +827,10 @@ class AhFileSystem(AbstractFileSystem):  # type: ignore[misc]
             raise FileExistsError(errno.EEXIST, f"ah://{urls.strip_protocol(rpath)} exists")
         with self._batch(kwargs.get("message")):
             changes, object_path = self.changes_for(rpath)
-            changes.add_file(object_path, Path(lpath).absolute(), spooled=False)
+            if mode == "create":
+                changes.add_exclusive(object_path, Path(lpath).absolute(), spooled=False)
+            else:
+                changes.add_file(object_path, Path(lpath).absolute(), spooled=False)
 
     def put(self, lpath: Any, rpath: Any, recursive: bool = False, callback: Any = None,
             maxdepth: int | None = None, **kwargs: Any) -> None:

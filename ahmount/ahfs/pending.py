@@ -40,6 +40,17 @@ class Gate:
             self._shut = True
 
 
+@dataclass(frozen=True)
+class AppendBase:
+    """What an append adds to: ``data`` (None: the head's file, unchanged since the append
+    began, not read again); if it is the branch head's file (``from_head``), its sha256
+    (None: there was no such file), which the commit then expects."""
+
+    data: bytes | None
+    from_head: bool = False
+    head_sha: str | None = None
+
+
 @dataclass
 class BranchChanges:
     addr: AssetAddr
@@ -52,10 +63,46 @@ class BranchChanges:
     deletes: set[str] = field(default_factory=set)
     #: Spooled files this change owns (removed after the commit, or when it is dropped).
     spooled: set[Path] = field(default_factory=set)
+    #: What the commit expects of the head (the hub's ``expect``): the sha256 each path had
+    #: when an append read it or an exclusive create found it missing (None). The hub
+    #: refuses the commit if another writer changed one since, in the same step as the
+    #: commit; the writer then catches up (:meth:`AhFileSystem._catch_up`) and tries again.
+    expect: dict[str, str | None] = field(default_factory=dict)
+    #: Appends whose bytes follow the head's file: how many leading bytes of the spooled
+    #: file are the head's (replaced by the head's new bytes when it changed).
+    appended: dict[str, int] = field(default_factory=dict)
+    #: Exclusive creates: if the file was made meanwhile, the commit fails (O_EXCL).
+    exclusive: set[str] = field(default_factory=set)
 
     def add_file(self, path: str, local: Path, spooled: bool) -> None:
+        """A write of ``path`` that replaces whatever is there."""
         with self.gate.change():
             self._forget(path)
+            self._forget_head(path)
+            self.files[path] = local
+            if spooled:
+                self.spooled.add(local)
+
+    def add_append(self, path: str, spool: Path, head: tuple[str | None, int] | None) -> None:
+        """An append to ``path`` in ``spool``: after the head's file (``head``: its sha256,
+        None if there was none, and its length), or after what these changes wrote there
+        before (None: what that write expected still holds)."""
+        with self.gate.change():
+            self._forget(path)
+            if head is not None:
+                self.expect[path], self.appended[path] = head
+            self.files[path] = spool
+            self.spooled.add(spool)
+
+    def add_exclusive(self, path: str, local: Path, spooled: bool) -> None:
+        """A file that must not exist (O_EXCL): missing from the head, unless these changes
+        deleted it (then the head may hold it)."""
+        with self.gate.change():
+            if self.says(path) is None:
+                self.expect[path] = None
+                self.exclusive.add(path)
+            self._forget(path)
+            self.appended.pop(path, None)
             self.files[path] = local
             if spooled:
                 self.spooled.add(local)
@@ -63,6 +110,7 @@ class BranchChanges:
     def add_entry(self, entry: ObjectEntry) -> None:
         with self.gate.change():
             self._forget(entry.path)
+            self._forget_head(entry.path)
             self.entries[entry.path] = entry
 
     def delete(self, path: str, exists_on_hub: bool) -> None:
@@ -70,6 +118,7 @@ class BranchChanges:
         is deleted from the branch if its head holds it."""
         with self.gate.change():
             self._forget(path)
+            self._forget_head(path)
             if exists_on_hub:
                 self.deletes.add(path)
 
@@ -79,6 +128,13 @@ class BranchChanges:
         if path in self.files or path in self.entries:
             return True
         return False if path in self.deletes else None
+
+    def _forget_head(self, path: str) -> None:
+        """A write or delete that does not depend on the head's ``path`` needs nothing of
+        it, except an exclusive create's: the file stays one this batch made."""
+        self.appended.pop(path, None)
+        if path not in self.exclusive:
+            self.expect.pop(path, None)
 
     def _forget(self, path: str) -> None:
         local = self.files.pop(path, None)
@@ -105,6 +161,20 @@ class BranchChanges:
         self.files.clear()
         self.entries.clear()
         self.deletes.clear()
+        self.expect.clear()
+        self.appended.clear()
+        self.exclusive.clear()
+
+
+def rebase_append(spool: Path, kept: int, now: bytes) -> None:
+    """Make ``spool`` (an append: ``kept`` bytes of the file it read, then its own) ``now``
+    (the file as it is) followed by its own bytes."""
+    with spool.open("r+b") as handle:
+        handle.seek(kept)
+        added = handle.read()
+        handle.seek(0)
+        handle.write(now + added)
+        handle.truncate()
 
 
 def _names(paths: list[str]) -> str:

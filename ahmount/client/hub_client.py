@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, cast
@@ -411,8 +411,11 @@ class HubClient:
     async def commit(self, addr: AssetAddr, branch: str, message: str, *, session: str = "",
                      deletes: Sequence[str] = (), adds: Sequence[ObjectEntry] = (),
                      force: bool = False,
-                     metadata: dict[str, Any] | None = None) -> CommitInfo | None:
-        """One atomic commit of ``deletes`` then ``adds`` (plus what ``session`` staged).
+                     metadata: dict[str, Any] | None = None,
+                     expect: Mapping[str, str | None] | None = None) -> CommitInfo | None:
+        """One atomic commit of ``deletes`` then ``adds`` (plus what ``session`` staged),
+        made only if every path of ``expect`` has that sha256 in the head (None: absent),
+        else :class:`~ahmount.errors.Changed` and nothing changes.
 
         More changes than one call may carry (:data:`MAX_CHANGES_PER_CALL`: a dataset of a
         million files) are staged under the session a call's worth at a time, deletes first,
@@ -421,7 +424,7 @@ class HubClient:
         deletes, adds = list(deletes), list(adds)
         if len(deletes) + len(adds) <= MAX_CHANGES_PER_CALL:
             return await self._commit(addr, branch, message, session, deletes, adds, force,
-                                      metadata)
+                                      metadata, expect)
         session = session or f"ah-{uuid.uuid4().hex}"
         try:
             for start in range(0, len(deletes), MAX_CHANGES_PER_CALL):
@@ -430,7 +433,8 @@ class HubClient:
             for start in range(0, len(adds), MAX_CHANGES_PER_CALL):
                 await self.stage(addr, branch, session,
                                  adds=adds[start:start + MAX_CHANGES_PER_CALL])
-            return await self._commit(addr, branch, message, session, [], [], force, metadata)
+            return await self._commit(addr, branch, message, session, [], [], force, metadata,
+                                      expect)
         except BaseException:
             with anyio.CancelScope(shield=True), anyio.move_on_after(UNDO_SECONDS):
                 try:
@@ -442,9 +446,13 @@ class HubClient:
 
     async def _commit(self, addr: AssetAddr, branch: str, message: str, session: str,
                       deletes: list[str], adds: list[ObjectEntry], force: bool,
-                      metadata: dict[str, Any] | None) -> CommitInfo | None:
-        body = {"message": message, "session": session, "deletes": deletes,
-                "adds": [e.as_json() for e in adds], "force": force, "metadata": metadata or {}}
+                      metadata: dict[str, Any] | None,
+                      expect: Mapping[str, str | None] | None) -> CommitInfo | None:
+        body: dict[str, Any] = {
+            "message": message, "session": session, "deletes": deletes,
+            "adds": [e.as_json() for e in adds], "force": force, "metadata": metadata or {}}
+        if expect:
+            body["expect"] = dict(expect)
         result = await self._http.json("POST", f"{self._a(addr)}/branches/{branch}/commits",
                                   json=body)
         return None if result["commit"] is None else _commit(result["commit"])

@@ -18,13 +18,14 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from ahmount.errors import (
     AlreadyExists,
+    Changed,
     ChecksumMismatch,
     Conflict,
     InvalidArgument,
@@ -174,6 +175,17 @@ def _require(permission: Permission, need: Permission, actor: Actor, where: Fold
             f"user {actor.name!r} may not {verb} folder {where} (permission: {permission})",
             path=str(where),
         )
+
+
+def _parse_expect(expect: object) -> dict[str, str | None]:
+    """A commit's ``expect``: object path -> sha256 or None, at most a call's worth."""
+    if not isinstance(expect, Mapping):
+        raise InvalidArgument("expect must map object paths to sha256 digests or null")
+    if len(expect) > MAX_CHANGES_PER_CALL:
+        raise InvalidArgument(f"{len(expect)} expectations in one commit; at most "
+                              f"{MAX_CHANGES_PER_CALL} are allowed")
+    return {check_object_path(path): None if sha is None else check_sha256(sha)
+            for path, sha in expect.items()}
 
 
 def _commit(row: dict[str, Any]) -> CommitInfo:
@@ -1026,9 +1038,16 @@ class HubService:
         adds: Sequence[Any] = (),
         force: bool = False,
         metadata: dict[str, Any] | None = None,
+        expect: Mapping[str, str | None] | None = None,
     ) -> CommitInfo | None:
         """Commit the changes staged under ``session`` plus ``deletes``/``adds``: first every
         delete, then every add, atomically.
+
+        ``expect`` maps object paths to the sha256 each must have in the head the commit is
+        made on (None: no object there). If one does not, the commit raises
+        :class:`Changed` and changes nothing: a writer that read a file, or saw it missing,
+        commits only if no one changed it since (an append, an exclusive create, a commit
+        of edits based on what it saw), in the same step as the commit itself.
 
         Staged changes of other sessions are *unknown changes*: they make the commit fail with
         :class:`UnknownChanges` unless ``force``, which takes them too. Returns the new commit,
@@ -1045,6 +1064,7 @@ class HubService:
         if session:
             _check_session(session)
         extra_deletes, extra_adds = self._parse_changes(actor, deletes, adds)
+        expected = _parse_expect(expect or {})
         # Commits to one branch through this process take turns: racing them optimistically
         # only to have all but one retry burns the CPU the winner needs (32 clients on one
         # branch collapsed to a retry storm). Other replicas still race through the ref's
@@ -1065,6 +1085,7 @@ class HubService:
                         "commit with force=True to include them, or reset the branch",
                         path=addr.at(branch),
                     )
+                self._check_expected(head.tree, expected, addr.at(branch))
                 taken = staged
                 all_deletes = [c.path for c in taken if c.op == "delete"] + extra_deletes
                 all_adds = [c.entry for c in taken if c.entry is not None] + extra_adds
@@ -1094,6 +1115,17 @@ class HubService:
             f"branch {addr.at(branch)} kept moving; gave up after {COMMIT_RETRIES} attempts",
             path=addr.at(branch),
         )
+
+    def _check_expected(self, tree: str, expected: dict[str, str | None], where: str) -> None:
+        for path, sha in expected.items():
+            entry = self.trees.get(tree, path)
+            found = None if entry is None else entry.sha256
+            if found != sha:
+                now = "is gone" if found is None else (
+                    "was made" if sha is None else "holds other bytes")
+                raise Changed(
+                    f"{where}: {path!r} {now} since this commit's writer looked (another "
+                    "writer changed it); nothing was committed", path=f"{where}/{path}")
 
     def merge(self, actor: Actor, addr: AssetAddr, branch: str) -> CommitInfo | None:
         """Make main's tree equal to ``branch``'s in one commit whose parents are both heads."""

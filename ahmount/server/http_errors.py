@@ -20,6 +20,7 @@ _STATUS: dict[type[errors.AhError], int] = {
     errors.NotFound: 404,
     errors.AlreadyExists: 409,
     errors.UnknownChanges: 409,
+    errors.Changed: 412,
     errors.Conflict: 409,
     errors.PermissionDenied: 403,
     errors.Unauthenticated: 401,

@@ -144,6 +144,9 @@ class Commit(Body):
     force: bool = False
     #: Free JSON; the service bounds its depth and checks its strings and numbers.
     metadata: dict[Annotated[str, Field(max_length=256)], Any] = {}
+    #: Object path -> the sha256 it must have in the head (null: absent), or nothing is
+    #: committed (412, code "changed").
+    expect: Annotated[dict[ObjectPath, Sha256 | None], Field(max_length=MAX_ITEMS)] = {}
 
 
 class Hashes(Body):

@@ -46,14 +46,14 @@ async def changes(request: Request) -> Response:
 
 
 async def commits(request: Request) -> Response:
-    """POST {message, session, deletes, adds, force, metadata}: commit; null when nothing
-    changed."""
+    """POST {message, session, deletes, adds, force, metadata, expect}: commit; null when
+    nothing changed; 412 when an object is not as ``expect`` says."""
     actor = await caller(request)
     body = await json_body(request, schemas.Commit)
     info = await call(
         service_of(request).commit, actor, asset_addr(request), request.path_params["branch"],
         body.message, body.session, body.deletes, [a.as_entry() for a in body.adds],
-        body.force, body.metadata,
+        body.force, body.metadata, body.expect,
     )
     if info is not None:
         request.app.state.metrics.commits.inc()
