@@ -443,6 +443,47 @@ def test_a_file_written_back_as_it_was_under_a_directory_moved_away_is_committed
     assert tree(fs, B) == {"d": None, "d/a": b"same bytes", "f": None, "f/a": b"same bytes"}
 
 
+def test_a_change_made_on_the_hub_while_a_commit_uploads_refuses_it(
+        gpt2_v1: None, tmp_path: Path) -> None:
+    """The commit compares what each file was queued on with the head before it uploads;
+    a change another writer commits at that path during the upload was overwritten unseen.
+    The hub now checks the head's version of each path in the same step as the commit."""
+    import trio
+
+    (tmp_path / "base").write_bytes(b"base")
+    (tmp_path / "theirs").write_bytes(b"theirs")
+    ah.commit("model/llm/gpt2:v1", msg="base", add={str(tmp_path / "base"): "shared.txt"})
+    driver = VfsDriver(tmp_path / "vfs-cache")
+    try:
+        write_bytes(driver, f"{B}/shared.txt", b"mine")
+        write_bytes(driver, f"{B}/other.txt", b"other")
+        writeback = driver.vfs.writeback
+        real_send = writeback.send
+
+        async def send_then_someone_commits(files: Any) -> Any:
+            sent = await real_send(files)
+            await trio.to_thread.run_sync(lambda: ah.commit(
+                "model/llm/gpt2:v1", msg="theirs", add={str(tmp_path / "theirs"): "shared.txt"}))
+            return sent
+
+        writeback.send = send_then_someone_commits
+        with pytest.raises(Conflict, match="shared.txt changed on the hub while this commit "
+                                           "uploaded; nothing was committed"):
+            commit(driver)
+        writeback.send = real_send
+        ah.download("model/llm/gpt2:v1", objects=["shared.txt"],
+                    save_dir=str(tmp_path / "got"))
+        assert (tmp_path / "got/shared.txt").read_bytes() == b"theirs"
+        status = driver.control("branch_status", path=SEGMENTS)
+        assert status["changed_remotely"] == ["shared.txt"]
+        assert {c["path"] for c in status["changes"]} == {"shared.txt", "other.txt"}
+        result = driver.control("commit", path=SEGMENTS, message="mine", force=True)
+        assert result["taken"] == 2
+        assert read_bytes(driver, f"{B}/shared.txt") == b"mine"
+    finally:
+        driver.close_driver()
+
+
 def test_a_closing_writers_times_answer_with_its_mode_and_live_size(gpt2_v1: None,
                                                                    tmp_path: Path) -> None:
     """The mtime the kernel sends for a written file at its close is answered without

@@ -1125,7 +1125,7 @@ class HubService:
                     "was made" if sha is None else "holds other bytes")
                 raise Changed(
                     f"{where}: {path!r} {now} since this commit's writer looked (another "
-                    "writer changed it); nothing was committed", path=f"{where}/{path}")
+                    "writer changed it); nothing was committed", path=path)
 
     def merge(self, actor: Actor, addr: AssetAddr, branch: str) -> CommitInfo | None:
         """Make main's tree equal to ``branch``'s in one commit whose parents are both heads."""

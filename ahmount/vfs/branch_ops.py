@@ -15,8 +15,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ahmount.errors import Conflict, InvalidArgument
-from ahmount.hub.models import AssetAddr, ObjectEntry
+from ahmount.errors import Changed, Conflict, InvalidArgument
+from ahmount.hub.models import MAX_CHANGES_PER_CALL, AssetAddr, ObjectEntry
 from ahmount.transfer.plan import LocalFile
 from ahmount.vfs.change_queue import BranchQueue, Row
 from ahmount.vfs.core import VFS
@@ -92,6 +92,19 @@ async def _changed_remotely(vfs: VFS, ref: BranchRef, queue: BranchQueue,
     return sorted(remote)
 
 
+def _as_in(head: CommitIndex, adds: list[ObjectEntry]) -> dict[str, str | None]:
+    """What the commit of ``adds`` expects of the head it is made on: each path as in
+    ``head`` (its sha256, or None), which the refusal above has just compared with what the
+    file was queued on. The hub checks it in the same step as the commit, so a change
+    someone makes there while the commit uploads refuses it too, instead of being
+    overwritten unseen. At most a request's worth (a larger commit keeps the check above)."""
+    expect: dict[str, str | None] = {}
+    for entry in adds[:MAX_CHANGES_PER_CALL]:
+        found = head.lookup(entry.path)
+        expect[entry.path] = found.sha256 if isinstance(found, ObjectEntry) else None
+    return expect
+
+
 async def status(vfs: VFS, ref: BranchRef) -> dict[str, Any]:
     """Pending changes of the branch, like ``git status``: each file ``new`` (not in the
     head) or ``modified``, each delete, and which paths were also changed on the hub since
@@ -140,7 +153,8 @@ async def commit(vfs: VFS, ref: BranchRef, message: str, force: bool) -> dict[st
     comes later gets a copy of its own), files open for writing but at rest are copied now,
     with no await in between, and files in the middle of being written stay queued for the
     next commit (named in ``busy``). Paths changed on the hub since
-    they were queued refuse the commit unless ``force``. Rows that changed while the commit
+    they were queued refuse the commit unless ``force``, checked before the upload and
+    again by the hub in the same step as the commit. Rows that changed while the commit
     ran stay queued, rebased on the new commit."""
     assert vfs.queue is not None and vfs.writeback is not None
     writeback = vfs.writeback
@@ -199,8 +213,15 @@ async def commit(vfs: VFS, ref: BranchRef, message: str, force: bool) -> dict[st
                 if not _in_head(e, head) or taken.hides(e.path)]
         info = None
         if adds or deletes:
-            info = await vfs.view.commit(ref.asset, ref.branch, message, deletes=deletes,
-                                         adds=adds, force=force)
+            try:
+                info = await vfs.view.commit(ref.asset, ref.branch, message, deletes=deletes,
+                                             adds=adds, force=force,
+                                             expect=None if force else _as_in(head, adds))
+            except Changed as exc:
+                raise Conflict(
+                    f"{ref.asset.at(ref.branch)}: {exc.path} changed on the hub while this "
+                    "commit uploaded; nothing was committed (ah status shows it); commit "
+                    "with --force to overwrite it", path=ref.asset.at(ref.branch)) from exc
         vfs.settle_branch(ref.key)  # writes since the snapshot keep their rows queued
         # A file still open for writing keeps its row (rebased, so it is no change until
         # written): dropping it would delete the bytes under the open handle, and what the

@@ -478,12 +478,14 @@ class HubView:
         self.invalidate()
 
     async def commit(self, addr: AssetAddr, branch: str, message: str, *,
-                     deletes: list[str], adds: list[ObjectEntry], force: bool
-                     ) -> CommitInfo | None:
-        """One atomic commit of ``deletes`` then ``adds`` on the branch's current head."""
+                     deletes: list[str], adds: list[ObjectEntry], force: bool,
+                     expect: dict[str, str | None] | None = None) -> CommitInfo | None:
+        """One atomic commit of ``deletes`` then ``adds`` on the branch's current head
+        (only if each path of ``expect`` has that sha256 there: the hub's precondition)."""
         try:
             return await self.hub.commit(addr, branch, message, session=uuid.uuid4().hex,
-                                         deletes=deletes, adds=adds, force=force)
+                                         deletes=deletes, adds=adds, force=force,
+                                         expect=expect)
         finally:
             self.invalidate_asset(addr)
 
