@@ -12,6 +12,7 @@ import json
 import os
 import stat
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -367,6 +368,19 @@ def test_commit_takes_the_queue_and_reset_drops_it(fs: Driver) -> None:
     dropped = fs.control("reset", path=SEGMENTS)
     assert dropped["dropped_local"] >= 2
     assert tree(fs, B) == {"cfg": None, "cfg/a.json": b"{}", "b.bin": b"\x00" * 3000}
+
+
+def test_two_commits_of_a_branch_at_once_take_turns(fs: Driver) -> None:
+    """``ah commit`` in two terminals: the second waits for the first and finds nothing
+    left. Both took the same snapshot, and the second, whose view of the head predates the
+    first's commit, was refused as if someone had changed its files on the hub."""
+    for i in range(20):
+        write_bytes(fs, f"{B}/f{i}.bin", os.urandom(100_000))
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda m: commit(fs, m), ["one", "two"]))
+    assert sorted(r["taken"] for r in results) == [0, 20]
+    assert sorted(bool(r["commit"]) for r in results) == [False, True]
+    assert len(ah.list("model/llm/gpt2:v1")) == 20
 
 
 def test_hub_resources_by_mkdir_rmdir_and_mv(fs: Driver) -> None:

@@ -148,6 +148,14 @@ def _filled(head: CommitIndex, taken: BranchQueue) -> Callable[[str], bool]:
 
 
 async def commit(vfs: VFS, ref: BranchRef, message: str, force: bool) -> dict[str, Any]:
+    """Commit the branch's queue (:func:`_commit`), after any commit of it in progress."""
+    if not isinstance(message, str) or not message.strip():
+        raise InvalidArgument("a commit needs a message (-m)")
+    async with vfs.commit_turn(ref.key):
+        return await _commit(vfs, ref, message, force)
+
+
+async def _commit(vfs: VFS, ref: BranchRef, message: str, force: bool) -> dict[str, Any]:
     """Commit the branch's queue. Each file is taken as its writer last left it (closed,
     flushed or fsynced), at one instant: files no handle may write are pinned (a writer that
     comes later gets a copy of its own), files open for writing but at rest are copied now,
@@ -158,8 +166,6 @@ async def commit(vfs: VFS, ref: BranchRef, message: str, force: bool) -> dict[st
     ran stay queued, rebased on the new commit."""
     assert vfs.queue is not None and vfs.writeback is not None
     writeback = vfs.writeback
-    if not isinstance(message, str) or not message.strip():
-        raise InvalidArgument("a commit needs a message (-m)")
     head = await _head(vfs, ref, fresh=True)
     vfs.settle_branch(ref.key)
     taken = vfs.queue.snapshot(ref.key)  # from here to pin(): no await

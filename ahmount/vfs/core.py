@@ -106,6 +106,15 @@ class VFS:
         #: Failed writes the queue could not record yet, by the queue file written (which
         #: follows a rename of its path; a file created again has a new one).
         self._unrecorded_failures: dict[str, str] = {}
+        #: Commits of one branch take turns (``ah commit`` in two terminals): each takes
+        #: what its snapshot holds, and the second's view of the head must include the
+        #: first's commit, or the hub refuses it as a change made while it uploaded.
+        self._commit_turns: dict[str, trio.Lock] = {}
+
+    def commit_turn(self, branch_key: str) -> trio.Lock:
+        """The lock a commit of the branch ``branch_key`` holds from its snapshot to its
+        end (one per branch committed in this session: a few bytes each)."""
+        return self._commit_turns.setdefault(branch_key, trio.Lock())
 
     @property
     def refresh(self) -> float:
