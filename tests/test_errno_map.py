@@ -21,6 +21,7 @@ from ahmount.mount.errno_map import errno_for, fuse_errors
         (errors.AlreadyExists("x"), errno.EEXIST),
         (errors.PermissionDenied("x"), errno.EACCES),
         (errors.UnknownChanges("x"), errno.EBUSY),
+        (errors.Changed("x"), errno.EBUSY),
         (errors.DirectoryInTheWay("x"), errno.EISDIR),
         (errors.FileInTheWay("x"), errno.ENOTDIR),
         (errors.InvalidArgument("x"), errno.EINVAL),
@@ -82,3 +83,20 @@ async def test_a_hub_away_is_told_once_per_object(caplog: pytest.LogCaptureFixtu
             assert info.value.errno == errno.EIO
     lines = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
     assert len(lines) == 2 and "a.bin" in lines[0] and "b.bin" in lines[1]
+
+
+async def test_running_out_of_descriptors_says_what_to_raise(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """EMFILE reaches the program that opened a file through the mount, whose own limit may
+    be far from reached: the daemon's log says whose limit it is and how to raise it."""
+    @fuse_errors
+    async def create() -> None:
+        raise OSError(errno.EMFILE, "Too many open files", "queue/files/spare-1")
+
+    with caplog.at_level(logging.WARNING, "ahmount.mount"):
+        for _ in range(2):
+            with pytest.raises(pyfuse3.FUSEError) as info:
+                await create()
+            assert info.value.errno == errno.EMFILE
+    assert caplog.text.count("the daemon is out of file descriptors (open files limit") == 1
+    assert "ulimit -Hn" in caplog.text

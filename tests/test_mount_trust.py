@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
+import resource
 import socket
 import stat
 import struct
@@ -170,6 +172,40 @@ def test_names_over_255_bytes_are_refused_as_ext4_does(mount_factory: Mounter) -
     m.control("commit", path=["model", "llm", "gpt2", "v1"], message="long names",
               force=False)
     assert {o["path"] for o in ah.list("model/llm/gpt2:v1")} == {"ok.txt", "n" * 255}
+
+
+def test_thousands_of_files_open_at_once_under_a_login_shells_limit(
+        mount_factory: Mounter) -> None:
+    """A login shell and systemd give programs a soft limit of 1,024 descriptors; the
+    daemon holds one per file open through it, so a program holding ~1,000 files open got
+    EMFILE while its own limit was 20 times that. The daemon raises its soft limit to the
+    hard one, as Go programs (rclone) do."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    many = 2_500
+    if hard != resource.RLIM_INFINITY and hard < 2 * many + 100:
+        pytest.skip(f"the hard limit of open files here is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # what the daemon inherits
+    try:
+        m = mount_factory()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2 * many + 100), hard))
+    try:
+        limits = Path(f"/proc/{m.pid}/limits").read_text()
+        assert re.search(r"Max open files\s+(\d+)\s+\1\s", limits), limits
+        branch = m.mountpoint / "model/llm/gpt2/v1"
+        fds = [os.open(branch / f"f{i}", os.O_WRONLY | os.O_CREAT) for i in range(many)]
+        for i, fd in enumerate(fds):
+            os.write(fd, f"file {i}".encode())
+        for fd in fds:
+            os.close(fd)
+        m.control("commit", path=["model", "llm", "gpt2", "v1"], message="many", force=False)
+        fds = [os.open(branch / f"f{i}", os.O_RDONLY) for i in range(many)]
+        assert [os.read(fd, 100) for fd in fds] == [f"file {i}".encode() for i in range(many)]
+        for fd in fds:
+            os.close(fd)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert "out of file descriptors" not in mount_log()
 
 
 def test_an_open_file_outlives_its_name(mount_factory: Mounter) -> None:

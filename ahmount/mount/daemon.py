@@ -41,6 +41,7 @@ from ahmount.config import (
 )
 from ahmount.errors import AhError, InvalidArgument
 from ahmount.exit_codes import FAILURE, exit_code
+from ahmount.fd_limit import raise_open_files_limit
 from ahmount.mount import dir_cache, fuse_wait
 from ahmount.mount.control import ControlServer, fuse_mounts, socket_path
 from ahmount.mount.fs import AssetFS
@@ -431,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(mountpoint: Path, config: ClientConfig, cache_size: int, args: argparse.Namespace,
          ready: Callable[[], None]) -> int:
+    raise_open_files_limit()
     cache_dir = Path(os.path.abspath(args.cache_dir)) if args.cache_dir else None
     mount = Mount(mountpoint, config, cache_size, args.refresh, args.allow_other, cache_dir,
                   follow_changes=not args.no_change_feed, offline=args.offline,

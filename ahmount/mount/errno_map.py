@@ -22,6 +22,7 @@ import httpx
 import pyfuse3
 
 from ahmount import errors
+from ahmount.fd_limit import open_files_limit
 from ahmount.vfs import errors as vfs
 from ahmount.vfs.errno_map import errno_for
 
@@ -70,6 +71,12 @@ def fuse_errors(handler: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any
             raise pyfuse3.FUSEError(number) from None
         except (errors.AhError, httpx.HTTPError, OSError) as exc:
             number = errno_for(exc)
+            if number in (errno.EMFILE, errno.ENFILE) and _first_telling("out of descriptors"):
+                log.error("the daemon is out of file descriptors (open files limit %d): "
+                          "files opened through the mount get %s until some are closed; "
+                          "raise the hard limit (ulimit -Hn, or LimitNOFILE= in a systemd "
+                          "unit) and mount again", open_files_limit(),
+                          errno.errorcode[number])
             if not isinstance(exc, errors.HubUnavailable) or _first_telling(str(exc)):
                 log.warning("%s: %s (%s)", handler.__name__, exc,
                             errno.errorcode.get(number, number))

@@ -27,6 +27,7 @@ from ahmount import __version__
 from ahmount.config import dirs
 from ahmount.errors import AhError
 from ahmount.exit_codes import exit_code
+from ahmount.fd_limit import raise_open_files_limit
 from ahmount.hub.open import S3Options, open_hub
 from ahmount.hub.service import HubService
 from ahmount.observability import notify_systemd, setup_logging
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("user", "gc"):
             with open_service() as service:
                 return _admin(args, service)
+        raise_open_files_limit()
         try:
             trio.run(_serve, open_service, getattr(args, "serve_listen", None) or args.listen,
                      args.idle_timeout)
