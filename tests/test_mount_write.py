@@ -318,6 +318,26 @@ def test_branch_commands_run_elsewhere_act_on_the_queue_of_the_mount(
     assert objects("model/llm/gpt2:v1") == {"made-here/a.txt": 1}
 
 
+def test_a_mount_of_another_home_is_named_not_taken_for_an_api_path(
+        mount_factory: Mounter, tmp_path: Path) -> None:
+    """``ah`` run with another AHMOUNT_HOME than the mount's (a new shell without the
+    export, another user) cannot reach its control socket. Given a path in it, it read the
+    path as an API path and said it must look like /<owner>/t9k-assethub/...; in the
+    branch directory, that the directory is not inside a mount."""
+    m = mount_factory()
+    branch = m.mountpoint / "model/llm/gpt2/v1"
+    (branch / "a.txt").write_text("a")
+    other_home = {**os.environ, "AHMOUNT_HOME": str(tmp_path / "other-home")}
+    for args, cwd in [(["status", str(branch)], tmp_path), (["commit", "-m", "m"], branch),
+                      (["status", "."], branch / "..")]:
+        result = subprocess.run([command("ah"), *args], capture_output=True, text=True,
+                                cwd=cwd, env=other_home, timeout=60)
+        assert result.returncode == 2, result.stderr
+        assert f"is inside the ah-mount at {m.mountpoint}, which this ah does not control" \
+            in result.stderr, result.stderr
+    assert "1 added/changed" in run_ah("status", cwd=branch)  # its own home's ah: as before
+
+
 def test_a_reset_is_seen_at_once_by_what_the_kernel_kept(mount_factory: Mounter,
                                                          tmp_path: Path) -> None:
     """After ``ah reset`` the branch is its head again at once: the kernel's kept entries,

@@ -24,6 +24,7 @@ from ahmount.cli.tables import date, printable, render, table_for
 from ahmount.client.embedded import connect
 from ahmount.client.hub_client import HubClient
 from ahmount.config import (
+    dirs,
     hub_identity,
     load_config,
     make_config,
@@ -144,13 +145,21 @@ def _adds(values: Sequence[str]) -> list[str] | dict[str, str | None] | None:
 def _in_mount(path: str | None) -> tuple[Path, list[str]] | None:
     """``(mountpoint, segments)`` when ``path`` (default: the current directory) is inside an
     ah-mount; None when it is an API path."""
-    from ahmount.mount.control import find_mount
+    from ahmount.mount.control import find_mount, foreign_mount
 
     if path is not None and not (path.startswith((".", "/", "~")) or os.path.exists(path)):
         return None
     target = Path(os.path.expanduser(path)) if path else Path(os.getcwd())
     found = find_mount(target)
     if found is None:
+        other = foreign_mount(target)
+        if other is not None:  # else it was taken for an API path, and refused as one
+            raise InvalidArgument(
+                f"{target} is inside the ah-mount at {other}, which this ah does not "
+                "control (its control socket is not in this ah's "
+                f"{dirs().runtime / 'mounts'}): it was started with another AHMOUNT_HOME "
+                "or XDG_RUNTIME_DIR, or by another user; run ah as that user, with the "
+                "environment the mount was started with")
         return None
     return found[0], list(found[1])
 
