@@ -174,6 +174,33 @@ def test_names_over_255_bytes_are_refused_as_ext4_does(mount_factory: Mounter) -
     assert {o["path"] for o in ah.list("model/llm/gpt2:v1")} == {"ok.txt", "n" * 255}
 
 
+@pytest.mark.parametrize("host, shown", [
+    (None, "embedded"),
+    ("http://127.0.0.1:8080", "127.0.0.1:8080"),
+    ("https://user:secret@hub.example.com/ah/", "hub.example.com/ah"),
+    ("http://[::1]:9000", "[::1]:9000"),
+    ("http://a,b", "a%2Cb"),
+])
+def test_the_mount_table_names_the_hub_and_no_password(host: str | None, shown: str) -> None:
+    from ahmount.mount.daemon import _fsname_hub
+
+    assert _fsname_hub(host) == shown
+
+
+def test_df_and_mount_show_which_hub_a_mount_is_of(mount_factory: Mounter,
+                                                   tmp_path: Path) -> None:
+    """The source was a bare "ahmount", which mount(8) shows as a path where the current
+    directory has an entry of that name (a checkout of this project)."""
+    (tmp_path / "ahmount").mkdir()
+    m = mount_factory()
+    fields = next(line.split(" - ")[1].split() for line in
+                  Path("/proc/self/mountinfo").read_text().splitlines()
+                  if line.split()[4] == str(m.mountpoint))
+    assert fields[:2] == ["fuse.ahmount", "ahmount:embedded"]
+    shown = subprocess.run(["mount"], capture_output=True, text=True, cwd=tmp_path).stdout
+    assert f"ahmount:embedded on {m.mountpoint} type fuse.ahmount" in shown
+
+
 def test_thousands_of_files_open_at_once_under_a_login_shells_limit(
         mount_factory: Mounter) -> None:
     """A login shell and systemd give programs a soft limit of 1,024 descriptors; the

@@ -21,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -192,7 +193,11 @@ class Mount:
             self.session = session
             self.ops = ops = AssetFS(session.vfs, os.getuid(), os.getgid(), self.read_only)
             session.vfs.private = not self.allow_other
-            options = {"fsname=ahmount", "subtype=ahmount", "noatime"}
+            # What df and mount show as the source, as sshfs's user@host:path and rclone's
+            # remote: do (a bare "ahmount" is also shown as a path by mount(8) where the
+            # current directory has an entry of that name).
+            options = {f"fsname=ahmount:{_fsname_hub(self.config.ah_host)}",
+                       "subtype=ahmount", "noatime"}
             if self.allow_other:
                 # Other users are let in: the kernel checks mode bits for them. A private
                 # mount leaves the checks to the handlers (EROFS where nothing may change),
@@ -447,6 +452,16 @@ def _run(mountpoint: Path, config: ClientConfig, cache_size: int, args: argparse
         log.error("ah-mount stopped after a bug (queue kept): %r", mount.session.bug)
         return 1
     return 0
+
+
+def _fsname_hub(host: str | None) -> str:
+    """The hub as the mount's source names it, in the world-readable mount table: its
+    host, port and path (no scheme, and no user or password a URL may carry; a comma would
+    end the mount option), or "embedded"."""
+    if host is None:
+        return "embedded"
+    parts = urllib.parse.urlsplit(host)
+    return (parts.netloc.rpartition("@")[2] + parts.path.rstrip("/")).replace(",", "%2C")
 
 
 def _wait_for_child(read_end: int, mountpoint: Path) -> int:
