@@ -112,6 +112,13 @@ class HubUnavailable(AhError, httpx.TransportError):
         AhError.__init__(self, message, path=path)
 
 
+class StorageFull(AhError, RuntimeError):
+    """The hub's storage (its blob store or its database) has no room left: nothing of the
+    write that found it full was kept. Not the caller's doing, and not passing by itself."""
+
+    code = "storage_full"
+
+
 class TooLarge(InvalidArgument):
     """A request (body, upload) over the hub's limit; refused before it is read."""
 
@@ -137,6 +144,7 @@ ERRORS_BY_CODE: dict[str, type[AhError]] = {
         Conflict,
         UnknownChanges,
         Changed,
+        StorageFull,
         DirectoryInTheWay,
         FileInTheWay,
         RangeNotSatisfiable,

@@ -23,6 +23,7 @@ _CODES: list[tuple[type[BaseException], int]] = [
     (errors.PermissionDenied, 5),
     (errors.Conflict, 6),
     (errors.HubUnavailable, 7),
+    (errors.StorageFull, 9),
     (httpx.HTTPError, 7),
     (OSError, 8),
 ]
@@ -34,14 +35,14 @@ EXIT_CODE_MEANINGS: list[tuple[int, str]] = [
     (USAGE, "bad command line or bad argument"), (3, "not found"), (4, "already exists"),
     (5, "not allowed (no or bad API key, no permission, read-only)"),
     (6, "conflict (changed meanwhile, or busy)"), (7, "hub unreachable"),
-    (8, "local file system error"), (130, "interrupted"),
+    (8, "local file system error"), (9, "the hub is out of storage"), (130, "interrupted"),
     (141, "output pipe closed (ah ... | head)"),
 ]
 
 
 def exit_code(exc: BaseException) -> int:
     """Exit code for an error: 2 bad input, 3 not found, 4 already exists, 5 not allowed,
-    6 conflict, 7 hub unreachable, 8 local I/O, 1 anything else."""
+    6 conflict, 7 hub unreachable, 8 local I/O, 9 hub storage full, 1 anything else."""
     for cls, code in _CODES:
         if isinstance(exc, cls):
             return code

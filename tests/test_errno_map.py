@@ -22,6 +22,7 @@ from ahmount.mount.errno_map import errno_for, fuse_errors
         (errors.PermissionDenied("x"), errno.EACCES),
         (errors.UnknownChanges("x"), errno.EBUSY),
         (errors.Changed("x"), errno.EBUSY),
+        (errors.StorageFull("x"), errno.ENOSPC),
         (errors.DirectoryInTheWay("x"), errno.EISDIR),
         (errors.FileInTheWay("x"), errno.ENOTDIR),
         (errors.InvalidArgument("x"), errno.EINVAL),

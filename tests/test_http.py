@@ -25,11 +25,12 @@ from ahmount.errors import (
     NotFound,
     PermissionDenied,
     RangeNotSatisfiable,
+    StorageFull,
     Unauthenticated,
     UnknownChanges,
 )
 from ahmount.hub.models import AssetAddr, FolderAddr, ObjectEntry
-from tests.conftest import HubProcess
+from tests.conftest import HubProcess, small_disk
 from tests.test_file_io import evict_from_memory
 
 
@@ -177,6 +178,52 @@ async def test_a_stale_expectation_is_refused_over_http(hub_server: HubProcess,
             json={"message": "m", "adds": [], "expect": {"log": a.sha256}},
             headers={"authorization": f"Bearer {hub_server.keys['alice']}"})
     assert (response.status_code, response.json()["error"]["code"]) == (412, "changed")
+
+
+async def test_an_answer_given_halfway_through_a_body_reaches_the_client(
+        hub_server: HubProcess, alice: HubClient) -> None:
+    """A PATCH at a wrong upload offset is refused once the first 8 MiB of its body are
+    read. hypercorn then waited for room in the app's full body queue forever: the client,
+    which reads the answer only after sending its body, hung until its write timed out
+    (every other such request, by the keep-alive race). Several in a row, on one client."""
+    headers = {"authorization": f"Bearer {hub_server.keys['alice']}"}
+    async with httpx.AsyncClient(base_url=hub_server.url + "/api/v1", headers=headers,
+                                 timeout=30) as raw:
+        for i in range(6):
+            started = await raw.post("/uploads", json={"sha256": f"{i:02x}" * 32,
+                                                        "size": 100 << 20})
+            upload_id = started.json()["id"]
+            refused = await raw.patch(f"/uploads/{upload_id}", content=b"\0" * (20 << 20),
+                                      headers={"upload-offset": "12345"})
+            assert refused.status_code == 409, refused.text
+            assert "a write at offset 12345 would leave a gap" in refused.json()["error"][
+                "message"]
+            assert (await raw.delete(f"/uploads/{upload_id}")).status_code == 204
+    assert await alice.whoami() == "alice"
+
+
+async def test_a_full_blob_store_is_a_clear_refusal_that_keeps_nothing(
+        tmp_path: Path) -> None:
+    """The hub's disk filled during an upload: the server logged a crash, answered 500,
+    and the client hung until its write timed out. Now the client hears 507 naming what
+    is full, the half-written upload is gone, and smaller blobs still fit."""
+    with small_disk(tmp_path / "disk", "16m") as disk:
+        server = HubProcess(disk / "hub")
+        server.add_user("carol")
+        server.start()
+        try:
+            async with HubClient(server.url, api_key=server.keys["carol"], retries=0) as hub:
+                for size in (24 << 20, 70 << 20):  # one request, and resumable segments
+                    with pytest.raises(StorageFull, match="the hub's (blob store|database) "
+                                                          "has no room left"):
+                        await upload(hub, os.urandom(size), tmp_path)
+                    assert list((disk / "hub/blobs/uploads").iterdir()) == []
+                sha, _ = await upload(hub, b"small enough", tmp_path)
+                assert await hub.missing_blobs([sha]) == set()
+        finally:
+            server.stop()
+        log = server.log_path.read_text()
+        assert "Traceback" not in log and "no room left" in log
 
 
 @pytest.mark.parametrize("size", [1 << 20, 5 * (1 << 20) + 3], ids=["streamed", "direct"])

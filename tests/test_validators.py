@@ -116,3 +116,4 @@ def test_exit_codes_tell_bad_input_from_corruption_and_bugs() -> None:
     assert exit_code(errors.Conflict("held")) == 6
     assert exit_code(errors.HubUnavailable("down")) == 7
     assert exit_code(OSError(5, "disk")) == 8
+    assert exit_code(errors.StorageFull("the hub's disk")) == 9

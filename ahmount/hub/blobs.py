@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import hashlib
 import os
 import uuid
@@ -25,6 +26,7 @@ from ahmount.errors import (
     InvalidArgument,
     NotFound,
     RangeNotSatisfiable,
+    StorageFull,
 )
 
 READ_CHUNK = 4 << 20
@@ -92,6 +94,21 @@ class BlobStore(Protocol):
         """A URL from which a client may read the blob straight from the store (it sends its
         own Range there), or None when this store makes none or the operator did not allow
         it."""
+
+
+@contextlib.contextmanager
+def room_errors(what: str) -> Iterator[None]:
+    """A full disk (or quota) while ``what`` is written: :class:`StorageFull`, an answer
+    the client can act on (507), not a crash of the request. Whatever the write left is the
+    caller's to drop, as for any failure."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise StorageFull(f"the hub's blob store has no room left for {what} "
+                          f"({os.strerror(exc.errno)}): nothing of it was kept; the hub's "
+                          "operator must free space") from exc
 
 
 def hash_mismatch(actual: str, sha256: str) -> ChecksumMismatch:
@@ -236,12 +253,14 @@ class LocalBlobStore:
         small files cost ah-server ~700 us of CPU a blob that way."""
         for sha256, data in blobs:
             temp = f"{self._uploads}/{uuid.uuid4().hex}"
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with room_errors(f"blob {sha256}"):
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 try:
                     view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view):]
+                    with room_errors(f"blob {sha256}"):
+                        while view:
+                            view = view[os.write(fd, view):]
                 finally:
                     os.close(fd)
                 final = self._path(sha256)
@@ -256,7 +275,8 @@ class LocalBlobStore:
                 raise
 
     def start_upload(self, upload_id: str, local: bool = False) -> None:
-        self._upload_path(upload_id).touch(mode=0o600)
+        with room_errors(f"upload {upload_id}"):
+            self._upload_path(upload_id).touch(mode=0o600)
 
     def upload_received(self, upload_id: str) -> int:
         try:
@@ -279,7 +299,9 @@ class LocalBlobStore:
                     "would leave a gap or overwrite"
                 )
             handle.seek(offset)
-            handle.write(data)
+            with room_errors(f"upload {upload_id}"):
+                handle.write(data)
+                handle.flush()  # here, not at close: a full disk is this write's failure
             # No fsync per chunk: finish_upload hashes and fsyncs once, and a chunk torn by a
             # crash is caught there by the hash.
             return offset + len(data)
@@ -296,7 +318,7 @@ class LocalBlobStore:
                 f"upload of blob {sha256} is truncated: {actual_size} of {size} bytes arrived"
             )
         digest = hashlib.sha256()
-        with path.open("rb") as handle:
+        with path.open("rb") as handle, room_errors(f"blob {sha256}"):
             while chunk := handle.read(READ_CHUNK):
                 digest.update(chunk)
             if durable:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -24,6 +25,8 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
+
+from ahmount.errors import StorageFull
 
 log = logging.getLogger("ahmount.hub")
 
@@ -705,12 +708,19 @@ class MetadataStore:
 
     @contextmanager
     def write(self) -> Iterator[MetaTx]:
-        """A transaction that writes: committed on exit, rolled back if the block raises."""
-        with self.engine.connect() as conn:
-            if self._sqlite:
-                conn.execution_options(sqlite_begin="IMMEDIATE")
-            with conn.begin():
-                yield MetaTx(conn)
+        """A transaction that writes: committed on exit, rolled back if the block raises
+        (:class:`StorageFull` if the database's disk is full)."""
+        try:
+            with self.engine.connect() as conn:
+                if self._sqlite:
+                    conn.execution_options(sqlite_begin="IMMEDIATE")
+                with conn.begin():
+                    yield MetaTx(conn)
+        except sa.exc.OperationalError as exc:
+            if not _disk_full(exc.orig):
+                raise
+            raise StorageFull("the hub's database has no room left: nothing of this change "
+                              "was kept; the hub's operator must free space") from exc
 
     # NodeStore, for the tree store.
     def get_nodes(self, ids: Sequence[str]) -> dict[str, bytes]:
@@ -723,6 +733,13 @@ class MetadataStore:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _disk_full(error: BaseException | None) -> bool:
+    """Whether a driver's error says the database's disk is full: SQLite's SQLITE_FULL,
+    PostgreSQL's disk_full (SQLSTATE 53100)."""
+    return getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or \
+        getattr(error, "sqlstate", None) == "53100" or getattr(error, "pgcode", None) == "53100"
 
 
 def _configure_sqlite(engine: Engine) -> None:

@@ -31,6 +31,7 @@ from ahmount.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    StorageFull,
     Unauthenticated,
     UnknownChanges,
 )
@@ -1255,7 +1256,16 @@ class HubService:
             raise InvalidArgument(
                 f"upload {upload_id} of blob {row['sha256']} would exceed its {row['size']} bytes"
             )
-        received = self.blobs.append(upload_id, offset, data)
+        try:
+            received = self.blobs.append(upload_id, offset, data)
+        except StorageFull:
+            # A full store takes no more of it soon: the space its earlier segments hold
+            # is given back now (the client starts again), not when the upload expires;
+            # the bytes first, since the database may be on the same full disk.
+            self.blobs.abort_upload(upload_id)
+            with self.metadata.write() as tx:
+                tx.delete_upload(upload_id)
+            raise
         with self.metadata.write() as tx:  # alive: not expired while bytes keep coming
             tx.set_upload_received(upload_id, received)
         return received

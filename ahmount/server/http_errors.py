@@ -25,6 +25,7 @@ _STATUS: dict[type[errors.AhError], int] = {
     errors.PermissionDenied: 403,
     errors.Unauthenticated: 401,
     errors.HubUnavailable: 503,
+    errors.StorageFull: 507,
     errors.InternalError: 500,
 }
 

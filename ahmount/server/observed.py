@@ -3,10 +3,21 @@ Prometheus metrics served at ``/metrics``, and ``Connection: close`` on an answe
 before its request's body was read.
 
 The hub answers some requests without reading their bodies (401 before anything of the
-request is read, 413 on a declared length over the limit). The server then cannot reuse
-the connection (the unread body is still on it) and closes it after the answer; said
+request is read, 413 on a declared length over the limit), or all of them (a write that
+failed halfway: a wrong upload offset, a full disk). The server then cannot reuse the
+connection (the unread body is still on it) and closes it after the answer; said
 nothing, a keep-alive client sends its next request on that connection and, when the close
 wins the race, gets no answer at all. The header tells the client up front.
+
+While the end of such an answer is sent, what of the body arrives is read and dropped.
+hypercorn hands a body to the app through a queue of 10 pieces, and when an answer ends it
+puts a "client disconnected" message in that queue; with the queue full (the app stopped
+reading halfway), that put, and so the app's send of its answer, waited forever: the
+connection and its task were never released, and the client, which reads an answer only
+once it has sent its body, hung until its write timed out, never seeing the 409 (a wrong
+upload offset) or 507 (a full disk) it was given. Draining makes room; hypercorn then
+closes the connection (the body unfinished), the client's write fails, and it reads the
+answer, as HTTP clients do.
 
 Metrics (one registry per app, so tests and embedded hubs never share counters):
 ``ah_requests_total{endpoint,method,status}``, ``ah_request_seconds{endpoint}`` (histogram),
@@ -21,6 +32,7 @@ import time
 import uuid
 from typing import Any
 
+import anyio
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -101,24 +113,43 @@ class ObservedApp:
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
+                if body_unread and not message.get("more_body", False):
+                    await send_while_draining(message)
+                    return
             await send(message)
+
+        async def send_while_draining(message: Message) -> None:
+            """The answer's end, while what the client still sends is read and dropped
+            (see the module's docstring)."""
+            async def drain() -> None:
+                while body_unread:
+                    await counting_receive()
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(drain)
+                await send(message)
 
         try:
             await self.app(scope, counting_receive, tagging_send)
         finally:
-            elapsed = time.perf_counter() - start
-            endpoint = getattr(scope.get("endpoint"), "__name__", "unmatched")
-            m = self.metrics
-            m.requests.labels(endpoint, scope["method"], str(status)).inc()
-            m.latency.labels(endpoint).observe(elapsed)
-            m.bytes_in.inc(received)
-            m.bytes_out.inc(sent)
-            if status >= 500:
-                m.errors.labels(endpoint).inc()
-            log.info("request", extra={"fields": {
-                "method": scope["method"], "path": scope["path"], "status": status,
-                "ms": round(elapsed * 1000, 1), "bytes_in": received, "bytes_out": sent}})
+            self._observed(scope, status, start, received, sent)
             request_id.reset(token)
+
+    def _observed(self, scope: Scope, status: int, start: float, received: int,
+                  sent: int) -> None:
+        """One request's metrics and access-log line."""
+        elapsed = time.perf_counter() - start
+        endpoint = getattr(scope.get("endpoint"), "__name__", "unmatched")
+        m = self.metrics
+        m.requests.labels(endpoint, scope["method"], str(status)).inc()
+        m.latency.labels(endpoint).observe(elapsed)
+        m.bytes_in.inc(received)
+        m.bytes_out.inc(sent)
+        if status >= 500:
+            m.errors.labels(endpoint).inc()
+        log.info("request", extra={"fields": {
+            "method": scope["method"], "path": scope["path"], "status": status,
+            "ms": round(elapsed * 1000, 1), "bytes_in": received, "bytes_out": sent}})
 
 
 def _has_body(headers: dict[bytes, bytes]) -> bool:

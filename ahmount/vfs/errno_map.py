@@ -35,6 +35,7 @@ _ERRNO: list[tuple[type[BaseException], int]] = [
     (errors.DirectoryInTheWay, errno.EISDIR),
     (errors.FileInTheWay, errno.ENOTDIR),
     (errors.Conflict, errno.EBUSY),
+    (errors.StorageFull, errno.ENOSPC),
     (errors.RangeNotSatisfiable, errno.EINVAL),
     (errors.ChecksumMismatch, errno.EIO),
     (errors.InvalidArgument, errno.EINVAL),
