@@ -335,3 +335,38 @@ def test_a_wrong_flag_shows_that_commands_usage() -> None:
     wrong = ah("commit", "model/x/y", "-m", "m", "--nope", check=False)
     assert wrong.returncode == 2
     assert wrong.stderr.startswith("usage: ah commit") and "--nope" in wrong.stderr
+
+
+def _bytes_read(pid: int) -> int:
+    """What process ``pid`` has read so far (its /proc io counters)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_ctrl_c_while_a_huge_file_is_hashed_stops_at_once_and_commits_nothing(
+        tmp_path: Path) -> None:
+    """The hash of a file runs in a worker thread, and Ctrl-C waited for it to end: for a
+    20 GiB file, 2.5 minutes. It now stops the hash at its next chunk."""
+    from tests.conftest import wait_until
+
+    ah("create", "model/llm")
+    ah("create", "model/llm/gpt2")
+    huge = tmp_path / "huge.bin"
+    with huge.open("wb") as handle:
+        handle.truncate(1 << 40)  # 1 TiB of holes: read at memory speed, for many minutes
+    proc = subprocess.Popen([command("ah"), "commit", "model/llm/gpt2:main", "-m", "huge",
+                             "-a", str(huge)], stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: _bytes_read(proc.pid) > (256 << 20), timeout=60,
+                   what="the hash to be under way")
+        proc.send_signal(2)  # SIGINT, as Ctrl-C sends it
+        assert proc.wait(timeout=30) == 130
+        assert "ah: interrupted" in (proc.stderr.read() if proc.stderr else "")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    listed = ah("log", "model/llm/gpt2:main").stdout
+    assert "huge" not in listed

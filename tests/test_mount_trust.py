@@ -235,6 +235,26 @@ def test_thousands_of_files_open_at_once_under_a_login_shells_limit(
     assert "out of file descriptors" not in mount_log()
 
 
+def test_an_unmount_while_a_huge_file_is_hashed_ends_the_daemon_at_once(
+        mount_factory: Mounter) -> None:
+    """Upload-ahead hashes a closed file in a worker thread; an unmount waited for that
+    hash to end (2.5 minutes for 10 GiB), holding the cache lock meanwhile, so mounting
+    again failed with "in use by ah-mount pid N ... unmount it first"."""
+    from tests.test_cli import _bytes_read
+
+    m = mount_factory()
+    with (m.mountpoint / "model/llm/gpt2/v1/huge.bin").open("wb") as handle:
+        handle.truncate(1 << 40)  # 1 TiB of holes: hashed at memory speed, for many minutes
+    assert m.pid is not None
+    pid = m.pid
+    wait_until(lambda: _bytes_read(pid) > (256 << 20), timeout=60,
+               what="upload-ahead to be hashing the file")
+    subprocess.run(["fusermount3", "-u", str(m.mountpoint)], check=True)
+    wait_until(lambda: not m.alive(), timeout=30, what="the daemon to exit")
+    again = mount_factory(mountpoint=m.mountpoint)
+    assert "huge.bin" in os.listdir(again.mountpoint / "model/llm/gpt2/v1")  # still queued
+
+
 def test_an_open_file_outlives_its_name(mount_factory: Mounter) -> None:
     m = mount_factory()
     branch = m.mountpoint / "model/llm/gpt2/v1"

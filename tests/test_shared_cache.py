@@ -314,10 +314,10 @@ async def test_an_object_fetched_whole_arrives_verified_without_a_second_read(
     """Hashed as it is written (same thread hand-offs): no read-back of the file."""
     import ahmount.vfs.object_cache as module
 
-    def no_read_back(path: Path) -> str:
+    def no_read_back(path: Path, stop: object = None) -> tuple[str, int]:
         raise AssertionError(f"{path} was read back to be hashed")
 
-    monkeypatch.setattr(module, "_hash_file", no_read_back)
+    monkeypatch.setattr(module, "hash_file", no_read_back)
     source = MemorySource(blob(6, 3 * BLOCK + 17))
     cache = ObjectCache(tmp_path, 64 << 20)
     try:
@@ -336,13 +336,13 @@ async def test_a_large_object_is_verified_once_however_many_reads_ask(
     import ahmount.vfs.object_cache as module
 
     hashed: list[Path] = []
-    real = module._hash_file
+    real = module.hash_file
 
-    def counted(path: Path) -> str:
+    def counted(path: Path, stop: Callable[[], bool] | None = None) -> tuple[str, int]:
         hashed.append(path)
-        return real(path)
+        return real(path, stop)
 
-    monkeypatch.setattr(module, "_hash_file", counted)
+    monkeypatch.setattr(module, "hash_file", counted)
     monkeypatch.setattr(module, "VERIFY_INLINE", BLOCK)
     source = MemorySource(blob(8, 3 * BLOCK + 5))
     cache = ObjectCache(tmp_path, 64 << 20)
@@ -624,10 +624,10 @@ async def test_a_run_read_directly_is_kept_whole_and_verified_as_it_arrives(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import ahmount.vfs.object_cache as module
 
-    def no_read_back(path: Path) -> str:
+    def no_read_back(path: Path, stop: object = None) -> tuple[str, int]:
         raise AssertionError(f"{path} was read back to be hashed")
 
-    monkeypatch.setattr(module, "_hash_file", no_read_back)
+    monkeypatch.setattr(module, "hash_file", no_read_back)
     source = MemorySource(blob(20, 9 * BLOCK + 3), direct=True)
     cache = ObjectCache(tmp_path, 64 << 20)
     try:

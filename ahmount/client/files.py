@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import random
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
@@ -27,12 +27,20 @@ if TYPE_CHECKING:
     from ahmount.client.hub_client import HubClient
 
 
-def hash_file(path: Path) -> tuple[str, int]:
-    """``(sha256, size)`` of a local file, read in chunks."""
+class HashingStopped(Exception):
+    """A hash was stopped halfway (its caller was cancelled); nothing of it is used."""
+
+
+def hash_file(path: Path, stop: Callable[[], bool] | None = None) -> tuple[str, int]:
+    """``(sha256, size)`` of a local file, read in chunks; :class:`HashingStopped` at the
+    first chunk after ``stop()`` says so (a worker thread's hash of a 20 GiB file otherwise
+    held Ctrl-C, and a mount's unmount, until its end: minutes)."""
     digest = hashlib.sha256()
     size = 0
     with path.open("rb") as handle:
         while chunk := handle.read(CHUNK):
+            if stop is not None and stop():
+                raise HashingStopped(f"hashing {path} was stopped")
             digest.update(chunk)
             size += len(chunk)
     return digest.hexdigest(), size

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
@@ -20,6 +22,21 @@ from ahmount.nurseries import open_nursery
 from ahmount.transfer.plan import LocalFile
 
 PARALLEL_HASHES = 4
+T = TypeVar("T")
+
+
+async def run_stoppable(work: Callable[[Callable[[], bool]], T],
+                        limiter: trio.CapacityLimiter | None = None) -> T:
+    """``work(stop)`` in a worker thread, which the caller's cancellation (Ctrl-C, an
+    unmount) does not wait for: the thread is left to end at its next ``stop()`` check,
+    its result unused."""
+    stopped = threading.Event()
+    try:
+        return await trio.to_thread.run_sync(work, stopped.is_set, limiter=limiter,
+                                             abandon_on_cancel=True)
+    except BaseException:
+        stopped.set()
+        raise
 
 
 class HashCache:
@@ -76,11 +93,10 @@ async def hash_files(files: list[LocalFile]) -> list[ObjectEntry]:
         limiter = trio.CapacityLimiter(PARALLEL_HASHES)
 
         async def hash_group(group: list[int]) -> None:
-            def work() -> list[str]:
-                return [hash_file(files[i].local)[0] for i in group]
+            def work(stop: Callable[[], bool]) -> list[str]:
+                return [hash_file(files[i].local, stop)[0] for i in group]
 
-            for i, sha in zip(group, await trio.to_thread.run_sync(work, limiter=limiter),
-                              strict=True):
+            for i, sha in zip(group, await run_stoppable(work, limiter), strict=True):
                 shas[i] = sha
 
         async with open_nursery() as nursery:

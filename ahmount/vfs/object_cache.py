@@ -40,7 +40,9 @@ from typing import Any, Protocol
 import diskcache
 import trio
 
+from ahmount.client.files import hash_file
 from ahmount.errors import ChecksumMismatch
+from ahmount.transfer.hashes import run_stoppable
 from ahmount.vfs.cache_ledger import CacheLedger
 from ahmount.vfs.disk_index import all_rows, set_rows
 from ahmount.vfs.file_io import pread_unstalled, removal_lock
@@ -1130,7 +1132,8 @@ class ObjectCache:
                             not current.complete():
                         log.info("blob %s was evicted before it was verified", sha)
                         return
-                    actual = await trio.to_thread.run_sync(_hash_file, self._path(sha))
+                    path = self._path(sha)
+                    actual = (await run_stoppable(lambda stop: hash_file(path, stop)))[0]
                     if actual == sha:
                         current.verified = True
                         self._dirty.add(sha)
@@ -1371,9 +1374,3 @@ def _create_locked(files: list[tuple[str, bytes]]) -> tuple[list[int], int, OSEr
     return fds, written, None
 
 
-def _hash_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(BLOCK * 4):
-            digest.update(chunk)
-    return digest.hexdigest()
