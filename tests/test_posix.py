@@ -498,6 +498,35 @@ def test_a_change_made_on_the_hub_while_a_commit_uploads_refuses_it(
         driver.close_driver()
 
 
+def test_the_same_bytes_committed_elsewhere_are_no_remote_change(gpt2_v1: None,
+                                                                 tmp_path: Path) -> None:
+    """A daemon killed after its commit landed, before its queue recorded it, comes back
+    with the files queued on the old head, which the hub's head now holds as queued. The
+    next commit refused them all as "changed on the hub since they were queued" (found by
+    tests/test_mount_write.py's kill -9 test, when the commit won the race)."""
+    (tmp_path / "same").write_bytes(b"same bytes")
+    (tmp_path / "other").write_bytes(b"their bytes")
+    driver = VfsDriver(tmp_path / "vfs-cache")
+    try:
+        write_bytes(driver, f"{B}/same.txt", b"same bytes")
+        os.chmod(tmp_path / "same", 0o644)
+        ah.commit("model/llm/gpt2:v1", msg="elsewhere", add={str(tmp_path / "same"): "same.txt"})
+        driver.control("refresh")
+        assert driver.control("branch_status", path=SEGMENTS)["changed_remotely"] == []
+        result = driver.control("commit", path=SEGMENTS, message="again", force=False)
+        assert result["commit"] is None and result["left"]["adds"] == 0
+        assert read_bytes(driver, f"{B}/same.txt") == b"same bytes"
+        # Other bytes there are still someone else's change.
+        write_bytes(driver, f"{B}/theirs.txt", b"my bytes")
+        ah.commit("model/llm/gpt2:v1", msg="theirs",
+                  add={str(tmp_path / "other"): "theirs.txt"})
+        driver.control("refresh")
+        assert driver.control("branch_status", path=SEGMENTS)["changed_remotely"] == [
+            "theirs.txt"]
+    finally:
+        driver.close_driver()
+
+
 def test_a_closing_writers_times_answer_with_its_mode_and_live_size(gpt2_v1: None,
                                                                    tmp_path: Path) -> None:
     """The mtime the kernel sends for a written file at its close is answered without

@@ -81,13 +81,17 @@ async def _same_as_head(vfs: VFS, row: Row, head: CommitIndex) -> bool:
 async def _changed_remotely(vfs: VFS, ref: BranchRef, queue: BranchQueue,
                             head: CommitIndex) -> list[str]:
     """Queued paths that changed on the hub since they were queued (their base and the head
-    disagree there): committing would overwrite someone else's change unseen."""
+    disagree there): committing would overwrite someone else's change unseen. A path the
+    head already holds exactly as queued is none: nothing would be overwritten (this very
+    queue's commit that landed before its daemon was killed, or the same bytes from
+    elsewhere; it refused the commit that would have found it done)."""
     remote: list[str] = []
     for row in queue.files.values():
         if row.base == head.commit_id:
             continue
         base = await vfs.view.index(ref.asset, row.base, 0.0)
-        if base.lookup(row.path) != head.lookup(row.path):
+        if base.lookup(row.path) != head.lookup(row.path) and \
+                not await _same_as_head(vfs, row, head):
             remote.append(row.path)
     return sorted(remote)
 
