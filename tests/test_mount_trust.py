@@ -109,7 +109,8 @@ def test_a_second_mount_of_the_same_hub_and_user_fails_fast(mount_factory: Mount
     result = subprocess.run([command("ah-mount"), str(second)], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 6  # a conflict, as ah exits for one
-    assert f"pid {m.pid}" in result.stderr and str(m.mountpoint) in result.stderr
+    assert f"pid {m.pid}, which is mounted at {m.mountpoint}; unmount it first" in \
+        result.stderr
     assert not os.path.ismount(second)
     # The first mount lost nothing.
     assert (m.mountpoint / "model/llm/gpt2/v1/a.txt").read_text() == "first mount's"
@@ -129,9 +130,11 @@ def test_stray_queue_files_go_to_lost_and_found(tmp_path: Path) -> None:
     again.close()
 
 
-def test_different_hubs_never_share_a_cache_directory() -> None:
+def test_different_hubs_never_share_a_cache_directory(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ahmount.vfs import cache_dir
     from ahmount.vfs.cache_dir import claim, hub_id
 
+    monkeypatch.setattr(cache_dir, "SHUTDOWN_WAIT", 0.2)  # /a is no mount: "shutting down"
     assert hub_id(None) != hub_id("http://127.0.0.1:8000") != hub_id("http://127.0.0.1:8001")
     base = dirs().cache
     a = claim(base, "http://127.0.0.1:8000", "alice", Path("/a"))
@@ -142,12 +145,26 @@ def test_different_hubs_never_share_a_cache_directory() -> None:
         assert oct(a.root.stat().st_mode & 0o777) == "0o700"
         from ahmount.errors import Conflict
 
-        with pytest.raises(Conflict, match="/a"):
+        with pytest.raises(Conflict, match="still shutting down after its unmount from /a"):
             claim(base, "http://127.0.0.1:8000", "alice", Path("/d"))
     finally:
         for claimed in (a, b, c):
             claimed.release()
     claim(base, "http://127.0.0.1:8000", "alice", Path("/d")).release()
+
+
+def test_a_new_mount_waits_for_the_unmounted_one_to_exit() -> None:
+    """`fusermount3 -u ~/assets && ah-mount ~/assets`: the old daemon, unmounted, still
+    holds the cache while it flushes its index. The new mount waits for it (the holder's
+    mountpoint is no mount any more) instead of failing with "unmount it first"."""
+    import threading
+
+    from ahmount.vfs.cache_dir import claim
+
+    base = dirs().cache
+    leaving = claim(base, None, "alice", Path("/was/mounted/here"))
+    threading.Timer(0.3, leaving.release).start()
+    claim(base, None, "alice", Path("/new")).release()
 
 
 def test_names_over_255_bytes_are_refused_as_ext4_does(mount_factory: Mounter) -> None:

@@ -27,6 +27,7 @@ import trio
 
 from ahmount import errors
 from ahmount.config import dirs
+from ahmount.mount_table import AHMOUNT_TYPE, fuse_entries
 from ahmount.nurseries import open_nursery
 from ahmount.transfer.progress import REPORTER, State
 
@@ -246,34 +247,17 @@ def call(mountpoint: Path, op: str, args: dict[str, Any] | None = None,
     raise cls(error.get("message", "control request failed"), path=str(mountpoint))
 
 
-def _fuse_entries() -> list[tuple[Path, str, str]]:
-    """``(mount point, "major:minor", type)`` of every FUSE mount this process can see."""
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return []
-    found: list[tuple[Path, str, str]] = []
-    for line in lines:
-        left, _, right = line.partition(" - ")
-        fstype = right.split(" ", 1)[0]
-        if fstype not in ("fuse.ahmount", "fuse"):
-            continue
-        fields = left.split(" ")
-        found.append((Path(fields[4].encode().decode("unicode_escape")), fields[2], fstype))
-    return found
-
-
 def fuse_mounts() -> list[tuple[Path, str]]:
     """``(mount point, "major:minor")`` of every FUSE mount this process can see."""
-    return [(point, device) for point, device, _ in _fuse_entries()]
+    return [(point, device) for point, device, _ in fuse_entries()]
 
 
 def foreign_mount(path: Path) -> Path | None:
     """The ah-mount containing ``path`` that this user's home has no control socket of (one
     started with another ``AHMOUNT_HOME``, or by another user), if any: its mountpoint."""
     target = Path(os.path.abspath(path))
-    for point, _, fstype in _fuse_entries():
-        if fstype == "fuse.ahmount" and (target == point or point in target.parents) and \
+    for point, _, fstype in fuse_entries():
+        if fstype == AHMOUNT_TYPE and (target == point or point in target.parents) and \
                 not socket_path(point).exists():
             return point
     return None

@@ -16,10 +16,12 @@ import json
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ahmount.errors import Conflict
+from ahmount.mount_table import ahmount_mounted_at
 
 log = logging.getLogger("ahmount.vfs")
 
@@ -64,22 +66,38 @@ class CacheDir:
             self._fd = -1
 
 
+#: How long a new mount waits for the mount holding its cache to exit, once that one's
+#: mountpoint is unmounted (its shutdown flushes the cache index: well under a second).
+SHUTDOWN_WAIT = 10.0
+
+
 def claim(base: Path, hub_url: str | None, user: str, mountpoint: Path) -> CacheDir:
     """Lock the state directory of (``hub_url``, ``user``) under ``base`` for the mount at
     ``mountpoint``. Raises :class:`Conflict` naming the PID and mountpoint of the mount that
     already holds it."""
     root = open_state_dir(base, hub_url, user)
     fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _read_holder(fd)
-        os.close(fd)
-        raise Conflict(
-            f"the cache {root} is in use by ah-mount pid {holder.get('pid', '?')} at "
-            f"{holder.get('mountpoint', '?')}; unmount it first or give this mount its own "
-            "--cache-dir",
-            path=str(root)) from None
+    deadline = time.monotonic() + SHUTDOWN_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            where = Path(str(holder.get("mountpoint", "?")))
+            # A holder whose mount is gone is finishing its shutdown (unmounted a moment
+            # ago: `fusermount3 -u ~/assets && ah-mount ~/assets`): it is waited for.
+            leaving = not ahmount_mounted_at(where)
+            if leaving and time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            os.close(fd)
+            doing = (f"is still shutting down after its unmount from {where}; mount again "
+                     "when it has exited" if leaving else
+                     f"is mounted at {where}; unmount it first")
+            raise Conflict(
+                f"the cache {root} is in use by ah-mount pid {holder.get('pid', '?')}, which "
+                f"{doing}, or give this mount its own --cache-dir", path=str(root)) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps({"pid": os.getpid(), "mountpoint": str(mountpoint)}).encode(), 0)
     _adopt_legacy_queue(base, root)
