@@ -188,18 +188,25 @@ class PostgresCluster:
                        capture_output=True, timeout=120)
 
     def start(self) -> None:
-        data = self.dir / "data"
-        self._as_postgres(str(self.bin / "initdb"), "-D", str(data), "-A", "trust",
-                          "-U", "postgres", "--no-sync")
+        self._as_postgres(str(self.bin / "initdb"), "-D", str(self.dir / "data"), "-A",
+                          "trust", "-U", "postgres", "--no-sync")
+        self.start_server()
+
+    def start_server(self) -> None:
+        """Start the server of the initialized cluster (again, after :meth:`stop_server`)."""
         options = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
                    "-c fsync=off -c synchronous_commit=off -c max_connections=300")
-        self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(data), "-o", options, "-w",
-                          "-l", str(self.dir / "log"), "start")
+        self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "-o",
+                          options, "-w", "-l", str(self.dir / "log"), "start")
 
-    def stop(self) -> None:
+    def stop_server(self) -> None:
+        """Stop the server, keeping its data (a database outage)."""
         subprocess.run(["runuser", "-u", "postgres", "--", str(self.bin / "pg_ctl"), "-D",
                         str(self.dir / "data"), "-m", "fast", "-w", "stop"],
                        capture_output=True, timeout=120)
+
+    def stop(self) -> None:
+        self.stop_server()
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def new_database(self) -> str:

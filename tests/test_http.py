@@ -226,6 +226,39 @@ async def test_a_full_blob_store_is_a_clear_refusal_that_keeps_nothing(
         assert "Traceback" not in log and "no room left" in log
 
 
+async def test_a_database_that_goes_away_is_a_503_and_the_hub_comes_back_with_it(
+        tmp_path: Path) -> None:
+    """PostgreSQL stopped under a running hub: every request crashed (a traceback each in
+    the log, 500 'internal error'). Now they answer 503, which clients retry, without the
+    database's address; the hub answers again once the database is back."""
+    from tests.conftest import PostgresCluster
+
+    cluster = PostgresCluster()
+    cluster.start()
+    server = HubProcess(tmp_path / "hub", ["--db", cluster.new_database()])
+    try:
+        (tmp_path / "hub").mkdir()
+        server.add_user("dave")
+        server.start()
+        headers = {"authorization": f"Bearer {server.keys['dave']}"}
+        async with httpx.AsyncClient(base_url=server.url, headers=headers) as raw:
+            assert (await raw.get("/api/v1/folders/dave/model")).status_code == 200
+            cluster.stop_server()
+            for url in ("/api/v1/folders/dave/model", "/healthz"):
+                answer = await raw.get(url)
+                assert answer.status_code == 503, answer.text
+                assert answer.json()["error"] == {
+                    "code": "unavailable", "path": None,
+                    "message": "the hub's database is unavailable; try again shortly"}
+            cluster.start_server()
+            assert (await raw.get("/api/v1/folders/dave/model")).status_code == 200
+    finally:
+        server.stop()
+        cluster.stop()
+    log = server.log_path.read_text()
+    assert "Traceback" not in log and "database unavailable: connection failed" in log
+
+
 @pytest.mark.parametrize("size", [1 << 20, 5 * (1 << 20) + 3], ids=["streamed", "direct"])
 async def test_download_verifies_and_is_atomic(alice: HubClient, model: AssetAddr,
                                                tmp_path: Path, size: int,

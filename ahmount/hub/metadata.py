@@ -26,7 +26,7 @@ from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from ahmount.errors import StorageFull
+from ahmount.errors import HubUnavailable, StorageFull
 
 log = logging.getLogger("ahmount.hub")
 
@@ -703,24 +703,18 @@ class MetadataStore:
     @contextmanager
     def read(self) -> Iterator[MetaTx]:
         """A transaction for reading (no lock taken on SQLite until something is written)."""
-        with self.engine.connect() as conn, conn.begin():
+        with _database_errors(), self.engine.connect() as conn, conn.begin():
             yield MetaTx(conn)
 
     @contextmanager
     def write(self) -> Iterator[MetaTx]:
         """A transaction that writes: committed on exit, rolled back if the block raises
         (:class:`StorageFull` if the database's disk is full)."""
-        try:
-            with self.engine.connect() as conn:
-                if self._sqlite:
-                    conn.execution_options(sqlite_begin="IMMEDIATE")
-                with conn.begin():
-                    yield MetaTx(conn)
-        except sa.exc.OperationalError as exc:
-            if not _disk_full(exc.orig):
-                raise
-            raise StorageFull("the hub's database has no room left: nothing of this change "
-                              "was kept; the hub's operator must free space") from exc
+        with _database_errors(), self.engine.connect() as conn:
+            if self._sqlite:
+                conn.execution_options(sqlite_begin="IMMEDIATE")
+            with conn.begin():
+                yield MetaTx(conn)
 
     # NodeStore, for the tree store.
     def get_nodes(self, ids: Sequence[str]) -> dict[str, bytes]:
@@ -733,6 +727,41 @@ class MetadataStore:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+@contextmanager
+def _database_errors() -> Iterator[None]:
+    """The database's failures that are no bug of ours, as domain errors: a full disk
+    (:class:`StorageFull`, 507), and a database that cannot be reached or is busy past the
+    wait (:class:`HubUnavailable`, 503, which clients retry: a PostgreSQL restart is ridden
+    out), instead of a crash of each request with a traceback and a 500."""
+    try:
+        yield
+    except sa.exc.DBAPIError as exc:
+        if _disk_full(exc.orig):
+            raise StorageFull("the hub's database has no room left: nothing of this change "
+                              "was kept; the hub's operator must free space") from exc
+        if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError) and \
+                _unreachable(exc.orig):
+            # Why, for the operator's log only: the database's address is not the
+            # callers' business.
+            log.error("database unavailable: %s", str(exc.orig).strip() or type(exc.orig))
+            raise HubUnavailable("the hub's database is unavailable; try again shortly") \
+                from exc
+        raise
+
+
+def _unreachable(error: BaseException | None) -> bool:
+    """Whether a driver's error says the database cannot be reached now: SQLite busy or
+    locked past the wait, PostgreSQL's connection failures (no SQLSTATE: the client's own),
+    connection exceptions (class 08) and a server shutting down or starting (57P)."""
+    if isinstance(error, sqlite3.Error):
+        return getattr(error, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY,
+                                                            sqlite3.SQLITE_LOCKED)
+    if error is None or not type(error).__module__.startswith("psycopg"):
+        return False
+    state = getattr(error, "sqlstate", None)
+    return state is None or state.startswith(("08", "57P"))
 
 
 def _disk_full(error: BaseException | None) -> bool:
