@@ -81,10 +81,13 @@ def open_hub(data_dir: Path, db: str = "", blobs: str = "",
     url = metadata_url(db, data_dir)
     try:
         metadata = MetadataStore(url)
-    except sa_exc.OperationalError as exc:  # the database is down or refuses us
+    except (sa_exc.OperationalError, HubUnavailable) as exc:  # down, or refuses us
+        # The operator starting the hub is told which store and why (the callers of a
+        # running hub are not: see metadata._database_errors).
+        failed = exc.__cause__ if isinstance(exc, HubUnavailable) else exc
+        why = str(getattr(failed, "orig", failed) or exc).splitlines()[0]
         shown = sa_url.make_url(url).render_as_string(hide_password=True)
-        raise HubUnavailable(f"metadata store {shown} cannot be opened: "
-                             f"{str(exc.orig).splitlines()[0]}") from None
+        raise HubUnavailable(f"metadata store {shown} cannot be opened: {why}") from None
     if not db:
         os.chmod(data_dir / "meta.db", 0o600)
     try:
