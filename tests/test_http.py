@@ -30,7 +30,7 @@ from ahmount.errors import (
     UnknownChanges,
 )
 from ahmount.hub.models import AssetAddr, FolderAddr, ObjectEntry
-from tests.conftest import HubProcess, small_disk
+from tests.conftest import HubProcess, PostgresCluster, S3Server, scale_args, small_disk
 from tests.test_file_io import evict_from_memory
 
 
@@ -257,6 +257,34 @@ async def test_a_database_that_goes_away_is_a_503_and_the_hub_comes_back_with_it
         cluster.stop()
     log = server.log_path.read_text()
     assert "Traceback" not in log and "database unavailable: connection failed" in log
+
+
+async def test_a_blob_store_that_goes_away_is_a_503(tmp_path: Path,
+                                                   postgres: PostgresCluster) -> None:
+    """The S3 store stopped under a running hub: reads and uploads of blobs crashed (a
+    traceback each, 500). Now they answer 503 (clients retry it), naming no address."""
+    s3 = S3Server(tmp_path)  # a private one: stopping the session's would hit other tests
+    s3.start()
+    server = HubProcess(tmp_path / "hub", scale_args(postgres, s3, "outage"))
+    try:
+        server.add_user("erin")
+        server.start()
+        async with HubClient(server.url, api_key=server.keys["erin"], retries=0) as hub:
+            await upload(hub, b"stored before the outage", tmp_path)
+            s3.stop()
+            with pytest.raises(HubUnavailable):
+                await upload(hub, b"new bytes", tmp_path)
+        headers = {"authorization": f"Bearer {server.keys['erin']}"}
+        answer = httpx.put(f"{server.url}/api/v1/blobs/{hashlib.sha256(b'x').hexdigest()}",
+                           content=b"x", headers=headers, timeout=60)
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["message"] == (
+            "the hub's blob store is unavailable; try again shortly")
+    finally:
+        server.stop()
+        s3.stop()
+    log = server.log_path.read_text()
+    assert "Traceback" not in log and "blob store unavailable" in log
 
 
 @pytest.mark.parametrize("size", [1 << 20, 5 * (1 << 20) + 3], ids=["streamed", "direct"])

@@ -17,6 +17,8 @@ instead, so they cost one PUT per blob.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import logging
 import tempfile
@@ -24,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
-from ahmount.errors import Conflict, InvalidArgument, NotFound
+from ahmount.errors import Conflict, HubUnavailable, InvalidArgument, NotFound
 from ahmount.hub.blobs import check_range, hash_mismatch
 
 log = logging.getLogger("ahmount.hub")
@@ -65,8 +67,9 @@ class S3BlobStore:
         """Fail early, with the bucket's name, if the store cannot be reached."""
         try:
             self.client.head_bucket(Bucket=self.bucket)
-        except Exception as exc:
-            raise InvalidArgument(f"S3 bucket {self.bucket!r} is not reachable: {exc}") from None
+        except Exception as exc:  # the operator starting the hub is told why
+            why = exc.__cause__ if isinstance(exc, HubUnavailable) else exc
+            raise InvalidArgument(f"S3 bucket {self.bucket!r} is not reachable: {why}") from None
 
     # -- keys --------------------------------------------------------------------------------
 
@@ -278,13 +281,63 @@ class S3BlobStore:
 
 def make_s3_client(endpoint: str | None, region: str | None, access_key: str | None,
                    secret_key: str | None) -> Any:
-    """A boto3 S3 client; credentials default to boto3's own chain (environment, files)."""
+    """A boto3 S3 client (:class:`_Reachable`); credentials default to boto3's own chain
+    (environment, files)."""
     import boto3
     from botocore.config import Config
 
-    return boto3.client(
+    return _Reachable(boto3.client(
         "s3", endpoint_url=endpoint, region_name=region or "us-east-1",
         aws_access_key_id=access_key, aws_secret_access_key=secret_key,
         config=Config(retries={"max_attempts": 5, "mode": "standard"},
                       max_pool_connections=32, s3={"addressing_style": "path"}),
-    )
+    ))
+
+
+@contextlib.contextmanager
+def _reachable() -> Iterator[None]:
+    """boto3's transport failures (its own retries spent) as :class:`HubUnavailable`."""
+    from botocore.exceptions import ConnectionError as Unconnected
+    from botocore.exceptions import HTTPClientError
+
+    try:
+        yield
+    except (Unconnected, HTTPClientError) as exc:
+        log.error("blob store unavailable: %s", exc)
+        raise HubUnavailable("the hub's blob store is unavailable; try again shortly") \
+            from exc
+
+
+class _Reachable:
+    """An S3 client whose calls (and paginations) fail, once boto3's own retries are spent
+    on a store that cannot be reached, as :class:`HubUnavailable` (503, which clients
+    retry) instead of crashing the request with a traceback and a 500. The reason goes to
+    the operator's log, not to callers (it names the store's address)."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        found = getattr(self._client, name)
+        if not callable(found) or isinstance(found, type):
+            return found
+        if name == "get_paginator":
+            return lambda operation: _ReachablePages(found(operation))
+
+        @functools.wraps(found)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with _reachable():
+                return found(*args, **kwargs)
+
+        return call
+
+
+class _ReachablePages:
+    """A boto3 paginator whose pages are fetched under :func:`_reachable`."""
+
+    def __init__(self, paginator: Any) -> None:
+        self._paginator = paginator
+
+    def paginate(self, **kwargs: Any) -> Iterator[Any]:
+        with _reachable():
+            yield from self._paginator.paginate(**kwargs)
