@@ -158,12 +158,10 @@ class AhFile(AbstractBufferedFile):  # type: ignore[misc]
         fs: AhFileSystem = self.fs
         with fs._batch(self._message):
             changes, object_path = fs.changes_for(self.path)
-            if exclusive:
-                changes.add_exclusive(object_path, spool, spooled=True)
-            elif self._appending is not None:
+            if self._appending is not None and not exclusive:
                 changes.add_append(object_path, spool, head)
             else:
-                changes.add_file(object_path, spool, spooled=True)
+                changes.add_file(object_path, spool, spooled=True, exclusive=exclusive)
 
     def discard(self) -> None:
         if self._handle is not None and not self._handle.closed:

@@ -747,17 +747,16 @@ class AhFileSystem(AbstractFileSystem):  # type: ignore[misc]
             if not (changes.files or changes.entries or changes.deletes):
                 continue
             deadline = time.monotonic() + CATCH_UP_SECONDS
-            for attempt in itertools.count():
-                try:
-                    self._runtime().call(self._commit_branch, changes, pending.message)
-                    break
-                except Changed as exc:
-                    if time.monotonic() > deadline:
-                        raise os_error(exc) from exc
-                except AhError as exc:
-                    raise os_error(exc) from exc
-                time.sleep(random.uniform(0, min(CATCH_UP_PAUSE, 0.005 * 2 ** attempt)))
-                self._catch_up(changes)
+            with _domain_errors():
+                for attempt in itertools.count():
+                    try:
+                        self._runtime().call(self._commit_branch, changes, pending.message)
+                        break
+                    except Changed:
+                        if time.monotonic() > deadline:
+                            raise
+                    time.sleep(random.uniform(0, min(CATCH_UP_PAUSE, 0.005 * 2 ** attempt)))
+                    self._catch_up(changes)
 
     def _catch_up(self, changes: BranchChanges) -> None:
         """After the hub refused a commit because a file it expected changed (another
@@ -807,10 +806,7 @@ class AhFileSystem(AbstractFileSystem):  # type: ignore[misc]
             changes, object_path = self.changes_for(path)
             spool = self._spool_path()
             spool.write_bytes(bytes(value))
-            if exclusive:
-                changes.add_exclusive(object_path, spool, spooled=True)
-            else:
-                changes.add_file(object_path, spool, spooled=True)
+            changes.add_file(object_path, spool, spooled=True, exclusive=exclusive)
 
     def pipe(self, path: Any, value: bytes | None = None, **kwargs: Any) -> None:
         """``pipe({path: bytes, ...})`` is one commit per branch, not one per file."""
@@ -827,10 +823,8 @@ class AhFileSystem(AbstractFileSystem):  # type: ignore[misc]
             raise FileExistsError(errno.EEXIST, f"ah://{urls.strip_protocol(rpath)} exists")
         with self._batch(kwargs.get("message")):
             changes, object_path = self.changes_for(rpath)
-            if mode == "create":
-                changes.add_exclusive(object_path, Path(lpath).absolute(), spooled=False)
-            else:
-                changes.add_file(object_path, Path(lpath).absolute(), spooled=False)
+            changes.add_file(object_path, Path(lpath).absolute(), spooled=False,
+                             exclusive=mode == "create")
 
     def put(self, lpath: Any, rpath: Any, recursive: bool = False, callback: Any = None,
             maxdepth: int | None = None, **kwargs: Any) -> None:

@@ -74,9 +74,14 @@ class BranchChanges:
     #: Exclusive creates: if the file was made meanwhile, the commit fails (O_EXCL).
     exclusive: set[str] = field(default_factory=set)
 
-    def add_file(self, path: str, local: Path, spooled: bool) -> None:
-        """A write of ``path`` that replaces whatever is there."""
+    def add_file(self, path: str, local: Path, spooled: bool, exclusive: bool = False) -> None:
+        """A write of ``path`` that replaces whatever is there; ``exclusive``: one that
+        must not find a file there (O_EXCL), missing from the head, unless these changes
+        deleted it (then the head may hold it)."""
         with self.gate.change():
+            if exclusive and self.says(path) is None:
+                self.expect[path] = None
+                self.exclusive.add(path)
             self._forget(path)
             self._forget_head(path)
             self.files[path] = local
@@ -93,19 +98,6 @@ class BranchChanges:
                 self.expect[path], self.appended[path] = head
             self.files[path] = spool
             self.spooled.add(spool)
-
-    def add_exclusive(self, path: str, local: Path, spooled: bool) -> None:
-        """A file that must not exist (O_EXCL): missing from the head, unless these changes
-        deleted it (then the head may hold it)."""
-        with self.gate.change():
-            if self.says(path) is None:
-                self.expect[path] = None
-                self.exclusive.add(path)
-            self._forget(path)
-            self.appended.pop(path, None)
-            self.files[path] = local
-            if spooled:
-                self.spooled.add(local)
 
     def add_entry(self, entry: ObjectEntry) -> None:
         with self.gate.change():
