@@ -176,7 +176,8 @@ def test_a_blob_reads_only_through_a_read_url_the_hub_signed(hub: Hub, caller: s
     ]
     with hub.client(caller) as client:
         for query, path in forged:
-            answer = client.get(path, params=query)
+            # On the API or on the data plane (an absolute URL), whichever the hub gave.
+            answer = client.get(good.copy_with(path=path, query=None), params=query)
             assert answer.status_code == 403, (query, path, answer.text)
             assert answer.json()["error"]["message"].startswith("read URL of blob"), answer.text
             assert b"matrix" not in answer.content

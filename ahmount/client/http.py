@@ -96,19 +96,22 @@ class HttpSession:
 
     def read_into(self, url: str, length: int, buffer: memoryview, consume: Consume, *,
                   headers: dict[str, str], params: dict[str, str] | None = None,
-                  on_head: HeadSeen | None = None) -> int:
+                  on_head: HeadSeen | None = None, aside: bool = False) -> int:
         """A ranged GET of ``length`` bytes read into ``buffer`` by :attr:`direct` (which
         must exist), for a worker thread: the same retries, failing fast and error mapping
         as :meth:`send`. Returns the bytes read (fewer only when ``consume`` stopped).
-        ``on_head`` is shown the answer's headers before its body is read."""
+        ``on_head`` is shown the answer's headers before its body is read. ``aside``: as
+        :meth:`send`'s."""
         assert self.direct is not None
         self._fail_fast("GET", url)
-        request = self._http.build_request("GET", url, headers=headers, params=params)
+        request = self._request("GET", url, aside, headers=headers, params=params)
         attempt = 0
         while True:
             try:
                 done = self.direct.read_into(request, length, buffer, consume, on_head)
             except Retryable as exc:
+                if aside:
+                    raise
                 attempt += 1
                 if attempt > self.retries:
                     raise self._given_up("GET", url, exc) from exc
@@ -124,16 +127,27 @@ class HttpSession:
             self.reachable = True
             return done
 
-    async def send(self, method: str, url: str, *, stream: bool = False,
+    def _request(self, method: str, url: str, aside: bool, **kwargs: Any) -> httpx.Request:
+        request = self._http.build_request(method, url, **kwargs)
+        if aside:
+            # A read URL's signature is its caller's key: ours stays with the API.
+            request.headers.pop("authorization", None)
+        return request
+
+    async def send(self, method: str, url: str, *, stream: bool = False, aside: bool = False,
                     **kwargs: Any) -> httpx.Response:
-        """Send with retries; returns a successful response (streamed if ``stream``)."""
+        """Send with retries; returns a successful response (streamed if ``stream``).
+
+        ``aside``: ``url`` is the hub's data plane (an absolute read URL): sent once and
+        without the API key; a failure on the way raises :class:`Retryable` at once and
+        says nothing of whether the hub's API is reachable."""
         idempotent = method in ("GET", "HEAD", "PUT", "DELETE")
         self._fail_fast(method, url)
         attempt = 0
         while True:
             try:
                 follow = kwargs.pop("follow_redirects", False)
-                request = self._http.build_request(method, url, **kwargs)
+                request = self._request(method, url, aside, **kwargs)
                 response = await self._http.send(request, stream=stream,
                                                  follow_redirects=follow)
                 kwargs["follow_redirects"] = follow
@@ -148,6 +162,15 @@ class HttpSession:
                     ) from exc
                 failure = exc
             else:
+                if aside and response.status_code in RETRYABLE_STATUS:
+                    await response.aclose()
+                    raise Retryable(f"{method} {url}: answered {response.status_code}")
+                if aside and response.status_code >= 400:
+                    body = await response.aread()
+                    await response.aclose()
+                    raise_for_response(response, body)
+                if aside:
+                    return response
                 if response.status_code in RETRYABLE_STATUS and attempt < self.retries:
                     await response.aclose()
                     failure = errors.HubUnavailable(f"hub answered {response.status_code}")
@@ -159,6 +182,8 @@ class HttpSession:
                         await response.aclose()
                         raise_for_response(response, body)
                     return response
+            if aside:
+                raise Retryable(f"{method} {url}: {failure}") from failure
             attempt += 1
             if attempt > self.retries or ("content" in kwargs and not isinstance(
                 kwargs["content"], bytes | str

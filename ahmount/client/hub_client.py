@@ -29,9 +29,9 @@ import httpx
 
 from ahmount import errors
 from ahmount.client import files
-from ahmount.client.direct_reads import Consume
+from ahmount.client.direct_reads import Consume, Retryable
 from ahmount.client.http import HttpSession, Progress
-from ahmount.client.read_urls import ReadUrls
+from ahmount.client.read_urls import ReadUrls, on_data_plane
 from ahmount.client.uploads import UnfinishedUploads, Uploads
 from ahmount.hub.models import (
     MAX_CHANGES_PER_CALL,
@@ -131,8 +131,11 @@ class HubClient:
         self._uploads = Uploads(self._http, self._unfinished)
         #: The caller's user name once known (``whoami`` fills it; callers may preset it).
         self.known_user: str | None = None
-        #: Blobs' read URLs, learnt from object reads (:mod:`read_urls`).
-        self.read_urls = ReadUrls()
+        #: Blobs' read URLs, learnt from object reads (:mod:`read_urls`); a hub reached
+        #: over plain HTTP on a network socket may point them at its data plane.
+        plane_host = httpx.URL(base_url).host if transport is None and \
+            base_url.startswith("http://") else None
+        self.read_urls = ReadUrls(plane_host=plane_host or None)
 
     @property
     def http(self) -> HttpSession:
@@ -315,9 +318,12 @@ class HubClient:
         url = self.read_urls.get(sha256)
         if url is not None:
             try:
-                response = await self._http.send("GET", url, stream=True, headers=headers)
+                response = await self._http.send("GET", url, stream=True, headers=headers,
+                                                 aside=on_data_plane(url))
             except _REFUSED_URL:
                 self.read_urls.forget(sha256 or "")
+            except Retryable:  # only the data plane's: the API's are retried in send
+                self.read_urls.plane_failed()
         if response is None:
             response = await self._http.send("GET", self._file_url(addr, ref, path),
                                              stream=True, headers=headers, params=READ_PARAMS,
@@ -345,9 +351,11 @@ class HubClient:
             try:
                 # No params: httpx would drop the URL's own query for them.
                 return self._http.read_into(url, end - start, buffer, consume,
-                                            headers=headers)
+                                            headers=headers, aside=on_data_plane(url))
             except _REFUSED_URL:
                 self.read_urls.forget(sha256 or "")  # no byte was consumed: the head failed
+            except Retryable:  # the data plane's, before a byte of the body
+                self.read_urls.plane_failed()
         return self._http.read_into(self._file_url(addr, ref, path), end - start, buffer,
                                     consume, headers=headers, params=READ_PARAMS,
                                     on_head=self.read_urls.learn)

@@ -54,6 +54,11 @@ class BlobStore(Protocol):
         for a disk: a server may read them on its event loop); None otherwise, or when the
         store cannot tell. Raises NotFound."""
 
+    def open_file(self, sha256: str) -> int | None:
+        """A descriptor of the blob's file, opened for reading (the caller closes it), for a
+        server to send it with ``sendfile``; None when the store keeps no local file.
+        Raises NotFound."""
+
     def read_small(self, blobs: list[tuple[str, int]]) -> list[bytes]:
         """The whole bytes of each ``(sha256, size)``, in order, in one call (a batch of small
         files): the store fetches them together. Raises NotFound."""
@@ -194,6 +199,9 @@ class LocalBlobStore:
                     raise NotFound(f"blob {sha256} is shorter than its record")
                 remaining -= len(chunk)
                 yield chunk
+
+    def open_file(self, sha256: str) -> int | None:
+        return self._open(sha256)
 
     def read_cached(self, sha256: str, start: int, end: int) -> bytes | None:
         fd = self._open(sha256)

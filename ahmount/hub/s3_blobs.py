@@ -111,6 +111,9 @@ class S3BlobStore:
         finally:
             body.close()
 
+    def open_file(self, sha256: str) -> int | None:
+        return None  # no local file: bytes come over the network
+
     def read_cached(self, sha256: str, start: int, end: int) -> bytes | None:
         return None  # every read is a request to the store
 

@@ -306,6 +306,11 @@ class GrantedBlob:
         check_range(self.sha256, self.size, start, end)
         return self._blobs.read_cached(self.sha256, start, end)
 
+    def open_file(self) -> int | None:
+        """The blob's file opened for reading (the caller closes it), or None when the store
+        keeps no local file (:meth:`BlobStore.open_file`)."""
+        return self._blobs.open_file(self.sha256)
+
 
 class HubService:
     """All hub operations. ``metadata`` and ``blobs`` are owned by the caller."""

@@ -119,6 +119,8 @@ def create_app(service: HubService | None = None, trusted_user: str | None = Non
     app.state.started = time.time()
     app.state.metrics = HubMetrics()
     app.state.rendered_pages = RenderedPages(keep_pages)
+    #: Where read URLs point, once ah-server's data plane listens (data_plane.py).
+    app.state.data_plane = None
     return app
 
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from ahmount.hub.open import S3Options, open_hub
 from ahmount.hub.service import HubService
 from ahmount.observability import notify_systemd, setup_logging
 from ahmount.server.app import OpenService, create_observed_app
+from ahmount.server.data_plane import DataPlane, parse_listen
 
 log = logging.getLogger("ahmount.server")
 
@@ -66,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="close a connection with no request in progress (idle keep-alive, "
                         f"or headers still incomplete) after this many seconds "
                         f"(default {IDLE_TIMEOUT:.0f})")
+    parser.add_argument("--data-listen", default=os.environ.get("AH_DATA_LISTEN", "auto"),
+                        help="where read URLs are served with sendfile, bypassing the API: "
+                        "auto (the API's host, a free port), HOST:PORT, or off (reads go "
+                        "through the API; for a hub behind a proxy) (AH_DATA_LISTEN)")
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command")
     serve_p = sub.add_parser("serve", help="serve HTTP (the default command)")
@@ -85,15 +90,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _serve(open_service: OpenService, listen: str,
-                 idle_timeout: float = IDLE_TIMEOUT) -> None:
+                 idle_timeout: float = IDLE_TIMEOUT, data_listen: str = "auto") -> None:
     config = Config()
     config.bind = [listen]
     config.graceful_timeout = 10.0
     config.keep_alive_timeout = idle_timeout
     config.accesslog = None  # ObservedApp logs one line per request, with its request id
     config.errorlog = logging.getLogger("hypercorn.error")  # through our logfmt handler
-    # The stores are opened in the app's lifespan, and closed after the last request.
-    app: Any = create_observed_app(open_service=open_service)  # hypercorn's type is narrower
+    plane_at = parse_listen(data_listen, listen)
+    stopping = trio.Event()
 
     async def shutdown_trigger() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -101,16 +106,33 @@ async def _serve(open_service: OpenService, listen: str,
                 log.info("received %s; finishing requests in flight (at most %.0fs)",
                          signal.Signals(signum).name, config.graceful_timeout)
                 notify_systemd("STOPPING=1")
+                stopping.set()
                 return
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(
-            lambda task_status=trio.TASK_STATUS_IGNORED: serve(
-                app, config, shutdown_trigger=shutdown_trigger, task_status=task_status
-            )
-        )
-        log.info("ah-server listening on %s", listen)
-        notify_systemd("READY=1")
+    # The stores live exactly as long as the server: closed after the last request.
+    with open_service() as service:
+        observed = create_observed_app(service)
+        app: Any = observed  # hypercorn's type is narrower
+        async with trio.open_nursery() as nursery:
+            plane: DataPlane | None = None
+            if plane_at is not None and service.local_blob_reads:
+                plane = DataPlane(service, observed.metrics, idle_timeout)
+                observed.app.state.data_plane = await nursery.start(
+                    functools.partial(plane.serve, *plane_at))
+
+            async def api(task_status: trio.TaskStatus[list[str]]) -> None:
+                await serve(app, config, shutdown_trigger=shutdown_trigger,
+                            task_status=task_status)
+                # The API has answered its last request: the data plane's reads still in
+                # flight get as long as the API's had, then are cut.
+                nursery.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+
+            await nursery.start(api)
+            log.info("ah-server listening on %s", listen)
+            notify_systemd("READY=1")
+            await stopping.wait()
+            if plane is not None:
+                plane.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,32 +141,17 @@ def main(argv: list[str] | None = None) -> int:
     data_dir: Path = args.data or dirs().data / "hub"
     s3 = S3Options(args.s3_endpoint, args.s3_region, args.s3_access_key, args.s3_secret_key,
                    args.s3_presign)
-    #: Why the stores could not be opened, if they could not (hypercorn reports a lifespan
-    #: failure as its own error; the user needs ours, and its exit code).
-    startup: list[BaseException] = []
 
-    @contextlib.contextmanager
-    def open_service() -> Iterator[HubService]:
-        with contextlib.ExitStack() as stack:
-            try:
-                service = stack.enter_context(open_hub(data_dir, args.db, args.blobs, s3))
-            except BaseException as exc:
-                startup.append(exc)
-                raise
-            yield service
+    def open_service() -> contextlib.AbstractContextManager[HubService]:
+        return open_hub(data_dir, args.db, args.blobs, s3)
 
     try:
         if args.command in ("user", "gc"):
             with open_service() as service:
                 return _admin(args, service)
         raise_open_files_limit()
-        try:
-            trio.run(_serve, open_service, getattr(args, "serve_listen", None) or args.listen,
-                     args.idle_timeout)
-        except Exception:
-            if startup:
-                raise startup[0] from None
-            raise
+        trio.run(_serve, open_service, getattr(args, "serve_listen", None) or args.listen,
+                 args.idle_timeout, args.data_listen)
         return 0
     except AhError as exc:
         print(f"ah-server: {exc}", file=sys.stderr)

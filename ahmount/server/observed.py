@@ -69,6 +69,20 @@ class HubMetrics:
             "ah_listing_pages", "Listing pages served: rendered, or kept from an earlier "
             "rendering of the same commit's page", ["source"], registry=self.registry)
 
+    def observe(self, endpoint: str, method: str, path: str, status: int, start: float,
+                received: int, sent: int) -> None:
+        """One request's metrics and access-log line (``start``: its ``perf_counter``)."""
+        elapsed = time.perf_counter() - start
+        self.requests.labels(endpoint, method, str(status)).inc()
+        self.latency.labels(endpoint).observe(elapsed)
+        self.bytes_in.inc(received)
+        self.bytes_out.inc(sent)
+        if status >= 500:
+            self.errors.labels(endpoint).inc()
+        log.info("request", extra={"fields": {
+            "method": method, "path": path, "status": status,
+            "ms": round(elapsed * 1000, 1), "bytes_in": received, "bytes_out": sent}})
+
 
 class ObservedApp:
     """Wraps an ASGI app; ``metrics`` is shared with the app (it counts commits)."""
@@ -137,19 +151,9 @@ class ObservedApp:
 
     def _observed(self, scope: Scope, status: int, start: float, received: int,
                   sent: int) -> None:
-        """One request's metrics and access-log line."""
-        elapsed = time.perf_counter() - start
         endpoint = getattr(scope.get("endpoint"), "__name__", "unmatched")
-        m = self.metrics
-        m.requests.labels(endpoint, scope["method"], str(status)).inc()
-        m.latency.labels(endpoint).observe(elapsed)
-        m.bytes_in.inc(received)
-        m.bytes_out.inc(sent)
-        if status >= 500:
-            m.errors.labels(endpoint).inc()
-        log.info("request", extra={"fields": {
-            "method": scope["method"], "path": scope["path"], "status": status,
-            "ms": round(elapsed * 1000, 1), "bytes_in": received, "bytes_out": sent}})
+        self.metrics.observe(endpoint, scope["method"], scope["path"], status, start,
+                             received, sent)
 
 
 def _has_body(headers: dict[bytes, bytes]) -> bool:

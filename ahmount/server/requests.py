@@ -147,7 +147,13 @@ def ref_json(info: RefInfo) -> dict[str, Any]:
 
 
 def blob_read_url(request: Request, grant: Grant) -> str:
-    """The read URL of a grant (``blob_content``), as a path of this server."""
+    """The read URL of a grant: on the data plane (:mod:`ahmount.server.data_plane`) when
+    the server has one and the client reached it over plain HTTP, on the host it reached;
+    else ``blob_content``'s path on this server."""
+    plane = getattr(request.app.state, "data_plane", None)
+    host = request.url.hostname
+    if plane is not None and request.url.scheme == "http" and host:
+        return str(plane.read_url(host, grant))
     root = request.scope.get("root_path", "")
     return f"{root}{API}/blobs/{grant.sha256}/content?{grant.query()}"
 

@@ -1,0 +1,373 @@
+"""The data plane (:mod:`ahmount.server.data_plane`): read URLs answered with ``sendfile``
+on a second port of a real ``ah-server``, and the client's use of it (:mod:`read_urls`).
+
+Layers: pure units (``--data-listen`` parsing, which URLs a client keeps), HTTP against a
+real server (reads, ranges, keep-alive, every kind of bad input, idle and slow clients,
+shutdown), and a client against it (the key never travels there; a plane that cannot be
+reached costs a fallback through the API, not a failed read).
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import signal
+import socket
+import threading
+import time
+import urllib.parse
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ahmount import errors
+from ahmount.client.hub_client import HubClient
+from ahmount.client.read_urls import ReadUrls, on_data_plane
+from ahmount.hub.models import AssetAddr
+from ahmount.server.data_plane import MAX_HEAD, parse_listen
+from tests.conftest import HubProcess, wait_until
+from tests.test_ahfs import requests_seen
+from tests.test_direct_reads import store_object
+from tests.test_read_urls import read_into
+
+DATA = os.urandom(5 * (1 << 20) + 321)
+
+
+# -- units -----------------------------------------------------------------------------------
+
+def test_data_listen_is_parsed_or_refused_by_name() -> None:
+    assert parse_listen("off", "127.0.0.1:8080") is None
+    assert parse_listen("auto", "127.0.0.1:8080") == ("127.0.0.1", 0)
+    assert parse_listen("auto", "[::1]:8080") == ("::1", 0)
+    assert parse_listen("auto", "unix:/run/ah.sock") is None
+    assert parse_listen("0.0.0.0:9000", "unix:/x") == ("0.0.0.0", 9000)
+    assert parse_listen(":9000", "127.0.0.1:1") == ("0.0.0.0", 9000)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        assert parse_listen("auto", f"fd://{sock.fileno()}") == ("127.0.0.1", 0)
+        sock.getsockname()  # still open: the API's descriptor is not closed
+    for bad in ("9000", "host:port", "h:70000", "nowhere"):
+        with pytest.raises(errors.InvalidArgument, match=re.escape(repr(bad))):
+            parse_listen(bad, "127.0.0.1:8080")
+
+
+PLANE = "http://127.0.0.1:41000/blobs/" + "a" * 64 + "?user=u&expires=9&signature=s"
+
+
+def test_a_client_keeps_urls_of_its_hubs_data_plane_only() -> None:
+    urls = ReadUrls(plane_host="127.0.0.1")
+    far = time.time() + 900
+    urls.keep("a" * 64, PLANE, int(far))
+    assert urls.get("a" * 64) == PLANE and on_data_plane(PLANE)
+    refused = [
+        PLANE.replace("127.0.0.1", "127.0.0.2"),  # another host
+        PLANE.replace("http://", "https://"),  # a scheme the hub was not reached by
+        PLANE.replace("http://", "http://user:pw@"),  # credentials in the URL
+        PLANE.replace("/blobs/", "/api/v1/"),  # not a read of a blob
+        PLANE.replace(":41000", ""),  # no port: the API's own
+        "http://127.0.0.1:99999/blobs/x",  # not a port
+        "//127.0.0.1:41000/blobs/x",  # scheme-relative
+    ]
+    for url in refused:
+        urls.keep("b" * 64, url, int(far))
+        assert urls.get("b" * 64) is None, url
+    # A hub reached over HTTPS or a Unix socket has no data plane URLs kept at all.
+    paths_only = ReadUrls(plane_host=None)
+    paths_only.keep("a" * 64, PLANE, int(far))
+    assert paths_only.get("a" * 64) is None
+
+
+@given(st.text(max_size=80))
+def test_no_url_a_hub_could_send_is_kept_unless_it_is_ours(url: str) -> None:
+    urls = ReadUrls(plane_host="127.0.0.1")
+    urls.keep("c" * 64, url, int(time.time()) + 900)
+    kept = urls.get("c" * 64)
+    if kept is not None:
+        parts = urllib.parse.urlsplit(kept)
+        assert (kept.startswith("/") and not kept.startswith("//")) or (
+            parts.scheme == "http" and parts.hostname == "127.0.0.1"
+            and parts.path.startswith("/blobs/"))
+
+
+def test_after_the_plane_failed_its_urls_rest_and_paths_stay() -> None:
+    now = [1000.0]
+    urls = ReadUrls(clock=lambda: now[0], plane_host="127.0.0.1")
+    urls.keep("a" * 64, PLANE, 5000)
+    urls.keep("b" * 64, "/api/v1/blobs/b/content?x", 5000)
+    urls.plane_failed()
+    assert urls.get("a" * 64) is None and urls.get("b" * 64) is not None
+    now[0] += 61
+    assert urls.get("a" * 64) == PLANE  # tried again after a while
+
+
+# -- HTTP against a real ah-server -----------------------------------------------------------
+
+@pytest.fixture
+def stored(sqlite_server: HubProcess, unique: str, tmp_path: Path) -> tuple[AssetAddr, str, str]:
+    """A 5 MiB object of alice's, and its blob's read URL on the data plane."""
+    addr, sha = trio.run(store_object, sqlite_server, unique, tmp_path, DATA, "big.bin")
+    folder = addr.folder.name
+    answer = httpx.get(f"{sqlite_server.url}/api/v1/assets/alice/dataset/{folder}/d/refs/main/"
+                       "files/big.bin", headers=_auth(sqlite_server, "alice"))
+    assert answer.status_code == 200 and answer.content == DATA
+    return addr, sha, answer.headers["x-ah-read-url"]
+
+
+def _auth(server: HubProcess, user: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {server.keys[user]}"}
+
+
+def _raw(url: str) -> tuple[str, int, str]:
+    parts = urllib.parse.urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None
+    return parts.hostname, parts.port, f"{parts.path}?{parts.query}"
+
+
+def test_read_urls_point_at_the_data_plane_which_serves_bytes_ranges_and_heads(
+        sqlite_server: HubProcess, stored: tuple[AssetAddr, str, str]) -> None:
+    _, sha, url = stored
+    host, port, target = _raw(url)
+    assert host == "127.0.0.1" and port != sqlite_server.port and target.startswith(
+        f"/blobs/{sha}?")
+    before = requests_seen(sqlite_server)
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        # Several requests on one connection (keep-alive), each exact.
+        for headers, status, want in (
+                ({}, 200, DATA),
+                ({"range": "bytes=10-19"}, 206, DATA[10:20]),
+                ({"range": f"bytes={len(DATA) - 5}-"}, 206, DATA[-5:]),
+                ({"range": "bytes=-7"}, 206, DATA[-7:]),
+                ({"range": "bytes=1048570-3145740"}, 206, DATA[1048570:3145741])):
+            conn.request("GET", target, headers=headers)
+            answer = conn.getresponse()
+            assert (answer.status, answer.read()) == (status, want), headers
+            assert answer.getheader("etag") == f'"{sha}"'
+            assert answer.getheader("content-length") == str(len(want))
+            if status == 206:
+                assert answer.getheader("content-range", "").endswith(f"/{len(DATA)}")
+        sock = conn.sock
+        conn.request("HEAD", target)
+        head = conn.getresponse()
+        assert head.status == 200 and head.getheader("content-length") == str(len(DATA))
+        assert head.read() == b"" and conn.sock is sock  # the same connection throughout
+    finally:
+        conn.close()
+    assert {k: n for k, n in (requests_seen(sqlite_server) - before).items()} == \
+        {"blob_data": 6}
+    # Counted in the API's metrics and logged, but the signature never is.
+    log = sqlite_server.log_path.read_text()
+    assert f'path=/blobs/{sha}' in log and re.search(r"signature=\w{64}", log) is None
+
+
+def _exchange(host: str, port: int, raw: bytes) -> tuple[int, bytes, dict[str, str]]:
+    """Send ``raw`` and read one answer (status, body, headers) with http.client's parser."""
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(raw)
+        answer = http.client.HTTPResponse(sock)
+        answer.begin()
+        return answer.status, answer.read(), {k.lower(): v for k, v in answer.getheaders()}
+
+
+def test_bad_requests_get_an_error_naming_what_was_wrong(
+        sqlite_server: HubProcess, stored: tuple[AssetAddr, str, str]) -> None:
+    _, sha, url = stored
+    host, port, target = _raw(url)
+    forged = re.sub(r"signature=\w+", "signature=" + "0" * 64, target)
+    cases: list[tuple[bytes, int, str]] = [
+        (f"GET {forged} HTTP/1.1\r\nhost: x\r\n\r\n".encode(), 403, "no valid signature"),
+        (f"GET /blobs/{sha} HTTP/1.1\r\nhost: x\r\n\r\n".encode(), 403,
+         "lacks user, expires, signature"),
+        (b"GET /blobs/nothex HTTP/1.1\r\nhost: x\r\n\r\n", 400, "sha256"),
+        (f"GET /other/{sha} HTTP/1.1\r\nhost: x\r\n\r\n".encode(), 404, "not a blob's read URL"),
+        (f"DELETE {target} HTTP/1.1\r\nhost: x\r\n\r\n".encode(), 405, "only reads"),
+        (f"GET {target} HTTP/1.1\r\nhost: x\r\nrange: bytes=9999999999-\r\n\r\n".encode(), 416,
+         "outside"),
+        (f"GET {target} HTTP/1.1\r\nhost: x\r\nrange: bytes=0-1,4-5\r\n\r\n".encode(), 416,
+         "single byte range"),
+        (f"GET {target} HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\nabc".encode(), 400,
+         "takes no body"),
+        (b"GARBAGE\r\n\r\n", 400, "malformed request"),
+        (f"GET {target} HTTP/1.1\r\n\r\n".encode(), 400, "malformed request"),  # no Host
+        (f"GET {target} HTTP/1.1\r\nhost: x\r\nx-pad: {'a' * MAX_HEAD}\r\n\r\n".encode(), 431,
+         "malformed request"),
+    ]
+    for raw, status, words in cases:
+        got, body, headers = _exchange(host, port, raw)
+        assert got == status, (raw[:60], body)
+        assert headers["content-type"] == "application/json"
+        assert words in httpx.Response(200, content=body).json()["error"]["message"], body
+    assert _exchange(host, port, f"DELETE {target} HTTP/1.1\r\nhost: x\r\n\r\n".encode()
+                     )[2]["allow"] == "GET, HEAD"
+    # None of it hurt the plane: the next read is whole.
+    assert httpx.get(url).content == DATA
+
+
+def test_idle_and_slow_clients_are_cut_off_and_stop_waits_for_no_idle_one(
+        tmp_path: Path) -> None:
+    server = HubProcess(tmp_path / "data", ["--idle-timeout", "1"])
+    server.add_users(["alice"])
+    server.start()
+    try:
+        url = trio.run(_stored_url, server, tmp_path)
+        host, port, target = _raw(url)
+        slow = socket.create_connection((host, port), timeout=10)
+        slow.sendall(f"GET {target} HTTP/1.1\r\nhost: x\r\n".encode())  # the head never ends
+        idle = socket.create_connection((host, port), timeout=10)
+        idle.sendall(f"GET {target} HTTP/1.1\r\nhost: x\r\nrange: bytes=0-0\r\n\r\n".encode())
+        answer = http.client.HTTPResponse(idle)
+        answer.begin()
+        assert answer.read() == DATA[:1]
+        for sock in (slow, idle):  # both closed by the server within its idle timeout
+            sock.settimeout(5)
+            assert sock.recv(1) == b""
+            sock.close()
+        # A connection kept idle does not hold up a shutdown.
+        kept = http.client.HTTPConnection(host, port, timeout=10)
+        kept.request("GET", target, headers={"range": "bytes=0-0"})
+        assert kept.getresponse().read() == DATA[:1]
+        assert server.proc is not None
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(timeout=8)
+        assert time.monotonic() - started < 5
+        kept.close()
+    finally:
+        server.stop()
+
+
+async def _stored_url(server: HubProcess, tmp_path: Path) -> str:
+    addr, sha = await store_object(server, "f", tmp_path, DATA, "big.bin")
+    async with HubClient(server.url, api_key=server.keys["alice"]) as hub:
+        async with hub.open_object(addr, "main", "big.bin", 0, 1, sha) as answer:
+            await answer.aread()
+        url = hub.read_urls.get(sha)
+    assert url is not None and on_data_plane(url)
+    return url
+
+
+def test_a_read_in_flight_at_shutdown_ends_whole(tmp_path: Path) -> None:
+    """SIGTERM while a reader is halfway through a large blob: its answer ends whole (the
+    API's graceful period covers the data plane's reads too), and no new one is taken."""
+    big = os.urandom(64 << 20)
+    server = HubProcess(tmp_path / "data")
+    server.add_users(["alice"])
+    server.start()
+    try:
+        addr, sha = trio.run(store_object, server, "f", tmp_path, big, "big.bin")
+
+        async def url() -> str:
+            async with HubClient(server.url, api_key=server.keys["alice"]) as hub:
+                async with hub.open_object(addr, "main", "big.bin", 0, 1, sha) as answer:
+                    await answer.aread()
+                found = hub.read_urls.get(sha)
+                assert found is not None
+                return found
+
+        host, port, target = _raw(trio.run(url))
+        conn = http.client.HTTPConnection(host, port, timeout=20)
+        conn.request("GET", target)
+        answer = conn.getresponse()
+        first = answer.read(1 << 20)
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: "finishing requests in flight" in server.log_path.read_text(),
+                   what="the server to start shutting down")
+        assert first + answer.read() == big
+        server.proc.wait(timeout=15)
+        with pytest.raises(OSError):
+            socket.create_connection((host, port), timeout=2).close()
+    finally:
+        server.stop()
+
+
+def test_data_listen_off_keeps_read_urls_on_the_api(tmp_path: Path) -> None:
+    server = HubProcess(tmp_path / "data", ["--data-listen", "off"])
+    server.add_users(["alice"])
+    server.start()
+    try:
+        _, sha = trio.run(store_object, server, "f", tmp_path, DATA[:1000], "small.bin")
+        answer = httpx.get(f"{server.url}/api/v1/assets/alice/dataset/f/d/refs/main/files/"
+                           "small.bin", headers=_auth(server, "alice"))
+        assert answer.headers["x-ah-read-url"].startswith(f"/api/v1/blobs/{sha}/content?")
+    finally:
+        server.stop()
+
+
+# -- a client against it ---------------------------------------------------------------------
+
+class HeadCatcher:
+    """A listener on 127.0.0.1 that records the first request head it gets and then
+    closes the connection unanswered (a data plane gone wrong)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.heads: list[bytes] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                self.heads.append(data)
+
+    def close(self) -> None:
+        self.sock.close()
+        self._thread.join(timeout=5)
+
+
+@pytest.fixture
+def catcher() -> Iterator[HeadCatcher]:
+    found = HeadCatcher()
+    yield found
+    found.close()
+
+
+async def test_the_client_reads_through_the_plane_without_its_key_and_falls_back(
+        sqlite_server: HubProcess, stored: tuple[AssetAddr, str, str],
+        catcher: HeadCatcher) -> None:
+    addr, sha, url = stored
+    async with HubClient(sqlite_server.url, api_key=sqlite_server.keys["alice"]) as hub:
+        hub.read_urls.keep(sha, url, int(time.time()) + 900)
+        before = requests_seen(sqlite_server)
+        got = await trio.to_thread.run_sync(read_into, hub, addr, sha, 0, len(DATA))
+        async with hub.open_object(addr, "main", "big.bin", 5, 50_000, sha) as answer:
+            assert await answer.aread() == DATA[5:50_000]
+        assert got == DATA
+        assert Counter(requests_seen(sqlite_server) - before) == Counter({"blob_data": 2})
+        # A plane that answers nothing: each reader falls back through the API, once.
+        broken = re.sub(r":\d+/blobs/", f":{catcher.port}/blobs/", url)
+        for reader in ("direct", "stream"):
+            hub.read_urls = ReadUrls(plane_host="127.0.0.1")
+            hub.read_urls.keep(sha, broken, int(time.time()) + 900)
+            before = requests_seen(sqlite_server)
+            if reader == "direct":
+                got = await trio.to_thread.run_sync(read_into, hub, addr, sha, 7, 70_000)
+            else:
+                async with hub.open_object(addr, "main", "big.bin", 7, 70_000, sha) as answer:
+                    got = await answer.aread()
+            assert got == DATA[7:70_000]
+            assert Counter(requests_seen(sqlite_server) - before) == Counter({"file": 1})
+            assert hub.read_urls.get(sha) is None  # the plane rests; the API is read
+        assert len(catcher.heads) == 2
+        for head in catcher.heads:
+            assert head.startswith(b"GET /blobs/") and b"authorization" not in head.lower()
+        assert hub.http.reachable  # the plane's failure said nothing of the hub's API
