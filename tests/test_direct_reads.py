@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.server
 import os
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +19,8 @@ import httpx
 import pytest
 import trio
 
-from ahmount.client.direct_reads import _redirected
+from ahmount.client import direct_reads
+from ahmount.client.direct_reads import DirectReads, Retryable, _redirected
 from ahmount.client.files import hash_file
 from ahmount.client.hub_client import HubClient
 from ahmount.errors import HubUnavailable, NotFound, RangeNotSatisfiable, Unauthenticated
@@ -206,3 +208,27 @@ def test_the_embedded_hub_has_no_direct_reads() -> None:
 
     hub = HubClient("http://embedded", transport=StreamingASGITransport(app))
     assert not hub.reads_directly
+
+
+def test_a_host_that_drops_connections_costs_the_connect_timeout_not_the_read_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A listener whose queue is full drops new connections unanswered, as a firewall's
+    DROP does: opening one gives up after the connect timeout, though reads may wait far
+    longer once connected."""
+    monkeypatch.setattr(direct_reads, "CONNECT_SECONDS", 0.5)
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as full:
+        port = full.getsockname()[1]
+        queued = []
+        for _ in range(3):  # fill the accept queue; later handshakes get no answer
+            held = socket.socket()
+            held.setblocking(False)
+            held.connect_ex(("127.0.0.1", port))
+            queued.append(held)
+        reads = DirectReads(60.0, ssl.create_default_context())
+        request = httpx.Request("GET", f"http://127.0.0.1:{port}/blobs/x")
+        started = time.monotonic()
+        with pytest.raises(Retryable, match="timed out"):
+            reads.read_into(request, 10, memoryview(bytearray(10)), lambda v, o: True)
+        assert time.monotonic() - started < 5
+        for held in queued:
+            held.close()

@@ -37,6 +37,8 @@ from ahmount.client.answers import RETRYABLE_STATUS, raise_for_response
 IDLE_CONNECTIONS = 8
 KEEPALIVE_SECONDS = 4.0
 REDIRECTS = 3
+#: How long a connection may take to open (as the httpx client's connect timeout).
+CONNECT_SECONDS = 10.0
 #: Called with (the bytes read so far into the buffer, their offset in the range); returns
 #: False to stop reading.
 Consume = Callable[[memoryview, int], bool]
@@ -62,6 +64,22 @@ class _UnixConnection(http.client.HTTPConnection):
             sock.close()
             raise
         self.sock = sock
+
+
+def _bounded(conn: http.client.HTTPConnection,
+             timeout: float) -> http.client.HTTPConnection:
+    """``conn`` (made with the connect timeout), reading with ``timeout`` once connected:
+    a host that drops packets (a firewalled data plane) costs :data:`CONNECT_SECONDS`, not
+    a whole read timeout, as httpx's connect timeout bounds the streamed path."""
+    connect = conn.connect
+
+    def connected() -> None:
+        connect()
+        assert conn.sock is not None
+        conn.sock.settimeout(timeout)
+
+    conn.connect = connected  # type: ignore[method-assign]
+    return conn
 
 
 Origin = tuple[str, str, int]
@@ -95,10 +113,12 @@ class DirectReads:
         scheme, host, port = origin
         if self._uds is not None and origin == UDS_ORIGIN:
             return _UnixConnection(self._uds, self._timeout)
+        connect = min(self._timeout, CONNECT_SECONDS)
         if scheme == "https":
-            return http.client.HTTPSConnection(host, port, timeout=self._timeout,
-                                               context=self._ssl)
-        return http.client.HTTPConnection(host, port, timeout=self._timeout)
+            return _bounded(http.client.HTTPSConnection(host, port, timeout=connect,
+                                                        context=self._ssl), self._timeout)
+        return _bounded(http.client.HTTPConnection(host, port, timeout=connect),
+                        self._timeout)
 
     def _keep(self, origin: Origin, conn: http.client.HTTPConnection) -> None:
         with self._lock:

@@ -19,7 +19,13 @@ import pydantic_core
 
 from ahmount import errors
 from ahmount.client.answers import RETRYABLE_STATUS, raise_for_response
-from ahmount.client.direct_reads import Consume, DirectReads, HeadSeen, Retryable
+from ahmount.client.direct_reads import (
+    CONNECT_SECONDS,
+    Consume,
+    DirectReads,
+    HeadSeen,
+    Retryable,
+)
 from ahmount.client.transport import LargeReadTransport
 
 log = logging.getLogger("ahmount.client")
@@ -60,7 +66,7 @@ class HttpSession:
         self.reachable = True
         self._http = httpx.AsyncClient(
             base_url=base_url, headers=headers, transport=transport or LargeReadTransport(),
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            timeout=httpx.Timeout(timeout, connect=min(timeout, CONNECT_SECONDS)),
         )
 
     def go_offline(self) -> None:
