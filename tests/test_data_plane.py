@@ -371,3 +371,15 @@ async def test_the_client_reads_through_the_plane_without_its_key_and_falls_back
         for head in catcher.heads:
             assert head.startswith(b"GET /blobs/") and b"authorization" not in head.lower()
         assert hub.http.reachable  # the plane's failure said nothing of the hub's API
+
+
+def test_a_kept_listing_page_names_the_host_each_client_reached(
+        sqlite_server: HubProcess, stored: tuple[AssetAddr, str, str]) -> None:
+    addr, sha, _ = stored
+    path = f"/api/v1/assets/alice/dataset/{addr.folder.name}/d/refs/main/objects"
+    for _ in range(2):  # the second time, each from the kept pages
+        for host in ("127.0.0.1", "localhost"):
+            page = httpx.get(f"http://{host}:{sqlite_server.port}{path}",
+                             params={"read_urls_over": 0}, headers=_auth(sqlite_server, "alice"))
+            url = page.json()["objects"][0]["read_url"]
+            assert urllib.parse.urlsplit(url).hostname == host and sha in url

@@ -69,18 +69,17 @@ ENDPOINT = "blob_data"
 
 @dataclass(frozen=True)
 class DataPlaneAddress:
-    """Where the data plane listens: ``host`` None when it listens on every address (read
-    URLs then name the host the client reached the API by)."""
+    """The port the data plane listens on. Read URLs name the host the client reached the
+    API by, whatever address the plane is bound to: a client keeps only URLs naming the very
+    host it asked (:mod:`ahmount.client.read_urls`), and the plane listens where the API
+    does (``auto``) or where the operator made that name reach."""
 
-    host: str | None
     port: int
 
     def read_url(self, api_host: str, grant: Grant) -> str:
         """The absolute read URL of ``grant`` on this plane, for a client that reached the
         API at ``api_host``."""
-        host = self.host or api_host
-        if ":" in host and not host.startswith("["):
-            host = f"[{host}]"  # IPv6
+        host = f"[{api_host}]" if ":" in api_host else api_host  # IPv6
         return f"http://{host}:{self.port}{PREFIX}{grant.sha256}?{grant.query()}"
 
 
@@ -143,11 +142,10 @@ class DataPlane:
         URLs should name. Returns after :meth:`stop`, once every connection has ended."""
         listeners = await trio.open_tcp_listeners(port, host=host)
         bound = listeners[0].socket.getsockname()[1]
-        wildcard = host in ("", "0.0.0.0", "::")
         log.info("data plane listening on %s:%d", host, bound)
         async with trio.open_nursery() as connections:
             with self._accepting:
-                task_status.started(DataPlaneAddress(None if wildcard else host, bound))
+                task_status.started(DataPlaneAddress(bound))
                 await trio.serve_listeners(self._connection, listeners,
                                            handler_nursery=connections)
 

@@ -73,8 +73,10 @@ async def objects(request: Request) -> Response:
         etag = '"' + hashlib.sha256(f"{commit.id}?{q}".encode()).hexdigest()[:32] + '"'
         if seen == etag and over < 0:
             return etag, None
-        # Grants name their user: a page with read URLs is kept for its caller alone.
-        key = (commit.id, prefix, after, limit, delimiter, over, actor.id if over >= 0 else "")
+        # Grants name their user: a page with read URLs is kept for its caller alone, and
+        # for the host it reached (the data plane's URLs name it).
+        reader = f"{actor.id}@{request.url.hostname}" if over >= 0 else ""
+        key = (commit.id, prefix, after, limit, delimiter, over, reader)
         kept = rendered_pages.get(key)
         if kept is not None:
             served.labels("kept").inc()
