@@ -234,10 +234,9 @@ def test_idle_and_slow_clients_are_cut_off_and_stop_waits_for_no_idle_one(
         kept.request("GET", target, headers={"range": "bytes=0-0"})
         assert kept.getresponse().read() == DATA[:1]
         assert server.proc is not None
-        started = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
+        # Within the 10 s the server would give a read in flight: no read is waited for.
         server.proc.wait(timeout=8)
-        assert time.monotonic() - started < 5
         kept.close()
     finally:
         server.stop()
