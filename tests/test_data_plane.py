@@ -382,3 +382,23 @@ def test_a_kept_listing_page_names_the_host_each_client_reached(
                              params={"read_urls_over": 0}, headers=_auth(sqlite_server, "alice"))
             url = page.json()["objects"][0]["read_url"]
             assert urllib.parse.urlsplit(url).hostname == host and sha in url
+
+
+def test_pipelined_reads_are_answered_in_order(
+        sqlite_server: HubProcess, stored: tuple[AssetAddr, str, str]) -> None:
+    """Requests sent back to back before any answer (HTTP/1.1 pipelining) are each
+    answered, in order, on the one connection."""
+    _, _, url = stored
+    host, port, target = _raw(url)
+    ranges = [(0, 9), (4096, 4099), (len(DATA) - 3, len(DATA) - 1)]
+    raw = b"".join(f"GET {target} HTTP/1.1\r\nhost: x\r\nrange: bytes={a}-{b}\r\n\r\n".encode()
+                   for a, b in ranges)
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(raw)
+        with sock.makefile("rb") as stream:  # one buffer for all answers: none read past
+            for a, b in ranges:
+                status = stream.readline().split()[1]
+                head = dict(line.decode().rstrip().split(": ", 1)
+                            for line in iter(stream.readline, b"\r\n"))
+                body = stream.read(int(head["content-length"]))
+                assert (status, body) == (b"206", DATA[a:b + 1])
