@@ -20,6 +20,7 @@ import urllib.parse
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import httpx
 import pytest
@@ -31,7 +32,9 @@ from ahmount import errors
 from ahmount.client.hub_client import HubClient
 from ahmount.client.read_urls import ReadUrls, on_data_plane
 from ahmount.hub.models import AssetAddr
-from ahmount.server.data_plane import MAX_HEAD, parse_listen
+from ahmount.hub.service import HubService
+from ahmount.server.data_plane import MAX_HEAD, DataPlane, parse_listen
+from ahmount.server.observed import HubMetrics
 from tests.conftest import HubProcess, wait_until
 from tests.test_ahfs import requests_seen
 from tests.test_direct_reads import store_object
@@ -402,3 +405,16 @@ def test_pipelined_reads_are_answered_in_order(
                             for line in iter(stream.readline, b"\r\n"))
                 body = stream.read(int(head["content-length"]))
                 assert (status, body) == (b"206", DATA[a:b + 1])
+
+
+async def test_every_address_of_the_plane_listens_on_the_one_port_urls_name() -> None:
+    """A host with several addresses (here every address: 0.0.0.0 and ::) listens on one
+    port on all of them: the read URLs name a single port."""
+    plane = DataPlane(cast(HubService, None), HubMetrics(), 5.0)
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(plane.serve, None, 0)
+        for family, local in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            client = trio.socket.socket(family)
+            await client.connect((local, address.port))  # refused on any other port
+            client.close()
+        plane.stop()

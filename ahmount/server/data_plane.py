@@ -135,13 +135,20 @@ class DataPlane:
         self._idle_scopes: set[trio.CancelScope] = set()
         self._accepting = trio.CancelScope()
 
-    async def serve(self, host: str, port: int, *,
+    async def serve(self, host: str | None, port: int, *,
                     task_status: trio.TaskStatus[DataPlaneAddress] = trio.TASK_STATUS_IGNORED
                     ) -> None:
-        """Listen on ``host:port`` (port 0: a free one); started, reports the address read
-        URLs should name. Returns after :meth:`stop`, once every connection has ended."""
+        """Listen on ``host:port`` (port 0: a free one; host None: every address);
+        started, reports the port read URLs should name. Returns after :meth:`stop`, once
+        every connection has ended."""
         listeners = await trio.open_tcp_listeners(port, host=host)
         bound = listeners[0].socket.getsockname()[1]
+        if len({listener.socket.getsockname()[1] for listener in listeners}) > 1:
+            # A host with several addresses (localhost: 127.0.0.1 and ::1) got a free port
+            # each; read URLs name one, so all listen on the first's.
+            for listener in listeners:
+                await listener.aclose()
+            listeners = await trio.open_tcp_listeners(bound, host=host)
         log.info("data plane listening on %s:%d", host, bound)
         async with trio.open_nursery() as connections:
             with self._accepting:
