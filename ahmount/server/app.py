@@ -9,9 +9,7 @@ statuses. Object bytes stream both ways in chunks; nothing holds a whole blob in
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from starlette.applications import Starlette
@@ -40,8 +38,6 @@ from ahmount.server.requests import (
     caller,
     service_of,
 )
-
-OpenService = Callable[[], contextlib.AbstractContextManager[HubService]]
 
 
 async def healthz(request: Request) -> Response:
@@ -75,34 +71,16 @@ BODIES: Bodies = {**folders.BODIES, **assets.BODIES, **objects.BODIES, **commits
 OPEN = frozenset({"/healthz", API + "/openapi.json", API + "/blobs/{sha256}/content"})
 
 
-def create_app(service: HubService | None = None, trusted_user: str | None = None, *,
-               open_service: OpenService | None = None,
+def create_app(service: HubService, trusted_user: str | None = None, *,
                keep_pages: int = KEEP_BYTES) -> Starlette:
-    """The ASGI app serving a hub: ``service`` (owned by the caller), or the one
-    ``open_service()`` opens in the app's lifespan and closes when the app stops (what
-    ``ah-server`` does: the stores live exactly as long as the server).
+    """The ASGI app serving a hub's ``service`` (owned by the caller: ``ah-server`` opens
+    the stores before it serves and closes them after its last request).
 
     ``trusted_user`` (the embedded hub's OS user) is the caller of every request that carries
     no API key; without it such requests are refused.
 
     ``keep_pages``: bytes of rendered listing pages kept (:mod:`rendered_pages`).
     """
-    if (service is None) == (open_service is None):
-        raise ValueError("create_app needs a service or open_service, not both")
-
-    def attach(app: Starlette, found: HubService) -> None:
-        app.state.service = found
-        app.state.trusted_actor = found.ensure_user(trusted_user) if trusted_user else None
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        if open_service is None:
-            yield
-            return
-        with open_service() as opened:
-            attach(app, opened)
-            yield
-
     app = Starlette(
         routes=[Route(p, e if p in OPEN else authenticated(e), methods=m)
                 for p, e, m in ROUTES],
@@ -111,10 +89,9 @@ def create_app(service: HubService | None = None, trusted_user: str | None = Non
             HTTPException: handle_routing_error,
             Exception: handle_unexpected,
         },
-        lifespan=lifespan,
     )
-    if service is not None:
-        attach(app, service)
+    app.state.service = service
+    app.state.trusted_actor = service.ensure_user(trusted_user) if trusted_user else None
     app.state.openapi = openapi_document(ROUTES, BODIES, OPEN)
     app.state.started = time.time()
     app.state.metrics = HubMetrics()
@@ -124,11 +101,11 @@ def create_app(service: HubService | None = None, trusted_user: str | None = Non
     return app
 
 
-def create_observed_app(service: HubService | None = None, trusted_user: str | None = None,
-                        *, open_service: OpenService | None = None) -> ObservedApp:
+def create_observed_app(service: HubService,
+                        trusted_user: str | None = None) -> ObservedApp:
     """:func:`create_app` behind request ids, access logs and ``/metrics`` (what
     ``ah-server`` serves)."""
-    app = create_app(service, trusted_user, open_service=open_service)
+    app = create_app(service, trusted_user)
     return ObservedApp(app, app.state.metrics)
 
 

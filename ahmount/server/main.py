@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +32,12 @@ from ahmount.fd_limit import raise_open_files_limit
 from ahmount.hub.open import S3Options, open_hub
 from ahmount.hub.service import HubService
 from ahmount.observability import notify_systemd, setup_logging
-from ahmount.server.app import OpenService, create_observed_app
+from ahmount.server.app import create_observed_app
 from ahmount.server.data_plane import DataPlane, parse_listen
 
 log = logging.getLogger("ahmount.server")
+
+OpenService = Callable[[], contextlib.AbstractContextManager[HubService]]
 
 #: A connection with no request in progress costs the server a socket and a task: an idle
 #: keep-alive one, or one whose headers never complete (slowloris), goes after this long.
