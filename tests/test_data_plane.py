@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import threading
 import time
 import urllib.parse
@@ -35,7 +36,7 @@ from ahmount.hub.models import AssetAddr
 from ahmount.hub.service import HubService
 from ahmount.server.data_plane import MAX_HEAD, DataPlane, parse_listen
 from ahmount.server.observed import HubMetrics
-from tests.conftest import HubProcess, wait_until
+from tests.conftest import HubProcess, command, free_port, wait_until
 from tests.test_ahfs import requests_seen
 from tests.test_direct_reads import store_object
 from tests.test_read_urls import read_into
@@ -411,10 +412,30 @@ async def test_every_address_of_the_plane_listens_on_the_one_port_urls_name() ->
     """A host with several addresses (here every address: 0.0.0.0 and ::) listens on one
     port on all of them: the read URLs name a single port."""
     plane = DataPlane(cast(HubService, None), HubMetrics(), 5.0)
+    address = await plane.listen(None, 0)
     async with trio.open_nursery() as nursery:
-        address = await nursery.start(plane.serve, None, 0)
+        await nursery.start(plane.serve)
         for family, local in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
             client = trio.socket.socket(family)
             await client.connect((local, address.port))  # refused on any other port
             client.close()
         plane.stop()
+
+
+def test_a_port_in_use_is_named_and_the_server_exits_cleanly(tmp_path: Path) -> None:
+    """Either of the server's ports already taken: one line naming it, exit code 2, no
+    traceback and nothing left listening."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        free = f"127.0.0.1:{free_port()}"
+        for args, words in ((["--listen", busy], f"cannot listen on {busy}: "),
+                            (["--listen", free, "--data-listen", busy],
+                             f"cannot listen on {busy} for the data plane (--data-listen)")):
+            done = subprocess.run([command("ah-server"), "--data", str(tmp_path / "hub"), *args],
+                                  capture_output=True, text=True, timeout=60)
+            assert done.returncode == 2, done.stderr
+            assert f"ah-server: {words}" in done.stderr and "Address already in use" in \
+                done.stderr
+            assert "Traceback" not in done.stderr
+            with pytest.raises(OSError):
+                socket.create_connection(("127.0.0.1", int(free.rsplit(":")[1])), timeout=2)

@@ -134,26 +134,36 @@ class DataPlane:
         self._stopping = False
         self._idle_scopes: set[trio.CancelScope] = set()
         self._accepting = trio.CancelScope()
+        self._listeners: list[trio.SocketListener] = []
 
-    async def serve(self, host: str | None, port: int, *,
-                    task_status: trio.TaskStatus[DataPlaneAddress] = trio.TASK_STATUS_IGNORED
+    async def listen(self, host: str | None, port: int) -> DataPlaneAddress:
+        """Bind ``host:port`` (port 0: a free one; host None: every address); the port
+        read URLs should name. Raises InvalidArgument naming the address when it cannot."""
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+            bound = listeners[0].socket.getsockname()[1]
+            if len({listener.socket.getsockname()[1] for listener in listeners}) > 1:
+                # A host with several addresses (localhost: 127.0.0.1 and ::1) got a free
+                # port each; read URLs name one, so all listen on the first's.
+                for listener in listeners:
+                    await listener.aclose()
+                listeners = await trio.open_tcp_listeners(bound, host=host)
+        except OSError as exc:
+            raise errors.InvalidArgument(
+                f"cannot listen on {host or '*'}:{port} for the data plane "
+                f"(--data-listen): {exc.strerror or exc}") from None
+        self._listeners = listeners
+        log.info("data plane listening on %s:%d", host or "*", bound)
+        return DataPlaneAddress(bound)
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                     ) -> None:
-        """Listen on ``host:port`` (port 0: a free one; host None: every address);
-        started, reports the port read URLs should name. Returns after :meth:`stop`, once
-        every connection has ended."""
-        listeners = await trio.open_tcp_listeners(port, host=host)
-        bound = listeners[0].socket.getsockname()[1]
-        if len({listener.socket.getsockname()[1] for listener in listeners}) > 1:
-            # A host with several addresses (localhost: 127.0.0.1 and ::1) got a free port
-            # each; read URLs name one, so all listen on the first's.
-            for listener in listeners:
-                await listener.aclose()
-            listeners = await trio.open_tcp_listeners(bound, host=host)
-        log.info("data plane listening on %s:%d", host, bound)
+        """Serve what :meth:`listen` bound. Returns after :meth:`stop`, once every
+        connection has ended."""
         async with trio.open_nursery() as connections:
             with self._accepting:
-                task_status.started(DataPlaneAddress(bound))
-                await trio.serve_listeners(self._connection, listeners,
+                task_status.started()
+                await trio.serve_listeners(self._connection, self._listeners,
                                            handler_nursery=connections)
 
     def stop(self) -> None:

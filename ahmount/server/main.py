@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import logging
 import os
 import signal
@@ -26,7 +25,7 @@ from hypercorn.trio import serve
 
 from ahmount import __version__
 from ahmount.config import dirs
-from ahmount.errors import AhError
+from ahmount.errors import AhError, InvalidArgument
 from ahmount.exit_codes import exit_code
 from ahmount.fd_limit import raise_open_files_limit
 from ahmount.hub.open import S3Options, open_hub
@@ -112,16 +111,19 @@ async def _serve(open_service: OpenService, listen: str,
                 stopping.set()
                 return
 
+    # Bound before anything is served: a port in use is an error naming it, not a crash.
+    _bind(config, listen)
     # The stores live exactly as long as the server: closed after the last request.
     with open_service() as service:
         observed = create_observed_app(service)
         app: Any = observed  # hypercorn's type is narrower
+        plane: DataPlane | None = None
+        if plane_at is not None and service.local_blob_reads:
+            plane = DataPlane(service, observed.metrics, idle_timeout)
+            observed.app.state.data_plane = await plane.listen(*plane_at)
         async with trio.open_nursery() as nursery:
-            plane: DataPlane | None = None
-            if plane_at is not None and service.local_blob_reads:
-                plane = DataPlane(service, observed.metrics, idle_timeout)
-                observed.app.state.data_plane = await nursery.start(
-                    functools.partial(plane.serve, *plane_at))
+            if plane is not None:
+                await nursery.start(plane.serve)
 
             async def api(task_status: trio.TaskStatus[list[str]]) -> None:
                 await serve(app, config, shutdown_trigger=shutdown_trigger,
@@ -136,6 +138,19 @@ async def _serve(open_service: OpenService, listen: str,
             await stopping.wait()
             if plane is not None:
                 plane.stop()
+
+
+def _bind(config: Config, listen: str) -> None:
+    """Bind the API's ``listen`` address now and point ``config`` at the sockets (hypercorn
+    takes them over as descriptors); raises InvalidArgument naming the address when it
+    cannot be bound. A passed descriptor (``fd://N``) is bound already."""
+    if listen.startswith("fd://"):
+        return
+    try:
+        sockets = config.create_sockets().insecure_sockets
+    except OSError as exc:
+        raise InvalidArgument(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+    config.bind = [f"fd://{sock.detach()}" for sock in sockets]
 
 
 def main(argv: list[str] | None = None) -> int:
