@@ -16,7 +16,9 @@ again). Files per second, on the same data, in one run, against:
 - for the 1 MiB files, the hub alone ("hub, GET each"): the same workers asking
   ``ah-server`` for each file with one GET (``http.client``, the body read into a buffer and
   its sha256 checked), no FUSE and no cache. That is the ceiling of any reader that fetches
-  these files one request each, as the mount does (small files travel in batches instead).
+  these files one request each, as the mount does (small files travel in batches instead);
+  and "plane, GET each": the same through each file's read URL, which an ``ah-server`` with
+  a local blob directory serves on its data plane with ``sendfile``, as the mount reads.
 
 Data sets: ``--files`` x 4 KiB in ``--dirs`` directories (default 10,000 in 100, the
 issue's; ``--dirs 10`` is a class directory of 1,000 images each), and
@@ -46,6 +48,8 @@ import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
+import httpx
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import peers
@@ -69,35 +73,65 @@ def _read_files(paths: list[str]) -> None:
 
 
 HUB_ALONE = "hub, GET each"
+PLANE_ALONE = "plane, GET each"
 KEPT = "ahmount, kept cache"
 
 
-def _fetch_files(files_url: str, key: str, paths: list[str]) -> None:
-    """One GET per file from the hub at ``files_url`` (a ref's ``/files``), each body read
-    into a buffer and hashed: the least a reader that fetches each file whole must do."""
-    url = urllib.parse.urlsplit(files_url)
+def _fetch(origin: str, key: str, targets: list[str]) -> None:
+    """One GET per target (a path and query) from ``origin`` on one connection, each body
+    read into a buffer and hashed: the least a reader that fetches each file whole must do.
+    ``key``: the API key, or "" for read URLs (their signature is the key)."""
+    url = urllib.parse.urlsplit(origin)
     conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port)
+    headers = {"authorization": f"Bearer {key}"} if key else {}
     buffer = memoryview(bytearray(1 << 20))
     try:
-        for path in paths:
-            conn.request("GET", f"{url.path}/{urllib.parse.quote(path)}",
-                         headers={"authorization": f"Bearer {key}"})
+        for target in targets:
+            conn.request("GET", target, headers=headers)
             response = conn.getresponse()
             if response.status != 200:
-                raise RuntimeError(f"GET {path}: {response.status} {response.read()[:200]!r}")
+                raise RuntimeError(f"GET {target}: {response.status} "
+                                   f"{response.read()[:200]!r}")
             digest = hashlib.sha256()
             while n := response.readinto(buffer):
                 digest.update(buffer[:n])
-            if digest.hexdigest() != response.getheader("x-ah-sha256"):
-                raise RuntimeError(f"GET {path}: the body does not hash to its sha256")
+            want = response.getheader("x-ah-sha256") or \
+                (response.getheader("etag") or "").strip('"')
+            if digest.hexdigest() != want:
+                raise RuntimeError(f"GET {target}: the body does not hash to its sha256")
     finally:
         conn.close()
 
 
 def hub_loader(files_url: str, key: str, paths: list[Path], workers: int) -> float:
-    """:func:`loader`'s order and split, each file fetched from the hub by
-    :func:`_fetch_files` instead of read through a mount."""
-    return _split_run(_fetch_files, [str(p) for p in paths], workers, files_url, key)
+    """:func:`loader`'s order and split, each file fetched through its path on the hub's
+    API by :func:`_fetch` instead of read through a mount."""
+    prefix = urllib.parse.urlsplit(files_url).path
+    return _split_run(_fetch, [f"{prefix}/{urllib.parse.quote(str(p))}" for p in paths],
+                      workers, files_url, key)
+
+
+def plane_urls(objects_url: str, key: str, paths: list[Path]) -> list[str]:
+    """The read URL of each of ``paths`` (objects of the ref listed at ``objects_url``), in
+    order, as a listing that asks for them gives them: on the data plane when the hub has
+    one."""
+    found: dict[str, str] = {}
+    after = ""
+    while True:
+        page = httpx.get(objects_url, params={"read_urls_over": 0, "limit": 10_000,
+                                              "after": after},
+                         headers={"authorization": f"Bearer {key}"}, timeout=60).json()
+        found |= {o["path"]: o["read_url"] for o in page["objects"] if "read_url" in o}
+        after = page["next_after"]
+        if not after:
+            return [urllib.parse.urljoin(objects_url, found[str(p)]) for p in paths]
+
+
+def plane_loader(urls: list[str], workers: int) -> float:
+    """:func:`loader`'s order and split, each file fetched through its read URL by
+    :func:`_fetch`: the hub's data plane with no FUSE and no cache."""
+    targets = [urllib.parse.urlsplit(u)._replace(scheme="", netloc="").geturl() for u in urls]
+    return _split_run(_fetch, targets, workers, urls[0], "")
 
 
 def loader(paths: list[Path], workers: int) -> float:
@@ -260,8 +294,17 @@ def main() -> None:
                             (HUB_ALONE, "large", temp, workers), len(sets["large"]),
                             functools.partial(hub_loader, files_url, key, sets["large"],
                                               workers))
-            _report(results, [*targets, HUB_ALONE], sets, counts)
-            _report_costs(costs, [*targets, HUB_ALONE], sets, counts)
+            if sets["large"]:
+                urls = plane_urls(files_url.removesuffix("/files") + "/objects", key,
+                                  sets["large"])
+                for workers in counts:
+                    drop_caches()
+                    for temp in ("cold", "warm"):
+                        results[(PLANE_ALONE, "large", temp, workers)] = costs.measure(
+                            (PLANE_ALONE, "large", temp, workers), len(sets["large"]),
+                            functools.partial(plane_loader, urls, workers))
+            _report(results, [*targets, HUB_ALONE, PLANE_ALONE], sets, counts)
+            _report_costs(costs, [*targets, HUB_ALONE, PLANE_ALONE], sets, counts)
 
 
 def _report(results: dict[Key, float], targets: list[str], sets: dict[str, list[Path]],
