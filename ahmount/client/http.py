@@ -177,14 +177,14 @@ class HttpSession:
                     ) from exc
                 failure = exc
             else:
-                if aside and response.status_code in RETRYABLE_STATUS:
-                    await response.aclose()
-                    raise Retryable(f"{method} {url}: answered {response.status_code}")
-                if aside and response.status_code >= 400:
-                    body = await response.aread()
-                    await response.aclose()
-                    raise_for_response(response, body)
-                if aside:
+                if aside:  # once: a failure is the caller's to route around
+                    if response.status_code in RETRYABLE_STATUS:
+                        await response.aclose()
+                        raise Retryable(f"{method} {url}: answered {response.status_code}")
+                    if response.status_code >= 400:
+                        body = await response.aread()
+                        await response.aclose()
+                        raise_for_response(response, body)
                     return response
                 if response.status_code in RETRYABLE_STATUS and attempt < self.retries:
                     await response.aclose()

@@ -119,7 +119,11 @@ def _socket_host(fd: str) -> tuple[str, int] | None:
 
 
 class _Answered(Exception):
-    """The request was answered with an error; the connection may go on."""
+    """The request was answered with the error ``status``; the connection may go on."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
 
 
 class DataPlane:
@@ -241,7 +245,7 @@ class DataPlane:
             status, sent = await self._serve_read(conn, stream, request, method, target,
                                                  bodiless)
         except _Answered as answered:
-            status = int(str(answered))
+            status = answered.status
         finally:
             self._metrics.observe(ENDPOINT, method, path, status, start, 0, sent)
 
@@ -286,7 +290,7 @@ class DataPlane:
             raise _Answered(code) from None
         if method == "HEAD" or end == begin:
             await self._send(stream, conn.send(h11.Response(status_code=status,
-                                                            headers=_listed(answer))))
+                                                            headers=list(answer.items()))))
             await self._send(stream, conn.send(h11.EndOfMessage()))
             return status, 0
         fd = blob.open_file()
@@ -294,7 +298,7 @@ class DataPlane:
             raise RuntimeError("the data plane serves local blob stores only")
         try:
             await self._send(stream, conn.send(h11.Response(status_code=status,
-                                                            headers=_listed(answer))))
+                                                            headers=list(answer.items()))))
             body: Any = _Length(end - begin)  # h11 counts it; it never reads it
             conn.send_with_data_passthrough(h11.Data(data=body))
             await self._send_file(stream, fd, begin, end)
@@ -362,10 +366,6 @@ def _head_size(request: h11.Request) -> int:
     """About the bytes of ``request``'s head (line and headers, without their separators)."""
     return len(request.method) + len(request.target) + sum(
         len(name) + len(value) + 4 for name, value in request.headers)
-
-
-def _listed(headers: dict[str, str]) -> list[tuple[str, str]]:
-    return list(headers.items())
 
 
 def _pages(start: int, end: int) -> Iterator[int]:

@@ -146,14 +146,10 @@ class ObservedApp:
         try:
             await self.app(scope, counting_receive, tagging_send)
         finally:
-            self._observed(scope, status, start, received, sent)
+            endpoint = getattr(scope.get("endpoint"), "__name__", "unmatched")
+            self.metrics.observe(endpoint, scope["method"], scope["path"], status, start,
+                                 received, sent)
             request_id.reset(token)
-
-    def _observed(self, scope: Scope, status: int, start: float, received: int,
-                  sent: int) -> None:
-        endpoint = getattr(scope.get("endpoint"), "__name__", "unmatched")
-        self.metrics.observe(endpoint, scope["method"], scope["path"], status, start,
-                             received, sent)
 
 
 def _has_body(headers: dict[bytes, bytes]) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -28,6 +28,9 @@ from ahmount.hub.read_grants import Grant
 from ahmount.hub.service import Actor, HubService
 from ahmount.names import check_kind, check_name
 from ahmount.server import schemas
+
+if TYPE_CHECKING:
+    from ahmount.server.data_plane import DataPlaneAddress
 
 API = "/api/v1"
 T = TypeVar("T")
@@ -150,10 +153,10 @@ def blob_read_url(request: Request, grant: Grant) -> str:
     """The read URL of a grant: on the data plane (:mod:`ahmount.server.data_plane`) when
     the server has one and the client reached it over plain HTTP, on the host it reached;
     else ``blob_content``'s path on this server."""
-    plane = getattr(request.app.state, "data_plane", None)
+    plane: DataPlaneAddress | None = request.app.state.data_plane
     host = request.url.hostname
     if plane is not None and request.url.scheme == "http" and host:
-        return str(plane.read_url(host, grant))
+        return plane.read_url(host, grant)
     root = request.scope.get("root_path", "")
     return f"{root}{API}/blobs/{grant.sha256}/content?{grant.query()}"
 
