@@ -32,7 +32,8 @@ from hypothesis import strategies as st
 from ahmount import errors
 from ahmount.client.hub_client import HubClient
 from ahmount.client.read_urls import ReadUrls, on_data_plane
-from ahmount.hub.models import AssetAddr
+from ahmount.hub.models import AssetAddr, FolderAddr
+from ahmount.hub.open import open_hub
 from ahmount.hub.service import HubService
 from ahmount.server.data_plane import MAX_HEAD, DataPlane, parse_listen
 from ahmount.server.observed import HubMetrics
@@ -40,6 +41,7 @@ from tests.conftest import HubProcess, command, free_port, wait_until
 from tests.test_ahfs import requests_seen
 from tests.test_direct_reads import store_object
 from tests.test_read_urls import read_into
+from tests.test_service import obj
 
 DATA = os.urandom(5 * (1 << 20) + 321)
 
@@ -439,3 +441,38 @@ def test_a_port_in_use_is_named_and_the_server_exits_cleanly(tmp_path: Path) -> 
             assert "Traceback" not in done.stderr
             with pytest.raises(OSError):
                 socket.create_connection(("127.0.0.1", int(free.rsplit(":")[1])), timeout=2)
+
+
+async def test_a_blob_collected_after_its_grant_was_checked_is_a_404(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plane in-process on the embedded stores: the blob goes between the grant's
+    check (which finds it) and its opening; the reader gets a 404 in the API's shape and
+    the connection stays usable, not a crash with no answer."""
+    with open_hub(tmp_path / "hub") as service:
+        alice = service.ensure_user("alice")
+        folder = FolderAddr("alice", "dataset", "g")
+        service.create_folder(alice, folder)
+        addr = AssetAddr(folder, "a")
+        service.create_asset(alice, addr)
+        service.commit(alice, addr, "main", "c", adds=[obj(service, alice, "f", DATA[:5000])])
+        grant = service.read_grant(alice, service.open_object(alice, addr, "main", "f"))
+        plane = DataPlane(service, HubMetrics(), 5.0)
+        address = await plane.listen("127.0.0.1", 0)
+        url = address.read_url("127.0.0.1", grant)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(plane.serve)
+            async with httpx.AsyncClient() as client:
+                assert (await client.get(url)).content == DATA[:5000]
+                blobs = service.blobs
+                opening = blobs.open_file
+
+                def collected_first(sha: str) -> int | None:
+                    blobs.delete(sha)  # garbage collection, just before the open
+                    return opening(sha)
+
+                monkeypatch.setattr(blobs, "open_file", collected_first)
+                gone = await client.get(url)
+                assert gone.status_code == 404, gone.text
+                assert "not stored" in gone.json()["error"]["message"]
+                assert (await client.head(url)).status_code == 404  # the same connection
+            plane.stop()
