@@ -121,6 +121,28 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def peak_rss_mib(pid: int) -> float:
+    """The process ``pid``'s peak resident memory so far, MiB (``VmHWM``, which the kernel
+    keeps: no sampling thread can miss a short peak)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"process {pid} reports no VmHWM")
+
+
+#: The issue's bound on the mount daemon's memory in every benchmark.
+RSS_BOUND_MIB = 200
+
+
+def report_peak_rss(peaks: dict[str, float]) -> None:
+    """Print each mount's peak RSS (by target name) against :data:`RSS_BOUND_MIB`."""
+    if peaks:
+        worst = max(peaks.values())
+        print("daemon peak RSS, MiB: " + ", ".join(f"{name} {mib:.0f}"
+                                                  for name, mib in peaks.items())
+              + f" (bound {RSS_BOUND_MIB}: {'within' if worst < RSS_BOUND_MIB else 'OVER'})")
+
+
 def hub_mount(server: HubProcess, key: str, point: Path, cache: Path,
               *extra: str) -> MountProcess:
     """A started mount of ``server`` at ``point`` with its own cache directory."""

@@ -57,7 +57,9 @@ from bench.harness import (
     bench_dir,
     hub_mount,
     machine_busy,
+    peak_rss_mib,
     process_cpu,
+    report_peak_rss,
     served_hub,
     upload_tree,
 )
@@ -227,7 +229,9 @@ def main() -> None:
 
             caches: list[Path] = []
 
-            def ahmount(*extra: str, kept: bool = False) -> Opener:
+            peaks: dict[str, float] = {}
+
+            def ahmount(name: str, *extra: str, kept: bool = False) -> Opener:
                 @contextlib.contextmanager
                 def opened(n: int) -> Iterator[Path]:
                     if not kept:
@@ -239,6 +243,7 @@ def main() -> None:
                         yield m.mountpoint / "dataset/bench/train/main"
                     finally:
                         costs.pids = {}
+                        peaks[name] = max(peaks.get(name, 0.0), peak_rss_mib(m.pid))
                         m.stop()
                 return opened
 
@@ -267,9 +272,9 @@ def main() -> None:
 
             targets: dict[str, Opener] = {"local": local_disk, "pyfuse3 floor": floor(),
                                           "floor, poll": floor("--ready-first"),
-                                          "ahmount": ahmount(),
-                                          "ahmount ro": ahmount("--read-only"),
-                                          KEPT: ahmount(kept=True)}
+                                          "ahmount": ahmount("ahmount"),
+                                          "ahmount ro": ahmount("ahmount ro", "--read-only"),
+                                          KEPT: ahmount(KEPT, kept=True)}
             targets |= {name: peer(name) for name in wanted}
             results: dict[Key, float] = {}
             for name, opener in targets.items():
@@ -305,6 +310,8 @@ def main() -> None:
                             functools.partial(plane_loader, urls, workers))
             _report(results, [*targets, HUB_ALONE, PLANE_ALONE], sets, counts)
             _report_costs(costs, [*targets, HUB_ALONE, PLANE_ALONE], sets, counts)
+            print()
+            report_peak_rss(peaks)
 
 
 def _report(results: dict[Key, float], targets: list[str], sets: dict[str, list[Path]],

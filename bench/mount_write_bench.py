@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import peers
-from bench.harness import bench_dir
+from bench.harness import bench_dir, peak_rss_mib, report_peak_rss
 from bench.mount_bench import drop_caches
 from tests.conftest import MountProcess, command
 
@@ -212,6 +212,8 @@ def main() -> None:
               f"{ah_sync:.2f}s; ah commit of them {commit_small:.2f}s")
         print(f"re-commit of an unchanged {args.same_gib:.0f} GiB file: {recommit:.2f}s, "
               f"{uploaded} bytes uploaded (must be 0)")
+        assert mount.pid is not None
+        report_peak_rss({"ahmount": peak_rss_mib(mount.pid)})
 
 
 if __name__ == "__main__":

@@ -36,7 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ahmount.mount.daemon import raise_readahead
 from bench import peers
-from bench.harness import bench_dir, hub_mount, served_hub, upload_tree
+from bench.harness import (
+    bench_dir,
+    hub_mount,
+    peak_rss_mib,
+    report_peak_rss,
+    served_hub,
+    upload_tree,
+)
 from bench.loader_bench import make_dataset
 from bench.mount_bench import drop_caches, random_reads, raw_download, read_all, stat_all
 from bench.mount_bench import timed_find as find_all
@@ -141,6 +148,8 @@ def main() -> None:
             def local_disk() -> Iterator[Path]:
                 yield local
 
+            peaks: dict[str, float] = {}
+
             @contextlib.contextmanager
             def ahmount() -> Iterator[Path]:
                 n = next(rounds)
@@ -149,6 +158,8 @@ def main() -> None:
                 try:
                     yield m.mountpoint / "dataset/bench/data/main"
                 finally:
+                    assert m.pid is not None
+                    peaks["ahmount"] = max(peaks.get("ahmount", 0.0), peak_rss_mib(m.pid))
                     m.stop()
                     shutil.rmtree(root / f"ah-cache-{n}", ignore_errors=True)
 
@@ -176,6 +187,7 @@ def main() -> None:
             floor = args.gib * 1024 / passthrough_read(local / "big.bin", root / "floor")
             _report(results, wanted, raw, floor,
                     listing_floor(local, files, root / "listing-floor"))
+            report_peak_rss(peaks)
 
 
 def passthrough_read(path: Path, point: Path) -> float:

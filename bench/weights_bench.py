@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import bench_dir, hub_mount, served_hub, upload_tree
+from bench.harness import bench_dir, hub_mount, peak_rss_mib, served_hub, upload_tree
 from bench.mount_bench import drop_caches, raw_download
 from tests.conftest import MountProcess
 
@@ -133,10 +133,9 @@ def main() -> None:
                 print(f"  {args.procs} processes at once through one cold mount: {many:.1f} s "
                       f"({args.procs * mb / many:,.0f} MB/s together), none hung")
                 for m in mounts:
-                    rss = next(int(line.split()[1]) for line in
-                               Path(f"/proc/{m.pid}/status").read_text().splitlines()
-                               if line.startswith("VmHWM:"))
-                    print(f"  daemon peak RSS ({m.mountpoint.name}): {rss / 1024:.0f} MiB")
+                    assert m.pid is not None
+                    print(f"  daemon peak RSS ({m.mountpoint.name}): "
+                          f"{peak_rss_mib(m.pid):.0f} MiB")
             finally:
                 for m in mounts:
                     m.stop()
