@@ -12,9 +12,9 @@ pyfuse3 passthrough), which the read benchmarks put next to ah-mount's cold read
 answers a read with such a pread of its cache file, after the bytes arrived).
 
 With ``--ready-first`` its request loop runs as ah-mount's does
-(``ahmount/mount/fuse_wait.py``: a zero-timeout poll before trio's wait, and a read lock
-taken up to 8 times in a row without a scheduler pass): the floor under a daemon that does
-the same.
+(``ahmount/mount/fuse_wait.py``: a zero-timeout poll before trio's wait, polling for up to
+50 us before it sleeps there, and a read lock taken up to 8 times in a row without a
+scheduler pass): the floor under a daemon that does the same.
 
 Usage: python bench/minimal_fs.py MOUNTPOINT [--read-from FILE] [--ready-first]
        (runs in the foreground until unmounted)

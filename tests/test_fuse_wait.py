@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import itertools
 import socket
+import threading
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 import trio
@@ -233,6 +235,70 @@ async def test_a_wait_blocks_until_the_descriptor_is_readable(
     pair[0].recv(1)
     with trio.fail_after(5):
         await waits.wait_readable(pair[0].fileno())
+
+
+async def test_a_request_arriving_while_the_wait_spins_is_taken_without_trios_wait(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    """One reader doing one thing at a time: its next request comes while the loop still
+    polls, and no trip through trio's wait is paid for it."""
+    waits = _ReadyFirst(spin=30.0)  # far longer than the sender needs: no timing in the test
+    sender = threading.Timer(0.001, pair[1].send, args=(b"x",))
+    sender.start()
+    try:
+        with trio.testing.assert_no_checkpoints():
+            await waits.wait_readable(pair[0].fileno())
+    finally:
+        sender.join()
+    assert (waits.immediate, waits.caught_spinning, waits.missed_spinning) == (1, 1, 0)
+
+
+async def test_a_spin_that_catches_nothing_ends_in_trios_wait(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    waits = _ReadyFirst(spin=0.001)
+    done = trio.Event()
+
+    async def waiter() -> None:
+        await waits.wait_readable(pair[0].fileno())
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()  # the spin is over: in trio's wait
+        assert waits.missed_spinning == 1 and not done.is_set()
+        pair[1].send(b"x")
+        with trio.fail_after(5):
+            await done.wait()
+    assert (waits.immediate, waits.caught_spinning) == (0, 0)
+
+
+def test_no_spin_while_another_task_is_runnable_or_when_turned_off(
+        pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Other tasks of the loop (a batch arriving, a timer) go first: trio's wait lets them
+    run, a spin would hold them up."""
+    polls = 0
+    waits = _ReadyFirst(spin=30.0)
+    readable_now = waits._readable_now
+
+    def counted(fd: int) -> bool:
+        nonlocal polls
+        polls += 1
+        return readable_now(fd)
+
+    monkeypatch.setattr(waits, "_readable_now", counted)
+
+    async def main() -> None:
+        nonlocal polls
+        runnable = SimpleNamespace(tasks_runnable=1)
+        with monkeypatch.context() as patched:
+            patched.setattr(trio.lowlevel, "current_statistics", lambda: runnable)
+            assert not waits._spun_until_readable(pair[0].fileno())
+        assert polls == 0
+        off = _ReadyFirst(spin=0)
+        assert not off._spun_until_readable(pair[0].fileno())
+        assert (off.caught_spinning, off.missed_spinning) == (0, 0)
+
+    trio.run(main)
+    assert (waits.caught_spinning, waits.missed_spinning) == (0, 0)
 
 
 async def test_a_cancelled_wait_is_cancelled_on_both_paths(

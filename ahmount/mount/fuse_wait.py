@@ -22,27 +22,48 @@ file 88 -> 70 us without the second pass, and in a later run 60 -> 36 us with th
 
 pyfuse3 holds its read lock across the wait and reads with no ``await`` after it, so no
 other task can take the request in between, as with trio's own wait.
+
+When no request is there, the wait first polls for :data:`SPIN_SECONDS` before it sleeps
+in trio's: one process doing one thing at a time (``ls -l``, a ``stat`` walk, a writer of
+small files, a one-worker loader) sends its next request a few tens of microseconds after
+the last answer, and a daemon gone to sleep in ``epoll_wait`` by then pays a wake-up of
+its own and one of trio's I/O passes for each (a request libfuse answers by itself took
+80-100 us here; 55 us caught spinning). It spins only while no other task of the loop is
+runnable (they go first), and each poll lets the GIL go, so worker threads run on. Under
+load it rarely spins at all (a request is there already): 250 spins over the 50,000
+requests of 8 workers reading 10,000 small files, 83 of them for nothing (4 ms), against
+24,668 caught and 222 missed for 1 worker.
 """
 
 from __future__ import annotations
 
 import select
+import time
 import types
 from typing import Any
 
 import pyfuse3
 import trio
 
+#: How long a wait polls for the next request before it sleeps in trio's (see the module's
+#: docstring). Spinning 50 us or 100 us caught the same requests here; 0 turns it off.
+SPIN_SECONDS = 50e-6
+
 
 class _ReadyFirst:
-    """``wait_readable`` with a zero-timeout ``poll`` first (one poll object per fd). Its
-    readable path does not checkpoint: for callers under a lock that yields for them (see
-    the module's docstring), as pyfuse3's loop is."""
+    """``wait_readable`` with a zero-timeout ``poll`` first (one poll object per fd), then
+    polls for up to ``spin`` seconds while no other task is runnable. Its readable path does
+    not checkpoint: for callers under a lock that yields for them (see the module's
+    docstring), as pyfuse3's loop is."""
 
-    def __init__(self) -> None:
+    def __init__(self, spin: float = SPIN_SECONDS) -> None:
         self._polls: dict[int, select.poll] = {}
-        #: Waits answered by the poll alone (no trip through trio's I/O manager).
+        self._spin = spin
+        #: Waits answered by the poll alone (no trip through trio's I/O manager), of them
+        #: those caught spinning; spins that ended in trio's wait.
         self.immediate = 0
+        self.caught_spinning = 0
+        self.missed_spinning = 0
 
     def _readable_now(self, fd: int) -> bool:
         poll = self._polls.get(fd)
@@ -53,10 +74,23 @@ class _ReadyFirst:
         return bool(events) and events[0][1] == select.POLLIN
 
     async def wait_readable(self, fd: Any) -> None:
-        if isinstance(fd, int) and self._readable_now(fd):
+        if isinstance(fd, int) and (self._readable_now(fd) or self._spun_until_readable(fd)):
             self.immediate += 1
             return
         await trio.lowlevel.wait_readable(fd)
+
+    def _spun_until_readable(self, fd: int) -> bool:
+        """Poll ``fd`` for up to the spin time, unless another task is runnable (it goes
+        first: trio's wait lets it run). True if it became readable."""
+        if self._spin <= 0 or trio.lowlevel.current_statistics().tasks_runnable:
+            return False
+        deadline = time.perf_counter() + self._spin
+        while time.perf_counter() < deadline:
+            if self._readable_now(fd):
+                self.caught_spinning += 1
+                return True
+        self.missed_spinning += 1
+        return False
 
 
 #: Requests one pyfuse3 worker may take in a row without a scheduler pass (see TakeTurns).
