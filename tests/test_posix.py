@@ -317,6 +317,9 @@ def test_xattrs(fs: Driver) -> None:
     assert fs.getxattr("model/llm/gpt2/t1", "user.ah.ref_type") == b"tag"
     assert "user.ah.path" in fs.listxattr(f"{B}/w.bin")
     fails(errno.ENODATA, lambda: fs.getxattr(f"{B}/w.bin", "user.ah.nothing"))
+    for path in (f"{B}/w.bin", B, "model/llm/gpt2/t1"):  # what `ls -l` asks of each entry
+        for name in ("security.selinux", "system.posix_acl_access"):
+            fails(errno.ENODATA, lambda path=path, name=name: fs.getxattr(path, name))
     fails(errno.ENOTSUP, lambda: fs.setxattr(f"{B}/w.bin", "user.ah.labels", b"x"))
     fs.setxattr("model/llm/gpt2", "user.ah.labels", b"PyTorch, GPT")
     assert fs.getxattr("model/llm/gpt2", "user.ah.labels") == b"PyTorch,GPT"

@@ -32,12 +32,16 @@ from ahmount.vfs.core import VFS, Listing
 from ahmount.vfs.errors import BadHandle, InvalidName, NotPermitted
 from ahmount.vfs.handles import Handle, ReadHandle, WriteHandle
 from ahmount.vfs.layout import Key
+from ahmount.vfs.resources import XATTR_PREFIX
 from ahmount.vfs.tree import Node, shown_permissions
 
 LISTED_ENTRIES_MAX = 100_000  # listed entries of commits whose replies are kept
 _MISSING: Any = object()
 
 assert ROOT_INODE == pyfuse3.ROOT_INODE
+
+#: The extended attributes the mount has (``user.ah.*``), as the kernel names them.
+_OUR_XATTRS = XATTR_PREFIX.encode()
 
 
 class AssetFS(pyfuse3.Operations):
@@ -496,6 +500,12 @@ class AssetFS(pyfuse3.Operations):
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         self._count("getxattr")
+        if not name.startswith(_OUR_XATTRS):
+            # What `ls -l` asks of every file (security.selinux, system.posix_acl_access) and
+            # the kernel before writes (security.capability): never ours, answered before
+            # the inode's key is found and the name decoded (the vfs says the same after:
+            # a warm `ls -lR` of 10,000 files took 0.89-0.96 s instead of 0.99-1.04).
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return await self.vfs.getxattr(self.inodes.key(inode), _decode(name))
 
     @fuse_errors
