@@ -21,7 +21,7 @@ import urllib.parse
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -476,3 +476,66 @@ async def test_a_blob_collected_after_its_grant_was_checked_is_a_404(
                 assert "not stored" in gone.json()["error"]["message"]
                 assert (await client.head(url)).status_code == 404  # the same connection
             plane.stop()
+
+
+@pytest.mark.parametrize(("size", "disk_answers", "threads"), [
+    (4096, True, 0),  # a random reader's page: the loop waits for the disk
+    (64 << 10, True, 0),  # a random reader's miss (a run of pages)
+    (64 << 10, False, 1),  # a disk slower than the wait: a worker thread sends it
+    ((64 << 10) + 1, True, 1),  # larger than a wait on the loop is for
+])
+async def test_a_cold_range_is_sent_on_the_loop_when_small_and_the_disk_is_quick(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int, disk_answers: bool,
+        threads: int) -> None:
+    """A range not in the page cache: a small one is asked of the disk and waited for on
+    the loop (a thread hand-off costs more than the read), any other goes through a
+    worker thread; the bytes are right either way."""
+    from ahmount.server import data_plane
+
+    with open_hub(tmp_path / "hub") as service:
+        alice = service.ensure_user("alice")
+        folder = FolderAddr("alice", "dataset", "g")
+        service.create_folder(alice, folder)
+        addr = AssetAddr(folder, "a")
+        service.create_asset(alice, addr)
+        service.commit(alice, addr, "main", "c", adds=[obj(service, alice, "f", DATA)])
+        grant = service.read_grant(alice, service.open_object(alice, addr, "main", "f"))
+        sha = grant.sha256
+        fd = service.blobs.open_file(sha)
+        assert fd is not None
+        os.fsync(fd)  # clean pages: the advice below drops them
+        sent_by_thread: list[int] = []
+        to_thread = trio.to_thread.run_sync
+
+        async def counted(fn: Any, *args: Any, **kwargs: Any) -> Any:
+            if fn is os.sendfile:
+                sent_by_thread.append(args[3])
+            return await to_thread(fn, *args, **kwargs)
+
+        monkeypatch.setattr(data_plane.trio.to_thread, "run_sync", counted)
+        # However slow this machine's disk is now: the case under test decides.
+        monkeypatch.setattr(data_plane, "WAIT_INLINE_SECONDS", 30.0)
+        if not disk_answers:  # the range is still not there when the wait is over
+            monkeypatch.setattr(data_plane, "_arrived", _never)
+        plane = DataPlane(service, HubMetrics(), 5.0)
+        address = await plane.listen("127.0.0.1", 0)
+        url = address.read_url("127.0.0.1", grant)
+        start = 3 << 20
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(plane.serve)
+                async with httpx.AsyncClient() as client:
+                    # Cold (its pages were written back above); no probe here: a probe
+                    # with RWF_NOWAIT starts the very read it declines to wait for.
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    got = await client.get(
+                        url, headers={"range": f"bytes={start}-{start + size - 1}"})
+                    assert got.status_code == 206 and got.content == DATA[start:start + size]
+                plane.stop()
+        finally:
+            os.close(fd)
+        assert len(sent_by_thread) == threads
+
+
+async def _never(*_: object) -> bool:
+    return False
