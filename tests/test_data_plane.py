@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from ahmount import errors
 from ahmount.client.hub_client import HubClient
 from ahmount.client.read_urls import ReadUrls, on_data_plane
-from ahmount.hub.models import AssetAddr, FolderAddr
+from ahmount.hub.models import AssetAddr
 from ahmount.hub.open import open_hub
 from ahmount.hub.service import HubService
 from ahmount.server.data_plane import MAX_HEAD, DataPlane, parse_listen
@@ -41,7 +41,7 @@ from tests.conftest import HubProcess, command, free_port, wait_until
 from tests.test_ahfs import requests_seen
 from tests.test_direct_reads import store_object
 from tests.test_read_urls import read_into
-from tests.test_service import obj
+from tests.test_service import granted_object
 
 DATA = os.urandom(5 * (1 << 20) + 321)
 
@@ -449,13 +449,7 @@ async def test_a_blob_collected_after_its_grant_was_checked_is_a_404(
     check (which finds it) and its opening; the reader gets a 404 in the API's shape and
     the connection stays usable, not a crash with no answer."""
     with open_hub(tmp_path / "hub") as service:
-        alice = service.ensure_user("alice")
-        folder = FolderAddr("alice", "dataset", "g")
-        service.create_folder(alice, folder)
-        addr = AssetAddr(folder, "a")
-        service.create_asset(alice, addr)
-        service.commit(alice, addr, "main", "c", adds=[obj(service, alice, "f", DATA[:5000])])
-        grant = service.read_grant(alice, service.open_object(alice, addr, "main", "f"))
+        grant = granted_object(service, DATA[:5000])
         plane = DataPlane(service, HubMetrics(), 5.0)
         address = await plane.listen("127.0.0.1", 0)
         url = address.read_url("127.0.0.1", grant)
@@ -493,15 +487,8 @@ async def test_a_cold_range_is_sent_on_the_loop_when_small_and_the_disk_is_quick
     from ahmount.server import data_plane
 
     with open_hub(tmp_path / "hub") as service:
-        alice = service.ensure_user("alice")
-        folder = FolderAddr("alice", "dataset", "g")
-        service.create_folder(alice, folder)
-        addr = AssetAddr(folder, "a")
-        service.create_asset(alice, addr)
-        service.commit(alice, addr, "main", "c", adds=[obj(service, alice, "f", DATA)])
-        grant = service.read_grant(alice, service.open_object(alice, addr, "main", "f"))
-        sha = grant.sha256
-        fd = service.blobs.open_file(sha)
+        grant = granted_object(service, DATA)
+        fd = service.blobs.open_file(grant.sha256)
         assert fd is not None
         os.fsync(fd)  # clean pages: the advice below drops them
         sent_by_thread: list[int] = []

@@ -216,7 +216,8 @@ def test_the_lock_is_held_by_one_task_at_a_time_and_every_worker_gets_it(
 
 async def test_a_wait_blocks_until_the_descriptor_is_readable(
         pair: tuple[socket.socket, socket.socket]) -> None:
-    waits = _ReadyFirst()
+    """Nothing to read: a spin that catches nothing, then trio's wait, until it is."""
+    waits = _ReadyFirst(spin=0.001)
     done = trio.Event()
 
     async def waiter() -> None:
@@ -225,12 +226,12 @@ async def test_a_wait_blocks_until_the_descriptor_is_readable(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(waiter)
-        await trio.testing.wait_all_tasks_blocked()
-        assert not done.is_set()
+        await trio.testing.wait_all_tasks_blocked()  # the spin is over: in trio's wait
+        assert waits.missed_spinning == 1 and not done.is_set()
         pair[1].send(b"x")
         with trio.fail_after(5):
             await done.wait()
-    assert waits.immediate == 0
+    assert (waits.immediate, waits.caught_spinning) == (0, 0)
     pair[1].close()  # a closed peer: readable (end of file), through trio's wait too
     pair[0].recv(1)
     with trio.fail_after(5):
@@ -250,25 +251,6 @@ async def test_a_request_arriving_while_the_wait_spins_is_taken_without_trios_wa
     finally:
         sender.join()
     assert (waits.immediate, waits.caught_spinning, waits.missed_spinning) == (1, 1, 0)
-
-
-async def test_a_spin_that_catches_nothing_ends_in_trios_wait(
-        pair: tuple[socket.socket, socket.socket]) -> None:
-    waits = _ReadyFirst(spin=0.001)
-    done = trio.Event()
-
-    async def waiter() -> None:
-        await waits.wait_readable(pair[0].fileno())
-        done.set()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(waiter)
-        await trio.testing.wait_all_tasks_blocked()  # the spin is over: in trio's wait
-        assert waits.missed_spinning == 1 and not done.is_set()
-        pair[1].send(b"x")
-        with trio.fail_after(5):
-            await done.wait()
-    assert (waits.immediate, waits.caught_spinning) == (0, 0)
 
 
 def test_no_spin_while_another_task_is_runnable_or_when_turned_off(

@@ -25,6 +25,7 @@ from ahmount.errors import (
     UnknownChanges,
 )
 from ahmount.hub.models import AssetAddr, FolderAddr, ObjectEntry
+from ahmount.hub.read_grants import Grant
 from ahmount.hub.service import Actor, HubService, hash_key
 
 
@@ -52,6 +53,17 @@ def put(service: HubService, actor: Actor, data: bytes) -> dict[str, object]:
 
 def obj(service: HubService, actor: Actor, path: str, data: bytes) -> dict[str, object]:
     return {"path": path, **put(service, actor, data)}
+
+
+def granted_object(service: HubService, data: bytes) -> Grant:
+    """A read grant for ``data``, committed as alice's object ``f`` of a new asset."""
+    alice = service.ensure_user("alice")
+    folder = FolderAddr("alice", "dataset", "g")
+    service.create_folder(alice, folder)
+    addr = AssetAddr(folder, "a")
+    service.create_asset(alice, addr)
+    service.commit(alice, addr, "main", "c", adds=[obj(service, alice, "f", data)])
+    return service.read_grant(alice, service.open_object(alice, addr, "main", "f"))
 
 
 def paths(service: HubService, actor: Actor, addr: AssetAddr, ref: str) -> list[str]:
@@ -596,13 +608,7 @@ def test_a_v5_hub_upgrades_and_its_replicas_share_the_read_grant_key(tmp_path: P
     data = b"shared bytes"
     sha = hashlib.sha256(data).hexdigest()
     one, other = HubService(first, blobs), HubService(second, blobs)
-    alice = one.ensure_user("alice")
-    folder = FolderAddr("alice", "model", "m")
-    one.create_folder(alice, folder)
-    addr = AssetAddr(folder, "a")
-    one.create_asset(alice, addr)
-    one.commit(alice, addr, "main", "c", adds=[obj(one, alice, "f", data)])
-    grant = one.read_grant(alice, one.open_object(alice, addr, "main", "f"))
+    grant = granted_object(one, data)
     blob = other.open_granted_blob(sha, grant.user, str(grant.expires), grant.signature)
     assert b"".join(blob.read(0, blob.size)) == data
     with second.read() as tx:

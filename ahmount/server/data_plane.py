@@ -29,8 +29,8 @@ Concurrency: one trio task per connection, on the server's event loop. A range t
 page cache holds is sent on the loop (``sendfile`` then never waits for a disk), and so is
 a small one that arrives from the disk within a fraction of a millisecond of being asked
 for (:data:`WAIT_INLINE`); any other is sent from a worker thread, a socket buffer's worth
-at a time. Nothing here writes: a
-crash loses only the answers in flight, which clients retry through the API.
+at a time. Nothing here writes: a crash loses only the answers in flight, which clients
+retry through the API.
 """
 
 from __future__ import annotations
