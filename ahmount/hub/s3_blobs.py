@@ -22,6 +22,7 @@ import functools
 import hashlib
 import logging
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
@@ -34,6 +35,11 @@ log = logging.getLogger("ahmount.hub")
 PART = 16 << 20  # multipart part size (S3 needs >= 5 MiB for all but the last)
 READ_CHUNK = 4 << 20
 SPOOL_IN_MEMORY = 8 << 20
+#: Times one read asks the store again for the rest of a range whose stream broke off
+#: (boto3 retries a request that fails, not a body cut short), waiting RESUME_PAUSE, then
+#: twice that, and so on, before it fails as the store being unavailable.
+READ_RESUMES = 3
+RESUME_PAUSE = 0.1
 
 
 @dataclass(frozen=True)
@@ -101,12 +107,32 @@ class S3BlobStore:
         if size is None:
             raise NotFound(f"blob {sha256} is not stored")
         check_range(sha256, size, start, end)
-        if end == start:
-            return
+        # A blob never changes under its name, so the rest of a range that broke off can be
+        # asked for again: a store (or a network) that drops a connection mid-body costs the
+        # reader a pause, not a download cut short.
+        resumed = 0
+        while start < end:
+            try:
+                for chunk in self._ranged(sha256, start, end):
+                    start += len(chunk)
+                    yield chunk
+            except _cut_short() as exc:
+                resumed += 1
+                if resumed > READ_RESUMES:
+                    log.error("blob store unavailable: a read of blob %s broke off %d times "
+                              "(%s)", sha256, resumed, exc)
+                    raise HubUnavailable("the hub's blob store is unavailable; try again "
+                                         "shortly") from exc
+                log.warning("blob store broke off a read of blob %s at byte %d (%s); "
+                            "asking for the rest", sha256, start, exc)
+                time.sleep(RESUME_PAUSE * 2 ** (resumed - 1))
+
+    def _ranged(self, sha256: str, start: int, end: int) -> Iterator[bytes]:
+        """Bytes ``[start, end)`` of a blob: one ranged GET, its body in chunks."""
         response = self.client.get_object(Bucket=self.bucket, Key=self._blob_key(sha256),
                                           Range=f"bytes={start}-{end - 1}")
         body = response["Body"]
-        try:
+        try:  # a body that ends early raises IncompleteReadError (botocore checks its length)
             yield from body.iter_chunks(READ_CHUNK)
         finally:
             body.close()
@@ -295,6 +321,14 @@ def make_s3_client(endpoint: str | None, region: str | None, access_key: str | N
         config=Config(retries={"max_attempts": 5, "mode": "standard"},
                       max_pool_connections=32, s3={"addressing_style": "path"}),
     ))
+
+
+def _cut_short() -> tuple[type[Exception], ...]:
+    """What boto3 raises when a body stops before its end: the connection broke, timed out,
+    or closed early."""
+    from botocore.exceptions import HTTPClientError, IncompleteReadError
+
+    return (HTTPClientError, IncompleteReadError)
 
 
 @contextlib.contextmanager
