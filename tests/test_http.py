@@ -565,12 +565,15 @@ async def test_resumable_upload_of_a_large_blob(alice: HubClient, model: AssetAd
 
 class CuttingProxy:
     """A TCP proxy to the hub that can cut every connection once ``cut_after`` bytes went
-    upstream in total: a network that fails in the middle of an upload."""
+    upstream in total: a network that fails in the middle of an upload; and cut the
+    connections of the next ``drop_answers`` answers instead of passing them on: a request
+    the hub carried out whose answer was lost."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.upstream = 0
         self.cut_after: int | None = None
+        self.drop_answers = 0
 
     async def serve(self, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -591,11 +594,38 @@ class CuttingProxy:
 
             async def down() -> None:
                 async for data in hub:
+                    if self.drop_answers:
+                        self.drop_answers -= 1
+                        break
                     await client.send_all(data)
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(up)
             nursery.start_soon(down)
+
+
+async def test_a_commit_whose_answer_was_lost_is_sent_again_and_made_once(
+        hub_server: HubProcess, model: AssetAddr, tmp_path: Path) -> None:
+    """An append (a commit expecting the file it read) whose answer never arrived: the
+    client sends it again with its request id and gets the commit the hub made. It used to
+    fail as not safe to repeat, and a retry by hand appended a second time."""
+    proxy = CuttingProxy(hub_server.port)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(proxy.serve)
+        async with HubClient(f"http://127.0.0.1:{port}", api_key=hub_server.keys["alice"],
+                             retries=2) as hub:
+            first = await entry(hub, "log.txt", b"one\n", tmp_path)
+            await hub.commit(model, "main", "first", adds=[first])
+            both = await entry(hub, "log.txt", b"one\ntwo\n", tmp_path)
+            proxy.drop_answers = 1
+            made = await hub.commit(model, "main", "append", adds=[both],
+                                    expect={"log.txt": first.sha256})
+            assert proxy.drop_answers == 0  # the answer was lost once
+            log = await hub.log(model, "main")
+            assert made is not None and made.id == log[0].id
+            assert [c.message for c in log[:3]] == ["append", "first", "Repository created"]
+            assert await hub.read_range(model, "main", "log.txt", 0, 8) == b"one\ntwo\n"
+        nursery.cancel_scope.cancel()
 
 
 def six_segments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, bytes, str, int]:

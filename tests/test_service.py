@@ -194,6 +194,53 @@ def test_a_commit_with_expectations_lands_only_if_they_hold(service: HubService,
     assert paths(service, alice, model, "main") == ["log.txt", "other"]
 
 
+def test_a_commit_sent_again_with_its_request_id_gets_the_first_answer(
+        service: HubService, alice: Actor, bob: Actor, model: AssetAddr) -> None:
+    """A client whose connection failed before the answer sends the commit again: with the
+    same request id it gets the commit the first request made, and nothing is committed
+    twice, not even an append whose expectation no longer holds."""
+    first = obj(service, alice, "log.txt", b"one\n")
+    service.commit(alice, model, "main", "first", adds=[first])
+    two = obj(service, alice, "log.txt", b"one\ntwo\n")
+    append = {"adds": [two], "expect": {"log.txt": first["sha256"]}, "request_id": "r-1"}
+    made = service.commit(alice, model, "main", "append", **append)
+    assert made is not None
+    assert service.commit(alice, model, "main", "append", **append) == made
+    assert [c.message for c in service.log(alice, model, "main")][:2] == ["append", "first"]
+    # Without the id, the same repeat is a new request: its expectation fails.
+    with pytest.raises(Changed):
+        service.commit(alice, model, "main", "append", adds=[two],
+                       expect={"log.txt": first["sha256"]})
+    # A commit that changed nothing is answered as nothing again, even after changes.
+    assert service.commit(alice, model, "main", "same", request_id="r-2") is None
+    three = obj(service, alice, "log.txt", b"three\n")
+    assert service.commit(alice, model, "main", "same", adds=[three],
+                          request_id="r-2") is None
+    assert service.commit(alice, model, "main", "three", adds=[three],
+                          request_id="r-3") is not None
+    # Ids are each user's own: bob's "r-1" is a commit of its own.
+    service.share_folder(alice, model.folder, "bob", "edit")
+    four = obj(service, bob, "log.txt", b"four\n")
+    by_bob = service.commit(bob, model, "main", "bob's", adds=[four], request_id="r-1")
+    assert by_bob is not None and by_bob != made
+    # An id used on one branch is refused on another, and that commit makes nothing.
+    service.create_branch(alice, model, "v1")
+    with pytest.raises(InvalidArgument, match="request_id 'r-1' was used for a commit to "
+                                              r".*gpt2:main, not .*gpt2:v1"):
+        service.commit(alice, model, "v1", "append", adds=[two], request_id="r-1")
+    assert paths(service, alice, model, "v1") == []
+    assert len(service.log(alice, model, "main")) == 5
+
+
+@pytest.mark.parametrize("request_id", ["x" * 65, "tab\there", "caf\u00e9"])
+def test_bad_request_ids_are_named(service: HubService, alice: Actor, model: AssetAddr,
+                                   request_id: str) -> None:
+    with pytest.raises(InvalidArgument, match="request_id must be a printable ASCII"):
+        service.commit(alice, model, "main", "m", adds=[obj(service, alice, "a", b"a")],
+                       request_id=request_id)
+    assert paths(service, alice, model, "main") == []
+
+
 @pytest.mark.parametrize("expect, says", [
     ({"/abs": None}, "'/abs'"),
     ({"a": "XYZ"}, "'XYZ' is not a sha256"),
@@ -617,6 +664,39 @@ def test_a_v5_hub_upgrades_and_its_replicas_share_the_read_grant_key(tmp_path: P
             SCHEMA_VERSION
     first.close()
     second.close()
+
+
+def test_a_v6_hub_upgrades_and_answers_repeated_commits(tmp_path: Path) -> None:
+    """Schema v7 adds the table of commit requests' answers."""
+    from ahmount.hub.blobs import LocalBlobStore
+    from ahmount.hub.metadata import MetadataStore
+
+    store = MetadataStore(older_database(tmp_path / "v6.db", 6, "DROP TABLE commit_requests"))
+    service = HubService(store, LocalBlobStore(tmp_path / "blobs"))
+    alice = service.ensure_user("alice")
+    folder = FolderAddr("alice", "model", "m")
+    service.create_folder(alice, folder)
+    addr = AssetAddr(folder, "a")
+    service.create_asset(alice, addr)
+    once = {"adds": [obj(service, alice, "f", b"f")], "request_id": "r"}
+    made = service.commit(alice, addr, "main", "m", **once)
+    assert made is not None and service.commit(alice, addr, "main", "m", **once) == made
+    assert len(service.log(alice, addr, "main")) == 2
+    store.close()
+
+
+def test_a_request_id_past_its_keeping_is_a_new_request(
+        service: HubService, alice: Actor, model: AssetAddr,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from ahmount.hub import metadata
+
+    made = service.commit(alice, model, "main", "m", adds=[obj(service, alice, "f", b"1")],
+                          request_id="r")
+    monkeypatch.setattr(metadata, "REQUESTS_KEPT", -1.0)  # every answer is past it
+    again = service.commit(alice, model, "main", "m", adds=[obj(service, alice, "f", b"2")],
+                           request_id="r")
+    assert again is not None and again != made
+    assert len(service.log(alice, model, "main")) == 3
 
 
 def test_a_blob_is_no_capability(service: HubService, alice: Actor, bob: Actor,

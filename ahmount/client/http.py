@@ -150,13 +150,15 @@ class HttpSession:
         return request
 
     async def send(self, method: str, url: str, *, stream: bool = False, aside: bool = False,
-                    **kwargs: Any) -> httpx.Response:
+                   repeatable: bool = False, **kwargs: Any) -> httpx.Response:
         """Send with retries; returns a successful response (streamed if ``stream``).
 
         ``aside``: ``url`` is the hub's data plane (an absolute read URL): sent once and
         without the API key; a failure on the way raises :class:`Retryable` at once and
-        says nothing of whether the hub's API is reachable."""
-        idempotent = method in ("GET", "HEAD", "PUT", "DELETE")
+        says nothing of whether the hub's API is reachable. ``repeatable``: a request of
+        another method that is safe to send again after a failure on the way, as GET is (a
+        commit with a request id, whose repeat gets the first answer)."""
+        idempotent = repeatable or method in ("GET", "HEAD", "PUT", "DELETE")
         self._fail_fast(method, url)
         attempt = 0
         while True:

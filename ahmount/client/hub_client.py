@@ -456,13 +456,17 @@ class HubClient:
                       deletes: list[str], adds: list[ObjectEntry], force: bool,
                       metadata: dict[str, Any] | None,
                       expect: Mapping[str, str | None] | None) -> CommitInfo | None:
+        # A request id of its own makes the commit safe to send again when the connection
+        # fails before its answer arrives: the hub answers a repeat with what the first got
+        # (without it, an append that had been committed would be appended twice).
         body: dict[str, Any] = {
             "message": message, "session": session, "deletes": deletes,
-            "adds": [e.as_json() for e in adds], "force": force, "metadata": metadata or {}}
+            "adds": [e.as_json() for e in adds], "force": force, "metadata": metadata or {},
+            "request_id": uuid.uuid4().hex}
         if expect:
             body["expect"] = dict(expect)
         result = await self._http.json("POST", f"{self._a(addr)}/branches/{branch}/commits",
-                                  json=body)
+                                       json=body, repeatable=True)
         return None if result["commit"] is None else _commit(result["commit"])
 
     async def merge(self, addr: AssetAddr, branch: str) -> CommitInfo | None:

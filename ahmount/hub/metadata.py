@@ -187,6 +187,23 @@ settings = sa.Table(
     sa.Column("name", sa.String(64), primary_key=True),
     sa.Column("value", sa.Text, nullable=False),
 )
+#: Commit requests that carried a client's request id (schema v7), kept
+#: :data:`REQUESTS_KEPT` seconds: a request sent again (its answer was lost on the way) gets
+#: the answer the first one got (``commit_id`` null: the commit changed nothing) instead of
+#: committing twice. Written in the transaction that moves the branch.
+commit_requests = sa.Table(
+    "commit_requests",
+    meta,
+    sa.Column("asset_id", sa.String(36), primary_key=True),
+    sa.Column("committer", sa.String(128), primary_key=True),
+    sa.Column("request_id", sa.String(64), primary_key=True),
+    sa.Column("branch", sa.String(128), nullable=False),
+    sa.Column("commit_id", sa.String(64), nullable=True),
+    sa.Column("created", sa.Float, nullable=False),
+)
+#: How long a commit request's answer is kept for a repeat of it: a day (a client retries
+#: within minutes; one back from a long outage finds its commit in the log).
+REQUESTS_KEPT = 86400.0
 #: The lock that orders event ids across replicas (PostgreSQL advisory lock key).
 EVENT_LOCK = 4243
 
@@ -419,7 +436,7 @@ class MetaTx:
 
     def delete_asset(self, asset_id: str) -> None:
         # Tree nodes and blobs are shared by content; garbage collection reclaims them.
-        for table in (staging, refs, commits):
+        for table in (staging, refs, commits, commit_requests):
             self._c.execute(table.delete().where(table.c.asset_id == asset_id))
         self._c.execute(assets.delete().where(assets.c.id == asset_id))
 
@@ -475,6 +492,32 @@ class MetaTx:
 
     def all_trees(self) -> list[str]:
         return [str(t) for t in self._c.execute(sa.select(commits.c.tree).distinct()).scalars()]
+
+    def commit_request(self, asset_id: str, committer: str,
+                       request_id: str) -> dict[str, Any] | None:
+        """What a commit request with this id got, while it is kept; None if unknown."""
+        query = sa.select(commit_requests).where(
+            commit_requests.c.asset_id == asset_id, commit_requests.c.committer == committer,
+            commit_requests.c.request_id == request_id,
+            commit_requests.c.created >= time.time() - REQUESTS_KEPT)
+        return _row(self._c.execute(query).first())
+
+    def insert_commit_request(self, asset_id: str, committer: str, request_id: str,
+                              branch: str, commit_id: str | None) -> bool:
+        """Record a commit request's answer, dropping the asset's requests past their
+        keeping; False (nothing recorded) when a request with this id was recorded
+        meanwhile (another replica took its repeat)."""
+        now = time.time()
+        self._c.execute(commit_requests.delete().where(
+            commit_requests.c.asset_id == asset_id,
+            commit_requests.c.created < now - REQUESTS_KEPT))
+        insert = postgresql.insert if self._c.dialect.name == "postgresql" else sqlite.insert
+        # RETURNING says whether the row went in (psycopg's rowcount does not here: -1).
+        result = self._c.execute(insert(commit_requests).values(
+            asset_id=asset_id, committer=committer, request_id=request_id, branch=branch,
+            commit_id=commit_id, created=now).on_conflict_do_nothing().returning(
+                commit_requests.c.request_id))
+        return result.first() is not None
 
     # -- staging -----------------------------------------------------------------------------
 

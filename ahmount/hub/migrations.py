@@ -43,12 +43,18 @@ def _v6_settings(conn: Connection) -> None:
     made on first use."""
 
 
+def _v7_commit_requests(conn: Connection) -> None:
+    """The ``commit_requests`` table (answers to commit requests with a request id, for
+    their repeats) is made by ``create_all``; it starts empty."""
+
+
 #: STEPS[n] upgrades version n to n + 1.
 STEPS: dict[int, Callable[[Connection], None]] = {1: _v2_blobs_created_index,
                                                   2: _v3_blob_possession,
                                                   3: _v4_staged_modes,
                                                   4: _v5_events,
-                                                  5: _v6_settings}
+                                                  5: _v6_settings,
+                                                  6: _v7_commit_requests}
 SCHEMA_VERSION = max(STEPS) + 1
 
 

@@ -1045,9 +1045,14 @@ class HubService:
         force: bool = False,
         metadata: dict[str, Any] | None = None,
         expect: Mapping[str, str | None] | None = None,
+        request_id: str = "",
     ) -> CommitInfo | None:
         """Commit the changes staged under ``session`` plus ``deletes``/``adds``: first every
         delete, then every add, atomically.
+
+        ``request_id`` (chosen by the client, unique to it) makes the request safe to send
+        again when its answer was lost: a repeat by the same user on the same asset, for a
+        day, gets what the first got (the same commit, or None) and commits nothing.
 
         ``expect`` maps object paths to the sha256 each must have in the head the commit is
         made on (None: no object there). If one does not, the commit raises
@@ -1069,6 +1074,8 @@ class HubService:
             raise InvalidArgument(f"commit metadata of {addr.at(branch)} must be an object")
         if session:
             _check_session(session)
+        if request_id:
+            _check_request_id(request_id)
         extra_deletes, extra_adds = self._parse_changes(actor, deletes, adds)
         expected = _parse_expect(expect or {})
         # Commits to one branch through this process take turns: racing them optimistically
@@ -1079,6 +1086,10 @@ class HubService:
             for _attempt in range(COMMIT_RETRIES):
                 with self.metadata.read() as tx:
                     asset, ref = self._branch(tx, actor, addr, branch)
+                    if request_id:
+                        done = tx.commit_request(asset["id"], actor.name, request_id)
+                        if done is not None:
+                            return _answered(tx, done, request_id, addr, branch)
                     staged = [_change(r) for r in tx.changes(asset["id"], ref["name"])]
                     head_row = tx.commit(ref["commit_id"])
                 assert head_row is not None
@@ -1101,6 +1112,9 @@ class HubService:
                         if tx.delete_changes([c.id for c in taken]) != len(taken):
                             raise _Retry()  # a reset or another commit took some of them
                         if tree == head.tree:
+                            if request_id and not tx.insert_commit_request(
+                                    asset["id"], actor.name, request_id, branch, None):
+                                raise _Retry()  # its repeat was answered meanwhile
                             return None
                         # Staged adds were checked against their stager when staged.
                         self._check_blobs_in(tx, actor, extra_adds)
@@ -1109,6 +1123,9 @@ class HubService:
                         tx.record_blob_assets(asset["id"], [e.sha256 for e in all_adds])
                         if not tx.move_ref(asset["id"], ref["name"], head.id, commit.id):
                             raise _Retry()  # it moved: roll back and apply on the new head
+                        if request_id and not tx.insert_commit_request(
+                                asset["id"], actor.name, request_id, branch, commit.id):
+                            raise _Retry()  # its repeat was answered meanwhile
                         tx.update_asset(asset["id"],
                                         {"modified": time.time(), "editor": actor.name})
                         self._event(tx, asset["folder_id"], "branch.moved", addr,
@@ -1455,6 +1472,29 @@ def _limit(limit: Any) -> int:
     if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_LIST_LIMIT:
         raise InvalidArgument(f"limit {limit!r} must be an integer from 1 to {MAX_LIST_LIMIT}")
     return limit
+
+
+def _check_request_id(request_id: Any) -> str:
+    if not isinstance(request_id, str) or not 1 <= len(request_id) <= 64 or \
+            not request_id.isprintable() or not request_id.isascii():
+        raise InvalidArgument("request_id must be a printable ASCII string of 1 to 64 "
+                              "characters")
+    return request_id
+
+
+def _answered(tx: MetaTx, done: dict[str, Any], request_id: str, addr: AssetAddr,
+              branch: str) -> CommitInfo | None:
+    """The answer a commit request with ``request_id`` got the first time (``done``, its
+    record), for its repeat."""
+    if done["branch"] != branch:
+        raise InvalidArgument(
+            f"request_id {request_id!r} was used for a commit to {addr.at(done['branch'])}, "
+            f"not {addr.at(branch)}; a new commit needs a new request_id", path=addr.at(branch))
+    if done["commit_id"] is None:
+        return None
+    row = tx.commit(done["commit_id"])
+    assert row is not None  # kept with its asset, like its request
+    return _commit(row)
 
 
 def _check_session(session: Any) -> str:
