@@ -19,13 +19,14 @@ import httpx
 import pytest
 import trio
 
-from ahmount.client import direct_reads
-from ahmount.client.direct_reads import DirectReads, Retryable, _redirected
+from ahmount.client import direct_reads, hub_client
+from ahmount.client.direct_reads import CutShort, DirectReads, Retryable, _redirected
 from ahmount.client.files import hash_file
 from ahmount.client.hub_client import HubClient
 from ahmount.errors import HubUnavailable, NotFound, RangeNotSatisfiable, Unauthenticated
 from ahmount.hub.models import AssetAddr, FolderAddr, ObjectEntry
 from tests.conftest import HubProcess
+from tests.proxies import BodyCutter
 
 DATA = os.urandom(5 * (1 << 20) + 12345)
 
@@ -112,6 +113,58 @@ async def test_a_connection_the_hub_closed_while_idle_is_replaced_at_once(
         assert got == DATA[5:50]
         assert time.monotonic() - begun < 30  # no backoff (30 s here) was waited
         assert "retry" not in caplog.text
+
+
+@pytest.fixture
+def cutter(hub_server: HubProcess) -> Iterator[BodyCutter]:
+    """The session's hub behind a proxy that drops the first connection 2 MiB into an
+    answer."""
+    proxy = BodyCutter(hub_server.port, cut_after=(2 << 20) + 1000, cuts=1)
+    yield proxy
+    proxy.close()
+
+
+async def test_a_read_that_breaks_off_mid_body_is_resumed_where_it_stopped(
+        hub_server: HubProcess, stored: AssetAddr, cutter: BodyCutter) -> None:
+    """A connection dropped in the middle of a range used to fail the read (the mount's
+    ``read`` gave EIO, ``ah download`` gave up): the rest of the range is asked for, and
+    the reader sees one unbroken stream."""
+    async with HubClient(cutter.url, api_key=hub_server.keys["alice"], backoff=0.01) as hub:
+        start, end = 1000, len(DATA) - 7
+        got, offsets, done = await trio.to_thread.run_sync(
+            read, hub, stored, "dir/a b.bin", start, end)
+        assert cutter.cut == 1
+        assert got == DATA[start:end] and done == end - start
+        assert offsets[:2] == [0, 1 << 20] and offsets == sorted(set(offsets))
+
+
+async def test_a_download_that_breaks_off_mid_body_is_whole(
+        hub_server: HubProcess, stored: AssetAddr, cutter: BodyCutter, tmp_path: Path) -> None:
+    async with HubClient(cutter.url, api_key=hub_server.keys["alice"], backoff=0.01) as hub:
+        [entry] = [e for e in (await hub.list_objects(stored, "main"))[1]
+                   if e.path == "dir/a b.bin"]
+        await hub.download(stored, "main", entry, tmp_path / "out.bin")
+    assert cutter.cut == 1
+    assert (tmp_path / "out.bin").read_bytes() == DATA
+
+
+async def test_a_read_that_keeps_breaking_off_fails_after_its_resumes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub without a data plane (every read through the proxy), each connection dropped
+    256 KiB into its answer: the read gives up after READ_RESUMES resumes, as unavailable."""
+    server = HubProcess(tmp_path / "hub", ["--data-listen", "off"])
+    server.add_user("alice")
+    server.start()
+    proxy = BodyCutter(server.port, cut_after=256 << 10, cuts=None)
+    try:
+        addr, _ = await store_object(server, "f", tmp_path, DATA, "big.bin")
+        async with HubClient(proxy.url, api_key=server.keys["alice"], backoff=0.01) as hub:
+            with pytest.raises(CutShort, match="hub sent a short range of .*/big.bin"):
+                await trio.to_thread.run_sync(read, hub, addr, "big.bin", 0, len(DATA))
+        assert proxy.cut == hub_client.READ_RESUMES + 1
+    finally:
+        proxy.close()
+        server.stop()
 
 
 async def test_direct_read_errors_are_the_domain_errors_of_the_streamed_path(

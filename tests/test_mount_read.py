@@ -26,6 +26,7 @@ from ahmount.names import Kind
 from ahmount.sync_runner import run_sync
 from ahmount.vfs.cache_dir import state_dir
 from tests.conftest import HubProcess, MountProcess, command, wait_until
+from tests.proxies import BodyCutter
 
 Mounter = Callable[..., MountProcess]
 ME = getpass.getuser()
@@ -682,6 +683,30 @@ def test_siblings_off_fetches_only_the_files_opened(mount_factory: Mounter,
         assert stats["small_batches"]["batches"] == batches
         assert stats["cache"]["objects"] == (10 if batches else 1)
         m.stop()
+
+
+def test_a_connection_dropped_in_the_middle_of_a_read_costs_the_reader_nothing(
+        mount_factory: Mounter, tmp_path: Path) -> None:
+    """A network that drops the connection halfway through an answer: the mount asks for
+    the rest and the read gets every byte (it used to fail with EIO)."""
+    data = os.urandom(5 << 20)
+    server = HubProcess(tmp_path / "hubdata", ["--data-listen", "off"])
+    key = server.add_user("erin")
+    server.start()
+    proxy = BodyCutter(server.port, cut_after=512 << 10, cuts=1)
+    try:
+        commit_to(server, key, AssetAddr(FolderAddr("erin", "model", "m"), "w"), tmp_path,
+                  {"w.bin": data})
+        m = mount_factory("--hub", proxy.url, "--api-key", key)
+        assert (m.mountpoint / "model/m/w/main/w.bin").read_bytes() == data
+        assert proxy.cut == 1
+        log = (Path(os.environ["AHMOUNT_HOME"]) / "cache/logs/ah-mount.log").read_text()
+        # The kernel would mask an EIO of its read-ahead by reading again: the log says
+        # whether a read failed.
+        assert "asking for the rest" in log and "(EIO)" not in log
+    finally:
+        proxy.close()
+        server.stop()
 
 
 def test_a_hub_killed_in_the_middle_of_a_long_read_is_eio_and_the_mount_stays(

@@ -205,6 +205,16 @@ class Retryable(errors.HubUnavailable):
     send again."""
 
 
+class CutShort(errors.HubUnavailable):
+    """The body of an answer stopped before its end (the connection broke, or the hub sent
+    fewer bytes than it said): its first ``done`` bytes were handed on, and the rest of the
+    range may be asked for."""
+
+    def __init__(self, message: str, done: int) -> None:
+        super().__init__(message)
+        self.done = done
+
+
 def _header(response: http.client.HTTPResponse, name: str) -> str | None:
     return response.getheader(name)
 
@@ -245,10 +255,10 @@ def _read_body(response: http.client.HTTPResponse, length: int, buffer: memoryvi
                     break
                 filled += n
         except (OSError, http.client.HTTPException) as exc:
-            raise errors.HubUnavailable(f"reading {request.url.path} from the hub: "
-                                        f"{exc}") from exc  # not Retryable: bytes were read
+            # Not Retryable (the request as a whole): bytes were handed on.
+            raise CutShort(f"reading {request.url.path} from the hub: {exc}", done) from exc
         if filled < want:
-            raise errors.HubUnavailable(f"hub sent a short range of {request.url.path}")
+            raise CutShort(f"hub sent a short range of {request.url.path}", done)
         offset, done = done, done + filled
         if not consume(buffer[:filled], offset):
             return done

@@ -106,7 +106,8 @@ class HttpSession:
         return errors.HubUnavailable(
             f"hub at {self.base_url} is unreachable ({method} {url}): {failure}", path=url)
 
-    def _retry_delay(self, attempt: int) -> float:
+    def retry_delay(self, attempt: int) -> float:
+        """The pause before the ``attempt``-th retry: exponential, jittered."""
         return float(self.backoff * 2 ** (attempt - 1) * (0.5 + random.random()))
 
     def read_into(self, url: str, length: int, buffer: memoryview, consume: Consume, *,
@@ -130,7 +131,7 @@ class HttpSession:
                 attempt += 1
                 if attempt > self.retries:
                     raise self._given_up("GET", url, exc) from exc
-                delay = self._retry_delay(attempt)
+                delay = self.retry_delay(attempt)
                 log.warning("GET %s failed (%s); retry %d in %.1fs", url, exc, attempt, delay)
                 time.sleep(delay)  # a worker thread's backoff (send's is anyio.sleep)
                 continue
@@ -206,7 +207,7 @@ class HttpSession:
                 kwargs["content"], bytes | str
             )):
                 raise self._given_up(method, url, failure) from failure
-            delay = self._retry_delay(attempt)
+            delay = self.retry_delay(attempt)
             log.warning("%s %s failed (%s); retry %d in %.1fs", method, url, failure,
                         attempt, delay)
             await anyio.sleep(delay)

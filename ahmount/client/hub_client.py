@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from pathlib import Path
@@ -29,7 +30,7 @@ import httpx
 
 from ahmount import errors
 from ahmount.client import files
-from ahmount.client.direct_reads import Consume, Retryable
+from ahmount.client.direct_reads import Consume, CutShort, Retryable
 from ahmount.client.http import HttpSession, Progress
 from ahmount.client.read_urls import ReadUrls, on_data_plane
 from ahmount.client.uploads import UnfinishedUploads, Uploads
@@ -61,6 +62,10 @@ _REFUSED_URL = (errors.PermissionDenied, errors.Unauthenticated, errors.NotFound
 #: Query of an object read: a hub that lets clients read blobs from its store answers 307
 #: with a presigned URL (both ways of reading drop our API key on the way to another host).
 READ_PARAMS = {"redirect": "1"}
+#: Times one read asks again for the rest of a range whose answer broke off mid-body (a
+#: dropped connection: the request's own retries cover only failures before the body),
+#: after a pause as the session's retries make (0.2 s, then twice that, ...).
+READ_RESUMES = 3
 
 
 def _folder(raw: dict[str, Any]) -> FolderInfo:
@@ -344,7 +349,30 @@ class HubClient:
         """Bytes ``[start, end)`` of an object read into ``buffer`` (see
         :mod:`direct_reads`), blocking: for a worker thread, when :attr:`reads_directly`.
         Returns the bytes read; fewer only when ``consume`` returned False. Given the
-        object's ``sha256``, through its blob's read URL when one is known."""
+        object's ``sha256``, through its blob's read URL when one is known.
+
+        An answer that breaks off mid-body is resumed: the rest of the range is asked for
+        again (:data:`READ_RESUMES` times), and ``consume`` sees one unbroken stream."""
+        got = resumed = 0
+        while True:
+            def rest(view: memoryview, offset: int, before: int = got) -> bool:
+                return consume(view, before + offset)
+
+            try:
+                return got + self._read_into_once(addr, ref, path, start + got, end, buffer,
+                                                  rest, sha256)
+            except CutShort as exc:
+                got += exc.done
+                resumed += 1
+                if resumed > READ_RESUMES:
+                    raise
+                delay = self._http.retry_delay(resumed)
+                log.warning("%s: broke off after %d of %d bytes (%s); asking for the rest "
+                            "in %.1fs", addr.at(ref) + "/" + path, got, end - start, exc, delay)
+                time.sleep(delay)  # a worker thread's pause, as HttpSession.read_into's
+
+    def _read_into_once(self, addr: AssetAddr, ref: str, path: str, start: int, end: int,
+                        buffer: memoryview, consume: Consume, sha256: str | None) -> int:
         headers = {"range": f"bytes={start}-{end - 1}"}
         url = self.read_urls.get(sha256)
         if url is not None:
