@@ -13,7 +13,7 @@ import httpx
 import pytest
 import trio
 
-from ahmount.client import uploads
+from ahmount.client import files, uploads
 from ahmount.client.files import hash_file
 from ahmount.client.hub_client import HubClient
 from ahmount.errors import (
@@ -31,6 +31,7 @@ from ahmount.errors import (
 )
 from ahmount.hub.models import AssetAddr, FolderAddr, ObjectEntry
 from tests.conftest import HubProcess, PostgresCluster, S3Server, scale_args, small_disk
+from tests.proxies import BodyCutter
 from tests.test_file_io import evict_from_memory
 
 
@@ -626,6 +627,61 @@ async def test_a_commit_whose_answer_was_lost_is_sent_again_and_made_once(
             assert [c.message for c in log[:3]] == ["append", "first", "Repository created"]
             assert await hub.read_range(model, "main", "log.txt", 0, 8) == b"one\ntwo\n"
         nursery.cancel_scope.cancel()
+
+
+async def small_files(hub: HubClient, model: AssetAddr, tmp_path: Path,
+                      count: int) -> dict[ObjectEntry, bytes]:
+    """``count`` files of 4 KiB committed to ``model``'s main in one batch: entry -> bytes."""
+    made: dict[ObjectEntry, bytes] = {}
+    local = []
+    for i in range(count):
+        data = os.urandom(4096)
+        path = tmp_path / f"small-{i}"
+        path.write_bytes(data)
+        sha = hashlib.sha256(data).hexdigest()
+        local.append((path, sha, len(data)))
+        made[ObjectEntry(f"d/{i:03d}.bin", sha, len(data), 1.0)] = data
+    await hub.upload_batch(local)
+    await hub.commit(model, "main", "small files", adds=list(made))
+    return made
+
+
+async def test_a_batch_that_breaks_off_is_resumed_with_the_objects_not_sent(
+        hub_server: HubProcess, model: AssetAddr, alice: HubClient, tmp_path: Path) -> None:
+    """A batch answer (many small objects in one response) cut in the middle: the client
+    asks for the objects it did not get, and each arrives once; ``ah download`` of them
+    is whole. It used to fail the whole batch."""
+    made = await small_files(alice, model, tmp_path, 300)
+    proxy = BodyCutter(hub_server.port, cut_after=600 << 10, cuts=1)
+    try:
+        async with HubClient(proxy.url, api_key=hub_server.keys["alice"],
+                             backoff=0.01) as hub:
+            got = [(e, data) async for e, data in files.read_batch(hub, model, "main",
+                                                                  list(made))]
+            assert proxy.cut == 1
+            assert len(got) == len(made) and dict(got) == made
+            out = tmp_path / "out"
+            proxy.cuts_left = 1
+            await hub.download_batch(model, "main", [(e, out / e.path) for e in made])
+            assert proxy.cut == 2
+            assert {e: (out / e.path).read_bytes() for e in made} == made
+    finally:
+        proxy.close()
+
+
+async def test_a_batch_that_keeps_breaking_off_fails_after_its_resumes(
+        hub_server: HubProcess, model: AssetAddr, alice: HubClient, tmp_path: Path) -> None:
+    made = await small_files(alice, model, tmp_path, 300)
+    proxy = BodyCutter(hub_server.port, cut_after=100 << 10, cuts=None)
+    try:
+        async with HubClient(proxy.url, api_key=hub_server.keys["alice"],
+                             backoff=0.01) as hub:
+            with pytest.raises(HubUnavailable, match="a batch of .* broke off"):
+                async for _ in files.read_batch(hub, model, "main", list(made)):
+                    pass
+        assert proxy.cut == 4  # the first answer and three resumes
+    finally:
+        proxy.close()
 
 
 def six_segments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, bytes, str, int]:

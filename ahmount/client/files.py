@@ -9,6 +9,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import random
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
@@ -18,10 +19,13 @@ from typing import TYPE_CHECKING, Any, BinaryIO, cast
 import anyio
 import anyio.from_thread
 import anyio.to_thread
+import httpx
 
 from ahmount import errors
-from ahmount.client.http import CHUNK, Progress
+from ahmount.client.http import CHUNK, READ_RESUMES, Progress
 from ahmount.hub.models import AssetAddr, ObjectEntry
+
+log = logging.getLogger("ahmount.client")
 
 if TYPE_CHECKING:
     from ahmount.client.hub_client import HubClient
@@ -131,17 +135,52 @@ async def read_batch_groups(hub: HubClient, addr: AssetAddr, ref: str,
     """:func:`read_batch` a group at a time, as the hub sends them (the first object alone,
     then the small ones by the hundred): one header to parse and one hand-over per group,
     not per object. A hub that predates groups (or ``grouped=False``) sends a header line
-    per object: groups of one."""
-    by_path = {e.path: e for e in entries}
+    per object: groups of one.
+
+    An answer that breaks off mid-stream is resumed: the objects not yet sent are asked for
+    again (:data:`READ_RESUMES` times), so each object comes exactly once."""
+    left = {e.path: e for e in entries}
+    resumed = 0
+    while True:
+        try:
+            async with contextlib.aclosing(_batch_groups(hub, addr, ref, left, grouped)) as \
+                    groups:
+                async for group in groups:
+                    yield group
+            return
+        except _CutShortBatch as exc:
+            resumed += 1
+            if resumed > READ_RESUMES:
+                raise
+            delay = hub.http.retry_delay(resumed)
+            log.warning("%s; asking for the %d objects not sent in %.1fs", exc, len(left),
+                        delay)
+            await anyio.sleep(delay)
+
+
+class _CutShortBatch(errors.HubUnavailable):
+    """A batch answer that broke off before its last object (the connection dropped, or
+    what came is not what was asked): the objects not yet sent may be asked for again."""
+
+
+async def _batch_groups(hub: HubClient, addr: AssetAddr, ref: str, left: dict[str, ObjectEntry],
+                        grouped: bool) -> AsyncGenerator[list[tuple[ObjectEntry, bytes]], None]:
+    """One batch request for the objects of ``left``; each group is taken out of ``left``
+    once it checked out, before it is handed on. A failure once the hub has answered is
+    :class:`_CutShortBatch`."""
+    by_path = dict(left)
     async with hub.open_batch(addr, ref, list(by_path), grouped=grouped) as response:
         grouped = response.headers.get("x-ah-batch") == "grouped"
         chunks = cast("AsyncGenerator[bytes, None]", response.aiter_raw())
         async with contextlib.aclosing(chunks) as raw:
             reader = _StreamReader(raw)
-            left = len(by_path)
-            while left > 0:
-                headers = _batch_headers(await reader.readline(), grouped, by_path)
-                pieces = await reader.read_each([size for _, size in headers])
+            while left:
+                try:
+                    headers = _batch_headers(await reader.readline(), grouped, by_path)
+                    pieces = await reader.read_each([size for _, size in headers])
+                except (errors.HubUnavailable, httpx.TransportError) as exc:
+                    raise _CutShortBatch(f"a batch of {addr.at(ref)} broke off: {exc}") \
+                        from exc
                 group = list(zip([by_path[path] for path, _ in headers], pieces, strict=True))
                 for entry, data in group:
                     digest = _sha256_of(data) if len(data) <= HASH_INLINE else \
@@ -150,7 +189,8 @@ async def read_batch_groups(hub: HubClient, addr: AssetAddr, ref: str,
                         raise errors.ChecksumMismatch(
                             f"download of {entry.path!r} did not hash to {entry.sha256}",
                             path=entry.path)
-                left -= len(group)
+                for entry, _ in group:
+                    del left[entry.path]
                 yield group
 
 
@@ -209,7 +249,7 @@ class _StreamReader:
     async def readline(self) -> bytes:
         while (end := self._buffer.find(b"\n", self._pos)) < 0:
             if not await self._fill():
-                raise errors.HubUnavailable("batch download ended early")
+                raise _CutShortBatch("batch download ended early")
         line = bytes(self._buffer[self._pos:end])
         self._pos = end + 1
         return line
@@ -219,7 +259,7 @@ class _StreamReader:
         total = sum(sizes)
         while len(self._buffer) - self._pos < total:
             if not await self._fill():
-                raise errors.HubUnavailable("batch download ended early")
+                raise _CutShortBatch("batch download ended early")
         pieces = []
         with memoryview(self._buffer) as view:  # released before the buffer next changes
             at = self._pos

@@ -33,6 +33,10 @@ log = logging.getLogger("ahmount.client")
 
 #: Bytes per read and write of a transfer.
 CHUNK = 1 << 20
+#: Times one read asks again for what is left of an answer that broke off mid-body (a
+#: dropped connection: a request's own retries cover only failures before the body), each
+#: after :meth:`HttpSession.retry_delay`: a range's rest, or a batch's objects not yet sent.
+READ_RESUMES = 3
 Progress = Callable[[int], None]
 
 

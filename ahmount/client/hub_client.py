@@ -31,7 +31,7 @@ import httpx
 from ahmount import errors
 from ahmount.client import files
 from ahmount.client.direct_reads import Consume, CutShort, Retryable
-from ahmount.client.http import HttpSession, Progress
+from ahmount.client.http import READ_RESUMES, HttpSession, Progress
 from ahmount.client.read_urls import ReadUrls, on_data_plane
 from ahmount.client.uploads import UnfinishedUploads, Uploads
 from ahmount.hub.models import (
@@ -62,10 +62,6 @@ _REFUSED_URL = (errors.PermissionDenied, errors.Unauthenticated, errors.NotFound
 #: Query of an object read: a hub that lets clients read blobs from its store answers 307
 #: with a presigned URL (both ways of reading drop our API key on the way to another host).
 READ_PARAMS = {"redirect": "1"}
-#: Times one read asks again for the rest of a range whose answer broke off mid-body (a
-#: dropped connection: the request's own retries cover only failures before the body),
-#: after a pause as the session's retries make (0.2 s, then twice that, ...).
-READ_RESUMES = 3
 
 
 def _folder(raw: dict[str, Any]) -> FolderInfo:
@@ -401,7 +397,8 @@ class HubClient:
         objects, if the hub answers ``x-ah-batch: grouped`` (one that predates it does not)."""
         response = await self._http.send("POST", f"{self._a(addr)}/refs/{ref}/batch",
                                          json={"paths": list(paths)}, stream=True,
-                                         headers={"x-ah-batch": "grouped"} if grouped else None)
+                                         headers={"x-ah-batch": "grouped"} if grouped else None,
+                                         repeatable=True)  # a read: safe to send again
         try:
             yield response
         finally:
