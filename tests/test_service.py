@@ -689,6 +689,7 @@ def test_a_request_id_past_its_keeping_is_a_new_request(
         service: HubService, alice: Actor, model: AssetAddr,
         monkeypatch: pytest.MonkeyPatch) -> None:
     from ahmount.hub import metadata
+    from ahmount.hub import service as service_module
 
     made = service.commit(alice, model, "main", "m", adds=[obj(service, alice, "f", b"1")],
                           request_id="r")
@@ -697,6 +698,10 @@ def test_a_request_id_past_its_keeping_is_a_new_request(
                            request_id="r")
     assert again is not None and again != made
     assert len(service.log(alice, model, "main")) == 3
+    # gc drops every asset's answers past their keeping (here: the one just kept).
+    monkeypatch.setattr(service_module, "REQUESTS_KEPT", -1.0)
+    assert service.gc()["commit_requests"] == 1
+    assert service.gc()["commit_requests"] == 0
 
 
 def test_a_blob_is_no_capability(service: HubService, alice: Actor, bob: Actor,

@@ -510,7 +510,7 @@ class MetaTx:
         now = time.time()
         self._c.execute(commit_requests.delete().where(
             commit_requests.c.asset_id == asset_id,
-            commit_requests.c.created < now - REQUESTS_KEPT))
+            commit_requests.c.created < now - REQUESTS_KEPT))  # a busy asset's, as it goes
         insert = postgresql.insert if self._c.dialect.name == "postgresql" else sqlite.insert
         # RETURNING says whether the row went in (psycopg's rowcount does not here: -1).
         result = self._c.execute(insert(commit_requests).values(
@@ -518,6 +518,13 @@ class MetaTx:
             commit_id=commit_id, created=now).on_conflict_do_nothing().returning(
                 commit_requests.c.request_id))
         return result.first() is not None
+
+    def prune_commit_requests(self, before: float) -> int:
+        """Drop the answers of commit requests made before ``before``, every asset's (those of
+        an asset no longer committed to would stay otherwise)."""
+        result = self._c.execute(commit_requests.delete().where(
+            commit_requests.c.created < before))
+        return int(result.rowcount or 0)
 
     # -- staging -----------------------------------------------------------------------------
 

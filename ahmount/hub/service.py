@@ -36,7 +36,7 @@ from ahmount.errors import (
     UnknownChanges,
 )
 from ahmount.hub.blobs import BlobStore, check_range, hash_mismatch
-from ahmount.hub.metadata import MetadataStore, MetaTx
+from ahmount.hub.metadata import REQUESTS_KEPT, MetadataStore, MetaTx
 from ahmount.hub.models import (
     DEFAULT_MODE,
     EMPTY_COMMIT_MESSAGE,
@@ -1430,8 +1430,9 @@ class HubService:
         with self.metadata.write() as tx:
             tx.delete_nodes(dead_nodes)
             events = tx.prune_events(time.time() - EVENT_RETENTION)
+            requests = tx.prune_commit_requests(time.time() - REQUESTS_KEPT)
         return {"blobs": len(dead_blobs), "nodes": len(dead_nodes), "trees": len(trees),
-                "uploads": len(expired), "events": events}
+                "uploads": len(expired), "events": events, "commit_requests": requests}
 
     # == the change feed ======================================================================
 
