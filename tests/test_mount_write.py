@@ -629,6 +629,32 @@ def test_api_verbs_and_tag_take_mount_paths(mount_factory: Mounter, tmp_path: Pa
     assert (tmp_path / "out/t.txt").read_text() == "tagged"
 
 
+def test_api_verbs_on_a_mount_of_another_hub_are_refused_not_sent_elsewhere(
+        mount_factory: Mounter, tmp_path: Path) -> None:
+    """A mount of a team hub while ``ah`` talks to the embedded one: a mount path's API path
+    named the same-named asset of the embedded hub, so ``ah log .`` showed another history
+    and ``ah delete`` deleted there. Now such a verb is refused, naming both hubs; once ah is
+    logged in to the mount's hub with its key, the same verbs work."""
+    server = HubProcess(tmp_path / "hubdata")
+    key = server.add_user(getpass.getuser())
+    server.start()
+    try:
+        m = mount_factory("--hub", server.url, "--api-key", key)
+        asset = m.mountpoint / "model/llm/gpt2"
+        asset.mkdir(parents=True)  # the same names as the embedded hub's (gpt2_v1)
+        (asset / "main/w.txt").write_text("team")
+        run_ah("commit", "-m", "team", cwd=asset / "main")
+        for verb in (["log"], ["ls", "."], ["get", "."], ["delete", "-y", str(asset)]):
+            out = run_ah(*verb, cwd=asset / "main", check=False)
+            assert f"which shows {server.url}, but ah talks to the embedded hub" in out, out
+        assert ah.get("model/llm/gpt2").name == "gpt2"  # the embedded hub's is untouched
+        run_ah("login", "--host", server.url, "--api-key", key)
+        assert "team" in run_ah("log", "--oneline", cwd=asset / "main")
+        assert "w.txt" in run_ah("ls", ".", cwd=asset / "main")
+    finally:
+        server.stop()
+
+
 def test_listed_attributes_on_a_branch_follow_edits_commits_and_moves(
         mount_factory: Mounter, tmp_path: Path) -> None:
     """readdir's attributes of a branch's entries are kept per commit: a queued edit, a

@@ -433,7 +433,6 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
 def _api_path(path: str | None) -> str:
     """An API path as given, or the API path of a mount path (``.`` inside a branch
     directory, ``~/assets/model/llm/gpt2/v1/...``), through the mount's layout."""
-    from ahmount.mount.control import call
     from ahmount.vfs.layout import Place, locate
 
     found = _in_mount(path)
@@ -443,7 +442,7 @@ def _api_path(path: str | None) -> str:
                                   "ah-mount")
         return path
     mountpoint, segments = found
-    me = str(call(mountpoint, "status")["user"])
+    me = _same_hub_as(mountpoint, path or os.getcwd())
     loc = locate(tuple(segments), me)
     if loc.place in (Place.ROOT, Place.SCOPE, Place.SCOPE_KIND, Place.OWNER):
         raise InvalidArgument(f"{path or os.getcwd()} is not inside a kind, folder or asset "
@@ -451,6 +450,30 @@ def _api_path(path: str | None) -> str:
     if loc.place is Place.OBJECT:  # a file or directory in a ref: the ref
         return f"/{loc.owner}/t9k-assethub/{loc.kind}/{loc.folder}/{loc.asset}:{loc.ref}"
     return loc.api_path()
+
+
+def _same_hub_as(mountpoint: Path, where: str) -> str:
+    """The user of the mount at ``mountpoint``, after checking that it shows the hub this
+    ``ah`` talks to, with the same key: otherwise the API path of ``where`` would name a
+    folder, asset or branch of another hub (``ah delete .`` deleting one there)."""
+    from ahmount.mount.control import call
+
+    config = load_config()
+    try:
+        answer = call(mountpoint, "serves", {"identity": hub_identity(config)})
+    except InvalidArgument:  # "unknown operation": a daemon older than this ah
+        raise InvalidArgument(
+            f"the ah-mount at {mountpoint} does not say which hub it shows (it was started "
+            "by an older ahmount): remount it, or give an API path") from None
+    if not answer["same"]:
+        ours = config.ah_host or "the embedded hub"
+        theirs = "the embedded hub" if answer["hub"] == "embedded" else answer["hub"]
+        how = "the same hub with another API key" if theirs == ours else theirs
+        raise InvalidArgument(
+            f"{where} is in the ah-mount at {mountpoint}, which shows {how}, but ah talks to "
+            f"{ours}: its path would name something else there. Run ah login with that "
+            "mount's hub and key, or give an API path")
+    return str(answer["user"])
 
 
 #: Commands whose PATH may also be a path in a mount (or ``.``), mapped to its API path.

@@ -294,6 +294,14 @@ def control_ops(mountpoint: Path, session: Session, ops: AssetFS, kernel: Kernel
     async def log_level(args: dict[str, Any]) -> dict[str, Any]:
         return {"level": set_level(args.get("level", "info"))}
 
+    async def serves(args: dict[str, Any]) -> dict[str, Any]:
+        """Whether a caller with ``identity`` talks to the hub this mount shows, with the
+        same key (so an API path made from a path in here names the same thing there); the
+        mount's hub and user either way."""
+        status = session.status()
+        return {"same": args.get("identity") == identity, "hub": status["hub"],
+                "user": status["user"]}
+
     async def queued_branch(args: dict[str, Any]) -> dict[str, Any]:
         if args.get("identity") != identity:  # another hub or key: its names are not ours
             return {"path": None}
@@ -327,7 +335,7 @@ def control_ops(mountpoint: Path, session: Session, ops: AssetFS, kernel: Kernel
 
     return {"status": status, "refresh": refresh, "cache": cache, "stats": stats,
             "log_level": log_level, "unmount": unmount, "branch_status": branch_status,
-            "queued_branch": queued_branch,
+            "queued_branch": queued_branch, "serves": serves,
             "commit": commit, "reset": reset, "sync": sync, "merge": merge,
             "prefetch": prefetch, "prefetch_status": prefetch_status}
 
