@@ -5,14 +5,19 @@ delivered by the other)."""
 
 from __future__ import annotations
 
+import http.server
+import json
+import threading
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
 from ahmount.client.hub_client import HubClient
+from ahmount.errors import HubUnavailable
 from ahmount.hub.models import AssetAddr, EventPage, FolderAddr
 from tests.conftest import HubProcess
 from tests.test_replicas import replicas  # noqa: F401  (the fixture)
@@ -117,3 +122,68 @@ async def test_a_change_through_one_replica_is_delivered_by_the_other(
         assert [s["folder"] for s in seen] == [f"r{i}" for i in range(5)]
         ids = [int(str(s["id"])) for s in seen]
         assert ids == sorted(ids)
+
+
+CHANGE = {"id": 3, "created": 1.0, "type": "branch.moved", "owner": "a", "kind": "model",
+          "folder": "f", "asset": "x", "ref": "main"}
+#: A feed a proxy or a damaged store mangled: a change whose data is not JSON, a good one, a
+#: change with fields missing, a cursor move that is not an object, then an id that is not
+#: a number.
+MANGLED_FEED = [("1", "hello", '{"cursor": 1, "reset": false}'), ("2", "change", "not json"),
+                ("3", "change", json.dumps(CHANGE)), ("4", "change", '{"id": 4}'),
+                ("5", "cursor", "[5]"), ("x6", "change", json.dumps(CHANGE))]
+#: Pages of the events API: events with fields missing, then no cursor at all.
+MANGLED_PAGES = [{"events": [{"id": 7}], "cursor": 7, "reset": False},
+                 {"events": [], "reset": False}]
+
+
+class _MangledHub(http.server.BaseHTTPRequestHandler):
+    """Answers ``/api/v1/events`` as no real hub does (see MANGLED_FEED, MANGLED_PAGES)."""
+
+    pages = list(MANGLED_PAGES)
+
+    def do_GET(self) -> None:
+        if "text/event-stream" in self.headers.get("accept", ""):
+            body = "".join(f"id: {i}\nevent: {e}\ndata: {d}\n\n" for i, e, d in MANGLED_FEED)
+            kind = "text/event-stream"
+        else:
+            body, kind = json.dumps(self.pages.pop(0)), "application/json"
+        data = body.encode()
+        self.send_response(200)
+        self.send_header("content-type", kind)
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def mangled_hub() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _MangledHub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+
+
+async def test_a_mangled_change_feed_is_a_reset_not_a_crash(mangled_hub: str) -> None:
+    """A change event that cannot be read raised ValueError or KeyError out of the client,
+    which the mount's supervisor took for a bug: the mount shut down, and at every restart
+    the same stored event did it again. Now it is a reset at its cursor (the follower
+    forgets what it cached and goes on after it); an id or a page cursor that is not a
+    number is the hub failing (the feed falls back to polling and reconnects)."""
+    async with HubClient(mangled_hub, api_key="k", retries=0) as hub:
+        pages = []
+        with pytest.raises(HubUnavailable, match="event id 'x6', not a number"):
+            async for page in hub.watch(after=0):
+                pages.append(([e.id for e in page.events], page.cursor, page.reset))
+        assert pages == [([], 1, False), ([], 2, True), ([3], 3, False), ([], 4, True),
+                         ([], 5, True)]
+        page = await hub.event_page(after=6)
+        assert (page.events, page.cursor, page.reset) == ([], 7, True)
+        with pytest.raises(HubUnavailable, match="a page with no cursor"):
+            await hub.event_page(after=7)

@@ -97,6 +97,20 @@ def _event(raw: dict[str, Any]) -> Event:
     return Event(int(raw["id"]), float(raw["created"]), payload)
 
 
+#: What parsing an event the hub mangled raises (JSON that is not, fields missing or of
+#: another type).
+_MALFORMED = (ValueError, KeyError, TypeError, AttributeError)
+
+
+def _malformed(cursor: int, exc: BaseException) -> EventPage:
+    """A page of the change feed whose events could not be read: a reset at its cursor, so
+    a follower forgets what it cached (anything may have changed) and goes on after it,
+    instead of stopping at it for good."""
+    log.warning("the hub's change feed sent a malformed event up to cursor %d (%r): "
+                "taken as a reset", cursor, exc)
+    return EventPage([], cursor, True)
+
+
 def _ref(raw: dict[str, Any]) -> RefInfo:
     return RefInfo(raw["type"], raw["name"], _commit(raw["commit"]))
 
@@ -506,8 +520,15 @@ class HubClient:
         if after is not None:
             params["after"] = after
         body = await self._http.json("GET", "/api/v1/events", params=params)
-        return EventPage([_event(e) for e in body["events"]], int(body["cursor"]),
-                         bool(body["reset"]))
+        try:
+            cursor = int(body["cursor"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise errors.HubUnavailable(f"the hub's change feed sent a page with no cursor "
+                                        f"({exc!r})") from None
+        try:
+            return EventPage([_event(e) for e in body["events"]], cursor, bool(body["reset"]))
+        except _MALFORMED as exc:
+            return _malformed(cursor, exc)
 
     async def watch(self, after: int | None = None) -> AsyncGenerator[EventPage, None]:
         """The change feed as it happens (Server-Sent Events): the first page says where the
@@ -529,13 +550,21 @@ class HubClient:
                         fields[name] = value[1:] if value.startswith(" ") else value
                     continue
                 if "id" in fields and "data" in fields:
-                    cursor = int(fields["id"])
-                    data = json.loads(fields["data"])
-                    if fields.get("event") == "change":
-                        yield EventPage([_event(data)], cursor, False)
-                    else:
-                        yield EventPage([], int(data.get("cursor", cursor)),
-                                        bool(data.get("reset", False)))
+                    try:
+                        cursor = int(fields["id"])
+                    except ValueError:
+                        raise errors.HubUnavailable(
+                            f"the hub's change feed sent the event id {fields['id'][:40]!r}, "
+                            "not a number") from None
+                    try:
+                        data = json.loads(fields["data"])
+                        page = EventPage([_event(data)], cursor, False) \
+                            if fields.get("event") == "change" else \
+                            EventPage([], int(data.get("cursor", cursor)),
+                                      bool(data.get("reset", False)))
+                    except _MALFORMED as exc:
+                        page = _malformed(cursor, exc)
+                    yield page
                 fields = {}
         finally:
             await lines.aclose()
