@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import http.server
 import json
 import os
 import socket
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -772,6 +774,41 @@ async def test_transport_failure_is_an_httpx_error(tmp_path: Path) -> None:
                          backoff=0.01) as hub:
         with pytest.raises(httpx.HTTPError, match="unreachable"):
             await hub.whoami()
+
+
+class _Portal(http.server.BaseHTTPRequestHandler):
+    """What a captive portal or a misrouted proxy answers to anything: 200 and a page."""
+
+    def do_GET(self) -> None:
+        body = b"<html><body>Sign in to continue</body></html>"
+        self.send_response(200)
+        self.send_header("content-type", "text/html")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+async def test_a_page_in_place_of_the_hubs_answer_is_the_hub_failing() -> None:
+    """A proxy's page answered with 200 raised the JSON parser's ValueError: ``ah`` printed
+    a parser message, and a mount's background task took it for a bug and shut the mount
+    down. Now it is HubUnavailable, naming the answer and asking what answers there."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Portal)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        async with HubClient(url, api_key="k", retries=0) as hub:
+            with pytest.raises(HubUnavailable, match=r"the answer is not JSON \(text/html, "
+                               r"b'<html><body>Sign in.*is something other than the hub "
+                               f"answering at {url}"):
+                await hub.whoami()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
 
 
 async def test_batch_download_of_small_objects(hub_server: HubProcess, alice: HubClient,

@@ -222,5 +222,15 @@ class HttpSession:
             return None
         # pydantic's JSON parser (a dependency already): twice as fast as the standard
         # library's on a listing of 10,000 objects, which a cold mount waits for.
-        return pydantic_core.from_json(response.content)
+        try:
+            return pydantic_core.from_json(response.content)
+        except ValueError:
+            # Not the hub's answer (a proxy's or a portal's page in its place): the hub
+            # failing, which callers (and the mount's background tasks) ride out, not a
+            # bug of ours.
+            kind = response.headers.get("content-type", "no content type")
+            raise errors.HubUnavailable(
+                f"{method} {url}: the answer is not JSON ({kind}, "
+                f"{response.content[:60]!r}): is something other than the hub answering "
+                f"at {self.base_url}?", path=url) from None
 
