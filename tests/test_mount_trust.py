@@ -130,6 +130,33 @@ def test_stray_queue_files_go_to_lost_and_found(tmp_path: Path) -> None:
     again.close()
 
 
+def test_a_mount_on_a_cache_whose_indexes_a_power_loss_damaged_starts_and_reads(
+        mount_factory: Mounter, tmp_path: Path) -> None:
+    """Damaged cache indexes (listings, objects, packs: "file is not a database") failed
+    every start of the mount until the user found and removed them by hand. They are
+    dropped and started empty; the files read as before, fetched again."""
+    import getpass
+
+    from ahmount.vfs.cache_dir import state_dir
+    from ahmount.vfs.object_cache import object_indexes
+    from tests.test_disposable_cache import damage
+
+    data = os.urandom(300_000)
+    (tmp_path / "w.bin").write_bytes(data)
+    ah.commit("model/llm/gpt2:v1", msg="w", add=[str(tmp_path / "w.bin")])
+    m = mount_factory()
+    assert (m.mountpoint / "model/llm/gpt2/v1/w.bin").read_bytes() == data
+    m.stop()
+    root = state_dir(dirs().cache, None, getpass.getuser())
+    for index in [root / "listings", *object_indexes(root / "objects")]:
+        damage(index / "cache.db")
+    m = mount_factory()
+    assert (m.mountpoint / "model/llm/gpt2/v1/w.bin").read_bytes() == data
+    log = (dirs().cache / "logs/ah-mount.log").read_text()
+    assert f"the listings cache at {root / 'listings'} is damaged" in log
+    assert f"the object cache at {root / 'objects'} is damaged" in log
+
+
 def test_different_hubs_never_share_a_cache_directory(monkeypatch: pytest.MonkeyPatch) -> None:
     from ahmount.vfs import cache_dir
     from ahmount.vfs.cache_dir import claim, hub_id

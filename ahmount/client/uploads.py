@@ -123,9 +123,10 @@ class UnfinishedUploads:
         self._memory: dict[str, str] = {}
         self._disk: Any = None
         if where is not None:
-            import diskcache
+            from ahmount.disposable_cache import open_index
 
-            self._disk = diskcache.Cache(str(where), size_limit=16 << 20)
+            # Damaged, the ids are dropped: an unfinished upload then starts over.
+            self._disk = open_index(where, "the ids of unfinished uploads", size_limit=16 << 20)
 
     def _key(self, sha256: str) -> str:
         return f"{self._scope} {sha256}"

@@ -44,9 +44,10 @@ class HashCache:
     re-committing an unchanged 5 GiB file neither uploads nor re-reads it."""
 
     def __init__(self) -> None:
-        import diskcache
+        from ahmount.disposable_cache import open_index
 
-        self._cache = diskcache.Cache(str(dirs().cache / "file-hashes"), size_limit=64 << 20)
+        self._cache = open_index(dirs().cache / "file-hashes", "the file hash cache",
+                                 size_limit=64 << 20)
 
     @staticmethod
     def _key(path: Path) -> tuple[str, os.stat_result]:

@@ -39,7 +39,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import quote
 
-from ahmount.errors import Conflict
+from ahmount.disposable_cache import damaged
+from ahmount.errors import Conflict, InternalError
 
 log = logging.getLogger("ahmount.vfs")
 
@@ -284,23 +285,13 @@ class ChangeQueue:
         # No busy timeout: nobody else may hold it (below), so a second opener fails at once.
         self._db = sqlite3.connect(str(root / "queue.db"), check_same_thread=False,
                                    isolation_level=None, timeout=0)
-        # Only this process opens the queue (the cache directory's lock keeps other mounts
-        # out): held exclusively, a transaction takes no file locks and the write-ahead
-        # log's index lives in memory, which on these VMs saves a dozen system calls per
-        # change. Set before the first access, so that no shared-memory index is made.
-        self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL: each change is durable across a daemon crash as soon as it commits; across a
-        # power loss once :meth:`make_durable` ran (fsync of a written file).
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
-        columns = {r[1] for r in self._db.execute("PRAGMA table_info(changes)")}
-        if "mode" not in columns:  # a queue from before modes were kept
-            self._db.execute("ALTER TABLE changes ADD COLUMN mode INTEGER NOT NULL DEFAULT 420")
-        if "failed" not in columns:  # a queue from before failed writes were kept
-            self._db.execute("ALTER TABLE changes ADD COLUMN failed TEXT")
-        if "folded" not in {r[1] for r in self._db.execute("PRAGMA table_info(counter)")}:
-            self._db.execute("ALTER TABLE counter ADD COLUMN folded INTEGER NOT NULL DEFAULT 0")
+        try:
+            self._open_db()
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            if damaged(exc):
+                raise self._damaged_error(exc) from exc
+            raise
         self._lock = threading.RLock()
         #: The last seq handed out; the highest the database has reserved; the highest
         #: reserved in memory, written by the next transaction (see :meth:`_next_seq`).
@@ -339,7 +330,42 @@ class ChangeQueue:
         self._renamed_here: dict[tuple[str, str], float] = {}
         #: Bytes that may be written before the disk's free space is looked at again.
         self._room_budget = 0
-        self._load()
+        try:
+            self._load()
+        except sqlite3.DatabaseError as exc:
+            os.close(self._log_fd)
+            self._db.close()
+            if damaged(exc):
+                raise self._damaged_error(exc) from exc
+            raise
+
+    def _damaged_error(self, exc: sqlite3.DatabaseError) -> InternalError:
+        # Unlike the caches (ahmount.disposable_cache), the queue is nobody else's copy of
+        # anything: it is never dropped, and the error says where its bytes are.
+        return InternalError(
+            f"the change queue's database {self.root / 'queue.db'} is damaged ({exc}); "
+            f"nothing was removed. The bytes of queued files are in {self.files_dir}: copy "
+            f"out what you need, then move {self.root} aside to start with an empty queue")
+
+    def _open_db(self) -> None:
+        """Settings and schema of the queue's database (upgraded from older ones)."""
+        # Only this process opens the queue (the cache directory's lock keeps other mounts
+        # out): held exclusively, a transaction takes no file locks and the write-ahead
+        # log's index lives in memory, which on these VMs saves a dozen system calls per
+        # change. Set before the first access, so that no shared-memory index is made.
+        self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL: each change is durable across a daemon crash as soon as it commits; across a
+        # power loss once :meth:`make_durable` ran (fsync of a written file).
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(changes)")}
+        if "mode" not in columns:  # a queue from before modes were kept
+            self._db.execute("ALTER TABLE changes ADD COLUMN mode INTEGER NOT NULL DEFAULT 420")
+        if "failed" not in columns:  # a queue from before failed writes were kept
+            self._db.execute("ALTER TABLE changes ADD COLUMN failed TEXT")
+        if "folded" not in {r[1] for r in self._db.execute("PRAGMA table_info(counter)")}:
+            self._db.execute("ALTER TABLE counter ADD COLUMN folded INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         with self._lock:

@@ -200,6 +200,11 @@ class _NoSpace(Exception):
     pass
 
 
+def object_indexes(root: Path) -> list[Path]:
+    """The diskcache indexes of an object cache at ``root`` (its records, its packs')."""
+    return [root / "index", root / "packs" / "index"]
+
+
 class ObjectCache:
     """Block cache of objects by sha256, bounded by ``max_bytes`` on disk, shared by every
     process that opens the same directory (mounts and ``ah://`` file systems of one user).
@@ -247,7 +252,7 @@ class ObjectCache:
         self._cold_opens: OrderedDict[str, bool] = OrderedDict()
         self._fresh_bytes = 0
         #: Small whole objects from batch reads, many to a file (:mod:`.object_packs`).
-        self._packs = ObjectPacks(root / "packs")
+        self._packs = ObjectPacks(root / "packs")  # the second of object_indexes
         self._rescan()
         #: What every process on this directory holds together (``--cache-size`` bounds it).
         self.ledger = CacheLedger(root, max_bytes, self._measure)
