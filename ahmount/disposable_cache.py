@@ -25,7 +25,7 @@ import diskcache
 log = logging.getLogger("ahmount.cache")
 
 
-def damaged(exc: BaseException) -> bool:
+def damaged(exc: BaseException | None) -> bool:
     """Whether ``exc`` is SQLite saying a database file is damaged (not one, or corrupt),
     rather than busy, locked or failing to read it."""
     return isinstance(exc, sqlite3.DatabaseError) and getattr(exc, "sqlite_errorcode", None) \

@@ -620,6 +620,33 @@ def older_database(path: Path, version: int, undo: str) -> str:
     return url
 
 
+def test_a_damaged_metadata_store_is_named_and_left_as_it_is(tmp_path: Path) -> None:
+    """A SQLite metadata store a bad disk damaged: ah-server used to die with a traceback
+    (sqlalchemy's DatabaseError, no file named). Now one line names the store, and nothing
+    in it is touched."""
+    import subprocess
+
+    from ahmount.errors import InternalError
+    from ahmount.hub.metadata import MetadataStore
+    from tests.conftest import command
+    from tests.test_disposable_cache import damage
+
+    data = tmp_path / "hub"
+    subprocess.run([command("ah-server"), "--data", str(data), "user", "add", "z"],
+                   check=True, capture_output=True)
+    damage(data / "meta.db")
+    before = (data / "meta.db").read_bytes()
+    with pytest.raises(InternalError, match=f"metadata store sqlite:///{data}/meta.db is "
+                       "damaged .file is not a database.: restore it from a backup"):
+        MetadataStore(f"sqlite:///{data}/meta.db")
+    started = subprocess.run([command("ah-server"), "--data", str(data), "user", "list"],
+                             capture_output=True, text=True, timeout=60)
+    assert started.returncode != 0
+    assert "Traceback" not in started.stderr
+    assert "meta.db is damaged (file is not a database)" in started.stderr
+    assert (data / "meta.db").read_bytes() == before
+
+
 def test_schema_upgrade_is_logged_and_applied(tmp_path: Path,
                                               caplog: pytest.LogCaptureFixture) -> None:
     from ahmount.hub.metadata import MetadataStore

@@ -17,7 +17,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -26,7 +26,8 @@ from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from ahmount.errors import HubUnavailable, StorageFull
+from ahmount.disposable_cache import damaged
+from ahmount.errors import HubUnavailable, InternalError, StorageFull
 
 log = logging.getLogger("ahmount.hub")
 
@@ -736,8 +737,20 @@ class MetadataStore:
         self._create_schema()
 
     def _create_schema(self) -> None:
-        from ahmount.hub.migrations import migrate
+        from ahmount.hub.migrations import _safe, migrate
 
+        try:
+            self._migrate(migrate)
+        except InternalError as exc:
+            cause = exc.__cause__
+            if not isinstance(cause, sa.exc.DBAPIError) or not damaged(cause.orig):
+                raise
+            # At start, named: the operator's to restore.
+            raise InternalError(f"metadata store {_safe(self.url)} is damaged ({cause.orig}): "
+                                "restore it from a backup; nothing was changed in it") \
+                from None
+
+    def _migrate(self, migrate: Callable[..., int]) -> None:
         with self.write() as tx:
             if not self._sqlite:
                 # Replicas starting together: one creates or upgrades, the others wait.
@@ -788,6 +801,10 @@ def _database_errors() -> Iterator[None]:
     try:
         yield
     except sa.exc.DBAPIError as exc:
+        if damaged(exc.orig):
+            log.error("database damaged: %s", exc.orig)
+            raise InternalError("the hub's database is damaged; the hub's operator must "
+                                "restore it") from exc
         if _disk_full(exc.orig):
             raise StorageFull("the hub's database has no room left: nothing of this change "
                               "was kept; the hub's operator must free space") from exc
