@@ -610,8 +610,10 @@ class CuttingProxy:
 async def test_a_commit_whose_answer_was_lost_is_sent_again_and_made_once(
         hub_server: HubProcess, model: AssetAddr, tmp_path: Path) -> None:
     """An append (a commit expecting the file it read) whose answer never arrived: the
-    client sends it again with its request id and gets the commit the hub made. It used to
-    fail as not safe to repeat, and a retry by hand appended a second time."""
+    client sends it again with its Idempotency-Key and gets the commit the hub made. It
+    used to fail as not safe to repeat, and a retry by hand appended a second time. A key
+    the hub cannot take is refused by name, and a hub that predates keys ignores them (a
+    header, where its body schema would refuse a new field)."""
     proxy = CuttingProxy(hub_server.port)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(proxy.serve)
@@ -629,6 +631,13 @@ async def test_a_commit_whose_answer_was_lost_is_sent_again_and_made_once(
             assert [c.message for c in log[:3]] == ["append", "first", "Repository created"]
             assert await hub.read_range(model, "main", "log.txt", 0, 8) == b"one\ntwo\n"
         nursery.cancel_scope.cancel()
+    answer = httpx.post(
+        f"{hub_server.url}/api/v1/assets/alice/model/{model.folder.name}/{model.name}/"
+        "branches/main/commits", json={"message": "m"}, timeout=60,
+        headers={"authorization": f"Bearer {hub_server.keys['alice']}",
+                 "idempotency-key": "x" * 65})
+    assert answer.status_code == 400, answer.text
+    assert "Idempotency-Key must be a printable ASCII string" in answer.json()["error"]["message"]
 
 
 async def small_files(hub: HubClient, model: AssetAddr, tmp_path: Path,

@@ -194,15 +194,15 @@ def test_a_commit_with_expectations_lands_only_if_they_hold(service: HubService,
     assert paths(service, alice, model, "main") == ["log.txt", "other"]
 
 
-def test_a_commit_sent_again_with_its_request_id_gets_the_first_answer(
+def test_a_commit_sent_again_with_its_idempotency_key_gets_the_first_answer(
         service: HubService, alice: Actor, bob: Actor, model: AssetAddr) -> None:
     """A client whose connection failed before the answer sends the commit again: with the
-    same request id it gets the commit the first request made, and nothing is committed
+    same idempotency key it gets the commit the first request made, and nothing is committed
     twice, not even an append whose expectation no longer holds."""
     first = obj(service, alice, "log.txt", b"one\n")
     service.commit(alice, model, "main", "first", adds=[first])
     two = obj(service, alice, "log.txt", b"one\ntwo\n")
-    append = {"adds": [two], "expect": {"log.txt": first["sha256"]}, "request_id": "r-1"}
+    append = {"adds": [two], "expect": {"log.txt": first["sha256"]}, "idempotency_key": "r-1"}
     made = service.commit(alice, model, "main", "append", **append)
     assert made is not None
     assert service.commit(alice, model, "main", "append", **append) == made
@@ -212,32 +212,32 @@ def test_a_commit_sent_again_with_its_request_id_gets_the_first_answer(
         service.commit(alice, model, "main", "append", adds=[two],
                        expect={"log.txt": first["sha256"]})
     # A commit that changed nothing is answered as nothing again, even after changes.
-    assert service.commit(alice, model, "main", "same", request_id="r-2") is None
+    assert service.commit(alice, model, "main", "same", idempotency_key="r-2") is None
     three = obj(service, alice, "log.txt", b"three\n")
     assert service.commit(alice, model, "main", "same", adds=[three],
-                          request_id="r-2") is None
+                          idempotency_key="r-2") is None
     assert service.commit(alice, model, "main", "three", adds=[three],
-                          request_id="r-3") is not None
+                          idempotency_key="r-3") is not None
     # Ids are each user's own: bob's "r-1" is a commit of its own.
     service.share_folder(alice, model.folder, "bob", "edit")
     four = obj(service, bob, "log.txt", b"four\n")
-    by_bob = service.commit(bob, model, "main", "bob's", adds=[four], request_id="r-1")
+    by_bob = service.commit(bob, model, "main", "bob's", adds=[four], idempotency_key="r-1")
     assert by_bob is not None and by_bob != made
     # An id used on one branch is refused on another, and that commit makes nothing.
     service.create_branch(alice, model, "v1")
-    with pytest.raises(InvalidArgument, match="request_id 'r-1' was used for a commit to "
+    with pytest.raises(InvalidArgument, match="Idempotency-Key 'r-1' was used for a commit to "
                                               r".*gpt2:main, not .*gpt2:v1"):
-        service.commit(alice, model, "v1", "append", adds=[two], request_id="r-1")
+        service.commit(alice, model, "v1", "append", adds=[two], idempotency_key="r-1")
     assert paths(service, alice, model, "v1") == []
     assert len(service.log(alice, model, "main")) == 5
 
 
-@pytest.mark.parametrize("request_id", ["x" * 65, "tab\there", "caf\u00e9"])
-def test_bad_request_ids_are_named(service: HubService, alice: Actor, model: AssetAddr,
-                                   request_id: str) -> None:
-    with pytest.raises(InvalidArgument, match="request_id must be a printable ASCII"):
+@pytest.mark.parametrize("key", ["x" * 65, "tab\there", "caf\u00e9"])
+def test_bad_idempotency_keys_are_named(service: HubService, alice: Actor, model: AssetAddr,
+                                        key: str) -> None:
+    with pytest.raises(InvalidArgument, match="Idempotency-Key must be a printable ASCII"):
         service.commit(alice, model, "main", "m", adds=[obj(service, alice, "a", b"a")],
-                       request_id=request_id)
+                       idempotency_key=key)
     assert paths(service, alice, model, "main") == []
 
 
@@ -705,24 +705,24 @@ def test_a_v6_hub_upgrades_and_answers_repeated_commits(tmp_path: Path) -> None:
     service.create_folder(alice, folder)
     addr = AssetAddr(folder, "a")
     service.create_asset(alice, addr)
-    once = {"adds": [obj(service, alice, "f", b"f")], "request_id": "r"}
+    once = {"adds": [obj(service, alice, "f", b"f")], "idempotency_key": "r"}
     made = service.commit(alice, addr, "main", "m", **once)
     assert made is not None and service.commit(alice, addr, "main", "m", **once) == made
     assert len(service.log(alice, addr, "main")) == 2
     store.close()
 
 
-def test_a_request_id_past_its_keeping_is_a_new_request(
+def test_an_idempotency_key_past_its_keeping_is_a_new_request(
         service: HubService, alice: Actor, model: AssetAddr,
         monkeypatch: pytest.MonkeyPatch) -> None:
     from ahmount.hub import metadata
     from ahmount.hub import service as service_module
 
     made = service.commit(alice, model, "main", "m", adds=[obj(service, alice, "f", b"1")],
-                          request_id="r")
+                          idempotency_key="r")
     monkeypatch.setattr(metadata, "REQUESTS_KEPT", -1.0)  # every answer is past it
     again = service.commit(alice, model, "main", "m", adds=[obj(service, alice, "f", b"2")],
-                           request_id="r")
+                           idempotency_key="r")
     assert again is not None and again != made
     assert len(service.log(alice, model, "main")) == 3
     # gc drops every asset's answers past their keeping (here: the one just kept).

@@ -495,17 +495,18 @@ class HubClient:
                       deletes: list[str], adds: list[ObjectEntry], force: bool,
                       metadata: dict[str, Any] | None,
                       expect: Mapping[str, str | None] | None) -> CommitInfo | None:
-        # A request id of its own makes the commit safe to send again when the connection
-        # fails before its answer arrives: the hub answers a repeat with what the first got
-        # (without it, an append that had been committed would be appended twice).
         body: dict[str, Any] = {
             "message": message, "session": session, "deletes": deletes,
-            "adds": [e.as_json() for e in adds], "force": force, "metadata": metadata or {},
-            "request_id": uuid.uuid4().hex}
+            "adds": [e.as_json() for e in adds], "force": force, "metadata": metadata or {}}
         if expect:
             body["expect"] = dict(expect)
+        # A key of its own makes the commit safe to send again when the connection fails
+        # before its answer arrives: the hub answers a repeat with what the first got
+        # (without it, an append that had been committed would be appended twice). A
+        # header: a hub that predates it ignores it (its body schema refuses new fields).
         result = await self._http.json("POST", f"{self._a(addr)}/branches/{branch}/commits",
-                                       json=body, repeatable=True)
+                                       json=body, headers={"idempotency-key": uuid.uuid4().hex},
+                                       repeatable=True)
         return None if result["commit"] is None else _commit(result["commit"])
 
     async def merge(self, addr: AssetAddr, branch: str) -> CommitInfo | None:

@@ -188,7 +188,7 @@ settings = sa.Table(
     sa.Column("name", sa.String(64), primary_key=True),
     sa.Column("value", sa.Text, nullable=False),
 )
-#: Commit requests that carried a client's request id (schema v7), kept
+#: Commit requests that carried an ``Idempotency-Key`` (schema v7), kept
 #: :data:`REQUESTS_KEPT` seconds: a request sent again (its answer was lost on the way) gets
 #: the answer the first one got (``commit_id`` null: the commit changed nothing) instead of
 #: committing twice. Written in the transaction that moves the branch.
@@ -197,7 +197,7 @@ commit_requests = sa.Table(
     meta,
     sa.Column("asset_id", sa.String(36), primary_key=True),
     sa.Column("committer", sa.String(128), primary_key=True),
-    sa.Column("request_id", sa.String(64), primary_key=True),
+    sa.Column("idempotency_key", sa.String(64), primary_key=True),
     sa.Column("branch", sa.String(128), nullable=False),
     sa.Column("commit_id", sa.String(64), nullable=True),
     sa.Column("created", sa.Float, nullable=False),
@@ -495,18 +495,19 @@ class MetaTx:
         return [str(t) for t in self._c.execute(sa.select(commits.c.tree).distinct()).scalars()]
 
     def commit_request(self, asset_id: str, committer: str,
-                       request_id: str) -> dict[str, Any] | None:
-        """What a commit request with this id got, while it is kept; None if unknown."""
+                       key: str) -> dict[str, Any] | None:
+        """What a commit request with this idempotency key got, while it is kept; None if
+        unknown."""
         query = sa.select(commit_requests).where(
             commit_requests.c.asset_id == asset_id, commit_requests.c.committer == committer,
-            commit_requests.c.request_id == request_id,
+            commit_requests.c.idempotency_key == key,
             commit_requests.c.created >= time.time() - REQUESTS_KEPT)
         return _row(self._c.execute(query).first())
 
-    def insert_commit_request(self, asset_id: str, committer: str, request_id: str,
+    def insert_commit_request(self, asset_id: str, committer: str, key: str,
                               branch: str, commit_id: str | None) -> bool:
         """Record a commit request's answer, dropping the asset's requests past their
-        keeping; False (nothing recorded) when a request with this id was recorded
+        keeping; False (nothing recorded) when a request with this key was recorded
         meanwhile (another replica took its repeat)."""
         now = time.time()
         self._c.execute(commit_requests.delete().where(
@@ -515,9 +516,9 @@ class MetaTx:
         insert = postgresql.insert if self._c.dialect.name == "postgresql" else sqlite.insert
         # RETURNING says whether the row went in (psycopg's rowcount does not here: -1).
         result = self._c.execute(insert(commit_requests).values(
-            asset_id=asset_id, committer=committer, request_id=request_id, branch=branch,
+            asset_id=asset_id, committer=committer, idempotency_key=key, branch=branch,
             commit_id=commit_id, created=now).on_conflict_do_nothing().returning(
-                commit_requests.c.request_id))
+                commit_requests.c.idempotency_key))
         return result.first() is not None
 
     def prune_commit_requests(self, before: float) -> int:

@@ -44,8 +44,8 @@ def _v6_settings(conn: Connection) -> None:
 
 
 def _v7_commit_requests(conn: Connection) -> None:
-    """The ``commit_requests`` table (answers to commit requests with a request id, for
-    their repeats) is made by ``create_all``; it starts empty."""
+    """The ``commit_requests`` table (answers to commit requests with an
+    ``Idempotency-Key``, for their repeats) is made by ``create_all``; it starts empty."""
 
 
 #: STEPS[n] upgrades version n to n + 1.

@@ -1045,14 +1045,15 @@ class HubService:
         force: bool = False,
         metadata: dict[str, Any] | None = None,
         expect: Mapping[str, str | None] | None = None,
-        request_id: str = "",
+        idempotency_key: str = "",
     ) -> CommitInfo | None:
         """Commit the changes staged under ``session`` plus ``deletes``/``adds``: first every
         delete, then every add, atomically.
 
-        ``request_id`` (chosen by the client, unique to it) makes the request safe to send
-        again when its answer was lost: a repeat by the same user on the same asset, for a
-        day, gets what the first got (the same commit, or None) and commits nothing.
+        ``idempotency_key`` (the request's ``Idempotency-Key``, chosen by the client, unique
+        to it) makes the request safe to send again when its answer was lost: a repeat by
+        the same user on the same asset, for a day, gets what the first got (the same
+        commit, or None) and commits nothing.
 
         ``expect`` maps object paths to the sha256 each must have in the head the commit is
         made on (None: no object there). If one does not, the commit raises
@@ -1074,8 +1075,8 @@ class HubService:
             raise InvalidArgument(f"commit metadata of {addr.at(branch)} must be an object")
         if session:
             _check_session(session)
-        if request_id:
-            _check_request_id(request_id)
+        if idempotency_key:
+            _check_idempotency_key(idempotency_key)
         extra_deletes, extra_adds = self._parse_changes(actor, deletes, adds)
         expected = _parse_expect(expect or {})
         # Commits to one branch through this process take turns: racing them optimistically
@@ -1086,10 +1087,10 @@ class HubService:
             for _attempt in range(COMMIT_RETRIES):
                 with self.metadata.read() as tx:
                     asset, ref = self._branch(tx, actor, addr, branch)
-                    if request_id:
-                        done = tx.commit_request(asset["id"], actor.name, request_id)
+                    if idempotency_key:
+                        done = tx.commit_request(asset["id"], actor.name, idempotency_key)
                         if done is not None:
-                            return _answered(tx, done, request_id, addr, branch)
+                            return _answered(tx, done, idempotency_key, addr, branch)
                     staged = [_change(r) for r in tx.changes(asset["id"], ref["name"])]
                     head_row = tx.commit(ref["commit_id"])
                 assert head_row is not None
@@ -1112,8 +1113,8 @@ class HubService:
                         if tx.delete_changes([c.id for c in taken]) != len(taken):
                             raise _Retry()  # a reset or another commit took some of them
                         if tree == head.tree:
-                            if request_id and not tx.insert_commit_request(
-                                    asset["id"], actor.name, request_id, branch, None):
+                            if idempotency_key and not tx.insert_commit_request(
+                                    asset["id"], actor.name, idempotency_key, branch, None):
                                 raise _Retry()  # its repeat was answered meanwhile
                             return None
                         # Staged adds were checked against their stager when staged.
@@ -1123,8 +1124,8 @@ class HubService:
                         tx.record_blob_assets(asset["id"], [e.sha256 for e in all_adds])
                         if not tx.move_ref(asset["id"], ref["name"], head.id, commit.id):
                             raise _Retry()  # it moved: roll back and apply on the new head
-                        if request_id and not tx.insert_commit_request(
-                                asset["id"], actor.name, request_id, branch, commit.id):
+                        if idempotency_key and not tx.insert_commit_request(
+                                asset["id"], actor.name, idempotency_key, branch, commit.id):
                             raise _Retry()  # its repeat was answered meanwhile
                         tx.update_asset(asset["id"],
                                         {"modified": time.time(), "editor": actor.name})
@@ -1475,22 +1476,22 @@ def _limit(limit: Any) -> int:
     return limit
 
 
-def _check_request_id(request_id: Any) -> str:
-    if not isinstance(request_id, str) or not 1 <= len(request_id) <= 64 or \
-            not request_id.isprintable() or not request_id.isascii():
-        raise InvalidArgument("request_id must be a printable ASCII string of 1 to 64 "
+def _check_idempotency_key(key: Any) -> str:
+    if not isinstance(key, str) or not 1 <= len(key) <= 64 or not key.isprintable() or \
+            not key.isascii():
+        raise InvalidArgument("Idempotency-Key must be a printable ASCII string of 1 to 64 "
                               "characters")
-    return request_id
+    return key
 
 
-def _answered(tx: MetaTx, done: dict[str, Any], request_id: str, addr: AssetAddr,
+def _answered(tx: MetaTx, done: dict[str, Any], key: str, addr: AssetAddr,
               branch: str) -> CommitInfo | None:
-    """The answer a commit request with ``request_id`` got the first time (``done``, its
-    record), for its repeat."""
+    """The answer a commit request with the idempotency ``key`` got the first time
+    (``done``, its record), for its repeat."""
     if done["branch"] != branch:
         raise InvalidArgument(
-            f"request_id {request_id!r} was used for a commit to {addr.at(done['branch'])}, "
-            f"not {addr.at(branch)}; a new commit needs a new request_id", path=addr.at(branch))
+            f"Idempotency-Key {key!r} was used for a commit to {addr.at(done['branch'])}, "
+            f"not {addr.at(branch)}; a new commit needs a new key", path=addr.at(branch))
     if done["commit_id"] is None:
         return None
     row = tx.commit(done["commit_id"])

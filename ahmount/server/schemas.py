@@ -56,9 +56,6 @@ Description = Annotated[str, Field(max_length=10_000, json_schema_extra=_TEXT),
 Message = Annotated[str, Field(min_length=1, max_length=65536, json_schema_extra=_TEXT),
                     _text("commit message", multiline=True)]
 Session = Annotated[str, Field(max_length=64, pattern=r"^[ -~]*$")]
-#: A client's id of one commit request: a repeat of the request with it (its answer was
-#: lost) gets the first answer instead of committing again. Empty: none.
-RequestId = Annotated[str, Field(max_length=64, pattern=r"^[ -~]*$")]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 # Not strict: JSON Schema calls 5.0 an integer, so the hub takes it as 5 (never 5.5).
 Size = Annotated[int, Field(ge=0, le=MAX_BLOB_BYTES, strict=False)]
@@ -150,9 +147,6 @@ class Commit(Body):
     #: Object path -> the sha256 it must have in the head (null: absent), or nothing is
     #: committed (412, code "changed").
     expect: Annotated[dict[ObjectPath, Sha256 | None], Field(max_length=MAX_ITEMS)] = {}
-    #: Safe to send again: a repeat by the same user within a day answers what the first
-    #: got (the same commit, or null) and commits nothing.
-    request_id: RequestId = ""
 
 
 class Hashes(Body):

@@ -46,15 +46,16 @@ async def changes(request: Request) -> Response:
 
 
 async def commits(request: Request) -> Response:
-    """POST {message, session, deletes, adds, force, metadata, expect, request_id}: commit;
-    null when nothing changed; 412 when an object is not as ``expect`` says. A repeat with
-    the same ``request_id`` answers what the first request got."""
+    """POST {message, session, deletes, adds, force, metadata, expect}: commit; null when
+    nothing changed; 412 when an object is not as ``expect`` says. With an
+    ``Idempotency-Key`` header, a repeat of the request (its answer was lost) answers what
+    the first got instead of committing again; a header, so hubs that predate it ignore it."""
     actor = await caller(request)
     body = await json_body(request, schemas.Commit)
     info = await call(
         service_of(request).commit, actor, asset_addr(request), request.path_params["branch"],
         body.message, body.session, body.deletes, [a.as_entry() for a in body.adds],
-        body.force, body.metadata, body.expect, body.request_id,
+        body.force, body.metadata, body.expect, request.headers.get("idempotency-key", ""),
     )
     if info is not None:
         request.app.state.metrics.commits.inc()
