@@ -820,6 +820,43 @@ async def test_a_page_in_place_of_the_hubs_answer_is_the_hub_failing() -> None:
         thread.join(timeout=10)
 
 
+class _Twice(http.server.BaseHTTPRequestHandler):
+    """A batch answer (grouped) that sends its first object twice: no real hub does."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["content-length"]))
+        body = b"".join(json.dumps([{"path": p, "size": 1}]).encode() + b"\n" + p.encode()
+                        for p in ("a", "a", "b"))
+        self.send_response(200)
+        self.send_header("x-ah-batch", "grouped")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+async def test_a_batch_that_sends_an_object_twice_still_gives_each_one() -> None:
+    """Taking what arrived out of what is left raised KeyError at the repeat (in a mount's
+    sibling fetch, a bug that ends the mount)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Twice)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    wanted = [ObjectEntry(p, hashlib.sha256(p.encode()).hexdigest(), 1, 1.0) for p in "ab"]
+    addr = AssetAddr(FolderAddr("alice", "model", "f"), "m")
+    try:
+        async with HubClient(f"http://127.0.0.1:{server.server_address[1]}", api_key="k",
+                             retries=0) as hub:
+            got = [(e.path, data) async for e, data in files.read_batch(hub, addr, "main",
+                                                                      wanted)]
+        assert got == [("a", b"a"), ("a", b"a"), ("b", b"b")]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
 async def test_batch_download_of_small_objects(hub_server: HubProcess, alice: HubClient,
                                                model: AssetAddr, tmp_path: Path) -> None:
     from ahmount.transfer.download import download_objects
