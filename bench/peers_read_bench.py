@@ -2,7 +2,9 @@
 10,000 x 4 KiB files in 100 directories, served by
 
 - local disk (page cache dropped for the cold figures),
-- ahmount: a mount of ``ah-server`` on 127.0.0.1, the data on the branch ``main``,
+- ahmount: a mount of ``ah-server`` on 127.0.0.1, the data on the branch ``main``; and the
+  same with ``--fill-random off`` ("ah, no fill"): every random read a miss, as for an
+  object too large to be filled behind its reader (over a quarter of the cache),
 - sshfs over an sshd of our own, and rclone mount ``--vfs-cache-mode full`` over
   ``rclone serve webdav`` (:mod:`bench.peers`), both on 127.0.0.1,
 
@@ -126,6 +128,9 @@ def listing_floor(local: Path, files: list[Path], point: Path) -> dict[str, floa
         process.wait(30)
 
 
+NO_FILL = "ah, no fill"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--gib", type=float, default=1.0)
@@ -150,18 +155,21 @@ def main() -> None:
 
             peaks: dict[str, float] = {}
 
-            @contextlib.contextmanager
-            def ahmount() -> Iterator[Path]:
-                n = next(rounds)
-                m = hub_mount(server, key, root / f"ah-{n}", root / f"ah-cache-{n}",
-                              "--cache-size", "4G")
-                try:
-                    yield m.mountpoint / "dataset/bench/data/main"
-                finally:
-                    assert m.pid is not None
-                    peaks["ahmount"] = max(peaks.get("ahmount", 0.0), peak_rss_mib(m.pid))
-                    m.stop()
-                    shutil.rmtree(root / f"ah-cache-{n}", ignore_errors=True)
+            def ahmount(name: str, *extra: str
+                        ) -> Callable[[], contextlib.AbstractContextManager[Path]]:
+                @contextlib.contextmanager
+                def opened() -> Iterator[Path]:
+                    n = next(rounds)
+                    m = hub_mount(server, key, root / f"ah-{n}", root / f"ah-cache-{n}",
+                                  "--cache-size", "4G", *extra)
+                    try:
+                        yield m.mountpoint / "dataset/bench/data/main"
+                    finally:
+                        assert m.pid is not None
+                        peaks[name] = max(peaks.get(name, 0.0), peak_rss_mib(m.pid))
+                        m.stop()
+                        shutil.rmtree(root / f"ah-cache-{n}", ignore_errors=True)
+                return opened
 
             def peer(name: str) -> Callable[[], contextlib.AbstractContextManager[Path]]:
                 mount = peers.MOUNTS[name]
@@ -174,7 +182,10 @@ def main() -> None:
                     shutil.rmtree(work, ignore_errors=True)
                 return opened
 
-            targets = {"local": local_disk, "ahmount": ahmount}
+            # "no fill": every random read a miss, as for an object too large to be filled
+            # behind its reader (over a quarter of the cache), or with --fill-random off.
+            targets = {"local": local_disk, "ahmount": ahmount("ahmount"),
+                       NO_FILL: ahmount(NO_FILL, "--fill-random", "off")}
             targets |= {name: peer(name) for name in wanted}
             results = {name: measure(files, args.gib, args.random, opener)
                        for name, opener in targets.items()}
