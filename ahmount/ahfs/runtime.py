@@ -33,13 +33,12 @@ import trio
 from ahmount.client.embedded import connect
 from ahmount.client.hub_client import HubClient
 from ahmount.config import ClientConfig
-from ahmount.disposable_cache import clear_if_damaged, open_index
 from ahmount.errors import HubUnavailable
 from ahmount.nurseries import open_nursery
 from ahmount.vfs.cache_dir import last_user, open_state_dir, remember_user
 from ahmount.vfs.hub_view import HubView
-from ahmount.vfs.object_cache import ObjectCache, object_indexes
-from ahmount.vfs.session import LISTINGS_LIMIT
+from ahmount.vfs.object_cache import ObjectCache
+from ahmount.vfs.session import open_listings
 from ahmount.vfs.supervisor import Supervisor
 
 log = logging.getLogger("ahmount.ahfs")
@@ -127,11 +126,8 @@ class Runtime:
                             hub_url or "embedded", exc)
             root = open_state_dir(base, hub_url, self.me)
             self.state_dir = root
-            listings = open_index(root / "listings", "the listings cache",
-                                  size_limit=LISTINGS_LIMIT)
+            listings = open_listings(root)
             stack.callback(listings.close)
-            clear_if_damaged(root / "objects", object_indexes(root / "objects"),
-                             "the object cache")
             self._cache = cache = ObjectCache(root / "objects", self.key.cache_size)
             stack.callback(cache.close)
             # Branch heads are never cached by the view: the file system decides when a

@@ -41,6 +41,7 @@ import diskcache
 import trio
 
 from ahmount.client.files import hash_file
+from ahmount.disposable_cache import clear_if_damaged
 from ahmount.errors import ChecksumMismatch
 from ahmount.transfer.hashes import run_stoppable
 from ahmount.vfs.cache_ledger import CacheLedger
@@ -214,6 +215,8 @@ class ObjectCache:
     """
 
     def __init__(self, root: Path, max_bytes: int) -> None:
+        # Its indexes describe its data and packs: one a power loss damaged takes them all.
+        clear_if_damaged(root, object_indexes(root), "the object cache")
         self.root = root
         self.max_bytes = max_bytes
         self.stats = CacheStats()
@@ -223,7 +226,7 @@ class ObjectCache:
         # The cache evicts by its own rules (leases, the byte bound): diskcache's own culling
         # would measure the database's volume at every record saved (three more queries per
         # small file read cold) to enforce a bound nobody set.
-        self._index = diskcache.Cache(str(root / "index"), eviction_policy="none",
+        self._index = diskcache.Cache(str(object_indexes(root)[0]), eviction_policy="none",
                                       cull_limit=0)
         #: What this process knows of each object. Authoritative only for leased objects;
         #: for the others a hint (LRU order, bytes used), re-read from the index at lease.
@@ -252,7 +255,7 @@ class ObjectCache:
         self._cold_opens: OrderedDict[str, bool] = OrderedDict()
         self._fresh_bytes = 0
         #: Small whole objects from batch reads, many to a file (:mod:`.object_packs`).
-        self._packs = ObjectPacks(root / "packs")  # the second of object_indexes
+        self._packs = ObjectPacks(root / "packs")  # its index: the second of object_indexes
         self._rescan()
         #: What every process on this directory holds together (``--cache-size`` bounds it).
         self.ledger = CacheLedger(root, max_bytes, self._measure)

@@ -28,10 +28,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import diskcache
 import trio
 
 from ahmount.client.hub_client import HubClient
-from ahmount.disposable_cache import clear_if_damaged, open_index
+from ahmount.disposable_cache import open_index
 from ahmount.errors import HubUnavailable, InvalidArgument, NotFound
 from ahmount.hub.models import AssetAddr
 from ahmount.nurseries import open_nursery
@@ -43,7 +44,7 @@ from ahmount.vfs.change_queue import ChangeQueue
 from ahmount.vfs.core import VFS
 from ahmount.vfs.hub_view import HubView, hub_state, utc_time
 from ahmount.vfs.layout import locate, places_of
-from ahmount.vfs.object_cache import ObjectCache, object_indexes
+from ahmount.vfs.object_cache import ObjectCache
 from ahmount.vfs.prefetch import Prefetcher
 from ahmount.vfs.queue_follow import QueueFollower
 from ahmount.vfs.sibling_fetch import SMALL_OBJECT, SiblingFetcher
@@ -53,6 +54,12 @@ from ahmount.vfs.writeback import UPLOAD_AHEAD_DELAY, WriteBack
 log = logging.getLogger("ahmount.vfs")
 
 LISTINGS_LIMIT = 4 << 30
+
+
+def open_listings(root: Path) -> diskcache.Cache:
+    """The listings cache of the state directory ``root`` (shared by the user's mounts and
+    ``ah://`` file systems); started empty if a power loss damaged it."""
+    return open_index(root / "listings", "the listings cache", size_limit=LISTINGS_LIMIT)
 
 
 def _as_of(view: HubView) -> str:
@@ -126,11 +133,8 @@ class Session:
             claimed = claim(self._cache_base, self.hub_url, self.me, Path(self._holder))
             stack.callback(claimed.release)
             self.state_dir = root = claimed.root
-            listings = open_index(root / "listings", "the listings cache",
-                                  size_limit=LISTINGS_LIMIT)
+            listings = open_listings(root)
             stack.callback(listings.close)
-            clear_if_damaged(root / "objects", object_indexes(root / "objects"),
-                             "the object cache")
             cache = ObjectCache(root / "objects", self._cache_size)
             stack.callback(cache.close)
             cache.fill_limit = self._fill_limit
