@@ -17,7 +17,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -741,22 +741,19 @@ class MetadataStore:
         from ahmount.hub.migrations import _safe, migrate
 
         try:
-            self._migrate(migrate)
+            with self.write() as tx:
+                if not self._sqlite:
+                    # Replicas starting together: one creates or upgrades, the others wait.
+                    tx._c.execute(sa.text("SELECT pg_advisory_xact_lock(4242)"))
+                migrate(tx._c, meta, schema_info, self.url)
         except InternalError as exc:
-            cause = exc.__cause__
+            cause = exc.__cause__  # what _database_errors found
             if not isinstance(cause, sa.exc.DBAPIError) or not damaged(cause.orig):
                 raise
             # At start, named: the operator's to restore.
             raise InternalError(f"metadata store {_safe(self.url)} is damaged ({cause.orig}): "
                                 "restore it from a backup; nothing was changed in it") \
                 from None
-
-    def _migrate(self, migrate: Callable[..., int]) -> None:
-        with self.write() as tx:
-            if not self._sqlite:
-                # Replicas starting together: one creates or upgrades, the others wait.
-                tx._c.execute(sa.text("SELECT pg_advisory_xact_lock(4242)"))
-            migrate(tx._c, meta, schema_info, self.url)
 
     @property
     def local(self) -> bool:
