@@ -1,11 +1,14 @@
-"""A TCP proxy for tests, in threads (blocking clients such as boto3 and direct reads use
-it from any thread): it passes bytes both ways and cuts connections mid-answer."""
+"""Stand-ins on the network for tests, in threads (blocking clients such as boto3 and
+direct reads use them from any thread): a TCP proxy that passes bytes both ways and cuts
+connections mid-answer, and HTTP servers scripted to answer as no real hub does."""
 
 from __future__ import annotations
 
 import contextlib
+import http.server
 import socket
 import threading
+from collections.abc import Iterator
 
 
 class BodyCutter:
@@ -91,3 +94,25 @@ def _pump(source: socket.socket, sink: socket.socket) -> None:
             sink.sendall(data)
     except OSError:
         pass
+
+
+class Scripted(http.server.BaseHTTPRequestHandler):
+    """Base of a scripted server's handler: it logs nothing (the test says what it sends)."""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def scripted_server(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 answering with ``handler``, in a thread: its URL. Stopped,
+    and its thread joined, on the way out."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

@@ -6,11 +6,9 @@ on no request of ours (a 503 on the way to a good answer)."""
 
 from __future__ import annotations
 
-import http.server
 import os
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +24,7 @@ from ahmount.client.hub_client import HubClient
 from ahmount.errors import HubUnavailable, NotFound, RangeNotSatisfiable, Unauthenticated
 from ahmount.hub.models import AssetAddr, FolderAddr, ObjectEntry
 from tests.conftest import HubProcess
-from tests.proxies import BodyCutter
+from tests.proxies import BodyCutter, Scripted, scripted_server
 
 DATA = os.urandom(5 * (1 << 20) + 12345)
 
@@ -203,7 +201,7 @@ def flaky_hub() -> Iterator[tuple[str, list[int]]]:
     statuses it sent are listed."""
     sent: list[int] = []
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(Scripted):
         protocol_version = "HTTP/1.1"
 
         def do_GET(self) -> None:
@@ -220,18 +218,8 @@ def flaky_hub() -> Iterator[tuple[str, list[int]]]:
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", sent
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with scripted_server(Handler) as url:
+        yield url, sent
 
 
 async def test_a_503_is_sent_again_after_a_backoff(flaky_hub: tuple[str, list[int]]) -> None:

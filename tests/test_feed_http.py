@@ -5,9 +5,7 @@ delivered by the other)."""
 
 from __future__ import annotations
 
-import http.server
 import json
-import threading
 import uuid
 from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
@@ -20,6 +18,7 @@ from ahmount.client.hub_client import HubClient
 from ahmount.errors import HubUnavailable
 from ahmount.hub.models import AssetAddr, EventPage, FolderAddr
 from tests.conftest import HubProcess
+from tests.proxies import Scripted, scripted_server
 from tests.test_replicas import replicas  # noqa: F401  (the fixture)
 
 DEADLINE = 20.0
@@ -137,7 +136,7 @@ MANGLED_PAGES = [{"events": [{"id": 7}], "cursor": 7, "reset": False},
                  {"events": [], "reset": False}]
 
 
-class _MangledHub(http.server.BaseHTTPRequestHandler):
+class _MangledHub(Scripted):
     """Answers ``/api/v1/events`` as no real hub does (see MANGLED_FEED, MANGLED_PAGES)."""
 
     pages = list(MANGLED_PAGES)
@@ -155,19 +154,11 @@ class _MangledHub(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def log_message(self, *args: object) -> None:
-        pass
-
 
 @pytest.fixture
 def mangled_hub() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _MangledHub)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
+    with scripted_server(_MangledHub) as url:
+        yield url
 
 
 async def test_a_mangled_change_feed_is_a_reset_not_a_crash(mangled_hub: str) -> None:

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
 import json
 import os
 import socket
-import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -33,7 +31,7 @@ from ahmount.errors import (
 )
 from ahmount.hub.models import AssetAddr, FolderAddr, ObjectEntry
 from tests.conftest import HubProcess, PostgresCluster, S3Server, scale_args, small_disk
-from tests.proxies import BodyCutter
+from tests.proxies import BodyCutter, Scripted, scripted_server
 from tests.test_file_io import evict_from_memory
 
 
@@ -785,7 +783,7 @@ async def test_transport_failure_is_an_httpx_error(tmp_path: Path) -> None:
             await hub.whoami()
 
 
-class _Portal(http.server.BaseHTTPRequestHandler):
+class _Portal(Scripted):
     """What a captive portal or a misrouted proxy answers to anything: 200 and a page."""
 
     def do_GET(self) -> None:
@@ -796,31 +794,20 @@ class _Portal(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, *args: object) -> None:
-        pass
-
 
 async def test_a_page_in_place_of_the_hubs_answer_is_the_hub_failing() -> None:
     """A proxy's page answered with 200 raised the JSON parser's ValueError: ``ah`` printed
     a parser message, and a mount's background task took it for a bug and shut the mount
     down. Now it is HubUnavailable, naming the answer and asking what answers there."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Portal)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with scripted_server(_Portal) as url:
         async with HubClient(url, api_key="k", retries=0) as hub:
             with pytest.raises(HubUnavailable, match=r"the answer is not JSON \(text/html, "
                                r"b'<html><body>Sign in.*is something other than the hub "
                                f"answering at {url}"):
                 await hub.whoami()
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
-class _Twice(http.server.BaseHTTPRequestHandler):
+class _Twice(Scripted):
     """A batch answer (grouped) that sends its first object twice: no real hub does."""
 
     def do_POST(self) -> None:
@@ -833,28 +820,17 @@ class _Twice(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, *args: object) -> None:
-        pass
-
 
 async def test_a_batch_that_sends_an_object_twice_still_gives_each_one() -> None:
     """Taking what arrived out of what is left raised KeyError at the repeat (in a mount's
     sibling fetch, a bug that ends the mount)."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Twice)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     wanted = [ObjectEntry(p, hashlib.sha256(p.encode()).hexdigest(), 1, 1.0) for p in "ab"]
     addr = AssetAddr(FolderAddr("alice", "model", "f"), "m")
-    try:
-        async with HubClient(f"http://127.0.0.1:{server.server_address[1]}", api_key="k",
-                             retries=0) as hub:
+    with scripted_server(_Twice) as url:
+        async with HubClient(url, api_key="k", retries=0) as hub:
             got = [(e.path, data) async for e, data in files.read_batch(hub, addr, "main",
                                                                       wanted)]
-        assert got == [("a", b"a"), ("a", b"a"), ("b", b"b")]
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    assert got == [("a", b"a"), ("a", b"a"), ("b", b"b")]
 
 
 async def test_batch_download_of_small_objects(hub_server: HubProcess, alice: HubClient,
