@@ -71,10 +71,15 @@ def table(index: diskcache.Cache) -> tuple[Counter[str], list[tuple[object, ...]
     return Counter(repr(row) for row in rows), settings
 
 
+#: What set_rows is given (its docstring): numbers equal across types (0, 0.0) would be one
+#: key to SQLite but replaced in place by set.
+row_keys = st.one_of(st.text(max_size=70), st.binary(max_size=40))
+
+
 @settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(before=st.dictionaries(keys, small_values, max_size=10),
-       items=st.lists(st.tuples(keys, small_values | large_values), max_size=20))
+@given(before=st.dictionaries(row_keys, small_values, max_size=10),
+       items=st.lists(st.tuples(row_keys, small_values | large_values), max_size=20))
 def test_set_rows_writes_what_a_set_of_each_would(
         tmp_path_factory: pytest.TempPathFactory, before: dict[object, object],
         items: list[tuple[object, object]]) -> None:

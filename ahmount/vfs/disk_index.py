@@ -44,7 +44,9 @@ def set_rows(index: diskcache.Cache, items: Iterable[tuple[Any, Any]]) -> None:
     """Each ``(key, value)`` of ``items`` set in ``index`` as ``index.set`` would (replacing
     a row of the same key), all in one transaction. For indexes of small values, which
     diskcache keeps in the row: one large enough for a file of its own goes through ``set``,
-    and a row replaced here must not have had one (its file would be left behind)."""
+    and a row replaced here must not have had one (its file would be left behind). Keys are
+    text or bytes (the caches key by sha256): SQLite takes ``0`` and ``0.0`` for one key,
+    where ``set`` would keep the stored key's type and this would not."""
     disk = index._disk  # diskcache's own encoding: see the module's docstring
     now = time.time()
     # By (db key, raw): the last of a key given twice, as a row to insert or, for a value
