@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ahmount.vfs.disk_index import all_rows, set_rows
+from ahmount.vfs.disk_index import all_rows, data_version, set_rows
 
 keys = st.one_of(st.text(max_size=70), st.binary(max_size=40), st.integers(),
                  st.floats(allow_nan=False))
@@ -111,3 +111,23 @@ def test_set_rows_with_a_value_that_cannot_be_stored_changes_nothing(tmp_path: P
         with pytest.raises((pickle.PicklingError, AttributeError)):
             set_rows(index, [("a", 1), ("kept", 2), ("b", lambda: None)])
         assert dict(all_rows(index)) == {"kept": 1}
+
+
+def test_the_data_version_moves_when_another_connection_writes_and_only_then(
+        tmp_path: Path) -> None:
+    mine = diskcache.Cache(str(tmp_path / "index"))
+    other = diskcache.Cache(str(tmp_path / "index"))  # another process's connection
+    try:
+        seen = data_version(mine)
+        mine.set("a", 1)
+        set_rows(mine, [("b", 2)])
+        assert mine.get("a") == 1 and data_version(mine) == seen  # our own writes
+        other.set("a", 3)
+        moved = data_version(mine)
+        assert moved != seen
+        assert data_version(mine) == moved  # asking again changes nothing
+        other.get("a")  # another's read is no write
+        assert data_version(mine) == moved
+    finally:
+        mine.close()
+        other.close()

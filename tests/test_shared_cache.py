@@ -413,6 +413,35 @@ async def test_pages_are_shared_with_other_processes_and_counted_after_a_lease(
     second.close()
 
 
+async def test_a_process_holding_an_object_learns_the_pages_another_fetched_meanwhile(
+        tmp_path: Path) -> None:
+    """Both processes hold the object open throughout: what one fetches and records while
+    the other holds it is read by the other without fetching (a miss looks at the shared
+    index again whenever another process has written to it since its last look)."""
+    from ahmount.vfs.object_cache import PAGE
+
+    source = MemorySource(blob(9, 4 * BLOCK))
+    first, second = ObjectCache(tmp_path, 64 << 20), ObjectCache(tmp_path, 64 << 20)
+    first.pin(source.sha256)
+    second.pin(source.sha256)
+    try:
+        assert await second.read_pages(source, 0, 10) == source.data[:10]  # its record read
+        for n, at in enumerate((BLOCK + 5 * PAGE, 3 * BLOCK + PAGE)):
+            assert await first.read_pages(source, at, 4096) == source.data[at:at + 4096]
+            first.flush_index()
+            assert await second.read_pages(source, at + 8, 4096) == \
+                source.data[at + 8:at + 4104]
+            assert source.fetches == 2 + n  # second's first page, then first's pages only
+        assert await second.read_pages(source, 2 * BLOCK, 10) == \
+            source.data[2 * BLOCK:2 * BLOCK + 10]
+        assert source.fetches == 4  # nobody had that one
+    finally:
+        first.unpin(source.sha256)
+        second.unpin(source.sha256)
+        first.close()
+        second.close()
+
+
 async def test_a_block_fetched_whole_over_kept_pages_is_counted_once(tmp_path: Path) -> None:
     from ahmount.vfs.object_cache import PAGE
 

@@ -75,3 +75,11 @@ def set_rows(index: diskcache.Cache, items: Iterable[tuple[Any, Any]]) -> None:
             list(rows.values()))
         for key, value in large.values():
             index.set(key, value)
+
+
+def data_version(index: diskcache.Cache) -> int:
+    """SQLite's ``PRAGMA data_version`` of this thread's connection to ``index``: it changes
+    when any other connection (another process, another cache object) commits, and only
+    then. One statement, no table read: what tells a reader that a row it read before
+    cannot have changed meanwhile."""
+    return int(index._sql("PRAGMA data_version").fetchone()[0])

@@ -45,7 +45,7 @@ from ahmount.disposable_cache import clear_if_damaged
 from ahmount.errors import ChecksumMismatch
 from ahmount.transfer.hashes import run_stoppable
 from ahmount.vfs.cache_ledger import CacheLedger
-from ahmount.vfs.disk_index import all_rows, set_rows
+from ahmount.vfs.disk_index import all_rows, data_version, set_rows
 from ahmount.vfs.file_io import pread_unstalled, removal_lock
 from ahmount.vfs.file_io import pwritev_all as _pwritev_all
 from ahmount.vfs.file_io import split_buffers as _split
@@ -172,18 +172,32 @@ class Record:
                 total += bitmap.bit_count() * PAGE
         return max(total, 0)
 
+    def bytes_in(self, indexes: range | set[int]) -> int:
+        """:meth:`bytes_present` of blocks ``indexes`` alone: what a change to them adds is
+        counted without a walk of every page (a random reader's miss walked them all)."""
+        total = 0
+        for index in indexes:
+            if self.has(index):
+                total += max(min(BLOCK, self.size - index * BLOCK), 0)
+            else:
+                total += self.pages.get(index, 0).bit_count() * PAGE
+        return total
+
     def has_page(self, page: int) -> bool:
         index = page // PAGES_PER_BLOCK
         return self.has(index) or bool(self.pages.get(index, 0) >> (page % PAGES_PER_BLOCK) & 1)
 
-    def add_pages(self, first: int, last: int) -> None:
+    def add_pages(self, first: int, last: int) -> int:
         """Pages ``first..last`` are in the data file; a block whose every page is here
-        becomes a whole block."""
+        becomes a whole block. Returns how many bytes that adds to :meth:`bytes_present`."""
+        touched = range(first // PAGES_PER_BLOCK, last // PAGES_PER_BLOCK + 1)
+        before = self.bytes_in(touched)
         for page in range(first, last + 1):
             index = page // PAGES_PER_BLOCK
             if not self.has(index):
                 self.pages[index] = self.pages.get(index, 0) | 1 << (page % PAGES_PER_BLOCK)
-        self._promote({p // PAGES_PER_BLOCK for p in range(first, last + 1)})
+        self._promote(set(touched))
+        return self.bytes_in(touched) - before
 
 
 @dataclass
@@ -238,6 +252,11 @@ class ObjectCache:
         self._pin_leases: set[str] = set()
         self._leases: Counter[str] = Counter()
         self._lease_fds: dict[str, int] = {}  # O_RDWR, flock(LOCK_SH) held: reads and writes
+        #: The index's :func:`data_version` when a leased object's record was last read from
+        #: it: while it stands, no other process has written a record since, and a miss has
+        #: nothing to learn (reading and merging the record of a large object's scattered
+        #: pages cost a random miss more the longer its reader ran).
+        self._read_at: dict[str, int] = {}
         self._verifying: set[str] = set()
         self._rescanned = 0.0
         self._fetch_limit = trio.CapacityLimiter(8)
@@ -297,7 +316,12 @@ class ObjectCache:
 
     def _learn(self, sha: str, record: Record) -> None:
         """Take the blocks other processes recorded for a leased object (they are in the same
-        file: evicting it needs our lock)."""
+        file: evicting it needs our lock), unless none has written to the index since we
+        last read its record."""
+        version = data_version(self._index)  # before the read: a write after it is seen next
+        if self._read_at.get(sha) == version:
+            return
+        self._read_at[sha] = version
         known = _from_raw(self._index.get(sha))
         if known is not None and known.size == record.size and (
                 known.blocks & ~record.blocks or known.pages):
@@ -368,6 +392,7 @@ class ObjectCache:
             self._lease_fds[sha] = fd
             self._dirty.discard(sha)
             self._records.pop(sha, None)
+            self._read_at[sha] = data_version(self._index)
             record = _from_raw(self._index.get(sha))
             if record is not None:
                 if stat.st_size < min(record.size, record.blocks.bit_length() * BLOCK):
@@ -381,6 +406,7 @@ class ObjectCache:
             self._leases[sha] -= 1
             if not self._leases[sha]:
                 del self._leases[sha]
+                self._read_at.pop(sha, None)
             raise
 
     def _release(self, sha: str) -> None:
@@ -389,6 +415,7 @@ class ObjectCache:
             return
         del self._leases[sha]
         fd = self._lease_fds.pop(sha, None)
+        self._read_at.pop(sha, None)
         try:
             record = self._records.get(sha)
             if sha in self._dirty and record is not None:
@@ -670,10 +697,9 @@ class ObjectCache:
                     if start <= offset and end <= stop:
                         return bytes(data[offset - start:end - start])
                     return await self._read_uncached(source, offset, end)
-                before = record.bytes_present()
-                record.add_pages(missing[0], missing[-1])
+                added = record.add_pages(missing[0], missing[-1])
                 # Pages already here inside the fetched run were charged twice above.
-                self.ledger.credit(len(data) - (record.bytes_present() - before))
+                self.ledger.credit(len(data) - added)
                 self._dirty.add(sha)
                 if record.complete() and not record.verified:
                     await self._verify(sha, record, inline=source.size <= VERIFY_INLINE)
@@ -1103,10 +1129,11 @@ class ObjectCache:
         are present (or, when ``digest`` says the whole object arrived corrupted, none of
         it is kept); their waiting readers go on."""
         count = -(-size // BLOCK)
-        before = record.bytes_present()
+        touched = range(first, first + count)
+        before = record.bytes_in(touched)
         record.blocks |= ((1 << count) - 1) << first
         # Pages of these blocks that random reads kept were charged already.
-        self.ledger.credit(size - (record.bytes_present() - before))
+        self.ledger.credit(size - (record.bytes_in(touched) - before))
         for index in range(first, first + count):
             record.pages.pop(index, None)
         self._dirty.add(sha)
