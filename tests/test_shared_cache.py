@@ -19,7 +19,7 @@ import pytest
 import trio
 import trio.testing
 
-from ahmount.vfs.object_cache import BLOCK, ObjectCache, _from_raw
+from ahmount.vfs.object_cache import BLOCK, PAGE, ObjectCache, _from_raw
 
 
 class MemorySource:
@@ -260,7 +260,11 @@ def _stress(root: str, seed: int, rounds: int) -> None:
                 if pin:
                     cache.pin(source.sha256)
                 try:
-                    got = await cache.read(source, start, length)
+                    if rng.random() < 0.4:  # a random reader's: pages, learned from the others
+                        length = min(length, 3 * PAGE)
+                        got = await cache.read_pages(source, start, length)
+                    else:
+                        got = await cache.read(source, start, length)
                     assert got == source.data[start:start + length], "wrong bytes"
                 finally:
                     if pin:
@@ -365,7 +369,6 @@ async def test_random_reads_fetch_pages_and_keep_them(tmp_path: Path, direct: bo
     are kept, and a block whose pages all came becomes whole (and the object verified when
     every block is here). From a hub behind a socket, pages are read in a worker thread
     (``read_into``) as runs are."""
-    from ahmount.vfs.object_cache import PAGE
 
     # The last block is short.
     source = MemorySource(blob(7, 2 * BLOCK + 3 * PAGE + 100), direct=direct)
@@ -398,7 +401,6 @@ async def test_random_reads_fetch_pages_and_keep_them(tmp_path: Path, direct: bo
 
 async def test_pages_are_shared_with_other_processes_and_counted_after_a_lease(
         tmp_path: Path) -> None:
-    from ahmount.vfs.object_cache import PAGE
 
     source = MemorySource(blob(8, 4 * BLOCK))
     first = ObjectCache(tmp_path, 64 << 20)
@@ -418,7 +420,6 @@ async def test_a_process_holding_an_object_learns_the_pages_another_fetched_mean
     """Both processes hold the object open throughout: what one fetches and records while
     the other holds it is read by the other without fetching (a miss looks at the shared
     index again whenever another process has written to it since its last look)."""
-    from ahmount.vfs.object_cache import PAGE
 
     source = MemorySource(blob(9, 4 * BLOCK))
     first, second = ObjectCache(tmp_path, 64 << 20), ObjectCache(tmp_path, 64 << 20)
@@ -443,7 +444,6 @@ async def test_a_process_holding_an_object_learns_the_pages_another_fetched_mean
 
 
 async def test_a_block_fetched_whole_over_kept_pages_is_counted_once(tmp_path: Path) -> None:
-    from ahmount.vfs.object_cache import PAGE
 
     source = MemorySource(blob(9, 2 * BLOCK))
     cache = ObjectCache(tmp_path, 64 << 20)
@@ -463,7 +463,6 @@ async def test_a_full_disk_serves_random_reads_from_the_hub(
     """Pages share the block path's write: a disk that is full under the cache answers the
     read from what arrived (not EIO), and keeps nothing."""
     import ahmount.vfs.object_cache as module
-    from ahmount.vfs.object_cache import PAGE
 
     fill_the_disk(monkeypatch, module, "_pwritev_all")
     source = MemorySource(blob(10, 2 * BLOCK), direct=direct)
@@ -482,7 +481,6 @@ async def test_a_random_read_with_no_room_in_the_cache_still_answers(
         tmp_path: Path, direct: bool) -> None:
     """A page that does not fit the cache's bound (everything else in use) is read from the
     hub and answered, uncounted and unkept, and the next read of it asks the hub again."""
-    from ahmount.vfs.object_cache import PAGE
 
     source = MemorySource(blob(12, 2 * BLOCK), direct=direct)
     cache = ObjectCache(tmp_path, PAGE // 2)  # not even one page fits
@@ -640,7 +638,6 @@ async def test_a_fill_limit_of_zero_fetches_only_what_is_read(tmp_path: Path) ->
 async def _miss_every_other_page(cache: ObjectCache, source: MemorySource, count: int) -> None:
     """``count`` random-path reads of distinct pages (every other one), with background work
     started in a nursery that is waited for: any fill they start has finished on return."""
-    from ahmount.vfs.object_cache import PAGE
 
     async with trio.open_nursery() as nursery:
         cache.set_spawner(lambda name, fn: nursery.start_soon(fn, name=name))
