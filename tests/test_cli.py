@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
@@ -345,28 +347,75 @@ def _bytes_read(pid: int) -> int:
     return 0
 
 
-def test_ctrl_c_while_a_huge_file_is_hashed_stops_at_once_and_commits_nothing(
-        tmp_path: Path) -> None:
-    """The hash of a file runs in a worker thread, and Ctrl-C waited for it to end: for a
-    20 GiB file, 2.5 minutes. It now stops the hash at its next chunk."""
+def _hashing_a_huge_file(tmp_path: Path) -> subprocess.Popen[str]:
+    """``ah commit`` of a 1 TiB file (holes: read at memory speed, for many minutes), once
+    its hash is under way."""
     from tests.conftest import wait_until
 
     ah("create", "model/llm")
     ah("create", "model/llm/gpt2")
     huge = tmp_path / "huge.bin"
     with huge.open("wb") as handle:
-        handle.truncate(1 << 40)  # 1 TiB of holes: read at memory speed, for many minutes
+        handle.truncate(1 << 40)
     proc = subprocess.Popen([command("ah"), "commit", "model/llm/gpt2:main", "-m", "huge",
                              "-a", str(huge)], stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: _bytes_read(proc.pid) > (256 << 20), timeout=60,
                    what="the hash to be under way")
-        proc.send_signal(2)  # SIGINT, as Ctrl-C sends it
-        assert proc.wait(timeout=30) == 130
-        assert "ah: interrupted" in (proc.stderr.read() if proc.stderr else "")
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc
+
+
+def _interrupted(proc: subprocess.Popen[str]) -> str:
+    """Ctrl-C ``proc``; its stderr once it stopped (30 s at most: if it is stuck, the
+    failure shows every thread's stack)."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        code = proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=2)
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"ah did not stop within 30 s of Ctrl-C:\n{err}")
+    err = proc.stderr.read() if proc.stderr else ""
+    assert code == 130, err
+    assert "ah: interrupted" in err
+    return err
+
+
+def test_ctrl_c_while_a_huge_file_is_hashed_stops_at_once_and_commits_nothing(
+        tmp_path: Path) -> None:
+    """The hash of a file runs in a worker thread, and Ctrl-C waited for it to end: for a
+    20 GiB file, 2.5 minutes. It now stops the hash at its next chunk."""
+    proc = _hashing_a_huge_file(tmp_path)
+    try:
+        _interrupted(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     listed = ah("log", "model/llm/gpt2:main").stdout
     assert "huge" not in listed
+
+
+def test_sigusr1_shows_where_a_command_is_and_it_goes_on(tmp_path: Path) -> None:
+    """A command that seems stuck says where, and is not stopped by being asked."""
+    from tests.conftest import wait_until
+
+    proc = _hashing_a_huge_file(tmp_path)
+    try:
+        proc.send_signal(signal.SIGUSR1)
+        before = _bytes_read(proc.pid)
+        wait_until(lambda: _bytes_read(proc.pid) > before + (256 << 20), timeout=60,
+                   what="the hash to go on")
+        err = _interrupted(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Current thread" in err and "in hash_file" in err, err

@@ -9,9 +9,11 @@ dicts with ``--json``); errors print one line to stderr and exit with the code
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -845,6 +847,9 @@ def cmd_completion(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # A command that seems stuck says where: `kill -USR1 PID` prints every thread's stack to
+    # its stderr, and it goes on.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     parser = build_parser()
     completion.autocomplete(parser)  # a shell asking for completions: answered, then exit
     args, unknown = parser.parse_known_args(argv)
