@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -30,7 +31,14 @@ from ahmount.errors import (
     UnknownChanges,
 )
 from ahmount.hub.models import AssetAddr, FolderAddr, ObjectEntry
-from tests.conftest import HubProcess, PostgresCluster, S3Server, scale_args, small_disk
+from tests.conftest import (
+    HubProcess,
+    PostgresCluster,
+    S3Server,
+    scale_args,
+    small_disk,
+    wait_until,
+)
 from tests.proxies import BodyCutter, Scripted, scripted_server
 from tests.test_file_io import evict_from_memory
 
@@ -1078,6 +1086,23 @@ async def test_a_declared_body_over_the_limit_is_413_before_it_is_read(
             answer += chunk.decode(errors="replace")
     assert answer.startswith("HTTP/1.1 413"), answer[:200]
     assert "too_large" in answer
+
+
+def test_sigusr1_shows_where_every_thread_of_the_hub_is_and_it_goes_on(
+        tmp_path: Path) -> None:
+    server = HubProcess(tmp_path / "hub")
+    server.start()
+    try:
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGUSR1)
+        wait_until(lambda: "Current thread" in server.log_path.read_text(),
+                   what="the stacks in the hub's log")
+        stacks = server.log_path.read_text()
+        assert "ahmount/server/main.py" in stacks and "trio/_core" in stacks  # its loop
+        assert server.proc.poll() is None
+        assert httpx.get(server.url + "/healthz", timeout=5).status_code == 200
+    finally:
+        server.stop()
 
 
 def test_slow_and_idle_clients_are_cut_off(tmp_path: Path) -> None:

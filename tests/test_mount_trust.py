@@ -8,6 +8,7 @@ import json
 import os
 import re
 import resource
+import signal
 import socket
 import stat
 import struct
@@ -76,6 +77,18 @@ def test_a_control_client_that_hangs_up_leaves_the_mount_up(mount_factory: Mount
     assert m.alive() and m.control("status")["pid"] == m.pid
     assert (branch / "big.bin").stat().st_size == 32 << 20
     assert "Traceback" not in mount_log()
+
+
+def test_sigusr1_logs_where_every_thread_of_the_daemon_is_and_it_goes_on(
+        mount_factory: Mounter) -> None:
+    m = mount_factory()
+    assert m.pid is not None
+    os.kill(m.pid, signal.SIGUSR1)
+    wait_until(lambda: "Current thread" in mount_log(), what="the stacks in the log")
+    stacks = mount_log()
+    assert "ahmount/mount/daemon.py" in stacks and "trio/_core" in stacks  # its loop
+    assert m.alive() and m.control("status")["pid"] == m.pid
+    assert "v1" in os.listdir(m.mountpoint / "model/llm/gpt2")
 
 
 @pytest.mark.expect_traceback

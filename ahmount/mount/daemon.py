@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import faulthandler
 import logging
 import logging.handlers
 import os
@@ -126,6 +127,10 @@ def _setup_logging(level: str, foreground: bool) -> Path:
         root = logging.getLogger()
         root.handlers = [h for h in root.handlers
                          if isinstance(h, logging.handlers.RotatingFileHandler)]
+    # A daemon that seems stuck says where: `kill -USR1 PID` appends every thread's stack to
+    # the log (the file as it is now: after a rotation, its older name), and it goes on.
+    # The file stays open for the process's life: faulthandler writes to its descriptor.
+    faulthandler.register(signal.SIGUSR1, file=path.open("a"), all_threads=True)
     return path
 
 

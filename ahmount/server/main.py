@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import logging
 import os
 import signal
@@ -156,6 +157,9 @@ def _bind(config: Config, listen: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(args.log_level)
+    # A hub that seems stuck says where: `kill -USR1 PID` prints every thread's stack on
+    # stderr (the journal, under systemd), and it goes on.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     data_dir: Path = args.data or dirs().data / "hub"
     s3 = S3Options(args.s3_endpoint, args.s3_region, args.s3_access_key, args.s3_secret_key,
                    args.s3_presign)
