@@ -22,14 +22,9 @@ from typing import Any
 
 import diskcache
 
+from ahmount.sqlite_damage import damaged
+
 log = logging.getLogger("ahmount.cache")
-
-
-def damaged(exc: BaseException | None) -> bool:
-    """Whether ``exc`` is SQLite saying a database file is damaged (not one, or corrupt),
-    rather than busy, locked or failing to read it."""
-    return isinstance(exc, sqlite3.DatabaseError) and getattr(exc, "sqlite_errorcode", None) \
-        in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 
 def open_index(directory: Path, what: str, **settings: Any) -> diskcache.Cache:

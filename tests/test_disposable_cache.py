@@ -5,6 +5,7 @@ on a damaged cache is in ``test_mount_trust.py``."""
 from __future__ import annotations
 
 import logging
+import sqlite3
 from pathlib import Path
 
 import diskcache
@@ -12,6 +13,7 @@ import pytest
 
 from ahmount.disposable_cache import clear_if_damaged, open_index
 from ahmount.errors import InternalError
+from ahmount.sqlite_damage import damaged
 from ahmount.vfs.change_queue import ChangeQueue
 from ahmount.vfs.object_cache import ObjectCache, object_indexes
 
@@ -71,3 +73,27 @@ def test_a_damaged_queue_is_refused_by_name_and_kept(tmp_path: Path) -> None:
                        "is damaged .*nothing was removed.*move .* aside"):
         ChangeQueue(root)
     assert (root / "queue.db").exists()
+
+
+def test_only_a_damaged_file_counts_as_damage_not_a_busy_one(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.db"
+    with sqlite3.connect(broken) as made:
+        made.execute("CREATE TABLE t (x)")
+    made.close()
+    damage(broken)
+    with pytest.raises(sqlite3.DatabaseError) as not_a_database:
+        sqlite3.connect(broken).execute("SELECT * FROM t")
+    assert damaged(not_a_database.value)
+
+    busy = tmp_path / "busy.db"
+    holder = sqlite3.connect(busy, isolation_level=None)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(sqlite3.OperationalError) as locked:
+            sqlite3.connect(busy, timeout=0).execute("SELECT * FROM t")
+        assert not damaged(locked.value)  # in use by another process: not damage
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert not damaged(None) and not damaged(OSError(5, "I/O error"))

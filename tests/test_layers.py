@@ -32,6 +32,9 @@ FORBIDDEN: dict[str, set[str]] = {
     "names": {"client", "vfs", "mount", "cli", "server", "hub", "transfer", "ah", "ahfs"},
     "errors": {"client", "vfs", "mount", "cli", "server", "hub", "transfer", "ah", "ahfs",
                "names"},
+    # used by the caches (vfs, transfer) and by the hub's store alike: it imports neither
+    "sqlite_damage": {"client", "vfs", "mount", "cli", "server", "hub", "transfer", "ah",
+                      "ahfs", "names"},
 }
 #: The one module allowed to wire the embedded hub (service + ASGI app) into a client.
 EMBEDDED_WIRING = "client/embedded.py"

@@ -26,8 +26,8 @@ from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from ahmount.disposable_cache import damaged
 from ahmount.errors import HubUnavailable, InternalError, StorageFull
+from ahmount.sqlite_damage import damaged
 
 log = logging.getLogger("ahmount.hub")
 

@@ -39,8 +39,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import quote
 
-from ahmount.disposable_cache import damaged
 from ahmount.errors import Conflict, InternalError
+from ahmount.sqlite_damage import damaged
 
 log = logging.getLogger("ahmount.vfs")
 
