@@ -700,6 +700,37 @@ async def test_readers_of_a_run_read_directly_go_on_as_its_first_pieces_arrive(
         cache.close()
 
 
+async def test_a_random_read_of_blocks_being_fetched_whole_does_not_wait_for_them(
+        tmp_path: Path) -> None:
+    """A fill fetches blocks in runs of 16 MiB; a random reader whose block was in one got
+    its bytes only once the run's 4 MiB piece holding it was written (40 ms from a hub
+    sending 100 MB/s). It now asks for its page on its own, and keeps nothing of it."""
+    import threading
+
+    go_on = threading.Event()
+    source = MemorySource(blob(23, 12 * BLOCK), direct=True,
+                          between=lambda done: go_on.wait(10) or None)
+    cache = ObjectCache(tmp_path, 64 << 20)
+    cache.pin(source.sha256)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cache.ensure, source, 0, 11)
+            await trio.testing.wait_all_tasks_blocked()  # the run is held back in its thread
+            at = 10 * BLOCK + 3 * PAGE + 5  # a block the hub has not sent yet
+            with trio.fail_after(5):
+                assert await cache.read_pages(source, at, 4096) == source.data[at:at + 4096]
+            assert source.fetches == 2  # the run, and the page
+            record = cache._records[source.sha256]
+            assert not record.has(10) and 10 not in record.pages  # the run will hold it
+            go_on.set()
+        assert cache._records[source.sha256].complete()
+        assert cache.used_bytes() == source.size  # the page was never counted
+    finally:
+        go_on.set()
+        cache.unpin(source.sha256)
+        cache.close()
+
+
 async def test_a_run_read_directly_never_waits_for_the_trio_thread(tmp_path: Path) -> None:
     """The thread posts each piece to be marked and reads on: a trio thread busy answering
     the kernel must not stall the hub's stream (its sends stop while nobody reads)."""
