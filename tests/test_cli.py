@@ -347,6 +347,21 @@ def _bytes_read(pid: int) -> int:
     return 0
 
 
+def _as_a_terminals_job() -> None:
+    """In the child, before its exec: SIGINT as a terminal's foreground job gets it. Tests
+    run from a background job of a script (`.ci/run &`) inherit it ignored, and an ignored
+    signal stays ignored across exec: Ctrl-C then never reached ah at all."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _signals(pid: int) -> str:
+    """The signals process ``pid`` blocks, ignores and catches (hex masks)."""
+    with contextlib.suppress(OSError):
+        return " ".join(line.strip() for line in Path(f"/proc/{pid}/status").open()
+                        if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
+    return "gone"
+
+
 def _hashing_a_huge_file(tmp_path: Path) -> subprocess.Popen[str]:
     """``ah commit`` of a 1 TiB file (holes: read at memory speed, for many minutes), once
     its hash is under way."""
@@ -358,7 +373,8 @@ def _hashing_a_huge_file(tmp_path: Path) -> subprocess.Popen[str]:
     with huge.open("wb") as handle:
         handle.truncate(1 << 40)
     proc = subprocess.Popen([command("ah"), "commit", "model/llm/gpt2:main", "-m", "huge",
-                             "-a", str(huge)], stderr=subprocess.PIPE, text=True)
+                             "-a", str(huge)], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_as_a_terminals_job)
     try:
         wait_until(lambda: _bytes_read(proc.pid) > (256 << 20), timeout=60,
                    what="the hash to be under way")
@@ -376,12 +392,13 @@ def _interrupted(proc: subprocess.Popen[str]) -> str:
     try:
         code = proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
+        signals = _signals(proc.pid)
         proc.send_signal(signal.SIGUSR1)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=2)
         proc.kill()
         _, err = proc.communicate()
-        pytest.fail(f"ah did not stop within 30 s of Ctrl-C:\n{err}")
+        pytest.fail(f"ah did not stop within 30 s of Ctrl-C ({signals}):\n{err}")
     err = proc.stderr.read() if proc.stderr else ""
     assert code == 130, err
     assert "ah: interrupted" in err
