@@ -102,6 +102,15 @@ class Scripted(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass
 
+    def answer(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        """Answer ``status`` with ``body`` (its length said) and ``headers``."""
+        self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
 
 @contextlib.contextmanager
 def scripted_server(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:

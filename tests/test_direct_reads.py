@@ -206,17 +206,12 @@ def flaky_hub() -> Iterator[tuple[str, list[int]]]:
 
         def do_GET(self) -> None:
             if not sent:
-                body = b'{"error": {"code": "unavailable", "message": "busy"}}'
                 sent.append(503)
-                self.send_response(503)
+                self.answer(503, b'{"error": {"code": "unavailable", "message": "busy"}}')
             else:
                 first, last = self.headers["range"].removeprefix("bytes=").split("-")
-                body = DATA[int(first):int(last) + 1]
                 sent.append(206)
-                self.send_response(206)
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+                self.answer(206, DATA[int(first):int(last) + 1])
 
     with scripted_server(Handler) as url:
         yield url, sent

@@ -147,12 +147,7 @@ class _MangledHub(Scripted):
             kind = "text/event-stream"
         else:
             body, kind = json.dumps(self.pages.pop(0)), "application/json"
-        data = body.encode()
-        self.send_response(200)
-        self.send_header("content-type", kind)
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        self.answer(200, body.encode(), {"content-type": kind})
 
 
 @pytest.fixture

@@ -795,12 +795,8 @@ class _Portal(Scripted):
     """What a captive portal or a misrouted proxy answers to anything: 200 and a page."""
 
     def do_GET(self) -> None:
-        body = b"<html><body>Sign in to continue</body></html>"
-        self.send_response(200)
-        self.send_header("content-type", "text/html")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self.answer(200, b"<html><body>Sign in to continue</body></html>",
+                    {"content-type": "text/html"})
 
 
 async def test_a_page_in_place_of_the_hubs_answer_is_the_hub_failing() -> None:
@@ -822,11 +818,7 @@ class _Twice(Scripted):
         self.rfile.read(int(self.headers["content-length"]))
         body = b"".join(json.dumps([{"path": p, "size": 1}]).encode() + b"\n" + p.encode()
                         for p in ("a", "a", "b"))
-        self.send_response(200)
-        self.send_header("x-ah-batch", "grouped")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self.answer(200, body, {"x-ah-batch": "grouped"})
 
 
 async def test_a_batch_that_sends_an_object_twice_still_gives_each_one() -> None:
