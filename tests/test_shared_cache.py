@@ -9,7 +9,8 @@ import errno
 import hashlib
 import multiprocessing
 import random
-from collections.abc import AsyncIterator, Callable
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from types import ModuleType
@@ -668,36 +669,56 @@ async def test_a_run_read_directly_is_kept_whole_and_verified_as_it_arrives(
         cache.close()
 
 
+@asynccontextmanager
+async def a_run_held_back(tmp_path: Path, seed: int) -> AsyncIterator[
+        tuple[MemorySource, ObjectCache, Callable[[], Awaitable[None]]]]:
+    """A cache fetching a 12-block object in one direct run (``ensure`` of every block),
+    whose hub has sent the first piece and holds back the rest until ``release()``, which
+    returns once the run has ended. The cache is closed on the way out."""
+    go_on = threading.Event()
+    source = MemorySource(blob(seed, 12 * BLOCK), direct=True,
+                          between=lambda done: go_on.wait(10) or None)
+    cache = ObjectCache(tmp_path, 64 << 20)
+    cache.pin(source.sha256)
+    ended = trio.Event()
+
+    async def run() -> None:
+        await cache.ensure(source, 0, 11)
+        ended.set()
+
+    async def release() -> None:
+        go_on.set()
+        await ended.wait()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            await trio.testing.wait_all_tasks_blocked()  # the run is held back in its thread
+            try:
+                yield source, cache, release
+            finally:
+                go_on.set()
+    finally:
+        cache.unpin(source.sha256)
+        cache.close()
+
+
 async def test_readers_of_a_run_read_directly_go_on_as_its_first_pieces_arrive(
         tmp_path: Path) -> None:
     """A long read-ahead run does not hold up the reader of its first blocks: each piece
     is marked present (and its waiters woken) as it is written."""
-    import threading
-
     from ahmount.vfs.object_cache import WRITE_BATCH
 
-    go_on = threading.Event()
-    source = MemorySource(blob(22, 12 * BLOCK), direct=True,
-                          between=lambda done: go_on.wait(10) or None)
-    cache = ObjectCache(tmp_path, 64 << 20)
-    cache.pin(source.sha256)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(cache.ensure, source, 0, 11)
-            await trio.testing.wait_all_tasks_blocked()  # the run is in its thread
-            with trio.fail_after(10):  # not marked until the run ended: never answered
-                assert await cache.read(source, 5, 100) == source.data[5:105]
-            assert source.fetches == 1  # the reader waited for the run, fetched nothing
-            record = cache._records[source.sha256]
-            assert not record.complete()  # the rest is still held back by the hub
-            assert all(record.has(b) for b in range(WRITE_BATCH // BLOCK))
-            go_on.set()
+    async with a_run_held_back(tmp_path, 22) as (source, cache, release):
+        with trio.fail_after(10):  # not marked until the run ended: never answered
+            assert await cache.read(source, 5, 100) == source.data[5:105]
+        assert source.fetches == 1  # the reader waited for the run, fetched nothing
+        record = cache._records[source.sha256]
+        assert not record.complete()  # the rest is still held back by the hub
+        assert all(record.has(b) for b in range(WRITE_BATCH // BLOCK))
+        await release()
         assert cache._records[source.sha256].complete() and source.direct_reads == 1
         assert cache.used_bytes() == source.size
-    finally:
-        go_on.set()
-        cache.unpin(source.sha256)
-        cache.close()
 
 
 async def test_a_random_read_of_blocks_being_fetched_whole_does_not_wait_for_them(
@@ -705,37 +726,21 @@ async def test_a_random_read_of_blocks_being_fetched_whole_does_not_wait_for_the
     """A fill fetches blocks in runs of 16 MiB; a random reader whose block was in one got
     its bytes only once the run's 4 MiB piece holding it was written (40 ms from a hub
     sending 100 MB/s). It now asks for its page on its own, and keeps nothing of it."""
-    import threading
-
-    go_on = threading.Event()
-    source = MemorySource(blob(23, 12 * BLOCK), direct=True,
-                          between=lambda done: go_on.wait(10) or None)
-    cache = ObjectCache(tmp_path, 64 << 20)
-    cache.pin(source.sha256)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(cache.ensure, source, 0, 11)
-            await trio.testing.wait_all_tasks_blocked()  # the run is held back in its thread
-            at = 10 * BLOCK + 3 * PAGE + 5  # a block the hub has not sent yet
-            with trio.fail_after(5):
-                assert await cache.read_pages(source, at, 4096) == source.data[at:at + 4096]
-            assert source.fetches == 2  # the run, and the page
-            record = cache._records[source.sha256]
-            assert not record.has(10) and 10 not in record.pages  # the run will hold it
-            go_on.set()
+    async with a_run_held_back(tmp_path, 23) as (source, cache, release):
+        at = 10 * BLOCK + 3 * PAGE + 5  # a block the hub has not sent yet
+        with trio.fail_after(5):
+            assert await cache.read_pages(source, at, 4096) == source.data[at:at + 4096]
+        assert source.fetches == 2  # the run, and the page
+        record = cache._records[source.sha256]
+        assert not record.has(10) and 10 not in record.pages  # the run will hold it
+        await release()
         assert cache._records[source.sha256].complete()
         assert cache.used_bytes() == source.size  # the page was never counted
-    finally:
-        go_on.set()
-        cache.unpin(source.sha256)
-        cache.close()
 
 
 async def test_a_run_read_directly_never_waits_for_the_trio_thread(tmp_path: Path) -> None:
     """The thread posts each piece to be marked and reads on: a trio thread busy answering
     the kernel must not stall the hub's stream (its sends stop while nobody reads)."""
-    import threading
-
     all_read = threading.Event()
 
     class Source(MemorySource):
@@ -760,8 +765,6 @@ async def test_a_run_read_directly_never_waits_for_the_trio_thread(tmp_path: Pat
 
 async def test_a_run_read_directly_stops_when_its_reader_is_cancelled(tmp_path: Path) -> None:
     """The worker thread stops at the next piece; what arrived stays, nothing else counts."""
-    import threading
-
     from ahmount.vfs.object_cache import WRITE_BATCH
 
     first_piece, go_on = threading.Event(), threading.Event()
