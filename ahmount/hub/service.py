@@ -998,7 +998,7 @@ class HubService:
         adds: Sequence[Any] = (),
     ) -> int:
         """Record uncommitted changes of a branch under ``session``; returns how many."""
-        _check_session(session)
+        _check_token(session, "session")
         clean_deletes, clean_adds = self._parse_changes(actor, deletes, adds)
         now = time.time()
         rows: list[dict[str, Any]] = [
@@ -1028,7 +1028,7 @@ class HubService:
         ``session`` (a client undoing what it staged for a commit that did not happen);
         returns how many were dropped."""
         if session is not None:
-            _check_session(session)
+            _check_token(session, "session")
         with self.metadata.write() as tx:
             asset, ref = self._branch(tx, actor, addr, branch)
             return tx.clear_changes(asset["id"], ref["name"], session)
@@ -1074,9 +1074,9 @@ class HubService:
         if not isinstance(metadata, dict):
             raise InvalidArgument(f"commit metadata of {addr.at(branch)} must be an object")
         if session:
-            _check_session(session)
+            _check_token(session, "session")
         if idempotency_key:
-            _check_idempotency_key(idempotency_key)
+            _check_token(idempotency_key, "Idempotency-Key", ascii_only=True)
         extra_deletes, extra_adds = self._parse_changes(actor, deletes, adds)
         expected = _parse_expect(expect or {})
         # Commits to one branch through this process take turns: racing them optimistically
@@ -1476,14 +1476,6 @@ def _limit(limit: Any) -> int:
     return limit
 
 
-def _check_idempotency_key(key: Any) -> str:
-    if not isinstance(key, str) or not 1 <= len(key) <= 64 or not key.isprintable() or \
-            not key.isascii():
-        raise InvalidArgument("Idempotency-Key must be a printable ASCII string of 1 to 64 "
-                              "characters")
-    return key
-
-
 def _answered(tx: MetaTx, done: dict[str, Any], key: str, addr: AssetAddr,
               branch: str) -> CommitInfo | None:
     """The answer a commit request with the idempotency ``key`` got the first time
@@ -1499,7 +1491,11 @@ def _answered(tx: MetaTx, done: dict[str, Any], key: str, addr: AssetAddr,
     return _commit(row)
 
 
-def _check_session(session: Any) -> str:
-    if not isinstance(session, str) or not 1 <= len(session) <= 64 or not session.isprintable():
-        raise InvalidArgument("session must be a printable string of 1 to 64 characters")
-    return session
+def _check_token(value: Any, what: str, ascii_only: bool = False) -> str:
+    """A client's name for something of its own (a staging session, a request's
+    ``Idempotency-Key``): a printable string of 1 to 64 characters (ASCII, for a header)."""
+    kind = "printable ASCII string" if ascii_only else "printable string"
+    if not isinstance(value, str) or not 1 <= len(value) <= 64 or not value.isprintable() or \
+            (ascii_only and not value.isascii()):
+        raise InvalidArgument(f"{what} must be a {kind} of 1 to 64 characters")
+    return value
