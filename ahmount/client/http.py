@@ -162,7 +162,7 @@ class HttpSession:
         without the API key; a failure on the way raises :class:`Retryable` at once and
         says nothing of whether the hub's API is reachable. ``repeatable``: a request of
         another method that is safe to send again after a failure on the way, as GET is (a
-        commit with a request id, whose repeat gets the first answer)."""
+        commit with an ``Idempotency-Key``, whose repeat gets the first answer)."""
         idempotent = repeatable or method in ("GET", "HEAD", "PUT", "DELETE")
         self._fail_fast(method, url)
         attempt = 0
