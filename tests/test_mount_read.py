@@ -458,6 +458,39 @@ def test_ah_refresh_shows_a_file_changed_elsewhere_at_once_and_whole(
     assert os.stat(branch / "v1.json").st_size == 27
 
 
+def test_small_files_already_here_are_handed_to_the_kernel_at_open(
+        mount_factory: Mounter, tmp_path: Path) -> None:
+    """A small file whose bytes the cache holds is given to the kernel's page cache by its
+    first open, so reading it asks the daemon nothing (a loader's second epoch on a new
+    mount); its bytes are right, and a change made elsewhere still shows, whole."""
+    files = {f"d/f{i}.bin": os.urandom(3000 + 97 * i) for i in range(12)}
+    for name, data in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    ah.create("dataset/kept")
+    ah.create("dataset/kept/small")
+    ah.commit("dataset/kept/small", msg="small",
+              add={str(tmp_path / name): name for name in files})
+    m = mount_factory("--refresh", "3600", "--no-change-feed")
+    main = m.mountpoint / "dataset/kept/small/main"
+    for name, data in files.items():  # fetched, into the cache
+        assert (main / name).read_bytes() == data
+    m.stop()
+    m = mount_factory("--refresh", "3600", "--no-change-feed")  # the same cache, kept
+    main = m.mountpoint / "dataset/kept/small/main"
+    before = m.control("stats")["fuse_ops"]
+    for name, data in files.items():
+        assert (main / name).read_bytes() == data
+    after = m.control("stats")["fuse_ops"]
+    assert after["open"] - before.get("open", 0) == len(files)
+    assert after.get("read", 0) == before.get("read", 0)
+    (tmp_path / "longer.bin").write_bytes(b"x" * 5000)
+    ah.commit("dataset/kept/small", msg="elsewhere",
+              add={str(tmp_path / "longer.bin"): "d/f0.bin"})
+    m.control("refresh")
+    assert (main / "d/f0.bin").read_bytes() == b"x" * 5000
+
+
 def test_the_kernel_keeps_a_listing_while_it_shows_the_same_commit(
         mount_factory: Mounter, populated: Path, tmp_path: Path) -> None:
     """A directory listed again is answered by the kernel (no readdir reaches the mount)

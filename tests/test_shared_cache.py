@@ -985,3 +985,38 @@ async def test_a_stored_object_is_read_from_memory_until_read_to_its_end(
         assert set(cache._fresh) == {s.sha256 for s in many[-len(cache._fresh):]}
     finally:
         cache.close()
+
+
+async def test_a_small_object_here_is_read_whole_without_asking_the_hub(
+        tmp_path: Path) -> None:
+    """``read_if_here`` (what a mount hands its kernel at open): all of a small object kept
+    in memory or in a pack, this process's or another's, counted as a hit; None, with
+    nothing fetched and nothing waited for, for one not here, one being fetched, one too
+    large for a pack and an empty one."""
+    sources = small_objects(35, 3)
+    [large] = larger_objects(36, 1)
+    cache = ObjectCache(tmp_path, 64 << 20)
+    try:
+        assert await cache.read_if_here(sources[0]) is None
+        await cache.store([(s.sha256, s.data) for s in [*sources[:2], large]])
+        hits = cache.stats.hits
+        assert await cache.read_if_here(sources[0]) == sources[0].data  # from memory
+        assert sources[0].sha256 not in cache._fresh
+        assert await cache.read_if_here(sources[0]) == sources[0].data  # from its pack
+        assert cache.stats.hits == hits + 2
+        assert cache.claim([(sources[2].sha256, sources[2].size)]) == [sources[2].sha256]
+        with trio.fail_after(5):
+            assert await cache.read_if_here(sources[2]) is None
+        cache.settle([sources[2].sha256])
+        assert cache.is_complete(large.sha256, large.size)
+        assert await cache.read_if_here(large) is None
+        assert await cache.read_if_here(MemorySource(b"")) is None
+        assert sum(s.fetches for s in [*sources, large]) == 0
+    finally:
+        cache.close()
+    other = ObjectCache(tmp_path, 64 << 20)
+    try:
+        assert await other.read_if_here(sources[1]) == sources[1].data
+        assert sources[1].fetches == 0
+    finally:
+        other.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import stat
 from typing import Any
@@ -34,6 +35,8 @@ from ahmount.vfs.handles import Handle, ReadHandle, WriteHandle
 from ahmount.vfs.layout import Key
 from ahmount.vfs.resources import XATTR_PREFIX
 from ahmount.vfs.tree import Node, shown_permissions
+
+log = logging.getLogger("ahmount.mount")
 
 LISTED_ENTRIES_MAX = 100_000  # listed entries of commits whose replies are kept
 _MISSING: Any = object()
@@ -79,6 +82,8 @@ class AssetFS(pyfuse3.Operations):
         #: :meth:`_let_kernel_keep`).
         self._kernel_listings: dict[int, tuple[str, bool, float, int]] = {}
         self.op_counts: dict[str, int] = {}
+        #: Inodes whose first open handed the kernel their bytes, or found them not here.
+        self._stored: set[int] = set()
 
     def shows_hub_file(self, ino: int) -> bool:
         """True for an inode that showed a file of the hub (what the change feed may
@@ -87,6 +92,7 @@ class AssetFS(pyfuse3.Operations):
 
     def _dropped(self, ino: int) -> None:
         self._served_sha.pop(ino, None)
+        self._stored.discard(ino)
         self._kernel_listings.pop(ino, None)
 
     def _count(self, op: str) -> None:
@@ -344,7 +350,23 @@ class AssetFS(pyfuse3.Operations):
         write = bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND))
         handle = await self.vfs.open(self.inodes.key(inode), write=write,
                                      truncate=bool(flags & os.O_TRUNC))
-        return self._opened(inode, handle)
+        info = self._opened(inode, handle)
+        if info.keep_cache and inode not in self._stored and not flags & os.O_DIRECT:
+            await self._store_in_kernel(inode, handle)
+        return info
+
+    async def _store_in_kernel(self, inode: int, handle: Handle) -> None:
+        """Hand the kernel's page cache a small file's bytes at its first open, when they
+        are here already: its reads then ask the daemon nothing (one request per file
+        less, the one a loader waits on). Once per inode: after that the kernel keeps them
+        (the open says keep_cache) or, having dropped them, asks with reads as usual."""
+        try:
+            data = await self.vfs.read_whole_if_here(handle)
+            if data is not None:
+                pyfuse3.notify_store(inode, 0, data)
+        except OSError as exc:  # the cache's disk, or a kernel without the call: read later
+            log.debug("bytes of inode %d not handed to the kernel at open: %s", inode, exc)
+        self._stored.add(inode)
 
     @fuse_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,

@@ -267,6 +267,14 @@ class VFS:
             return (await pread_unstalled(handle.fd, size, offset))[0]
         return await handle.read(self.cache, offset, size)
 
+    async def read_whole_if_here(self, handle: Handle) -> bytes | None:
+        """All the bytes of a file opened from the hub when they are small and here already
+        (:meth:`ObjectCache.read_if_here`), else None."""
+        handle = self._live(handle)
+        if not isinstance(handle, ReadHandle):
+            return None
+        return await self.cache.read_if_here(handle.source)
+
     def write(self, handle: Handle, offset: int, data: bytes) -> int:
         handle = self._live(handle)
         if not isinstance(handle, WriteHandle) or not handle.may_write:

@@ -616,6 +616,24 @@ class ObjectCache:
             self._drop(source.sha256)  # our lease is gone; unless another reader has it open
             raise
 
+    async def read_if_here(self, source: Source) -> bytes | None:
+        """All of a small object (a pack's size at most) when its bytes are here already, in
+        memory or in a pack, else None: nothing is asked of the hub, nothing waits for a
+        fetch in flight. What a front end with its own page cache can fill it with at open,
+        so that the reads after it ask nothing (see ``AssetFS.open``)."""
+        sha, size = source.sha256, source.size
+        if not 0 < size <= PACK_OBJECT or (sha, 0) in self._inflight:
+            return None
+        fresh = self._fresh.get(sha)
+        if fresh is not None and len(fresh) == size:
+            self._forget_fresh(sha)
+            data: bytes | None = fresh
+        else:
+            data = await self._packs.read(sha, size, 0, size)
+        if data is not None:
+            self._count_hit(sha, waited=False)
+        return data
+
     def note_cold_open(self, sha: str) -> None:
         """An open of the object started its fetch (in a batch): its first read is a miss,
         even when the bytes arrived before the read asked."""
