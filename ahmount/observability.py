@@ -9,13 +9,15 @@ back in the response.
 from __future__ import annotations
 
 import contextvars
+import faulthandler
 import logging
+import logging.handlers
 import os
 import re
 import socket
 import sys
 import time
-from typing import Any
+from typing import IO, Any
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id",
                                                                         default=None)
@@ -50,16 +52,51 @@ class LogfmtFormatter(logging.Formatter):
         return " ".join(parts)
 
 
-def setup_logging(level: str, stream: Any = None, file: str | None = None) -> None:
-    """Root logging in logfmt to ``stream`` (default stderr) and optionally a file."""
+class LogFile(logging.handlers.RotatingFileHandler):
+    """The log file, rotated at 10 MiB, three kept. :meth:`dump_stacks_on` a signal makes
+    the signal append every thread's stack to the file as it is when the signal comes,
+    also after a rotation (the process goes on)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, maxBytes=10 << 20, backupCount=3)
+        self._stacks: tuple[int, IO[str]] | None = None
+
+    def dump_stacks_on(self, signum: int) -> None:
+        # faulthandler writes to a descriptor of its own, from the signal handler: the new
+        # one is registered before the old one is closed, so no signal finds a closed (or
+        # reused) descriptor.
+        stacks = open(self.baseFilename, "a")  # noqa: SIM115 - kept open until the next
+        faulthandler.register(signum, file=stacks, all_threads=True)
+        if self._stacks is not None:
+            self._stacks[1].close()
+        self._stacks = (signum, stacks)
+
+    def doRollover(self) -> None:
+        super().doRollover()
+        if self._stacks is not None:
+            self.dump_stacks_on(self._stacks[0])
+
+    def close(self) -> None:
+        if self._stacks is not None:
+            faulthandler.unregister(self._stacks[0])
+            self._stacks[1].close()
+            self._stacks = None
+        super().close()
+
+
+def setup_logging(level: str, stream: Any = None, file: str | None = None,
+                  stacks_on: int | None = None) -> None:
+    """Root logging in logfmt to ``stream`` (default stderr) and optionally a file;
+    ``stacks_on``: a signal that appends every thread's stack to that file."""
     root = logging.getLogger()
     root.handlers.clear()
     root.setLevel(level.upper())
     handlers: list[logging.Handler] = [logging.StreamHandler(stream or sys.stderr)]
     if file:
-        from logging.handlers import RotatingFileHandler
-
-        handlers.append(RotatingFileHandler(file, maxBytes=10 << 20, backupCount=3))
+        log_file = LogFile(file)
+        if stacks_on is not None:
+            log_file.dump_stacks_on(stacks_on)
+        handlers.append(log_file)
     for handler in handlers:
         handler.setFormatter(LogfmtFormatter())
         root.addHandler(handler)

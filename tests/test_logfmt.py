@@ -1,15 +1,19 @@
 """Log lines (logfmt): a value goes bare exactly when it is made of letters, digits and
-``-_./:@``, and a quoted one reads back as what was logged, whatever it held."""
+``-_./:@``, and a quoted one reads back as what was logged, whatever it held. The log file
+a signal appends the threads' stacks to is the current one, also after a rotation."""
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import signal
+from pathlib import Path
 
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from ahmount.observability import LogfmtFormatter, _quote
+from ahmount.observability import LogFile, LogfmtFormatter, _quote
 
 
 @given(st.text(max_size=40))
@@ -39,3 +43,27 @@ def test_a_quoted_value_reads_back_whole(value: str) -> None:
                       flags=re.DOTALL) == value
     else:
         assert field == value
+
+
+def test_a_signal_appends_the_stacks_to_the_log_file_current_after_a_rotation(
+        tmp_path: Path) -> None:
+    path = tmp_path / "ah-mount.log"
+    log_file = LogFile(str(path))
+    log_file.maxBytes = 300  # rotate after a few lines
+    logger = logging.getLogger("ahmount.test.rotation")
+    logger.addHandler(log_file)
+    logger.propagate = False
+    try:
+        log_file.dump_stacks_on(signal.SIGUSR1)
+        for i in range(20):
+            logger.warning("line %d of a log that rotates", i)
+        rotated = Path(f"{path}.1")
+        assert rotated.exists()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert "Current thread" in path.read_text()
+        assert "line 19" in path.read_text()  # the lines go on in the same file
+        assert "Current thread" not in rotated.read_text()
+    finally:
+        logger.removeHandler(log_file)
+        log_file.close()
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # given back

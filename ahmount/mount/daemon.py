@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import faulthandler
 import logging
-import logging.handlers
 import os
 import signal
 import subprocess
@@ -48,7 +46,7 @@ from ahmount.mount import dir_cache, fuse_wait
 from ahmount.mount.control import ControlServer, fuse_mounts, socket_path
 from ahmount.mount.fs import AssetFS
 from ahmount.mount.kernel_cache import KernelCache
-from ahmount.observability import notify_systemd, set_level, setup_logging
+from ahmount.observability import LogFile, notify_systemd, set_level, setup_logging
 from ahmount.vfs.change_feed import Changed
 from ahmount.vfs.session import Session
 from ahmount.vfs.writeback import UPLOAD_AHEAD_DELAY, UPLOAD_AHEAD_MAX_WAIT
@@ -122,15 +120,12 @@ def _setup_logging(level: str, foreground: bool) -> Path:
     log_dir = dirs().cache / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / "ah-mount.log"
-    setup_logging(level, sys.stderr, str(path))
+    # A daemon that seems stuck says where: `kill -USR1 PID` appends every thread's stack to
+    # the log, and it goes on.
+    setup_logging(level, sys.stderr, str(path), stacks_on=signal.SIGUSR1)
     if not (foreground or os.environ.get("JOURNAL_STREAM")):
         root = logging.getLogger()
-        root.handlers = [h for h in root.handlers
-                         if isinstance(h, logging.handlers.RotatingFileHandler)]
-    # A daemon that seems stuck says where: `kill -USR1 PID` appends every thread's stack to
-    # the log (the file as it is now: after a rotation, its older name), and it goes on.
-    # The file stays open for the process's life: faulthandler writes to its descriptor.
-    faulthandler.register(signal.SIGUSR1, file=path.open("a"), all_threads=True)
+        root.handlers = [h for h in root.handlers if isinstance(h, LogFile)]
     return path
 
 
