@@ -285,18 +285,13 @@ class ChangeQueue:
         # No busy timeout: nobody else may hold it (below), so a second opener fails at once.
         self._db = sqlite3.connect(str(root / "queue.db"), check_same_thread=False,
                                    isolation_level=None, timeout=0)
-        try:
+        with self._refused_if_damaged(self._db.close):
             self._open_db()
-        except sqlite3.DatabaseError as exc:
-            self._db.close()
-            if damaged(exc):
-                raise self._damaged_error(exc) from exc
-            raise
+            seq = int(self._db.execute("SELECT seq FROM counter WHERE id = 1").fetchone()[0])
         self._lock = threading.RLock()
         #: The last seq handed out; the highest the database has reserved; the highest
         #: reserved in memory, written by the next transaction (see :meth:`_next_seq`).
-        self._seq = self._stored_reserve = self._reserved = int(
-            self._db.execute("SELECT seq FROM counter WHERE id = 1").fetchone()[0])
+        self._seq = self._stored_reserve = self._reserved = seq
         #: Rows appended to the log since its last fold, by (branch, path): the next
         #: transaction writes them first.
         self._unfolded: dict[tuple[str, str], Row] = {}
@@ -330,22 +325,27 @@ class ChangeQueue:
         self._renamed_here: dict[tuple[str, str], float] = {}
         #: Bytes that may be written before the disk's free space is looked at again.
         self._room_budget = 0
-        try:
+        with self._refused_if_damaged(lambda: os.close(self._log_fd), self._db.close):
             self._load()
-        except sqlite3.DatabaseError as exc:
-            os.close(self._log_fd)
-            self._db.close()
-            if damaged(exc):
-                raise self._damaged_error(exc) from exc
-            raise
 
-    def _damaged_error(self, exc: sqlite3.DatabaseError) -> InternalError:
-        # Unlike the caches (ahmount.disposable_cache), the queue is nobody else's copy of
-        # anything: it is never dropped, and the error says where its bytes are.
-        return InternalError(
-            f"the change queue's database {self.root / 'queue.db'} is damaged ({exc}); "
-            f"nothing was removed. The bytes of queued files are in {self.files_dir}: copy "
-            f"out what you need, then move {self.root} aside to start with an empty queue")
+    @contextmanager
+    def _refused_if_damaged(self, *close: Callable[[], None]) -> Iterator[None]:
+        """While the queue opens: an SQLite error closes what ``close`` says, and one saying
+        the database is damaged is refused by name. Unlike the caches
+        (:mod:`ahmount.disposable_cache`), the queue is nobody else's copy of anything: it
+        is never dropped, and the error says where its bytes are."""
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            for each in close:
+                each()
+            if not damaged(exc):
+                raise
+            raise InternalError(
+                f"the change queue's database {self.root / 'queue.db'} is damaged ({exc}); "
+                f"nothing was removed. The bytes of queued files are in {self.files_dir}: "
+                f"copy out what you need, then move {self.root} aside to start with an "
+                "empty queue") from exc
 
     def _open_db(self) -> None:
         """Settings and schema of the queue's database (upgraded from older ones)."""
