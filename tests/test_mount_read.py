@@ -491,6 +491,56 @@ def test_small_files_already_here_are_handed_to_the_kernel_at_open(
     assert (main / "d/f0.bin").read_bytes() == b"x" * 5000
 
 
+def test_readers_opening_the_same_small_files_at_once_all_get_their_bytes(
+        mount_factory: Mounter, tmp_path: Path) -> None:
+    """On a kept cache whose packs are not in memory, a file's first open reads its bytes
+    from disk in a worker thread; other opens of it meanwhile read it as usual, and the
+    first must then leave the kernel's pages alone (storing into a page that a waiting read
+    holds locked would stop the daemon). 8 threads reading the same 60 files of 20
+    directories (a pack each) in the same order: every read is whole and true, none hangs."""
+    files = {f"d{i % 20}/f{i}.bin": os.urandom(2000 + 131 * i) for i in range(60)}
+    for name, data in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    ah.create("dataset/shared")
+    ah.create("dataset/shared/small")
+    ah.commit("dataset/shared/small", msg="small",
+              add={str(tmp_path / name): name for name in files})
+    m = mount_factory()
+    main = m.mountpoint / "dataset/shared/small/main"
+    for name, data in files.items():
+        assert (main / name).read_bytes() == data
+    m.stop()
+    packs = list(dirs().cache.rglob("*.pack"))
+    assert packs
+    for pack in packs:  # out of memory: the first opens read them in worker threads
+        fd = os.open(pack, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # dirty pages stay
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    m = mount_factory()
+    main = m.mountpoint / "dataset/shared/small/main"
+    wrong: list[str] = []
+
+    def reader() -> None:
+        for name in sorted(files):  # all at once at each file
+            try:
+                if (main / name).read_bytes() != files[name]:
+                    wrong.append(name)
+            except OSError as exc:
+                wrong.append(f"{name}: {exc}")
+
+    threads = [threading.Thread(target=reader, daemon=True) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads), "readers hung"
+    assert wrong == []
+
+
 def test_the_kernel_keeps_a_listing_while_it_shows_the_same_commit(
         mount_factory: Mounter, populated: Path, tmp_path: Path) -> None:
     """A directory listed again is answered by the kernel (no readdir reaches the mount)

@@ -82,7 +82,7 @@ class AssetFS(pyfuse3.Operations):
         #: :meth:`_let_kernel_keep`).
         self._kernel_listings: dict[int, tuple[str, bool, float, int]] = {}
         self.op_counts: dict[str, int] = {}
-        #: Inodes whose first open handed the kernel their bytes, or found them not here.
+        #: Inodes whose first open came (it handed the kernel their bytes if it could).
         self._stored: set[int] = set()
 
     def shows_hub_file(self, ino: int) -> bool:
@@ -352,6 +352,7 @@ class AssetFS(pyfuse3.Operations):
                                      truncate=bool(flags & os.O_TRUNC))
         info = self._opened(inode, handle)
         if info.keep_cache and inode not in self._stored and not flags & os.O_DIRECT:
+            self._stored.add(inode)  # first: another open of it meanwhile reads as usual
             await self._store_in_kernel(inode, handle)
         return info
 
@@ -362,11 +363,13 @@ class AssetFS(pyfuse3.Operations):
         (the open says keep_cache) or, having dropped them, asks with reads as usual."""
         try:
             data = await self.vfs.read_whole_if_here(handle)
-            if data is not None:
+            # Only while this open is the inode's one open file. Another's read may be
+            # waiting for this thread with the pages it reads into locked, and the store
+            # locks each page it fills: here, on the thread that would answer that read.
+            if data is not None and len(self._handles_of(inode)) == 1:
                 pyfuse3.notify_store(inode, 0, data)
         except OSError as exc:  # the cache's disk, or a kernel without the call: read later
             log.debug("bytes of inode %d not handed to the kernel at open: %s", inode, exc)
-        self._stored.add(inode)
 
     @fuse_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
