@@ -458,24 +458,30 @@ def test_ah_refresh_shows_a_file_changed_elsewhere_at_once_and_whole(
     assert os.stat(branch / "v1.json").st_size == 27
 
 
+def _committed_and_cached(mount_factory: Mounter, tmp_path: Path, asset: str,
+                          files: dict[str, bytes]) -> None:
+    """Commit ``files`` (path in the asset: bytes) to ``kind/folder/asset`` and read each
+    once through a mount, which is then stopped: its cache holds them all."""
+    for name, data in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    ah.create(asset.rsplit("/", 1)[0])
+    ah.create(asset)
+    ah.commit(asset, msg="small", add={str(tmp_path / name): name for name in files})
+    m = mount_factory()
+    main = m.mountpoint / asset / "main"
+    for name, data in files.items():
+        assert (main / name).read_bytes() == data
+    m.stop()
+
+
 def test_small_files_already_here_are_handed_to_the_kernel_at_open(
         mount_factory: Mounter, tmp_path: Path) -> None:
     """A small file whose bytes the cache holds is given to the kernel's page cache by its
     first open, so reading it asks the daemon nothing (a loader's second epoch on a new
     mount); its bytes are right, and a change made elsewhere still shows, whole."""
     files = {f"d/f{i}.bin": os.urandom(3000 + 97 * i) for i in range(12)}
-    for name, data in files.items():
-        (tmp_path / name).parent.mkdir(exist_ok=True)
-        (tmp_path / name).write_bytes(data)
-    ah.create("dataset/kept")
-    ah.create("dataset/kept/small")
-    ah.commit("dataset/kept/small", msg="small",
-              add={str(tmp_path / name): name for name in files})
-    m = mount_factory("--refresh", "3600", "--no-change-feed")
-    main = m.mountpoint / "dataset/kept/small/main"
-    for name, data in files.items():  # fetched, into the cache
-        assert (main / name).read_bytes() == data
-    m.stop()
+    _committed_and_cached(mount_factory, tmp_path, "dataset/kept/small", files)
     m = mount_factory("--refresh", "3600", "--no-change-feed")  # the same cache, kept
     main = m.mountpoint / "dataset/kept/small/main"
     before = m.control("stats")["fuse_ops"]
@@ -499,18 +505,7 @@ def test_readers_opening_the_same_small_files_at_once_all_get_their_bytes(
     holds locked would stop the daemon). 8 threads reading the same 60 files of 20
     directories (a pack each) in the same order: every read is whole and true, none hangs."""
     files = {f"d{i % 20}/f{i}.bin": os.urandom(2000 + 131 * i) for i in range(60)}
-    for name, data in files.items():
-        (tmp_path / name).parent.mkdir(exist_ok=True)
-        (tmp_path / name).write_bytes(data)
-    ah.create("dataset/shared")
-    ah.create("dataset/shared/small")
-    ah.commit("dataset/shared/small", msg="small",
-              add={str(tmp_path / name): name for name in files})
-    m = mount_factory()
-    main = m.mountpoint / "dataset/shared/small/main"
-    for name, data in files.items():
-        assert (main / name).read_bytes() == data
-    m.stop()
+    _committed_and_cached(mount_factory, tmp_path, "dataset/shared/small", files)
     packs = list(dirs().cache.rglob("*.pack"))
     assert packs
     for pack in packs:  # out of memory: the first opens read them in worker threads
