@@ -594,21 +594,9 @@ class ObjectCache:
                 await claim.wait()
         else:
             claim = None
-        fresh = self._fresh.get(source.sha256)
-        if fresh is not None and len(fresh) == source.size:
-            if end == source.size:
-                self._forget_fresh(source.sha256)
-            self._count_hit(source.sha256, waited=claim is not None)
-            return fresh[offset:end]
-        record = self._records.get(source.sha256)
-        # A data file holding it whole answers without asking the pack index (a query per
-        # read of a small file that was fetched by itself).
-        packed = None if record is not None and record.size == source.size and \
-            record.complete() else await self._packs.read(source.sha256, source.size, offset,
-                                                         end)
-        if packed is not None:  # no lease: a pack's readers keep it open (object_packs)
-            self._count_hit(source.sha256, waited=claim is not None)
-            return packed
+        here = await self._read_unleased(source, offset, end, waited=claim is not None)
+        if here is not None:
+            return here
         self._hold_pin(source.sha256)
         try:
             return await self._read(source, offset, end)
@@ -621,18 +609,30 @@ class ObjectCache:
         memory or in a pack, else None: nothing is asked of the hub, nothing waits for a
         fetch in flight. What a front end with its own page cache can fill it with at open,
         so that the reads after it ask nothing (see ``AssetFS.open``)."""
-        sha, size = source.sha256, source.size
-        if not 0 < size <= PACK_OBJECT or (sha, 0) in self._inflight:
+        if not 0 < source.size <= PACK_OBJECT or (source.sha256, 0) in self._inflight:
             return None
+        return await self._read_unleased(source, 0, source.size, waited=False)
+
+    async def _read_unleased(self, source: Source, offset: int, end: int,
+                             waited: bool) -> bytes | None:
+        """Bytes ``[offset, end)`` of an object kept in memory from a batch (forgotten there
+        once read to its end) or in a pack, counted as a hit (a miss if the reader
+        ``waited`` for its fetch); None for one in a data file or not here."""
+        sha = source.sha256
         fresh = self._fresh.get(sha)
-        if fresh is not None and len(fresh) == size:
-            self._forget_fresh(sha)
-            data: bytes | None = fresh
-        else:
-            data = await self._packs.read(sha, size, 0, size)
-        if data is not None:
-            self._count_hit(sha, waited=False)
-        return data
+        if fresh is not None and len(fresh) == source.size:
+            if end == source.size:
+                self._forget_fresh(sha)
+            self._count_hit(sha, waited)
+            return fresh[offset:end]
+        record = self._records.get(sha)
+        # A data file holding it whole answers without asking the pack index (a query per
+        # read of a small file that was fetched by itself).
+        packed = None if record is not None and record.size == source.size and \
+            record.complete() else await self._packs.read(sha, source.size, offset, end)
+        if packed is not None:  # no lease: a pack's readers keep it open (object_packs)
+            self._count_hit(sha, waited)
+        return packed
 
     def note_cold_open(self, sha: str) -> None:
         """An open of the object started its fetch (in a batch): its first read is a miss,
