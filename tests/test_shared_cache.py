@@ -675,9 +675,15 @@ async def a_run_held_back(tmp_path: Path, seed: int) -> AsyncIterator[
     """A cache fetching a 12-block object in one direct run (``ensure`` of every block),
     whose hub has sent the first piece and holds back the rest until ``release()``, which
     returns once the run has ended. The cache is closed on the way out."""
-    go_on = threading.Event()
-    source = MemorySource(blob(seed, 12 * BLOCK), direct=True,
-                          between=lambda done: go_on.wait(10) or None)
+    at_hold, go_on = threading.Event(), threading.Event()
+
+    def hold(done: int) -> None:
+        # Only ``release()`` (or leaving the block) ends the hold: a timeout would let the
+        # run go on under a slow machine and the blocks a test reads as missing arrive.
+        at_hold.set()
+        go_on.wait()
+
+    source = MemorySource(blob(seed, 12 * BLOCK), direct=True, between=hold)
     cache = ObjectCache(tmp_path, 64 << 20)
     cache.pin(source.sha256)
     ended = trio.Event()
@@ -693,8 +699,11 @@ async def a_run_held_back(tmp_path: Path, seed: int) -> AsyncIterator[
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run)
-            await trio.testing.wait_all_tasks_blocked()  # the run is held back in its thread
             try:
+                # The run's thread may start late: wait until the hub has sent its first
+                # piece (and counted its fetch), then until that piece is marked present.
+                assert await trio.to_thread.run_sync(at_hold.wait, 30)
+                await trio.testing.wait_all_tasks_blocked()
                 yield source, cache, release
             finally:
                 go_on.set()
