@@ -13,6 +13,7 @@ import socket
 import stat
 import struct
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -537,3 +538,18 @@ def test_a_file_open_across_a_commit_keeps_what_it_writes_after(mount_factory: M
     assert (again.mountpoint / "model/llm/gpt2/v1/e").read_bytes() == b"CHANGEDed"
     status = again.control("branch_status", path=segments)
     assert [(c["op"], c["path"]) for c in status["changes"]] == [("modified", "e")]
+
+
+def test_ending_the_fuse_loop_when_no_fuse_session_is_open_is_a_no_op(
+        tmp_path: Path) -> None:
+    """An unmount request, a signal or a background bug may arrive before the daemon's
+    FUSE session opens or after it closed (its connection aborted, the daemon shutting
+    down): ``pyfuse3.terminate()`` then dereferenced a freed session and the daemon died of
+    a segfault. In a child process, which a regression kills."""
+    script = ("import sys; from pathlib import Path; "
+              "from ahmount.config import ClientConfig; from ahmount.mount.daemon import Mount; "
+              "m = Mount(Path(sys.argv[1]), ClientConfig(), 1 << 20, 3.0, False); "
+              "m._end_fuse_loop(); m._stop_for_bug(RuntimeError('late')); print('alive')")
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "mnt")],
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout.strip()) == (0, "alive"), result.stderr

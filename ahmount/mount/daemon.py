@@ -173,13 +173,22 @@ class Mount:
         self.allow_other = allow_other
         self.session: Session | None = None
         self.ops: AssetFS | None = None
+        self._fuse_open = False  # between pyfuse3.init() and pyfuse3.close()
 
-    @staticmethod
-    def _stop_for_bug(exc: BaseException) -> None:
+    def _end_fuse_loop(self) -> None:
+        """End ``pyfuse3.main()`` (the unmount follows), from any task, at any time: after
+        ``pyfuse3.close()`` the session is freed and ``pyfuse3.terminate()`` would
+        dereference it (a segfault). That happens when an unmount request, a signal or a
+        background bug arrives while the daemon shuts down: after its FUSE connection was
+        aborted, say, or unmounted by ``fusermount3 -u`` meanwhile."""
+        if self._fuse_open:
+            pyfuse3.terminate()
+
+    def _stop_for_bug(self, exc: BaseException) -> None:
         """A background task hit a bug: unmount cleanly (the session then flushes the cache
         index and keeps the queue)."""
         notify_systemd("STOPPING=1")
-        pyfuse3.terminate()
+        self._end_fuse_loop()
 
     async def run(self, ready: Callable[[], None]) -> None:
         # Few retries and a short fail-fast window: a syscall should not hang on a dead hub.
@@ -208,6 +217,7 @@ class Mount:
                 # see AssetFS).
                 options.add("ro")
             pyfuse3.init(ops, str(self.mountpoint), options)
+            self._fuse_open = True
             log.info("mounted %s%s for %s (hub %s, cache %.1f GiB, refresh %.1fs)",
                      self.mountpoint, " read-only" if self.read_only else "", session.me,
                      self.config.ah_host or "embedded", self.cache_size / (1 << 30),
@@ -220,6 +230,7 @@ class Mount:
                 session.on_shown_changed = kernel.forget_paths
                 control = ControlServer(socket_path(self.mountpoint),
                                         control_ops(self.mountpoint, session, ops, kernel,
+                                                    self._end_fuse_loop,
                                                     hub_identity(self.config)),
                                         os.getuid())
                 await supervisor.start("control server", control.serve)
@@ -234,6 +245,7 @@ class Mount:
                     fuse_wait.uninstall()
                     dir_cache.uninstall()
             finally:
+                self._fuse_open = False
                 with contextlib.suppress(Exception):
                     pyfuse3.close(unmount=True)
         log.info("unmounted %s", self.mountpoint)
@@ -243,7 +255,7 @@ class Mount:
         try:
             await trio.to_thread.run_sync(os.stat, self.mountpoint)
         except OSError:
-            pyfuse3.terminate()  # never ready: the waiting parent hears the daemon end
+            self._end_fuse_loop()  # never ready: the waiting parent hears the daemon end
             raise
         raise_readahead(self.mountpoint)  # after the kernel's INIT, which would reset it
         ready()
@@ -253,7 +265,7 @@ class Mount:
             async for signum in signals:
                 log.info("received %s: unmounting", signal.Signals(signum).name)
                 notify_systemd("STOPPING=1")
-                pyfuse3.terminate()
+                self._end_fuse_loop()
                 return
 
 
@@ -261,10 +273,11 @@ Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
 
 def control_ops(mountpoint: Path, session: Session, ops: AssetFS, kernel: KernelCache,
-                identity: str) -> dict[str, Handler]:
+                end_fuse_loop: Callable[[], None], identity: str) -> dict[str, Handler]:
     """What the control socket answers: the session's public methods, by name. ``identity``
     is the mount's (:func:`hub_identity`): only a caller with the same one is told which of
-    its branches hold queued changes."""
+    its branches hold queued changes. ``unmount`` ends the FUSE loop by
+    ``end_fuse_loop``."""
 
     async def status(args: dict[str, Any]) -> dict[str, Any]:
         return {"mountpoint": str(mountpoint), **session.status()}
@@ -330,7 +343,7 @@ def control_ops(mountpoint: Path, session: Session, ops: AssetFS, kernel: Kernel
         return session.prefetch_status(args.get("job"))
 
     async def unmount(args: dict[str, Any]) -> dict[str, Any]:
-        pyfuse3.terminate()
+        end_fuse_loop()
         return {"unmounting": str(mountpoint)}
 
     return {"status": status, "refresh": refresh, "cache": cache, "stats": stats,
