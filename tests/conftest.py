@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ahmount.errors import AhError
 from ahmount.hub.open import open_hub
 from ahmount.hub.service import Actor, HubService
 
@@ -371,10 +373,11 @@ class MountProcess:
         self.pid = self.control("status")["pid"]
         return self
 
-    def control(self, op: str, **args: object) -> dict:  # type: ignore[type-arg]
+    def control(self, op: str, timeout: float = 600.0,
+                **args: object) -> dict:  # type: ignore[type-arg]
         from ahmount.mount.control import call
 
-        result = call(self.mountpoint, op, dict(args))
+        result = call(self.mountpoint, op, dict(args), timeout=timeout)
         assert isinstance(result, dict)
         return result
 
@@ -382,14 +385,47 @@ class MountProcess:
         return self.pid is not None and Path(f"/proc/{self.pid}").exists() and \
             "zombie" not in _proc_state(self.pid)
 
-    def stop(self) -> None:
-        if os.path.ismount(self.mountpoint):
+    def hung(self, timeout: float = 30.0) -> bool:
+        """Whether the daemon runs but does not answer on its control socket."""
+        if not self.alive():
+            return False
+        try:
+            self.control("status", timeout=timeout)
+        except TimeoutError:
+            return self.alive()
+        except (OSError, AhError):  # exiting meanwhile, its socket gone
+            return False
+        return False
+
+    def stop(self, hung_after: float = 30.0) -> None:
+        """Unmount and wait for the daemon to exit. A daemon that does not answer for
+        ``hung_after`` seconds (a deadlock) fails the test instead of hanging the run: its
+        FUSE connection is aborted first, from this process, since a forked ``fusermount3``
+        would close this process's descriptors on the mount (a test's stuck readers)
+        before its exec, each close a flush the daemon never answers. Then the daemon is
+        killed if the abort did not end it. The mount table, not ``stat``, says what is
+        mounted, for the same reason."""
+        from ahmount.mount import fuse_abort
+        from ahmount.mount_table import ahmount_mounted_at
+
+        hung = self.hung(hung_after)
+        if hung:
+            fuse_abort.abort(self.mountpoint)
+            with contextlib.suppress(AssertionError):  # a stopped one (SIGSTOP) never will
+                if self.pid is not None and "stopped" not in _proc_state(self.pid):
+                    wait_until(lambda: not self.alive(), timeout=10, what="ah-mount to exit")
+            if self.alive() and self.pid is not None:
+                os.kill(self.pid, signal.SIGKILL)
+        elif ahmount_mounted_at(self.mountpoint):
             subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True)
         if self.pid is not None:
             wait_until(lambda: not self.alive(), timeout=30, what="ah-mount to exit")
-        if os.path.ismount(self.mountpoint):  # a daemon that died left it behind
+        if ahmount_mounted_at(self.mountpoint):  # a daemon that died left it behind
             subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)],
                            capture_output=True)
+        if hung:
+            raise AssertionError(f"ah-mount pid {self.pid} at {self.mountpoint} stopped "
+                                 "answering (hung): its FUSE connection was aborted")
 
 
 def _proc_state(pid: int) -> str:
@@ -428,8 +464,14 @@ def mount_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ob
         return m.start()
 
     yield start
-    for m in started:
-        m.stop()
+    failures: list[AssertionError] = []
+    for m in started:  # each one, also after another hung
+        try:
+            m.stop()
+        except AssertionError as exc:
+            failures.append(exc)
+    if failures:
+        raise failures[0]
     if request.node.get_closest_marker("expect_traceback") is None:
         found = daemon_tracebacks()
         assert not found, f"the mount daemon logged a traceback: {found[0][:3000]}"

@@ -3,6 +3,7 @@ tasks, one owner per cache directory, a queue that explains every file it holds.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -538,6 +539,109 @@ def test_a_file_open_across_a_commit_keeps_what_it_writes_after(mount_factory: M
     assert (again.mountpoint / "model/llm/gpt2/v1/e").read_bytes() == b"CHANGEDed"
     status = again.control("branch_status", path=segments)
     assert [(c["op"], c["path"]) for c in status["changes"]] == [("modified", "e")]
+
+
+def test_unmount_force_frees_what_waits_on_a_stopped_daemon_and_keeps_the_queue(
+        mount_factory: Mounter) -> None:
+    """A daemon that does not answer (here stopped; hung alike) leaves every process that
+    touches the mount waiting, and ``umount -l`` frees none of them. ``ah unmount`` says so
+    and names ``--force``, which aborts the FUSE connection: the waiting reader gets an
+    error at once, the mount point is free, the daemon exits when it runs again, and what
+    was queued is there at the next mount."""
+    from ahmount.mount import fuse_abort
+    from ahmount.mount_table import ahmount_mounted_at
+
+    m = mount_factory()
+    assert m.pid is not None
+    branch = m.mountpoint / "model/llm/gpt2/v1"
+    (branch / "closed.txt").write_text("queued before the hang")
+    os.kill(m.pid, signal.SIGSTOP)
+    reader = None
+    try:
+        # A separate process: one of ours with a descriptor there would hang our forks.
+        reader = subprocess.Popen(["cat", str(branch / "closed.txt")],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_until(lambda: fuse_abort.requests_waiting(m.mountpoint) > 0,
+                   what="the reader to wait on the stopped daemon")
+        polite = subprocess.run([command("ah"), "unmount", "--timeout", "1",
+                                 str(m.mountpoint)], capture_output=True, text=True,
+                                timeout=60)
+        assert polite.returncode == 6, polite.stderr  # a conflict
+        assert "did not answer in 1s" in polite.stderr and "--force" in polite.stderr
+        assert ahmount_mounted_at(m.mountpoint) and reader.poll() is None
+        forced = subprocess.run([command("ah"), "unmount", "--force", "--timeout", "1",
+                                 str(m.mountpoint)], capture_output=True, text=True,
+                                timeout=60)
+        assert forced.returncode == 0, forced.stderr
+        assert "FUSE connection was aborted" in forced.stdout
+        _, err = reader.communicate(timeout=30)  # freed at once, with an error
+        assert reader.returncode != 0
+        assert re.search("not connected|connection abort", err), err
+        assert not ahmount_mounted_at(m.mountpoint)
+    finally:
+        os.kill(m.pid, signal.SIGCONT)
+        if reader is not None and reader.poll() is None:
+            reader.kill()
+    wait_until(lambda: not m.alive(), what="the daemon to exit once it runs again")
+    # It ended cleanly: the unmount asked for while it was stopped found its FUSE session
+    # closed already (ending that session again was a segfault).
+    log = mount_log()
+    assert "queued changes kept for the next mount" in log
+    assert f"unmounted {m.mountpoint}" in log
+    mount_factory(mountpoint=m.mountpoint)
+    assert (branch / "closed.txt").read_text() == "queued before the hang"
+
+
+def test_unmount_force_of_a_healthy_mount_is_an_unmount(mount_factory: Mounter) -> None:
+    m = mount_factory()
+    result = subprocess.run([command("ah"), "unmount", "--force", str(m.mountpoint)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"{m.mountpoint} unmounted"
+    wait_until(lambda: not m.alive(), what="the daemon to exit")
+    nowhere = subprocess.run([command("ah"), "unmount", "--force", str(m.mountpoint)],
+                             capture_output=True, text=True, timeout=60)
+    assert nowhere.returncode != 0 and "is not inside an ah-mount" in nowhere.stderr
+
+
+def test_a_hung_daemon_fails_its_test_instead_of_hanging_the_run(
+        mount_factory: Mounter) -> None:
+    """The test suite's own guard (a deadlock found by a stress test must fail it, not hang
+    CI): this process holds a descriptor on the mount and a thread of it waits on the
+    daemon, which does not answer. Stopping the mount aborts its connection, frees the
+    thread with an error, kills the daemon and fails, in seconds."""
+    import threading
+
+    from ahmount.mount import fuse_abort
+
+    m = mount_factory()
+    assert m.pid is not None
+    (m.mountpoint / "model/llm/gpt2/v1/f.txt").write_text("read while hung")
+    held = os.open(m.mountpoint / "model/llm/gpt2/v1/f.txt", os.O_RDONLY | os.O_DIRECT)
+    outcome: list[BaseException | bytes] = []
+
+    def read() -> None:
+        try:
+            outcome.append(os.pread(held, 1 << 20, 0))
+        except OSError as exc:
+            outcome.append(exc)
+
+    os.kill(m.pid, signal.SIGSTOP)
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: fuse_abort.requests_waiting(m.mountpoint) > 0,
+                   what="the read to wait on the stopped daemon")
+        with pytest.raises(AssertionError, match="stopped answering .*connection was aborted"):
+            m.stop(hung_after=1)
+        thread.join(30)
+        assert not thread.is_alive() and isinstance(outcome[0], OSError)
+        assert not m.alive()
+    finally:
+        if m.alive():
+            os.kill(m.pid, signal.SIGCONT)
+        with contextlib.suppress(OSError):
+            os.close(held)  # no flush waits: the connection is gone
 
 
 def test_ending_the_fuse_loop_when_no_fuse_session_is_open_is_a_no_op(

@@ -365,17 +365,77 @@ def _mount_of(path: str | None) -> Path:
 
 
 def cmd_unmount(args: argparse.Namespace) -> int:
-    from ahmount.mount.control import call
+    from ahmount.mount_table import ahmount_mounted_at
 
-    mountpoint = _mount_of(args.path)
-    call(mountpoint, "unmount")
-    deadline = time.monotonic() + args.timeout
-    while os.path.ismount(mountpoint):
-        if time.monotonic() > deadline:
-            raise Conflict(f"{mountpoint} is still mounted after {args.timeout}s (busy?)")
-        time.sleep(0.05)
+    mountpoint = _forced_mount_of(args.path) if args.force else _mount_of(args.path)
+    try:
+        _ask_to_unmount(mountpoint, args.timeout)
+    except Conflict:
+        if not args.force:
+            raise
+        _abort_and_detach(mountpoint)
+        print(f"{mountpoint}: its FUSE connection was aborted and the mount point detached; "
+              "closed files stay queued for the next mount")
+        return 0
+    if args.force and ahmount_mounted_at(mountpoint):  # unmounted, and mounted again since
+        raise Conflict(f"{mountpoint} was mounted again meanwhile; nothing aborted")
     print(f"{mountpoint} unmounted")
     return 0
+
+
+def _ask_to_unmount(mountpoint: Path, timeout: float) -> None:
+    """Ask the daemon to unmount and wait until it has; :class:`Conflict` when it does not
+    answer or the mount point stays (busy) for ``timeout`` seconds."""
+    from ahmount.mount.control import call
+    from ahmount.mount_table import ahmount_mounted_at
+
+    hint = "; `ah unmount --force` aborts it (processes waiting on it get an error)"
+    deadline = time.monotonic() + timeout
+    try:
+        call(mountpoint, "unmount", timeout=timeout)
+    except TimeoutError:
+        raise Conflict(f"the ah-mount at {mountpoint} did not answer in {timeout:g}s "
+                       f"(hung or stopped){hint}", path=str(mountpoint)) from None
+    except (NotFound, OSError) as exc:  # no daemon answers: a dead one's mount point
+        if not ahmount_mounted_at(mountpoint):
+            raise
+        raise Conflict(f"no ah-mount answers for {mountpoint} ({exc}){hint}",
+                       path=str(mountpoint)) from None
+    # Read from the mount table, never by a stat of the mount point: that would wait too.
+    while ahmount_mounted_at(mountpoint):
+        if time.monotonic() > deadline:
+            raise Conflict(f"{mountpoint} is still mounted after {timeout:g}s (busy?){hint}",
+                           path=str(mountpoint))
+        time.sleep(0.05)
+
+
+def _forced_mount_of(path: str | None) -> Path:
+    """For ``--force``: the ah-mount containing ``path`` by the mount table alone, also one
+    whose daemon is gone (and its control socket with it)."""
+    from ahmount.mount_table import AHMOUNT_TYPE, fuse_entries
+
+    target = Path(os.path.abspath(os.path.expanduser(path or os.getcwd())))
+    points = [p for p, _, fstype in fuse_entries()
+              if fstype == AHMOUNT_TYPE and (p == target or p in target.parents)]
+    if not points:
+        raise NotFound(f"{target} is not inside an ah-mount", path=str(target))
+    return max(points, key=lambda p: len(str(p)))
+
+
+def _abort_and_detach(mountpoint: Path) -> None:
+    """End every request of the mount now (see :mod:`ahmount.mount.fuse_abort`), then detach
+    the mount point; its daemon, if it runs on, sees the connection gone and exits."""
+    import subprocess
+
+    from ahmount.mount import fuse_abort
+    from ahmount.mount_table import ahmount_mounted_at
+
+    fuse_abort.abort(mountpoint)
+    result = subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)],
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0 and ahmount_mounted_at(mountpoint):
+        raise Conflict(f"{mountpoint} was aborted but could not be detached: "
+                       f"{result.stderr.strip()}", path=str(mountpoint))
 
 
 def cmd_mount_op(args: argparse.Namespace) -> int:
@@ -782,6 +842,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", nargs="?", help="the mountpoint or a path inside (default: .)")
     p.add_argument("--timeout", type=float, default=30.0,
                    help="seconds to wait for the unmount (default 30)")
+    p.add_argument("--force", action="store_true",
+                   help="if the daemon does not answer or the mount stays busy for --timeout "
+                   "seconds: abort its FUSE connection (whatever waits on it gets an error; "
+                   "files still open for writing may lose their last writes, closed ones "
+                   "stay queued) and detach the mount point")
 
     for op, help_ in (("refresh", "forget cached listings: show changes made elsewhere now"),
                       ("stats", "counters of a mount: FUSE ops, cache hits, bytes fetched"),
