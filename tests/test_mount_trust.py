@@ -657,3 +657,33 @@ def test_ending_the_fuse_loop_when_no_fuse_session_is_open_is_a_no_op(
     result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "mnt")],
                             capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stdout.strip()) == (0, "alive"), result.stderr
+
+
+def test_another_user_can_neither_abort_a_mount_nor_mount_fusectl(
+        mount_factory: Mounter) -> None:
+    """``fuse_abort`` run as another user (nobody): the mount's abort file refuses them
+    and the mount goes on answering; and where fusectl is not mounted, the error says the
+    one command that mounts it (mount(2) needs root)."""
+    from ahmount.mount import fuse_abort
+
+    m = mount_factory()
+    (m.mountpoint / "model/llm/gpt2/v1/f.txt").write_text("still here")
+    fuse_abort.requests_waiting(m.mountpoint)  # mounts fusectl (as root) where it is not
+    script = ("import sys; from pathlib import Path; from ahmount.mount import fuse_abort\n"
+              "for step in (lambda: fuse_abort.abort(Path(sys.argv[1])),"
+              " fuse_abort._mount_fusectl):\n"
+              "    try:\n        step()\n        print('done')\n"
+              "    except Exception as exc:\n        print(type(exc).__name__, exc)\n")
+    result = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534",
+                             "--clear-groups", sys.executable, "-c", script,
+                             str(m.mountpoint)], capture_output=True, text=True, timeout=60,
+                            cwd="/")
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0 and len(lines) == 2, result.stderr
+    assert lines[0] == (f"PermissionDenied {m.mountpoint} is another user's mount: only "
+                        "they or root may abort it")
+    assert lines[1].startswith("PermissionDenied the FUSE control file system is not "
+                               "mounted at /sys/fs/fuse/connections, and mounting it needs "
+                               "root: run `mount -t fusectl fusectl /sys/fs/fuse/connections`")
+    assert (m.mountpoint / "model/llm/gpt2/v1/f.txt").read_text() == "still here"
+    assert m.alive() and m.control("status")["pid"] == m.pid
