@@ -687,3 +687,33 @@ def test_another_user_can_neither_abort_a_mount_nor_mount_fusectl(
                                "root: run `mount -t fusectl fusectl /sys/fs/fuse/connections`")
     assert (m.mountpoint / "model/llm/gpt2/v1/f.txt").read_text() == "still here"
     assert m.alive() and m.control("status")["pid"] == m.pid
+
+
+def test_unmount_refuses_a_mount_in_use_and_it_goes_on_serving(mount_factory: Mounter) -> None:
+    """``ah unmount`` while a job works in the mount (here its working directory; an open
+    file alike) is refused, as ``umount`` refuses: it detached the mount lazily and the
+    daemon exited, so the job's next access failed although ``ah unmount`` said
+    "unmounted". Once the job is gone, it unmounts."""
+    m = mount_factory()
+    branch = m.mountpoint / "model/llm/gpt2/v1"
+    (branch / "data.txt").write_text("the job's input")
+    job = subprocess.Popen(["sh", "-c", "read line; cat data.txt"], cwd=branch,
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        refused = subprocess.run([command("ah"), "unmount", str(m.mountpoint)],
+                                 capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 6, refused.stderr  # a conflict
+        assert f"{m.mountpoint} is in use" in refused.stderr and "--force" in refused.stderr
+        out, _ = job.communicate("go on\n", timeout=30)
+        assert (job.returncode, out) == (0, "the job's input")
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    assert m.alive() and os.path.ismount(m.mountpoint)
+    done = subprocess.run([command("ah"), "unmount", str(m.mountpoint)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"{m.mountpoint} unmounted"
+    wait_until(lambda: not m.alive(), what="the daemon to exit")
+    assert f"unmounted {m.mountpoint}" in mount_log()

@@ -33,7 +33,7 @@ from ahmount.config import (
     remove_config,
     save_config,
 )
-from ahmount.errors import Conflict, InvalidArgument, NotFound
+from ahmount.errors import Conflict, HubUnavailable, InvalidArgument, NotFound
 from ahmount.exit_codes import EXIT_CODE_MEANINGS, USAGE, exit_code
 from ahmount.paths import parse
 from ahmount.sync_runner import run_sync
@@ -393,9 +393,14 @@ def _ask_to_unmount(mountpoint: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     try:
         call(mountpoint, "unmount", timeout=timeout)
+    except Conflict as exc:  # in use: refused, as umount refuses
+        raise Conflict(f"{exc}{hint}", path=str(mountpoint)) from None
     except TimeoutError:
         raise Conflict(f"the ah-mount at {mountpoint} did not answer in {timeout:g}s "
                        f"(hung or stopped){hint}", path=str(mountpoint)) from None
+    except HubUnavailable:  # it hung up: fine if that was its shutdown after unmounting
+        if ahmount_mounted_at(mountpoint):
+            raise
     except (NotFound, OSError) as exc:  # no daemon answers: a dead one's mount point
         if not ahmount_mounted_at(mountpoint):
             raise

@@ -39,7 +39,7 @@ from ahmount.config import (
     make_config,
     parse_size,
 )
-from ahmount.errors import AhError, InvalidArgument
+from ahmount.errors import AhError, Conflict, InvalidArgument
 from ahmount.exit_codes import FAILURE, exit_code
 from ahmount.fd_limit import raise_open_files_limit
 from ahmount.mount import dir_cache, fuse_wait
@@ -272,6 +272,22 @@ class Mount:
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
 
+async def unmount_unless_busy(mountpoint: Path) -> None:
+    """Unmount as ``umount`` and ``fusermount3 -u`` do: refused while a process has a file
+    open or its working directory in the mount, so that ``ah unmount`` never cuts off a
+    running job (ending the FUSE loop alone detaches the mount lazily, as libfuse does on a
+    signal: the job's next access would fail). The daemon's loop then ends by itself."""
+    result = await trio.run_process(["fusermount3", "-u", str(mountpoint)],
+                                    capture_stdout=True, capture_stderr=True, check=False)
+    if result.returncode == 0:
+        return
+    said = result.stderr.decode(errors="replace").strip()
+    if "busy" in said.lower():
+        raise Conflict(f"{mountpoint} is in use: a process has a file open or its working "
+                       "directory there; it stays mounted", path=str(mountpoint))
+    raise Conflict(f"{mountpoint} could not be unmounted: {said}", path=str(mountpoint))
+
+
 def control_ops(mountpoint: Path, session: Session, ops: AssetFS, kernel: KernelCache,
                 end_fuse_loop: Callable[[], None], identity: str) -> dict[str, Handler]:
     """What the control socket answers: the session's public methods, by name. ``identity``
@@ -343,7 +359,8 @@ def control_ops(mountpoint: Path, session: Session, ops: AssetFS, kernel: Kernel
         return session.prefetch_status(args.get("job"))
 
     async def unmount(args: dict[str, Any]) -> dict[str, Any]:
-        end_fuse_loop()
+        await unmount_unless_busy(mountpoint)
+        end_fuse_loop()  # unmounted: the loop ends by itself too
         return {"unmounting": str(mountpoint)}
 
     return {"status": status, "refresh": refresh, "cache": cache, "stats": stats,
