@@ -717,3 +717,33 @@ def test_unmount_refuses_a_mount_in_use_and_it_goes_on_serving(mount_factory: Mo
     assert done.stdout.strip() == f"{m.mountpoint} unmounted"
     wait_until(lambda: not m.alive(), what="the daemon to exit")
     assert f"unmounted {m.mountpoint}" in mount_log()
+
+
+def test_unmount_lazy_detaches_at_once_and_serves_the_job_until_it_ends(
+        mount_factory: Mounter) -> None:
+    """``ah unmount --lazy`` (as ``umount -l``): the path is free at once, the job working
+    in the mount reads on, and the daemon exits when the job lets go."""
+    from ahmount.mount_table import ahmount_mounted_at
+
+    m = mount_factory()
+    branch = m.mountpoint / "model/llm/gpt2/v1"
+    (branch / "data.txt").write_text("read after the detach")
+    job = subprocess.Popen(["sh", "-c", "read line; cat data.txt; ls"], cwd=branch,
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        lazy = subprocess.run([command("ah"), "unmount", "--lazy", str(m.mountpoint)],
+                              capture_output=True, text=True, timeout=60)
+        assert lazy.returncode == 0, lazy.stderr
+        assert lazy.stdout.startswith(f"{m.mountpoint} detached")
+        assert not ahmount_mounted_at(m.mountpoint) and m.alive()
+        out, _ = job.communicate("go on\n", timeout=30)
+        assert (job.returncode, out) == (0, "read after the detach" + "data.txt\n")
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    wait_until(lambda: not m.alive(), what="the daemon to exit once the job let go")
+    assert "queued changes kept for the next mount" in mount_log()
+    both = subprocess.run([command("ah"), "unmount", "--lazy", "--force", str(m.mountpoint)],
+                          capture_output=True, text=True, timeout=60)
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr

@@ -369,7 +369,7 @@ def cmd_unmount(args: argparse.Namespace) -> int:
 
     mountpoint = _forced_mount_of(args.path) if args.force else _mount_of(args.path)
     try:
-        _ask_to_unmount(mountpoint, args.timeout)
+        _ask_to_unmount(mountpoint, args.timeout, lazy=args.lazy)
     except Conflict:
         if not args.force:
             raise
@@ -379,22 +379,28 @@ def cmd_unmount(args: argparse.Namespace) -> int:
         return 0
     if args.force and ahmount_mounted_at(mountpoint):  # unmounted, and mounted again since
         raise Conflict(f"{mountpoint} was mounted again meanwhile; nothing aborted")
-    print(f"{mountpoint} unmounted")
+    if args.lazy:
+        print(f"{mountpoint} detached; its daemon serves what still uses it and exits once "
+              "nothing does")
+    else:
+        print(f"{mountpoint} unmounted")
     return 0
 
 
-def _ask_to_unmount(mountpoint: Path, timeout: float) -> None:
-    """Ask the daemon to unmount and wait until it has; :class:`Conflict` when it does not
-    answer or the mount point stays (busy) for ``timeout`` seconds."""
+def _ask_to_unmount(mountpoint: Path, timeout: float, lazy: bool = False) -> None:
+    """Ask the daemon to unmount (``lazy``: to detach the path and serve what still uses
+    the mount) and wait until it has; :class:`Conflict` when it does not answer or the
+    mount point stays (busy) for ``timeout`` seconds."""
     from ahmount.mount.control import call
     from ahmount.mount_table import ahmount_mounted_at
 
     hint = "; `ah unmount --force` aborts it (processes waiting on it get an error)"
+    busy_hint = f"; `ah unmount --lazy` detaches it and lets them finish{hint}"
     deadline = time.monotonic() + timeout
     try:
-        call(mountpoint, "unmount", timeout=timeout)
+        call(mountpoint, "unmount", {"lazy": lazy}, timeout=timeout)
     except Conflict as exc:  # in use: refused, as umount refuses
-        raise Conflict(f"{exc}{hint}", path=str(mountpoint)) from None
+        raise Conflict(f"{exc}{busy_hint}", path=str(mountpoint)) from None
     except TimeoutError:
         raise Conflict(f"the ah-mount at {mountpoint} did not answer in {timeout:g}s "
                        f"(hung or stopped){hint}", path=str(mountpoint)) from None
@@ -409,7 +415,7 @@ def _ask_to_unmount(mountpoint: Path, timeout: float) -> None:
     # Read from the mount table, never by a stat of the mount point: that would wait too.
     while ahmount_mounted_at(mountpoint):
         if time.monotonic() > deadline:
-            raise Conflict(f"{mountpoint} is still mounted after {timeout:g}s (busy?){hint}",
+            raise Conflict(f"{mountpoint} is still mounted after {timeout:g}s{hint}",
                            path=str(mountpoint))
         time.sleep(0.05)
 
@@ -780,7 +786,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(subs, "delete", cmd_delete, "delete a folder, asset, branch or tag",
              "ah delete model/llm/gpt2:v1")
     p.add_argument("path", help=PATH_HELP)
-    p.add_argument("--force", action="store_true", help="no error if it does not exist")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--lazy", action="store_true",
+                     help="detach the mount point now and let the processes still using the "
+                     "mount finish (umount -l); the daemon exits once nothing uses it")
+    how.add_argument("--force", action="store_true", help="no error if it does not exist")
     p.add_argument("-y", "--yes", action="store_true",
                    help="do not ask before deleting a folder or asset that holds something")
 
@@ -794,7 +804,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "ending in / is a directory); repeatable")
     p.add_argument("-d", "--delete", action="append", default=[], metavar="PATH",
                    help="an object (or, ending in /, a directory) to delete; repeatable")
-    p.add_argument("--force", action="store_true",
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--lazy", action="store_true",
+                     help="detach the mount point now and let the processes still using the "
+                     "mount finish (umount -l); the daemon exits once nothing uses it")
+    how.add_argument("--force", action="store_true",
                    help="include unknown staged changes; in a mount, also files changed on "
                         "the hub since queued and incomplete files (a write failed)")
     p.add_argument("--json", action="store_true", help=JSON_HELP)
@@ -847,11 +861,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", nargs="?", help="the mountpoint or a path inside (default: .)")
     p.add_argument("--timeout", type=float, default=30.0,
                    help="seconds to wait for the unmount (default 30)")
-    p.add_argument("--force", action="store_true",
-                   help="if the daemon does not answer or the mount stays busy for --timeout "
-                   "seconds: abort its FUSE connection (whatever waits on it gets an error; "
-                   "files still open for writing may lose their last writes, closed ones "
-                   "stay queued) and detach the mount point")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--lazy", action="store_true",
+                     help="detach the mount point now and let the processes still using the "
+                     "mount finish (umount -l); the daemon exits once nothing uses it")
+    how.add_argument("--force", action="store_true",
+                     help="if the mount is in use or its daemon does not answer for --timeout "
+                     "seconds: abort its FUSE connection (whatever uses it gets an error; "
+                     "files still open for writing may lose their last writes, closed ones "
+                     "stay queued) and detach the mount point")
 
     for op, help_ in (("refresh", "forget cached listings: show changes made elsewhere now"),
                       ("stats", "counters of a mount: FUSE ops, cache hits, bytes fetched"),

@@ -272,12 +272,17 @@ class Mount:
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
 
-async def unmount_unless_busy(mountpoint: Path) -> None:
+async def unmount_unless_busy(mountpoint: Path, lazy: bool = False) -> None:
     """Unmount as ``umount`` and ``fusermount3 -u`` do: refused while a process has a file
     open or its working directory in the mount, so that ``ah unmount`` never cuts off a
     running job (ending the FUSE loop alone detaches the mount lazily, as libfuse does on a
-    signal: the job's next access would fail). The daemon's loop then ends by itself."""
-    result = await trio.run_process(["fusermount3", "-u", str(mountpoint)],
+    signal: the job's next access would fail). The daemon's loop then ends by itself.
+
+    ``lazy`` (``umount -l``): the path is detached now, and the processes using the mount
+    go on being served; the kernel ends the connection, and so the loop, once the last of
+    them lets go."""
+    result = await trio.run_process(["fusermount3", "-u", *(["-z"] if lazy else []),
+                                     str(mountpoint)],
                                     capture_stdout=True, capture_stderr=True, check=False)
     if result.returncode == 0:
         return
@@ -359,9 +364,11 @@ def control_ops(mountpoint: Path, session: Session, ops: AssetFS, kernel: Kernel
         return session.prefetch_status(args.get("job"))
 
     async def unmount(args: dict[str, Any]) -> dict[str, Any]:
-        await unmount_unless_busy(mountpoint)
-        end_fuse_loop()  # unmounted: the loop ends by itself too
-        return {"unmounting": str(mountpoint)}
+        lazy = bool(args.get("lazy"))
+        await unmount_unless_busy(mountpoint, lazy)
+        if not lazy:
+            end_fuse_loop()  # unmounted: the loop ends by itself too
+        return {"unmounting": str(mountpoint), "lazy": lazy}
 
     return {"status": status, "refresh": refresh, "cache": cache, "stats": stats,
             "log_level": log_level, "unmount": unmount, "branch_status": branch_status,
