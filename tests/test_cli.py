@@ -300,6 +300,29 @@ def test_every_option_and_argument_has_help() -> None:
     assert missing == []
 
 
+def test_every_option_is_read_by_its_command() -> None:
+    """An option its handler never reads is dead: accepted, shown in --help, and ignored
+    (a --lazy once slipped onto `ah delete` and `ah commit` by a careless edit). The
+    handler's source must name ``args.<dest>``, or hand ``args`` on whole."""
+    import argparse
+    import inspect
+    import re
+
+    from ahmount.cli.main import build_parser
+
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    unread = []
+    for name, sub in subs.choices.items():
+        source = inspect.getsource(sub.get_default("handler"))
+        passes_args_on = re.search(r"\bargs\b[,)]", source) is not None
+        unread += [f"{name} {'/'.join(action.option_strings) or action.dest}"
+                   for action in sub._actions
+                   if not isinstance(action, argparse._HelpAction) and action.dest != "quiet"
+                   and f"args.{action.dest}" not in source and not passes_args_on]
+    assert unread == []
+
+
 def _with_terminal_stdin(args: list[str], answer: bytes) -> subprocess.CompletedProcess[str]:
     leader, follower = os.openpty()
     try:

@@ -786,11 +786,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(subs, "delete", cmd_delete, "delete a folder, asset, branch or tag",
              "ah delete model/llm/gpt2:v1")
     p.add_argument("path", help=PATH_HELP)
-    how = p.add_mutually_exclusive_group()
-    how.add_argument("--lazy", action="store_true",
-                     help="detach the mount point now and let the processes still using the "
-                     "mount finish (umount -l); the daemon exits once nothing uses it")
-    how.add_argument("--force", action="store_true", help="no error if it does not exist")
+    p.add_argument("--force", action="store_true", help="no error if it does not exist")
     p.add_argument("-y", "--yes", action="store_true",
                    help="do not ask before deleting a folder or asset that holds something")
 
@@ -804,11 +800,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "ending in / is a directory); repeatable")
     p.add_argument("-d", "--delete", action="append", default=[], metavar="PATH",
                    help="an object (or, ending in /, a directory) to delete; repeatable")
-    how = p.add_mutually_exclusive_group()
-    how.add_argument("--lazy", action="store_true",
-                     help="detach the mount point now and let the processes still using the "
-                     "mount finish (umount -l); the daemon exits once nothing uses it")
-    how.add_argument("--force", action="store_true",
+    p.add_argument("--force", action="store_true",
                    help="include unknown staged changes; in a mount, also files changed on "
                         "the hub since queued and incomplete files (a write failed)")
     p.add_argument("--json", action="store_true", help=JSON_HELP)
