@@ -124,8 +124,8 @@ def test_a_second_mount_of_the_same_hub_and_user_fails_fast(mount_factory: Mount
     result = subprocess.run([command("ah-mount"), str(second)], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 6  # a conflict, as ah exits for one
-    assert f"pid {m.pid}, which is mounted at {m.mountpoint}; unmount it first" in \
-        result.stderr
+    assert f"pid {m.pid}, which is mounted at {m.mountpoint}; unmount it first " \
+        f"(`ah unmount {m.mountpoint}`, with --force if its daemon hangs)" in result.stderr
     assert not os.path.ismount(second)
     # The first mount lost nothing.
     assert (m.mountpoint / "model/llm/gpt2/v1/a.txt").read_text() == "first mount's"

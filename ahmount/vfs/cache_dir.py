@@ -94,7 +94,8 @@ def claim(base: Path, hub_url: str | None, user: str, mountpoint: Path) -> Cache
             os.close(fd)
             doing = (f"is still shutting down after its unmount from {where}; mount again "
                      "when it has exited" if leaving else
-                     f"is mounted at {where}; unmount it first")
+                     f"is mounted at {where}; unmount it first (`ah unmount {where}`, "
+                     "with --force if its daemon hangs)")
             raise Conflict(
                 f"the cache {root} is in use by ah-mount pid {holder.get('pid', '?')}, which "
                 f"{doing}, or give this mount its own --cache-dir", path=str(root)) from None
