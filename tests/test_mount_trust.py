@@ -15,7 +15,7 @@ import stat
 import struct
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,7 +24,7 @@ from ahmount import ah
 from ahmount.config import dirs
 from ahmount.mount.control import socket_path
 from ahmount.vfs.change_queue import ChangeQueue
-from tests.conftest import MountProcess, command, wait_until
+from tests.conftest import MountProcess, command, run_command, wait_until
 
 Mounter = Callable[..., MountProcess]
 
@@ -35,6 +35,24 @@ pytestmark = pytest.mark.usefixtures("gpt2_v1")
 def mount_log() -> str:
     path = dirs().cache / "logs/ah-mount.log"
     return path.read_text() if path.exists() else ""
+
+
+def ah_unmount(*args: str) -> subprocess.CompletedProcess[str]:
+    return run_command("ah", "unmount", *args, check=False)
+
+
+@contextlib.contextmanager
+def a_job_in(branch: Path, script: str) -> Iterator[subprocess.Popen[str]]:
+    """A shell job working in ``branch`` (its working directory there), which runs
+    ``script`` once it reads a line; killed on the way out if still running."""
+    job = subprocess.Popen(["sh", "-c", f"read line; {script}"], cwd=branch,
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        yield job
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
 
 
 def walk(root: Path) -> set[str]:
@@ -563,15 +581,11 @@ def test_unmount_force_frees_what_waits_on_a_stopped_daemon_and_keeps_the_queue(
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         wait_until(lambda: fuse_abort.requests_waiting(m.mountpoint) > 0,
                    what="the reader to wait on the stopped daemon")
-        polite = subprocess.run([command("ah"), "unmount", "--timeout", "1",
-                                 str(m.mountpoint)], capture_output=True, text=True,
-                                timeout=60)
+        polite = ah_unmount("--timeout", "1", str(m.mountpoint))
         assert polite.returncode == 6, polite.stderr  # a conflict
         assert "did not answer in 1s" in polite.stderr and "--force" in polite.stderr
         assert ahmount_mounted_at(m.mountpoint) and reader.poll() is None
-        forced = subprocess.run([command("ah"), "unmount", "--force", "--timeout", "1",
-                                 str(m.mountpoint)], capture_output=True, text=True,
-                                timeout=60)
+        forced = ah_unmount("--force", "--timeout", "1", str(m.mountpoint))
         assert forced.returncode == 0, forced.stderr
         assert "FUSE connection was aborted" in forced.stdout
         _, err = reader.communicate(timeout=30)  # freed at once, with an error
@@ -594,13 +608,11 @@ def test_unmount_force_frees_what_waits_on_a_stopped_daemon_and_keeps_the_queue(
 
 def test_unmount_force_of_a_healthy_mount_is_an_unmount(mount_factory: Mounter) -> None:
     m = mount_factory()
-    result = subprocess.run([command("ah"), "unmount", "--force", str(m.mountpoint)],
-                            capture_output=True, text=True, timeout=60)
+    result = ah_unmount("--force", str(m.mountpoint))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"{m.mountpoint} unmounted"
     wait_until(lambda: not m.alive(), what="the daemon to exit")
-    nowhere = subprocess.run([command("ah"), "unmount", "--force", str(m.mountpoint)],
-                             capture_output=True, text=True, timeout=60)
+    nowhere = ah_unmount("--force", str(m.mountpoint))
     assert nowhere.returncode != 0 and "is not inside an ah-mount" in nowhere.stderr
 
 
@@ -697,22 +709,14 @@ def test_unmount_refuses_a_mount_in_use_and_it_goes_on_serving(mount_factory: Mo
     m = mount_factory()
     branch = m.mountpoint / "model/llm/gpt2/v1"
     (branch / "data.txt").write_text("the job's input")
-    job = subprocess.Popen(["sh", "-c", "read line; cat data.txt"], cwd=branch,
-                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        refused = subprocess.run([command("ah"), "unmount", str(m.mountpoint)],
-                                 capture_output=True, text=True, timeout=60)
+    with a_job_in(branch, "cat data.txt") as job:
+        refused = ah_unmount(str(m.mountpoint))
         assert refused.returncode == 6, refused.stderr  # a conflict
         assert f"{m.mountpoint} is in use" in refused.stderr and "--force" in refused.stderr
         out, _ = job.communicate("go on\n", timeout=30)
         assert (job.returncode, out) == (0, "the job's input")
-    finally:
-        if job.poll() is None:
-            job.kill()
-            job.wait()
     assert m.alive() and os.path.ismount(m.mountpoint)
-    done = subprocess.run([command("ah"), "unmount", str(m.mountpoint)],
-                          capture_output=True, text=True, timeout=60)
+    done = ah_unmount(str(m.mountpoint))
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"{m.mountpoint} unmounted"
     wait_until(lambda: not m.alive(), what="the daemon to exit")
@@ -728,22 +732,14 @@ def test_unmount_lazy_detaches_at_once_and_serves_the_job_until_it_ends(
     m = mount_factory()
     branch = m.mountpoint / "model/llm/gpt2/v1"
     (branch / "data.txt").write_text("read after the detach")
-    job = subprocess.Popen(["sh", "-c", "read line; cat data.txt; ls"], cwd=branch,
-                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        lazy = subprocess.run([command("ah"), "unmount", "--lazy", str(m.mountpoint)],
-                              capture_output=True, text=True, timeout=60)
+    with a_job_in(branch, "cat data.txt; ls") as job:
+        lazy = ah_unmount("--lazy", str(m.mountpoint))
         assert lazy.returncode == 0, lazy.stderr
         assert lazy.stdout.startswith(f"{m.mountpoint} detached")
         assert not ahmount_mounted_at(m.mountpoint) and m.alive()
         out, _ = job.communicate("go on\n", timeout=30)
         assert (job.returncode, out) == (0, "read after the detach" + "data.txt\n")
-    finally:
-        if job.poll() is None:
-            job.kill()
-            job.wait()
     wait_until(lambda: not m.alive(), what="the daemon to exit once the job let go")
     assert "queued changes kept for the next mount" in mount_log()
-    both = subprocess.run([command("ah"), "unmount", "--lazy", "--force", str(m.mountpoint)],
-                          capture_output=True, text=True, timeout=60)
+    both = ah_unmount("--lazy", "--force", str(m.mountpoint))
     assert both.returncode == 2 and "not allowed with argument" in both.stderr

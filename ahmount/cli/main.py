@@ -423,14 +423,14 @@ def _ask_to_unmount(mountpoint: Path, timeout: float, lazy: bool = False) -> Non
 def _forced_mount_of(path: str | None) -> Path:
     """For ``--force``: the ah-mount containing ``path`` by the mount table alone, also one
     whose daemon is gone (and its control socket with it)."""
-    from ahmount.mount_table import AHMOUNT_TYPE, fuse_entries
+    from ahmount.mount.control import find_mount
 
-    target = Path(os.path.abspath(os.path.expanduser(path or os.getcwd())))
-    points = [p for p, _, fstype in fuse_entries()
-              if fstype == AHMOUNT_TYPE and (p == target or p in target.parents)]
-    if not points:
-        raise NotFound(f"{target} is not inside an ah-mount", path=str(target))
-    return max(points, key=lambda p: len(str(p)))
+    target = Path(os.path.expanduser(path or os.getcwd()))
+    found = find_mount(target, controlled=False)
+    if found is None:
+        raise NotFound(f"{os.path.abspath(target)} is not inside an ah-mount",
+                       path=str(target))
+    return found[0]
 
 
 def _abort_and_detach(mountpoint: Path) -> None:

@@ -263,14 +263,16 @@ def foreign_mount(path: Path) -> Path | None:
     return None
 
 
-def find_mount(path: Path) -> tuple[Path, tuple[str, ...]] | None:
-    """The ahmount mountpoint containing ``path`` and the path's segments below it."""
+def find_mount(path: Path, controlled: bool = True) -> tuple[Path, tuple[str, ...]] | None:
+    """The ahmount mountpoint containing ``path`` and the path's segments below it: of
+    the mounts with a control socket of this user's, or (not ``controlled``) of every
+    ahmount mount in the mount table, also one whose daemon and socket are gone."""
     target = Path(os.path.abspath(path))
     best: Path | None = None
-    for point, _ in fuse_mounts():
+    for point, _, fstype in fuse_entries():
         if (target == point or point in target.parents) and (
             best is None or len(str(point)) > len(str(best))
-        ) and socket_path(point).exists():
+        ) and (socket_path(point).exists() if controlled else fstype == AHMOUNT_TYPE):
             best = point
     if best is None:
         return None

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 from ahmount.errors import NotFound, PermissionDenied
-from ahmount.mount_table import fuse_entries
+from ahmount.mount_table import entries, fuse_entries
 
 #: Where the FUSE control file system lives (systemd mounts it at boot; containers often not).
 FUSECTL = Path("/sys/fs/fuse/connections")
@@ -37,12 +37,7 @@ def connection_id(mountpoint: Path) -> int:
 
 
 def _fusectl_mounted() -> bool:
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return False
-    return any(line.partition(" - ")[2].startswith("fusectl ") and
-               line.split(" ")[4] == str(FUSECTL) for line in lines)
+    return any(point == FUSECTL for point, _, _ in entries(("fusectl",)))
 
 
 def _mount_fusectl() -> None:
